@@ -1,0 +1,141 @@
+"""Wiring: the aiohttp application, its resources with a lifetime, and the health endpoints."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import asyncpg
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from broker import __version__
+from broker.config import Config
+from broker.db import apply_migrations, create_pool, database_url, migration_status
+from broker.mapping.store import MappingStore
+
+__all__ = ["CONFIG", "METRICS", "POOL", "STORE", "Metrics", "create_app"]
+
+log = logging.getLogger(__name__)
+
+
+class Metrics:
+    """The Prometheus metrics of one application (a registry of its own, so tests can run many)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "broker_http_requests",
+            "HTTP requests served, by route, method and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "broker_http_request_duration_seconds",
+            "Time to serve an HTTP request, by route.",
+            ["route"],
+            registry=self.registry,
+        )
+        self.pool_size = Gauge(
+            "broker_db_pool_connections",
+            "Connections in the database pool, by state.",
+            ["state"],
+            registry=self.registry,
+        )
+        self.info = Gauge(
+            "broker_build_info", "The broker's version.", ["version"], registry=self.registry
+        )
+        self.info.labels(__version__).set(1)
+
+
+CONFIG = web.AppKey("config", Config)
+POOL = web.AppKey("pool", asyncpg.Pool)
+STORE = web.AppKey("store", MappingStore)
+METRICS = web.AppKey("metrics", Metrics)
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    """The database: the configured server or the embedded one, migrated, behind a pool."""
+    config = app[CONFIG].database
+    async with database_url(config.url, config.data_dir) as url:
+        conn = await asyncpg.connect(url)
+        try:
+            applied = await apply_migrations(conn)
+        finally:
+            await conn.close()
+        for migration in applied:
+            log.info("applied migration %s", migration.name)
+        pool = await create_pool(url, min_size=config.pool_min_size, max_size=config.pool_max_size)
+        app[POOL] = pool
+        app[STORE] = MappingStore(pool)
+        try:
+            yield
+        finally:
+            await pool.close()
+
+
+@web.middleware
+async def _measure(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    info = request.match_info.route.resource
+    route = info.canonical if info is not None else "unmatched"
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        metrics.requests.labels(route, request.method, str(status)).inc()
+        metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process serves requests."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: the database answers and every migration this broker knows is applied."""
+    try:
+        async with request.app[POOL].acquire(timeout=2) as conn:
+            status = await migration_status(conn)
+    except Exception as exc:  # any failure means "not ready"; say which
+        log.warning("not ready: %s", exc)
+        return web.json_response({"status": "unavailable", "reason": str(exc)}, status=503)
+    if status.pending:
+        names = ", ".join(m.name for m in status.pending)
+        return web.json_response(
+            {"status": "unavailable", "reason": f"migrations not applied: {names}"}, status=503
+        )
+    return web.json_response({"status": "ready", "migrations": status.applied})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    app_metrics = request.app[METRICS]
+    pool = request.app[POOL]
+    app_metrics.pool_size.labels("idle").set(pool.get_idle_size())
+    app_metrics.pool_size.labels("total").set(pool.get_size())
+    body = generate_latest(app_metrics.registry)
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+def create_app(config: Config) -> web.Application:
+    """The broker's application; production and tests build the same one."""
+    app = web.Application(middlewares=[_measure])
+    app[CONFIG] = config
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.append(_database)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app

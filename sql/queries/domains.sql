@@ -1,0 +1,19 @@
+-- Named queries of the domains registry (broker/domains.py).
+
+-- name: insert_domain
+INSERT INTO domains (id, kind, scim_url, credential_ref, push, scope_filter, attribute_policy)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+RETURNING id, kind, scim_url, credential_ref, push, scope_filter, attribute_policy, status, created_at
+
+-- name: list_domains
+SELECT d.id, d.kind, d.scim_url, d.credential_ref, d.push, d.scope_filter, d.attribute_policy,
+       d.status, d.created_at
+FROM domains d
+ORDER BY d.kind, d.id
+
+-- name: domain_by_id
+SELECT id, kind, scim_url, credential_ref, push, scope_filter, attribute_policy, status, created_at
+FROM domains WHERE id = $1
+
+-- name: domain_mapping_counts
+SELECT state, count(*) AS n FROM id_mappings WHERE domain_id = $1 GROUP BY state ORDER BY state

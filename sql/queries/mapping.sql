@@ -1,0 +1,115 @@
+-- Named queries of the identity map (broker/mapping/store.py). Parameters are always bound.
+
+-- name: resolve_inbound
+-- (domain, external IDs) -> internal IDs, aliases included: every row resolves inbound.
+SELECT m.external_id, m.internal_id
+FROM id_mappings m
+JOIN entities e ON e.internal_id = m.internal_id AND e.state = 'active'
+WHERE m.domain_id = $1 AND m.external_id = ANY($2::text[])
+
+-- name: resolve_outbound
+-- (domain, internal IDs) -> primary external IDs, in one round-trip. A merged entity is translated
+-- as its survivor. Entities seen for the first time are recorded. Where $6 (mint) is true, an
+-- entity with no primary in the domain gets the pairwise ID offered for it in $4 (and the
+-- correlation handle in $5); otherwise it stays unresolved, for the caller to provision.
+WITH wanted AS (
+    SELECT *
+    FROM unnest($2::text[], $3::text[], $4::text[], $5::text[])
+        AS w(asked, resource_type, minted_id, handle)
+),
+recorded AS (
+    INSERT INTO entities (internal_id, resource_type)
+    SELECT asked, resource_type FROM wanted
+    ON CONFLICT (internal_id) DO NOTHING
+),
+live AS (
+    SELECT w.asked, coalesce(e.merged_into, w.asked) AS internal_id, w.minted_id, w.handle
+    FROM wanted w
+    LEFT JOIN entities e ON e.internal_id = w.asked
+),
+existing AS (
+    SELECT l.asked, m.external_id
+    FROM live l
+    JOIN id_mappings m
+      ON m.internal_id = l.internal_id AND m.domain_id = $1 AND m.is_primary
+),
+minted AS (
+    INSERT INTO id_mappings (internal_id, domain_id, external_id, is_primary, origin, state,
+                             correlation_handle)
+    SELECT DISTINCT ON (l.internal_id) l.internal_id, $1, l.minted_id, true, 'minted', 'active', l.handle
+    FROM live l
+    WHERE $6::boolean
+      AND NOT EXISTS (SELECT 1 FROM existing x WHERE x.asked = l.asked)
+    ORDER BY l.internal_id, l.asked
+    ON CONFLICT DO NOTHING
+    RETURNING internal_id, external_id
+)
+SELECT asked, external_id FROM existing WHERE external_id IS NOT NULL
+UNION ALL
+SELECT l.asked, n.external_id FROM live l JOIN minted n ON n.internal_id = l.internal_id
+
+-- name: rows_of_entities
+SELECT id, internal_id, domain_id, external_id, is_primary, state, origin
+FROM id_mappings
+WHERE internal_id = ANY($1::text[])
+ORDER BY internal_id, domain_id, created_at, id
+
+-- name: rows_by_external
+-- The entity that (domain, external ID) denotes, with all its rows.
+SELECT m.id, m.internal_id, m.domain_id, m.external_id, m.is_primary, m.state, m.origin
+FROM id_mappings m
+WHERE m.internal_id = (
+    SELECT internal_id FROM id_mappings WHERE domain_id = $1 AND external_id = $2
+)
+ORDER BY m.domain_id, m.created_at, m.id
+
+-- name: lock_entities
+-- Lock the entities of an operation, and those merged into them (their merged_into moves), in a
+-- fixed order so that concurrent operations serialise instead of deadlocking.
+SELECT internal_id, resource_type, state, merged_into
+FROM entities
+WHERE internal_id = ANY($1::text[]) OR merged_into = ANY($1::text[])
+ORDER BY internal_id
+FOR UPDATE
+
+-- name: lock_rows
+SELECT id FROM id_mappings WHERE internal_id = ANY($1::text[]) ORDER BY id FOR UPDATE
+
+-- name: register_entities
+INSERT INTO entities (internal_id, resource_type)
+SELECT * FROM unnest($1::text[], $2::text[])
+ON CONFLICT (internal_id) DO NOTHING
+
+-- name: apply_row_changes
+-- Rewrite changed rows and drop removed ones (internal_id NULL) in one statement. Changed rows are
+-- deleted and inserted again with their ids, so that no intermediate state can trip the
+-- one-primary index while primaries trade places.
+WITH changes AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::boolean[], $4::text[])
+        AS c(id, internal_id, is_primary, state)
+),
+old AS (
+    DELETE FROM id_mappings m USING changes c WHERE m.id = c.id RETURNING m.*
+)
+INSERT INTO id_mappings (id, internal_id, domain_id, external_id, is_primary, origin, state,
+                         domain_external_id, correlation_handle, retire_after, created_at, updated_at)
+OVERRIDING SYSTEM VALUE
+SELECT o.id, c.internal_id, o.domain_id, o.external_id, c.is_primary, o.origin, c.state,
+       o.domain_external_id, o.correlation_handle, o.retire_after, o.created_at, now()
+FROM old o
+JOIN changes c ON c.id = o.id
+WHERE c.internal_id IS NOT NULL
+
+-- name: mark_merged
+UPDATE entities
+SET state = 'merged', merged_into = $1, updated_at = now()
+WHERE internal_id = ANY($2::text[]) OR merged_into = ANY($2::text[])
+
+-- name: push_domains
+SELECT id FROM domains WHERE push AND kind = 'peer'
+
+-- name: insert_mapping
+INSERT INTO id_mappings (internal_id, domain_id, external_id, is_primary, origin, state,
+                         domain_external_id, correlation_handle)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+RETURNING id

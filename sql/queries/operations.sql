@@ -1,0 +1,47 @@
+-- Named queries of merge and split operations, their outbox rows and the audit log.
+
+-- name: claim_operation
+-- Record an operation under its idempotency key; returns nothing when the key is taken (a
+-- concurrent insert with the same key waits for the other transaction, then returns nothing).
+INSERT INTO operations (id, kind, idempotency_key, request, actor)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (idempotency_key) DO NOTHING
+RETURNING id
+
+-- name: operation_by_key
+SELECT id, kind, idempotency_key, request, state, progress, actor, created_at, updated_at
+FROM operations WHERE idempotency_key = $1
+
+-- name: operation_by_id
+SELECT id, kind, idempotency_key, request, state, progress, actor, created_at, updated_at
+FROM operations WHERE id = $1
+
+-- name: finish_planning
+UPDATE operations SET state = $2, progress = $3, updated_at = now()
+WHERE id = $1
+RETURNING id, kind, idempotency_key, request, state, progress, actor, created_at, updated_at
+
+-- name: enqueue_tasks
+-- Outbox rows for a plan's peer tasks, in the plan's order (ids ascend with ordinality).
+INSERT INTO outbox (domain_id, internal_id, operation_id, kind, payload)
+SELECT t.domain_id, t.internal_id, $1, t.kind, t.payload
+FROM unnest($2::text[], $3::text[], $4::text[], $5::jsonb[])
+    WITH ORDINALITY AS t(domain_id, internal_id, kind, payload, n)
+ORDER BY t.n
+
+-- name: cancel_tasks
+-- Pending deliveries a plan made unnecessary: the provisioning of an entity whose create is
+-- cancelled, the clean-up of an alias whose delete is cancelled.
+UPDATE outbox o
+SET state = 'cancelled', updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS c(kind, domain_id, internal_id, external_id)
+WHERE o.state = 'pending'
+  AND o.domain_id = c.domain_id
+  AND (
+      (c.kind = 'cancel_create' AND o.kind = 'provision' AND o.internal_id = c.internal_id)
+      OR (c.kind = 'cancel_delete' AND o.kind IN ('move_memberships', 'delete_alias')
+          AND o.payload ->> 'external_id' = c.external_id)
+  )
+
+-- name: audit
+INSERT INTO audit_log (actor, action, subject, details) VALUES ($1, $2, $3, $4)
