@@ -84,7 +84,9 @@ class Federation:
     def provision(self, op: Provision, external_id: str | None = None) -> MappingRow | None:
         if self.entities.get(op.entity) != "active":
             return None
-        if any(r.primary for r in self.rows if r.internal_id == op.entity and r.domain == op.domain):
+        if any(
+            r.primary for r in self.rows if r.internal_id == op.entity and r.domain == op.domain
+        ):
             return None
         minted = op.domain == MINTED_DOMAIN
         pending = op.pending and not minted
@@ -129,7 +131,11 @@ class Federation:
 
     def ack_delete(self, op: AckDelete) -> MappingRow | None:
         doomed = next(
-            (r for r in self.rows if r.domain == op.domain and r.state is MappingState.DELETION_REQUIRED),
+            (
+                r
+                for r in self.rows
+                if r.domain == op.domain and r.state is MappingState.DELETION_REQUIRED
+            ),
             None,
         )
         if doomed is not None:
@@ -151,15 +157,19 @@ def operations(draw: st.DrawFn, fed: Federation) -> Op:
     kind = draw(st.sampled_from(["provision", "provision", "merge", "split", "ack"]))
     if kind == "provision" or len(live) < 2 and kind == "merge":
         return Provision(
-            draw(st.sampled_from(live or ENTITIES)), draw(st.sampled_from(DOMAINS)), draw(st.booleans())
+            draw(st.sampled_from(live or ENTITIES)),
+            draw(st.sampled_from(DOMAINS)),
+            draw(st.booleans()),
         )
-    key = f"k{draw(st.integers(0, 10**9))}"
+    key = f"op{next(fed._ids)}"
     if kind == "merge":
         chosen = draw(st.lists(st.sampled_from(live), min_size=2, max_size=4, unique=True))
         return Merge(chosen[0], tuple(chosen[1:]), key)
     if kind == "split" and live:
         source = draw(st.sampled_from(live))
-        movable = [(r.domain, r.external_id) for r in fed.rows_of(source) if r.external_id is not None]
+        movable = [
+            (r.domain, r.external_id) for r in fed.rows_of(source) if r.external_id is not None
+        ]
         count = draw(st.integers(1, 3))
         new_ids = [fed.new_entity() for _ in range(count)]
         moves: dict[str, list[tuple[str, str]]] = {new: [] for new in new_ids}

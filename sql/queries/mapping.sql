@@ -83,20 +83,25 @@ ON CONFLICT (internal_id) DO NOTHING
 -- name: apply_row_changes
 -- Rewrite changed rows and drop removed ones (internal_id NULL) in one statement. Changed rows are
 -- deleted and inserted again with their ids, so that no intermediate state can trip the
--- one-primary index while primaries trade places.
+-- one-primary index while primaries trade places. Aggregating the deleted rows drains the DELETE
+-- before the first INSERT (sub-statements of a WITH otherwise run interleaved).
 WITH changes AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::boolean[], $4::text[])
         AS c(id, internal_id, is_primary, state)
 ),
 old AS (
-    DELETE FROM id_mappings m USING changes c WHERE m.id = c.id RETURNING m.*
+    DELETE FROM id_mappings m USING changes c WHERE m.id = c.id RETURNING m AS r
+),
+gone AS (
+    SELECT array_agg(r) AS rows FROM old
 )
 INSERT INTO id_mappings (id, internal_id, domain_id, external_id, is_primary, origin, state,
                          domain_external_id, correlation_handle, retire_after, created_at, updated_at)
 OVERRIDING SYSTEM VALUE
 SELECT o.id, c.internal_id, o.domain_id, o.external_id, c.is_primary, o.origin, c.state,
        o.domain_external_id, o.correlation_handle, o.retire_after, o.created_at, now()
-FROM old o
+FROM gone g
+CROSS JOIN LATERAL unnest(g.rows) AS o
 JOIN changes c ON c.id = o.id
 WHERE c.internal_id IS NOT NULL
 

@@ -1,0 +1,142 @@
+-- The whole schema as the broker expects it, for reading: what applying every migration in order
+-- yields. tests/test_migrations.py holds the two equal; a new migration updates this file too.
+-- It is not itself a migration.
+
+CREATE TABLE schema_migrations (
+    version     integer PRIMARY KEY,
+    name        text NOT NULL,
+    checksum    text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- Identity domains: one home (owns the internal IDs) and any number of peers.
+CREATE TABLE domains (
+    id                text PRIMARY KEY
+                      CONSTRAINT domains_id_format CHECK (id ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$'),
+    kind              text NOT NULL CONSTRAINT domains_kind_check CHECK (kind IN ('home', 'peer')),
+    scim_url          text,
+    -- Where the outbound credential lives (for example "env:PEER1_TOKEN"); never the secret itself.
+    credential_ref    text,
+    push              boolean NOT NULL DEFAULT false,
+    scope_filter      text,
+    -- Attribute policy: {"read": [...], "write": [...]}; a missing list means "all".
+    attribute_policy  jsonb NOT NULL DEFAULT '{}'::jsonb,
+    status            text NOT NULL DEFAULT 'active'
+                      CONSTRAINT domains_status_check CHECK (status IN ('active', 'quarantined', 'disabled')),
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    updated_at        timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT domains_push_needs_url CHECK (NOT push OR scim_url IS NOT NULL)
+);
+-- There is one home.
+CREATE UNIQUE INDEX domains_one_home ON domains ((true)) WHERE kind = 'home';
+
+-- Bearer tokens a domain calls the broker with. Only a hash is stored.
+CREATE TABLE domain_tokens (
+    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    domain_id     text NOT NULL REFERENCES domains (id) ON DELETE CASCADE,
+    token_hash    bytea NOT NULL CONSTRAINT domain_tokens_hash_unique UNIQUE,
+    -- The first characters of the token, to tell tokens apart in listings.
+    prefix        text NOT NULL,
+    scopes        text[] NOT NULL DEFAULT ARRAY['scim:read', 'scim:write'],
+    expires_at    timestamptz,
+    revoked_at    timestamptz,
+    last_used_at  timestamptz,
+    created_at    timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX domain_tokens_domain ON domain_tokens (domain_id);
+
+-- Internal entities: the home's resources, named by the home's IDs (the internal IDs).
+CREATE TABLE entities (
+    internal_id    text PRIMARY KEY,
+    resource_type  text NOT NULL,
+    state          text NOT NULL DEFAULT 'active'
+                   CONSTRAINT entities_state_check CHECK (state IN ('active', 'merged', 'deleted')),
+    -- For a merged entity, the survivor it lives on in (always a live entity: merges re-point).
+    merged_into    text REFERENCES entities (internal_id),
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    updated_at     timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT entities_merged_into_iff_merged CHECK ((state = 'merged') = (merged_into IS NOT NULL)),
+    CONSTRAINT entities_not_merged_into_self CHECK (merged_into <> internal_id)
+);
+CREATE INDEX entities_merged_into ON entities (merged_into) WHERE merged_into IS NOT NULL;
+
+-- The mapping table: internal ID <-> (domain, external ID, primary flag, state).
+CREATE TABLE id_mappings (
+    id                  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    internal_id         text NOT NULL REFERENCES entities (internal_id),
+    domain_id           text NOT NULL REFERENCES domains (id),
+    -- NULL only while a create in a push peer is pending (the peer has not assigned it yet).
+    external_id         text,
+    is_primary          boolean NOT NULL,
+    -- peer: assigned by a push peer on create; minted: an opaque pairwise ID the broker issued.
+    origin              text NOT NULL CONSTRAINT id_mappings_origin_check CHECK (origin IN ('peer', 'minted')),
+    state               text NOT NULL DEFAULT 'active'
+                        CONSTRAINT id_mappings_state_check
+                        CHECK (state IN ('active', 'pending_create', 'deletion_required', 'retired')),
+    -- The domain's own externalId for this entity: shown back to this domain only.
+    domain_external_id  text,
+    -- Pairwise opaque correlation value sent as externalId when provisioning into a peer.
+    correlation_handle  text NOT NULL,
+    -- For retired aliases: when the row may be removed.
+    retire_after        timestamptz,
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    updated_at          timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT id_mappings_external_id_unique UNIQUE (domain_id, external_id),
+    CONSTRAINT id_mappings_correlation_unique UNIQUE (domain_id, correlation_handle),
+    CONSTRAINT id_mappings_external_id_present CHECK ((external_id IS NULL) = (state = 'pending_create')),
+    CONSTRAINT id_mappings_alias_state CHECK (is_primary = (state IN ('active', 'pending_create')))
+);
+-- At most one primary row per (entity, domain): outbound translation is unambiguous.
+CREATE UNIQUE INDEX id_mappings_one_primary ON id_mappings (internal_id, domain_id) WHERE is_primary;
+-- Outbound lookups and merges read by entity; inbound lookups use the unique (domain_id, external_id).
+CREATE INDEX id_mappings_by_entity ON id_mappings (internal_id, domain_id);
+
+-- Merge and split operations: a status resource, idempotent by a client-supplied key.
+CREATE TABLE operations (
+    id               uuid PRIMARY KEY,
+    kind             text NOT NULL CONSTRAINT operations_kind_check CHECK (kind IN ('merge', 'split')),
+    idempotency_key  text NOT NULL CONSTRAINT operations_idempotency_key_unique UNIQUE,
+    request          jsonb NOT NULL,
+    state            text NOT NULL DEFAULT 'pending'
+                     CONSTRAINT operations_state_check
+                     CHECK (state IN ('pending', 'propagating', 'done', 'failed')),
+    -- Per-domain progress: {"D2": {"state": "...", "reason": "..."}}.
+    progress         jsonb NOT NULL DEFAULT '{}'::jsonb,
+    actor            text NOT NULL,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now()
+);
+
+-- The durable outbox: work toward one domain about one entity, delivered in order per (domain, entity).
+CREATE TABLE outbox (
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    domain_id        text NOT NULL REFERENCES domains (id),
+    internal_id      text NOT NULL REFERENCES entities (internal_id),
+    operation_id     uuid REFERENCES operations (id),
+    kind             text NOT NULL,
+    payload          jsonb NOT NULL DEFAULT '{}'::jsonb,
+    state            text NOT NULL DEFAULT 'pending'
+                     CONSTRAINT outbox_state_check
+                     CHECK (state IN ('pending', 'in_flight', 'done', 'dead', 'cancelled')),
+    attempts         integer NOT NULL DEFAULT 0,
+    next_attempt_at  timestamptz NOT NULL DEFAULT now(),
+    lease_until      timestamptz,
+    claimed_by       text,
+    last_error       jsonb,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX outbox_ready ON outbox (domain_id, next_attempt_at, id) WHERE state IN ('pending', 'in_flight');
+CREATE INDEX outbox_by_entity ON outbox (domain_id, internal_id, id) WHERE state IN ('pending', 'in_flight');
+CREATE INDEX outbox_by_operation ON outbox (operation_id) WHERE operation_id IS NOT NULL;
+
+-- Append-only audit trail.
+CREATE TABLE audit_log (
+    id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at        timestamptz NOT NULL DEFAULT now(),
+    actor     text NOT NULL,
+    action    text NOT NULL,
+    subject   text,
+    details   jsonb NOT NULL DEFAULT '{}'::jsonb
+);
+CREATE INDEX audit_log_subject ON audit_log (subject, id);
