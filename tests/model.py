@@ -155,7 +155,7 @@ def operations(draw: st.DrawFn, fed: Federation) -> Op:
     """One operation that makes sense in ``fed``'s current state (or a refused one, sometimes)."""
     live = fed.live()
     kind = draw(st.sampled_from(["provision", "provision", "merge", "split", "ack"]))
-    if kind == "provision" or len(live) < 2 and kind == "merge":
+    if kind == "provision" or (len(live) < 2 and kind == "merge"):
         return Provision(
             draw(st.sampled_from(live or ENTITIES)),
             draw(st.sampled_from(DOMAINS)),

@@ -9,6 +9,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from broker.db import _QUERIES as NAMED_QUERIES
 from broker.db import (
     SQL_DIR,
     Migration,
@@ -18,7 +19,6 @@ from broker.db import (
     migration_status,
     query,
 )
-from broker.db import _QUERIES as NAMED_QUERIES
 
 CATALOG = """
 SELECT 'column' AS kind, table_name || '.' || column_name AS name,
@@ -139,7 +139,7 @@ async def test_a_failing_migration_leaves_nothing_behind(fresh_db: str) -> None:
 
 
 def test_migration_files_are_numbered_and_schema_sql_is_not_one(tmp_path: Path) -> None:
-    assert [m.name for m in load_migrations()][0] == "0001_initial.sql"
+    assert load_migrations()[0].name == "0001_initial.sql"
     (tmp_path / "0001_a.sql").write_text("SELECT 1")
     (tmp_path / "0001_b.sql").write_text("SELECT 1")
     with pytest.raises(MigrationError, match="share a number"):

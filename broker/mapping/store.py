@@ -12,11 +12,14 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import asyncpg
 
 from broker.db import query
+
+if TYPE_CHECKING:
+    from broker.db import Connection
 from broker.errors import ConflictError, InvalidValueError, NotFoundError
 from broker.mapping.rules import (
     MappingRow,
@@ -210,7 +213,7 @@ class MappingStore:
         """Merge ``losers`` into ``survivor`` now; peers follow through the outbox."""
         request = {"survivor": survivor, "losers": list(losers)}
 
-        async def plan(conn: asyncpg.Connection, entities: dict[str, asyncpg.Record]) -> Plan:
+        async def plan(conn: Connection, entities: dict[str, asyncpg.Record]) -> Plan:
             _require_live(entities, [survivor, *losers])
             _require_same_type(entities, survivor, losers)
             rows = await _locked_rows(conn, [survivor, *losers])
@@ -239,7 +242,7 @@ class MappingStore:
         }
         new_ids = list(moves)
 
-        async def plan(conn: asyncpg.Connection, entities: dict[str, asyncpg.Record]) -> Plan:
+        async def plan(conn: Connection, entities: dict[str, asyncpg.Record]) -> Plan:
             _require_live(entities, [source])
             unseen = [new for new in new_ids if new not in entities]
             if unseen:
@@ -263,7 +266,7 @@ class MappingStore:
         idempotency_key: str,
         actor: str,
         involved: list[str],
-        make_plan: Callable[[asyncpg.Connection, dict[str, asyncpg.Record]], Any],
+        make_plan: Callable[[Connection, dict[str, asyncpg.Record]], Any],
     ) -> Operation:
         if not idempotency_key:
             raise InvalidValueError(
@@ -295,12 +298,11 @@ class MappingStore:
                     "tasks": [_task_payload(t) | {"kind": t.kind.value} for t in plan.tasks],
                 },
             )
+            assert record is not None, "the operation was claimed in this transaction"
             return Operation.from_record(record)
 
 
-async def _replay(
-    conn: asyncpg.Connection, kind: str, request: dict[str, Any], key: str
-) -> Operation:
+async def _replay(conn: Connection, kind: str, request: dict[str, Any], key: str) -> Operation:
     record = await conn.fetchrow(query("operation_by_key"), key)
     assert record is not None, "claim_operation returned nothing, so the key exists"
     if record["kind"] != kind or record["request"] != request:
@@ -311,12 +313,12 @@ async def _replay(
     return Operation.from_record(record, replayed=True)
 
 
-async def _lock_entities(conn: asyncpg.Connection, ids: list[str]) -> dict[str, asyncpg.Record]:
+async def _lock_entities(conn: Connection, ids: list[str]) -> dict[str, asyncpg.Record]:
     records = await conn.fetch(query("lock_entities"), ids)
     return {r["internal_id"]: r for r in records}
 
 
-async def _locked_rows(conn: asyncpg.Connection, ids: list[str]) -> list[MappingRow]:
+async def _locked_rows(conn: Connection, ids: list[str]) -> list[MappingRow]:
     await conn.execute(query("lock_rows"), ids)
     return [_row(r) for r in await conn.fetch(query("rows_of_entities"), ids)]
 
@@ -359,7 +361,7 @@ def _task_payload(task: PeerTask) -> dict[str, Any]:
     return payload
 
 
-async def _apply(conn: asyncpg.Connection, plan: Plan, op_id: uuid.UUID) -> None:
+async def _apply(conn: Connection, plan: Plan, op_id: uuid.UUID) -> None:
     """Write a plan: rows, entities, outbox rows and cancellations, on the caller's transaction."""
     if plan.changes:
         ids, owners, primaries, states = [], [], [], []
