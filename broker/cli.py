@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from broker.domains import Domain, DomainStore
 from broker.errors import BrokerError
 from broker.mapping.rules import MappingRow
 from broker.mapping.store import MappingStore
+from broker.tokens import TokenStore, parse_duration
 
 __all__ = ["main"]
 
@@ -138,6 +140,47 @@ async def cmd_domain(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_token(config: Config, args: argparse.Namespace) -> int:
+    async with _pool(config) as pool:
+        tokens = TokenStore(pool)
+        if args.token_command == "issue":
+            token, info = await tokens.issue(
+                args.domain,
+                scopes=_split_list(args.scopes),
+                expires_in=parse_duration(args.expires_in) if args.expires_in else None,
+            )
+            expiry = info.expires_at.isoformat(timespec="seconds") if info.expires_at else "never"
+            _say(
+                f"token {info.id} for {info.domain_id} ({', '.join(info.scopes)}; expires {expiry}). "
+                "It is shown once and stored only as a hash:"
+            )
+            print(token)
+        elif args.token_command == "list":
+            rows = [
+                (
+                    str(t.id),
+                    t.domain_id,
+                    t.prefix + "...",
+                    ",".join(t.scopes),
+                    _when(t.expires_at, "never"),
+                    _when(t.last_used_at, "never"),
+                    "revoked " + _when(t.revoked_at, "") if t.revoked_at else "active",
+                )
+                for t in await tokens.list(args.domain)
+            ]
+            print(
+                _table(("id", "domain", "token", "scopes", "expires", "last used", "state"), rows)
+            )
+        else:
+            info = await tokens.revoke(args.id)
+            _say(f"token {info.id} of {info.domain_id} revoked (takes effect within seconds)")
+    return 0
+
+
+def _when(moment: datetime | None, default: str) -> str:
+    return moment.isoformat(timespec="seconds") if moment else default
+
+
 async def cmd_mappings(config: Config, args: argparse.Namespace) -> int:
     async with _pool(config) as pool:
         store = MappingStore(pool)
@@ -229,6 +272,20 @@ def build_parser() -> argparse.ArgumentParser:
     domain_commands.add_parser("list", help="list the domains")
     show = domain_commands.add_parser("show", help="show one domain")
     show.add_argument("domain")
+
+    token = commands.add_parser("token", help="issue, list and revoke domains' bearer tokens")
+    token.set_defaults(run=cmd_token, asynchronous=True)
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    issue = token_commands.add_parser("issue", help="issue a token; prints it alone on stdout")
+    issue.add_argument("domain")
+    issue.add_argument("--scopes", metavar="S,S", help="scim:read,scim:write (default: both)")
+    issue.add_argument(
+        "--expires-in", metavar="DURATION", help="for example 90d, 12h (default: never)"
+    )
+    token_list = token_commands.add_parser("list", help="list tokens (never the tokens themselves)")
+    token_list.add_argument("domain", nargs="?")
+    revoke = token_commands.add_parser("revoke", help="revoke a token by its id")
+    revoke.add_argument("id", type=int)
 
     mappings = commands.add_parser(
         "mappings", help="show an entity's rows of the mapping table, as seed 002 draws them"

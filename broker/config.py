@@ -8,15 +8,23 @@ names the file when ``--config`` is not given.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-__all__ = ["Config", "ConfigError", "DatabaseConfig", "ServerConfig", "load_config"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DatabaseConfig",
+    "HomeConfig",
+    "ServerConfig",
+    "load_config",
+]
 
 ENV_PREFIX = "BROKER_"
 # Contract shortcuts (DESIGN section 5, README): env name -> (section, key).
@@ -67,9 +75,60 @@ class DatabaseConfig(_Section):
         return value or None
 
 
+# UUIDs with or without hyphens: the shape most SCIM services give their IDs.
+DEFAULT_ID_PATTERN = (
+    r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
+)
+
+
+class HomeConfig(_Section):
+    # The home's SCIM base URL, for example https://idm.example.org/scim/v2.
+    scim_url: str | None = None
+    # The home's bearer token, given directly or (better) by the name of a variable holding it.
+    token: SecretStr | None = None
+    token_env: str | None = None
+    # A regular expression matching the shape of the home's IDs; the leak guard looks for it.
+    id_pattern: str = DEFAULT_ID_PATTERN
+    timeout: float = Field(default=30.0, gt=0)
+
+    @field_validator("scim_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(
+                "must be an http:// or https:// URL, for example https://idm.example.org/scim/v2"
+            )
+        return value.rstrip("/") if value else None
+
+    @field_validator("id_pattern")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"is not a regular expression: {exc}") from None
+        return value
+
+    def bearer_token(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The home's token: ``token``, or the variable ``token_env`` names."""
+        if self.token is not None:
+            return self.token.get_secret_value()
+        if self.token_env:
+            environ = os.environ if environ is None else environ
+            value = environ.get(self.token_env)
+            if not value:
+                raise ConfigError(
+                    f"[home] token_env names {self.token_env}, which is not set: export it, "
+                    "or set [home] token"
+                )
+            return value
+        return None
+
+
 class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    home: HomeConfig = Field(default_factory=HomeConfig)
 
     @property
     def public_url(self) -> str:

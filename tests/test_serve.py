@@ -128,6 +128,13 @@ def test_serve_with_no_configuration_starts_shares_survives_a_restart_and_stops_
     added = served.cli("domain", "add", "D2", "--push", "--scim-url", "http://peer.example/scim/v2")
     assert added.returncode == 0, added.stderr
     assert "push:        yes" in added.stdout
+    issued = served.cli("token", "issue", "D2", "--expires-in", "90d")
+    assert issued.returncode == 0, issued.stderr
+    token = issued.stdout.strip()
+    assert token.startswith("bkr_") and "\n" not in token  # the token alone on stdout
+    assert "shown once" in issued.stderr
+    listed_tokens = served.cli("token", "list")
+    assert token[:10] in listed_tokens.stdout and token not in listed_tokens.stdout
     assert postmaster_pid(data_dir) == server_pid and alive(server_pid)
     assert get(served.url + "/readyz")[0] == 200  # the CLI leaving did not stop it
 

@@ -1,0 +1,185 @@
+"""Bearer tokens that domains call the broker with: issued once, stored as SHA-256, revocable, scoped."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from broker.db import query
+from broker.errors import BrokerError, InvalidValueError, NotFoundError
+
+__all__ = [
+    "SCOPES",
+    "AuthenticationError",
+    "Principal",
+    "TokenInfo",
+    "TokenStore",
+    "hash_token",
+    "parse_duration",
+]
+
+SCOPES = ("scim:read", "scim:write")
+TOKEN_PREFIX = "bkr_"
+_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class AuthenticationError(BrokerError):
+    """No valid bearer token (RFC 7644 section 2: 401 with WWW-Authenticate)."""
+
+    status = 401
+
+
+class ForbiddenError(BrokerError):
+    """A valid token without the scope the request needs."""
+
+    status = 403
+
+
+def hash_token(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90d``, ``12h``, ``30m``, ``2w``, ``3600s``."""
+    match = _DURATION.match(text.strip())
+    if match is None:
+        raise InvalidValueError(
+            f"{text!r} is not a duration: write a number and a unit, for example 90d, 12h or 30m"
+        )
+    return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    id: int
+    domain_id: str
+    prefix: str
+    scopes: list[str]
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+    created_at: datetime
+
+    @classmethod
+    def from_record(cls, record: asyncpg.Record) -> TokenInfo:
+        return cls(**dict(record.items()))
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the domain a valid token belongs to, and what it may do."""
+
+    domain_id: str
+    scopes: frozenset[str]
+    token_id: int
+
+    def require(self, scope: str) -> None:
+        if scope not in self.scopes:
+            raise ForbiddenError(
+                f"this token lacks the {scope} scope: issue one with "
+                f"`broker token issue {self.domain_id} --scopes {','.join(sorted({*self.scopes, scope}))}`"
+            )
+
+
+class TokenStore:
+    """Issues and checks tokens. Checks are cached for ``cache_seconds``: a revocation takes
+    effect within that time in every broker process."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        cache_seconds: float = 5.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.pool = pool
+        self.cache_seconds = cache_seconds
+        self.clock = clock
+        self._cache: dict[bytes, tuple[float, asyncpg.Record | None]] = {}
+
+    async def issue(
+        self,
+        domain_id: str,
+        *,
+        scopes: list[str] | None = None,
+        expires_in: timedelta | None = None,
+    ) -> tuple[str, TokenInfo]:
+        """A new token for ``domain_id``: the token itself (shown once) and what is stored."""
+        scopes = list(SCOPES) if scopes is None else scopes
+        unknown = sorted(set(scopes) - set(SCOPES))
+        if unknown or not scopes:
+            raise InvalidValueError(
+                f"unknown scope {', '.join(unknown) or '(none given)'}: use {', '.join(SCOPES)}"
+            )
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        expires_at = self.clock() + expires_in if expires_in is not None else None
+        try:
+            record = await self.pool.fetchrow(
+                query("insert_token"),
+                domain_id,
+                hash_token(token),
+                token[: len(TOKEN_PREFIX) + 6],
+                scopes,
+                expires_at,
+            )
+        except asyncpg.ForeignKeyViolationError as exc:
+            raise NotFoundError(
+                f"there is no domain {domain_id}: add it first with `broker domain add {domain_id}`"
+            ) from exc
+        assert record is not None
+        return token, TokenInfo.from_record(record)
+
+    async def list(self, domain_id: str | None = None) -> list[TokenInfo]:
+        return [
+            TokenInfo.from_record(r) for r in await self.pool.fetch(query("list_tokens"), domain_id)
+        ]
+
+    async def revoke(self, token_id: int) -> TokenInfo:
+        record = await self.pool.fetchrow(query("revoke_token"), token_id)
+        if record is None:
+            raise NotFoundError(
+                f"there is no unrevoked token {token_id}: `broker token list` shows the tokens"
+            )
+        self._cache.clear()
+        return TokenInfo.from_record(record)
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """The principal behind an ``Authorization: Bearer ...`` header, or AuthenticationError."""
+        if not authorization:
+            raise AuthenticationError("send the domain's token as Authorization: Bearer TOKEN")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthenticationError("the Authorization header must be: Bearer TOKEN")
+        digest = hash_token(token.strip())
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and now - cached[0] < self.cache_seconds:
+            record = cached[1]
+        else:
+            record = await self.pool.fetchrow(query("token_by_hash"), digest)
+            if record is not None:
+                await self.pool.execute(query("touch_token"), record["id"])
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[digest] = (now, record)
+        if record is None:
+            raise AuthenticationError("the bearer token is not known to this broker")
+        if record["revoked_at"] is not None:
+            raise AuthenticationError(
+                "the bearer token was revoked: ask the broker's operator for a new one"
+            )
+        if record["expires_at"] is not None and record["expires_at"] <= self.clock():
+            raise AuthenticationError(
+                "the bearer token has expired: ask the broker's operator for a new one"
+            )
+        if record["domain_status"] == "disabled":
+            raise AuthenticationError(f"domain {record['domain_id']} is disabled")
+        return Principal(record["domain_id"], frozenset(record["scopes"]), record["id"])

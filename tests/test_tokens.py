@@ -1,0 +1,97 @@
+"""Domain bearer tokens: only a hash is stored; revoked, expired and unknown tokens are refused."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from broker.errors import InvalidValueError, NotFoundError
+from broker.tokens import (
+    AuthenticationError,
+    ForbiddenError,
+    TokenStore,
+    hash_token,
+    parse_duration,
+)
+
+
+@pytest.fixture
+async def tokens(pool: asyncpg.Pool) -> TokenStore:
+    await pool.execute("INSERT INTO domains (id, kind) VALUES ('D1', 'peer')")
+    return TokenStore(pool, cache_seconds=0)
+
+
+async def test_a_token_is_stored_only_as_a_hash_and_authenticates_its_domain(
+    tokens: TokenStore, pool: asyncpg.Pool
+) -> None:
+    token, info = await tokens.issue("D1", scopes=["scim:read"])
+    stored = await pool.fetchrow("SELECT * FROM domain_tokens")
+    assert token not in str(dict(stored))
+    assert stored["token_hash"] == hash_token(token)
+    principal = await tokens.authenticate(f"Bearer {token}")
+    assert principal.domain_id == "D1" and principal.scopes == {"scim:read"}
+    principal.require("scim:read")
+    with pytest.raises(ForbiddenError, match="lacks the scim:write scope"):
+        principal.require("scim:write")
+    assert (await tokens.list("D1"))[0].last_used_at is not None
+    assert info.prefix == token[: len(info.prefix)]
+
+
+async def test_revoked_expired_unknown_and_malformed_tokens_are_refused(tokens: TokenStore) -> None:
+    revoked, info = await tokens.issue("D1")
+    await tokens.revoke(info.id)
+    expired, _ = await tokens.issue("D1", expires_in=timedelta(seconds=-1))
+    cases = {
+        f"Bearer {revoked}": "revoked",
+        f"Bearer {expired}": "expired",
+        "Bearer bkr_nonsense": "not known",
+        "Basic dXNlcjpwYXNz": "Bearer TOKEN",
+        None: "Bearer TOKEN",
+    }
+    for header, message in cases.items():
+        with pytest.raises(AuthenticationError, match=message) as caught:
+            await tokens.authenticate(header)
+        assert caught.value.status == 401
+
+
+async def test_a_token_for_a_disabled_domain_is_refused(
+    tokens: TokenStore, pool: asyncpg.Pool
+) -> None:
+    token, _ = await tokens.issue("D1")
+    await pool.execute("UPDATE domains SET status = 'disabled'")
+    with pytest.raises(AuthenticationError, match="disabled"):
+        await tokens.authenticate(f"Bearer {token}")
+
+
+async def test_issuing_needs_a_known_domain_and_known_scopes(tokens: TokenStore) -> None:
+    with pytest.raises(NotFoundError, match="broker domain add D9"):
+        await tokens.issue("D9")
+    with pytest.raises(InvalidValueError, match="unknown scope scim:admin"):
+        await tokens.issue("D1", scopes=["scim:admin"])
+    with pytest.raises(NotFoundError):
+        await tokens.revoke(12345)
+
+
+async def test_expiry_follows_the_injected_clock(pool: asyncpg.Pool) -> None:
+    await pool.execute("INSERT INTO domains (id, kind) VALUES ('D1', 'peer')")
+    now = [datetime(2030, 1, 1, tzinfo=UTC)]
+    store = TokenStore(pool, cache_seconds=0, clock=lambda: now[0])
+    token, _ = await store.issue("D1", expires_in=parse_duration("90d"))
+    await store.authenticate(f"Bearer {token}")
+    now[0] += timedelta(days=91)
+    with pytest.raises(AuthenticationError, match="expired"):
+        await store.authenticate(f"Bearer {token}")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90d", 90 * 86400), ("12h", 43200), ("30m", 1800), ("2w", 1209600)]
+)
+def test_durations(text: str, seconds: int) -> None:
+    assert parse_duration(text).total_seconds() == seconds
+
+
+def test_a_bad_duration_says_how_to_write_one() -> None:
+    with pytest.raises(InvalidValueError, match="for example 90d"):
+        parse_duration("ninety days")
