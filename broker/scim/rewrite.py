@@ -1,0 +1,266 @@
+"""Rewriting the IDs inside SCIM documents, both ways, as pure functions over a lookup.
+
+A response is translated in two passes so that the database is asked once per direction:
+:func:`collect_ids` gathers every ID a document holds (with the resource type where it can be
+told), the shell resolves them all in one query, and :func:`rewrite_document` rebuilds the
+document with the answers. An ID the lookup does not answer is *missing*: outbound, the thing it
+names does not exist for that domain (a member is left out, a single reference dropped, the
+resource itself is invisible); inbound, the request is refused.
+
+Places handled (DESIGN section 3): ``id``, ``meta.location``, the ``value`` and ``$ref`` of
+every complex attribute whose ``$ref`` refers to resource types (``members``, ``groups``,
+enterprise ``manager``, and any declared in the home's ``/Schemas``, extensions included), and
+every plain ``reference`` attribute naming resource types. ``externalId`` is not rewritten here:
+it belongs to each domain and is handled by the proxy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from broker.errors import InvalidValueError, NotFoundError
+from broker.scim.schemas import RefAttr, ReferenceMap
+
+__all__ = [
+    "Endpoints",
+    "InvisibleResource",
+    "UnknownReference",
+    "collect_ids",
+    "rewrite_document",
+]
+
+Json = dict[str, Any]
+
+
+class InvisibleResource(NotFoundError):
+    """The resource itself does not exist for the calling domain."""
+
+
+class UnknownReference(InvalidValueError):
+    """A request names a resource the calling domain has no ID for (RFC 7644 section 3.12)."""
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Resource types and their endpoints (``User`` <-> ``/Users``), from ``/ResourceTypes``."""
+
+    by_type: Mapping[str, str]
+
+    @classmethod
+    def default(cls) -> Endpoints:
+        return cls({"User": "/Users", "Group": "/Groups"})
+
+    @classmethod
+    def from_resource_types(cls, resource_types: list[Mapping[str, Any]]) -> Endpoints:
+        found = {
+            str(rt["name"]): "/" + str(rt["endpoint"]).strip("/")
+            for rt in resource_types
+            if "name" in rt and "endpoint" in rt
+        }
+        return cls(found or cls.default().by_type)
+
+    def type_of(self, endpoint: str) -> str | None:
+        endpoint = "/" + endpoint.strip("/")
+        return next((t for t, e in self.by_type.items() if e.lower() == endpoint.lower()), None)
+
+    def parse_uri(self, uri: str, base: str) -> tuple[str, str] | None:
+        """``{base}/{Endpoint}/{id}`` -> (resource type, id); None if the URI is not one of base's."""
+        path = urlsplit(uri).path if "://" in uri else uri
+        base_path = urlsplit(base).path.rstrip("/")
+        if "://" in uri and not _same_origin(uri, base):
+            return None
+        if not path.startswith(base_path + "/"):
+            return None
+        parts = path[len(base_path) :].strip("/").split("/")
+        if len(parts) != 2 or not parts[1]:
+            return None
+        resource_type = self.type_of(parts[0])
+        return (resource_type, parts[1]) if resource_type is not None else None
+
+    def uri(self, base: str, resource_type: str, resource_id: str) -> str:
+        return f"{base.rstrip('/')}{self.by_type[resource_type]}/{resource_id}"
+
+
+def _same_origin(uri: str, base: str) -> bool:
+    a, b = urlsplit(uri), urlsplit(base)
+    return (a.scheme, a.netloc.lower()) == (b.scheme, b.netloc.lower())
+
+
+# A visitor receives (id, resource type or None) and returns the new ID, or None when missing.
+IdVisitor = Callable[[str, str | None], str | None]
+
+
+@dataclass(frozen=True)
+class _Context:
+    refs: ReferenceMap
+    endpoints: Endpoints
+    source_base: str
+    target_base: str
+    visit: IdVisitor
+
+
+def _item_type(item: Mapping[str, Any], attr: RefAttr, ctx: _Context) -> str | None:
+    declared = item.get("type")
+    if isinstance(declared, str):
+        match = next((t for t in attr.resource_types if t.lower() == declared.lower()), None)
+        if match:
+            return match
+    ref = item.get("$ref")
+    if isinstance(ref, str):
+        parsed = ctx.endpoints.parse_uri(ref, ctx.source_base)
+        if parsed:
+            return parsed[0]
+    return next(iter(attr.resource_types)) if len(attr.resource_types) == 1 else None
+
+
+def _rewrite_uri(uri: Any, ctx: _Context) -> str | None:
+    if not isinstance(uri, str):
+        return None
+    parsed = ctx.endpoints.parse_uri(uri, ctx.source_base)
+    if parsed is None:
+        return None
+    resource_type, old = parsed
+    new = ctx.visit(old, resource_type)
+    return None if new is None else ctx.endpoints.uri(ctx.target_base, resource_type, new)
+
+
+def _rewrite_item(item: Any, attr: RefAttr, ctx: _Context) -> Any | None:
+    """One value of a reference attribute, rewritten; None when what it names is missing."""
+    if not attr.complex:
+        return _rewrite_uri(item, ctx)
+    if not isinstance(item, dict):
+        return None
+    out = dict(item)
+    resource_type = _item_type(item, attr, ctx)
+    value_key = next((k for k in item if k.lower() == "value"), None)
+    ref_key = next((k for k in item if k.lower() == "$ref"), None)
+    if value_key is not None:
+        if not isinstance(item[value_key], str):
+            return None
+        new = ctx.visit(item[value_key], resource_type)
+        if new is None:
+            return None
+        out[value_key] = new
+        if ref_key is not None and resource_type is not None:
+            out[ref_key] = ctx.endpoints.uri(ctx.target_base, resource_type, new)
+        elif ref_key is not None:
+            del out[ref_key]  # a reference the broker cannot rebuild is not passed on
+    elif ref_key is not None:
+        new_ref = _rewrite_uri(item[ref_key], ctx)
+        if new_ref is None:
+            return None
+        out[ref_key] = new_ref
+    return out
+
+
+def _rewrite_attributes(
+    attrs: Json, ctx: _Context, extension: str | None, on_missing: Callable[[str, Any], None]
+) -> Json:
+    out: Json = {}
+    for key, value in attrs.items():
+        if extension is None and ctx.refs.is_extension(key) and isinstance(value, dict):
+            out[key] = _rewrite_attributes(value, ctx, key, on_missing)
+            continue
+        attr = ctx.refs.attribute(key, extension)
+        if attr is None or value is None:
+            out[key] = value
+        elif isinstance(value, list):
+            kept = []
+            for item in value:
+                new = _rewrite_item(item, attr, ctx)
+                if new is None:
+                    on_missing(key, item)
+                else:
+                    kept.append(new)
+            out[key] = kept
+        else:
+            new = _rewrite_item(value, attr, ctx)
+            if new is None:
+                on_missing(key, value)
+            else:
+                out[key] = new
+    return out
+
+
+def rewrite_document(
+    doc: Json,
+    *,
+    refs: ReferenceMap,
+    endpoints: Endpoints,
+    source_base: str,
+    target_base: str,
+    translate: IdVisitor,
+    resource_type: str | None = None,
+    strict: bool = False,
+) -> Json:
+    """``doc`` with every ID translated and every URI moved from ``source_base`` to ``target_base``.
+
+    Outbound (``strict=False``) a missing reference is left out; a missing ``id`` raises
+    :class:`InvisibleResource`. Inbound (``strict=True``) any missing reference raises
+    :class:`UnknownReference`, naming the attribute and value the caller sent.
+    """
+    ctx = _Context(refs, endpoints, source_base, target_base, translate)
+
+    def on_missing(key: str, value: Any) -> None:
+        if strict:
+            shown = value.get("value", value.get("$ref")) if isinstance(value, dict) else value
+            raise UnknownReference(f"{key}: {shown!r} does not name a resource you can refer to")
+
+    out = _rewrite_attributes(doc, ctx, None, on_missing)
+    resource_type = resource_type or _meta_type(doc)
+    if "id" in doc:
+        new_id = translate(doc["id"], resource_type) if isinstance(doc["id"], str) else None
+        if new_id is None:
+            if strict:
+                raise UnknownReference(
+                    f"id: {doc['id']!r} does not name a resource you can refer to"
+                )
+            raise InvisibleResource("resource not found")
+        out["id"] = new_id
+    meta = doc.get("meta")
+    if isinstance(meta, dict) and "location" in meta:
+        new_meta = dict(meta)
+        location = _rewrite_uri(meta["location"], ctx)
+        if location is None:
+            del new_meta["location"]
+        else:
+            new_meta["location"] = location
+        out["meta"] = new_meta
+    return out
+
+
+def _meta_type(doc: Json) -> str | None:
+    meta = doc.get("meta")
+    value = meta.get("resourceType") if isinstance(meta, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def collect_ids(
+    doc: Json,
+    *,
+    refs: ReferenceMap,
+    endpoints: Endpoints,
+    source_base: str,
+    resource_type: str | None = None,
+) -> dict[str, str | None]:
+    """Every ID ``doc`` holds -> its resource type where it can be told (None otherwise)."""
+    found: dict[str, str | None] = {}
+
+    def record(resource_id: str, rtype: str | None) -> str:
+        if found.get(resource_id) is None:
+            found[resource_id] = rtype
+        return resource_id
+
+    rewrite_document(
+        doc,
+        refs=refs,
+        endpoints=endpoints,
+        source_base=source_base,
+        target_base=source_base,
+        translate=record,
+        resource_type=resource_type,
+    )
+    return found
