@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DEFAULT_REFERENCES", "RefAttr", "ReferenceMap", "ENTERPRISE_USER"]
+__all__ = ["DEFAULT_REFERENCES", "ENTERPRISE_USER", "RefAttr", "ReferenceMap"]
 
 ENTERPRISE_USER = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 CORE_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
