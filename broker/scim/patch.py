@@ -1,0 +1,230 @@
+"""SCIM PATCH requests (RFC 7644 section 3.5.2) checked and rewritten inbound, as pure functions.
+
+Each operation's ``path`` is parsed by scim2-models; a value filter inside it is rewritten like any
+filter. Each operation's ``value`` is wrapped into a partial resource at the place the path names
+and rewritten by the document rewriter, so members, groups, manager and schema-declared references
+are handled the same way in PATCH as in POST and PUT. ``externalId`` operations are taken out: the
+value belongs to the calling domain and never reaches home.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from scim2_models import InvalidPathException, Path
+from scim2_models.path import AttrPath, Comparison, ValuePath
+
+from broker.errors import BrokerError
+from broker.scim.filters import FilterIds, filter_ids, rewrite_filter
+from broker.scim.rewrite import Endpoints, collect_ids, rewrite_document
+from broker.scim.schemas import ReferenceMap
+
+__all__ = ["PATCH_OP", "PatchError", "PatchRequest", "parse_patch"]
+
+PATCH_OP = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
+_OPS = {"add", "remove", "replace"}
+
+
+class PatchError(BrokerError):
+    status = 400
+
+    def __init__(self, detail: str, scim_type: str = "invalidSyntax") -> None:
+        super().__init__(detail)
+        self.scim_type = scim_type  # type: ignore[misc]
+
+
+@dataclass
+class _Op:
+    op: str
+    path: Path | None
+    value: Any
+    raw: dict[str, Any]
+
+
+@dataclass
+class PatchRequest:
+    """A checked PATCH request: its operations, and the externalId it sets for the caller."""
+
+    operations: list[_Op]
+    external_id: tuple[str | None] | None = None
+    """(value,) when an operation sets or removes externalId (None: removed); None if untouched."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def ids(self, *, refs: ReferenceMap, endpoints: Endpoints, base: str) -> FilterIds:
+        """Every ID the operations name, in paths and in values."""
+        found = FilterIds()
+        for op in self.operations:
+            if (
+                op.path is not None
+                and op.path.ast is not None
+                and not isinstance(op.path.ast, AttrPath)
+            ):
+                named = filter_ids(op.path.ast, refs=refs, endpoints=endpoints, base=base)
+                found.ids.update(named.ids)
+                found.external_ids |= named.external_ids
+            wrapped = _wrap(op, refs)
+            if wrapped is not None:
+                for key, rtype in collect_ids(
+                    wrapped[0], refs=refs, endpoints=endpoints, source_base=base
+                ).items():
+                    if found.ids.get(key) is None:
+                        found.ids[key] = rtype
+        return found
+
+    def rewrite(
+        self,
+        *,
+        refs: ReferenceMap,
+        endpoints: Endpoints,
+        source_base: str,
+        target_base: str,
+        translate: Callable[[str, str | None], str | None],
+        ids: Mapping[str, str],
+        external_ids: Mapping[str, list[str]],
+    ) -> dict[str, Any]:
+        """The request home receives; raises UnknownReference for a value naming an unknown ID."""
+        operations = []
+        for op in self.operations:
+            out = dict(op.raw)
+            if (
+                op.path is not None
+                and op.path.ast is not None
+                and not isinstance(op.path.ast, AttrPath)
+            ):
+                rewritten = rewrite_filter(
+                    op.path.ast,
+                    refs=refs,
+                    endpoints=endpoints,
+                    source_base=source_base,
+                    target_base=target_base,
+                    ids=ids,
+                    external_ids=external_ids,
+                )
+                out["path"] = str(rewritten)
+            wrapped = _wrap(op, refs)
+            if wrapped is not None:
+                doc, unwrap = wrapped
+                new = rewrite_document(
+                    doc,
+                    refs=refs,
+                    endpoints=endpoints,
+                    source_base=source_base,
+                    target_base=target_base,
+                    translate=translate,
+                    strict=True,
+                )
+                out["value"] = unwrap(new)
+            operations.append(out)
+        return {**self.extra, "schemas": [PATCH_OP], "Operations": operations}
+
+
+def _target(path: Path) -> tuple[AttrPath, str | None, bool]:
+    """(attribute path, sub-attribute, selects values by a filter) of a PATCH path."""
+    ast = path.ast
+    if isinstance(ast, ValuePath):
+        return ast.attr_path, ast.sub_attr, True
+    if isinstance(ast, Comparison):
+        return ast.attr_path, None, True
+    assert isinstance(ast, AttrPath)
+    return ast, ast.sub_attr, False
+
+
+def _wrap(
+    op: _Op, refs: ReferenceMap
+) -> tuple[dict[str, Any], Callable[[dict[str, Any]], Any]] | None:
+    """A partial resource holding ``op.value`` where its path points, and how to take it back out."""
+    if op.value is None:
+        return None
+    if op.path is None or op.path.ast is None:
+        if not isinstance(op.value, dict):
+            return None
+        return op.value, lambda doc: doc
+    attr_path, sub, filtered = _target(op.path)
+    name = attr_path.attr
+    value = op.value
+    if sub is not None:
+        inner: dict[str, Any] = {name: {sub: value}}
+
+        def take(attrs: dict[str, Any]) -> Any:
+            return attrs[name][sub] if name in attrs else value
+    elif filtered and isinstance(value, dict):
+        inner = {name: [value]}
+
+        def take(attrs: dict[str, Any]) -> Any:
+            return attrs[name][0]
+    else:
+        inner = {name: value}
+
+        def take(attrs: dict[str, Any]) -> Any:
+            return attrs[name]
+
+    uri = attr_path.uri
+    if uri and refs.is_extension(uri):
+        return {uri: inner}, lambda doc: take(doc[uri])
+    return inner, take
+
+
+def parse_patch(body: Any) -> PatchRequest:
+    """Check a PATCH body's structure; PatchError says what is wrong with which operation."""
+    if not isinstance(body, dict):
+        raise PatchError("a PATCH body is a JSON object with schemas and Operations")
+    schemas = body.get("schemas")
+    if not isinstance(schemas, list) or PATCH_OP not in schemas:
+        raise PatchError(f'a PATCH body must list "{PATCH_OP}" in schemas', "invalidValue")
+    raw_ops = next((v for k, v in body.items() if k.lower() == "operations"), None)
+    if not isinstance(raw_ops, list) or not raw_ops:
+        raise PatchError("a PATCH body needs a non-empty Operations list", "invalidValue")
+    operations: list[_Op] = []
+    external_id: tuple[str | None] | None = None
+    for n, raw in enumerate(raw_ops, start=1):
+        if not isinstance(raw, dict):
+            raise PatchError(f"operation {n} is not a JSON object")
+        op = str(raw.get("op", "")).lower()
+        if op not in _OPS:
+            raise PatchError(
+                f"operation {n}: {raw.get('op')!r} is not add, remove or replace", "invalidValue"
+            )
+        path_text = raw.get("path")
+        path: Path | None = None
+        if path_text is not None:
+            if not isinstance(path_text, str):
+                raise PatchError(f"operation {n}: path must be a string", "invalidPath")
+            try:
+                path = Path(path_text)
+            except (InvalidPathException, ValueError) as exc:
+                detail = getattr(exc, "detail", None) or str(exc)
+                raise PatchError(
+                    f"operation {n}: invalid path {path_text!r}: {detail}", "invalidPath"
+                ) from exc
+        if op == "remove" and (path is None or path.ast is None):
+            raise PatchError(f"operation {n}: remove needs a path", "noTarget")
+        if op != "remove" and "value" not in raw:
+            raise PatchError(f"operation {n}: {op} needs a value", "invalidValue")
+        value = raw.get("value")
+        if (
+            path is not None
+            and isinstance(path.ast, AttrPath)
+            and not path.ast.uri
+            and path.ast.sub_attr is None
+        ):
+            name = path.ast.attr.lower()
+            if name == "id":
+                raise PatchError(f"operation {n}: id is read-only", "mutability")
+            if name == "externalid":
+                if op != "remove" and not isinstance(value, str):
+                    raise PatchError(f"operation {n}: externalId must be a string", "invalidValue")
+                external_id = (None if op == "remove" else value,)
+                continue
+        if path is None and isinstance(value, dict):
+            key = next((k for k in value if k.lower() == "externalid"), None)
+            if key is not None:
+                external_id = (value[key],)
+                value = {k: v for k, v in value.items() if k != key}
+                raw = {**raw, "value": value}
+                if not value:
+                    continue
+        operations.append(_Op(op, path, value, raw))
+    extra = {k: v for k, v in body.items() if k not in ("schemas",) and k.lower() != "operations"}
+    return PatchRequest(operations, external_id, extra)
