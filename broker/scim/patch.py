@@ -38,7 +38,7 @@ class PatchError(BrokerError):
 @dataclass
 class _Op:
     op: str
-    path: Path | None
+    path: Path[Any] | None
     value: Any
     raw: dict[str, Any]
 
@@ -120,7 +120,7 @@ class PatchRequest:
         return {**self.extra, "schemas": [PATCH_OP], "Operations": operations}
 
 
-def _target(path: Path) -> tuple[AttrPath, str | None, bool]:
+def _target(path: Path[Any]) -> tuple[AttrPath, str | None, bool]:
     """(attribute path, sub-attribute, selects values by a filter) of a PATCH path."""
     ast = path.ast
     if isinstance(ast, ValuePath):
@@ -187,7 +187,7 @@ def parse_patch(body: Any) -> PatchRequest:
                 f"operation {n}: {raw.get('op')!r} is not add, remove or replace", "invalidValue"
             )
         path_text = raw.get("path")
-        path: Path | None = None
+        path: Path[Any] | None = None
         if path_text is not None:
             if not isinstance(path_text, str):
                 raise PatchError(f"operation {n}: path must be a string", "invalidPath")
