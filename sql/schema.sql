@@ -140,3 +140,5 @@ CREATE TABLE audit_log (
     details   jsonb NOT NULL DEFAULT '{}'::jsonb
 );
 CREATE INDEX audit_log_subject ON audit_log (subject, id);
+CREATE INDEX id_mappings_domain_external_id ON id_mappings (domain_id, domain_external_id)
+    WHERE domain_external_id IS NOT NULL;

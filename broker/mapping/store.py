@@ -37,6 +37,7 @@ __all__ = [
     "IdempotencyKeyReused",
     "MappingStore",
     "Operation",
+    "Outbound",
     "UnknownEntity",
     "mint_id",
 ]
@@ -60,6 +61,14 @@ class EntityStateError(ConflictError):
 
 class IdempotencyKeyReused(ConflictError):
     """The idempotency key names an earlier operation with a different request."""
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """How a domain knows an entity: its primary external ID, and the externalId it gave it."""
+
+    external_id: str
+    domain_external_id: str | None
 
 
 @dataclass(frozen=True)
@@ -122,7 +131,7 @@ class MappingStore:
         return {r["external_id"]: r["internal_id"] for r in records}
 
     async def resolve_outbound(
-        self, domain: str, entities: Mapping[str, str], *, mint: bool
+        self, domain: str, entities: Mapping[str, str | None], *, mint: bool
     ) -> dict[str, str]:
         """Internal IDs (-> resource type) -> the primary external IDs ``domain`` knows them by.
 
@@ -130,19 +139,52 @@ class MappingStore:
         pairwise minted one; without (a push peer's IDs are the ones it assigned), they are absent
         from the answer and the caller provisions them.
         """
+        translated = await self.translate_outbound(domain, entities, mint=mint)
+        return {internal: found.external_id for internal, found in translated.items()}
+
+    async def translate_outbound(
+        self, domain: str, entities: Mapping[str, str | None], *, mint: bool
+    ) -> dict[str, Outbound]:
+        """Like :meth:`resolve_outbound`, with the externalId ``domain`` gave each entity."""
         if not entities:
             return {}
         asked = list(entities)
         minted = [self.id_factory() for _ in asked]
         handles = [self.id_factory() for _ in asked]
-        args = (domain, asked, [entities[i] for i in asked], minted, handles, mint)
+        types = [entities[i] or "unknown" for i in asked]
+        args = (domain, asked, types, minted, handles, mint)
         records = await self.pool.fetch(query("resolve_outbound"), *args)
-        found = {r["asked"]: r["external_id"] for r in records}
-        if mint and len(found) < len(asked):
+        if mint and len(records) < len(asked):
             # A concurrent request minted for the same entity first; its row is committed now.
             records = await self.pool.fetch(query("resolve_outbound"), *args)
-            found = {r["asked"]: r["external_id"] for r in records}
-        return found
+        return {r["asked"]: Outbound(r["external_id"], r["domain_external_id"]) for r in records}
+
+    async def resolve_request(
+        self, domain: str, external_ids: Iterable[str], external_id_values: Iterable[str] = ()
+    ) -> tuple[dict[str, str], dict[str, list[str]]]:
+        """What a request names, in one query: external IDs -> internal IDs, and the domain's
+        externalId values -> the internal IDs of the entities it gave them to."""
+        ids, values = list(dict.fromkeys(external_ids)), list(dict.fromkeys(external_id_values))
+        if not ids and not values:
+            return {}, {}
+        records = await self.pool.fetch(query("resolve_request"), domain, ids, values)
+        resolved: dict[str, str] = {}
+        by_value: dict[str, list[str]] = {}
+        for r in records:
+            if r["kind"] == "id":
+                resolved[r["key"]] = r["internal_id"]
+            else:
+                by_value.setdefault(r["key"], []).append(r["internal_id"])
+        return resolved, by_value
+
+    async def set_domain_external_id(
+        self, domain: str, internal_id: str, value: str | None
+    ) -> None:
+        """Record the externalId ``domain`` gave an entity (shown back to that domain only)."""
+        await self.pool.execute(query("set_domain_external_id"), domain, internal_id, value)
+
+    async def mark_deleted(self, internal_id: str) -> None:
+        await self.pool.execute(query("mark_deleted"), internal_id)
 
     # ------------------------------------------------------------------ reading
 

@@ -70,7 +70,9 @@ class ReferenceMap:
             core = self.core.get(name.lower())
             if core is not None:
                 return core
-            return next((a[name.lower()] for a in self.extensions.values() if name.lower() in a), None)
+            return next(
+                (a[name.lower()] for a in self.extensions.values() if name.lower() in a), None
+            )
         return self.extensions.get(extension.lower(), {}).get(name.lower())
 
     def is_extension(self, key: str) -> bool:

@@ -7,6 +7,26 @@ FROM id_mappings m
 JOIN entities e ON e.internal_id = m.internal_id AND e.state = 'active'
 WHERE m.domain_id = $1 AND m.external_id = ANY($2::text[])
 
+-- name: resolve_request
+-- Everything a domain's request names, in one round-trip: its external IDs ($2) and the
+-- externalId values it gave entities ($3), each -> internal ID.
+SELECT 'id' AS kind, m.external_id AS key, m.internal_id
+FROM id_mappings m
+JOIN entities e ON e.internal_id = m.internal_id AND e.state = 'active'
+WHERE m.domain_id = $1 AND m.external_id = ANY($2::text[])
+UNION ALL
+SELECT 'externalId', m.domain_external_id, m.internal_id
+FROM id_mappings m
+JOIN entities e ON e.internal_id = m.internal_id AND e.state = 'active'
+WHERE m.domain_id = $1 AND m.is_primary AND m.domain_external_id = ANY($3::text[])
+
+-- name: set_domain_external_id
+UPDATE id_mappings SET domain_external_id = $3, updated_at = now()
+WHERE domain_id = $1 AND internal_id = $2 AND is_primary
+
+-- name: mark_deleted
+UPDATE entities SET state = 'deleted', updated_at = now() WHERE internal_id = $1 AND state = 'active'
+
 -- name: resolve_outbound
 -- (domain, internal IDs) -> primary external IDs, in one round-trip. A merged entity is translated
 -- as its survivor. Entities seen for the first time are recorded. Where $6 (mint) is true, an
@@ -18,9 +38,11 @@ WITH wanted AS (
         AS w(asked, resource_type, minted_id, handle)
 ),
 recorded AS (
+    -- A type learnt later replaces 'unknown' (a member seen without type or $ref).
     INSERT INTO entities (internal_id, resource_type)
     SELECT asked, resource_type FROM wanted
-    ON CONFLICT (internal_id) DO NOTHING
+    ON CONFLICT (internal_id) DO UPDATE SET resource_type = EXCLUDED.resource_type
+    WHERE entities.resource_type = 'unknown' AND EXCLUDED.resource_type <> 'unknown'
 ),
 live AS (
     SELECT w.asked, coalesce(e.merged_into, w.asked) AS internal_id, w.minted_id, w.handle
@@ -28,7 +50,7 @@ live AS (
     LEFT JOIN entities e ON e.internal_id = w.asked
 ),
 existing AS (
-    SELECT l.asked, m.external_id
+    SELECT l.asked, m.external_id, m.domain_external_id
     FROM live l
     JOIN id_mappings m
       ON m.internal_id = l.internal_id AND m.domain_id = $1 AND m.is_primary
@@ -44,9 +66,9 @@ minted AS (
     ON CONFLICT DO NOTHING
     RETURNING internal_id, external_id
 )
-SELECT asked, external_id FROM existing WHERE external_id IS NOT NULL
+SELECT asked, external_id, domain_external_id FROM existing WHERE external_id IS NOT NULL
 UNION ALL
-SELECT l.asked, n.external_id FROM live l JOIN minted n ON n.internal_id = l.internal_id
+SELECT l.asked, n.external_id, NULL FROM live l JOIN minted n ON n.internal_id = l.internal_id
 
 -- name: rows_of_entities
 SELECT id, internal_id, domain_id, external_id, is_primary, state, origin
