@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
+import aiohttp
 import asyncpg
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -13,10 +15,14 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from broker import __version__
 from broker.config import Config
-from broker.db import apply_migrations, create_pool, database_url, migration_status
+from broker.db import apply_migrations, create_pool, database_url, migration_status, query
+from broker.domains import DomainStore
 from broker.mapping.store import MappingStore
+from broker.proxy.handlers import Proxy, scim_error_middleware
+from broker.proxy.home import HomeClient
+from broker.tokens import TokenStore
 
-__all__ = ["CONFIG", "METRICS", "POOL", "STORE", "Metrics", "create_app"]
+__all__ = ["CONFIG", "METRICS", "POOL", "PROXY", "STORE", "Metrics", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,12 @@ class Metrics:
             ["state"],
             registry=self.registry,
         )
+        self.leaks = Counter(
+            "broker_leak_guard_blocks",
+            "Domain-bound responses the leak guard withheld, by domain.",
+            ["domain"],
+            registry=self.registry,
+        )
         self.info = Gauge(
             "broker_build_info", "The broker's version.", ["version"], registry=self.registry
         )
@@ -53,6 +65,9 @@ class Metrics:
 CONFIG = web.AppKey("config", Config)
 POOL = web.AppKey("pool", asyncpg.Pool)
 STORE = web.AppKey("store", MappingStore)
+PROXY = web.AppKey("proxy", Proxy)
+# Largest request body a domain may send (RFC 7644 section 3.12: 413 beyond it).
+MAX_BODY = 1024 * 1024
 METRICS = web.AppKey("metrics", Metrics)
 
 
@@ -129,12 +144,41 @@ async def metrics(request: web.Request) -> web.Response:
     return response
 
 
+async def _proxy(app: web.Application) -> AsyncIterator[None]:
+    """The domain-facing SCIM endpoint: one client session toward home for the whole process."""
+    config = app[CONFIG]
+    assert config.home.scim_url is not None
+    timeout = aiohttp.ClientTimeout(total=config.home.timeout)
+    connector = aiohttp.TCPConnector(limit=100)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        pool = app[POOL]
+
+        async def audit(actor: str, action: str, details: dict[str, Any]) -> None:
+            await pool.execute(query("audit"), actor, action, None, details)
+
+        proxy = app[PROXY]
+        proxy.configure(
+            store=app[STORE],
+            domains=DomainStore(pool),
+            tokens=TokenStore(pool),
+            home=HomeClient(session, config.home.scim_url, config.home.bearer_token()),
+            audit=audit,
+            on_leak=lambda domain: app[METRICS].leaks.labels(domain).inc(),
+        )
+        yield
+
+
 def create_app(config: Config) -> web.Application:
     """The broker's application; production and tests build the same one."""
-    app = web.Application(middlewares=[_measure])
+    app = web.Application(middlewares=[scim_error_middleware, _measure], client_max_size=MAX_BODY)
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_database)
+    if config.home.scim_url is not None:
+        proxy = Proxy(public_base=config.public_url, id_pattern=config.home.id_pattern)
+        app[PROXY] = proxy
+        app.cleanup_ctx.append(_proxy)
+        app.router.add_routes(proxy.routes())
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -5,20 +5,24 @@ Pure: no I/O. The web layers turn them into SCIM error documents; the CLI prints
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 __all__ = ["BrokerError", "ConflictError", "InvalidValueError", "NotFoundError"]
 
 
 class BrokerError(Exception):
     """An error with a message a person can act on."""
 
-    status: ClassVar[int] = 500
-    scim_type: ClassVar[str | None] = None
+    status: int = 500
+    scim_type: str | None = None
 
-    def __init__(self, detail: str) -> None:
+    def __init__(
+        self, detail: str, *, status: int | None = None, scim_type: str | None = None
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
+        if status is not None:
+            self.status = status
+        if scim_type is not None:
+            self.scim_type = scim_type
 
 
 class InvalidValueError(BrokerError, ValueError):

@@ -130,3 +130,6 @@ async def counted_pool(db_url: str) -> AsyncIterator[tuple[asyncpg.Pool, QueryCo
         yield pool, counter
     finally:
         await pool.close()
+
+
+from tests.scim_support import home  # noqa: E402,F401  (the session's real home SCIM server)

@@ -31,8 +31,7 @@ class PatchError(BrokerError):
     status = 400
 
     def __init__(self, detail: str, scim_type: str = "invalidSyntax") -> None:
-        super().__init__(detail)
-        self.scim_type = scim_type  # type: ignore[misc]
+        super().__init__(detail, scim_type=scim_type)
 
 
 @dataclass

@@ -16,7 +16,7 @@ it belongs to each domain and is handled by the proxy.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -54,7 +54,7 @@ class Endpoints:
         return cls({"User": "/Users", "Group": "/Groups"})
 
     @classmethod
-    def from_resource_types(cls, resource_types: list[Mapping[str, Any]]) -> Endpoints:
+    def from_resource_types(cls, resource_types: Sequence[Mapping[str, Any]]) -> Endpoints:
         found = {
             str(rt["name"]): "/" + str(rt["endpoint"]).strip("/")
             for rt in resource_types

@@ -1,0 +1,1 @@
+"""The domain-facing SCIM endpoint: authenticate the domain, translate, forward to home, guard."""

@@ -1,0 +1,688 @@
+"""The domain-facing SCIM endpoint (RFC 7644) at ``{public_url}/scim/v2``.
+
+Each handler alternates: translate the request inbound (one database round-trip), forward it to
+home, translate the response outbound (one round-trip), pass it through the leak guard. The
+rewriting itself is pure (``broker.scim``); this module only wires it to HTTP and the store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from broker.domains import Domain, DomainStore
+from broker.errors import BrokerError, InvalidValueError, NotFoundError
+from broker.mapping.store import MappingStore, Outbound
+from broker.proxy.home import SCIM_JSON, HomeClient, HomeResponse
+from broker.scim.filters import FilterError, FilterIds, filter_ids, parse_filter, rewrite_filter
+from broker.scim.guard import find_leak, scrub
+from broker.scim.patch import parse_patch
+from broker.scim.rewrite import InvisibleResource, collect_ids, rewrite_document
+from broker.tokens import Principal, TokenStore
+
+__all__ = ["SCIM_PREFIX", "Proxy", "scim_error_middleware"]
+
+log = logging.getLogger(__name__)
+
+SCIM_PREFIX = "/scim/v2"
+ERROR_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:Error"
+LIST_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
+SEARCH_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:SearchRequest"
+LIST_PARAMS = (
+    "filter",
+    "sortBy",
+    "sortOrder",
+    "startIndex",
+    "count",
+    "attributes",
+    "excludedAttributes",
+)
+GET_PARAMS = ("attributes", "excludedAttributes")
+NOT_FOUND = "resource not found"
+_ACCEPTED_TYPES = {"application/scim+json", "application/json"}
+
+
+class UnsupportedMediaType(BrokerError):
+    status = 415
+
+
+class NotImplementedYet(BrokerError):
+    status = 501
+
+
+class Forbidden(BrokerError):
+    status = 403
+
+
+def error_document(status: int, detail: str, scim_type: str | None = None) -> dict[str, Any]:
+    """An RFC 7644 section 3.12 error."""
+    doc: dict[str, Any] = {"schemas": [ERROR_SCHEMA], "status": str(status), "detail": detail}
+    if scim_type:
+        doc["scimType"] = scim_type
+    return doc
+
+
+def error_response(status: int, detail: str, scim_type: str | None = None) -> web.Response:
+    response = web.Response(
+        status=status,
+        text=json.dumps(error_document(status, detail, scim_type)),
+        content_type=SCIM_JSON,
+    )
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="scim-id-broker"'
+    return response
+
+
+@web.middleware
+async def scim_error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error under /scim/v2 is a SCIM error document, never an HTML page or a trace."""
+    if not request.path.startswith(SCIM_PREFIX):
+        return await handler(request)
+    try:
+        return await handler(request)
+    except BrokerError as exc:
+        return error_response(exc.status, exc.detail, exc.scim_type)
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(413, "the request body is too large for this broker (1 MiB at most)")
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            detail = {404: "no such endpoint", 405: f"{request.method} is not allowed here"}
+            return error_response(exc.status, detail.get(exc.status, exc.reason))
+        raise
+    except Exception:
+        correlation = uuid.uuid4().hex[:12]
+        log.exception("internal error, correlation ID %s", correlation)
+        return error_response(500, f"internal error in the broker (correlation ID {correlation})")
+
+
+@dataclass
+class _Call:
+    """One domain request being served: who, against which schema, and the IDs in play."""
+
+    principal: Principal
+    domain: Domain
+    request_text: str
+    internal_ids: set[str] = field(default_factory=set)
+    allowed: set[str] = field(default_factory=set)
+
+
+class Proxy:
+    """The handlers; created once per application with its long-lived parts."""
+
+    def __init__(
+        self, *, public_base: str, id_pattern: str, domain_cache_seconds: float = 5.0
+    ) -> None:
+        self.base = public_base.rstrip("/") + SCIM_PREFIX
+        # Bounded: a 32-hex run inside a longer hash is not an ID.
+        self.id_pattern = re.compile(rf"(?<![0-9A-Za-z_-])(?:{id_pattern})(?![0-9A-Za-z_-])")
+        self.domain_cache_seconds = domain_cache_seconds
+        self._domain_cache: dict[str, tuple[float, Domain]] = {}
+
+    def configure(
+        self,
+        *,
+        store: MappingStore,
+        domains: DomainStore,
+        tokens: TokenStore,
+        home: HomeClient,
+        audit: Callable[[str, str, dict[str, Any]], Awaitable[None]],
+        on_leak: Callable[[str], None],
+    ) -> None:
+        """Attach the parts that live from start-up to shutdown (routes exist before them)."""
+        self.store = store
+        self.domains = domains
+        self.tokens = tokens
+        self.home = home
+        self.audit = audit
+        self.on_leak = on_leak
+
+    def routes(self) -> list[web.RouteDef]:
+        p = SCIM_PREFIX
+        return [
+            web.get(p + "/ServiceProviderConfig", self.service_provider_config),
+            web.get(p + "/Schemas", self.discovery),
+            web.get(p + "/Schemas/{id}", self.discovery),
+            web.get(p + "/ResourceTypes", self.discovery),
+            web.get(p + "/ResourceTypes/{id}", self.discovery),
+            web.post(p + "/Bulk", self.bulk),
+            web.post(p + "/.search", self.search),
+            web.get(p + "/{endpoint}", self.list),
+            web.post(p + "/{endpoint}/.search", self.search),
+            web.post(p + "/{endpoint}", self.create),
+            web.get(p + "/{endpoint}/{id}", self.get),
+            web.put(p + "/{endpoint}/{id}", self.replace),
+            web.patch(p + "/{endpoint}/{id}", self.patch),
+            web.delete(p + "/{endpoint}/{id}", self.delete),
+        ]
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _call(self, request: web.Request, scope: str) -> _Call:
+        principal = await self.tokens.authenticate(request.headers.get("Authorization"))
+        principal.require(scope)
+        domain = await self._domain(principal.domain_id)
+        body = await request.text() if request.can_read_body else ""
+        return _Call(principal, domain, f"{request.path_qs}\n{body}")
+
+    async def _domain(self, domain_id: str) -> Domain:
+        now = time.monotonic()
+        cached = self._domain_cache.get(domain_id)
+        if cached is not None and now - cached[0] < self.domain_cache_seconds:
+            return cached[1]
+        domain = await self.domains.get(domain_id)
+        self._domain_cache[domain_id] = (now, domain)
+        return domain
+
+    async def _resource_type(self, request: web.Request) -> str:
+        schema = await self.home.schema()
+        endpoint = request.match_info["endpoint"]
+        resource_type = schema.endpoints.type_of(endpoint)
+        if resource_type is None:
+            raise NotFoundError(f"no such endpoint /{endpoint}")
+        return resource_type
+
+    async def _json_body(self, request: web.Request) -> Any:
+        if request.content_type not in _ACCEPTED_TYPES:
+            raise UnsupportedMediaType(
+                f"send the body as application/scim+json (got {request.content_type or 'no Content-Type'})"
+            )
+        text = await request.text()
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise _syntax(f"the body is not valid JSON: {exc}") from exc
+
+    async def _resolve(
+        self, call: _Call, ids: Iterable[str], values: Iterable[str] = ()
+    ) -> tuple[dict[str, str], dict[str, list[str]]]:
+        resolved, by_value = await self.store.resolve_request(call.domain.id, ids, values)
+        call.internal_ids.update(resolved.values())
+        for internals in by_value.values():
+            call.internal_ids.update(internals)
+        return resolved, by_value
+
+    async def _resolve_path_id(
+        self, call: _Call, request: web.Request, extra: FilterIds | None = None
+    ) -> tuple[str, dict[str, str], dict[str, list[str]]]:
+        """The internal ID the path names (404 without asking home if it names none)."""
+        external = request.match_info["id"]
+        ids = [external, *(extra.ids if extra else ())]
+        resolved, by_value = await self._resolve(call, ids, extra.external_ids if extra else ())
+        if external not in resolved:
+            raise NotFoundError(NOT_FOUND)
+        return resolved[external], resolved, by_value
+
+    async def _outbound(
+        self, call: _Call, docs: list[dict[str, Any]], resource_type: str | None
+    ) -> list[dict[str, Any] | None]:
+        """Home's resources as the caller sees them (None: invisible to it), one round-trip."""
+        schema = await self.home.schema()
+        wanted: dict[str, str | None] = {}
+        for doc in docs:
+            for internal, rtype in collect_ids(
+                doc,
+                refs=schema.refs,
+                endpoints=schema.endpoints,
+                source_base=self.home.base_url,
+                resource_type=resource_type,
+            ).items():
+                if wanted.get(internal) is None:
+                    wanted[internal] = rtype
+        found: dict[str, Outbound] = await self.store.translate_outbound(
+            call.domain.id, wanted, mint=call.domain.mints
+        )
+        call.internal_ids.update(wanted)
+        call.allowed.update(o.external_id for o in found.values())
+        call.allowed.update(o.domain_external_id for o in found.values() if o.domain_external_id)
+        out: list[dict[str, Any] | None] = []
+        for doc in docs:
+            try:
+                new = rewrite_document(
+                    doc,
+                    refs=schema.refs,
+                    endpoints=schema.endpoints,
+                    source_base=self.home.base_url,
+                    target_base=self.base,
+                    translate=lambda i, _t: found[i].external_id if i in found else None,
+                    resource_type=resource_type,
+                )
+            except InvisibleResource:
+                out.append(None)
+                continue
+            for key in [k for k in new if k.lower() == "externalid"]:
+                del new[key]  # home's externalId is not the caller's
+            own = (
+                found[doc["id"]].domain_external_id
+                if isinstance(doc.get("id"), str) and doc["id"] in found
+                else None
+            )
+            if own is not None:
+                new["externalId"] = own
+            out.append(new)
+        return out
+
+    async def _inbound_document(
+        self, call: _Call, doc: dict[str, Any], resource_type: str
+    ) -> tuple[dict[str, Any], tuple[str | None] | None]:
+        """A resource a domain sends, for home: references translated (unknown ones refused), its
+        ``id`` dropped, its ``externalId`` taken out for the caller's own record."""
+        if not isinstance(doc, dict):
+            raise _syntax("the body must be a JSON object: a SCIM resource")
+        schema = await self.home.schema()
+        doc = {k: v for k, v in doc.items() if k.lower() not in ("id", "meta")}
+        external_key = next((k for k in doc if k.lower() == "externalid"), None)
+        external_id: tuple[str | None] | None = None
+        if external_key is not None:
+            value = doc.pop(external_key)
+            if value is not None and not isinstance(value, str):
+                raise InvalidValueError("externalId must be a string")
+            external_id = (value,)
+        self._check_writable(call.domain, doc)
+        names = collect_ids(
+            doc,
+            refs=schema.refs,
+            endpoints=schema.endpoints,
+            source_base=self.base,
+            resource_type=resource_type,
+        )
+        resolved, _ = await self._resolve(call, names)
+        new = rewrite_document(
+            doc,
+            refs=schema.refs,
+            endpoints=schema.endpoints,
+            source_base=self.base,
+            target_base=self.home.base_url,
+            translate=lambda i, _t: resolved.get(i),
+            resource_type=resource_type,
+            strict=True,
+        )
+        return new, external_id
+
+    def _check_writable(self, domain: Domain, doc: Mapping[str, Any]) -> None:
+        allowed = domain.attribute_policy.get("write")
+        if allowed is None:
+            return
+        permitted = {a.lower() for a in allowed} | {"schemas"}
+        refused = sorted(k for k in doc if k.lower() not in permitted)
+        if refused:
+            raise _mutability(f"domain {domain.id} may not write {', '.join(refused)}")
+
+    def _filter_readable(self, domain: Domain, doc: dict[str, Any]) -> dict[str, Any]:
+        allowed = domain.attribute_policy.get("read")
+        if allowed is None:
+            return doc
+        permitted = {a.lower() for a in allowed} | {"schemas", "id", "meta", "externalid"}
+        return {k: v for k, v in doc.items() if k.lower() in permitted}
+
+    async def _respond(
+        self, call: _Call, status: int, body: Any, headers: Mapping[str, str] | None = None
+    ) -> web.Response:
+        """The response a domain gets, after the leak guard."""
+        text = json.dumps(body) if body is not None else ""
+        parts = [("body", text), *((f"header {k}", v) for k, v in (headers or {}).items())]
+        allowed = call.allowed | {m.group(0) for m in self.id_pattern.finditer(call.request_text)}
+        leak = find_leak(
+            parts,
+            internal_ids=call.internal_ids - allowed,
+            id_pattern=self.id_pattern,
+            allowed=allowed,
+        )
+        if leak is not None:
+            correlation = uuid.uuid4().hex[:12]
+            log.error(
+                "leak guard blocked a response to %s in %s: %s (correlation ID %s)",
+                call.domain.id,
+                leak.where,
+                leak.reason,
+                correlation,
+            )
+            self.on_leak(call.domain.id)
+            await self.audit(
+                call.domain.id,
+                "leak_blocked",
+                {"where": leak.where, "reason": leak.reason, "correlation_id": correlation},
+            )
+            return error_response(
+                502,
+                "the broker withheld a response that would have exposed an internal identifier "
+                f"(correlation ID {correlation}); the operator has been told",
+            )
+        response = web.Response(
+            status=status, text=text if body is not None else None, headers=dict(headers or {})
+        )
+        if body is not None:
+            response.content_type = SCIM_JSON
+        return response
+
+    def _home_error(
+        self, call: _Call, response: HomeResponse, replacements: dict[str, str]
+    ) -> BrokerError:
+        """An error from home, translated for the caller: status and scimType kept, detail scrubbed."""
+        body = response.body if isinstance(response.body, dict) else {}
+        if response.status == 404:
+            return NotFoundError(NOT_FOUND)
+        detail = scrub(
+            str(body.get("detail") or f"the home SCIM service answered {response.status}"),
+            replacements,
+            self.id_pattern,
+        )
+        scim_type = body.get("scimType") if isinstance(body.get("scimType"), str) else None
+        return BrokerError(detail, status=response.status, scim_type=scim_type)
+
+    # ------------------------------------------------------------------ reads
+
+    async def get(self, request: web.Request) -> web.Response:
+        call = await self._call(request, "scim:read")
+        resource_type = await self._resource_type(request)
+        internal, resolved, _ = await self._resolve_path_id(call, request)
+        params = _pick(request.query, GET_PARAMS)
+        resource = await self._fetch(
+            call, resource_type, internal, params, {v: k for k, v in resolved.items()}
+        )
+        (out,) = await self._outbound(call, [resource], resource_type)
+        if out is None:
+            raise NotFoundError(NOT_FOUND)
+        return await self._respond(
+            call, 200, self._filter_readable(call.domain, out), _etag(resource)
+        )
+
+    async def _fetch(
+        self,
+        call: _Call,
+        resource_type: str,
+        internal: str,
+        params: Mapping[str, str],
+        replacements: dict[str, str],
+    ) -> dict[str, Any]:
+        """One home resource, as long as it is in the caller's scope (404 otherwise)."""
+        schema = await self.home.schema()
+        endpoint = schema.endpoints.by_type[resource_type]
+        if call.domain.scope_filter:
+            scoped = {
+                **params,
+                "filter": f"id eq {json.dumps(internal)} and ({call.domain.scope_filter})",
+            }
+            response = await self.home.request("GET", endpoint, params=scoped)
+            if response.status != 200:
+                raise self._home_error(call, response, replacements)
+            resources = (
+                response.body.get("Resources", []) if isinstance(response.body, dict) else []
+            )
+            if not resources:
+                raise NotFoundError(NOT_FOUND)
+            return dict(resources[0])
+        response = await self.home.request("GET", f"{endpoint}/{internal}", params=params)
+        if response.status != 200 or not isinstance(response.body, dict):
+            raise self._home_error(call, response, replacements)
+        return response.body
+
+    async def list(self, request: web.Request) -> web.Response:
+        call = await self._call(request, "scim:read")
+        resource_type = await self._resource_type(request)
+        return await self._query(call, resource_type, _pick(request.query, LIST_PARAMS), post=False)
+
+    async def search(self, request: web.Request) -> web.Response:
+        call = await self._call(request, "scim:read")
+        resource_type = (
+            await self._resource_type(request) if "endpoint" in request.match_info else None
+        )
+        body = await self._json_body(request)
+        if not isinstance(body, dict):
+            raise _syntax("a search body is a JSON object (RFC 7644 section 3.4.3)")
+        params = {k: body[k] for k in LIST_PARAMS if k in body}
+        return await self._query(call, resource_type, params, post=True)
+
+    async def _query(
+        self, call: _Call, resource_type: str | None, params: dict[str, Any], *, post: bool
+    ) -> web.Response:
+        schema = await self.home.schema()
+        user_filter = params.get("filter")
+        parts = []
+        if isinstance(user_filter, str) and user_filter.strip():
+            ast = parse_filter(user_filter)
+            named = filter_ids(ast, refs=schema.refs, endpoints=schema.endpoints, base=self.base)
+            resolved, by_value = await self._resolve(call, named.ids, named.external_ids)
+            rewritten = rewrite_filter(
+                ast,
+                refs=schema.refs,
+                endpoints=schema.endpoints,
+                source_base=self.base,
+                target_base=self.home.base_url,
+                ids=resolved,
+                external_ids=by_value,
+            )
+            parts.append(str(rewritten))
+        elif user_filter is not None and not isinstance(user_filter, str):
+            raise FilterError("filter must be a string")
+        if call.domain.scope_filter:
+            parts.append(call.domain.scope_filter)
+        if parts:
+            params["filter"] = " and ".join(f"({p})" for p in parts) if len(parts) > 1 else parts[0]
+        if post:
+            path = (schema.endpoints.by_type[resource_type] if resource_type else "") + "/.search"
+            response = await self.home.request(
+                "POST", path, body={"schemas": [SEARCH_SCHEMA], **params}
+            )
+        else:
+            path = schema.endpoints.by_type[resource_type] if resource_type else "/"
+            response = await self.home.request(
+                "GET", path, params={k: str(v) for k, v in params.items()}
+            )
+        if response.status != 200 or not isinstance(response.body, dict):
+            raise self._home_error(call, response, {})
+        resources = [r for r in response.body.get("Resources", []) if isinstance(r, dict)]
+        translated = await self._outbound(call, resources, resource_type)
+        visible = [self._filter_readable(call.domain, r) for r in translated if r is not None]
+        hidden = len(resources) - len(visible)
+        body = {
+            "schemas": [LIST_SCHEMA],
+            "totalResults": max(0, int(response.body.get("totalResults", len(visible))) - hidden),
+            "itemsPerPage": len(visible),
+            "startIndex": response.body.get("startIndex", 1),
+            "Resources": visible,
+        }
+        return await self._respond(call, 200, body)
+
+    # ------------------------------------------------------------------ writes
+
+    async def create(self, request: web.Request) -> web.Response:
+        call = await self._call(request, "scim:write")
+        resource_type = await self._resource_type(request)
+        if call.domain.push:
+            raise Forbidden(
+                f"domain {call.domain.id} is a push domain: the broker provisions into it and its IDs "
+                "are the ones it assigns; create the resource in home instead"
+            )
+        doc, external_id = await self._inbound_document(
+            call, await self._json_body(request), resource_type
+        )
+        schema = await self.home.schema()
+        response = await self.home.request(
+            "POST", schema.endpoints.by_type[resource_type], body=doc
+        )
+        if response.status != 201 or not isinstance(response.body, dict):
+            raise self._home_error(call, response, {})
+        created = response.body
+        if isinstance(created.get("id"), str):
+            await self.store.register_entities({created["id"]: resource_type})
+        if external_id is not None and isinstance(created.get("id"), str):
+            await self.store.translate_outbound(
+                call.domain.id, {created["id"]: resource_type}, mint=True
+            )
+            await self.store.set_domain_external_id(call.domain.id, created["id"], external_id[0])
+        (out,) = await self._outbound(call, [created], resource_type)
+        if out is None:
+            raise NotFoundError(NOT_FOUND)
+        return await self._respond(call, 201, out, _headers(response, out))
+
+    async def replace(self, request: web.Request) -> web.Response:
+        call = await self._call(request, "scim:write")
+        resource_type = await self._resource_type(request)
+        internal, resolved, _ = await self._resolve_path_id(call, request)
+        replacements = {v: k for k, v in resolved.items()}
+        if call.domain.scope_filter:
+            await self._fetch(call, resource_type, internal, {"attributes": "id"}, replacements)
+        doc, external_id = await self._inbound_document(
+            call, await self._json_body(request), resource_type
+        )
+        schema = await self.home.schema()
+        response = await self.home.request(
+            "PUT",
+            f"{schema.endpoints.by_type[resource_type]}/{internal}",
+            body=doc,
+            headers=_if_match(request),
+        )
+        if response.status != 200 or not isinstance(response.body, dict):
+            raise self._home_error(call, response, replacements)
+        if external_id is not None:
+            await self.store.set_domain_external_id(call.domain.id, internal, external_id[0])
+        (out,) = await self._outbound(call, [response.body], resource_type)
+        if out is None:
+            raise NotFoundError(NOT_FOUND)
+        return await self._respond(
+            call, 200, self._filter_readable(call.domain, out), _headers(response, out)
+        )
+
+    async def patch(self, request: web.Request) -> web.Response:
+        call = await self._call(request, "scim:write")
+        resource_type = await self._resource_type(request)
+        patch = parse_patch(await self._json_body(request))
+        schema = await self.home.schema()
+        named = patch.ids(refs=schema.refs, endpoints=schema.endpoints, base=self.base)
+        internal, resolved, by_value = await self._resolve_path_id(call, request, named)
+        replacements = {v: k for k, v in resolved.items()}
+        if call.domain.scope_filter:
+            await self._fetch(call, resource_type, internal, {"attributes": "id"}, replacements)
+        endpoint = f"{schema.endpoints.by_type[resource_type]}/{internal}"
+        if patch.operations:
+            body = patch.rewrite(
+                refs=schema.refs,
+                endpoints=schema.endpoints,
+                source_base=self.base,
+                target_base=self.home.base_url,
+                translate=lambda i, _t: resolved.get(i),
+                ids=resolved,
+                external_ids=by_value,
+            )
+            response = await self.home.request(
+                "PATCH",
+                endpoint,
+                params=_pick(request.query, GET_PARAMS),
+                body=body,
+                headers=_if_match(request),
+            )
+            if response.status not in (200, 204):
+                raise self._home_error(call, response, replacements)
+        if patch.external_id is not None:
+            await self.store.set_domain_external_id(call.domain.id, internal, patch.external_id[0])
+        if patch.operations and response.status == 204:
+            return await self._respond(call, 204, None, _etag_header(response))
+        resource = (
+            response.body
+            if patch.operations and isinstance(response.body, dict)
+            else await self._fetch(call, resource_type, internal, {}, replacements)
+        )
+        (out,) = await self._outbound(call, [resource], resource_type)
+        if out is None:
+            raise NotFoundError(NOT_FOUND)
+        return await self._respond(
+            call, 200, self._filter_readable(call.domain, out), _etag(resource)
+        )
+
+    async def delete(self, request: web.Request) -> web.Response:
+        call = await self._call(request, "scim:write")
+        resource_type = await self._resource_type(request)
+        internal, resolved, _ = await self._resolve_path_id(call, request)
+        replacements = {v: k for k, v in resolved.items()}
+        if call.domain.scope_filter:
+            await self._fetch(call, resource_type, internal, {"attributes": "id"}, replacements)
+        schema = await self.home.schema()
+        response = await self.home.request(
+            "DELETE",
+            f"{schema.endpoints.by_type[resource_type]}/{internal}",
+            headers=_if_match(request),
+        )
+        if response.status != 204:
+            raise self._home_error(call, response, replacements)
+        await self.store.mark_deleted(internal)
+        return await self._respond(call, 204, None)
+
+    # ------------------------------------------------------------------ discovery
+
+    async def service_provider_config(self, request: web.Request) -> web.Response:
+        call = await self._call(request, "scim:read")
+        response = await self.home.request("GET", "/ServiceProviderConfig")
+        if response.status != 200 or not isinstance(response.body, dict):
+            raise self._home_error(call, response, {})
+        config = self._relocate(response.body)
+        config["bulk"] = {"supported": False, "maxOperations": 0, "maxPayloadSize": 0}
+        return await self._respond(call, 200, config)
+
+    async def discovery(self, request: web.Request) -> web.Response:
+        call = await self._call(request, "scim:read")
+        path = request.path[len(SCIM_PREFIX) :]
+        response = await self.home.request("GET", path)
+        if response.status != 200:
+            raise self._home_error(call, response, {})
+        return await self._respond(call, 200, self._relocate(response.body))
+
+    def _relocate(self, body: Any) -> Any:
+        """Discovery documents with home's URLs moved to the broker's (they hold no IDs)."""
+        return json.loads(
+            json.dumps(body).replace(
+                json.dumps(self.home.base_url)[1:-1], json.dumps(self.base)[1:-1]
+            )
+        )
+
+    async def bulk(self, request: web.Request) -> web.Response:
+        await self._call(request, "scim:write")
+        raise NotImplementedYet(
+            "this broker does not support /Bulk yet (ServiceProviderConfig says so)"
+        )
+
+
+def _pick(source: Mapping[str, str], names: Iterable[str]) -> dict[str, Any]:
+    return {name: source[name] for name in names if name in source}
+
+
+def _etag(resource: Mapping[str, Any]) -> dict[str, str]:
+    version = (
+        resource.get("meta", {}).get("version") if isinstance(resource.get("meta"), dict) else None
+    )
+    return {"ETag": version} if isinstance(version, str) else {}
+
+
+def _headers(response: HomeResponse, resource: Mapping[str, Any]) -> dict[str, str]:
+    """ETag, and Location where home sent one: the resource's location on the broker."""
+    headers = _etag_header(response)
+    meta = resource.get("meta")
+    location = meta.get("location") if isinstance(meta, dict) else None
+    if isinstance(location, str) and "Location" in response.headers:
+        headers["Location"] = location
+    return headers
+
+
+def _etag_header(response: HomeResponse) -> dict[str, str]:
+    return {"ETag": response.headers["ETag"]} if "ETag" in response.headers else {}
+
+
+def _if_match(request: web.Request) -> dict[str, str]:
+    return {"If-Match": request.headers["If-Match"]} if "If-Match" in request.headers else {}
+
+
+def _syntax(detail: str) -> BrokerError:
+    return InvalidValueError(detail, scim_type="invalidSyntax")
+
+
+def _mutability(detail: str) -> BrokerError:
+    return InvalidValueError(detail, scim_type="mutability")

@@ -1,0 +1,125 @@
+"""The home's SCIM service as the proxy sees it: one pooled client session, the home's credential,
+and what the home's ``/Schemas`` and ``/ResourceTypes`` say (refreshed every few minutes)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from broker.errors import BrokerError
+from broker.scim.rewrite import Endpoints
+from broker.scim.schemas import DEFAULT_REFERENCES, ReferenceMap
+
+__all__ = ["HomeClient", "HomeResponse", "HomeUnavailable"]
+
+log = logging.getLogger(__name__)
+SCIM_JSON = "application/scim+json"
+# Response headers worth passing on to a domain (after rewriting); everything else stays here.
+PASSED_HEADERS = ("ETag", "Location", "Content-Location", "Retry-After")
+
+
+class HomeUnavailable(BrokerError):
+    status = 502
+
+
+@dataclass(frozen=True)
+class HomeResponse:
+    status: int
+    headers: Mapping[str, str]
+    body: Any
+    """Parsed JSON, or None when the home sent no body."""
+
+
+@dataclass(frozen=True)
+class HomeSchema:
+    refs: ReferenceMap
+    endpoints: Endpoints
+    loaded_at: float
+
+
+class HomeClient:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        token: str | None,
+        *,
+        schema_ttl: float = 300.0,
+    ) -> None:
+        self.session = session
+        self.base_url = base_url.rstrip("/")
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
+        self.schema_ttl = schema_ttl
+        self._schema: HomeSchema | None = None
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> HomeResponse:
+        """One call to home; HomeUnavailable when it cannot be reached or answers no JSON."""
+        sent = {"Accept": SCIM_JSON, **self._auth, **(headers or {})}
+        data = None
+        if body is not None:
+            data = json.dumps(body)
+            sent["Content-Type"] = SCIM_JSON
+        try:
+            async with self.session.request(
+                method, self.base_url + path, params=params, data=data, headers=sent
+            ) as response:
+                raw = await response.read()
+                passed = {h: response.headers[h] for h in PASSED_HEADERS if h in response.headers}
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("home unreachable: %s %s: %r", method, path, exc)
+            raise HomeUnavailable("the home SCIM service did not answer; try again later") from exc
+        parsed: Any = None
+        if raw:
+            try:
+                parsed = json.loads(raw)
+            except ValueError as exc:
+                raise HomeUnavailable(
+                    "the home SCIM service answered something that is not JSON"
+                ) from exc
+        return HomeResponse(status, passed, parsed)
+
+    async def schema(self) -> HomeSchema:
+        """Reference attributes and endpoints, from the home's own description of itself."""
+        now = time.monotonic()
+        if self._schema is not None and now - self._schema.loaded_at < self.schema_ttl:
+            return self._schema
+        try:
+            schemas = await self.request("GET", "/Schemas")
+            types = await self.request("GET", "/ResourceTypes")
+            schema_list = _resources(schemas.body)
+            type_list = _resources(types.body)
+            refs = (
+                ReferenceMap.from_schemas(schema_list, type_list)
+                if schema_list
+                else DEFAULT_REFERENCES
+            )
+            self._schema = HomeSchema(refs, Endpoints.from_resource_types(type_list), now)
+        except HomeUnavailable:
+            if self._schema is not None:
+                return self._schema  # keep what we knew
+            log.warning("home /Schemas unreadable: using the references RFC 7643 defines")
+            return HomeSchema(DEFAULT_REFERENCES, Endpoints.default(), now)
+        return self._schema
+
+
+def _resources(body: Any) -> list[dict[str, Any]]:
+    if isinstance(body, list):
+        return [r for r in body if isinstance(r, dict)]
+    if isinstance(body, dict) and isinstance(body.get("Resources"), list):
+        return [r for r in body["Resources"] if isinstance(r, dict)]
+    return []
