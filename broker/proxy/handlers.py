@@ -20,12 +20,13 @@ from aiohttp import web
 
 from broker.domains import Domain, DomainStore
 from broker.errors import BrokerError, InvalidValueError, NotFoundError
-from broker.mapping.store import MappingStore, Outbound
+from broker.mapping.store import MappingStore
 from broker.proxy.home import SCIM_JSON, HomeClient, HomeResponse
 from broker.scim.filters import FilterError, FilterIds, filter_ids, parse_filter, rewrite_filter
 from broker.scim.guard import find_leak, scrub
+from broker.scim.outbound import DomainView, ids_in_resources, resources_for_domain
 from broker.scim.patch import parse_patch
-from broker.scim.rewrite import InvisibleResource, collect_ids, rewrite_document
+from broker.scim.rewrite import collect_ids, rewrite_document
 from broker.tokens import Principal, TokenStore
 
 __all__ = ["SCIM_PREFIX", "Proxy", "scim_error_middleware"]
@@ -227,49 +228,24 @@ class Proxy:
     ) -> list[dict[str, Any] | None]:
         """Home's resources as the caller sees them (None: invisible to it), one round-trip."""
         schema = await self.home.schema()
-        wanted: dict[str, str | None] = {}
-        for doc in docs:
-            for internal, rtype in collect_ids(
-                doc,
-                refs=schema.refs,
-                endpoints=schema.endpoints,
-                source_base=self.home.base_url,
-                resource_type=resource_type,
-            ).items():
-                if wanted.get(internal) is None:
-                    wanted[internal] = rtype
-        found: dict[str, Outbound] = await self.store.translate_outbound(
-            call.domain.id, wanted, mint=call.domain.mints
+        refs, endpoints, home_base = schema.refs, schema.endpoints, self.home.base_url
+        wanted = ids_in_resources(
+            docs, refs=refs, endpoints=endpoints, home_base=home_base, resource_type=resource_type
         )
+        found = await self.store.translate_outbound(call.domain.id, wanted, mint=call.domain.mints)
         call.internal_ids.update(wanted)
         call.allowed.update(o.external_id for o in found.values())
         call.allowed.update(o.domain_external_id for o in found.values() if o.domain_external_id)
-        out: list[dict[str, Any] | None] = []
-        for doc in docs:
-            try:
-                new = rewrite_document(
-                    doc,
-                    refs=schema.refs,
-                    endpoints=schema.endpoints,
-                    source_base=self.home.base_url,
-                    target_base=self.base,
-                    translate=lambda i, _t: found[i].external_id if i in found else None,
-                    resource_type=resource_type,
-                )
-            except InvisibleResource:
-                out.append(None)
-                continue
-            for key in [k for k in new if k.lower() == "externalid"]:
-                del new[key]  # home's externalId is not the caller's
-            own = (
-                found[doc["id"]].domain_external_id
-                if isinstance(doc.get("id"), str) and doc["id"] in found
-                else None
-            )
-            if own is not None:
-                new["externalId"] = own
-            out.append(new)
-        return out
+        views = {i: DomainView(o.external_id, o.domain_external_id) for i, o in found.items()}
+        return resources_for_domain(
+            docs,
+            views,
+            refs=refs,
+            endpoints=endpoints,
+            home_base=home_base,
+            broker_base=self.base,
+            resource_type=resource_type,
+        )
 
     async def _inbound_document(
         self, call: _Call, doc: dict[str, Any], resource_type: str

@@ -1,0 +1,152 @@
+"""Batched translation, scope and attribute policy, discovery, and the leak guard as a last line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from broker.app import METRICS, POOL, PROXY
+from broker.proxy.home import HomeClient, HomeResponse
+from tests.conftest import QueryCounter
+from tests.scim_support import CORE_GROUP, Broker, Home, new_user, start_broker, unique
+
+
+@pytest.fixture
+async def broker(db_url: str, home: Home) -> AsyncIterator[Broker]:
+    tag = unique("team")
+    domains = {
+        "D1": {},
+        "S": {
+            "scope_filter": f'title eq "{tag}"',
+            "read_attributes": ["userName", "title"],
+            "write_attributes": ["userName", "title", "displayName"],
+        },
+    }
+    async for running in start_broker(db_url, home, domains, pool_size=1):
+        running.tag = tag  # type: ignore[attr-defined]
+        yield running
+
+
+async def test_a_100_user_page_is_translated_with_one_query_per_direction(
+    broker: Broker, home: Home
+) -> None:
+    tag = unique("page")
+    users = [home.call("POST", "/Users", new_user(title=tag))[1] for _ in range(100)]
+    for g in range(5):
+        status, _ = home.call(
+            "POST",
+            "/Groups",
+            {
+                "schemas": [CORE_GROUP],
+                "displayName": unique(f"g{g}"),
+                "members": [{"value": u["id"], "type": "User"} for u in users],
+            },
+        )
+        assert status == 201
+    await broker.call("D1", "GET", "/Users", params={"count": "1"})  # warm: token and domain cached
+    counter = QueryCounter()
+    async with broker.app[POOL].acquire() as conn:
+        conn.add_query_logger(counter)
+    status, page, _ = await broker.call(
+        "D1", "GET", "/Users", params={"filter": f'title eq "{tag}"', "count": "100"}
+    )
+    assert status == 200 and len(page["Resources"]) == 100
+    assert counter.count == 1, counter.queries  # outbound: one round-trip for 100 users
+    counter.queries.clear()
+    some = [r["id"] for r in page["Resources"][:50]]
+    id_filter = " or ".join(f'id eq "{i}"' for i in some)
+    status, page, _ = await broker.call(
+        "D1", "GET", "/Users", params={"filter": id_filter, "count": "100"}
+    )
+    assert status == 200 and sorted(r["id"] for r in page["Resources"]) == sorted(some)
+    assert counter.count == 2, counter.queries  # one inbound (50 IDs), one outbound
+
+
+async def test_scope_bounds_every_query_and_out_of_scope_entities_do_not_exist(
+    broker: Broker, home: Home
+) -> None:
+    tag = broker.tag  # type: ignore[attr-defined]
+    inside = home.call("POST", "/Users", new_user(title=tag, nickName="secret"))[1]
+    outside = home.call("POST", "/Users", new_user(title="elsewhere"))[1]
+    status, listed, _ = await broker.call("S", "GET", "/Users", params={"filter": "userName pr"})
+    assert status == 200
+    names = {r["userName"] for r in listed["Resources"]}
+    assert inside["userName"] in names and outside["userName"] not in names
+    assert listed["totalResults"] == len(listed["Resources"])
+    # The read list hides what the domain may not read.
+    assert all("nickName" not in r for r in listed["Resources"])
+    # An out-of-scope entity that D1 knows is a 404 for S even by an ID S was given for it.
+    _, d1_view, _ = await broker.call(
+        "D1", "GET", "/Users", params={"filter": f'userName eq "{outside["userName"]}"'}
+    )
+    assert d1_view["totalResults"] == 1
+    from broker.mapping.store import MappingStore
+
+    s_ids = await MappingStore(broker.pool).resolve_outbound(
+        "S", {outside["id"]: "User"}, mint=True
+    )
+    status, body, _ = await broker.call("S", "GET", f"/Users/{s_ids[outside['id']]}")
+    assert (status, body["detail"]) == (404, "resource not found")
+
+
+async def test_the_write_list_refuses_other_attributes_and_changes_nothing(
+    broker: Broker, home: Home
+) -> None:
+    name = unique()
+    status, body, _ = await broker.call("S", "POST", "/Users", new_user(name, nickName="x"))
+    assert (status, body["scimType"]) == (400, "mutability")
+    assert "nickName" in body["detail"]
+    assert home.call("GET", f'/Users?filter=userName eq "{name}"')[1]["totalResults"] == 0
+
+
+async def test_discovery_documents_point_at_the_broker_and_bulk_is_not_announced(
+    broker: Broker,
+) -> None:
+    status, config, _ = await broker.call("D1", "GET", "/ServiceProviderConfig")
+    assert status == 200 and config["bulk"]["supported"] is False and config["patch"]["supported"]
+    status, types, _ = await broker.call("D1", "GET", "/ResourceTypes")
+    assert status == 200 and {t["name"] for t in types["Resources"]} >= {"User", "Group"}
+    status, schemas, _ = await broker.call("D1", "GET", "/Schemas")
+    assert status == 200 and len(schemas["Resources"]) >= 3
+    assert broker.home.url not in json.dumps([config, types, schemas])
+
+
+class PlantingHome(HomeClient):
+    """The real home, with an internal ID planted in a free-text attribute of its answers."""
+
+    planted: str = ""
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> HomeResponse:
+        response = await super().request(method, path, **kwargs)
+        body = response.body
+        if isinstance(body, dict) and isinstance(body.get("Resources"), list):
+            for resource in body["Resources"]:
+                resource["nickName"] = f"see {self.planted}"
+        return response
+
+
+async def test_the_leak_guard_withholds_a_response_carrying_an_internal_id(
+    broker: Broker, home: Home
+) -> None:
+    victim = home.call("POST", "/Users", new_user())[1]
+    proxy = broker.app[PROXY]
+    planting = PlantingHome(proxy.home.session, proxy.home.base_url, home.token)
+    planting.planted = victim["id"]
+    proxy.home = planting
+    status, body, _ = await broker.call(
+        "D1", "GET", "/Users", params={"filter": f'userName eq "{victim["userName"]}"'}
+    )
+    assert status == 502
+    assert victim["id"] not in json.dumps(body)
+    assert "correlation ID" in body["detail"]
+    audited = await broker.pool.fetchrow(
+        "SELECT actor, action, details FROM audit_log WHERE action = 'leak_blocked'"
+    )
+    assert audited["actor"] == "D1" and audited["details"]["correlation_id"] in body["detail"]
+    metrics = broker.app[METRICS].registry.get_sample_value(
+        "broker_leak_guard_blocks_total", {"domain": "D1"}
+    )
+    assert metrics == 1.0
