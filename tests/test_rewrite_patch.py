@@ -114,3 +114,22 @@ def test_ids_lists_everything_the_operations_name() -> None:
     )
     found = patch.ids(refs=DEFAULT_REFERENCES, endpoints=Endpoints.default(), base=BROKER)
     assert found.ids == {"ext-b": None, "ext-a": "User"}
+
+
+def test_a_path_naming_a_whole_extension_rewrites_the_references_inside_it() -> None:
+    out = inbound(
+        body(
+            {
+                "op": "add",
+                "path": ENTERPRISE_USER,
+                "value": {"department": "x", "manager": {"value": "ext-a"}},
+            }
+        )
+    )
+    assert out["Operations"][0]["value"] == {"department": "x", "manager": {"value": "int-a"}}
+    with pytest.raises(UnknownReference):
+        inbound(
+            body(
+                {"op": "add", "path": ENTERPRISE_USER, "value": {"manager": {"value": "stranger"}}}
+            )
+        )

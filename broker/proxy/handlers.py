@@ -48,6 +48,7 @@ LIST_PARAMS = (
 )
 GET_PARAMS = ("attributes", "excludedAttributes")
 NOT_FOUND = "resource not found"
+_DISCOVERY = {"ServiceProviderConfig", "Schemas", "ResourceTypes", "Bulk"}
 _ACCEPTED_TYPES = {"application/scim+json", "application/json"}
 
 
@@ -187,6 +188,8 @@ class Proxy:
     async def _resource_type(self, request: web.Request) -> str:
         schema = await self.home.schema()
         endpoint = request.match_info["endpoint"]
+        if endpoint in _DISCOVERY:
+            raise BrokerError(f"{request.method} is not allowed on /{endpoint}", status=405)
         resource_type = schema.endpoints.type_of(endpoint)
         if resource_type is None:
             raise NotFoundError(f"no such endpoint /{endpoint}")

@@ -143,6 +143,13 @@ def _wrap(
     attr_path, sub, filtered = _target(op.path)
     name = attr_path.attr
     value = op.value
+    whole = f"{attr_path.uri}:{name}" if attr_path.uri else None
+    if whole is not None and sub is None and not filtered and isinstance(value, dict):
+        # The path names a whole schema (scim2-models reads its last segment as the attribute).
+        if refs.is_extension(whole):
+            return {whole: value}, lambda doc: doc[whole]
+        if ":core:" in whole.lower():
+            return value, lambda doc: doc
     if sub is not None:
         inner: dict[str, Any] = {name: {sub: value}}
 
