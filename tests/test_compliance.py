@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections import Counter
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 

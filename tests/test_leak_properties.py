@@ -122,7 +122,7 @@ def test_ids_planted_in_free_text_never_reach_a_domain(
     docs: list[dict[str, Any]], path: list[int], which: int, stranger: str
 ) -> None:
     # Plant either an ID of this very response or one of a stranger the response never names.
-    candidates = sorted(all_home_ids(docs)) + [stranger]
+    candidates = [*sorted(all_home_ids(docs)), stranger]
     planted = candidates[which % len(candidates)]
     target = which % len(docs)
     docs = [*docs[:target], _plant(docs[target], path, planted), *docs[target + 1 :]]
