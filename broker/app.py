@@ -18,7 +18,7 @@ from broker.config import Config
 from broker.db import apply_migrations, create_pool, database_url, migration_status, query
 from broker.domains import DomainStore
 from broker.mapping.store import MappingStore
-from broker.proxy.handlers import Proxy, scim_error_middleware
+from broker.proxy.handlers import MAX_BODY, Proxy, scim_error_middleware
 from broker.proxy.home import HomeClient
 from broker.tokens import TokenStore
 
@@ -66,8 +66,7 @@ CONFIG = web.AppKey("config", Config)
 POOL = web.AppKey("pool", asyncpg.Pool)
 STORE = web.AppKey("store", MappingStore)
 PROXY = web.AppKey("proxy", Proxy)
-# Largest request body a domain may send (RFC 7644 section 3.12: 413 beyond it).
-MAX_BODY = 1024 * 1024
+
 METRICS = web.AppKey("metrics", Metrics)
 
 

@@ -180,7 +180,7 @@ async def test_unknown_endpoints_and_methods_are_scim_errors(broker: Broker) -> 
     status, body, _ = await raw(broker, "GET", "/Widgets")
     assert_error(status, body, 404, None)
     status, body, _ = await raw(broker, "POST", "/Bulk", data="{}")
-    assert_error(status, body, 501, None)
+    assert_error(status, body, 400, "invalidValue")
     status, body, _ = await raw(broker, "PUT", "/Users")
     assert_error(status, body, 405, None)
 

@@ -102,11 +102,12 @@ async def test_the_write_list_refuses_other_attributes_and_changes_nothing(
     assert home.call("GET", f'/Users?filter=userName eq "{name}"')[1]["totalResults"] == 0
 
 
-async def test_discovery_documents_point_at_the_broker_and_bulk_is_not_announced(
+async def test_discovery_documents_point_at_the_broker_and_announce_what_it_supports(
     broker: Broker,
 ) -> None:
     status, config, _ = await broker.call("D1", "GET", "/ServiceProviderConfig")
-    assert status == 200 and config["bulk"]["supported"] is False and config["patch"]["supported"]
+    assert status == 200 and config["bulk"]["supported"] and config["patch"]["supported"]
+    assert config["bulk"]["maxPayloadSize"] <= 1024 * 1024
     status, types, _ = await broker.call("D1", "GET", "/ResourceTypes")
     assert status == 200 and {t["name"] for t in types["Resources"]} >= {"User", "Group"}
     status, schemas, _ = await broker.call("D1", "GET", "/Schemas")

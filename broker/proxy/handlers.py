@@ -21,12 +21,12 @@ from aiohttp import web
 from broker.domains import Domain, DomainStore
 from broker.errors import BrokerError, InvalidValueError, NotFoundError
 from broker.mapping.store import MappingStore
-from broker.proxy.home import SCIM_JSON, HomeClient, HomeResponse
+from broker.proxy.home import SCIM_JSON, HomeClient, HomeResponse, HomeSchema
 from broker.scim.filters import FilterError, FilterIds, filter_ids, parse_filter, rewrite_filter
 from broker.scim.guard import find_leak, scrub
 from broker.scim.outbound import DomainView, ids_in_resources, resources_for_domain
 from broker.scim.patch import parse_patch
-from broker.scim.rewrite import collect_ids, rewrite_document
+from broker.scim.rewrite import Endpoints, IdVisitor, collect_ids, rewrite_document
 from broker.tokens import Principal, TokenStore
 
 __all__ = ["SCIM_PREFIX", "Proxy", "scim_error_middleware"]
@@ -37,6 +37,9 @@ SCIM_PREFIX = "/scim/v2"
 ERROR_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:Error"
 LIST_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
 SEARCH_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:SearchRequest"
+BULK_REQUEST = "urn:ietf:params:scim:api:messages:2.0:BulkRequest"
+BULK_RESPONSE = "urn:ietf:params:scim:api:messages:2.0:BulkResponse"
+MAX_BULK_OPERATIONS = 1000
 LIST_PARAMS = (
     "filter",
     "sortBy",
@@ -49,15 +52,13 @@ LIST_PARAMS = (
 GET_PARAMS = ("attributes", "excludedAttributes")
 NOT_FOUND = "resource not found"
 _DISCOVERY = {"ServiceProviderConfig", "Schemas", "ResourceTypes", "Bulk"}
+# Largest request body a domain may send (RFC 7644 section 3.12: 413 beyond it).
+MAX_BODY = 1024 * 1024
 _ACCEPTED_TYPES = {"application/scim+json", "application/json"}
 
 
 class UnsupportedMediaType(BrokerError):
     status = 415
-
-
-class NotImplementedYet(BrokerError):
-    status = 501
 
 
 class Forbidden(BrokerError):
@@ -105,6 +106,13 @@ async def scim_error_middleware(
         correlation = uuid.uuid4().hex[:12]
         log.exception("internal error, correlation ID %s", correlation)
         return error_response(500, f"internal error in the broker (correlation ID {correlation})")
+
+
+@dataclass(frozen=True)
+class _Incoming:
+    doc: dict[str, Any]
+    external_id: tuple[str | None] | None
+    names: dict[str, str | None]
 
 
 @dataclass
@@ -158,7 +166,7 @@ class Proxy:
             web.get(p + "/ResourceTypes/{id}", self.discovery),
             web.post(p + "/Bulk", self.bulk),
             web.post(p + "/.search", self.search),
-            web.get(p + "/{endpoint}", self.list),
+            web.get(p + "/{endpoint}", self.list_resources),
             web.post(p + "/{endpoint}/.search", self.search),
             web.post(p + "/{endpoint}", self.create),
             web.get(p + "/{endpoint}/{id}", self.get),
@@ -250,14 +258,11 @@ class Proxy:
             resource_type=resource_type,
         )
 
-    async def _inbound_document(
-        self, call: _Call, doc: dict[str, Any], resource_type: str
-    ) -> tuple[dict[str, Any], tuple[str | None] | None]:
-        """A resource a domain sends, for home: references translated (unknown ones refused), its
-        ``id`` dropped, its ``externalId`` taken out for the caller's own record."""
+    def _prepare(self, call: _Call, doc: Any, schema: HomeSchema) -> _Incoming:
+        """A resource a domain sends, checked: ``id`` and ``meta`` dropped, ``externalId`` taken
+        out for the caller's own record, the write policy applied, the IDs it names listed."""
         if not isinstance(doc, dict):
             raise _syntax("the body must be a JSON object: a SCIM resource")
-        schema = await self.home.schema()
         doc = {k: v for k, v in doc.items() if k.lower() not in ("id", "meta")}
         external_key = next((k for k in doc if k.lower() == "externalid"), None)
         external_id: tuple[str | None] | None = None
@@ -268,24 +273,31 @@ class Proxy:
             external_id = (value,)
         self._check_writable(call.domain, doc)
         names = collect_ids(
-            doc,
-            refs=schema.refs,
-            endpoints=schema.endpoints,
-            source_base=self.base,
-            resource_type=resource_type,
+            doc, refs=schema.refs, endpoints=schema.endpoints, source_base=self.base
         )
-        resolved, _ = await self._resolve(call, names)
-        new = rewrite_document(
-            doc,
+        return _Incoming(doc, external_id, names)
+
+    def _finish(
+        self, incoming: _Incoming, schema: HomeSchema, translate: IdVisitor
+    ) -> dict[str, Any]:
+        """The resource for home: references translated; an unknown one is UnknownReference."""
+        return rewrite_document(
+            incoming.doc,
             refs=schema.refs,
             endpoints=schema.endpoints,
             source_base=self.base,
             target_base=self.home.base_url,
-            translate=lambda i, _t: resolved.get(i),
-            resource_type=resource_type,
+            translate=translate,
             strict=True,
         )
-        return new, external_id
+
+    async def _inbound_document(
+        self, call: _Call, doc: Any
+    ) -> tuple[dict[str, Any], tuple[str | None] | None]:
+        schema = await self.home.schema()
+        incoming = self._prepare(call, doc, schema)
+        resolved, _ = await self._resolve(call, incoming.names)
+        return self._finish(incoming, schema, lambda i, _t: resolved.get(i)), incoming.external_id
 
     def _check_writable(self, domain: Domain, doc: Mapping[str, Any]) -> None:
         allowed = domain.attribute_policy.get("write")
@@ -405,7 +417,7 @@ class Proxy:
             raise self._home_error(call, response, replacements)
         return response.body
 
-    async def list(self, request: web.Request) -> web.Response:
+    async def list_resources(self, request: web.Request) -> web.Response:
         call = await self._call(request, "scim:read")
         resource_type = await self._resource_type(request)
         return await self._query(call, resource_type, _pick(request.query, LIST_PARAMS), post=False)
@@ -482,9 +494,7 @@ class Proxy:
                 f"domain {call.domain.id} is a push domain: the broker provisions into it and its IDs "
                 "are the ones it assigns; create the resource in home instead"
             )
-        doc, external_id = await self._inbound_document(
-            call, await self._json_body(request), resource_type
-        )
+        doc, external_id = await self._inbound_document(call, await self._json_body(request))
         schema = await self.home.schema()
         response = await self.home.request(
             "POST", schema.endpoints.by_type[resource_type], body=doc
@@ -511,9 +521,7 @@ class Proxy:
         replacements = {v: k for k, v in resolved.items()}
         if call.domain.scope_filter:
             await self._fetch(call, resource_type, internal, {"attributes": "id"}, replacements)
-        doc, external_id = await self._inbound_document(
-            call, await self._json_body(request), resource_type
-        )
+        doc, external_id = await self._inbound_document(call, await self._json_body(request))
         schema = await self.home.schema()
         response = await self.home.request(
             "PUT",
@@ -604,7 +612,12 @@ class Proxy:
         if response.status != 200 or not isinstance(response.body, dict):
             raise self._home_error(call, response, {})
         config = self._relocate(response.body)
-        config["bulk"] = {"supported": False, "maxOperations": 0, "maxPayloadSize": 0}
+        home_bulk = config.get("bulk") if isinstance(config.get("bulk"), dict) else {}
+        config["bulk"] = {
+            "supported": bool(home_bulk.get("supported")),
+            "maxOperations": min(int(home_bulk.get("maxOperations") or 0), MAX_BULK_OPERATIONS),
+            "maxPayloadSize": min(int(home_bulk.get("maxPayloadSize") or 0), MAX_BODY),
+        }
         return await self._respond(call, 200, config)
 
     async def discovery(self, request: web.Request) -> web.Response:
@@ -624,10 +637,209 @@ class Proxy:
         )
 
     async def bulk(self, request: web.Request) -> web.Response:
-        await self._call(request, "scim:write")
-        raise NotImplementedYet(
-            "this broker does not support /Bulk yet (ServiceProviderConfig says so)"
+        """RFC 7644 section 3.7: every operation translated, ``bulkId:`` references kept for home
+        to resolve, one inbound and one outbound round-trip for the whole request."""
+        call = await self._call(request, "scim:write")
+        body = await self._json_body(request)
+        schema = await self.home.schema()
+        ops = _bulk_operations(body)
+        if call.domain.push and any(op["method"] == "POST" for op in ops):
+            raise Forbidden(
+                f"domain {call.domain.id} is a push domain: it cannot create through the broker"
+            )
+        bulk_ids = {op["bulkId"] for op in ops if isinstance(op.get("bulkId"), str)}
+
+        def is_bulk_ref(value: str) -> bool:
+            return value.startswith("bulkId:") and value[len("bulkId:") :] in bulk_ids
+
+        # Read every operation and list every ID it names, then resolve them all at once.
+        planned: list[tuple[dict[str, Any], str, str | None, Any]] = []
+        names: set[str] = set()
+        values: set[str] = set()
+        for n, op in enumerate(ops, start=1):
+            resource_type, path_id = _bulk_path(op, schema.endpoints, n)
+            if path_id is not None and not is_bulk_ref(path_id):
+                names.add(path_id)
+            content: Any = None
+            if op["method"] in ("POST", "PUT"):
+                content = self._prepare(call, op.get("data"), schema)
+                names.update(i for i in content.names if not is_bulk_ref(i))
+            elif op["method"] == "PATCH":
+                content = parse_patch(op.get("data"))
+                named = content.ids(refs=schema.refs, endpoints=schema.endpoints, base=self.base)
+                names.update(i for i in named.ids if not is_bulk_ref(i))
+                values.update(named.external_ids)
+            planned.append((op, resource_type, path_id, content))
+        resolved, by_value = await self._resolve(call, names, values)
+
+        def translate(value: str, _rtype: str | None) -> str | None:
+            return value if is_bulk_ref(value) else resolved.get(value)
+
+        forwarded: list[dict[str, Any]] = []
+        results: list[dict[str, Any] | None] = []  # None: filled from home's answer, in order
+        for op, resource_type, path_id, content in planned:
+            endpoint = schema.endpoints.by_type[resource_type]
+            internal = path_id if path_id is None or is_bulk_ref(path_id) else resolved.get(path_id)
+            if path_id is not None and internal is None:
+                results.append(_bulk_result(op, 404, error_document(404, NOT_FOUND)))
+                continue
+            home_op: dict[str, Any] = {
+                "method": op["method"],
+                "path": endpoint + (f"/{internal}" if internal else ""),
+            }
+            for key in ("bulkId", "version"):
+                if key in op:
+                    home_op[key] = op[key]
+            try:
+                if isinstance(content, _Incoming):
+                    home_op["data"] = self._finish(content, schema, translate)
+                elif content is not None:
+                    home_op["data"] = content.rewrite(
+                        refs=schema.refs,
+                        endpoints=schema.endpoints,
+                        source_base=self.base,
+                        target_base=self.home.base_url,
+                        translate=translate,
+                        ids=resolved,
+                        external_ids=by_value,
+                    )
+            except BrokerError as exc:
+                results.append(
+                    _bulk_result(
+                        op, exc.status, error_document(exc.status, exc.detail, exc.scim_type)
+                    )
+                )
+                continue
+            forwarded.append(home_op)
+            results.append(None)
+        answers: list[dict[str, Any]] = []
+        if forwarded:
+            request_body = {"schemas": [BULK_REQUEST], "Operations": forwarded}
+            if "failOnErrors" in body:
+                request_body["failOnErrors"] = body["failOnErrors"]
+            response = await self.home.request("POST", "/Bulk", body=request_body)
+            if response.status != 200 or not isinstance(response.body, dict):
+                raise self._home_error(call, response, {v: k for k, v in resolved.items()})
+            answers = [a for a in response.body.get("Operations", []) if isinstance(a, dict)]
+        return await self._bulk_response(call, planned, results, answers, resolved)
+
+    async def _bulk_response(
+        self,
+        call: _Call,
+        planned: list[tuple[dict[str, Any], str, str | None, Any]],
+        results: list[dict[str, Any] | None],
+        answers: list[dict[str, Any]],
+        resolved: dict[str, str],
+    ) -> web.Response:
+        schema = await self.home.schema()
+        located: dict[str, str | None] = {}
+        for answer in answers:
+            parsed = schema.endpoints.parse_uri(str(answer.get("location", "")), self.home.base_url)
+            if parsed is not None:
+                located[parsed[1]] = parsed[0]
+        found = await self.store.translate_outbound(call.domain.id, located, mint=call.domain.mints)
+        call.internal_ids.update(located)
+        call.allowed.update(o.external_id for o in found.values())
+        replacements = {v: k for k, v in resolved.items()} | {
+            i: o.external_id for i, o in found.items()
+        }
+        pending = iter(answers)
+        out: list[dict[str, Any]] = []
+        for (op, _rtype, _path_id, content), local in zip(planned, results, strict=True):
+            if local is not None:
+                out.append(local)
+                continue
+            reply = next(pending, None)
+            if reply is None:
+                out.append(
+                    _bulk_result(
+                        op, 500, error_document(500, "home gave no result for this operation")
+                    )
+                )
+                continue
+            result: dict[str, Any] = {
+                k: reply[k] for k in ("method", "bulkId", "version", "status") if k in reply
+            }
+            parsed = schema.endpoints.parse_uri(str(reply.get("location", "")), self.home.base_url)
+            if parsed is not None and parsed[1] in found:
+                result["location"] = schema.endpoints.uri(
+                    self.base, parsed[0], found[parsed[1]].external_id
+                )
+                if (
+                    isinstance(content, _Incoming)
+                    and content.external_id is not None
+                    and str(reply.get("status", "")).startswith("2")
+                ):
+                    await self.store.set_domain_external_id(
+                        call.domain.id, parsed[1], content.external_id[0]
+                    )
+            if isinstance(reply.get("response"), dict):
+                response = reply["response"]
+                detail = scrub(str(response.get("detail", "")), replacements, self.id_pattern)
+                result["response"] = error_document(
+                    int(response.get("status", reply.get("status", 500))),
+                    detail,
+                    response.get("scimType"),
+                )
+            out.append(result)
+        return await self._respond(call, 200, {"schemas": [BULK_RESPONSE], "Operations": out})
+
+
+def _bulk_operations(body: Any) -> list[dict[str, Any]]:
+    if not isinstance(body, dict) or BULK_REQUEST not in (body.get("schemas") or []):
+        raise InvalidValueError(
+            f'a bulk request is a JSON object listing "{BULK_REQUEST}" in schemas'
         )
+    ops = body.get("Operations")
+    if not isinstance(ops, list) or not ops:
+        raise InvalidValueError("a bulk request needs a non-empty Operations list")
+    if len(ops) > MAX_BULK_OPERATIONS:
+        raise BrokerError(f"at most {MAX_BULK_OPERATIONS} operations per bulk request", status=413)
+    checked = []
+    for n, op in enumerate(ops, start=1):
+        if not isinstance(op, dict) or str(op.get("method", "")).upper() not in (
+            "POST",
+            "PUT",
+            "PATCH",
+            "DELETE",
+        ):
+            raise InvalidValueError(
+                f"bulk operation {n}: method must be POST, PUT, PATCH or DELETE"
+            )
+        if op.get("method", "").upper() == "POST" and not isinstance(op.get("bulkId"), str):
+            raise InvalidValueError(
+                f"bulk operation {n}: a POST needs a bulkId (RFC 7644 section 3.7)"
+            )
+        checked.append({**op, "method": op["method"].upper()})
+    return checked
+
+
+def _bulk_path(op: Mapping[str, Any], endpoints: Endpoints, n: int) -> tuple[str, str | None]:
+    path = op.get("path")
+    if not isinstance(path, str):
+        raise InvalidValueError(
+            f"bulk operation {n}: path must be a string such as /Users or /Users/ID"
+        )
+    parts = path.strip("/").split("/")
+    resource_type = endpoints.type_of(parts[0]) if parts and parts[0] else None
+    if resource_type is None or len(parts) > 2:
+        raise InvalidValueError(
+            f"bulk operation {n}: {path!r} is not a resource endpoint path", scim_type="invalidPath"
+        )
+    path_id = parts[1] if len(parts) == 2 else None
+    if (op["method"] == "POST") != (path_id is None):
+        raise InvalidValueError(
+            f"bulk operation {n}: POST goes to /Endpoint, the others to /Endpoint/ID",
+            scim_type="invalidPath",
+        )
+    return resource_type, path_id
+
+
+def _bulk_result(op: Mapping[str, Any], status: int, response: dict[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = {"method": op["method"], "status": str(status), "response": response}
+    if "bulkId" in op:
+        result["bulkId"] = op["bulkId"]
+    return result
 
 
 def _pick(source: Mapping[str, str], names: Iterable[str]) -> dict[str, Any]:
