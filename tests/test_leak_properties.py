@@ -15,14 +15,14 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.scim.guard import find_leak
+from broker.scim.guard import IdShape, find_leak
 from broker.scim.outbound import DomainView, ids_in_resources, resources_for_domain
 from broker.scim.rewrite import Endpoints
 from broker.scim.schemas import DEFAULT_REFERENCES, ENTERPRISE_USER
 
 HOME = "http://home.internal/v2"
 BROKER = "https://broker.example/scim/v2"
-PATTERN = re.compile(r"(?<![0-9A-Za-z_-])(?:[0-9a-f]{32})(?![0-9A-Za-z_-])")
+PATTERN = IdShape(r"[0-9a-f]{32}")
 home_ids = st.text(alphabet="0123456789abcdef", min_size=32, max_size=32)
 words = st.text(alphabet=st.characters(codec="ascii", categories=["L", "N", "Zs"]), max_size=12)
 
@@ -129,3 +129,31 @@ def test_ids_planted_in_free_text_never_reach_a_domain(
     text, passed = deliver(docs)
     if passed:
         assert not any(i in text for i in all_home_ids(docs)), "a home ID got through"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(user(), group()), min_size=1, max_size=3))
+def test_collect_lists_exactly_the_ids_the_rewriter_asks_about(docs: list[dict[str, Any]]) -> None:
+    from broker.scim.rewrite import collect_ids, rewrite_document
+
+    for doc in docs:
+        asked: dict[str, str | None] = {}
+
+        def record(
+            resource_id: str, rtype: str | None, asked: dict[str, str | None] = asked
+        ) -> str:
+            asked.setdefault(resource_id, rtype)
+            return resource_id
+
+        rewrite_document(
+            doc,
+            refs=DEFAULT_REFERENCES,
+            endpoints=Endpoints.default(),
+            source_base=HOME,
+            target_base=BROKER,
+            translate=record,
+        )
+        collected = collect_ids(
+            doc, refs=DEFAULT_REFERENCES, endpoints=Endpoints.default(), source_base=HOME
+        )
+        assert set(collected) == set(asked)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from broker.domains import Domain, DomainStore
@@ -23,7 +23,7 @@ from broker.errors import BrokerError, InvalidValueError, NotFoundError
 from broker.mapping.store import MappingStore
 from broker.proxy.home import SCIM_JSON, HomeClient, HomeResponse, HomeSchema
 from broker.scim.filters import FilterError, FilterIds, filter_ids, parse_filter, rewrite_filter
-from broker.scim.guard import find_leak, scrub
+from broker.scim.guard import IdShape, find_leak, scrub
 from broker.scim.outbound import DomainView, ids_in_resources, resources_for_domain
 from broker.scim.patch import parse_patch
 from broker.scim.rewrite import Endpoints, IdVisitor, collect_ids, rewrite_document
@@ -133,8 +133,7 @@ class Proxy:
         self, *, public_base: str, id_pattern: str, domain_cache_seconds: float = 5.0
     ) -> None:
         self.base = public_base.rstrip("/") + SCIM_PREFIX
-        # Bounded: a 32-hex run inside a longer hash is not an ID.
-        self.id_pattern = re.compile(rf"(?<![0-9A-Za-z_-])(?:{id_pattern})(?![0-9A-Za-z_-])")
+        self.id_pattern = IdShape(id_pattern)
         self.domain_cache_seconds = domain_cache_seconds
         self._domain_cache: dict[str, tuple[float, Domain]] = {}
 
@@ -210,8 +209,8 @@ class Proxy:
             )
         text = await request.text()
         try:
-            return json.loads(text)
-        except ValueError as exc:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
             raise _syntax(f"the body is not valid JSON: {exc}") from exc
 
     async def _resolve(
@@ -319,9 +318,9 @@ class Proxy:
         self, call: _Call, status: int, body: Any, headers: Mapping[str, str] | None = None
     ) -> web.Response:
         """The response a domain gets, after the leak guard."""
-        text = json.dumps(body) if body is not None else ""
+        text = orjson.dumps(body).decode() if body is not None else ""
         parts = [("body", text), *((f"header {k}", v) for k, v in (headers or {}).items())]
-        allowed = call.allowed | {m.group(0) for m in self.id_pattern.finditer(call.request_text)}
+        allowed = call.allowed | set(self.id_pattern.find(call.request_text))
         leak = find_leak(
             parts,
             internal_ids=call.internal_ids - allowed,

@@ -3,7 +3,6 @@ and what the home's ``/Schemas`` and ``/ResourceTypes`` say (refreshed every few
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 
 from broker.errors import BrokerError
 from broker.scim.rewrite import Endpoints
@@ -71,7 +71,7 @@ class HomeClient:
         sent = {"Accept": SCIM_JSON, **self._auth, **(headers or {})}
         data = None
         if body is not None:
-            data = json.dumps(body)
+            data = orjson.dumps(body)
             sent["Content-Type"] = SCIM_JSON
         try:
             async with self.session.request(
@@ -86,8 +86,8 @@ class HomeClient:
         parsed: Any = None
         if raw:
             try:
-                parsed = json.loads(raw)
-            except ValueError as exc:
+                parsed = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
                 raise HomeUnavailable(
                     "the home SCIM service answered something that is not JSON"
                 ) from exc

@@ -39,6 +39,16 @@ class ReferenceMap:
 
     core: Mapping[str, RefAttr] = field(default_factory=dict)
     extensions: Mapping[str, Mapping[str, RefAttr]] = field(default_factory=dict)
+    # Unqualified names: core attributes, then extension ones (services commonly accept those
+    # unqualified too, and an ID hiding there must not slip through).
+    _unqualified: Mapping[str, RefAttr] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        merged: dict[str, RefAttr] = {}
+        for attrs in self.extensions.values():
+            for name, attr in attrs.items():
+                merged.setdefault(name, attr)
+        object.__setattr__(self, "_unqualified", {**merged, **self.core})
 
     @classmethod
     def from_schemas(

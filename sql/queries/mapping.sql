@@ -38,9 +38,14 @@ WITH wanted AS (
         AS w(asked, resource_type, minted_id, handle)
 ),
 recorded AS (
-    -- A type learnt later replaces 'unknown' (a member seen without type or $ref).
+    -- Only entities not seen before, or seen with no type: a read of known entities writes
+    -- nothing, takes no row lock and commits for free.
     INSERT INTO entities (internal_id, resource_type)
-    SELECT asked, resource_type FROM wanted
+    SELECT w.asked, w.resource_type FROM wanted w
+    WHERE NOT EXISTS (
+        SELECT 1 FROM entities e
+        WHERE e.internal_id = w.asked AND (e.resource_type <> 'unknown' OR w.resource_type = 'unknown')
+    )
     ON CONFLICT (internal_id) DO UPDATE SET resource_type = EXCLUDED.resource_type
     WHERE entities.resource_type = 'unknown' AND EXCLUDED.resource_type <> 'unknown'
 ),

@@ -1,0 +1,211 @@
+"""Proxy benchmark: the broker against a bare pass-through proxy and direct access, in one run.
+
+Each server is a process of its own; the load generator is wrk, outside every Python process.
+Results are ratios within the run, since this machine is shared and noisy.
+
+    python bench/run.py [--duration 10] [--connections 8] [--output docs/performance.md]
+
+Needs wrk (Debian: apt-get install wrk) and the broker installed (pip install .).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from servers import USERS  # bench/ is on the path when this script runs
+
+HERE = Path(__file__).parent
+BROKER = [sys.executable, "-m", "broker.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(url: str, headers: dict[str, str] | None = None, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(
+                urllib.request.Request(url, headers=headers or {}), timeout=2
+            ):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer")
+
+
+@contextmanager
+def process(
+    args: list[str], env: dict[str, str] | None = None, log: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    out = log.open("w") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@dataclass
+class Result:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def _ms(text: str) -> float:
+    value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(url: str, *, duration: int, connections: int, headers: dict[str, str]) -> Result:
+    args = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
+    for key, value in headers.items():
+        args += ["-H", f"{key}: {value}"]
+    out = subprocess.run(
+        [*args, url], capture_output=True, text=True, check=True, timeout=duration + 60
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    errors_match = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return Result(rps, p50, p99, int(errors_match.group(1)) if errors_match else 0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument(
+        "--output", type=Path, help="write the results table into this markdown file"
+    )
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("bench: wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
+        return 2
+
+    work = Path(tempfile.mkdtemp(prefix="broker-bench-"))
+    home_port, proxy_port, broker_port = free_port(), free_port(), free_port()
+    home_url = f"http://127.0.0.1:{home_port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env.update(
+        BROKER_DATA_DIR=str(work / "data"),
+        BROKER_SERVER__PORT=str(broker_port),
+        BROKER_HOME__SCIM_URL=f"{home_url}/v2",
+        BROKER_DATABASE__POOL_MAX_SIZE="10",
+    )
+    print(f"bench: servers in {work}", file=sys.stderr)
+    with (
+        process(
+            [sys.executable, str(HERE / "servers.py"), "home", str(home_port)],
+            log=work / "home.log",
+        ),
+        process(
+            [sys.executable, str(HERE / "servers.py"), "proxy", str(proxy_port), home_url],
+            log=work / "proxy.log",
+        ),
+        process([*BROKER, "serve"], env=env, log=work / "broker.log"),
+    ):
+        wait_for(f"{home_url}/v2/Users")
+        wait_for(f"http://127.0.0.1:{proxy_port}/v2/Users")
+        wait_for(f"http://127.0.0.1:{broker_port}/readyz")
+        subprocess.run([*BROKER, "domain", "add", "D1"], env=env, check=True, capture_output=True)
+        token = subprocess.run(
+            [*BROKER, "token", "issue", "D1"], env=env, check=True, capture_output=True, text=True
+        ).stdout.strip()
+        auth = {"Authorization": f"Bearer {token}"}
+        broker_base = f"http://127.0.0.1:{broker_port}/scim/v2"
+        with urllib.request.urlopen(
+            urllib.request.Request(f"{broker_base}/Users", headers=auth)
+        ) as r:
+            first = json.loads(r.read())["Resources"][0]["id"]  # D1's ID for the first user
+        targets = {
+            "direct": (f"{home_url}/v2", USERS[0], {}),
+            "bare proxy": (f"http://127.0.0.1:{proxy_port}/v2", USERS[0], {}),
+            "broker": (broker_base, first, auth),
+        }
+        results: dict[tuple[str, str], Result] = {}
+        for case, path in (("GET one user", "/Users/{id}"), ("GET 100-user page", "/Users")):
+            for name, (base, user_id, headers) in targets.items():
+                url = base + path.format(id=user_id)
+                wrk(url, duration=2, connections=args.connections, headers=headers)  # warm-up
+                results[case, name] = wrk(
+                    url, duration=args.duration, connections=args.connections, headers=headers
+                )
+                r = results[case, name]
+                print(
+                    f"bench: {case:18} {name:10} {r.rps:8.0f} req/s  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms  errors {r.errors}",
+                    file=sys.stderr,
+                )
+
+    table = render(results, args)
+    print(table)
+    if args.output:
+        write_section(args.output, table)
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def render(results: dict[tuple[str, str], Result], args: argparse.Namespace) -> str:
+    lines = [
+        f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
+        f"wrk -t1 -c{args.connections} -d{args.duration}s per row.",
+        "",
+        "| case | target | req/s | p50 ms | p99 ms | non-2xx |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (case, name), r in results.items():
+        lines.append(
+            f"| {case} | {name} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors} |"
+        )
+    lines += [
+        "",
+        "| case | broker / bare proxy throughput | p50 added over bare proxy |",
+        "|---|---|---|",
+    ]
+    for case in dict.fromkeys(c for c, _ in results):
+        broker, bare = results[case, "broker"], results[case, "bare proxy"]
+        lines.append(
+            f"| {case} | {broker.rps / bare.rps:.0%} | {broker.p50_ms - bare.p50_ms:+.2f} ms |"
+        )
+    return "\n".join(lines)
+
+
+def write_section(path: Path, table: str) -> None:
+    start, end = "<!-- bench/run.py: begin -->", "<!-- bench/run.py: end -->"
+    text = path.read_text() if path.exists() else ""
+    block = f"{start}\n{table}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
