@@ -185,9 +185,7 @@ async def test_unknown_endpoints_and_methods_are_scim_errors(broker: Broker) -> 
     assert_error(status, body, 405, None)
 
 
-async def test_home_errors_reach_the_domain_scrubbed_of_internal_ids(
-    broker: Broker, home: Home
-) -> None:
+async def test_a_stale_if_match_is_home_s_412_as_a_scim_error(broker: Broker, home: Home) -> None:
     status, user, _ = await broker.call("D1", "POST", "/Users", new_user())
     stale = {"If-Match": 'W/"0"'}
     status, body, _ = await broker.call(
