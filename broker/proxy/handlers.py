@@ -115,6 +115,23 @@ class _Incoming:
     names: dict[str, str | None]
 
 
+@dataclass(frozen=True)
+class _Target:
+    """The resource a by-ID request names, resolved and checked to be in the caller's scope."""
+
+    resource_type: str
+    internal_id: str
+    endpoint: str
+    """The home path of the resource."""
+    resolved: dict[str, str]
+    by_value: dict[str, list[str]]
+
+    @property
+    def replacements(self) -> dict[str, str]:
+        """Internal -> the caller's IDs, for scrubbing home's error text."""
+        return {v: k for k, v in self.resolved.items()}
+
+
 @dataclass
 class _Call:
     """One domain request being served: who, against which schema, and the IDs in play."""
@@ -232,6 +249,39 @@ class Proxy:
         if external not in resolved:
             raise NotFoundError(NOT_FOUND)
         return resolved[external], resolved, by_value
+
+    async def _target(
+        self,
+        call: _Call,
+        request: web.Request,
+        extra: FilterIds | None = None,
+        *,
+        check_scope: bool = True,
+    ) -> _Target:
+        """The path's resource: 404 without asking home if the caller has no such ID, and 404 if
+        it is out of the caller's scope."""
+        resource_type = await self._resource_type(request)
+        internal, resolved, by_value = await self._resolve_path_id(call, request, extra)
+        schema = await self.home.schema()
+        target = _Target(
+            resource_type,
+            internal,
+            f"{schema.endpoints.by_type[resource_type]}/{internal}",
+            resolved,
+            by_value,
+        )
+        if check_scope and call.domain.scope_filter:
+            await self._fetch(call, target, {"attributes": "id"})
+        return target
+
+    async def _visible(
+        self, call: _Call, resource: dict[str, Any], resource_type: str
+    ) -> dict[str, Any]:
+        """One home resource as the caller sees it (404 if it cannot see it)."""
+        (out,) = await self._outbound(call, [resource], resource_type)
+        if out is None:
+            raise NotFoundError(NOT_FOUND)
+        return out
 
     async def _outbound(
         self, call: _Call, docs: list[dict[str, Any]], resource_type: str | None
@@ -373,47 +423,36 @@ class Proxy:
 
     async def get(self, request: web.Request) -> web.Response:
         call = await self._call(request, "scim:read")
-        resource_type = await self._resource_type(request)
-        internal, resolved, _ = await self._resolve_path_id(call, request)
-        params = _pick(request.query, GET_PARAMS)
-        resource = await self._fetch(
-            call, resource_type, internal, params, {v: k for k, v in resolved.items()}
-        )
-        (out,) = await self._outbound(call, [resource], resource_type)
-        if out is None:
-            raise NotFoundError(NOT_FOUND)
+        target = await self._target(call, request, check_scope=False)
+        resource = await self._fetch(call, target, _pick(request.query, GET_PARAMS))
+        out = await self._visible(call, resource, target.resource_type)
         return await self._respond(
             call, 200, self._filter_readable(call.domain, out), _etag(resource)
         )
 
     async def _fetch(
-        self,
-        call: _Call,
-        resource_type: str,
-        internal: str,
-        params: Mapping[str, str],
-        replacements: dict[str, str],
+        self, call: _Call, target: _Target, params: Mapping[str, str]
     ) -> dict[str, Any]:
         """One home resource, as long as it is in the caller's scope (404 otherwise)."""
-        schema = await self.home.schema()
-        endpoint = schema.endpoints.by_type[resource_type]
         if call.domain.scope_filter:
+            schema = await self.home.schema()
             scoped = {
                 **params,
-                "filter": f"id eq {json.dumps(internal)} and ({call.domain.scope_filter})",
+                "filter": f"id eq {json.dumps(target.internal_id)} and ({call.domain.scope_filter})",
             }
+            endpoint = schema.endpoints.by_type[target.resource_type]
             response = await self.home.request("GET", endpoint, params=scoped)
             if response.status != 200:
-                raise self._home_error(call, response, replacements)
+                raise self._home_error(call, response, target.replacements)
             resources = (
                 response.body.get("Resources", []) if isinstance(response.body, dict) else []
             )
             if not resources:
                 raise NotFoundError(NOT_FOUND)
             return dict(resources[0])
-        response = await self.home.request("GET", f"{endpoint}/{internal}", params=params)
+        response = await self.home.request("GET", target.endpoint, params=params)
         if response.status != 200 or not isinstance(response.body, dict):
-            raise self._home_error(call, response, replacements)
+            raise self._home_error(call, response, target.replacements)
         return response.body
 
     async def list_resources(self, request: web.Request) -> web.Response:
@@ -498,109 +537,87 @@ class Proxy:
         response = await self.home.request(
             "POST", schema.endpoints.by_type[resource_type], body=doc
         )
-        if response.status != 201 or not isinstance(response.body, dict):
+        if (
+            response.status != 201
+            or not isinstance(response.body, dict)
+            or not isinstance(response.body.get("id"), str)
+        ):
             raise self._home_error(call, response, {})
-        created = response.body
-        if isinstance(created.get("id"), str):
-            await self.store.register_entities({created["id"]: resource_type})
-        if external_id is not None and isinstance(created.get("id"), str):
-            await self.store.translate_outbound(
-                call.domain.id, {created["id"]: resource_type}, mint=True
+        out = await self._visible(call, response.body, resource_type)  # records and mints
+        if external_id is not None:
+            await self.store.set_domain_external_id(
+                call.domain.id, response.body["id"], external_id[0]
             )
-            await self.store.set_domain_external_id(call.domain.id, created["id"], external_id[0])
-        (out,) = await self._outbound(call, [created], resource_type)
-        if out is None:
-            raise NotFoundError(NOT_FOUND)
+            if external_id[0] is not None:
+                out["externalId"] = external_id[0]
+                call.allowed.add(external_id[0])
         return await self._respond(call, 201, out, _headers(response, out))
 
     async def replace(self, request: web.Request) -> web.Response:
         call = await self._call(request, "scim:write")
-        resource_type = await self._resource_type(request)
-        internal, resolved, _ = await self._resolve_path_id(call, request)
-        replacements = {v: k for k, v in resolved.items()}
-        if call.domain.scope_filter:
-            await self._fetch(call, resource_type, internal, {"attributes": "id"}, replacements)
+        target = await self._target(call, request)
         doc, external_id = await self._inbound_document(call, await self._json_body(request))
-        schema = await self.home.schema()
         response = await self.home.request(
-            "PUT",
-            f"{schema.endpoints.by_type[resource_type]}/{internal}",
-            body=doc,
-            headers=_if_match(request),
+            "PUT", target.endpoint, body=doc, headers=_if_match(request)
         )
         if response.status != 200 or not isinstance(response.body, dict):
-            raise self._home_error(call, response, replacements)
+            raise self._home_error(call, response, target.replacements)
         if external_id is not None:
-            await self.store.set_domain_external_id(call.domain.id, internal, external_id[0])
-        (out,) = await self._outbound(call, [response.body], resource_type)
-        if out is None:
-            raise NotFoundError(NOT_FOUND)
+            await self.store.set_domain_external_id(
+                call.domain.id, target.internal_id, external_id[0]
+            )
+        out = await self._visible(call, response.body, target.resource_type)
         return await self._respond(
             call, 200, self._filter_readable(call.domain, out), _headers(response, out)
         )
 
     async def patch(self, request: web.Request) -> web.Response:
         call = await self._call(request, "scim:write")
-        resource_type = await self._resource_type(request)
         patch = parse_patch(await self._json_body(request))
         schema = await self.home.schema()
         named = patch.ids(refs=schema.refs, endpoints=schema.endpoints, base=self.base)
-        internal, resolved, by_value = await self._resolve_path_id(call, request, named)
-        replacements = {v: k for k, v in resolved.items()}
-        if call.domain.scope_filter:
-            await self._fetch(call, resource_type, internal, {"attributes": "id"}, replacements)
-        endpoint = f"{schema.endpoints.by_type[resource_type]}/{internal}"
+        target = await self._target(call, request, named)
+        resource: dict[str, Any] | None = None
         if patch.operations:
             body = patch.rewrite(
                 refs=schema.refs,
                 endpoints=schema.endpoints,
                 source_base=self.base,
                 target_base=self.home.base_url,
-                translate=lambda i, _t: resolved.get(i),
-                ids=resolved,
-                external_ids=by_value,
+                translate=lambda i, _t: target.resolved.get(i),
+                ids=target.resolved,
+                external_ids=target.by_value,
             )
             response = await self.home.request(
                 "PATCH",
-                endpoint,
+                target.endpoint,
                 params=_pick(request.query, GET_PARAMS),
                 body=body,
                 headers=_if_match(request),
             )
             if response.status not in (200, 204):
-                raise self._home_error(call, response, replacements)
+                raise self._home_error(call, response, target.replacements)
+            if response.status == 204 and patch.external_id is None:
+                return await self._respond(call, 204, None, _etag_header(response))
+            resource = response.body if isinstance(response.body, dict) else None
         if patch.external_id is not None:
-            await self.store.set_domain_external_id(call.domain.id, internal, patch.external_id[0])
-        if patch.operations and response.status == 204:
-            return await self._respond(call, 204, None, _etag_header(response))
-        resource = (
-            response.body
-            if patch.operations and isinstance(response.body, dict)
-            else await self._fetch(call, resource_type, internal, {}, replacements)
-        )
-        (out,) = await self._outbound(call, [resource], resource_type)
-        if out is None:
-            raise NotFoundError(NOT_FOUND)
+            await self.store.set_domain_external_id(
+                call.domain.id, target.internal_id, patch.external_id[0]
+            )
+        if resource is None:
+            resource = await self._fetch(call, target, {})
+        out = await self._visible(call, resource, target.resource_type)
         return await self._respond(
             call, 200, self._filter_readable(call.domain, out), _etag(resource)
         )
 
     async def delete(self, request: web.Request) -> web.Response:
         call = await self._call(request, "scim:write")
-        resource_type = await self._resource_type(request)
-        internal, resolved, _ = await self._resolve_path_id(call, request)
-        replacements = {v: k for k, v in resolved.items()}
-        if call.domain.scope_filter:
-            await self._fetch(call, resource_type, internal, {"attributes": "id"}, replacements)
-        schema = await self.home.schema()
-        response = await self.home.request(
-            "DELETE",
-            f"{schema.endpoints.by_type[resource_type]}/{internal}",
-            headers=_if_match(request),
-        )
+        target = await self._target(call, request)
+        response = await self.home.request("DELETE", target.endpoint, headers=_if_match(request))
         if response.status != 204:
-            raise self._home_error(call, response, replacements)
-        await self.store.mark_deleted(internal)
+            raise self._home_error(call, response, target.replacements)
+        await self.store.mark_deleted(target.internal_id)
         return await self._respond(call, 204, None)
 
     # ------------------------------------------------------------------ discovery
