@@ -11,7 +11,7 @@ import pytest
 from broker.app import METRICS, POOL, PROXY
 from broker.proxy.home import HomeClient, HomeResponse
 from tests.conftest import QueryCounter
-from tests.scim_support import CORE_GROUP, Broker, Home, new_user, start_broker, unique
+from tests.scim_support import CORE_GROUP, ENTERPRISE, Broker, Home, new_user, start_broker, unique
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ async def broker(db_url: str, home: Home) -> AsyncIterator[Broker]:
         "D1": {},
         "S": {
             "scope_filter": f'title eq "{tag}"',
-            "read_attributes": ["userName", "title"],
+            "read_attributes": ["userName", "title", "displayName", "members", ENTERPRISE],
             "write_attributes": ["userName", "title", "displayName"],
         },
     }
@@ -151,3 +151,59 @@ async def test_the_leak_guard_withholds_a_response_carrying_an_internal_id(
         "broker_leak_guard_blocks_total", {"domain": "D1"}
     )
     assert metrics == 1.0
+
+
+async def test_out_of_scope_users_are_absent_as_members_and_managers_too(
+    broker: Broker, home: Home
+) -> None:
+    tag = broker.tag  # type: ignore[attr-defined]
+    inside = home.call("POST", "/Users", new_user(title=tag))[1]
+    outside = home.call("POST", "/Users", new_user(title="elsewhere"))[1]
+    managed = home.call(
+        "POST",
+        "/Users",
+        new_user(
+            title=tag,
+            schemas=["urn:ietf:params:scim:schemas:core:2.0:User", ENTERPRISE],
+            **{ENTERPRISE: {"manager": {"value": outside["id"]}}},
+        ),
+    )[1]
+    name = unique("mixed")
+    members = [{"value": inside["id"], "type": "User"}, {"value": outside["id"]}]
+    assert (
+        home.call(
+            "POST", "/Groups", {"schemas": [CORE_GROUP], "displayName": name, "members": members}
+        )[0]
+        == 201
+    )
+    # Groups are not bounded by a users' scope, but the members they show are.
+    status, groups, _ = await broker.call(
+        "S", "GET", "/Groups", params={"filter": f'displayName eq "{name}"'}
+    )
+    assert status == 200 and groups["totalResults"] == 1
+    _, users, _ = await broker.call(
+        "S", "GET", "/Users", params={"filter": f'userName eq "{inside["userName"]}"'}
+    )
+    assert [m["value"] for m in groups["Resources"][0]["members"]] == [users["Resources"][0]["id"]]
+    _, seen, _ = await broker.call(
+        "S", "GET", "/Users", params={"filter": f'userName eq "{managed["userName"]}"'}
+    )
+    assert (
+        ENTERPRISE not in seen["Resources"][0] or "manager" not in seen["Resources"][0][ENTERPRISE]
+    )
+    # The out-of-scope user was never given an ID in S.
+    assert (
+        await broker.pool.fetchval(
+            "SELECT count(*) FROM id_mappings WHERE domain_id = 'S' AND internal_id = $1",
+            outside["id"],
+        )
+        == 0
+    )
+    # The root search cannot be bounded by a users' scope: it is refused, not answered unbounded.
+    status, body, _ = await broker.call(
+        "S",
+        "POST",
+        "/.search",
+        {"schemas": ["urn:ietf:params:scim:api:messages:2.0:SearchRequest"]},
+    )
+    assert status == 403 and "/Users/.search" in body["detail"]

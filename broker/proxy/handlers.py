@@ -270,7 +270,7 @@ class Proxy:
             resolved,
             by_value,
         )
-        if check_scope and call.domain.scope_filter:
+        if check_scope and _scope(call, resource_type):
             await self._fetch(call, target, {"attributes": "id"})
         return target
 
@@ -292,8 +292,10 @@ class Proxy:
         wanted = ids_in_resources(
             docs, refs=refs, endpoints=endpoints, home_base=home_base, resource_type=resource_type
         )
-        found = await self.store.translate_outbound(call.domain.id, wanted, mint=call.domain.mints)
         call.internal_ids.update(wanted)
+        if call.domain.scope_filter:
+            wanted = await self._in_scope(call, wanted, docs, resource_type)
+        found = await self.store.translate_outbound(call.domain.id, wanted, mint=call.domain.mints)
         call.allowed.update(o.external_id for o in found.values())
         call.allowed.update(o.domain_external_id for o in found.values() if o.domain_external_id)
         views = {i: DomainView(o.external_id, o.domain_external_id) for i, o in found.items()}
@@ -339,6 +341,57 @@ class Proxy:
             translate=translate,
             strict=True,
         )
+
+    async def _in_scope(
+        self,
+        call: _Call,
+        wanted: dict[str, str | None],
+        docs: list[dict[str, Any]],
+        resource_type: str | None,
+    ) -> dict[str, str | None]:
+        """``wanted`` less the users out of the caller's scope: they do not exist for it, not
+        even as a member or a manager. One search at home (two if some IDs have no type)."""
+        own = (
+            {d["id"] for d in docs if isinstance(d.get("id"), str)}
+            if resource_type == "User"
+            else set()
+        )
+        candidates = [i for i, t in wanted.items() if t in (None, "User") and i not in own]
+        if not candidates:
+            return wanted
+        users = await self._existing(call, "User", candidates, _scope(call, "User"))
+        untyped = [i for i in candidates if wanted[i] is None and i not in users]
+        others = await self._existing(call, "Group", untyped, None) if untyped else set()
+        return {i: t for i, t in wanted.items() if i not in candidates or i in users or i in others}
+
+    async def _existing(
+        self, call: _Call, resource_type: str, ids: list[str], scope: str | None
+    ) -> set[str]:
+        """Which of ``ids`` home has as ``resource_type`` (within ``scope``)."""
+        schema = await self.home.schema()
+        if resource_type not in schema.endpoints.by_type:
+            return set()
+        found: set[str] = set()
+        for start in range(0, len(ids), 200):
+            chunk = ids[start : start + 200]
+            named = " or ".join(f"id eq {json.dumps(i)}" for i in chunk)
+            body = {
+                "schemas": [SEARCH_SCHEMA],
+                "filter": f"({named}) and ({scope})" if scope else named,
+                "attributes": ["id"],
+                "count": len(chunk),
+            }
+            response = await self.home.request(
+                "POST", schema.endpoints.by_type[resource_type] + "/.search", body=body
+            )
+            if response.status != 200 or not isinstance(response.body, dict):
+                raise self._home_error(call, response, {})
+            found.update(
+                r["id"]
+                for r in response.body.get("Resources", [])
+                if isinstance(r, dict) and isinstance(r.get("id"), str)
+            )
+        return found
 
     async def _inbound_document(
         self, call: _Call, doc: Any
@@ -434,12 +487,10 @@ class Proxy:
         self, call: _Call, target: _Target, params: Mapping[str, str]
     ) -> dict[str, Any]:
         """One home resource, as long as it is in the caller's scope (404 otherwise)."""
-        if call.domain.scope_filter:
+        scope = _scope(call, target.resource_type)
+        if scope:
             schema = await self.home.schema()
-            scoped = {
-                **params,
-                "filter": f"id eq {json.dumps(target.internal_id)} and ({call.domain.scope_filter})",
-            }
+            scoped = {**params, "filter": f"id eq {json.dumps(target.internal_id)} and ({scope})"}
             endpoint = schema.endpoints.by_type[target.resource_type]
             response = await self.home.request("GET", endpoint, params=scoped)
             if response.status != 200:
@@ -493,8 +544,14 @@ class Proxy:
             parts.append(str(rewritten))
         elif user_filter is not None and not isinstance(user_filter, str):
             raise FilterError("filter must be a string")
-        if call.domain.scope_filter:
-            parts.append(call.domain.scope_filter)
+        if call.domain.scope_filter and resource_type is None:
+            raise Forbidden(
+                f"domain {call.domain.id} sees a scope of users: search /Users/.search or "
+                "/Groups/.search instead of the root"
+            )
+        scope = _scope(call, resource_type)
+        if scope:
+            parts.append(scope)
         if parts:
             params["filter"] = " and ".join(f"({p})" for p in parts) if len(parts) > 1 else parts[0]
         if post:
@@ -856,6 +913,11 @@ def _bulk_result(op: Mapping[str, Any], status: int, response: dict[str, Any]) -
     if "bulkId" in op:
         result["bulkId"] = op["bulkId"]
     return result
+
+
+def _scope(call: _Call, resource_type: str | None) -> str | None:
+    """The caller's scope filter where it applies: a scope bounds which users a domain sees."""
+    return call.domain.scope_filter if resource_type == "User" else None
 
 
 def _pick(source: Mapping[str, str], names: Iterable[str]) -> dict[str, Any]:
