@@ -193,3 +193,8 @@ async def test_a_stale_if_match_is_home_s_412_as_a_scim_error(broker: Broker, ho
     )
     assert status == 412, body
     assert body["schemas"] == [ERROR]
+
+
+async def test_sorting_by_id_is_refused_since_it_would_order_internal_ids(broker: Broker) -> None:
+    status, body, _ = await raw(broker, "GET", "/Users?sortBy=id")
+    assert_error(status, body, 400, "invalidValue")

@@ -526,6 +526,15 @@ class Proxy:
         self, call: _Call, resource_type: str | None, params: dict[str, Any], *, post: bool
     ) -> web.Response:
         schema = await self.home.schema()
+        sort_by = params.get("sortBy")
+        if isinstance(sort_by, str) and sort_by.strip().lower().rsplit(":", 1)[-1] in (
+            "id",
+            "meta.location",
+        ):
+            # The order of internal IDs is not the caller's to see.
+            raise InvalidValueError(
+                "sortBy cannot name id through the broker: sort by another attribute"
+            )
         user_filter = params.get("filter")
         parts = []
         if isinstance(user_filter, str) and user_filter.strip():
