@@ -110,7 +110,12 @@ def main() -> int:
         return 2
 
     work = Path(tempfile.mkdtemp(prefix="broker-bench-"))
-    home_port, proxy_port, broker_port = free_port(), free_port(), free_port()
+    home_port, proxy_port, parse_port, broker_port = (
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    )
     home_url = f"http://127.0.0.1:{home_port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
     env.update(
@@ -129,10 +134,15 @@ def main() -> int:
             [sys.executable, str(HERE / "servers.py"), "proxy", str(proxy_port), home_url],
             log=work / "proxy.log",
         ),
+        process(
+            [sys.executable, str(HERE / "servers.py"), "parse", str(parse_port), home_url],
+            log=work / "parse.log",
+        ),
         process([*BROKER, "serve"], env=env, log=work / "broker.log"),
     ):
         wait_for(f"{home_url}/v2/Users")
         wait_for(f"http://127.0.0.1:{proxy_port}/v2/Users")
+        wait_for(f"http://127.0.0.1:{parse_port}/v2/Users")
         wait_for(f"http://127.0.0.1:{broker_port}/readyz")
         subprocess.run([*BROKER, "domain", "add", "D1"], env=env, check=True, capture_output=True)
         token = subprocess.run(
@@ -147,6 +157,7 @@ def main() -> int:
         targets = {
             "direct": (f"{home_url}/v2", USERS[0], {}),
             "bare proxy": (f"http://127.0.0.1:{proxy_port}/v2", USERS[0], {}),
+            "parse-only proxy": (f"http://127.0.0.1:{parse_port}/v2", USERS[0], {}),
             "broker": (broker_base, first, auth),
         }
         results: dict[tuple[str, str], Result] = {}
@@ -185,13 +196,16 @@ def render(results: dict[tuple[str, str], Result], args: argparse.Namespace) -> 
         )
     lines += [
         "",
-        "| case | broker / bare proxy throughput | p50 added over bare proxy |",
-        "|---|---|---|",
+        "| case | broker / bare proxy throughput | p50 added over bare proxy "
+        "| parse-only / bare proxy throughput |",
+        "|---|---|---|---|",
     ]
     for case in dict.fromkeys(c for c, _ in results):
         broker, bare = results[case, "broker"], results[case, "bare proxy"]
+        parse = results[case, "parse-only proxy"]
         lines.append(
-            f"| {case} | {broker.rps / bare.rps:.0%} | {broker.p50_ms - bare.p50_ms:+.2f} ms |"
+            f"| {case} | {broker.rps / bare.rps:.0%} | {broker.p50_ms - bare.p50_ms:+.2f} ms "
+            f"| {parse.rps / bare.rps:.0%} |"
         )
     return "\n".join(lines)
 

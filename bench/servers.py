@@ -3,9 +3,12 @@
 - ``home``: a fast home serving fixed SCIM documents (one user; a page of 100 users, each in 5
   groups), so that the home costs next to nothing and what is measured is what sits in front.
 - ``proxy``: a bare aiohttp pass-through proxy with no rewriting, the floor any proxy pays.
+- ``parse``: the same proxy, but it parses each body and serialises it again (orjson), the floor
+  of any proxy that must read what it forwards, as the broker must.
 
     python bench/servers.py home PORT
     python bench/servers.py proxy PORT HOME_URL
+    python bench/servers.py parse PORT HOME_URL
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sys
 import uuid
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 BASE = "/v2"
@@ -89,7 +93,7 @@ def home_app() -> web.Application:
     return app
 
 
-def proxy_app(home_url: str) -> web.Application:
+def proxy_app(home_url: str, *, parse: bool = False) -> web.Application:
     session_key = web.AppKey("session", aiohttp.ClientSession)
 
     async def session(app: web.Application):  # type: ignore[no-untyped-def]
@@ -100,6 +104,8 @@ def proxy_app(home_url: str) -> web.Application:
     async def forward(request: web.Request) -> web.Response:
         async with request.app[session_key].get(home_url + request.path_qs) as response:
             body = await response.read()
+            if parse:
+                body = orjson.dumps(orjson.loads(body))
             return web.Response(
                 body=body, status=response.status, content_type="application/scim+json"
             )
@@ -112,5 +118,5 @@ def proxy_app(home_url: str) -> web.Application:
 
 if __name__ == "__main__":
     role, port = sys.argv[1], int(sys.argv[2])
-    application = home_app() if role == "home" else proxy_app(sys.argv[3])
+    application = home_app() if role == "home" else proxy_app(sys.argv[3], parse=role == "parse")
     web.run_app(application, host="127.0.0.1", port=port, access_log=None, print=None)
