@@ -207,3 +207,34 @@ async def test_out_of_scope_users_are_absent_as_members_and_managers_too(
         {"schemas": ["urn:ietf:params:scim:api:messages:2.0:SearchRequest"]},
     )
     assert status == 403 and "/Users/.search" in body["detail"]
+
+
+class ErringHome(HomeClient):
+    """The real home, except that its error details name internal IDs of an unusual shape."""
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> HomeResponse:
+        response = await super().request(method, path, **kwargs)
+        if method == "PUT":
+            internal = path.rsplit("/", 1)[1]
+            body = {
+                "schemas": ["urn:ietf:params:scim:api:messages:2.0:Error"],
+                "status": "409",
+                "scimType": "uniqueness",
+                "detail": f"clash on {internal} and {internal.upper()}!",
+            }
+            return HomeResponse(409, {}, body)
+        return response
+
+
+async def test_home_error_details_are_scrubbed_of_internal_ids(broker: Broker, home: Home) -> None:
+    status, user, _ = await broker.call("D1", "POST", "/Users", new_user())
+    proxy = broker.app[PROXY]
+    proxy.home = ErringHome(proxy.home.session, proxy.home.base_url, home.token)
+    status, body, _ = await broker.call(
+        "D1", "PUT", f"/Users/{user['id']}", new_user(user["userName"])
+    )
+    assert (status, body["scimType"]) == (409, "uniqueness")
+    assert body["detail"].startswith(f"clash on {user['id']} and ")
+    _, at_home = home.call("GET", f'/Users?filter=userName eq "{user["userName"]}"')
+    internal = at_home["Resources"][0]["id"]
+    assert internal not in body["detail"] and internal.upper() not in body["detail"]

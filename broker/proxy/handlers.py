@@ -464,9 +464,11 @@ class Proxy:
         body = response.body if isinstance(response.body, dict) else {}
         if response.status == 404:
             return NotFoundError(NOT_FOUND)
+        # Internal IDs in play that the caller has no name for are masked too, whatever shape.
+        known = {i: "[id]" for i in call.internal_ids if i} | replacements
         detail = scrub(
             str(body.get("detail") or f"the home SCIM service answered {response.status}"),
-            replacements,
+            known,
             self.id_pattern,
         )
         scim_type = body.get("scimType") if isinstance(body.get("scimType"), str) else None

@@ -6,7 +6,7 @@ It is not the mechanism: the rewriter is. Tests show the rewriter never needs it
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 __all__ = ["IdShape", "Leak", "find_leak", "scrub"]
@@ -69,10 +69,19 @@ def find_leak(
     return None
 
 
+def _literal(value: str) -> Callable[[re.Match[str]], str]:
+    return lambda _match: value
+
+
 def scrub(text: str, replacements: dict[str, str], id_pattern: IdShape) -> str:
-    """Free text with known IDs replaced by the caller's, and anything else ID-shaped masked."""
+    """Free text with known IDs replaced by the caller's, and anything else ID-shaped masked.
+
+    Known IDs are matched without regard to case: an upper-cased internal ID is still one.
+    """
     for old, new in sorted(replacements.items(), key=lambda kv: -len(kv[0])):
-        text = text.replace(old, new)
+        if old:
+            # A replacement function, so that backslashes in ``new`` are taken literally.
+            text = re.compile(re.escape(old), re.IGNORECASE).sub(_literal(new), text)
     allowed = set(replacements.values())
     for found in set(id_pattern.find(text)) - allowed:
         text = text.replace(found, "[id]")
