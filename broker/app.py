@@ -17,6 +17,7 @@ from broker import __version__
 from broker.config import Config
 from broker.db import apply_migrations, create_pool, database_url, migration_status, query
 from broker.domains import DomainStore
+from broker.mapping.cache import MappingCache, listen
 from broker.mapping.store import MappingStore
 from broker.proxy.handlers import MAX_BODY, Proxy, scim_error_middleware
 from broker.proxy.home import HomeClient
@@ -83,9 +84,14 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
             log.info("applied migration %s", migration.name)
         pool = await create_pool(url, min_size=config.pool_min_size, max_size=config.pool_max_size)
         app[POOL] = pool
-        app[STORE] = MappingStore(pool)
+        cache = MappingCache(config.cache_entries)
+        app[STORE] = MappingStore(pool, cache=cache)
         try:
-            yield
+            if config.cache_entries > 0:
+                async with listen(url, cache):
+                    yield
+            else:
+                yield
         finally:
             await pool.close()
 

@@ -64,6 +64,8 @@ class DatabaseConfig(_Section):
     data_dir: Path = Field(default_factory=default_data_dir)
     pool_min_size: int = Field(default=1, ge=0)
     pool_max_size: int = Field(default=10, ge=1)
+    # Mapping answers kept in memory per process (kept true by LISTEN/NOTIFY); 0 turns it off.
+    cache_entries: int = Field(default=100_000, ge=0)
 
     @field_validator("url")
     @classmethod

@@ -142,3 +142,20 @@ CREATE TABLE audit_log (
 CREATE INDEX audit_log_subject ON audit_log (subject, id);
 CREATE INDEX id_mappings_domain_external_id ON id_mappings (domain_id, domain_external_id)
     WHERE domain_external_id IS NOT NULL;
+
+CREATE FUNCTION broker_notify_mapping_change() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('broker_mappings', OLD.internal_id);
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER id_mappings_changed
+    AFTER UPDATE OR DELETE ON id_mappings
+    FOR EACH ROW EXECUTE FUNCTION broker_notify_mapping_change();
+
+CREATE TRIGGER entities_changed
+    AFTER UPDATE ON entities
+    FOR EACH ROW
+    WHEN (OLD.state IS DISTINCT FROM NEW.state OR OLD.merged_into IS DISTINCT FROM NEW.merged_into)
+    EXECUTE FUNCTION broker_notify_mapping_change();

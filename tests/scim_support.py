@@ -200,12 +200,19 @@ class Broker:
 
 
 async def start_broker(
-    db_url: str, home: Home, domains: dict[str, dict[str, Any]], *, pool_size: int = 4
+    db_url: str,
+    home: Home,
+    domains: dict[str, dict[str, Any]],
+    *,
+    pool_size: int = 4,
+    cache_entries: int = 100_000,
 ) -> AsyncIterator[Broker]:
     port = _free_port()
     config = Config(
         server=ServerConfig(port=port, public_url=f"http://127.0.0.1:{port}"),
-        database=DatabaseConfig(url=db_url, pool_min_size=1, pool_max_size=pool_size),
+        database=DatabaseConfig(
+            url=db_url, pool_min_size=1, pool_max_size=pool_size, cache_entries=cache_entries
+        ),
         home=HomeConfig(scim_url=home.url, token=home.token, id_pattern="[0-9a-f]{32}"),
     )
     app = create_app(config)

@@ -30,39 +30,50 @@ async def broker(db_url: str, home: Home) -> AsyncIterator[Broker]:
         yield running
 
 
-async def test_a_100_user_page_is_translated_with_one_query_per_direction(
-    broker: Broker, home: Home
+def _page_of(home: Home, tag: str) -> None:
+    """100 users with ``title`` tag, each in 5 groups."""
+    users = [home.call("POST", "/Users", new_user(title=tag))[1] for _ in range(100)]
+    members = [{"value": u["id"], "type": "User"} for u in users]
+    for g in range(5):
+        group = {"schemas": [CORE_GROUP], "displayName": unique(f"g{g}"), "members": members}
+        assert home.call("POST", "/Groups", group)[0] == 201
+
+
+async def _count_queries(broker: Broker, params: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    counter = QueryCounter()
+    async with broker.app[POOL].acquire() as conn:  # the pool has one connection
+        conn.add_query_logger(counter)
+    status, page, _ = await broker.call("D1", "GET", "/Users", params=params)
+    async with broker.app[POOL].acquire() as conn:
+        conn.remove_query_logger(counter)
+    assert status == 200, page
+    return counter.count, page
+
+
+async def test_a_100_user_page_is_one_query_per_direction_without_the_cache(
+    db_url: str, home: Home
 ) -> None:
     tag = unique("page")
-    users = [home.call("POST", "/Users", new_user(title=tag))[1] for _ in range(100)]
-    for g in range(5):
-        status, _ = home.call(
-            "POST",
-            "/Groups",
-            {
-                "schemas": [CORE_GROUP],
-                "displayName": unique(f"g{g}"),
-                "members": [{"value": u["id"], "type": "User"} for u in users],
-            },
-        )
-        assert status == 201
-    await broker.call("D1", "GET", "/Users", params={"count": "1"})  # warm: token and domain cached
-    counter = QueryCounter()
-    async with broker.app[POOL].acquire() as conn:
-        conn.add_query_logger(counter)
-    status, page, _ = await broker.call(
-        "D1", "GET", "/Users", params={"filter": f'title eq "{tag}"', "count": "100"}
-    )
-    assert status == 200 and len(page["Resources"]) == 100
-    assert counter.count == 1, counter.queries  # outbound: one round-trip for 100 users
-    counter.queries.clear()
-    some = [r["id"] for r in page["Resources"][:50]]
-    id_filter = " or ".join(f'id eq "{i}"' for i in some)
-    status, page, _ = await broker.call(
-        "D1", "GET", "/Users", params={"filter": id_filter, "count": "100"}
-    )
-    assert status == 200 and sorted(r["id"] for r in page["Resources"]) == sorted(some)
-    assert counter.count == 2, counter.queries  # one inbound (50 IDs), one outbound
+    _page_of(home, tag)
+    async for broker in start_broker(db_url, home, {"D1": {}}, pool_size=1, cache_entries=0):
+        await broker.call("D1", "GET", "/Users", params={"count": "1"})  # token and domain cached
+        count, page = await _count_queries(broker, {"filter": f'title eq "{tag}"', "count": "100"})
+        assert len(page["Resources"]) == 100 and count == 1  # outbound: 600 references, one query
+        ids = [r["id"] for r in page["Resources"][:50]]
+        id_filter = " or ".join(f'id eq "{i}"' for i in ids)
+        count, page = await _count_queries(broker, {"filter": id_filter, "count": "100"})
+        assert sorted(r["id"] for r in page["Resources"]) == sorted(ids)
+        assert count == 2  # one inbound (50 IDs), one outbound
+
+
+async def test_with_the_cache_a_repeated_page_needs_no_query(broker: Broker, home: Home) -> None:
+    tag = unique("page")
+    _page_of(home, tag)
+    await broker.call("D1", "GET", "/Users", params={"count": "1"})
+    params = {"filter": f'title eq "{tag}"', "count": "100"}
+    first, page = await _count_queries(broker, params)
+    again, same = await _count_queries(broker, params)
+    assert (first, again) == (1, 0) and same == page
 
 
 async def test_scope_bounds_every_query_and_out_of_scope_entities_do_not_exist(

@@ -22,6 +22,7 @@ from broker.db import query
 if TYPE_CHECKING:
     from broker.db import Connection
 from broker.errors import ConflictError, InvalidValueError, NotFoundError
+from broker.mapping.cache import MappingCache
 from broker.mapping.rules import (
     MappingRow,
     MappingState,
@@ -126,9 +127,16 @@ def _progress(tasks: Iterable[PeerTask]) -> dict[str, Any]:
 class MappingStore:
     """Batched access to the mapping table. Every method is one transaction."""
 
-    def __init__(self, pool: asyncpg.Pool, *, id_factory: Callable[[], str] = mint_id) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        id_factory: Callable[[], str] = mint_id,
+        cache: MappingCache | None = None,
+    ) -> None:
         self.pool = pool
         self.id_factory = id_factory
+        self.cache = cache or MappingCache()  # off until something listens for changes
 
     # ------------------------------------------------------------------ translation
 
@@ -156,9 +164,10 @@ class MappingStore:
         self, domain: str, entities: Mapping[str, str | None], *, mint: bool
     ) -> dict[str, Outbound]:
         """Like :meth:`resolve_outbound`, with the externalId ``domain`` gave each entity."""
-        if not entities:
-            return {}
-        asked = list(entities)
+        found: dict[str, Outbound] = self.cache.get_outbound(domain, entities)  # type: ignore[assignment]
+        asked = [i for i in entities if i not in found]
+        if not asked:
+            return found
         if self.id_factory is mint_id:
             minted, handles = mint_ids(len(asked)), mint_ids(len(asked))
         else:
@@ -166,11 +175,17 @@ class MappingStore:
             handles = [self.id_factory() for _ in asked]
         types = [entities[i] or "unknown" for i in asked]
         args = (domain, asked, types, minted, handles, mint)
+        generation = self.cache.generation
         records = await self.pool.fetch(query("resolve_outbound"), *args)
         if mint and len(records) < len(asked):
             # A concurrent request minted for the same entity first; its row is committed now.
             records = await self.pool.fetch(query("resolve_outbound"), *args)
-        return {r["asked"]: Outbound(r["external_id"], r["domain_external_id"]) for r in records}
+        answers = [
+            (r["asked"], r["internal_id"], Outbound(r["external_id"], r["domain_external_id"]))
+            for r in records
+        ]
+        self.cache.put_outbound(generation, domain, answers)
+        return found | {asked_id: value for asked_id, _, value in answers}
 
     async def resolve_request(
         self, domain: str, external_ids: Iterable[str], external_id_values: Iterable[str] = ()
@@ -178,17 +193,21 @@ class MappingStore:
         """What a request names, in one query: external IDs -> internal IDs, and the domain's
         externalId values -> the internal IDs of the entities it gave them to."""
         ids, values = list(dict.fromkeys(external_ids)), list(dict.fromkeys(external_id_values))
+        resolved = self.cache.get_inbound(domain, ids)
+        ids = [i for i in ids if i not in resolved]
         if not ids and not values:
-            return {}, {}
+            return resolved, {}
+        generation = self.cache.generation
         records = await self.pool.fetch(query("resolve_request"), domain, ids, values)
-        resolved: dict[str, str] = {}
+        fresh: dict[str, str] = {}
         by_value: dict[str, list[str]] = {}
         for r in records:
             if r["kind"] == "id":
-                resolved[r["key"]] = r["internal_id"]
+                fresh[r["key"]] = r["internal_id"]
             else:
                 by_value.setdefault(r["key"], []).append(r["internal_id"])
-        return resolved, by_value
+        self.cache.put_inbound(generation, domain, fresh)
+        return resolved | fresh, by_value
 
     async def set_domain_external_id(
         self, domain: str, internal_id: str, value: str | None
@@ -354,7 +373,9 @@ class MappingStore:
                 },
             )
             assert record is not None, "the operation was claimed in this transaction"
-            return Operation.from_record(record)
+        # Committed: this process forgets at once what it cached (others hear from the trigger).
+        self.cache.clear()
+        return Operation.from_record(record)
 
 
 async def _replay(conn: Connection, kind: str, request: dict[str, Any], key: str) -> Operation:

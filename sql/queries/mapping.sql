@@ -55,7 +55,7 @@ live AS (
     LEFT JOIN entities e ON e.internal_id = w.asked
 ),
 existing AS (
-    SELECT l.asked, m.external_id, m.domain_external_id
+    SELECT l.asked, l.internal_id, m.external_id, m.domain_external_id
     FROM live l
     JOIN id_mappings m
       ON m.internal_id = l.internal_id AND m.domain_id = $1 AND m.is_primary
@@ -71,9 +71,9 @@ minted AS (
     ON CONFLICT DO NOTHING
     RETURNING internal_id, external_id
 )
-SELECT asked, external_id, domain_external_id FROM existing WHERE external_id IS NOT NULL
+SELECT asked, internal_id, external_id, domain_external_id FROM existing WHERE external_id IS NOT NULL
 UNION ALL
-SELECT l.asked, n.external_id, NULL FROM live l JOIN minted n ON n.internal_id = l.internal_id
+SELECT l.asked, l.internal_id, n.external_id, NULL FROM live l JOIN minted n ON n.internal_id = l.internal_id
 
 -- name: rows_of_entities
 SELECT id, internal_id, domain_id, external_id, is_primary, state, origin

@@ -1,0 +1,137 @@
+"""An in-process cache of the mapping table's answers, kept true by PostgreSQL notifications.
+
+Every UPDATE or DELETE of a mapping row, and every change of an entity's state, is announced on
+channel ``broker_mappings`` with the entity's internal ID (migration 0003). Each broker process
+listens and drops every answer that involved that entity. Only rows that exist are cached, never
+misses, so an INSERT needs no announcement.
+
+A query that was in flight while a notification arrived must not put its (possibly old) answer
+in the cache: answers are stored only if no invalidation happened since the query started
+(:attr:`generation`). While the listening connection is down the cache stays off, so every
+answer comes from the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import asyncpg
+
+__all__ = ["CHANNEL", "MappingCache", "listen"]
+
+log = logging.getLogger(__name__)
+CHANNEL = "broker_mappings"
+
+
+class MappingCache:
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self.enabled = False
+        self.generation = 0
+        self.inbound: dict[tuple[str, str], str] = {}
+        self.outbound: dict[tuple[str, str], tuple[str, object]] = {}
+        # internal ID -> the keys whose answer depends on it
+        self._depends: dict[str, set[tuple[str, str, str]]] = {}
+
+    def get_inbound(self, domain: str, external_ids: Iterable[str]) -> dict[str, str]:
+        if not self.enabled:
+            return {}
+        return {e: self.inbound[domain, e] for e in external_ids if (domain, e) in self.inbound}
+
+    def get_outbound(self, domain: str, asked: Iterable[str]) -> dict[str, object]:
+        if not self.enabled:
+            return {}
+        return {a: self.outbound[domain, a][1] for a in asked if (domain, a) in self.outbound}
+
+    def put_inbound(self, generation: int, domain: str, answers: dict[str, str]) -> None:
+        if not self._may_store(generation, len(answers)):
+            return
+        for external, internal in answers.items():
+            self.inbound[domain, external] = internal
+            self._depends.setdefault(internal, set()).add(("in", domain, external))
+
+    def put_outbound(
+        self, generation: int, domain: str, answers: Iterable[tuple[str, str, object]]
+    ) -> None:
+        """``answers``: (asked internal ID, the internal ID it resolved to, value)."""
+        answers = list(answers)
+        if not self._may_store(generation, len(answers)):
+            return
+        for asked, resolved, value in answers:
+            self.outbound[domain, asked] = (resolved, value)
+            for internal in {asked, resolved}:
+                self._depends.setdefault(internal, set()).add(("out", domain, asked))
+
+    def _may_store(self, generation: int, count: int) -> bool:
+        if not self.enabled or generation != self.generation:
+            return False
+        if len(self.inbound) + len(self.outbound) + count > self.max_entries:
+            self.clear()
+        return True
+
+    def invalidate(self, internal_ids: Iterable[str]) -> None:
+        """Drop every answer that involved these entities."""
+        self.generation += 1
+        for internal in internal_ids:
+            for direction, domain, key in self._depends.pop(internal, ()):
+                table = self.inbound if direction == "in" else self.outbound
+                table.pop((domain, key), None)
+
+    def clear(self) -> None:
+        self.generation += 1
+        self.inbound.clear()
+        self.outbound.clear()
+        self._depends.clear()
+
+
+@contextlib.asynccontextmanager
+async def listen(
+    url: str, cache: MappingCache, *, retry_seconds: float = 2.0
+) -> AsyncIterator[None]:
+    """Keep ``cache`` on while a connection listens on :data:`CHANNEL`; reconnect when it drops."""
+    lost = asyncio.Event()
+
+    def on_notify(_conn: Any, _pid: int, _channel: str, payload: object) -> None:
+        cache.invalidate([str(payload)])
+
+    def on_lost(_conn: Any) -> None:
+        cache.enabled = False
+        cache.clear()
+        lost.set()
+
+    async def keep_listening() -> None:
+        while True:
+            try:
+                conn = await asyncpg.connect(url)
+                await conn.add_listener(CHANNEL, on_notify)
+                conn.add_termination_listener(on_lost)
+                cache.clear()
+                cache.enabled = True
+                lost.clear()
+                try:
+                    await lost.wait()
+                finally:
+                    cache.enabled = False
+                    if not conn.is_closed():
+                        await conn.close()
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("mapping cache off: cannot listen for changes (%s); retrying", exc)
+            await asyncio.sleep(retry_seconds)
+
+    task = asyncio.create_task(keep_listening())
+    try:
+        for _ in range(50):  # give the first connection a moment, so the cache starts on
+            if cache.enabled:
+                break
+            await asyncio.sleep(0.02)
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        cache.enabled = False
+        cache.clear()
