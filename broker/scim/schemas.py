@@ -75,14 +75,7 @@ class ReferenceMap:
 
     def attribute(self, name: str, extension: str | None = None) -> RefAttr | None:
         if extension is None:
-            # Unqualified names are core attributes, but services commonly accept extension
-            # attributes unqualified too: an ID hiding there must not slip through.
-            core = self.core.get(name.lower())
-            if core is not None:
-                return core
-            return next(
-                (a[name.lower()] for a in self.extensions.values() if name.lower() in a), None
-            )
+            return self._unqualified.get(name.lower())
         return self.extensions.get(extension.lower(), {}).get(name.lower())
 
     def is_extension(self, key: str) -> bool:
