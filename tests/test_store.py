@@ -132,6 +132,10 @@ async def test_merge_commits_the_seed_table_with_its_outbox_rows_and_audit(
     op = await store.merge("9caf78aac3d6", ["273d36e30d09"], idempotency_key="merge-1", actor="ops")
     assert op.state == "propagating"
     assert op.progress == {"D2": {"state": "pending", "tasks": 2}}
+    assert (await store.operation(op.id)).request == {
+        "survivor": "9caf78aac3d6",
+        "losers": ["273d36e30d09"],
+    }
     assert await _table(pool) == {
         ("9caf78aac3d6", "D2", "ff487230b3a0", True, "active"),
         ("9caf78aac3d6", "D2", "41206cc97c8b", False, "deletion_required"),

@@ -84,10 +84,6 @@ class MappingRow:
     row_id: int | None = field(default=None, compare=False)
     """The store's key for the row, carried through unchanged; the rules never read it."""
 
-    @property
-    def is_alias(self) -> bool:
-        return not self.primary
-
 
 @dataclass(frozen=True)
 class PeerTask:
@@ -116,10 +112,6 @@ class Plan:
     tasks: tuple[PeerTask, ...] = ()
     merged: Mapping[str, str] = field(default_factory=dict)
     """For merges: loser -> survivor."""
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.changes and not self.tasks and not self.merged
 
 
 def _key(row: MappingRow) -> tuple[str, str | None, str]:

@@ -142,11 +142,7 @@ class MappingStore:
 
     async def resolve_inbound(self, domain: str, external_ids: Iterable[str]) -> dict[str, str]:
         """External IDs of ``domain`` -> internal IDs, in one query. Unknown IDs are absent."""
-        wanted = list(dict.fromkeys(external_ids))
-        if not wanted:
-            return {}
-        records = await self.pool.fetch(query("resolve_inbound"), domain, wanted)
-        return {r["external_id"]: r["internal_id"] for r in records}
+        return (await self.resolve_request(domain, external_ids))[0]
 
     async def resolve_outbound(
         self, domain: str, entities: Mapping[str, str | None], *, mint: bool

@@ -16,7 +16,7 @@ from broker.errors import BrokerError
 from broker.scim.rewrite import Endpoints
 from broker.scim.schemas import DEFAULT_REFERENCES, ReferenceMap
 
-__all__ = ["HomeClient", "HomeResponse", "HomeUnavailable"]
+__all__ = ["HomeClient", "HomeResponse", "HomeSchema", "HomeUnavailable"]
 
 log = logging.getLogger(__name__)
 SCIM_JSON = "application/scim+json"

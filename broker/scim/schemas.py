@@ -15,8 +15,6 @@ from typing import Any
 __all__ = ["DEFAULT_REFERENCES", "ENTERPRISE_USER", "RefAttr", "ReferenceMap"]
 
 ENTERPRISE_USER = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
-CORE_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
-CORE_GROUP = "urn:ietf:params:scim:schemas:core:2.0:Group"
 # Reference types that do not name a resource type of the service.
 _NOT_RESOURCES = {"external", "uri"}
 

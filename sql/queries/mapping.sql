@@ -1,12 +1,5 @@
 -- Named queries of the identity map (broker/mapping/store.py). Parameters are always bound.
 
--- name: resolve_inbound
--- (domain, external IDs) -> internal IDs, aliases included: every row resolves inbound.
-SELECT m.external_id, m.internal_id
-FROM id_mappings m
-JOIN entities e ON e.internal_id = m.internal_id AND e.state = 'active'
-WHERE m.domain_id = $1 AND m.external_id = ANY($2::text[])
-
 -- name: resolve_request
 -- Everything a domain's request names, in one round-trip: its external IDs ($2) and the
 -- externalId values it gave entities ($3), each -> internal ID.
