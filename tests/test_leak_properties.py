@@ -17,12 +17,13 @@ from hypothesis import strategies as st
 
 from broker.scim.guard import IdShape, find_leak
 from broker.scim.outbound import DomainView, ids_in_resources, resources_for_domain
-from broker.scim.rewrite import Endpoints
+from broker.scim.rewrite import Endpoints, Translation
 from broker.scim.schemas import DEFAULT_REFERENCES, ENTERPRISE_USER
 
 HOME = "http://home.internal/v2"
 BROKER = "https://broker.example/scim/v2"
 PATTERN = IdShape(r"[0-9a-f]{32}")
+OUTWARD = Translation(DEFAULT_REFERENCES, Endpoints.default(), HOME, BROKER)
 home_ids = st.text(alphabet="0123456789abcdef", min_size=32, max_size=32)
 words = st.text(alphabet=st.characters(codec="ascii", categories=["L", "N", "Zs"]), max_size=12)
 
@@ -63,10 +64,9 @@ def group(draw: st.DrawFn) -> dict[str, Any]:
 
 def deliver(docs: list[dict[str, Any]], hidden: set[str] = frozenset()) -> tuple[str, bool]:  # type: ignore[assignment]
     """What the proxy would send a domain: the text, and whether the guard let it through."""
-    context = {"refs": DEFAULT_REFERENCES, "endpoints": Endpoints.default(), "home_base": HOME}
-    wanted = ids_in_resources(docs, resource_type=None, **context)  # type: ignore[arg-type]
+    wanted = ids_in_resources(docs, OUTWARD, resource_type=None)
     views = {i: DomainView(secrets.token_urlsafe(16)) for i in wanted if i not in hidden}
-    out = resources_for_domain(docs, views, broker_base=BROKER, resource_type=None, **context)  # type: ignore[arg-type]
+    out = resources_for_domain(docs, views, OUTWARD, resource_type=None)
     text = json.dumps([d for d in out if d is not None])
     leak = find_leak(
         [("body", text)],
@@ -145,15 +145,6 @@ def test_collect_lists_exactly_the_ids_the_rewriter_asks_about(docs: list[dict[s
             asked.setdefault(resource_id, rtype)
             return resource_id
 
-        rewrite_document(
-            doc,
-            refs=DEFAULT_REFERENCES,
-            endpoints=Endpoints.default(),
-            source_base=HOME,
-            target_base=BROKER,
-            translate=record,
-        )
-        collected = collect_ids(
-            doc, refs=DEFAULT_REFERENCES, endpoints=Endpoints.default(), source_base=HOME
-        )
+        rewrite_document(doc, OUTWARD, record)
+        collected = collect_ids(doc, OUTWARD)
         assert set(collected) == set(asked)

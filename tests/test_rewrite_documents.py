@@ -7,6 +7,7 @@ import pytest
 from broker.scim.rewrite import (
     Endpoints,
     InvisibleResource,
+    Translation,
     UnknownReference,
     collect_ids,
     rewrite_document,
@@ -45,6 +46,7 @@ REFS = ReferenceMap.from_schemas(
     SCHEMAS, [{"name": "User", "schemaExtensions": [{"schema": CUSTOM}]}]
 )
 
+INWARD = Translation(DEFAULT_REFERENCES, Endpoints.default(), BROKER, HOME)
 INTERNAL = {"u-1": "ext-u1", "u-2": "ext-u2", "g-1": "ext-g1", "boss": "ext-boss"}
 
 
@@ -52,12 +54,7 @@ def outbound(
     doc: dict, refs: ReferenceMap = DEFAULT_REFERENCES, table: dict[str, str] = INTERNAL
 ) -> dict:
     return rewrite_document(
-        doc,
-        refs=refs,
-        endpoints=Endpoints.default(),
-        source_base=HOME,
-        target_base=BROKER,
-        translate=lambda i, _t: table.get(i),
+        doc, Translation(refs, Endpoints.default(), HOME, BROKER), lambda i, _t: table.get(i)
     )
 
 
@@ -129,15 +126,7 @@ def test_inbound_unknown_member_is_an_invalid_value_naming_what_was_sent() -> No
     reverse = {v: k for k, v in INTERNAL.items()}
     group = {"displayName": "x", "members": [{"value": "ext-u1"}, {"value": "guess"}]}
     with pytest.raises(UnknownReference, match="members: 'guess'") as caught:
-        rewrite_document(
-            group,
-            refs=DEFAULT_REFERENCES,
-            endpoints=Endpoints.default(),
-            source_base=BROKER,
-            target_base=HOME,
-            translate=lambda i, _t: reverse.get(i),
-            strict=True,
-        )
+        rewrite_document(group, INWARD, lambda i, _t: reverse.get(i), strict=True)
     assert caught.value.status == 400 and caught.value.scim_type == "invalidValue"
 
 
@@ -151,9 +140,7 @@ def test_collect_finds_every_id_with_its_type() -> None:
         ],
         ENTERPRISE_USER: {"manager": {"value": "boss"}},
     }
-    assert collect_ids(
-        doc, refs=DEFAULT_REFERENCES, endpoints=Endpoints.default(), source_base=HOME
-    ) == {
+    assert collect_ids(doc, INWARD.reversed()) == {
         "u-1": "User",
         "g-9": "Group",
         "boss": "User",

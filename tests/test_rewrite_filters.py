@@ -5,27 +5,18 @@ from __future__ import annotations
 import pytest
 
 from broker.scim.filters import NO_SUCH_ID, FilterError, filter_ids, parse_filter, rewrite_filter
-from broker.scim.rewrite import Endpoints
+from broker.scim.rewrite import Endpoints, Translation
 from broker.scim.schemas import DEFAULT_REFERENCES, ENTERPRISE_USER
 
 BROKER = "https://broker.example/scim/v2"
 HOME = "http://home.internal/scim/v2"
+INWARD = Translation(DEFAULT_REFERENCES, Endpoints.default(), BROKER, HOME)
 IDS = {"ext-a": "int-a", "ext-b": "int-b"}
 
 
 def inbound(text: str, external_ids: dict[str, list[str]] | None = None) -> str:
     ast = parse_filter(text)
-    return str(
-        rewrite_filter(
-            ast,
-            refs=DEFAULT_REFERENCES,
-            endpoints=Endpoints.default(),
-            source_base=BROKER,
-            target_base=HOME,
-            ids=IDS,
-            external_ids=external_ids or {},
-        )
-    )
+    return str(rewrite_filter(ast, INWARD, ids=IDS, external_ids=external_ids or {}))
 
 
 @pytest.mark.parametrize(
@@ -79,9 +70,7 @@ def test_filter_ids_lists_what_to_resolve() -> None:
         parse_filter(
             f'id eq "ext-a" or members[value eq "ext-b"] or externalId eq "e1" or members.$ref eq "{BROKER}/Groups/g"'
         ),
-        refs=DEFAULT_REFERENCES,
-        endpoints=Endpoints.default(),
-        base=BROKER,
+        INWARD,
     )
     assert found.ids == {"ext-a": None, "ext-b": None, "g": "Group"}
     assert found.external_ids == {"e1"}
@@ -90,9 +79,7 @@ def test_filter_ids_lists_what_to_resolve() -> None:
 @pytest.mark.parametrize("text", ['id sw "a"', 'members.value gt "a"', 'externalId co "x"'])
 def test_ordering_and_substring_operators_on_ids_are_refused(text: str) -> None:
     with pytest.raises(FilterError, match="only be compared with eq or ne") as caught:
-        filter_ids(
-            parse_filter(text), refs=DEFAULT_REFERENCES, endpoints=Endpoints.default(), base=BROKER
-        )
+        filter_ids(parse_filter(text), INWARD)
     assert caught.value.status == 400 and caught.value.scim_type == "invalidFilter"
 
 

@@ -7,11 +7,12 @@ from typing import Any
 import pytest
 
 from broker.scim.patch import PATCH_OP, PatchError, parse_patch
-from broker.scim.rewrite import Endpoints, UnknownReference
+from broker.scim.rewrite import Endpoints, Translation, UnknownReference
 from broker.scim.schemas import DEFAULT_REFERENCES, ENTERPRISE_USER
 
 BROKER = "https://broker.example/scim/v2"
 HOME = "http://home.internal/scim/v2"
+INWARD = Translation(DEFAULT_REFERENCES, Endpoints.default(), BROKER, HOME)
 IDS = {"ext-a": "int-a", "ext-b": "int-b", "ext-g": "int-g"}
 
 
@@ -22,10 +23,7 @@ def body(*ops: dict[str, Any]) -> dict[str, Any]:
 def inbound(request: dict[str, Any]) -> dict[str, Any]:
     patch = parse_patch(request)
     return patch.rewrite(
-        refs=DEFAULT_REFERENCES,
-        endpoints=Endpoints.default(),
-        source_base=BROKER,
-        target_base=HOME,
+        INWARD,
         translate=lambda i, _t: IDS.get(i),
         ids=IDS,
         external_ids={},
@@ -112,7 +110,7 @@ def test_ids_lists_everything_the_operations_name() -> None:
             {"op": "add", "path": "members", "value": [{"value": "ext-a", "type": "User"}]},
         )
     )
-    found = patch.ids(refs=DEFAULT_REFERENCES, endpoints=Endpoints.default(), base=BROKER)
+    found = patch.ids(INWARD)
     assert found.ids == {"ext-b": None, "ext-a": "User"}
 
 

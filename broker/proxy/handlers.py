@@ -26,7 +26,7 @@ from broker.scim.filters import FilterError, FilterIds, filter_ids, parse_filter
 from broker.scim.guard import IdShape, find_leak, scrub
 from broker.scim.outbound import DomainView, ids_in_resources, resources_for_domain
 from broker.scim.patch import parse_patch
-from broker.scim.rewrite import Endpoints, IdVisitor, collect_ids, rewrite_document
+from broker.scim.rewrite import Endpoints, IdVisitor, Translation, collect_ids, rewrite_document
 from broker.tokens import Principal, TokenStore
 
 __all__ = ["SCIM_PREFIX", "Proxy", "scim_error_middleware"]
@@ -288,10 +288,8 @@ class Proxy:
     ) -> list[dict[str, Any] | None]:
         """Home's resources as the caller sees them (None: invisible to it), one round-trip."""
         schema = await self.home.schema()
-        refs, endpoints, home_base = schema.refs, schema.endpoints, self.home.base_url
-        wanted = ids_in_resources(
-            docs, refs=refs, endpoints=endpoints, home_base=home_base, resource_type=resource_type
-        )
+        outward = self._inward(schema).reversed()
+        wanted = ids_in_resources(docs, outward, resource_type=resource_type)
         call.internal_ids.update(wanted)
         if call.domain.scope_filter:
             wanted = await self._in_scope(call, wanted, docs, resource_type)
@@ -299,15 +297,11 @@ class Proxy:
         call.allowed.update(o.external_id for o in found.values())
         call.allowed.update(o.domain_external_id for o in found.values() if o.domain_external_id)
         views = {i: DomainView(o.external_id, o.domain_external_id) for i, o in found.items()}
-        return resources_for_domain(
-            docs,
-            views,
-            refs=refs,
-            endpoints=endpoints,
-            home_base=home_base,
-            broker_base=self.base,
-            resource_type=resource_type,
-        )
+        return resources_for_domain(docs, views, outward, resource_type=resource_type)
+
+    def _inward(self, schema: HomeSchema) -> Translation:
+        """Rewriting from the caller's view (the broker's base) to home's."""
+        return Translation(schema.refs, schema.endpoints, self.base, self.home.base_url)
 
     def _prepare(self, call: _Call, doc: Any, schema: HomeSchema) -> _Incoming:
         """A resource a domain sends, checked: ``id`` and ``meta`` dropped, ``externalId`` taken
@@ -323,24 +317,14 @@ class Proxy:
                 raise InvalidValueError("externalId must be a string")
             external_id = (value,)
         self._check_writable(call.domain, doc)
-        names = collect_ids(
-            doc, refs=schema.refs, endpoints=schema.endpoints, source_base=self.base
-        )
+        names = collect_ids(doc, self._inward(schema))
         return _Incoming(doc, external_id, names)
 
     def _finish(
         self, incoming: _Incoming, schema: HomeSchema, translate: IdVisitor
     ) -> dict[str, Any]:
         """The resource for home: references translated; an unknown one is UnknownReference."""
-        return rewrite_document(
-            incoming.doc,
-            refs=schema.refs,
-            endpoints=schema.endpoints,
-            source_base=self.base,
-            target_base=self.home.base_url,
-            translate=translate,
-            strict=True,
-        )
+        return rewrite_document(incoming.doc, self._inward(schema), translate, strict=True)
 
     async def _in_scope(
         self,
@@ -541,16 +525,10 @@ class Proxy:
         parts = []
         if isinstance(user_filter, str) and user_filter.strip():
             ast = parse_filter(user_filter)
-            named = filter_ids(ast, refs=schema.refs, endpoints=schema.endpoints, base=self.base)
+            named = filter_ids(ast, self._inward(schema))
             resolved, by_value = await self._resolve(call, named.ids, named.external_ids)
             rewritten = rewrite_filter(
-                ast,
-                refs=schema.refs,
-                endpoints=schema.endpoints,
-                source_base=self.base,
-                target_base=self.home.base_url,
-                ids=resolved,
-                external_ids=by_value,
+                ast, self._inward(schema), ids=resolved, external_ids=by_value
             )
             parts.append(str(rewritten))
         elif user_filter is not None and not isinstance(user_filter, str):
@@ -643,15 +621,12 @@ class Proxy:
         call = await self._call(request, "scim:write")
         patch = parse_patch(await self._json_body(request))
         schema = await self.home.schema()
-        named = patch.ids(refs=schema.refs, endpoints=schema.endpoints, base=self.base)
+        named = patch.ids(self._inward(schema))
         target = await self._target(call, request, named)
         resource: dict[str, Any] | None = None
         if patch.operations:
             body = patch.rewrite(
-                refs=schema.refs,
-                endpoints=schema.endpoints,
-                source_base=self.base,
-                target_base=self.home.base_url,
+                self._inward(schema),
                 translate=lambda i, _t: target.resolved.get(i),
                 ids=target.resolved,
                 external_ids=target.by_value,
@@ -750,7 +725,7 @@ class Proxy:
                 names.update(i for i in content.names if not is_bulk_ref(i))
             elif op["method"] == "PATCH":
                 content = parse_patch(op.get("data"))
-                named = content.ids(refs=schema.refs, endpoints=schema.endpoints, base=self.base)
+                named = content.ids(self._inward(schema))
                 names.update(i for i in named.ids if not is_bulk_ref(i))
                 values.update(named.external_ids)
             planned.append((op, resource_type, path_id, content))
@@ -779,10 +754,7 @@ class Proxy:
                     home_op["data"] = self._finish(content, schema, translate)
                 elif content is not None:
                     home_op["data"] = content.rewrite(
-                        refs=schema.refs,
-                        endpoints=schema.endpoints,
-                        source_base=self.base,
-                        target_base=self.home.base_url,
+                        self._inward(schema),
                         translate=translate,
                         ids=resolved,
                         external_ids=by_value,

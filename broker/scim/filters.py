@@ -39,7 +39,7 @@ from scim2_models.path import (
 )
 
 from broker.errors import BrokerError
-from broker.scim.rewrite import Endpoints
+from broker.scim.rewrite import Translation
 from broker.scim.schemas import ReferenceMap
 
 __all__ = ["NO_SUCH_ID", "FilterError", "FilterIds", "filter_ids", "parse_filter", "rewrite_filter"]
@@ -134,10 +134,9 @@ def _check_operator(node: Comparison, what: str) -> None:
         )
 
 
-def filter_ids(
-    ast: FilterNode, *, refs: ReferenceMap, endpoints: Endpoints, base: str
-) -> FilterIds:
+def filter_ids(ast: FilterNode, translation: Translation) -> FilterIds:
     """Every ID, URI and externalId value ``ast`` compares against."""
+    refs, endpoints, base = translation.refs, translation.endpoints, translation.source_base
     found = FilterIds()
 
     def visit(node: Comparison, parent: AttrPath | None) -> FilterNode:
@@ -163,16 +162,15 @@ def filter_ids(
 
 def rewrite_filter(
     ast: FilterNode,
+    translation: Translation,
     *,
-    refs: ReferenceMap,
-    endpoints: Endpoints,
-    source_base: str,
-    target_base: str,
     ids: Mapping[str, str],
     external_ids: Mapping[str, list[str]],
 ) -> FilterNode:
-    """``ast`` with IDs from ``ids``, URIs moved to ``target_base``, and externalId comparisons
+    """``ast`` with IDs from ``ids``, URIs moved to the target base, and externalId comparisons
     turned into comparisons of ``id`` with the entities of ``external_ids``."""
+    refs, endpoints = translation.refs, translation.endpoints
+    source_base, target_base = translation.source_base, translation.target_base
 
     def visit(node: Comparison, parent: AttrPath | None) -> FilterNode:
         kind = _classify(node.attr_path, parent, refs)

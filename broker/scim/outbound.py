@@ -10,8 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from broker.scim.rewrite import Endpoints, InvisibleResource, collect_ids, rewrite_document
-from broker.scim.schemas import ReferenceMap
+from broker.scim.rewrite import InvisibleResource, Translation, collect_ids, rewrite_document
 
 __all__ = ["DomainView", "ids_in_resources", "resources_for_domain"]
 
@@ -25,24 +24,17 @@ class DomainView:
 
 
 def ids_in_resources(
-    docs: Sequence[Mapping[str, Any]],
-    *,
-    refs: ReferenceMap,
-    endpoints: Endpoints,
-    home_base: str,
-    resource_type: str | None,
+    docs: Sequence[Mapping[str, Any]], translation: Translation, *, resource_type: str | None
 ) -> dict[str, str | None]:
-    """Every internal ID the documents hold -> its resource type where it can be told."""
+    """Every internal ID the documents hold -> its resource type where it can be told.
+
+    ``translation`` goes from home's base to the broker's.
+    """
     wanted: dict[str, str | None] = {}
     for doc in docs:
-        found = collect_ids(
-            dict(doc),
-            refs=refs,
-            endpoints=endpoints,
-            source_base=home_base,
-            resource_type=resource_type,
-        )
-        for internal, rtype in found.items():
+        for internal, rtype in collect_ids(
+            dict(doc), translation, resource_type=resource_type
+        ).items():
             if wanted.get(internal) is None:
                 wanted[internal] = rtype
     return wanted
@@ -51,11 +43,8 @@ def ids_in_resources(
 def resources_for_domain(
     docs: Sequence[Mapping[str, Any]],
     views: Mapping[str, DomainView],
+    translation: Translation,
     *,
-    refs: ReferenceMap,
-    endpoints: Endpoints,
-    home_base: str,
-    broker_base: str,
     resource_type: str | None,
 ) -> list[dict[str, Any] | None]:
     """Each document as the domain sees it, or None where the resource is invisible to it.
@@ -63,18 +52,14 @@ def resources_for_domain(
     References to entities the domain has no view of are left out; home's ``externalId`` is
     replaced by the one the domain gave the entity, if any (DESIGN section 3).
     """
+
+    def translate(internal: str, _rtype: str | None) -> str | None:
+        return views[internal].external_id if internal in views else None
+
     out: list[dict[str, Any] | None] = []
     for doc in docs:
         try:
-            new = rewrite_document(
-                dict(doc),
-                refs=refs,
-                endpoints=endpoints,
-                source_base=home_base,
-                target_base=broker_base,
-                translate=lambda i, _t: views[i].external_id if i in views else None,
-                resource_type=resource_type,
-            )
+            new = rewrite_document(dict(doc), translation, translate, resource_type=resource_type)
         except InvisibleResource:
             out.append(None)
             continue

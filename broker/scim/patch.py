@@ -18,7 +18,7 @@ from scim2_models.path import AttrPath, Comparison, ValuePath
 
 from broker.errors import BrokerError
 from broker.scim.filters import FilterIds, filter_ids, rewrite_filter
-from broker.scim.rewrite import Endpoints, collect_ids, rewrite_document
+from broker.scim.rewrite import IdVisitor, Translation, collect_ids, rewrite_document
 from broker.scim.schemas import ReferenceMap
 
 __all__ = ["PATCH_OP", "PatchError", "PatchRequest", "parse_patch"]
@@ -51,35 +51,27 @@ class PatchRequest:
     """(value,) when an operation sets or removes externalId (None: removed); None if untouched."""
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def ids(self, *, refs: ReferenceMap, endpoints: Endpoints, base: str) -> FilterIds:
+    def ids(self, translation: Translation) -> FilterIds:
         """Every ID the operations name, in paths and in values."""
         found = FilterIds()
         for op in self.operations:
-            if (
-                op.path is not None
-                and op.path.ast is not None
-                and not isinstance(op.path.ast, AttrPath)
-            ):
-                named = filter_ids(op.path.ast, refs=refs, endpoints=endpoints, base=base)
+            path_filter = _path_filter(op)
+            if path_filter is not None:
+                named = filter_ids(path_filter, translation)
                 found.ids.update(named.ids)
                 found.external_ids |= named.external_ids
-            wrapped = _wrap(op, refs)
+            wrapped = _wrap(op, translation.refs)
             if wrapped is not None:
-                for key, rtype in collect_ids(
-                    wrapped[0], refs=refs, endpoints=endpoints, source_base=base
-                ).items():
+                for key, rtype in collect_ids(wrapped[0], translation).items():
                     if found.ids.get(key) is None:
                         found.ids[key] = rtype
         return found
 
     def rewrite(
         self,
+        translation: Translation,
         *,
-        refs: ReferenceMap,
-        endpoints: Endpoints,
-        source_base: str,
-        target_base: str,
-        translate: Callable[[str, str | None], str | None],
+        translate: IdVisitor,
         ids: Mapping[str, str],
         external_ids: Mapping[str, list[str]],
     ) -> dict[str, Any]:
@@ -87,36 +79,25 @@ class PatchRequest:
         operations = []
         for op in self.operations:
             out = dict(op.raw)
-            if (
-                op.path is not None
-                and op.path.ast is not None
-                and not isinstance(op.path.ast, AttrPath)
-            ):
+            path_filter = _path_filter(op)
+            if path_filter is not None:
                 rewritten = rewrite_filter(
-                    op.path.ast,
-                    refs=refs,
-                    endpoints=endpoints,
-                    source_base=source_base,
-                    target_base=target_base,
-                    ids=ids,
-                    external_ids=external_ids,
+                    path_filter, translation, ids=ids, external_ids=external_ids
                 )
                 out["path"] = str(rewritten)
-            wrapped = _wrap(op, refs)
+            wrapped = _wrap(op, translation.refs)
             if wrapped is not None:
                 doc, unwrap = wrapped
-                new = rewrite_document(
-                    doc,
-                    refs=refs,
-                    endpoints=endpoints,
-                    source_base=source_base,
-                    target_base=target_base,
-                    translate=translate,
-                    strict=True,
-                )
-                out["value"] = unwrap(new)
+                out["value"] = unwrap(rewrite_document(doc, translation, translate, strict=True))
             operations.append(out)
         return {**self.extra, "schemas": [PATCH_OP], "Operations": operations}
+
+
+def _path_filter(op: _Op) -> Any | None:
+    """The filter inside a PATCH path (``members[value eq ".."]``), if it has one."""
+    if op.path is None or op.path.ast is None or isinstance(op.path.ast, AttrPath):
+        return None
+    return op.path.ast
 
 
 def _target(path: Path[Any]) -> tuple[AttrPath, str | None, bool]:

@@ -27,6 +27,7 @@ from broker.scim.schemas import RefAttr, ReferenceMap
 __all__ = [
     "Endpoints",
     "InvisibleResource",
+    "Translation",
     "UnknownReference",
     "collect_ids",
     "rewrite_document",
@@ -94,6 +95,20 @@ class Endpoints:
 
     def uri(self, base: str, resource_type: str, resource_id: str) -> str:
         return f"{base.rstrip('/')}{self.by_type[resource_type]}/{resource_id}"
+
+
+@dataclass(frozen=True)
+class Translation:
+    """One direction of rewriting: the references to look for, and the base URIs they move
+    between (home's and the broker's public one)."""
+
+    refs: ReferenceMap
+    endpoints: Endpoints
+    source_base: str
+    target_base: str
+
+    def reversed(self) -> Translation:
+        return Translation(self.refs, self.endpoints, self.target_base, self.source_base)
 
 
 # A visitor receives (id, resource type or None) and returns the new ID, or None when missing.
@@ -203,12 +218,9 @@ def _rewrite_attributes(
 
 def rewrite_document(
     doc: Json,
-    *,
-    refs: ReferenceMap,
-    endpoints: Endpoints,
-    source_base: str,
-    target_base: str,
+    translation: Translation,
     translate: IdVisitor,
+    *,
     resource_type: str | None = None,
     strict: bool = False,
 ) -> Json:
@@ -218,7 +230,8 @@ def rewrite_document(
     :class:`InvisibleResource`. Inbound (``strict=True``) any missing reference raises
     :class:`UnknownReference`, naming the attribute and value the caller sent.
     """
-    ctx = _Context(refs, endpoints, source_base, target_base, translate)
+    t = translation
+    ctx = _Context(t.refs, t.endpoints, t.source_base, t.target_base, translate)
 
     def on_missing(key: str, value: Any) -> None:
         if strict:
@@ -255,17 +268,13 @@ def _meta_type(doc: Json) -> str | None:
 
 
 def collect_ids(
-    doc: Json,
-    *,
-    refs: ReferenceMap,
-    endpoints: Endpoints,
-    source_base: str,
-    resource_type: str | None = None,
+    doc: Json, translation: Translation, *, resource_type: str | None = None
 ) -> dict[str, str | None]:
     """Every ID ``doc`` holds -> its resource type where it can be told (None otherwise).
 
     It reads exactly the places :func:`rewrite_document` rewrites, without copying anything.
     """
+    refs, endpoints, source_base = translation.refs, translation.endpoints, translation.source_base
     found: dict[str, str | None] = {}
 
     def add(resource_id: str, rtype: str | None) -> None:
