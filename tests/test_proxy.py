@@ -235,3 +235,17 @@ async def test_custom_extension_reference_attributes_both_ways(broker: Broker, h
         "D1", "GET", "/Users", params={"filter": f'{ACME}:sponsor.value eq "{sponsor["id"]}"'}
     )
     assert [u["id"] for u in found["Resources"]] == [user["id"]]
+
+
+async def test_if_none_match_with_the_current_version_is_304(broker: Broker, home: Home) -> None:
+    _, user, _ = await broker.call("D1", "POST", "/Users", new_user())
+    status, _, headers = await broker.call("D1", "GET", f"/Users/{user['id']}")
+    assert status == 200
+    status, body, again = await broker.call(
+        "D1", "GET", f"/Users/{user['id']}", headers={"If-None-Match": headers["ETag"]}
+    )
+    assert (status, body, again["ETag"]) == (304, None, headers["ETag"])
+    status, _, _ = await broker.call(
+        "D1", "GET", f"/Users/{user['id']}", headers={"If-None-Match": 'W/"0"'}
+    )
+    assert status == 200

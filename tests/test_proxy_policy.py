@@ -118,6 +118,7 @@ async def test_discovery_documents_point_at_the_broker_and_announce_what_it_supp
 ) -> None:
     status, config, _ = await broker.call("D1", "GET", "/ServiceProviderConfig")
     assert status == 200 and config["bulk"]["supported"] and config["patch"]["supported"]
+    assert [a["type"] for a in config["authenticationSchemes"]] == ["oauthbearertoken"]
     assert config["bulk"]["maxPayloadSize"] <= 1024 * 1024
     status, types, _ = await broker.call("D1", "GET", "/ResourceTypes")
     assert status == 200 and {t["name"] for t in types["Resources"]} >= {"User", "Group"}

@@ -463,6 +463,12 @@ class Proxy:
     async def get(self, request: web.Request) -> web.Response:
         call = await self._call(request, "scim:read")
         target = await self._target(call, request, check_scope=False)
+        if "If-None-Match" in request.headers and not _scope(call, target.resource_type):
+            # RFC 7644 section 3.14: home decides; a 304 carries no body, only the version.
+            headers = {"If-None-Match": request.headers["If-None-Match"]}
+            response = await self.home.request("GET", target.endpoint, headers=headers)
+            if response.status == 304:
+                return await self._respond(call, 304, None, _etag_header(response))
         resource = await self._fetch(call, target, _pick(request.query, GET_PARAMS))
         out = await self._visible(call, resource, target.resource_type)
         return await self._respond(
@@ -671,6 +677,15 @@ class Proxy:
         if response.status != 200 or not isinstance(response.body, dict):
             raise self._home_error(call, response, {})
         config = self._relocate(response.body)
+        # Domains authenticate to the broker, with its bearer tokens, not to home.
+        config["authenticationSchemes"] = [
+            {
+                "type": "oauthbearertoken",
+                "name": "Bearer token",
+                "description": "A token the broker's operator issues with `broker token issue DOMAIN`",
+                "primary": True,
+            }
+        ]
         home_bulk = config.get("bulk") if isinstance(config.get("bulk"), dict) else {}
         config["bulk"] = {
             "supported": bool(home_bulk.get("supported")),
