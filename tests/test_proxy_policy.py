@@ -250,3 +250,24 @@ async def test_home_error_details_are_scrubbed_of_internal_ids(broker: Broker, h
     _, at_home = home.call("GET", f'/Users?filter=userName eq "{user["userName"]}"')
     internal = at_home["Resources"][0]["id"]
     assert internal not in body["detail"] and internal.upper() not in body["detail"]
+
+
+class EmptyHome(HomeClient):
+    """The real home, except that reads of one resource answer 200 with no resource."""
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> HomeResponse:
+        response = await super().request(method, path, **kwargs)
+        if method == "GET" and path.startswith("/Users/"):
+            return HomeResponse(200, {}, ["not", "a", "resource"])
+        return response
+
+
+async def test_a_home_success_without_a_resource_is_a_502_not_an_error_with_status_200(
+    broker: Broker, home: Home
+) -> None:
+    _, user, _ = await broker.call("D1", "POST", "/Users", new_user())
+    proxy = broker.app[PROXY]
+    proxy.home = EmptyHome(proxy.home.session, proxy.home.base_url, home.token)
+    status, body, _ = await broker.call("D1", "GET", f"/Users/{user['id']}")
+    assert (status, body["status"]) == (502, "502")
+    assert "operator" in body["detail"]

@@ -8,7 +8,7 @@ import uuid
 import asyncpg
 import pytest
 
-from broker.errors import ConflictError
+from broker.errors import ConflictError, InvalidValueError
 from broker.mapping.rules import MappingState, Origin, apply_plan, plan_merge
 from broker.mapping.store import EntityStateError, IdempotencyKeyReused, MappingStore, UnknownEntity
 from tests.conftest import QueryCounter
@@ -197,12 +197,19 @@ async def test_merging_an_entity_twice_says_where_it_went_and_changes_nothing(
     assert await pool.fetchval("SELECT count(*) FROM operations") == 1
 
 
-async def test_unknown_entities_and_mixed_resource_types_are_refused(store: MappingStore) -> None:
+async def test_unknown_entities_and_mixed_resource_types_are_refused(
+    store: MappingStore, pool: asyncpg.Pool
+) -> None:
     await store.register_entities({"u": "User", "g": "Group"})
-    with pytest.raises(UnknownEntity, match="never seen entity nobody"):
+    with pytest.raises(UnknownEntity, match="never seen entity nobody") as unknown:
         await store.merge("u", ["nobody"], idempotency_key="k1", actor="ops")
-    with pytest.raises(Exception, match="one resource type"):
+    assert unknown.value.status == 404
+    with pytest.raises(InvalidValueError, match="one resource type") as mixed:
         await store.merge("u", ["g"], idempotency_key="k2", actor="ops")
+    assert (mixed.value.status, mixed.value.scim_type) == (400, "invalidValue")
+    # Refused operations leave nothing behind, not even their idempotency keys.
+    assert await pool.fetchval("SELECT count(*) FROM operations") == 0
+    assert await pool.fetchval("SELECT count(*) FROM audit_log") == 0
 
 
 async def test_a_merge_that_fails_midway_commits_nothing(

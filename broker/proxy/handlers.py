@@ -27,7 +27,7 @@ from broker.scim.guard import IdShape, find_leak, scrub
 from broker.scim.outbound import DomainView, ids_in_resources, resources_for_domain
 from broker.scim.patch import parse_patch
 from broker.scim.rewrite import Endpoints, IdVisitor, Translation, collect_ids, rewrite_document
-from broker.tokens import Principal, TokenStore
+from broker.tokens import TokenStore
 
 __all__ = ["SCIM_PREFIX", "Proxy", "scim_error_middleware"]
 
@@ -134,9 +134,8 @@ class _Target:
 
 @dataclass
 class _Call:
-    """One domain request being served: who, against which schema, and the IDs in play."""
+    """One domain request being served: for whom, and the IDs in play."""
 
-    principal: Principal
     domain: Domain
     request_text: str
     internal_ids: set[str] = field(default_factory=set)
@@ -198,7 +197,7 @@ class Proxy:
         principal.require(scope)
         domain = await self._domain(principal.domain_id)
         body = await request.text() if request.can_read_body else ""
-        return _Call(principal, domain, f"{request.path_qs}\n{body}")
+        return _Call(domain, f"{request.path_qs}\n{body}")
 
     async def _domain(self, domain_id: str) -> Domain:
         now = time.monotonic()
@@ -448,6 +447,13 @@ class Proxy:
         body = response.body if isinstance(response.body, dict) else {}
         if response.status == 404:
             return NotFoundError(NOT_FOUND)
+        if response.status < 400:
+            # A success the broker cannot use (no body, not a resource): not the caller's fault.
+            return BrokerError(
+                f"the home SCIM service answered {response.status} without the expected resource; "
+                "try again, and tell the broker's operator if it persists",
+                status=502,
+            )
         # Internal IDs in play that the caller has no name for are masked too, whatever shape.
         known = {i: "[id]" for i in call.internal_ids if i} | replacements
         detail = scrub(

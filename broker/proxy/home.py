@@ -20,8 +20,9 @@ __all__ = ["HomeClient", "HomeResponse", "HomeSchema", "HomeUnavailable"]
 
 log = logging.getLogger(__name__)
 SCIM_JSON = "application/scim+json"
-# Response headers worth passing on to a domain (after rewriting); everything else stays here.
-PASSED_HEADERS = ("ETag", "Location", "Content-Location", "Retry-After")
+# Response headers the proxy reads (ETag is passed on; Location only tells that home created
+# something); everything else stays here.
+PASSED_HEADERS = ("ETag", "Location")
 
 
 class HomeUnavailable(BrokerError):
