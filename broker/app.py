@@ -15,7 +15,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from broker import __version__
 from broker.config import Config
-from broker.db import apply_migrations, create_pool, database_url, migration_status, query
+from broker.db import migrated_pool, migration_status, query
 from broker.domains import DomainStore
 from broker.mapping.cache import MappingCache, listen
 from broker.mapping.store import MappingStore
@@ -74,26 +74,17 @@ METRICS = web.AppKey("metrics", Metrics)
 async def _database(app: web.Application) -> AsyncIterator[None]:
     """The database: the configured server or the embedded one, migrated, behind a pool."""
     config = app[CONFIG].database
-    async with database_url(config.url, config.data_dir) as url:
-        conn = await asyncpg.connect(url)
-        try:
-            applied = await apply_migrations(conn)
-        finally:
-            await conn.close()
-        for migration in applied:
-            log.info("applied migration %s", migration.name)
-        pool = await create_pool(url, min_size=config.pool_min_size, max_size=config.pool_max_size)
+    async with migrated_pool(
+        config.url, config.data_dir, min_size=config.pool_min_size, max_size=config.pool_max_size
+    ) as (pool, url):
         app[POOL] = pool
         cache = MappingCache(config.cache_entries)
         app[STORE] = MappingStore(pool, cache=cache)
-        try:
-            if config.cache_entries > 0:
-                async with listen(url, cache):
-                    yield
-            else:
+        if config.cache_entries > 0:
+            async with listen(url, cache):
                 yield
-        finally:
-            await pool.close()
+        else:
+            yield
 
 
 @web.middleware

@@ -18,7 +18,7 @@ from aiohttp import web
 from broker import __version__
 from broker.app import create_app
 from broker.config import Config, ConfigError, load_config
-from broker.db import MigrationError, apply_migrations, create_pool, database_url
+from broker.db import MigrationError, migrated_pool
 from broker.domains import Domain, DomainStore
 from broker.errors import BrokerError
 from broker.mapping.rules import MappingRow
@@ -40,18 +40,13 @@ async def _pool(config: Config) -> AsyncIterator[asyncpg.Pool]:
     """A migrated database for one CLI command (joining a running embedded server if there is one)."""
     if config.database.url is None:
         _say(f"using the embedded PostgreSQL in {config.database.data_dir}")
-    async with database_url(config.database.url, config.database.data_dir) as url:
-        conn = await asyncpg.connect(url)
-        try:
-            for migration in await apply_migrations(conn):
-                _say(f"applied migration {migration.name}")
-        finally:
-            await conn.close()
-        pool = await create_pool(url, min_size=1, max_size=2)
-        try:
-            yield pool
-        finally:
-            await pool.close()
+    async with migrated_pool(
+        config.database.url,
+        config.database.data_dir,
+        max_size=2,
+        on_applied=lambda m: _say(f"applied migration {m.name}"),
+    ) as (pool, _url):
+        yield pool
 
 
 # --------------------------------------------------------------------------- commands
@@ -76,8 +71,9 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         port=config.server.port,
         shutdown_timeout=config.server.shutdown_timeout,
         print=lambda _: _say(
-            f"broker {__version__} ready: {config.public_url} "
-            "(/healthz, /readyz, /metrics); Ctrl-C or SIGTERM stops it"
+            f"broker {__version__} ready: {config.public_url} (/healthz, /readyz, /metrics"
+            + (", /scim/v2" if config.home.scim_url else "; set [home] scim_url to serve /scim/v2")
+            + "); Ctrl-C or SIGTERM stops it"
         ),
         access_log=None,
     )

@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeAlias
@@ -37,6 +37,7 @@ __all__ = [
     "database_url",
     "init_connection",
     "load_migrations",
+    "migrated_pool",
     "migration_status",
     "query",
 ]
@@ -188,6 +189,31 @@ async def database_url(url: str | None, data_dir: Path) -> AsyncIterator[str]:
         yield started
     finally:
         await asyncio.to_thread(embedded.stop)
+
+
+@contextlib.asynccontextmanager
+async def migrated_pool(
+    url: str | None,
+    data_dir: Path,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    on_applied: Callable[[Migration], None] = lambda m: log.info("applied migration %s", m.name),
+) -> AsyncIterator[tuple[asyncpg.Pool, str]]:
+    """The database ready for use: the configured or embedded server, every migration applied,
+    behind a pool. Yields the pool and the server's URL (for connections of their own)."""
+    async with database_url(url, data_dir) as server_url:
+        conn = await asyncpg.connect(server_url)
+        try:
+            for migration in await apply_migrations(conn):
+                on_applied(migration)
+        finally:
+            await conn.close()
+        pool = await create_pool(server_url, min_size=min_size, max_size=max_size)
+        try:
+            yield pool, server_url
+        finally:
+            await pool.close()
 
 
 # --------------------------------------------------------------------------- migrations
