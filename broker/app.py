@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,16 +15,31 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from broker import __version__
+from broker.admin.api import Admin, create_admin_app
 from broker.config import Config
 from broker.db import migrated_pool, migration_status, query
 from broker.domains import DomainStore
 from broker.mapping.cache import MappingCache, listen
 from broker.mapping.store import MappingStore
+from broker.propagation.policy import Backoff
+from broker.propagation.poller import HomePoller
+from broker.propagation.worker import Deliverer, WorkerSettings
 from broker.proxy.handlers import MAX_BODY, Proxy, scim_error_middleware
 from broker.proxy.home import HomeClient
 from broker.tokens import TokenStore
 
-__all__ = ["CONFIG", "METRICS", "POOL", "PROXY", "STORE", "Metrics", "create_app"]
+__all__ = [
+    "ADMIN_URL",
+    "CONFIG",
+    "DELIVERER",
+    "HOME",
+    "METRICS",
+    "POOL",
+    "PROXY",
+    "STORE",
+    "Metrics",
+    "create_app",
+]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +73,36 @@ class Metrics:
             ["domain"],
             registry=self.registry,
         )
+        self.deliveries = Counter(
+            "broker_deliveries",
+            "Delivery attempts to push peers, by peer and outcome (done, retry, dead, waiting, error).",
+            ["domain", "outcome"],
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "broker_outbox_depth",
+            "Deliveries waiting or in flight, by peer.",
+            ["domain"],
+            registry=self.registry,
+        )
+        self.queue_age = Gauge(
+            "broker_outbox_oldest_age_seconds",
+            "Age of the oldest delivery waiting, by peer.",
+            ["domain"],
+            registry=self.registry,
+        )
+        self.dead_letters = Gauge(
+            "broker_outbox_dead_letters",
+            "Dead-lettered deliveries waiting for a person, by peer.",
+            ["domain"],
+            registry=self.registry,
+        )
+        self.quarantined = Gauge(
+            "broker_peer_quarantined",
+            "1 while a peer is quarantined.",
+            ["domain"],
+            registry=self.registry,
+        )
         self.info = Gauge(
             "broker_build_info", "The broker's version.", ["version"], registry=self.registry
         )
@@ -65,6 +111,10 @@ class Metrics:
 
 CONFIG = web.AppKey("config", Config)
 POOL = web.AppKey("pool", asyncpg.Pool)
+DB_URL = web.AppKey("db_url", str)
+HOME = web.AppKey("home", HomeClient)
+DELIVERER = web.AppKey("deliverer", Deliverer)
+ADMIN_URL = web.AppKey("admin_url", str)
 STORE = web.AppKey("store", MappingStore)
 PROXY = web.AppKey("proxy", Proxy)
 
@@ -78,6 +128,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         config.url, config.data_dir, min_size=config.pool_min_size, max_size=config.pool_max_size
     ) as (pool, url):
         app[POOL] = pool
+        app[DB_URL] = url
         cache = MappingCache(config.cache_entries)
         app[STORE] = MappingStore(pool, cache=cache)
         if config.cache_entries > 0:
@@ -134,34 +185,99 @@ async def metrics(request: web.Request) -> web.Response:
     pool = request.app[POOL]
     app_metrics.pool_size.labels("idle").set(pool.get_idle_size())
     app_metrics.pool_size.labels("total").set(pool.get_size())
+    for record in await pool.fetch(query("all_queue_stats")):
+        app_metrics.queue_depth.labels(record["id"]).set(record["depth"])
+        app_metrics.queue_age.labels(record["id"]).set(float(record["oldest_age_seconds"]))
+        app_metrics.dead_letters.labels(record["id"]).set(record["dead"])
+        app_metrics.quarantined.labels(record["id"]).set(1 if record["quarantined"] else 0)
     body = generate_latest(app_metrics.registry)
     response = web.Response(body=body)
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
 
 
-async def _proxy(app: web.Application) -> AsyncIterator[None]:
-    """The domain-facing SCIM endpoint: one client session toward home for the whole process."""
+async def _home(app: web.Application) -> AsyncIterator[None]:
+    """One client session toward home for the whole process, for the proxy and the workers."""
     config = app[CONFIG]
     assert config.home.scim_url is not None
     timeout = aiohttp.ClientTimeout(total=config.home.timeout)
     connector = aiohttp.TCPConnector(limit=100)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        pool = app[POOL]
-
-        async def audit(actor: str, action: str, details: dict[str, Any]) -> None:
-            await pool.execute(query("audit"), actor, action, None, details)
-
-        proxy = app[PROXY]
-        proxy.configure(
-            store=app[STORE],
-            domains=DomainStore(pool),
-            tokens=TokenStore(pool),
-            home=HomeClient(session, config.home.scim_url, config.home.bearer_token()),
-            audit=audit,
-            on_leak=lambda domain: app[METRICS].leaks.labels(domain).inc(),
-        )
+        app[HOME] = HomeClient(session, config.home.scim_url, config.home.bearer_token())
         yield
+
+
+async def _proxy(app: web.Application) -> AsyncIterator[None]:
+    """The domain-facing SCIM endpoint."""
+    pool = app[POOL]
+
+    async def audit(actor: str, action: str, details: dict[str, Any]) -> None:
+        await pool.execute(query("audit"), actor, action, None, details)
+
+    app[PROXY].configure(
+        store=app[STORE],
+        domains=DomainStore(pool),
+        tokens=TokenStore(pool),
+        home=app[HOME],
+        audit=audit,
+        on_leak=lambda domain: app[METRICS].leaks.labels(domain).inc(),
+    )
+    yield
+
+
+async def _propagation(app: web.Application) -> AsyncIterator[None]:
+    """Delivery to push peers, and the poller that finds changes made in home directly."""
+    config = app[CONFIG].propagation
+    timeout = aiohttp.ClientTimeout(total=config.peer_timeout)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        metrics = app[METRICS]
+        deliverer = Deliverer(
+            app[POOL],
+            app[HOME],
+            session,
+            id_pattern=app[CONFIG].home.id_pattern,
+            settings=WorkerSettings(
+                concurrency=config.concurrency,
+                lease=config.lease,
+                backoff=Backoff(
+                    config.backoff_base, config.backoff_ceiling, config.quarantine_retry
+                ),
+                quarantine_after=config.quarantine_after,
+                retention=config.retention,
+            ),
+            observe=lambda peer, outcome: metrics.deliveries.labels(peer, outcome).inc(),
+        )
+        app[DELIVERER] = deliverer
+        tasks = [asyncio.create_task(deliverer.run(app[DB_URL]), name="deliveries")]
+        if config.home_poll_interval > 0:
+            poller = HomePoller(
+                app[POOL],
+                app[HOME],
+                interval=config.home_poll_interval,
+                sweep_interval=config.sweep_interval,
+            )
+            tasks.append(asyncio.create_task(poller.run(), name="home poller"))
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _admin(app: web.Application) -> AsyncIterator[None]:
+    """The admin listener, on its own address, for as long as the main application runs."""
+    server = app[CONFIG].server
+    admin = Admin(app[POOL], app[STORE], app.get(HOME))
+    runner = web.AppRunner(create_admin_app(admin), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, server.admin_host, server.admin_port)
+    await site.start()
+    app[ADMIN_URL] = f"http://{server.admin_host}:{server.admin_port}"
+    try:
+        yield
+    finally:
+        await runner.cleanup()
 
 
 def create_app(config: Config) -> web.Application:
@@ -173,8 +289,13 @@ def create_app(config: Config) -> web.Application:
     if config.home.scim_url is not None:
         proxy = Proxy(public_base=config.public_url, id_pattern=config.home.id_pattern)
         app[PROXY] = proxy
+        app.cleanup_ctx.append(_home)
         app.cleanup_ctx.append(_proxy)
         app.router.add_routes(proxy.routes())
+        if config.propagation.enabled:
+            app.cleanup_ctx.append(_propagation)
+    if config.server.admin_port:
+        app.cleanup_ctx.append(_admin)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

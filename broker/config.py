@@ -22,6 +22,7 @@ __all__ = [
     "ConfigError",
     "DatabaseConfig",
     "HomeConfig",
+    "PropagationConfig",
     "ServerConfig",
     "load_config",
 ]
@@ -52,6 +53,8 @@ def default_data_dir() -> Path:
 class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    # The admin API and the home-facing SCIM endpoint listen apart from what domains reach.
+    admin_host: str = "127.0.0.1"
     admin_port: int = Field(default=8081, ge=0, le=65535)
     # The base URL domains reach the broker at; Location and meta.location are built on it.
     public_url: str | None = None
@@ -127,10 +130,35 @@ class HomeConfig(_Section):
         return None
 
 
+class PropagationConfig(_Section):
+    # Deliver to push peers from this process (several processes may share the work).
+    enabled: bool = True
+    # Deliveries in flight per peer, per process.
+    concurrency: int = Field(default=4, ge=1, le=256)
+    # Seconds a claimed delivery stays claimed; a crashed worker's claims return after it.
+    lease: float = Field(default=120.0, gt=0)
+    # Retries: exponential backoff from backoff_base to backoff_ceiling seconds, with jitter.
+    backoff_base: float = Field(default=1.0, gt=0)
+    backoff_ceiling: float = Field(default=300.0, gt=0)
+    # A peer failing for this many seconds without a success is quarantined: it is retried every
+    # quarantine_retry seconds, one delivery at a time, until it answers again.
+    quarantine_after: float = Field(default=300.0, ge=0)
+    quarantine_retry: float = Field(default=900.0, gt=0)
+    # Seconds a peer's retired row is kept, so that late references to it still resolve.
+    retention: float = Field(default=30 * 86400.0, ge=0)
+    # Seconds between polls of home for changes made there directly (0: no polling), and
+    # between sweeps that find resources deleted in home.
+    home_poll_interval: float = Field(default=30.0, ge=0)
+    sweep_interval: float = Field(default=600.0, gt=0)
+    # Timeout of one call to a peer, in seconds.
+    peer_timeout: float = Field(default=30.0, gt=0)
+
+
 class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     home: HomeConfig = Field(default_factory=HomeConfig)
+    propagation: PropagationConfig = Field(default_factory=PropagationConfig)
 
     @property
     def public_url(self) -> str:

@@ -25,7 +25,8 @@ __all__ = [
     "parse_duration",
 ]
 
-SCOPES = ("scim:read", "scim:write")
+SCOPES = ("scim:read", "scim:write", "admin")
+DEFAULT_SCOPES = ("scim:read", "scim:write")
 TOKEN_PREFIX = "bkr_"
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -113,7 +114,7 @@ class TokenStore:
         expires_in: timedelta | None = None,
     ) -> tuple[str, TokenInfo]:
         """A new token for ``domain_id``: the token itself (shown once) and what is stored."""
-        scopes = list(SCOPES) if scopes is None else scopes
+        scopes = list(DEFAULT_SCOPES) if scopes is None else scopes
         unknown = sorted(set(scopes) - set(SCOPES))
         if unknown or not scopes:
             raise InvalidValueError(

@@ -25,6 +25,16 @@ CREATE TABLE domains (
                       CONSTRAINT domains_status_check CHECK (status IN ('active', 'quarantined', 'disabled')),
     created_at        timestamptz NOT NULL DEFAULT now(),
     updated_at        timestamptz NOT NULL DEFAULT now(),
+    -- Push peers: delete at the peer when home deletes, or suspend (active false) for
+    -- suspend_for first; a 409 on create links to the peer's resource or is dead-lettered.
+    deprovision       text NOT NULL DEFAULT 'delete'
+                      CONSTRAINT domains_deprovision_check CHECK (deprovision IN ('delete', 'suspend')),
+    suspend_for       interval NOT NULL DEFAULT '30 days',
+    on_conflict       text NOT NULL DEFAULT 'dead_letter'
+                      CONSTRAINT domains_on_conflict_check CHECK (on_conflict IN ('link', 'dead_letter')),
+    -- Set at the first failed delivery after a success, cleared by the next success.
+    failing_since     timestamptz,
+    last_delivery_at  timestamptz,
     CONSTRAINT domains_push_needs_url CHECK (NOT push OR scim_url IS NOT NULL)
 );
 -- There is one home.
@@ -129,6 +139,29 @@ CREATE TABLE outbox (
 CREATE INDEX outbox_ready ON outbox (domain_id, next_attempt_at, id) WHERE state IN ('pending', 'in_flight');
 CREATE INDEX outbox_by_entity ON outbox (domain_id, internal_id, id) WHERE state IN ('pending', 'in_flight');
 CREATE INDEX outbox_by_operation ON outbox (operation_id) WHERE operation_id IS NOT NULL;
+-- One pending sync per (peer, entity): a sync delivers home's state at the time it runs.
+CREATE UNIQUE INDEX outbox_one_pending_sync ON outbox (domain_id, internal_id)
+    WHERE state = 'pending' AND kind = 'sync';
+
+-- What each push peer last received for each entity, in the peer's own terms (the diff base).
+CREATE TABLE peer_copies (
+    domain_id     text NOT NULL REFERENCES domains (id),
+    internal_id   text NOT NULL REFERENCES entities (internal_id),
+    document      jsonb NOT NULL,
+    -- Set when the entity was suspended in the peer because home deleted it.
+    suspended_at  timestamptz,
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (domain_id, internal_id)
+);
+
+-- How far the home poller has read each resource type (home's own meta.lastModified values).
+CREATE TABLE home_watermarks (
+    resource_type  text PRIMARY KEY,
+    last_modified  text NOT NULL,
+    -- IDs already seen at exactly last_modified (the next poll asks "ge", and skips these).
+    seen_at_mark   text[] NOT NULL DEFAULT '{}',
+    swept_at       timestamptz
+);
 
 -- Append-only audit trail.
 CREATE TABLE audit_log (
@@ -159,3 +192,15 @@ CREATE TRIGGER entities_changed
     FOR EACH ROW
     WHEN (OLD.state IS DISTINCT FROM NEW.state OR OLD.merged_into IS DISTINCT FROM NEW.merged_into)
     EXECUTE FUNCTION broker_notify_mapping_change();
+
+-- Workers wake as soon as work is enqueued.
+CREATE FUNCTION broker_notify_outbox() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('broker_outbox', '');
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER outbox_enqueued
+    AFTER INSERT ON outbox
+    FOR EACH STATEMENT EXECUTE FUNCTION broker_notify_outbox();

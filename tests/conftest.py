@@ -132,4 +132,5 @@ async def counted_pool(db_url: str) -> AsyncIterator[tuple[asyncpg.Pool, QueryCo
         await pool.close()
 
 
+from tests.propagation_support import peer_server  # noqa: E402,F401  (peers' SCIM server)
 from tests.scim_support import home  # noqa: E402,F401  (the session's real home SCIM server)

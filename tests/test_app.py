@@ -9,12 +9,12 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from broker.app import create_app
-from broker.config import Config, DatabaseConfig
+from broker.config import Config, DatabaseConfig, ServerConfig
 
 
 @pytest.fixture
 async def client(db_url: str) -> AsyncIterator[TestClient[object, object]]:
-    app = create_app(Config(database=DatabaseConfig(url=db_url)))
+    app = create_app(Config(server=ServerConfig(admin_port=0), database=DatabaseConfig(url=db_url)))
     async with TestClient(TestServer(app)) as test_client:
         yield test_client
 

@@ -33,6 +33,7 @@ from broker.mapping.rules import (
     plan_merge,
     plan_split,
 )
+from broker.propagation.outbox import enqueue_changes
 
 __all__ = [
     "EntityStateError",
@@ -205,14 +206,22 @@ class MappingStore:
         self.cache.put_inbound(generation, domain, fresh)
         return resolved | fresh, by_value
 
-    async def set_domain_external_id(
-        self, domain: str, internal_id: str, value: str | None
+    async def record_write(
+        self,
+        writes: Mapping[str, str],
+        *,
+        origin: str | None,
+        deleted: Sequence[str] = (),
+        external_ids: Mapping[str, str | None] | None = None,
     ) -> None:
-        """Record the externalId ``domain`` gave an entity (shown back to that domain only)."""
-        await self.pool.execute(query("set_domain_external_id"), domain, internal_id, value)
-
-    async def mark_deleted(self, internal_id: str) -> None:
-        await self.pool.execute(query("mark_deleted"), internal_id)
+        """Writes made in home through the broker (internal ID -> resource type, and IDs deleted),
+        the externalId values ``origin`` gave them, and the syncs they imply toward push peers:
+        one transaction."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            for internal_id, value in (external_ids or {}).items():
+                assert origin is not None, "an externalId belongs to the domain that gave it"
+                await conn.execute(query("set_domain_external_id"), origin, internal_id, value)
+            await enqueue_changes(conn, writes, deleted=deleted, origin=origin)
 
     # ------------------------------------------------------------------ reading
 

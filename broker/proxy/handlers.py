@@ -21,7 +21,14 @@ from aiohttp import web
 from broker.domains import Domain, DomainStore
 from broker.errors import BrokerError, InvalidValueError, NotFoundError
 from broker.mapping.store import MappingStore
-from broker.proxy.home import SCIM_JSON, HomeClient, HomeResponse, HomeSchema
+from broker.proxy.home import (
+    SCIM_JSON,
+    SEARCH_SCHEMA,
+    HomeClient,
+    HomeRefused,
+    HomeResponse,
+    HomeSchema,
+)
 from broker.scim.filters import FilterError, FilterIds, filter_ids, parse_filter, rewrite_filter
 from broker.scim.guard import IdShape, find_leak, scrub
 from broker.scim.outbound import DomainView, ids_in_resources, resources_for_domain
@@ -36,7 +43,6 @@ log = logging.getLogger(__name__)
 SCIM_PREFIX = "/scim/v2"
 ERROR_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:Error"
 LIST_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
-SEARCH_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:SearchRequest"
 BULK_REQUEST = "urn:ietf:params:scim:api:messages:2.0:BulkRequest"
 BULK_RESPONSE = "urn:ietf:params:scim:api:messages:2.0:BulkResponse"
 MAX_BULK_OPERATIONS = 1000
@@ -91,6 +97,13 @@ async def scim_error_middleware(
     """Every error under /scim/v2 is a SCIM error document, never an HTML page or a trace."""
     if not request.path.startswith(SCIM_PREFIX):
         return await handler(request)
+    return await answer_errors(request, handler)
+
+
+async def answer_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """``handler``'s response, or its failure as an RFC 7644 section 3.12 error document."""
     try:
         return await handler(request)
     except BrokerError as exc:
@@ -354,27 +367,10 @@ class Proxy:
         schema = await self.home.schema()
         if resource_type not in schema.endpoints.by_type:
             return set()
-        found: set[str] = set()
-        for start in range(0, len(ids), 200):
-            chunk = ids[start : start + 200]
-            named = " or ".join(f"id eq {json.dumps(i)}" for i in chunk)
-            body = {
-                "schemas": [SEARCH_SCHEMA],
-                "filter": f"({named}) and ({scope})" if scope else named,
-                "attributes": ["id"],
-                "count": len(chunk),
-            }
-            response = await self.home.request(
-                "POST", schema.endpoints.by_type[resource_type] + "/.search", body=body
-            )
-            if response.status != 200 or not isinstance(response.body, dict):
-                raise self._home_error(call, response, {})
-            found.update(
-                r["id"]
-                for r in response.body.get("Resources", [])
-                if isinstance(r, dict) and isinstance(r.get("id"), str)
-            )
-        return found
+        try:
+            return await self.home.ids_within(schema.endpoints.by_type[resource_type], ids, scope)
+        except HomeRefused as exc:
+            raise self._home_error(call, exc.response, {}) from exc
 
     async def _inbound_document(
         self, call: _Call, doc: Any
@@ -602,13 +598,14 @@ class Proxy:
         ):
             raise self._home_error(call, response, {})
         out = await self._visible(call, response.body, resource_type)  # records and mints
-        if external_id is not None:
-            await self.store.set_domain_external_id(
-                call.domain.id, response.body["id"], external_id[0]
-            )
-            if external_id[0] is not None:
-                out["externalId"] = external_id[0]
-                call.allowed.add(external_id[0])
+        await self.store.record_write(
+            {response.body["id"]: resource_type},
+            origin=call.domain.id,
+            external_ids={response.body["id"]: external_id[0]} if external_id else None,
+        )
+        if external_id is not None and external_id[0] is not None:
+            out["externalId"] = external_id[0]
+            call.allowed.add(external_id[0])
         return await self._respond(call, 201, out, _headers(response, out))
 
     async def replace(self, request: web.Request) -> web.Response:
@@ -620,10 +617,7 @@ class Proxy:
         )
         if response.status != 200 or not isinstance(response.body, dict):
             raise self._home_error(call, response, target.replacements)
-        if external_id is not None:
-            await self.store.set_domain_external_id(
-                call.domain.id, target.internal_id, external_id[0]
-            )
+        await self._record(call, target, external_id)
         out = await self._visible(call, response.body, target.resource_type)
         return await self._respond(
             call, 200, self._filter_readable(call.domain, out), _headers(response, out)
@@ -652,13 +646,11 @@ class Proxy:
             )
             if response.status not in (200, 204):
                 raise self._home_error(call, response, target.replacements)
-            if response.status == 204 and patch.external_id is None:
-                return await self._respond(call, 204, None, _etag_header(response))
             resource = response.body if isinstance(response.body, dict) else None
-        if patch.external_id is not None:
-            await self.store.set_domain_external_id(
-                call.domain.id, target.internal_id, patch.external_id[0]
-            )
+        if patch.operations or patch.external_id is not None:
+            await self._record(call, target, patch.external_id)
+        if patch.operations and response.status == 204 and patch.external_id is None:
+            return await self._respond(call, 204, None, _etag_header(response))
         if resource is None:
             resource = await self._fetch(call, target, {})
         out = await self._visible(call, resource, target.resource_type)
@@ -672,8 +664,19 @@ class Proxy:
         response = await self.home.request("DELETE", target.endpoint, headers=_if_match(request))
         if response.status != 204:
             raise self._home_error(call, response, target.replacements)
-        await self.store.mark_deleted(target.internal_id)
+        await self.store.record_write({}, origin=call.domain.id, deleted=[target.internal_id])
         return await self._respond(call, 204, None)
+
+    async def _record(
+        self, call: _Call, target: _Target, external_id: tuple[str | None] | None
+    ) -> None:
+        """A change the caller made to an existing resource: its externalId, and the syncs the
+        change implies toward push peers, in one transaction."""
+        await self.store.record_write(
+            {target.internal_id: target.resource_type},
+            origin=call.domain.id,
+            external_ids={target.internal_id: external_id[0]} if external_id else None,
+        )
 
     # ------------------------------------------------------------------ discovery
 
@@ -822,6 +825,9 @@ class Proxy:
         }
         pending = iter(answers)
         out: list[dict[str, Any]] = []
+        written: dict[str, str] = {}
+        deleted: list[str] = []
+        external_ids: dict[str, str | None] = {}
         for (op, _rtype, _path_id, content), local in zip(planned, results, strict=True):
             if local is not None:
                 out.append(local)
@@ -838,18 +844,18 @@ class Proxy:
                 k: reply[k] for k in ("method", "bulkId", "version", "status") if k in reply
             }
             parsed = schema.endpoints.parse_uri(str(reply.get("location", "")), self.home.base_url)
+            succeeded = str(reply.get("status", "")).startswith("2")
+            if parsed is not None and succeeded:
+                if str(op.get("method", "")).upper() == "DELETE":
+                    deleted.append(parsed[1])
+                else:
+                    written[parsed[1]] = parsed[0]
             if parsed is not None and parsed[1] in found:
                 result["location"] = schema.endpoints.uri(
                     self.base, parsed[0], found[parsed[1]].external_id
                 )
-                if (
-                    isinstance(content, _Incoming)
-                    and content.external_id is not None
-                    and str(reply.get("status", "")).startswith("2")
-                ):
-                    await self.store.set_domain_external_id(
-                        call.domain.id, parsed[1], content.external_id[0]
-                    )
+                if isinstance(content, _Incoming) and content.external_id is not None and succeeded:
+                    external_ids[parsed[1]] = content.external_id[0]
             if isinstance(reply.get("response"), dict):
                 response = reply["response"]
                 detail = scrub(str(response.get("detail", "")), replacements, self.id_pattern)
@@ -859,6 +865,10 @@ class Proxy:
                     response.get("scimType"),
                 )
             out.append(result)
+        if written or deleted:
+            await self.store.record_write(
+                written, origin=call.domain.id, deleted=deleted, external_ids=external_ids
+            )
         return await self._respond(call, 200, {"schemas": [BULK_RESPONSE], "Operations": out})
 
 

@@ -3,9 +3,10 @@ and what the home's ``/Schemas`` and ``/ResourceTypes`` say (refreshed every few
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,10 +17,18 @@ from broker.errors import BrokerError
 from broker.scim.rewrite import Endpoints
 from broker.scim.schemas import DEFAULT_REFERENCES, ReferenceMap
 
-__all__ = ["HomeClient", "HomeResponse", "HomeSchema", "HomeUnavailable"]
+__all__ = [
+    "Forwarded",
+    "HomeClient",
+    "HomeRefused",
+    "HomeResponse",
+    "HomeSchema",
+    "HomeUnavailable",
+]
 
 log = logging.getLogger(__name__)
 SCIM_JSON = "application/scim+json"
+SEARCH_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:SearchRequest"
 # Response headers the proxy reads (ETag is passed on; Location only tells that home created
 # something); everything else stays here.
 PASSED_HEADERS = ("ETag", "Location")
@@ -29,12 +38,31 @@ class HomeUnavailable(BrokerError):
     status = 502
 
 
+class HomeRefused(Exception):
+    """Home answered a query the broker makes for itself with an error."""
+
+    def __init__(self, response: HomeResponse) -> None:
+        super().__init__(f"home answered HTTP {response.status}")
+        self.response = response
+
+
 @dataclass(frozen=True)
 class HomeResponse:
     status: int
     headers: Mapping[str, str]
     body: Any
     """Parsed JSON, or None when the home sent no body."""
+
+
+@dataclass(frozen=True)
+class Forwarded:
+    """Home's answer to a request forwarded as it came (the home-facing endpoint)."""
+
+    status: int
+    headers: Mapping[str, str]
+    raw: bytes
+    body: Any
+    content_type: str
 
 
 @dataclass(frozen=True)
@@ -93,6 +121,52 @@ class HomeClient:
                     "the home SCIM service answered something that is not JSON"
                 ) from exc
         return HomeResponse(status, passed, parsed)
+
+    async def forward(
+        self, method: str, path: str, params: Mapping[str, str], data: bytes
+    ) -> Forwarded:
+        """A request passed to home as it came, with home's credential."""
+        headers = {"Accept": SCIM_JSON, **self._auth}
+        if data:
+            headers["Content-Type"] = SCIM_JSON
+        try:
+            async with self.session.request(
+                method, self.base_url + path, params=params, data=data or None, headers=headers
+            ) as response:
+                raw = await response.read()
+                passed = {h: response.headers[h] for h in PASSED_HEADERS if h in response.headers}
+                status, content_type = response.status, response.content_type
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("home unreachable: %s %s: %r", method, path, exc)
+            raise HomeUnavailable("the home SCIM service did not answer; try again later") from exc
+        try:
+            parsed = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            parsed = None
+        return Forwarded(status, passed, raw, parsed, content_type)
+
+    async def ids_within(self, endpoint: str, ids: Sequence[str], scope: str | None) -> set[str]:
+        """Which of ``ids`` home has at ``endpoint`` (and within the filter ``scope``): one search
+        per 200 IDs. HomeRefused when home answers with an error."""
+        found: set[str] = set()
+        for start in range(0, len(ids), 200):
+            chunk = ids[start : start + 200]
+            named = " or ".join(f"id eq {json.dumps(i)}" for i in chunk)
+            body = {
+                "schemas": [SEARCH_SCHEMA],
+                "filter": f"({named}) and ({scope})" if scope else named,
+                "attributes": ["id"],
+                "count": len(chunk),
+            }
+            response = await self.request("POST", endpoint + "/.search", body=body)
+            if response.status != 200 or not isinstance(response.body, dict):
+                raise HomeRefused(response)
+            found.update(
+                r["id"]
+                for r in response.body.get("Resources", [])
+                if isinstance(r, dict) and isinstance(r.get("id"), str)
+            )
+        return found
 
     async def schema(self) -> HomeSchema:
         """Reference attributes and endpoints, from the home's own description of itself."""

@@ -17,9 +17,6 @@ WHERE m.domain_id = $1 AND m.is_primary AND m.domain_external_id = ANY($3::text[
 UPDATE id_mappings SET domain_external_id = $3, updated_at = now()
 WHERE domain_id = $1 AND internal_id = $2 AND is_primary
 
--- name: mark_deleted
-UPDATE entities SET state = 'deleted', updated_at = now() WHERE internal_id = $1 AND state = 'active'
-
 -- name: resolve_outbound
 -- (domain, internal IDs) -> primary external IDs, in one round-trip. A merged entity is translated
 -- as its survivor. Entities seen for the first time are recorded. Where $6 (mint) is true, an

@@ -1,0 +1,1 @@
+"""The admin listener: the admin API and the home-facing SCIM endpoint."""

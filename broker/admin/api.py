@@ -1,0 +1,213 @@
+"""The admin listener (``[server] admin_host:admin_port``): the admin API for operators, and the
+home-facing SCIM endpoint through which home's own tools write so that peers follow at once.
+
+- ``/admin/...`` needs a token with the ``admin`` scope.
+- ``/home/scim/v2/...`` needs a token of the home domain (``domain add NAME --home``); requests
+  are forwarded to home unchanged (home's tools speak home's IDs), and every successful write
+  enqueues the syncs it implies toward the push peers. A write whose enqueue is lost (the broker
+  stopped in between) is still found by the home poller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from broker.db import query
+from broker.domains import DomainStore
+from broker.errors import BrokerError, InvalidValueError, NotFoundError
+from broker.mapping.store import MappingStore
+from broker.proxy.handlers import MAX_BODY, Forbidden, answer_errors
+from broker.proxy.home import HomeClient
+from broker.tokens import TokenStore
+
+__all__ = ["create_admin_app", "delivery_json", "queue_json"]
+
+HOME_PREFIX = "/home/scim/v2"
+_WRITES = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+def queue_json(record: asyncpg.Record) -> dict[str, Any]:
+    """A peer's queue: depth, oldest age, delivery rate, quarantine state."""
+    return {
+        "domain": record["id"],
+        "status": record["status"],
+        "quarantined": record["status"] == "quarantined",
+        "failing_since": _iso(record["failing_since"]),
+        "last_delivery_at": _iso(record["last_delivery_at"]),
+        "depth": record["depth"],
+        "in_flight": record["in_flight"],
+        "dead_letters": record["dead"],
+        "oldest_age_seconds": float(record["oldest_age_seconds"] or 0),
+        "delivered_last_minute": record["delivered_last_minute"],
+    }
+
+
+def delivery_json(record: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "id": record["id"],
+        "domain": record["domain_id"],
+        "entity": record["internal_id"],
+        "operation": str(record["operation_id"]) if record["operation_id"] else None,
+        "kind": record["kind"],
+        "state": record["state"],
+        "attempts": record["attempts"],
+        "next_attempt_at": _iso(record["next_attempt_at"]),
+        "last_error": record["last_error"],
+        "created_at": _iso(record["created_at"]),
+        "updated_at": _iso(record["updated_at"]),
+    }
+
+
+def _iso(moment: Any) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+class Admin:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        store: MappingStore,
+        home: HomeClient | None,
+    ) -> None:
+        self.pool = pool
+        self.store = store
+        self.home = home
+        self.tokens = TokenStore(pool)
+        self.domains = DomainStore(pool)
+
+    async def _admin(self, request: web.Request) -> str:
+        principal = await self.tokens.authenticate(request.headers.get("Authorization"))
+        principal.require("admin")
+        return principal.domain_id
+
+    # ------------------------------------------------------------------ queues and dead letters
+
+    async def queue(self, request: web.Request) -> web.Response:
+        await self._admin(request)
+        domain = await self.domains.get(request.match_info["domain"])
+        record = await self.pool.fetchrow(query("queue_stats"), domain.id)
+        assert record is not None, "the domain exists"
+        return web.json_response(queue_json(record))
+
+    async def deliveries(self, request: web.Request) -> web.Response:
+        await self._admin(request)
+        state = request.query.get("state")
+        if state is not None and state not in ("pending", "in_flight", "done", "dead", "cancelled"):
+            raise InvalidValueError(
+                "state must be one of pending, in_flight, done, dead, cancelled"
+            )
+        try:
+            limit = int(request.query.get("limit", "100"))
+        except ValueError:
+            raise InvalidValueError("limit must be a whole number") from None
+        records = await self.pool.fetch(
+            query("list_deliveries"), request.query.get("domain"), state, max(1, min(limit, 1000))
+        )
+        return web.json_response({"deliveries": [delivery_json(r) for r in records]})
+
+    async def act(self, request: web.Request) -> web.Response:
+        actor = await self._admin(request)
+        action = request.match_info["action"]
+        try:
+            delivery_id = int(request.match_info["id"])
+        except ValueError:
+            raise NotFoundError("a delivery ID is a number") from None
+        record = await self.pool.fetchrow(query("delivery_by_id"), delivery_id)
+        if record is None:
+            raise NotFoundError(f"there is no delivery {delivery_id}")
+        if record["state"] != "dead":
+            raise BrokerError(
+                f"delivery {delivery_id} is {record['state']}: only dead letters can be "
+                f"retried or discarded",
+                status=409,
+            )
+        async with self.pool.acquire() as conn, conn.transaction():
+            if action == "retry":
+                await conn.execute(query("retry_delivery"), delivery_id)
+            else:
+                await conn.execute(query("discard_delivery"), delivery_id, actor)
+            await conn.execute(
+                query("audit"),
+                actor,
+                f"delivery_{action}",
+                record["internal_id"],
+                {"delivery": delivery_id, "domain": record["domain_id"]},
+            )
+        updated = await self.pool.fetchrow(query("delivery_by_id"), delivery_id)
+        assert updated is not None
+        return web.json_response(delivery_json(updated))
+
+    # ------------------------------------------------------------------ home's own tools
+
+    async def home_scim(self, request: web.Request) -> web.Response:
+        principal = await self.tokens.authenticate(request.headers.get("Authorization"))
+        domain = await self.domains.get(principal.domain_id)
+        if domain.kind != "home":
+            raise Forbidden(
+                f"{HOME_PREFIX} is for the home domain's tools; {domain.id} is a peer and "
+                "calls /scim/v2 on the broker's main port"
+            )
+        principal.require("scim:write" if request.method in _WRITES else "scim:read")
+        if self.home is None:
+            raise BrokerError(
+                "set [home] scim_url: the broker has no home to forward to", status=503
+            )
+        tail = "/" + request.match_info["tail"]
+        body = await request.read() if request.can_read_body else b""
+        sent = await self.home.forward(request.method, tail, request.query, body)
+        if request.method in _WRITES and 200 <= sent.status < 300:
+            await self._record(request.method, tail, sent.body)
+        headers = {k: v for k, v in sent.headers.items() if k in ("ETag", "Location")}
+        return web.Response(
+            status=sent.status, body=sent.raw, headers=headers, content_type=sent.content_type
+        )
+
+    async def _record(self, method: str, path: str, body: Any) -> None:
+        """The entities a successful write touched, and the syncs toward push peers."""
+        assert self.home is not None
+        endpoints = (await self.home.schema()).endpoints
+        parts = path.strip("/").split("/")
+        written: dict[str, str] = {}
+        deleted: list[str] = []
+        resource_type = endpoints.type_of(parts[0]) if parts else None
+        if resource_type is not None and len(parts) == 1 and method == "POST":
+            if isinstance(body, Mapping) and isinstance(body.get("id"), str):
+                written[body["id"]] = resource_type
+        elif resource_type is not None and len(parts) == 2:
+            if method == "DELETE":
+                deleted.append(parts[1])
+            else:
+                written[parts[1]] = resource_type
+        elif parts == ["Bulk"] and isinstance(body, Mapping):
+            for answer in body.get("Operations") or []:
+                if not isinstance(answer, Mapping) or not str(answer.get("status", "")).startswith(
+                    "2"
+                ):
+                    continue
+                parsed = endpoints.parse_uri(str(answer.get("location", "")), self.home.base_url)
+                if parsed is None:
+                    continue
+                if str(answer.get("method", "")).upper() == "DELETE":
+                    deleted.append(parsed[1])
+                else:
+                    written[parsed[1]] = parsed[0]
+        if written or deleted:
+            await self.store.record_write(written, origin=None, deleted=deleted)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    return await answer_errors(request, handler)
+
+
+def create_admin_app(admin: Admin) -> web.Application:
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+    app.router.add_get("/admin/domains/{domain}/queue", admin.queue)
+    app.router.add_get("/admin/deliveries", admin.deliveries)
+    app.router.add_post(r"/admin/deliveries/{id}/{action:retry|discard}", admin.act)
+    app.router.add_route("*", HOME_PREFIX + "/{tail:.*}", admin.home_scim)
+    return app

@@ -1,0 +1,1 @@
+"""Asynchronous propagation to push peers: the outbox, its workers, and the home poller."""

@@ -1,0 +1,128 @@
+"""A push peer's SCIM service, as the delivery worker calls it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from broker.propagation.policy import Failure, Verdict, judge
+
+__all__ = ["PeerAnswer", "PeerClient", "peer_credential"]
+
+log = logging.getLogger(__name__)
+SCIM_JSON = "application/scim+json"
+
+
+def peer_credential(
+    credential_ref: str | None, environ: Mapping[str, str] | None = None
+) -> str | None:
+    """The bearer token a peer's ``credential_ref`` (``env:VAR``) points at."""
+    if not credential_ref:
+        return None
+    kind, _, name = credential_ref.partition(":")
+    if kind != "env":
+        raise Failure(
+            Verdict.PERMANENT,
+            f"credential reference {credential_ref!r} is not env:VAR; re-add the domain with --token-env",
+        )
+    value = (os.environ if environ is None else environ).get(name)
+    if not value:
+        raise Failure(
+            Verdict.TRANSIENT,
+            f"the peer's token variable {name} is not set in the broker's environment; export it",
+            peer_fault=False,
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class PeerAnswer:
+    status: int
+    body: Any
+    headers: dict[str, str]
+
+
+class PeerClient:
+    """Calls to one peer over the worker's shared session; the peer's ServiceProviderConfig is
+    read once in a while to know whether it takes PATCH."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, base_url: str, token: str | None, *, domain: str
+    ) -> None:
+        self.session = session
+        self.base_url = base_url.rstrip("/")
+        self.domain = domain
+        self.token = token
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
+        self._patch: tuple[bool, float] | None = None
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: Mapping[str, str] | None = None,
+    ) -> PeerAnswer:
+        headers = {"Accept": SCIM_JSON, **self._auth}
+        data = None
+        if body is not None:
+            data = orjson.dumps(body)
+            headers["Content-Type"] = SCIM_JSON
+        try:
+            async with self.session.request(
+                method, self.base_url + path, data=data, params=params, headers=headers
+            ) as response:
+                raw = await response.read()
+                status = response.status
+                answer_headers = {k: v for k, v in response.headers.items()}
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Failure(
+                Verdict.TRANSIENT,
+                f"{method} {path}: the peer did not answer ({type(exc).__name__}); "
+                "retrying until it does",
+            ) from exc
+        parsed: Any = None
+        if raw:
+            try:
+                parsed = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                parsed = None
+        return PeerAnswer(status, parsed, answer_headers)
+
+    async def supports_patch(self, ttl: float = 300.0) -> bool:
+        now = time.monotonic()
+        if self._patch is not None and now - self._patch[1] < ttl:
+            return self._patch[0]
+        answer = await self.call("GET", "/ServiceProviderConfig")
+        supported = True
+        if answer.status == 200 and isinstance(answer.body, dict):
+            patch = answer.body.get("patch")
+            supported = bool(patch.get("supported")) if isinstance(patch, dict) else False
+        self._patch = (supported, now)
+        return supported
+
+    async def find_by(self, endpoint: str, attribute: str, value: str) -> list[str]:
+        """IDs of the peer's resources whose ``attribute`` equals ``value``."""
+        answer = await self.call(
+            "GET",
+            endpoint,
+            params={"filter": f"{attribute} eq {json.dumps(value)}", "attributes": "id"},
+        )
+        if answer.status != 200 or not isinstance(answer.body, dict):
+            raise judge(
+                answer.status, answer.body, answer.headers, f"GET {endpoint} by {attribute}"
+            )
+        return [
+            r["id"]
+            for r in answer.body.get("Resources", [])
+            if isinstance(r, dict) and isinstance(r.get("id"), str)
+        ]

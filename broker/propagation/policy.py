@@ -1,0 +1,112 @@
+"""How a delivery's outcome is judged, and when it is tried again: pure functions."""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+__all__ = ["Backoff", "Failure", "Verdict", "judge", "retry_after_seconds"]
+
+
+class Verdict(enum.Enum):
+    TRANSIENT = "transient"
+    """May pass by itself: retried with backoff."""
+    PERMANENT = "permanent"
+    """Will not pass by retrying: dead-lettered for a person."""
+
+
+# Statuses that may pass by themselves (RFC 7231 and RFC 6585); everything else 4xx is final.
+_TRANSIENT = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+_ADVICE = {
+    400: "the peer rejected the request as invalid; check the attribute values and the peer's schema",
+    401: "the peer refused the broker's credential; check the variable named by the domain's --token-env",
+    403: "the peer does not allow the broker this operation; check the credential's permissions",
+    404: "the peer has no such resource or endpoint; check the domain's --scim-url",
+    409: "the peer holds a conflicting resource; resolve it there, or set the domain's on_conflict to link",
+    413: "the request is too large for the peer",
+}
+
+
+@dataclass
+class Failure(Exception):
+    """A delivery that did not succeed: why, in words a person can act on, and what the peer said."""
+
+    verdict: Verdict
+    reason: str
+    status: int | None = None
+    scim_error: dict[str, Any] | None = None
+    retry_after: float | None = None
+    peer_fault: bool = True
+    """False when the fault is not the peer's (home unreachable): the peer is not marked failing."""
+
+    def record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"verdict": self.verdict.value, "reason": self.reason}
+        if self.status is not None:
+            out["status"] = self.status
+        if self.scim_error is not None:
+            out["peer_error"] = self.scim_error
+        return out
+
+
+def judge(status: int, body: Any, headers: dict[str, str], what: str) -> Failure:
+    """The failure a peer's non-success answer to ``what`` (``"POST /Users"``) is."""
+    error = body if isinstance(body, dict) else None
+    detail = error.get("detail") if error else None
+    verdict = Verdict.TRANSIENT if status in _TRANSIENT or status >= 500 else Verdict.PERMANENT
+    advice = _ADVICE.get(status, "the peer refused it" if status < 500 else "the peer failed")
+    reason = f"{what}: HTTP {status}" + (f" ({detail})" if detail else "") + f"; {advice}"
+    return Failure(
+        verdict,
+        reason,
+        status,
+        error,
+        retry_after_seconds(headers.get("Retry-After")),
+    )
+
+
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
+    """``Retry-After`` as seconds from now: delay-seconds or an HTTP-date (RFC 9110 10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, (moment - (now or datetime.now(UTC))).total_seconds())
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter, capped; a quarantined peer waits ``quarantine``."""
+
+    base: float = 1.0
+    ceiling: float = 300.0
+    quarantine: float = 900.0
+
+    def delay(
+        self,
+        attempts: int,
+        *,
+        retry_after: float | None = None,
+        quarantined: bool = False,
+        rng: random.Random | None = None,
+    ) -> float:
+        """Seconds to wait before attempt ``attempts + 1``; never less than ``Retry-After``."""
+        if quarantined:
+            wait = self.quarantine
+        else:
+            cap = min(self.ceiling, self.base * 2 ** min(attempts, 32))
+            wait = cap / 2 + (rng or random).uniform(0, cap / 2)
+        if retry_after is not None:
+            wait = max(wait, min(retry_after, max(self.ceiling, self.quarantine)))
+        return wait

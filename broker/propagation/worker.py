@@ -1,0 +1,598 @@
+"""The delivery worker: claims outbox rows toward push peers and makes each peer's copy of an
+entity match home's.
+
+A ``sync`` row is state-based: it reads home's current resource when it runs and brings the peer
+to it (create, the smallest PATCH, or deprovision), so a retry, a replay after a crash, or two
+syncs of one entity in a row all converge on the same result and nothing is applied twice in
+effect. Rows are claimed with ``FOR UPDATE SKIP LOCKED`` and a lease; a row is claimed only when
+no older unfinished row of the same (peer, entity) exists, so order per entity holds across
+processes while different entities proceed in parallel, bounded per peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+
+from broker.db import query
+from broker.mapping.store import mint_id
+from broker.propagation.documents import PATCH_SCHEMA, peer_document, scim_patch
+from broker.propagation.peer import PeerClient, peer_credential
+from broker.propagation.policy import Backoff, Failure, Verdict, judge
+from broker.proxy.home import HomeClient, HomeRefused, HomeUnavailable
+from broker.scim.guard import IdShape, find_leak
+from broker.scim.rewrite import Translation, collect_ids
+
+__all__ = ["Deliverer", "Peer", "WorkerSettings"]
+
+log = logging.getLogger(__name__)
+
+# A resource a peer refuses as a duplicate is looked up by the attribute that must be unique.
+_UNIQUE_BY = {"User": "userName", "Group": "displayName"}
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    concurrency: int = 4
+    """Deliveries in flight per peer, per process."""
+    lease: float = 120.0
+    backoff: Backoff = field(default_factory=Backoff)
+    quarantine_after: float = 300.0
+    retention: float = 30 * 86400.0
+    idle_check: float = 1.0
+    """How often due rows (backoff over) are looked for when no notification wakes the worker."""
+    dependency_wait: float = 0.2
+    """How long a group waits for its members' creates before it looks again."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    id: str
+    scim_url: str
+    credential_ref: str | None
+    scope_filter: str | None
+    readable: list[str] | None
+    status: str
+    deprovision: str
+    suspend_for: timedelta
+    on_conflict: str
+
+    @classmethod
+    def from_record(cls, record: asyncpg.Record) -> Peer:
+        policy = record["attribute_policy"] or {}
+        return cls(
+            id=record["id"],
+            scim_url=record["scim_url"],
+            credential_ref=record["credential_ref"],
+            scope_filter=record["scope_filter"],
+            readable=policy.get("read"),
+            status=record["status"],
+            deprovision=record["deprovision"],
+            suspend_for=record["suspend_for"],
+            on_conflict=record["on_conflict"],
+        )
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: int
+    domain_id: str
+    internal_id: str
+    kind: str
+    attempts: int
+    created_at: datetime
+
+
+class _Later(Exception):
+    """Not yet: look again after ``delay`` seconds (not a failure, not an attempt)."""
+
+    def __init__(self, delay: float, reason: str) -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
+@dataclass
+class _Lane:
+    """One peer's share of this worker: how many of its deliveries are in flight, and until when
+    it rests after a failure the peer caused."""
+
+    active: int = 0
+    paused_until: float = 0.0
+
+
+Observer = Callable[[str, str], None]
+"""Called with (peer, outcome) after each delivery: done, retry, dead, waiting."""
+
+
+class Deliverer:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        home: HomeClient,
+        session: aiohttp.ClientSession,
+        *,
+        id_pattern: str,
+        settings: WorkerSettings | None = None,
+        observe: Observer | None = None,
+    ) -> None:
+        self.pool = pool
+        self.home = home
+        self.session = session
+        self.id_shape = IdShape(id_pattern)
+        self.settings = settings or WorkerSettings()
+        self.observe = observe or (lambda _peer, _outcome: None)
+        self.worker_id = f"worker-{uuid.uuid4().hex[:8]}"
+        self._lanes: dict[str, _Lane] = {}
+        self._clients: dict[str, PeerClient] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+
+    # ------------------------------------------------------------------ the loop
+
+    async def run(self, listen_url: str | None = None) -> None:
+        """Deliver until cancelled; woken by NOTIFY on ``broker_outbox`` when ``listen_url`` is
+        given, and every ``idle_check`` seconds regardless."""
+        async with self._listening(listen_url):
+            try:
+                while True:
+                    self._wake.clear()
+                    try:
+                        await self.claim_and_start()
+                    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                        log.warning("delivery worker cannot reach the database: %s", exc)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.settings.idle_check)
+            finally:
+                for task in self._tasks:
+                    task.cancel()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    @contextlib.asynccontextmanager
+    async def _listening(self, url: str | None) -> AsyncIterator[None]:
+        if url is None:
+            yield
+            return
+        conn: asyncpg.Connection[Any] | None = None
+        try:
+            conn = await asyncpg.connect(url)
+            await conn.add_listener("broker_outbox", lambda *_: self._wake.set())
+        except (OSError, asyncpg.PostgresError) as exc:
+            log.warning(
+                "no outbox notifications (%s): polling every %ss", exc, self.settings.idle_check
+            )
+        try:
+            yield
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close(timeout=2)
+
+    async def claim_and_start(self) -> int:
+        """Claim what is due for every peer with room, and start delivering it."""
+        started = 0
+        peers = [Peer.from_record(r) for r in await self.pool.fetch(query("push_peers"))]
+        now = time.monotonic()
+        for peer in peers:
+            lane = self._lanes.setdefault(peer.id, _Lane())
+            room = self.settings.concurrency - lane.active
+            if peer.status == "quarantined":
+                room = min(room, 1 - lane.active)  # one probe at a time
+            if room <= 0 or lane.paused_until > now:
+                continue
+            records = await self.pool.fetch(
+                query("claim_deliveries"), peer.id, self.worker_id, room, self.settings.lease
+            )
+            for record in records:
+                claim = Claim(
+                    record["id"],
+                    record["domain_id"],
+                    record["internal_id"],
+                    record["kind"],
+                    record["attempts"],
+                    record["created_at"],
+                )
+                lane.active += 1
+                task = asyncio.create_task(self._deliver(peer, claim, lane))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                started += 1
+        return started
+
+    async def drain(self, within: float = 30.0) -> None:
+        """Deliver until nothing is due or in flight here (for tests and one-shot commands)."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            started = await self.claim_and_start()
+            if self._tasks:
+                await asyncio.wait(set(self._tasks), timeout=self.settings.idle_check)
+            elif not started:
+                return
+        raise TimeoutError(f"deliveries still running after {within}s")
+
+    # ------------------------------------------------------------------ one delivery
+
+    async def _deliver(self, peer: Peer, claim: Claim, lane: _Lane) -> None:
+        try:
+            outcome = await self._attempt(peer, claim, lane)
+            self.observe(peer.id, outcome)
+        except Exception:
+            log.exception("delivery %s to %s: internal error", claim.id, peer.id)
+            self.observe(peer.id, "error")
+        finally:
+            lane.active -= 1
+            self._wake.set()
+
+    async def _attempt(self, peer: Peer, claim: Claim, lane: _Lane) -> str:
+        try:
+            if claim.kind != "sync":
+                raise Failure(
+                    Verdict.PERMANENT,
+                    f"this broker cannot deliver {claim.kind!r} yet; upgrade it, then retry the delivery",
+                    peer_fault=False,
+                )
+            await self._sync(peer, claim)
+        except _Later as later:
+            due = datetime.now(UTC) + timedelta(seconds=later.delay)
+            await self.pool.execute(
+                query("delivery_later"),
+                claim.id,
+                self.worker_id,
+                due,
+                False,
+                {"verdict": "waiting", "reason": str(later)},
+            )
+            return "waiting"
+        except Failure as failure:
+            return await self._failed(peer, claim, lane, failure)
+        await self.pool.execute(query("delivery_done"), claim.id, self.worker_id)
+        recovered = await self.pool.fetchval(query("domain_delivered"), peer.id)
+        if recovered:
+            log.info("peer %s recovered: its queue drains now", peer.id)
+            await self.pool.execute(query("release_queue"), peer.id)
+            lane.paused_until = 0.0
+        return "done"
+
+    async def _failed(self, peer: Peer, claim: Claim, lane: _Lane, failure: Failure) -> str:
+        record = failure.record()
+        if failure.verdict is Verdict.PERMANENT:
+            log.warning("delivery %s to %s dead-lettered: %s", claim.id, peer.id, failure.reason)
+            await self.pool.execute(query("delivery_dead"), claim.id, self.worker_id, record)
+            return "dead"
+        quarantined = peer.status == "quarantined"
+        if failure.peer_fault:
+            health = await self.pool.fetchrow(
+                query("domain_failed"), peer.id, self.settings.quarantine_after
+            )
+            if health is not None and health["status"] == "quarantined" and not quarantined:
+                log.warning(
+                    "peer %s quarantined: failing since %s", peer.id, health["failing_since"]
+                )
+                quarantined = True
+        delay = self.settings.backoff.delay(
+            claim.attempts, retry_after=failure.retry_after, quarantined=quarantined
+        )
+        if failure.peer_fault:
+            lane.paused_until = time.monotonic() + delay
+        log.info(
+            "delivery %s to %s failed (attempt %d), retrying in %.1fs: %s",
+            claim.id,
+            peer.id,
+            claim.attempts + 1,
+            delay,
+            failure.reason,
+        )
+        due = datetime.now(UTC) + timedelta(seconds=delay)
+        await self.pool.execute(
+            query("delivery_later"), claim.id, self.worker_id, due, True, record
+        )
+        return "retry"
+
+    def _client(self, peer: Peer) -> PeerClient:
+        client = self._clients.get(peer.id)
+        token = peer_credential(peer.credential_ref)
+        if client is None or client.base_url != peer.scim_url.rstrip("/") or client.token != token:
+            client = PeerClient(self.session, peer.scim_url, token, domain=peer.id)
+            self._clients[peer.id] = client
+        return client
+
+    async def _sync(self, peer: Peer, claim: Claim) -> None:
+        """Make the peer's copy of the entity match home's current state."""
+        client = self._client(peer)
+        entity = await self.pool.fetchrow(query("entity_for_delivery"), peer.id, claim.internal_id)
+        assert entity is not None, "outbox rows reference entities"
+        if entity["state"] == "merged":
+            return  # the merge's own deliveries clean up after the alias
+        schema = await self._home_call(self.home.schema())
+        resource_type = entity["resource_type"]
+        endpoint = schema.endpoints.by_type.get(resource_type)
+        home_doc = None
+        if endpoint is not None and entity["state"] == "active":
+            home_doc = await self._home_resource(endpoint, claim.internal_id)
+        if home_doc is not None and peer.scope_filter and resource_type == "User":
+            within = await self._home_call(
+                self.home.ids_within(endpoint or "/Users", [claim.internal_id], peer.scope_filter)
+            )
+            home_doc = home_doc if claim.internal_id in within else None
+        if home_doc is None:
+            await self._deprovision(peer, client, claim, entity, endpoint)
+            return
+        assert endpoint is not None
+        translation = Translation(
+            schema.refs, schema.endpoints, self.home.base_url, client.base_url
+        )
+        views = await self._references(peer, claim, home_doc, translation, resource_type)
+        handle = entity["correlation_handle"]
+        if entity["external_id"] is None:
+            handle = await self._begin_create(peer, claim.internal_id)
+        desired = peer_document(
+            home_doc,
+            translation,
+            lambda internal, _t: views.get(internal),
+            resource_type=resource_type,
+            correlation_handle=handle,
+            readable=peer.readable,
+        )
+        self._guard(desired, {claim.internal_id, *views}, {handle, *views.values()})
+        if entity["external_id"] is None:
+            await self._create(peer, client, claim.internal_id, endpoint, resource_type, desired)
+        else:
+            await self._update(
+                peer, client, claim.internal_id, endpoint, entity, desired, resource_type
+            )
+
+    async def _home_call(self, awaitable: Any) -> Any:
+        try:
+            return await awaitable
+        except HomeUnavailable as exc:
+            raise Failure(Verdict.TRANSIENT, f"home unreachable: {exc}", peer_fault=False) from exc
+        except HomeRefused as exc:
+            raise Failure(
+                Verdict.TRANSIENT,
+                f"home refused a query ({exc}); check the home's logs",
+                peer_fault=False,
+            ) from exc
+
+    async def _home_resource(self, endpoint: str, internal_id: str) -> dict[str, Any] | None:
+        response = await self._home_call(self.home.request("GET", f"{endpoint}/{internal_id}"))
+        if response.status == 404:
+            return None
+        if response.status != 200 or not isinstance(response.body, dict):
+            raise Failure(
+                Verdict.TRANSIENT,
+                f"home answered HTTP {response.status} for the entity; retrying",
+                peer_fault=False,
+            )
+        body: dict[str, Any] = response.body
+        return body
+
+    async def _references(
+        self,
+        peer: Peer,
+        claim: Claim,
+        home_doc: Mapping[str, Any],
+        translation: Translation,
+        resource_type: str,
+    ) -> dict[str, str]:
+        """The peer's IDs of everything the resource refers to. A member not yet created in the
+        peer is enqueued and this delivery waits for it; one whose delivery was tried and did not
+        create it (out of scope, gone from home, dead-lettered) is left out."""
+        named = collect_ids(dict(home_doc), translation, resource_type=resource_type)
+        named.pop(claim.internal_id, None)
+        if not named:
+            return {}
+        if peer.scope_filter:
+            users = [i for i, t in named.items() if t in (None, "User")]
+            if users:
+                schema = await self._home_call(self.home.schema())
+                within = await self._home_call(
+                    self.home.ids_within(
+                        schema.endpoints.by_type.get("User", "/Users"), users, peer.scope_filter
+                    )
+                )
+                named = {i: t for i, t in named.items() if t not in (None, "User") or i in within}
+        records = await self.pool.fetch(query("peer_ids"), peer.id, list(named))
+        views = {r["internal_id"]: r["external_id"] for r in records if r["external_id"]}
+        waiting = [r["internal_id"] for r in records if not r["external_id"] and r["waiting"]]
+        untried = [
+            r["internal_id"]
+            for r in records
+            if not r["external_id"] and not r["waiting"] and not r["tried"]
+        ]
+        if untried:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    query("record_writes"),
+                    untried,
+                    [named[i] or "unknown" for i in untried],
+                    [],
+                )
+                await conn.execute(query("enqueue_sync_to"), peer.id, untried, datetime.now(UTC))
+        if waiting or untried:
+            raise _Later(
+                self.settings.dependency_wait,
+                f"waiting for {len(waiting) + len(untried)} referenced resources to be created first",
+            )
+        return views
+
+    def _guard(self, document: Any, internal: set[str], allowed: set[str]) -> None:
+        """Fail closed: nothing the peer receives may hold an internal ID."""
+        leak = find_leak(
+            [("body", orjson.dumps(document).decode())],
+            internal_ids=internal - allowed,
+            id_pattern=self.id_shape,
+            allowed=allowed,
+        )
+        if leak is not None:
+            raise Failure(
+                Verdict.PERMANENT,
+                f"withheld: the document for the peer would expose an internal identifier "
+                f"({leak.reason}, in {leak.where}); check home's data for IDs in free text",
+                peer_fault=False,
+            )
+
+    async def _begin_create(self, peer: Peer, internal_id: str) -> str:
+        await self.pool.execute(query("begin_create"), internal_id, peer.id, mint_id())
+        row = await self.pool.fetchrow(query("pending_handle"), internal_id, peer.id)
+        assert row is not None, "begin_create inserted or kept the row"
+        handle: str = row["correlation_handle"]
+        return handle
+
+    async def _create(
+        self,
+        peer: Peer,
+        client: PeerClient,
+        internal_id: str,
+        endpoint: str,
+        resource_type: str,
+        desired: dict[str, Any],
+    ) -> None:
+        # A create whose answer was lost left the resource in the peer under the handle.
+        found = await client.find_by(endpoint, "externalId", desired["externalId"])
+        linked = False
+        if found:
+            peer_id = found[0]
+        else:
+            answer = await client.call("POST", endpoint, body=desired)
+            if answer.status == 409 and peer.on_conflict == "link" and resource_type in _UNIQUE_BY:
+                key = _UNIQUE_BY[resource_type]
+                matches = (
+                    await client.find_by(endpoint, key, desired[key]) if key in desired else []
+                )
+                if len(matches) != 1:
+                    raise judge(answer.status, answer.body, answer.headers, f"POST {endpoint}")
+                peer_id, linked = matches[0], True
+            elif answer.status != 201 or not isinstance(answer.body, dict):
+                raise judge(answer.status, answer.body, answer.headers, f"POST {endpoint}")
+            elif isinstance(answer.body.get("id"), str):
+                peer_id = answer.body["id"]
+            else:
+                raise Failure(Verdict.PERMANENT, f"POST {endpoint}: the peer's answer has no id")
+        if linked:
+            answer = await client.call("PUT", f"{endpoint}/{peer_id}", body=desired)
+            if answer.status != 200:
+                raise judge(answer.status, answer.body, answer.headers, f"PUT {endpoint}/...")
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(query("finish_create"), internal_id, peer.id, peer_id)
+                await conn.execute(query("save_copy"), peer.id, internal_id, desired, None)
+        except asyncpg.UniqueViolationError as exc:
+            raise Failure(
+                Verdict.PERMANENT,
+                f"the peer's resource {peer_id} is already mapped to another entity; "
+                "merge the two entities, or remove the duplicate in the peer",
+                peer_fault=False,
+            ) from exc
+
+    async def _update(
+        self,
+        peer: Peer,
+        client: PeerClient,
+        internal_id: str,
+        endpoint: str,
+        entity: asyncpg.Record,
+        desired: dict[str, Any],
+        resource_type: str,
+    ) -> None:
+        peer_id = entity["external_id"]
+        copy = entity["copy"]
+        if copy is not None and copy == desired and entity["suspended_at"] is None:
+            return
+        ops = scim_patch(copy, desired) if copy is not None else None
+        if ops is not None and await client.supports_patch():
+            if not ops and entity["suspended_at"] is None:
+                return
+            if entity["suspended_at"] is not None and "active" not in desired:
+                ops.append({"op": "replace", "path": "active", "value": True})
+            answer = await client.call(
+                "PATCH",
+                f"{endpoint}/{peer_id}",
+                body={"schemas": [PATCH_SCHEMA], "Operations": ops},
+            )
+            what = f"PATCH {endpoint}/..."
+        else:
+            answer = await client.call("PUT", f"{endpoint}/{peer_id}", body=desired)
+            what = f"PUT {endpoint}/..."
+        if answer.status == 404:
+            # The peer lost it: forget the row, and create it again on the next attempt.
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    query("retire_primary"), internal_id, peer.id, self.settings.retention
+                )
+                await conn.execute(query("drop_copy"), peer.id, internal_id)
+            raise _Later(0, "the peer no longer has the resource: creating it again")
+        if answer.status not in (200, 204):
+            raise judge(answer.status, answer.body, answer.headers, what)
+        await self.pool.execute(query("save_copy"), peer.id, internal_id, desired, None)
+
+    async def _deprovision(
+        self,
+        peer: Peer,
+        client: PeerClient,
+        claim: Claim,
+        entity: asyncpg.Record,
+        endpoint: str | None,
+    ) -> None:
+        """Home no longer has the entity (or the peer may no longer see it)."""
+        peer_id = entity["external_id"]
+        if peer_id is None or endpoint is None:
+            # Never created there: drop a pending create, if any.
+            await self.pool.execute(
+                query("retire_primary"), claim.internal_id, peer.id, self.settings.retention
+            )
+            return
+        suspended_at = entity["suspended_at"]
+        if peer.deprovision == "suspend":
+            now = datetime.now(UTC)
+            if suspended_at is None:
+                answer = await client.call(
+                    "PATCH",
+                    f"{endpoint}/{peer_id}",
+                    body={
+                        "schemas": [PATCH_SCHEMA],
+                        "Operations": [{"op": "replace", "path": "active", "value": False}],
+                    },
+                )
+                if answer.status not in (200, 204, 404):
+                    raise judge(answer.status, answer.body, answer.headers, f"PATCH {endpoint}/...")
+                async with self.pool.acquire() as conn, conn.transaction():
+                    await conn.execute(
+                        query("save_copy"),
+                        peer.id,
+                        claim.internal_id,
+                        {**(entity["copy"] or {}), "active": False},
+                        now,
+                    )
+                    await conn.execute(
+                        query("enqueue_sync_to"),
+                        peer.id,
+                        [claim.internal_id],
+                        now + peer.suspend_for,
+                    )
+                return
+            if suspended_at + peer.suspend_for > now:
+                await self.pool.execute(
+                    query("enqueue_sync_to"),
+                    peer.id,
+                    [claim.internal_id],
+                    suspended_at + peer.suspend_for,
+                )
+                return
+        answer = await client.call("DELETE", f"{endpoint}/{peer_id}")
+        if answer.status not in (200, 204, 404):
+            raise judge(answer.status, answer.body, answer.headers, f"DELETE {endpoint}/...")
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                query("retire_primary"), claim.internal_id, peer.id, self.settings.retention
+            )
+            await conn.execute(query("drop_copy"), peer.id, claim.internal_id)

@@ -1,0 +1,258 @@
+-- Named queries of propagation (broker/propagation/): the outbox, peer copies, the home poller.
+
+-- name: enqueue_sync
+-- A sync of each entity ($1) toward every push peer except the one the change came from ($2).
+-- An entity that already has a pending sync toward a peer gets no second one.
+INSERT INTO outbox (domain_id, internal_id, kind)
+SELECT d.id, e.internal_id, 'sync'
+FROM domains d
+CROSS JOIN unnest($1::text[]) AS e(internal_id)
+WHERE d.kind = 'peer' AND d.push AND d.status <> 'disabled' AND d.id IS DISTINCT FROM $2
+ORDER BY e.internal_id, d.id
+ON CONFLICT (domain_id, internal_id) WHERE state = 'pending' AND kind = 'sync' DO NOTHING
+
+-- name: enqueue_sync_to
+-- A sync of entities ($2) toward one peer ($1), due at $3.
+INSERT INTO outbox (domain_id, internal_id, kind, next_attempt_at)
+SELECT $1, e.internal_id, 'sync', $3
+FROM unnest($2::text[]) AS e(internal_id)
+ON CONFLICT (domain_id, internal_id) WHERE state = 'pending' AND kind = 'sync' DO NOTHING
+
+-- name: claim_deliveries
+-- Up to $3 deliveries toward peer $1 that are due, each the oldest unfinished one of its entity
+-- (order per peer and entity), claimed by worker $2 for a lease of $4 seconds. A claim whose
+-- lease ran out (its worker died) is claimed again.
+WITH ready AS (
+    SELECT o.id
+    FROM outbox o
+    WHERE o.domain_id = $1
+      AND ((o.state = 'pending' AND o.next_attempt_at <= now())
+           OR (o.state = 'in_flight' AND o.lease_until < now()))
+      AND NOT EXISTS (
+          SELECT 1 FROM outbox e
+          WHERE e.domain_id = o.domain_id AND e.internal_id = o.internal_id AND e.id < o.id
+            AND e.state IN ('pending', 'in_flight')
+      )
+    ORDER BY o.id
+    LIMIT $3
+    FOR UPDATE OF o SKIP LOCKED
+)
+UPDATE outbox o
+SET state = 'in_flight', claimed_by = $2, lease_until = now() + make_interval(secs => $4),
+    updated_at = now()
+FROM ready
+WHERE o.id = ready.id
+RETURNING o.id, o.domain_id, o.internal_id, o.operation_id, o.kind, o.payload, o.attempts,
+          o.created_at
+
+-- name: delivery_done
+UPDATE outbox
+SET state = 'done', attempts = attempts + 1, lease_until = NULL, last_error = NULL,
+    updated_at = now()
+WHERE id = $1 AND claimed_by = $2 AND state = 'in_flight'
+
+-- name: delivery_later
+-- Back to pending, due at $3 ($4: count it as an attempt). A newer pending sync of the same
+-- entity is folded into this one (a sync delivers home's state when it runs); data-modifying
+-- sub-statements always run, referenced or not.
+WITH folded AS (
+    UPDATE outbox f SET state = 'cancelled', updated_at = now()
+    FROM outbox o
+    WHERE o.id = $1 AND o.kind = 'sync' AND f.kind = 'sync' AND f.state = 'pending'
+      AND f.domain_id = o.domain_id AND f.internal_id = o.internal_id AND f.id <> o.id
+    RETURNING f.id
+)
+UPDATE outbox
+SET state = 'pending', attempts = attempts + CASE WHEN $4::boolean THEN 1 ELSE 0 END,
+    next_attempt_at = $3, lease_until = NULL, last_error = $5, updated_at = now()
+WHERE id = $1 AND claimed_by = $2 AND state = 'in_flight'
+
+-- name: delivery_dead
+UPDATE outbox
+SET state = 'dead', attempts = attempts + 1, lease_until = NULL, last_error = $3,
+    updated_at = now()
+WHERE id = $1 AND claimed_by = $2 AND state = 'in_flight'
+
+-- name: domain_delivered
+-- A delivery succeeded: the peer is healthy. Returns whether it recovers from a failure that
+-- lasted (its queue is then released); writes at most once a second while all is well.
+WITH before AS (SELECT status, failing_since FROM domains WHERE id = $1)
+UPDATE domains d
+SET failing_since = NULL, last_delivery_at = now(),
+    status = CASE WHEN d.status = 'quarantined' THEN 'active' ELSE d.status END,
+    updated_at = now()
+FROM before
+WHERE d.id = $1 AND (d.failing_since IS NOT NULL OR d.status = 'quarantined'
+                     OR d.last_delivery_at IS NULL OR d.last_delivery_at < now() - interval '1 second')
+RETURNING before.status = 'quarantined' OR before.failing_since < now() - interval '5 seconds'
+    AS recovered
+
+-- name: domain_failed
+-- A delivery failed in a way that may pass: the peer is failing since the first such failure,
+-- and quarantined once that is longer ago than $2 seconds.
+UPDATE domains
+SET failing_since = coalesce(failing_since, now()),
+    status = CASE
+        WHEN status = 'active' AND coalesce(failing_since, now()) < now() - make_interval(secs => $2)
+        THEN 'quarantined' ELSE status END,
+    updated_at = now()
+WHERE id = $1
+RETURNING status, failing_since
+
+-- name: release_queue
+-- A peer left quarantine: whatever waits for it is due now, and drains in order.
+UPDATE outbox SET next_attempt_at = now(), updated_at = now()
+WHERE domain_id = $1 AND state = 'pending' AND next_attempt_at > now()
+
+-- name: push_peers
+SELECT id, scim_url, credential_ref, scope_filter, attribute_policy, status, deprovision,
+       suspend_for, on_conflict
+FROM domains
+WHERE kind = 'peer' AND push AND status <> 'disabled'
+ORDER BY id
+
+-- name: entity_for_delivery
+-- The entity, its primary row in the peer, and what the peer last received.
+SELECT e.internal_id, e.resource_type, e.state, e.merged_into,
+       m.external_id, m.state AS mapping_state, m.correlation_handle,
+       c.document AS copy, c.suspended_at
+FROM entities e
+LEFT JOIN id_mappings m ON m.internal_id = e.internal_id AND m.domain_id = $1 AND m.is_primary
+LEFT JOIN peer_copies c ON c.internal_id = e.internal_id AND c.domain_id = $1
+WHERE e.internal_id = $2
+
+-- name: peer_ids
+-- The peer's primary IDs of entities ($2), merged ones as their survivors; for those without
+-- one, whether a delivery toward the peer is still to come (waiting) or was made (tried).
+SELECT w.internal_id, m.external_id,
+       EXISTS (SELECT 1 FROM outbox o
+               WHERE o.domain_id = $1 AND o.internal_id = coalesce(e.merged_into, w.internal_id)
+                 AND o.state IN ('pending', 'in_flight')) AS waiting,
+       EXISTS (SELECT 1 FROM outbox o
+               WHERE o.domain_id = $1 AND o.internal_id = coalesce(e.merged_into, w.internal_id)
+                 AND o.state IN ('done', 'dead', 'cancelled')) AS tried
+FROM unnest($2::text[]) AS w(internal_id)
+LEFT JOIN entities e ON e.internal_id = w.internal_id
+LEFT JOIN id_mappings m
+  ON m.internal_id = coalesce(e.merged_into, w.internal_id) AND m.domain_id = $1
+ AND m.is_primary AND m.state = 'active'
+
+-- name: begin_create
+-- The pending row of a create in a peer, with its correlation handle; kept if it exists.
+INSERT INTO id_mappings (internal_id, domain_id, external_id, is_primary, origin, state,
+                         correlation_handle)
+VALUES ($1, $2, NULL, true, 'peer', 'pending_create', $3)
+ON CONFLICT DO NOTHING
+
+-- name: pending_handle
+SELECT correlation_handle, state, external_id FROM id_mappings
+WHERE internal_id = $1 AND domain_id = $2 AND is_primary
+
+-- name: finish_create
+UPDATE id_mappings SET external_id = $3, state = 'active', updated_at = now()
+WHERE internal_id = $1 AND domain_id = $2 AND is_primary AND state = 'pending_create'
+
+-- name: retire_primary
+-- The peer no longer holds the entity: its row is retired (kept $3 seconds, so that late
+-- references still resolve), or dropped if the create never finished.
+WITH dropped AS (
+    DELETE FROM id_mappings
+    WHERE internal_id = $1 AND domain_id = $2 AND is_primary AND state = 'pending_create'
+)
+UPDATE id_mappings
+SET is_primary = false, state = 'retired', retire_after = now() + make_interval(secs => $3),
+    updated_at = now()
+WHERE internal_id = $1 AND domain_id = $2 AND is_primary AND state = 'active'
+
+-- name: save_copy
+INSERT INTO peer_copies (domain_id, internal_id, document, suspended_at)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (domain_id, internal_id)
+DO UPDATE SET document = EXCLUDED.document, suspended_at = EXCLUDED.suspended_at, updated_at = now()
+
+-- name: drop_copy
+DELETE FROM peer_copies WHERE domain_id = $1 AND internal_id = $2
+
+-- name: queue_stats
+-- A peer's queue as the admin API shows it.
+SELECT d.id, d.status, d.failing_since, d.last_delivery_at,
+       count(*) FILTER (WHERE o.state IN ('pending', 'in_flight')) AS depth,
+       count(*) FILTER (WHERE o.state = 'in_flight') AS in_flight,
+       count(*) FILTER (WHERE o.state = 'dead') AS dead,
+       extract(epoch FROM now() - min(o.created_at) FILTER (WHERE o.state IN ('pending', 'in_flight')))
+           AS oldest_age_seconds,
+       count(*) FILTER (WHERE o.state = 'done' AND o.updated_at > now() - interval '60 seconds')
+           AS delivered_last_minute
+FROM domains d
+LEFT JOIN outbox o ON o.domain_id = d.id
+WHERE d.id = $1
+GROUP BY d.id
+
+-- name: all_queue_stats
+SELECT d.id,
+       count(o.id) FILTER (WHERE o.state IN ('pending', 'in_flight')) AS depth,
+       count(o.id) FILTER (WHERE o.state = 'dead') AS dead,
+       coalesce(extract(epoch FROM now() - min(o.created_at)
+           FILTER (WHERE o.state IN ('pending', 'in_flight'))), 0) AS oldest_age_seconds,
+       d.status = 'quarantined' AS quarantined
+FROM domains d
+LEFT JOIN outbox o ON o.domain_id = d.id AND o.state IN ('pending', 'in_flight', 'dead')
+WHERE d.kind = 'peer' AND d.push
+GROUP BY d.id
+ORDER BY d.id
+
+-- name: list_deliveries
+SELECT id, domain_id, internal_id, operation_id, kind, state, attempts, next_attempt_at,
+       last_error, created_at, updated_at
+FROM outbox
+WHERE ($1::text IS NULL OR domain_id = $1) AND ($2::text IS NULL OR state = $2)
+ORDER BY id
+LIMIT $3
+
+-- name: retry_delivery
+-- A dead delivery goes back to the queue, due now, with its attempts counted afresh.
+UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = now(), updated_at = now()
+WHERE id = $1 AND state = 'dead'
+RETURNING id
+
+-- name: discard_delivery
+UPDATE outbox
+SET state = 'cancelled', updated_at = now(),
+    last_error = coalesce(last_error, '{}'::jsonb) || jsonb_build_object('discarded_by', $2::text)
+WHERE id = $1 AND state = 'dead'
+RETURNING id
+
+-- name: delivery_by_id
+SELECT id, domain_id, internal_id, operation_id, kind, state, attempts, next_attempt_at,
+       last_error, created_at, updated_at
+FROM outbox WHERE id = $1
+
+-- name: watermark
+SELECT last_modified, seen_at_mark, swept_at FROM home_watermarks WHERE resource_type = $1
+
+-- name: save_watermark
+INSERT INTO home_watermarks (resource_type, last_modified, seen_at_mark)
+VALUES ($1, $2, $3)
+ON CONFLICT (resource_type)
+DO UPDATE SET last_modified = EXCLUDED.last_modified, seen_at_mark = EXCLUDED.seen_at_mark
+
+-- name: swept
+UPDATE home_watermarks SET swept_at = now() WHERE resource_type = $1
+
+-- name: live_entities
+-- Entities of one type the broker holds as live (and knew before $2), for the sweep that finds
+-- deletions in home.
+SELECT internal_id FROM entities
+WHERE resource_type = $1 AND state = 'active' AND created_at < $2
+ORDER BY internal_id
+
+-- name: record_writes
+-- Entities home now has (or no longer has, $3), recorded before their syncs are enqueued.
+WITH seen AS (
+    INSERT INTO entities (internal_id, resource_type)
+    SELECT * FROM unnest($1::text[], $2::text[])
+    ON CONFLICT (internal_id) DO UPDATE SET resource_type = EXCLUDED.resource_type
+    WHERE entities.resource_type = 'unknown' AND EXCLUDED.resource_type <> 'unknown'
+)
+UPDATE entities SET state = 'deleted', updated_at = now()
+WHERE internal_id = ANY($3::text[]) AND state = 'active'

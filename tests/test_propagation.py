@@ -1,0 +1,465 @@
+"""Propagation to push peers, end to end: a real home, real peers (tenants of a real scim2-server),
+the broker's own worker delivering through its durable outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from broker.app import DELIVERER, HOME, POOL
+from broker.config import PropagationConfig
+from broker.propagation.outbox import enqueue_changes
+from broker.propagation.poller import HomePoller
+from broker.propagation.worker import Deliverer, WorkerSettings
+from broker.tokens import TokenStore
+from tests.propagation_support import (
+    assert_no_internal_id,
+    gate,
+    held,
+    peer_id,
+    quiesce,
+    tenant,
+)
+from tests.scim_support import CORE_GROUP, Broker, Home, new_user, start_broker, unique
+
+FAST = PropagationConfig(
+    home_poll_interval=0,
+    backoff_base=0.05,
+    backoff_ceiling=0.3,
+    quarantine_after=60,
+    quarantine_retry=0.3,
+    lease=5,
+)
+
+
+async def federation(
+    db_url: str,
+    home: Home,
+    peers: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    token: str,
+    settings: PropagationConfig = FAST,
+) -> AsyncIterator[Broker]:
+    """The broker with home H (kind home), a pull domain D and the push ``peers`` (name -> URL)."""
+    domains: dict[str, dict[str, Any]] = {"H": {"kind": "home"}, "D": {}}
+    for name, url in peers.items():
+        monkeypatch.setenv(f"{name}_TOKEN", token)
+        domains[name] = {"scim_url": url, "credential_ref": f"env:{name}_TOKEN", "push": True}
+    async for broker in start_broker(db_url, home, domains, propagation=settings):
+        yield broker
+
+
+async def home_tool(broker: Broker, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """Home's own tools, writing through the broker's home-facing endpoint."""
+    headers = {
+        "Authorization": f"Bearer {broker.tokens['H']}",
+        "Content-Type": "application/scim+json",
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method,
+            f"{broker.admin_url}/home/scim/v2{path}",
+            data=json.dumps(body) if body is not None else None,
+            headers=headers,
+        ) as response,
+    ):
+        raw = await response.text()
+        return response.status, json.loads(raw) if raw else None
+
+
+async def admin(broker: Broker, method: str, path: str) -> tuple[int, Any]:
+    token, _ = await TokenStore(broker.app[POOL]).issue("H", scopes=["admin"])
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method, f"{broker.admin_url}{path}", headers={"Authorization": f"Bearer {token}"}
+        ) as response,
+    ):
+        return response.status, await response.json()
+
+
+def peer_user(peer: Home, peer_user_id: str) -> dict[str, Any]:
+    status, body = peer.call("GET", f"/Users/{peer_user_id}")
+    assert status == 200, body
+    assert isinstance(body, dict)
+    return body
+
+
+@pytest.fixture
+async def two_peers(
+    db_url: str, home: Home, peer_server: Home, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[Broker, Home, Home]]:
+    p1, p2 = tenant(peer_server, "p1"), tenant(peer_server, "p2")
+    async for broker in federation(
+        db_url, home, {"P1": p1.url, "P2": p2.url}, monkeypatch, peer_server.token
+    ):
+        yield broker, p1, p2
+
+
+async def test_home_tools_writes_reach_both_peers_with_their_own_ids(
+    two_peers: tuple[Broker, Home, Home],
+) -> None:
+    broker, p1, p2 = two_peers
+    _, alice = await home_tool(broker, "POST", "/Users", new_user(displayName="Alice"))
+    _, bob = await home_tool(broker, "POST", "/Users", new_user(displayName="Bob"))
+    status, group = await home_tool(
+        broker,
+        "POST",
+        "/Groups",
+        {
+            "schemas": [CORE_GROUP],
+            "displayName": unique("g"),
+            "members": [{"value": alice["id"]}, {"value": bob["id"]}],
+        },
+    )
+    assert status == 201, group
+    await quiesce(broker)
+    internal = {alice["id"], bob["id"], group["id"]}
+    for name, peer in (("P1", p1), ("P2", p2)):
+        a, b, g = [await peer_id(broker, name, i) for i in (alice["id"], bob["id"], group["id"])]
+        assert a and b and g and not {a, b, g} & internal
+        held_alice = peer_user(peer, a)
+        assert held_alice["userName"] == alice["userName"]
+        handle = await broker.app[POOL].fetchval(
+            "SELECT correlation_handle FROM id_mappings WHERE domain_id = $1 AND external_id = $2",
+            name,
+            a,
+        )
+        assert held_alice["externalId"] == handle
+        _, held_group = peer.call("GET", f"/Groups/{g}")
+        assert sorted(m["value"] for m in held_group["members"]) == sorted([a, b])
+        assert_no_internal_id(peer, internal)
+    p1_ids = {await peer_id(broker, "P1", i) for i in internal}
+    p2_ids = {await peer_id(broker, "P2", i) for i in internal}
+    assert not p1_ids & p2_ids, "each peer has IDs of its own"
+
+    # An update and a member removed: the peers follow, with PATCH.
+    await home_tool(
+        broker,
+        "PATCH",
+        f"/Users/{alice['id']}",
+        {
+            "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+            "Operations": [{"op": "replace", "path": "displayName", "value": "Alice B."}],
+        },
+    )
+    await home_tool(
+        broker,
+        "PATCH",
+        f"/Groups/{group['id']}",
+        {
+            "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+            "Operations": [{"op": "remove", "path": f'members[value eq "{bob["id"]}"]'}],
+        },
+    )
+    await quiesce(broker)
+    for name, peer in (("P1", p1), ("P2", p2)):
+        a = await peer_id(broker, name, alice["id"])
+        g = await peer_id(broker, name, group["id"])
+        assert a is not None
+        assert peer_user(peer, a)["displayName"] == "Alice B."
+        _, held_group = peer.call("GET", f"/Groups/{g}")
+        assert [m["value"] for m in held_group["members"]] == [a]
+
+    # A delete: gone from both peers, its rows retired.
+    status, _ = await home_tool(broker, "DELETE", f"/Users/{bob['id']}")
+    assert status == 204
+    await quiesce(broker)
+    for name, peer in (("P1", p1), ("P2", p2)):
+        assert await peer_id(broker, name, bob["id"]) is None
+        assert not [u for u in held(peer)["Users"] if u["userName"] == bob["userName"]]
+        assert_no_internal_id(peer, internal)
+
+
+async def test_an_update_is_the_smallest_patch(
+    db_url: str, home: Home, peer_server: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    peer = tenant(peer_server, "p1")
+    async with gate(peer) as front:
+        async for broker in federation(
+            db_url, home, {"P1": front.url}, monkeypatch, peer_server.token
+        ):
+            users = [(await home_tool(broker, "POST", "/Users", new_user()))[1] for _ in range(3)]
+            _, group = await home_tool(
+                broker,
+                "POST",
+                "/Groups",
+                {
+                    "schemas": [CORE_GROUP],
+                    "displayName": unique("g"),
+                    "members": [{"value": u["id"]} for u in users[:2]],
+                },
+            )
+            await quiesce(broker)
+            front.forwarded.clear()
+            await home_tool(
+                broker,
+                "PATCH",
+                f"/Groups/{group['id']}",
+                {
+                    "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+                    "Operations": [
+                        {"op": "remove", "path": f'members[value eq "{users[0]["id"]}"]'},
+                        {"op": "add", "path": "members", "value": [{"value": users[2]["id"]}]},
+                    ],
+                },
+            )
+            await quiesce(broker)
+            patches = [body for method, _path, body in front.forwarded if method == "PATCH"]
+            first, third = [await peer_id(broker, "P1", u["id"]) for u in (users[0], users[2])]
+            assert patches == [
+                {
+                    "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+                    "Operations": [
+                        {"op": "remove", "path": f'members[value eq "{first}"]'},
+                        {
+                            "op": "add",
+                            "path": "members",
+                            "value": [{"value": third}],
+                        },
+                    ],
+                }
+            ]
+
+
+async def test_changes_made_in_home_directly_are_found_by_the_poller(
+    two_peers: tuple[Broker, Home, Home],
+) -> None:
+    broker, p1, p2 = two_peers
+    poller = HomePoller(broker.app[POOL], broker.app[HOME], interval=1, sweep_interval=0.01)
+    await poller.poll_once()  # the first poll only sets the watermark
+    status, carol = broker.home.call("POST", "/Users", new_user(displayName="Carol"))
+    assert status == 201
+    assert await poller.poll_once() == 1
+    assert await poller.poll_once() == 0, "a change is found once"
+    await quiesce(broker)
+    for name, peer in (("P1", p1), ("P2", p2)):
+        found = await peer_id(broker, name, carol["id"])
+        assert found is not None and peer_user(peer, found)["displayName"] == "Carol"
+
+    broker.home.call(
+        "PATCH",
+        f"/Users/{carol['id']}",
+        {
+            "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+            "Operations": [{"op": "replace", "path": "displayName", "value": "Carol C."}],
+        },
+    )
+    await poller.poll_once()
+    await quiesce(broker)
+    found = await peer_id(broker, "P1", carol["id"])
+    assert found is not None and peer_user(p1, found)["displayName"] == "Carol C."
+
+    broker.home.call("DELETE", f"/Users/{carol['id']}")
+    await asyncio.sleep(0.02)
+    assert await poller.poll_once() == 1, "the sweep finds the deletion"
+    await quiesce(broker)
+    assert await peer_id(broker, "P1", carol["id"]) is None
+    assert p1.call("GET", f"/Users/{found}")[0] == 404
+    assert_no_internal_id(p1, {carol["id"]})
+    assert_no_internal_id(p2, {carol["id"]})
+
+
+async def test_a_change_from_a_peer_is_not_sent_back_to_it(
+    two_peers: tuple[Broker, Home, Home],
+) -> None:
+    broker, _p1, p2 = two_peers
+    status, created, _ = await broker.call("D", "POST", "/Users", new_user(displayName="Dan"))
+    assert status == 201
+    await quiesce(broker)
+    rows = await broker.app[POOL].fetch("SELECT internal_id FROM entities")
+    (internal,) = [r["internal_id"] for r in rows]
+    p1_id, p2_id = await peer_id(broker, "P1", internal), await peer_id(broker, "P2", internal)
+    assert p1_id and p2_id
+    before = await broker.app[POOL].fetchval("SELECT max(id) FROM outbox")
+    status, _, _ = await broker.call(
+        "P1",
+        "PATCH",
+        f"/Users/{p1_id}",
+        {
+            "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+            "Operations": [{"op": "replace", "path": "displayName", "value": "Dan from P1"}],
+        },
+    )
+    assert status in (200, 204)
+    new_rows = await broker.app[POOL].fetch("SELECT domain_id FROM outbox WHERE id > $1", before)
+    assert [r["domain_id"] for r in new_rows] == ["P2"]
+    await quiesce(broker)
+    assert peer_user(p2, p2_id)["displayName"] == "Dan from P1"
+    assert created["id"] not in (p1_id, p2_id)
+
+
+async def test_a_peer_that_was_down_gets_every_change_once_in_order(
+    db_url: str, home: Home, peer_server: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    peer = tenant(peer_server, "p1")
+    async with gate(peer) as front:
+        async for broker in federation(
+            db_url, home, {"P1": front.url}, monkeypatch, peer_server.token
+        ):
+            await front.close()  # the peer is down
+            users = [(await home_tool(broker, "POST", "/Users", new_user()))[1] for _ in range(5)]
+            for n in range(3):
+                await home_tool(
+                    broker,
+                    "PATCH",
+                    f"/Users/{users[0]['id']}",
+                    {
+                        "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+                        "Operations": [{"op": "replace", "path": "title", "value": f"v{n}"}],
+                    },
+                )
+            await asyncio.sleep(1.0)
+            status, queue = await admin(broker, "GET", "/admin/domains/P1/queue")
+            assert status == 200
+            assert queue["depth"] >= 5 and queue["failing_since"] is not None
+            await front.open()  # back
+            await quiesce(broker)
+            held_users = held(peer)["Users"]
+            names = sorted(u["userName"] for u in held_users)
+            assert names == sorted(u["userName"] for u in users), "each user exactly once"
+            first = await peer_id(broker, "P1", users[0]["id"])
+            assert first is not None and peer_user(peer, first)["title"] == "v2"
+            posts = [p for m, p, _ in front.forwarded if m == "POST"]
+            assert len(posts) == 5
+            _, queue = await admin(broker, "GET", "/admin/domains/P1/queue")
+            assert queue["depth"] == 0 and queue["failing_since"] is None
+
+
+async def test_retry_after_and_a_server_error_are_retried(
+    db_url: str, home: Home, peer_server: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    peer = tenant(peer_server, "p1")
+    async with gate(peer) as front:
+        async for broker in federation(
+            db_url, home, {"P1": front.url}, monkeypatch, peer_server.token
+        ):
+            front.failures = [(429, {"Retry-After": "1"}), (500, {})]
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            _, user = await home_tool(broker, "POST", "/Users", new_user())
+            await quiesce(broker)
+            assert loop.time() - started >= 1.0, "Retry-After was honoured"
+            assert len(held(peer)["Users"]) == 1
+            row = await broker.app[POOL].fetchrow("SELECT state, attempts FROM outbox")
+            assert (row["state"], row["attempts"]) == ("done", 3)
+            assert await peer_id(broker, "P1", user["id"]) is not None
+
+
+async def test_a_lost_answer_to_a_create_does_not_duplicate(
+    db_url: str, home: Home, peer_server: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    peer = tenant(peer_server, "p1")
+    async with gate(peer) as front:
+        async for broker in federation(
+            db_url, home, {"P1": front.url}, monkeypatch, peer_server.token
+        ):
+            front.lose_answers = 2  # the lookup by handle, then the POST: done, but unanswered
+            _, user = await home_tool(broker, "POST", "/Users", new_user())
+            await quiesce(broker)
+            assert [u["userName"] for u in held(peer)["Users"]] == [user["userName"]]
+            assert await peer_id(broker, "P1", user["id"]) == held(peer)["Users"][0]["id"]
+
+
+async def test_a_refused_delivery_is_dead_lettered_and_can_be_retried(
+    db_url: str, home: Home, peer_server: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    peer = tenant(peer_server, "p1")
+    async with gate(peer) as front:
+        async for broker in federation(
+            db_url, home, {"P1": front.url}, monkeypatch, peer_server.token
+        ):
+            front.failures = [(403, {})]
+            _, user = await home_tool(broker, "POST", "/Users", new_user())
+            await quiesce(broker)
+            assert held(peer)["Users"] == []
+            status, listing = await admin(broker, "GET", "/admin/deliveries?state=dead")
+            assert status == 200
+            (dead,) = listing["deliveries"]
+            assert dead["last_error"]["status"] == 403
+            assert "permissions" in dead["last_error"]["reason"]
+            assert user["id"] == dead["entity"]
+            status, retried = await admin(broker, "POST", f"/admin/deliveries/{dead['id']}/retry")
+            assert (status, retried["state"]) == (200, "pending")
+            await quiesce(broker)
+            assert len(held(peer)["Users"]) == 1
+            status, again = await admin(broker, "POST", f"/admin/deliveries/{dead['id']}/retry")
+            assert status == 409 and "only dead letters" in again["detail"]
+
+
+async def test_a_peer_failing_too_long_is_quarantined_and_leaves_by_itself(
+    db_url: str, home: Home, peer_server: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    peer = tenant(peer_server, "p1")
+    settings = FAST.model_copy(update={"quarantine_after": 0.3})
+    async with gate(peer) as front:
+        async for broker in federation(
+            db_url, home, {"P1": front.url}, monkeypatch, peer_server.token, settings
+        ):
+            await front.close()
+            for _ in range(3):
+                await home_tool(broker, "POST", "/Users", new_user())
+            for _ in range(100):
+                _, queue = await admin(broker, "GET", "/admin/domains/P1/queue")
+                if queue["quarantined"]:
+                    break
+                await asyncio.sleep(0.1)
+            assert queue["quarantined"]
+            metrics = await (await broker.client.get("/metrics")).text()
+            assert 'broker_peer_quarantined{domain="P1"} 1.0' in metrics
+            await front.open()
+            await quiesce(broker)
+            _, queue = await admin(broker, "GET", "/admin/domains/P1/queue")
+            assert not queue["quarantined"] and queue["depth"] == 0
+            assert len(held(peer)["Users"]) == 3
+
+
+async def test_workers_sharing_the_queue_apply_each_change_once(
+    two_peers: tuple[Broker, Home, Home],
+) -> None:
+    broker, p1, p2 = two_peers
+    users = [(await home_tool(broker, "POST", "/Users", new_user()))[1] for _ in range(12)]
+    app_worker = broker.app[DELIVERER]
+    others = [
+        Deliverer(
+            broker.app[POOL],
+            broker.app[HOME],
+            app_worker.session,
+            id_pattern="[0-9a-f]{32}",
+            settings=WorkerSettings(concurrency=3),
+        )
+        for _ in range(2)
+    ]
+    await asyncio.gather(*(w.drain() for w in others))
+    await quiesce(broker)
+    for peer in (p1, p2):
+        names = sorted(u["userName"] for u in held(peer)["Users"])
+        assert names == sorted(u["userName"] for u in users)
+
+
+async def test_a_crashed_workers_claims_return_after_the_lease(
+    two_peers: tuple[Broker, Home, Home],
+) -> None:
+    broker, p1, _p2 = two_peers
+    pool = broker.app[POOL]
+    status, other = broker.home.call("POST", "/Users", new_user())
+    assert status == 201
+    # A worker claimed the sync and died: the row stays in flight until its lease runs out.
+    async with pool.acquire() as conn, conn.transaction():
+        await enqueue_changes(conn, {other["id"]: "User"})
+        await conn.execute(
+            "UPDATE outbox SET state = 'in_flight', claimed_by = 'dead-worker', "
+            "lease_until = now() + interval '1 second' WHERE internal_id = $1",
+            other["id"],
+        )
+    await asyncio.sleep(0.3)
+    assert await peer_id(broker, "P1", other["id"]) is None, "claimed by the dead worker"
+    await quiesce(broker, within=15)
+    found = await peer_id(broker, "P1", other["id"])
+    assert found is not None and peer_user(p1, found)["userName"] == other["userName"]
