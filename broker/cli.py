@@ -18,7 +18,7 @@ from aiohttp import web
 from broker import __version__
 from broker.app import create_app
 from broker.config import Config, ConfigError, load_config
-from broker.db import MigrationError, migrated_pool
+from broker.db import MigrationError, migrated_pool, query
 from broker.domains import Domain, DomainStore
 from broker.errors import BrokerError
 from broker.mapping.rules import MappingRow
@@ -100,6 +100,22 @@ def _domain_lines(domain: Domain) -> list[str]:
         f"scope:       {domain.scope_filter or '(everything)'}",
         f"read attrs:  {', '.join(policy['read']) if 'read' in policy else '(all)'}",
         f"write attrs: {', '.join(policy['write']) if 'write' in policy else '(all)'}",
+        *(
+            [
+                f"deprovision: {domain.deprovision}"
+                + (
+                    f" (delete after {domain.suspend_for})"
+                    if domain.deprovision == "suspend"
+                    else ""
+                ),
+                f"on conflict: {domain.on_conflict.replace('_', '-')}",
+                f"failing:     since {domain.failing_since.isoformat(timespec='seconds')}"
+                if domain.failing_since
+                else "failing:     no",
+            ]
+            if domain.push
+            else []
+        ),
     ]
 
 
@@ -120,6 +136,9 @@ async def cmd_domain(config: Config, args: argparse.Namespace) -> int:
                 scope_filter=args.scope,
                 read_attributes=_split_list(args.read_attributes),
                 write_attributes=_split_list(args.write_attributes),
+                deprovision=args.deprovision,
+                suspend_for=parse_duration(args.suspend_for),
+                on_conflict=args.on_conflict.replace("-", "_"),
             )
             print("\n".join(_domain_lines(domain)))
         elif args.domain_command == "list":
@@ -171,6 +190,53 @@ async def cmd_token(config: Config, args: argparse.Namespace) -> int:
             info = await tokens.revoke(args.id)
             _say(f"token {info.id} of {info.domain_id} revoked (takes effect within seconds)")
     return 0
+
+
+async def cmd_deliveries(config: Config, args: argparse.Namespace) -> int:
+    async with _pool(config) as pool:
+        if args.deliveries_command == "list":
+            records = await pool.fetch(
+                query("list_deliveries"), args.domain, args.state, max(1, args.limit)
+            )
+            rows = [
+                (
+                    str(r["id"]),
+                    r["domain_id"],
+                    r["internal_id"],
+                    r["kind"],
+                    r["state"],
+                    str(r["attempts"]),
+                    (r["last_error"] or {}).get("reason") or "-",
+                )
+                for r in records
+            ]
+            print(_table(("id", "domain", "entity", "kind", "state", "attempts", "reason"), rows))
+            return 0
+        failed = 0
+        for delivery_id in args.ids:
+            async with pool.acquire() as conn, conn.transaction():
+                name = (
+                    "retry_delivery" if args.deliveries_command == "retry" else "discard_delivery"
+                )
+                params = (delivery_id,) if name == "retry_delivery" else (delivery_id, "cli")
+                done = await conn.fetchval(query(name), *params)
+                if done is None:
+                    _say(
+                        f"delivery {delivery_id} is not a dead letter: `broker deliveries list` shows them"
+                    )
+                    failed += 1
+                    continue
+                await conn.execute(
+                    query("audit"),
+                    "cli",
+                    f"delivery_{args.deliveries_command}",
+                    None,
+                    {"delivery": delivery_id},
+                )
+            _say(
+                f"delivery {delivery_id}: {'queued again' if name == 'retry_delivery' else 'discarded'}"
+            )
+    return 1 if failed else 0
 
 
 def _when(moment: datetime | None, default: str) -> str:
@@ -265,6 +331,25 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--scope", metavar="FILTER", help="SCIM filter bounding what the domain sees")
     add.add_argument("--read-attributes", metavar="A,B", help="attributes the domain may read")
     add.add_argument("--write-attributes", metavar="A,B", help="attributes the domain may write")
+    add.add_argument(
+        "--deprovision",
+        choices=("delete", "suspend"),
+        default="delete",
+        help="push peers: when home deletes, DELETE at once, or suspend (active false) first",
+    )
+    add.add_argument(
+        "--suspend-for",
+        metavar="DURATION",
+        default="30d",
+        help="with --deprovision suspend: how long before the DELETE (default 30d)",
+    )
+    add.add_argument(
+        "--on-conflict",
+        choices=("link", "dead-letter"),
+        default="dead-letter",
+        help="push peers: a create refused as a duplicate links to the peer's resource, or waits "
+        "for a person as a dead letter (default)",
+    )
     domain_commands.add_parser("list", help="list the domains")
     show = domain_commands.add_parser("show", help="show one domain")
     show.add_argument("domain")
@@ -282,6 +367,31 @@ def build_parser() -> argparse.ArgumentParser:
     token_list.add_argument("domain", nargs="?")
     revoke = token_commands.add_parser("revoke", help="revoke a token by its id")
     revoke.add_argument("id", type=int)
+
+    deliveries = commands.add_parser(
+        "deliveries", help="the outbox toward push peers: list, retry and discard dead letters"
+    )
+    deliveries.set_defaults(run=cmd_deliveries, asynchronous=True)
+    delivery_commands = deliveries.add_subparsers(
+        dest="deliveries_command", required=True, metavar="ACTION"
+    )
+    delivery_list = delivery_commands.add_parser(
+        "list", help="list deliveries (dead ones by default)"
+    )
+    delivery_list.add_argument("--domain", help="only toward this peer")
+    delivery_list.add_argument(
+        "--state",
+        default="dead",
+        choices=("pending", "in_flight", "done", "dead", "cancelled"),
+        help="which deliveries (default: dead letters)",
+    )
+    delivery_list.add_argument("--limit", type=int, default=100)
+    for action, text in (
+        ("retry", "send dead letters again (attempts counted afresh)"),
+        ("discard", "give up dead letters (kept, marked cancelled)"),
+    ):
+        sub = delivery_commands.add_parser(action, help=text)
+        sub.add_argument("ids", type=int, nargs="+", metavar="ID")
 
     mappings = commands.add_parser(
         "mappings", help="show an entity's rows of the mapping table, as seed 002 draws them"

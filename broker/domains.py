@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import asyncpg
@@ -27,6 +27,11 @@ class Domain:
     attribute_policy: dict[str, Any]
     status: str
     created_at: datetime
+    deprovision: Literal["delete", "suspend"] = "delete"
+    """What a push peer gets when home deletes: DELETE, or active=false then DELETE later."""
+    suspend_for: timedelta = timedelta(days=30)
+    on_conflict: Literal["link", "dead_letter"] = "dead_letter"
+    failing_since: datetime | None = None
 
     @property
     def mints(self) -> bool:
@@ -53,6 +58,9 @@ class DomainStore:
         scope_filter: str | None = None,
         read_attributes: list[str] | None = None,
         write_attributes: list[str] | None = None,
+        deprovision: Literal["delete", "suspend"] = "delete",
+        suspend_for: timedelta = timedelta(days=30),
+        on_conflict: Literal["link", "dead_letter"] = "dead_letter",
     ) -> Domain:
         policy: dict[str, Any] = {}
         if read_attributes is not None:
@@ -69,6 +77,9 @@ class DomainStore:
                 push,
                 scope_filter,
                 policy,
+                deprovision,
+                suspend_for,
+                on_conflict,
             )
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "domains_one_home":

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -82,6 +84,21 @@ async def admin(broker: Broker, method: str, path: str) -> tuple[int, Any]:
         ) as response,
     ):
         return response.status, await response.json()
+
+
+async def cli(db_url: str, *args: str) -> tuple[int, str]:
+    """The ``broker`` command, as an operator runs it, on the test's database."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "broker.cli",
+        *args,
+        env={**os.environ, "BROKER_DATABASE_URL": db_url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await process.communicate()
+    return process.returncode or 0, out.decode()
 
 
 def peer_user(peer: Home, peer_user_id: str) -> dict[str, Any]:
@@ -391,6 +408,21 @@ async def test_a_refused_delivery_is_dead_lettered_and_can_be_retried(
             assert len(held(peer)["Users"]) == 1
             status, again = await admin(broker, "POST", f"/admin/deliveries/{dead['id']}/retry")
             assert status == 409 and "only dead letters" in again["detail"]
+
+            # The same through the command line.
+            front.failures = [(400, {})]
+            await home_tool(broker, "POST", "/Users", new_user())
+            await quiesce(broker)
+            code, listed = await cli(db_url, "deliveries", "list", "--domain", "P1")
+            assert code == 0 and "HTTP 400" in listed and "schema" in listed
+            (row,) = await broker.app[POOL].fetch("SELECT id FROM outbox WHERE state = 'dead'")
+            code, _ = await cli(db_url, "deliveries", "discard", str(row["id"]))
+            assert code == 0
+            code, listed = await cli(db_url, "deliveries", "list")
+            assert code == 0 and "HTTP 400" not in listed
+            code, _ = await cli(db_url, "deliveries", "retry", str(row["id"]))
+            assert code == 1, "a discarded delivery is no dead letter to retry"
+            assert len(held(peer)["Users"]) == 1
 
 
 async def test_a_peer_failing_too_long_is_quarantined_and_leaves_by_itself(

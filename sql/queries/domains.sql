@@ -1,18 +1,21 @@
 -- Named queries of the domains registry (broker/domains.py).
 
 -- name: insert_domain
-INSERT INTO domains (id, kind, scim_url, credential_ref, push, scope_filter, attribute_policy)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
-RETURNING id, kind, scim_url, credential_ref, push, scope_filter, attribute_policy, status, created_at
+INSERT INTO domains (id, kind, scim_url, credential_ref, push, scope_filter, attribute_policy,
+                     deprovision, suspend_for, on_conflict)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+RETURNING id, kind, scim_url, credential_ref, push, scope_filter, attribute_policy, status, created_at,
+       deprovision, suspend_for, on_conflict, failing_since
 
 -- name: list_domains
 SELECT d.id, d.kind, d.scim_url, d.credential_ref, d.push, d.scope_filter, d.attribute_policy,
-       d.status, d.created_at
+       d.status, d.created_at, d.deprovision, d.suspend_for, d.on_conflict, d.failing_since
 FROM domains d
 ORDER BY d.kind, d.id
 
 -- name: domain_by_id
-SELECT id, kind, scim_url, credential_ref, push, scope_filter, attribute_policy, status, created_at
+SELECT id, kind, scim_url, credential_ref, push, scope_filter, attribute_policy, status, created_at,
+       deprovision, suspend_for, on_conflict, failing_since
 FROM domains WHERE id = $1
 
 -- name: domain_mapping_counts
