@@ -235,12 +235,6 @@ class Deliverer:
 
     async def _attempt(self, peer: Peer, claim: Claim, lane: _Lane) -> str:
         try:
-            if claim.kind != "sync":
-                raise Failure(
-                    Verdict.PERMANENT,
-                    f"this broker cannot deliver {claim.kind!r} yet; upgrade it, then retry the delivery",
-                    peer_fault=False,
-                )
             await self._sync(peer, claim)
         except _Later as later:
             due = datetime.now(UTC) + timedelta(seconds=later.delay)

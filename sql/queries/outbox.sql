@@ -19,19 +19,19 @@ FROM unnest($2::text[]) AS e(internal_id)
 ON CONFLICT (domain_id, internal_id) WHERE state = 'pending' AND kind = 'sync' DO NOTHING
 
 -- name: claim_deliveries
--- Up to $3 deliveries toward peer $1 that are due, each the oldest unfinished one of its entity
+-- Up to $3 syncs toward peer $1 that are due, each the oldest unfinished one of its entity
 -- (order per peer and entity), claimed by worker $2 for a lease of $4 seconds. A claim whose
--- lease ran out (its worker died) is claimed again.
+-- lease ran out (its worker died) is claimed again. Merge and split tasks are not claimed yet.
 WITH ready AS (
     SELECT o.id
     FROM outbox o
-    WHERE o.domain_id = $1
+    WHERE o.domain_id = $1 AND o.kind = 'sync'
       AND ((o.state = 'pending' AND o.next_attempt_at <= now())
            OR (o.state = 'in_flight' AND o.lease_until < now()))
       AND NOT EXISTS (
           SELECT 1 FROM outbox e
           WHERE e.domain_id = o.domain_id AND e.internal_id = o.internal_id AND e.id < o.id
-            AND e.state IN ('pending', 'in_flight')
+            AND e.kind = 'sync' AND e.state IN ('pending', 'in_flight')
       )
     ORDER BY o.id
     LIMIT $3

@@ -1,0 +1,200 @@
+"""Delivery benchmark: how fast the outbox drains into push peers, against the same peers written
+to directly by a plain client with the same concurrency, in one run.
+
+Home and the peers are real scim2-server processes (peers are tenants of one process per peer).
+N users are created in home; their syncs are enqueued at once (as the home poller or the
+home-facing endpoint would) and the broker's worker drains them. The direct figure is N POSTs of
+the same users straight to a fresh tenant of each peer.
+
+    python bench/deliveries.py [--users 300] [--peers 1 5] [--concurrency 4]
+
+Uses the embedded PostgreSQL in a temporary directory unless BROKER_DATABASE_URL is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import aiohttp
+
+from broker.db import migrated_pool
+from broker.domains import DomainStore
+from broker.propagation.outbox import enqueue_changes
+from broker.propagation.worker import Deliverer, WorkerSettings
+from broker.proxy.home import HomeClient
+
+sys.path.insert(0, str(Path(__file__).parent))
+from run import free_port, wait_for
+
+CORE_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
+
+
+@contextmanager
+def scim_server(token: str, *args: str) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "scim2_server.testserver.cli",
+            "--port",
+            str(port),
+            "--bearer-token",
+            token,
+            *args,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        probe = f"http://127.0.0.1:{port}" + ("/probe/v2" if args else "/v2")
+        wait_for(probe + "/ServiceProviderConfig", {"Authorization": f"Bearer {token}"})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def post(url: str, token: str, body: object) -> dict[str, object]:
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/scim+json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        result: dict[str, object] = json.loads(response.read())
+        return result
+
+
+async def direct(
+    urls: list[str], token: str, users: list[dict[str, object]], concurrency: int
+) -> float:
+    """Seconds for a plain client to POST every user to every peer, ``concurrency`` per peer."""
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session:
+
+        async def one_peer(url: str) -> None:
+            gate = asyncio.Semaphore(concurrency)
+
+            async def one(user: dict[str, object]) -> None:
+                async with gate, session.post(f"{url}/Users", json=user) as response:
+                    assert response.status == 201, await response.text()
+
+            await asyncio.gather(*(one(u) for u in users))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one_peer(u) for u in urls))
+        return time.perf_counter() - started
+
+
+async def through_broker(
+    db_url: str | None,
+    data_dir: Path,
+    home_url: str,
+    token: str,
+    peer_urls: list[str],
+    home_ids: list[str],
+    concurrency: int,
+) -> float:
+    os.environ["BENCH_PEER_TOKEN"] = token
+    async with migrated_pool(db_url, data_dir, max_size=concurrency * len(peer_urls) + 4) as (
+        pool,
+        _url,
+    ):
+        await pool.execute(
+            "TRUNCATE outbox, peer_copies, id_mappings, entities, domain_tokens, domains CASCADE"
+        )
+        domains = DomainStore(pool)
+        for n, url in enumerate(peer_urls):
+            await domains.add(
+                f"P{n}", scim_url=url, credential_ref="env:BENCH_PEER_TOKEN", push=True
+            )
+        async with aiohttp.ClientSession() as session:
+            home = HomeClient(session, home_url, token)
+            worker = Deliverer(
+                pool,
+                home,
+                session,
+                id_pattern="[0-9a-f]{32}",
+                settings=WorkerSettings(concurrency=concurrency),
+            )
+            async with pool.acquire() as conn, conn.transaction():
+                await enqueue_changes(conn, dict.fromkeys(home_ids, "User"))
+            started = time.perf_counter()
+            await worker.drain(within=3600)
+            elapsed = time.perf_counter() - started
+            left = await pool.fetchval("SELECT count(*) FROM outbox WHERE state <> 'done'")
+            assert left == 0, f"{left} deliveries did not finish"
+            return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=300)
+    parser.add_argument("--peers", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--concurrency", type=int, default=4)
+    args = parser.parse_args()
+    token = secrets.token_hex(8)
+    rows = []
+    with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
+        home = stack.enter_context(scim_server(token)) + "/v2"
+        peer_hosts = [
+            stack.enter_context(scim_server(token, "--dynamic-tenants"))
+            for _ in range(max(args.peers))
+        ]
+        users = [
+            {
+                "schemas": [CORE_USER],
+                "userName": f"bench-{uuid.uuid4().hex[:12]}",
+                "displayName": "Bench User",
+                "title": "benchmark",
+            }
+            for _ in range(args.users)
+        ]
+        home_ids = [str(post(home + "/Users", token, u)["id"]) for u in users]
+        for count in args.peers:
+            tenant = uuid.uuid4().hex[:8]
+            direct_s = asyncio.run(
+                direct(
+                    [f"{h}/direct-{tenant}/v2" for h in peer_hosts[:count]],
+                    token,
+                    users,
+                    args.concurrency,
+                )
+            )
+            broker_s = asyncio.run(
+                through_broker(
+                    os.environ.get("BROKER_DATABASE_URL"),
+                    Path(tmp) / "pg",
+                    home,
+                    token,
+                    [f"{h}/broker-{tenant}/v2" for h in peer_hosts[:count]],
+                    home_ids,
+                    args.concurrency,
+                )
+            )
+            total = args.users * count
+            rows.append((count, total / direct_s, total / broker_s))
+    print(f"{args.users} users, concurrency {args.concurrency} per peer, scim2-server peers")
+    print("| peers | direct POSTs/s | broker deliveries/s | broker / direct |")
+    print("|---|---|---|---|")
+    for count, d, b in rows:
+        print(f"| {count} | {d:.0f} | {b:.0f} | {b / d:.0%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
