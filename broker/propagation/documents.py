@@ -57,9 +57,13 @@ def scim_patch(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[Json
     """SCIM PATCH operations that take ``before`` to ``after`` (empty when they are equal)."""
     changed: list[str] = []
     for op in jsonpatch.make_patch(dict(before), dict(after)):
-        top = _unescape(op["path"].split("/")[1]) if op["path"] != "" else ""
-        if top not in changed:
-            changed.append(top)
+        # A "move" changes the attribute it takes the value from as well as the one it puts it in.
+        for pointer in (op.get("from"), op["path"]):
+            if pointer is None:
+                continue
+            top = _unescape(pointer.split("/")[1]) if pointer != "" else ""
+            if top not in changed:
+                changed.append(top)
     operations: list[Json] = []
     for key in changed:
         if key in ("", "schemas"):

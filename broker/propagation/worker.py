@@ -215,7 +215,11 @@ class Deliverer:
         while time.monotonic() < deadline:
             started = await self.claim_and_start()
             if self._tasks:
-                await asyncio.wait(set(self._tasks), timeout=self.settings.idle_check)
+                await asyncio.wait(
+                    set(self._tasks),
+                    timeout=self.settings.idle_check,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
             elif not started:
                 return
         raise TimeoutError(f"deliveries still running after {within}s")
