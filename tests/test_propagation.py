@@ -377,7 +377,7 @@ async def test_a_lost_answer_to_a_create_does_not_duplicate(
         async for broker in federation(
             db_url, home, {"P1": front.url}, monkeypatch, peer_server.token
         ):
-            front.lose_answers = 2  # the lookup by handle, then the POST: done, but unanswered
+            front.lose_answers = 2  # the POST (done, but unanswered), then the first lookup
             _, user = await home_tool(broker, "POST", "/Users", new_user())
             await quiesce(broker)
             assert [u["userName"] for u in held(peer)["Users"]] == [user["userName"]]

@@ -331,8 +331,9 @@ class Deliverer:
         )
         views = await self._references(peer, claim, home_doc, translation, resource_type)
         handle = entity["correlation_handle"]
+        first_attempt = False
         if entity["external_id"] is None:
-            handle = await self._begin_create(peer, claim.internal_id)
+            handle, first_attempt = await self._begin_create(peer, claim.internal_id)
         desired = peer_document(
             home_doc,
             translation,
@@ -343,7 +344,9 @@ class Deliverer:
         )
         self._guard(desired, {claim.internal_id, *views}, {handle, *views.values()})
         if entity["external_id"] is None:
-            await self._create(peer, client, claim.internal_id, endpoint, resource_type, desired)
+            await self._create(
+                peer, client, claim.internal_id, endpoint, resource_type, desired, first_attempt
+            )
         else:
             await self._update(
                 peer, client, claim.internal_id, endpoint, entity, desired, resource_type
@@ -439,12 +442,15 @@ class Deliverer:
                 peer_fault=False,
             )
 
-    async def _begin_create(self, peer: Peer, internal_id: str) -> str:
-        await self.pool.execute(query("begin_create"), internal_id, peer.id, mint_id())
+    async def _begin_create(self, peer: Peer, internal_id: str) -> tuple[str, bool]:
+        """The create's correlation handle, and whether this is its first attempt."""
+        fresh = await self.pool.fetchval(query("begin_create"), internal_id, peer.id, mint_id())
+        if fresh is not None:
+            return fresh, True
         row = await self.pool.fetchrow(query("pending_handle"), internal_id, peer.id)
-        assert row is not None, "begin_create inserted or kept the row"
+        assert row is not None, "begin_create kept the row"
         handle: str = row["correlation_handle"]
-        return handle
+        return handle, False
 
     async def _create(
         self,
@@ -454,9 +460,15 @@ class Deliverer:
         endpoint: str,
         resource_type: str,
         desired: dict[str, Any],
+        first_attempt: bool,
     ) -> None:
-        # A create whose answer was lost left the resource in the peer under the handle.
-        found = await client.find_by(endpoint, "externalId", desired["externalId"])
+        # A create whose answer was lost left the resource in the peer under the handle; on the
+        # first attempt there can be none.
+        found = (
+            []
+            if first_attempt
+            else await client.find_by(endpoint, "externalId", desired["externalId"])
+        )
         linked = False
         if found:
             peer_id = found[0]

@@ -139,10 +139,12 @@ LEFT JOIN id_mappings m
 
 -- name: begin_create
 -- The pending row of a create in a peer, with its correlation handle; kept if it exists.
+-- Returns the handle only when the row is new (no earlier attempt can have reached the peer).
 INSERT INTO id_mappings (internal_id, domain_id, external_id, is_primary, origin, state,
                          correlation_handle)
 VALUES ($1, $2, NULL, true, 'peer', 'pending_create', $3)
 ON CONFLICT DO NOTHING
+RETURNING correlation_handle
 
 -- name: pending_handle
 SELECT correlation_handle, state, external_id FROM id_mappings
