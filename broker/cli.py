@@ -73,7 +73,13 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         print=lambda _: _say(
             f"broker {__version__} ready: {config.public_url} (/healthz, /readyz, /metrics"
             + (", /scim/v2" if config.home.scim_url else "; set [home] scim_url to serve /scim/v2")
-            + "); Ctrl-C or SIGTERM stops it"
+            + ")"
+            + (
+                f"; admin API on http://{config.server.admin_host}:{config.server.admin_port}"
+                if config.server.admin_port
+                else ""
+            )
+            + "; Ctrl-C or SIGTERM stops it"
         ),
         access_log=None,
     )

@@ -89,9 +89,7 @@ class Claim:
     id: int
     domain_id: str
     internal_id: str
-    kind: str
     attempts: int
-    created_at: datetime
 
 
 class _Later(Exception):
@@ -195,12 +193,7 @@ class Deliverer:
             )
             for record in records:
                 claim = Claim(
-                    record["id"],
-                    record["domain_id"],
-                    record["internal_id"],
-                    record["kind"],
-                    record["attempts"],
-                    record["created_at"],
+                    record["id"], record["domain_id"], record["internal_id"], record["attempts"]
                 )
                 lane.active += 1
                 task = asyncio.create_task(self._deliver(peer, claim, lane))

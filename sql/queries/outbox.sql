@@ -42,8 +42,7 @@ SET state = 'in_flight', claimed_by = $2, lease_until = now() + make_interval(se
     updated_at = now()
 FROM ready
 WHERE o.id = ready.id
-RETURNING o.id, o.domain_id, o.internal_id, o.operation_id, o.kind, o.payload, o.attempts,
-          o.created_at
+RETURNING o.id, o.domain_id, o.internal_id, o.attempts
 
 -- name: delivery_done
 UPDATE outbox
@@ -147,7 +146,7 @@ ON CONFLICT DO NOTHING
 RETURNING correlation_handle
 
 -- name: pending_handle
-SELECT correlation_handle, state, external_id FROM id_mappings
+SELECT correlation_handle FROM id_mappings
 WHERE internal_id = $1 AND domain_id = $2 AND is_primary
 
 -- name: finish_create
