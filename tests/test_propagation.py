@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import aiohttp
@@ -46,12 +47,18 @@ async def federation(
     monkeypatch: pytest.MonkeyPatch,
     token: str,
     settings: PropagationConfig = FAST,
+    **peer_options: Any,
 ) -> AsyncIterator[Broker]:
     """The broker with home H (kind home), a pull domain D and the push ``peers`` (name -> URL)."""
     domains: dict[str, dict[str, Any]] = {"H": {"kind": "home"}, "D": {}}
     for name, url in peers.items():
         monkeypatch.setenv(f"{name}_TOKEN", token)
-        domains[name] = {"scim_url": url, "credential_ref": f"env:{name}_TOKEN", "push": True}
+        domains[name] = {
+            "scim_url": url,
+            "credential_ref": f"env:{name}_TOKEN",
+            "push": True,
+            **peer_options,
+        }
     async for broker in start_broker(db_url, home, domains, propagation=settings):
         yield broker
 
@@ -495,3 +502,33 @@ async def test_a_crashed_workers_claims_return_after_the_lease(
     await quiesce(broker, within=15)
     found = await peer_id(broker, "P1", other["id"])
     assert found is not None and peer_user(p1, found)["userName"] == other["userName"]
+
+
+async def test_a_suspending_peer_gets_active_false_first_and_the_delete_later(
+    db_url: str, home: Home, peer_server: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    peer = tenant(peer_server, "p1")
+    async for broker in federation(
+        db_url,
+        home,
+        {"P1": peer.url},
+        monkeypatch,
+        peer_server.token,
+        deprovision="suspend",
+        suspend_for=timedelta(seconds=1.5),
+    ):
+        _, user = await home_tool(broker, "POST", "/Users", new_user(active=True))
+        await quiesce(broker)
+        held_id = await peer_id(broker, "P1", user["id"])
+        assert held_id is not None and peer_user(peer, held_id)["active"] is True
+        status, _ = await home_tool(broker, "DELETE", f"/Users/{user['id']}")
+        assert status == 204
+        for _ in range(100):
+            if peer_user(peer, held_id).get("active") is False:
+                break
+            await asyncio.sleep(0.05)
+        assert peer_user(peer, held_id)["active"] is False, "suspended first"
+        assert await peer_id(broker, "P1", user["id"]) == held_id, "still mapped while suspended"
+        await quiesce(broker)
+        assert peer.call("GET", f"/Users/{held_id}")[0] == 404, "deleted after --suspend-for"
+        assert await peer_id(broker, "P1", user["id"]) is None
