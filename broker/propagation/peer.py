@@ -11,14 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import orjson
 
+from broker.http import exchange
 from broker.propagation.policy import Failure, Verdict, judge
 
 __all__ = ["PeerAnswer", "PeerClient", "peer_credential"]
 
 log = logging.getLogger(__name__)
-SCIM_JSON = "application/scim+json"
 
 
 def peer_credential(
@@ -47,7 +46,7 @@ def peer_credential(
 class PeerAnswer:
     status: int
     body: Any
-    headers: dict[str, str]
+    headers: Mapping[str, str]
 
 
 class PeerClient:
@@ -72,31 +71,22 @@ class PeerClient:
         body: Any = None,
         params: Mapping[str, str] | None = None,
     ) -> PeerAnswer:
-        headers = {"Accept": SCIM_JSON, **self._auth}
-        data = None
-        if body is not None:
-            data = orjson.dumps(body)
-            headers["Content-Type"] = SCIM_JSON
         try:
-            async with self.session.request(
-                method, self.base_url + path, data=data, params=params, headers=headers
-            ) as response:
-                raw = await response.read()
-                status = response.status
-                answer_headers = {k: v for k, v in response.headers.items()}
+            answer = await exchange(
+                self.session,
+                method,
+                self.base_url + path,
+                auth=self._auth,
+                params=params,
+                body=body,
+            )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise Failure(
                 Verdict.TRANSIENT,
                 f"{method} {path}: the peer did not answer ({type(exc).__name__}); "
                 "retrying until it does",
             ) from exc
-        parsed: Any = None
-        if raw:
-            try:
-                parsed = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                parsed = None
-        return PeerAnswer(status, parsed, answer_headers)
+        return PeerAnswer(answer.status, answer.json_or_none(), answer.headers)
 
     async def supports_patch(self, ttl: float = 300.0) -> bool:
         now = time.monotonic()

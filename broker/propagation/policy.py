@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -53,7 +54,7 @@ class Failure(Exception):
         return out
 
 
-def judge(status: int, body: Any, headers: dict[str, str], what: str) -> Failure:
+def judge(status: int, body: Any, headers: Mapping[str, str], what: str) -> Failure:
     """The failure a peer's non-success answer to ``what`` (``"POST /Users"``) is."""
     error = body if isinstance(body, dict) else None
     detail = error.get("detail") if error else None

@@ -20,9 +20,9 @@ from aiohttp import web
 
 from broker.domains import Domain, DomainStore
 from broker.errors import BrokerError, InvalidValueError, NotFoundError
+from broker.http import SCIM_JSON
 from broker.mapping.store import MappingStore
 from broker.proxy.home import (
-    SCIM_JSON,
     SEARCH_SCHEMA,
     HomeClient,
     HomeRefused,

@@ -14,6 +14,7 @@ import aiohttp
 import orjson
 
 from broker.errors import BrokerError
+from broker.http import Exchange, exchange
 from broker.scim.rewrite import Endpoints
 from broker.scim.schemas import DEFAULT_REFERENCES, ReferenceMap
 
@@ -27,7 +28,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-SCIM_JSON = "application/scim+json"
 SEARCH_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:SearchRequest"
 # Response headers the proxy reads (ETag is passed on; Location only tells that home created
 # something); everything else stays here.
@@ -97,53 +97,34 @@ class HomeClient:
         headers: Mapping[str, str] | None = None,
     ) -> HomeResponse:
         """One call to home; HomeUnavailable when it cannot be reached or answers no JSON."""
-        sent = {"Accept": SCIM_JSON, **self._auth, **(headers or {})}
-        data = None
-        if body is not None:
-            data = orjson.dumps(body)
-            sent["Content-Type"] = SCIM_JSON
+        answer = await self._exchange(method, path, params=params, body=body, headers=headers)
         try:
-            async with self.session.request(
-                method, self.base_url + path, params=params, data=data, headers=sent
-            ) as response:
-                raw = await response.read()
-                passed = {h: response.headers[h] for h in PASSED_HEADERS if h in response.headers}
-                status = response.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("home unreachable: %s %s: %r", method, path, exc)
-            raise HomeUnavailable("the home SCIM service did not answer; try again later") from exc
-        parsed: Any = None
-        if raw:
-            try:
-                parsed = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                raise HomeUnavailable(
-                    "the home SCIM service answered something that is not JSON"
-                ) from exc
-        return HomeResponse(status, passed, parsed)
+            parsed = answer.json()
+        except orjson.JSONDecodeError as exc:
+            raise HomeUnavailable(
+                "the home SCIM service answered something that is not JSON"
+            ) from exc
+        passed = {h: answer.headers[h] for h in PASSED_HEADERS if h in answer.headers}
+        return HomeResponse(answer.status, passed, parsed)
 
     async def forward(
         self, method: str, path: str, params: Mapping[str, str], data: bytes
     ) -> Forwarded:
         """A request passed to home as it came, with home's credential."""
-        headers = {"Accept": SCIM_JSON, **self._auth}
-        if data:
-            headers["Content-Type"] = SCIM_JSON
+        answer = await self._exchange(method, path, params=params, data=data)
+        passed = {h: answer.headers[h] for h in PASSED_HEADERS if h in answer.headers}
+        return Forwarded(
+            answer.status, passed, answer.raw, answer.json_or_none(), answer.content_type
+        )
+
+    async def _exchange(self, method: str, path: str, **kwargs: Any) -> Exchange:
         try:
-            async with self.session.request(
-                method, self.base_url + path, params=params, data=data or None, headers=headers
-            ) as response:
-                raw = await response.read()
-                passed = {h: response.headers[h] for h in PASSED_HEADERS if h in response.headers}
-                status, content_type = response.status, response.content_type
+            return await exchange(
+                self.session, method, self.base_url + path, auth=self._auth, **kwargs
+            )
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("home unreachable: %s %s: %r", method, path, exc)
             raise HomeUnavailable("the home SCIM service did not answer; try again later") from exc
-        try:
-            parsed = orjson.loads(raw) if raw else None
-        except orjson.JSONDecodeError:
-            parsed = None
-        return Forwarded(status, passed, raw, parsed, content_type)
 
     async def ids_within(self, endpoint: str, ids: Sequence[str], scope: str | None) -> set[str]:
         """Which of ``ids`` home has at ``endpoint`` (and within the filter ``scope``): one search
