@@ -22,6 +22,7 @@ from broker.errors import BrokerError, InvalidValueError, NotFoundError
 from broker.mapping.store import MappingStore
 from broker.proxy.handlers import MAX_BODY, Forbidden, answer_errors
 from broker.proxy.home import HomeClient
+from broker.scim.bulk import bulk_writes
 from broker.tokens import TokenStore
 
 __all__ = ["create_admin_app", "delivery_json", "queue_json"]
@@ -183,18 +184,8 @@ class Admin:
             else:
                 written[parts[1]] = resource_type
         elif parts == ["Bulk"] and isinstance(body, Mapping):
-            for answer in body.get("Operations") or []:
-                if not isinstance(answer, Mapping) or not str(answer.get("status", "")).startswith(
-                    "2"
-                ):
-                    continue
-                parsed = endpoints.parse_uri(str(answer.get("location", "")), self.home.base_url)
-                if parsed is None:
-                    continue
-                if str(answer.get("method", "")).upper() == "DELETE":
-                    deleted.append(parsed[1])
-                else:
-                    written[parsed[1]] = parsed[0]
+            answers = [a for a in body.get("Operations") or [] if isinstance(a, Mapping)]
+            written, deleted = bulk_writes(answers, endpoints, self.home.base_url)
         if written or deleted:
             await self.store.record_write(written, origin=None, deleted=deleted)
 

@@ -29,6 +29,7 @@ from broker.proxy.home import (
     HomeResponse,
     HomeSchema,
 )
+from broker.scim.bulk import bulk_writes
 from broker.scim.filters import FilterError, FilterIds, filter_ids, parse_filter, rewrite_filter
 from broker.scim.guard import IdShape, find_leak, scrub
 from broker.scim.outbound import DomainView, ids_in_resources, resources_for_domain
@@ -825,8 +826,6 @@ class Proxy:
         }
         pending = iter(answers)
         out: list[dict[str, Any]] = []
-        written: dict[str, str] = {}
-        deleted: list[str] = []
         external_ids: dict[str, str | None] = {}
         for (op, _rtype, _path_id, content), local in zip(planned, results, strict=True):
             if local is not None:
@@ -845,11 +844,6 @@ class Proxy:
             }
             parsed = schema.endpoints.parse_uri(str(reply.get("location", "")), self.home.base_url)
             succeeded = str(reply.get("status", "")).startswith("2")
-            if parsed is not None and succeeded:
-                if str(op.get("method", "")).upper() == "DELETE":
-                    deleted.append(parsed[1])
-                else:
-                    written[parsed[1]] = parsed[0]
             if parsed is not None and parsed[1] in found:
                 result["location"] = schema.endpoints.uri(
                     self.base, parsed[0], found[parsed[1]].external_id
@@ -865,6 +859,7 @@ class Proxy:
                     response.get("scimType"),
                 )
             out.append(result)
+        written, deleted = bulk_writes(answers, schema.endpoints, self.home.base_url)
         if written or deleted:
             await self.store.record_write(
                 written, origin=call.domain.id, deleted=deleted, external_ids=external_ids
