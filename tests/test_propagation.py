@@ -63,10 +63,19 @@ async def federation(
         yield broker
 
 
-async def home_tool(broker: Broker, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+def patch(*operations: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+        "Operations": list(operations),
+    }
+
+
+async def home_tool(
+    broker: Broker, method: str, path: str, body: Any = None, *, token: str | None = None
+) -> tuple[int, Any]:
     """Home's own tools, writing through the broker's home-facing endpoint."""
     headers = {
-        "Authorization": f"Bearer {broker.tokens['H']}",
+        "Authorization": f"Bearer {token or broker.tokens['H']}",
         "Content-Type": "application/scim+json",
     }
     async with (
@@ -82,13 +91,16 @@ async def home_tool(broker: Broker, method: str, path: str, body: Any = None) ->
         return response.status, json.loads(raw) if raw else None
 
 
-async def admin(broker: Broker, method: str, path: str) -> tuple[int, Any]:
-    token, _ = await TokenStore(broker.app[POOL]).issue("H", scopes=["admin"])
+async def admin(
+    broker: Broker, method: str, path: str, *, token: str | None = None
+) -> tuple[int, Any]:
+    """The admin API, with an admin token unless another is given ("" for none)."""
+    if token is None:
+        token, _ = await TokenStore(broker.app[POOL]).issue("H", scopes=["admin"])
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with (
         aiohttp.ClientSession() as session,
-        session.request(
-            method, f"{broker.admin_url}{path}", headers={"Authorization": f"Bearer {token}"}
-        ) as response,
+        session.request(method, f"{broker.admin_url}{path}", headers=headers) as response,
     ):
         return response.status, await response.json()
 
@@ -168,19 +180,13 @@ async def test_home_tools_writes_reach_both_peers_with_their_own_ids(
         broker,
         "PATCH",
         f"/Users/{alice['id']}",
-        {
-            "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
-            "Operations": [{"op": "replace", "path": "displayName", "value": "Alice B."}],
-        },
+        patch({"op": "replace", "path": "displayName", "value": "Alice B."}),
     )
     await home_tool(
         broker,
         "PATCH",
         f"/Groups/{group['id']}",
-        {
-            "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
-            "Operations": [{"op": "remove", "path": f'members[value eq "{bob["id"]}"]'}],
-        },
+        patch({"op": "remove", "path": f'members[value eq "{bob["id"]}"]'}),
     )
     await quiesce(broker)
     for name, peer in (("P1", p1), ("P2", p2)):
@@ -226,29 +232,19 @@ async def test_an_update_is_the_smallest_patch(
                 broker,
                 "PATCH",
                 f"/Groups/{group['id']}",
-                {
-                    "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
-                    "Operations": [
-                        {"op": "remove", "path": f'members[value eq "{users[0]["id"]}"]'},
-                        {"op": "add", "path": "members", "value": [{"value": users[2]["id"]}]},
-                    ],
-                },
+                patch(
+                    {"op": "remove", "path": f'members[value eq "{users[0]["id"]}"]'},
+                    {"op": "add", "path": "members", "value": [{"value": users[2]["id"]}]},
+                ),
             )
             await quiesce(broker)
             patches = [body for method, _path, body in front.forwarded if method == "PATCH"]
             first, third = [await peer_id(broker, "P1", u["id"]) for u in (users[0], users[2])]
             assert patches == [
-                {
-                    "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
-                    "Operations": [
-                        {"op": "remove", "path": f'members[value eq "{first}"]'},
-                        {
-                            "op": "add",
-                            "path": "members",
-                            "value": [{"value": third}],
-                        },
-                    ],
-                }
+                patch(
+                    {"op": "remove", "path": f'members[value eq "{first}"]'},
+                    {"op": "add", "path": "members", "value": [{"value": third}]},
+                )
             ]
 
 
@@ -270,10 +266,7 @@ async def test_changes_made_in_home_directly_are_found_by_the_poller(
     broker.home.call(
         "PATCH",
         f"/Users/{carol['id']}",
-        {
-            "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
-            "Operations": [{"op": "replace", "path": "displayName", "value": "Carol C."}],
-        },
+        patch({"op": "replace", "path": "displayName", "value": "Carol C."}),
     )
     await poller.poll_once()
     await quiesce(broker)
@@ -306,10 +299,7 @@ async def test_a_change_from_a_peer_is_not_sent_back_to_it(
         "P1",
         "PATCH",
         f"/Users/{p1_id}",
-        {
-            "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
-            "Operations": [{"op": "replace", "path": "displayName", "value": "Dan from P1"}],
-        },
+        patch({"op": "replace", "path": "displayName", "value": "Dan from P1"}),
     )
     assert status in (200, 204)
     new_rows = await broker.app[POOL].fetch("SELECT domain_id FROM outbox WHERE id > $1", before)
@@ -334,10 +324,7 @@ async def test_a_peer_that_was_down_gets_every_change_once_in_order(
                     broker,
                     "PATCH",
                     f"/Users/{users[0]['id']}",
-                    {
-                        "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
-                        "Operations": [{"op": "replace", "path": "title", "value": f"v{n}"}],
-                    },
+                    patch({"op": "replace", "path": "title", "value": f"v{n}"}),
                 )
             await asyncio.sleep(1.0)
             status, queue = await admin(broker, "GET", "/admin/domains/P1/queue")
@@ -532,3 +519,79 @@ async def test_a_suspending_peer_gets_active_false_first_and_the_delete_later(
         await quiesce(broker)
         assert peer.call("GET", f"/Users/{held_id}")[0] == 404, "deleted after --suspend-for"
         assert await peer_id(broker, "P1", user["id"]) is None
+
+
+async def test_bulk_writes_of_home_tools_reach_the_peers(
+    two_peers: tuple[Broker, Home, Home],
+) -> None:
+    broker, p1, p2 = two_peers
+    first, second = new_user(), new_user()
+    status, answer = await home_tool(
+        broker,
+        "POST",
+        "/Bulk",
+        {
+            "schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"],
+            "Operations": [
+                {"method": "POST", "path": "/Users", "bulkId": "a", "data": first},
+                {"method": "POST", "path": "/Users", "bulkId": "b", "data": second},
+            ],
+        },
+    )
+    assert status == 200, answer
+    await quiesce(broker)
+    for peer in (p1, p2):
+        names = sorted(u["userName"] for u in held(peer)["Users"])
+        assert names == sorted([first["userName"], second["userName"]])
+    gone = answer["Operations"][0]["location"].rsplit("/", 1)[1]
+    status, _ = await home_tool(
+        broker,
+        "POST",
+        "/Bulk",
+        {
+            "schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"],
+            "Operations": [{"method": "DELETE", "path": f"/Users/{gone}"}],
+        },
+    )
+    assert status == 200
+    await quiesce(broker)
+    for peer in (p1, p2):
+        assert [u["userName"] for u in held(peer)["Users"]] == [second["userName"]]
+        assert_no_internal_id(peer, {gone})
+
+
+async def test_the_admin_listener_refuses_bad_requests_with_scim_errors_and_changes_nothing(
+    two_peers: tuple[Broker, Home, Home],
+) -> None:
+    broker, _p1, _p2 = two_peers
+    pool = broker.app[POOL]
+    admin_only, _ = await TokenStore(pool).issue("H", scopes=["admin"])
+    cases = [
+        (await admin(broker, "GET", "/admin/deliveries", token=""), 401, None),
+        (await admin(broker, "GET", "/admin/deliveries", token=broker.tokens["D"]), 403, None),
+        (await admin(broker, "GET", "/admin/deliveries?state=lost"), 400, "invalidValue"),
+        (await admin(broker, "GET", "/admin/deliveries?limit=many"), 400, "invalidValue"),
+        (await admin(broker, "GET", "/admin/domains/nowhere/queue"), 404, None),
+        (await admin(broker, "POST", "/admin/deliveries/12345/retry"), 404, None),
+        (await admin(broker, "POST", "/admin/deliveries/first/discard"), 404, None),
+    ]
+    for (status, body), expected, scim_type in cases:
+        assert status == expected, body
+        assert body["schemas"] == ["urn:ietf:params:scim:api:messages:2.0:Error"]
+        assert body["status"] == str(expected) and body["detail"]
+        assert body.get("scimType") == scim_type
+
+    # Home's endpoint is for the home domain's tools with a write scope, nobody else.
+    user = new_user()
+    for token in (broker.tokens["D"], broker.tokens["P1"], admin_only):
+        status, body = await home_tool(broker, "POST", "/Users", user, token=token)
+        assert status == 403, body
+        assert body["schemas"] == ["urn:ietf:params:scim:api:messages:2.0:Error"]
+    assert (
+        broker.home.call("GET", f'/Users?filter=userName eq "{user["userName"]}"')[1][
+            "totalResults"
+        ]
+        == 0
+    ), "nothing reached home"
+    assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
+    assert await pool.fetchval("SELECT count(*) FROM entities") == 0
