@@ -30,7 +30,7 @@ from broker.mapping.store import mint_id
 from broker.propagation.documents import PATCH_SCHEMA, peer_document, scim_patch
 from broker.propagation.peer import PeerClient, peer_credential
 from broker.propagation.policy import Backoff, Failure, Verdict, judge
-from broker.proxy.home import HomeClient, HomeRefused, HomeUnavailable
+from broker.proxy.home import HomeClient, HomeRefused, HomeSchema, HomeUnavailable
 from broker.scim.guard import IdShape, find_leak
 from broker.scim.rewrite import Translation, collect_ids
 
@@ -87,7 +87,6 @@ class Peer:
 @dataclass(frozen=True)
 class Claim:
     id: int
-    domain_id: str
     internal_id: str
     attempts: int
 
@@ -192,9 +191,7 @@ class Deliverer:
                 query("claim_deliveries"), peer.id, self.worker_id, room, self.settings.lease
             )
             for record in records:
-                claim = Claim(
-                    record["id"], record["domain_id"], record["internal_id"], record["attempts"]
-                )
+                claim = Claim(record["id"], record["internal_id"], record["attempts"])
                 lane.active += 1
                 task = asyncio.create_task(self._deliver(peer, claim, lane))
                 self._tasks.add(task)
@@ -224,8 +221,17 @@ class Deliverer:
             outcome = await self._attempt(peer, claim, lane)
             self.observe(peer.id, outcome)
         except Exception:
-            log.exception("delivery %s to %s: internal error", claim.id, peer.id)
+            correlation = uuid.uuid4().hex[:12]
+            log.exception("delivery %s to %s: internal error %s", claim.id, peer.id, correlation)
             self.observe(peer.id, "error")
+            # Retried with backoff rather than left claimed until the lease runs out.
+            failure = Failure(
+                Verdict.TRANSIENT,
+                f"internal error in the broker (correlation ID {correlation} in its log)",
+                peer_fault=False,
+            )
+            with contextlib.suppress(Exception):
+                await self._failed(peer, claim, lane, failure)
         finally:
             lane.active -= 1
             self._wake.set()
@@ -322,7 +328,7 @@ class Deliverer:
         translation = Translation(
             schema.refs, schema.endpoints, self.home.base_url, client.base_url
         )
-        views = await self._references(peer, claim, home_doc, translation, resource_type)
+        views = await self._references(peer, claim, home_doc, translation, resource_type, schema)
         handle = entity["correlation_handle"]
         first_attempt = False
         if entity["external_id"] is None:
@@ -341,9 +347,7 @@ class Deliverer:
                 peer, client, claim.internal_id, endpoint, resource_type, desired, first_attempt
             )
         else:
-            await self._update(
-                peer, client, claim.internal_id, endpoint, entity, desired, resource_type
-            )
+            await self._update(peer, client, claim.internal_id, endpoint, entity, desired)
 
     async def _home_call(self, awaitable: Any) -> Any:
         try:
@@ -377,6 +381,7 @@ class Deliverer:
         home_doc: Mapping[str, Any],
         translation: Translation,
         resource_type: str,
+        schema: HomeSchema,
     ) -> dict[str, str]:
         """The peer's IDs of everything the resource refers to. A member not yet created in the
         peer is enqueued and this delivery waits for it; one whose delivery was tried and did not
@@ -388,7 +393,6 @@ class Deliverer:
         if peer.scope_filter:
             users = [i for i, t in named.items() if t in (None, "User")]
             if users:
-                schema = await self._home_call(self.home.schema())
                 within = await self._home_call(
                     self.home.ids_within(
                         schema.endpoints.by_type.get("User", "/Users"), users, peer.scope_filter
@@ -505,16 +509,13 @@ class Deliverer:
         endpoint: str,
         entity: asyncpg.Record,
         desired: dict[str, Any],
-        resource_type: str,
     ) -> None:
         peer_id = entity["external_id"]
         copy = entity["copy"]
-        if copy is not None and copy == desired and entity["suspended_at"] is None:
-            return
         ops = scim_patch(copy, desired) if copy is not None else None
+        if ops == [] and entity["suspended_at"] is None:
+            return  # the peer holds what home holds
         if ops is not None and await client.supports_patch():
-            if not ops and entity["suspended_at"] is None:
-                return
             if entity["suspended_at"] is not None and "active" not in desired:
                 ops.append({"op": "replace", "path": "active", "value": True})
             answer = await client.call(
