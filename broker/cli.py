@@ -23,6 +23,7 @@ from broker.domains import Domain, DomainStore
 from broker.errors import BrokerError
 from broker.mapping.rules import MappingRow
 from broker.mapping.store import MappingStore
+from broker.propagation.outbox import settle_dead_letter
 from broker.tokens import TokenStore, parse_duration
 
 __all__ = ["main"]
@@ -220,28 +221,14 @@ async def cmd_deliveries(config: Config, args: argparse.Namespace) -> int:
             return 0
         failed = 0
         for delivery_id in args.ids:
-            async with pool.acquire() as conn, conn.transaction():
-                name = (
-                    "retry_delivery" if args.deliveries_command == "retry" else "discard_delivery"
-                )
-                params = (delivery_id,) if name == "retry_delivery" else (delivery_id, "cli")
-                done = await conn.fetchval(query(name), *params)
-                if done is None:
-                    _say(
-                        f"delivery {delivery_id} is not a dead letter: `broker deliveries list` shows them"
-                    )
-                    failed += 1
-                    continue
-                await conn.execute(
-                    query("audit"),
-                    "cli",
-                    f"delivery_{args.deliveries_command}",
-                    None,
-                    {"delivery": delivery_id},
-                )
-            _say(
-                f"delivery {delivery_id}: {'queued again' if name == 'retry_delivery' else 'discarded'}"
-            )
+            try:
+                await settle_dead_letter(pool, delivery_id, args.deliveries_command, "cli")
+            except BrokerError as exc:
+                _say(f"broker: {exc.detail}")
+                failed += 1
+                continue
+            done = "queued again" if args.deliveries_command == "retry" else "discarded"
+            _say(f"delivery {delivery_id}: {done}")
     return 1 if failed else 0
 
 

@@ -595,3 +595,24 @@ async def test_the_admin_listener_refuses_bad_requests_with_scim_errors_and_chan
     ), "nothing reached home"
     assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
     assert await pool.fetchval("SELECT count(*) FROM entities") == 0
+
+
+async def test_a_document_that_would_carry_an_internal_id_is_withheld_from_the_peer(
+    two_peers: tuple[Broker, Home, Home],
+) -> None:
+    broker, p1, p2 = two_peers
+    _, alice = await home_tool(broker, "POST", "/Users", new_user())
+    # Home's data names another entity's internal ID in free text: the rewriter cannot know it
+    # is one, the leak guard sees its shape.
+    _, bob = await home_tool(broker, "POST", "/Users", new_user(title=f"reports to {alice['id']}"))
+    await quiesce(broker)
+    for name, peer in (("P1", p1), ("P2", p2)):
+        assert [u["userName"] for u in held(peer)["Users"]] == [alice["userName"]]
+        assert await peer_id(broker, name, bob["id"]) is None
+        assert_no_internal_id(peer, {alice["id"], bob["id"]})
+    dead = await broker.app[POOL].fetch(
+        "SELECT domain_id, last_error FROM outbox WHERE state = 'dead' ORDER BY domain_id"
+    )
+    assert [r["domain_id"] for r in dead] == ["P1", "P2"]
+    assert all("withheld" in r["last_error"]["reason"] for r in dead)
+    assert all(alice["id"] not in json.dumps(r["last_error"]) for r in dead)

@@ -20,6 +20,7 @@ from broker.db import query
 from broker.domains import DomainStore
 from broker.errors import BrokerError, InvalidValueError, NotFoundError
 from broker.mapping.store import MappingStore
+from broker.propagation.outbox import settle_dead_letter
 from broker.proxy.handlers import MAX_BODY, Forbidden, answer_errors
 from broker.proxy.home import HomeClient
 from broker.scim.bulk import bulk_writes
@@ -117,30 +118,10 @@ class Admin:
             delivery_id = int(request.match_info["id"])
         except ValueError:
             raise NotFoundError("a delivery ID is a number") from None
-        record = await self.pool.fetchrow(query("delivery_by_id"), delivery_id)
-        if record is None:
-            raise NotFoundError(f"there is no delivery {delivery_id}")
-        if record["state"] != "dead":
-            raise BrokerError(
-                f"delivery {delivery_id} is {record['state']}: only dead letters can be "
-                f"retried or discarded",
-                status=409,
-            )
-        async with self.pool.acquire() as conn, conn.transaction():
-            if action == "retry":
-                await conn.execute(query("retry_delivery"), delivery_id)
-            else:
-                await conn.execute(query("discard_delivery"), delivery_id, actor)
-            await conn.execute(
-                query("audit"),
-                actor,
-                f"delivery_{action}",
-                record["internal_id"],
-                {"delivery": delivery_id, "domain": record["domain_id"]},
-            )
-        updated = await self.pool.fetchrow(query("delivery_by_id"), delivery_id)
-        assert updated is not None
-        return web.json_response(delivery_json(updated))
+        record = await settle_dead_letter(
+            self.pool, delivery_id, "retry" if action == "retry" else "discard", actor
+        )
+        return web.json_response(delivery_json(record))
 
     # ------------------------------------------------------------------ home's own tools
 
