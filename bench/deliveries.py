@@ -60,7 +60,8 @@ def scim_server(token: str, *args: str) -> Iterator[str]:
         stderr=subprocess.STDOUT,
     )
     try:
-        probe = f"http://127.0.0.1:{port}" + ("/probe/v2" if args else "/v2")
+        # With --dynamic-tenants, readiness is asked of a tenant of its own.
+        probe = f"http://127.0.0.1:{port}" + ("/probe/v2" if "--dynamic-tenants" in args else "/v2")
         wait_for(probe + "/ServiceProviderConfig", {"Authorization": f"Bearer {token}"})
         yield f"http://127.0.0.1:{port}"
     finally:

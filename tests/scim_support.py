@@ -122,7 +122,8 @@ def scim_server(directory: Path, *args: str, base: str = "/v2") -> Iterator[Home
         stderr=subprocess.STDOUT,
     )
     found = Home(f"http://127.0.0.1:{port}{base}", token)
-    probe = Home(f"http://127.0.0.1:{port}" + ("/probe/v2" if base != "/v2" else "/v2"), token)
+    # With tenants (base ""), readiness is asked of a tenant of its own.
+    probe = Home(f"http://127.0.0.1:{port}{base or '/probe/v2'}", token)
     deadline = time.monotonic() + 30
     while True:
         try:
