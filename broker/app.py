@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,6 +24,7 @@ from broker.mapping.cache import MappingCache, listen
 from broker.mapping.store import MappingStore
 from broker.propagation.policy import Backoff
 from broker.propagation.poller import HomePoller
+from broker.propagation.secrets import SecretBox, load_box
 from broker.propagation.worker import Deliverer, WorkerSettings
 from broker.proxy.handlers import MAX_BODY, Proxy, scim_error_middleware
 from broker.proxy.home import HomeClient
@@ -116,6 +118,7 @@ HOME = web.AppKey("home", HomeClient)
 DELIVERER = web.AppKey("deliverer", Deliverer)
 ADMIN_URL = web.AppKey("admin_url", str)
 STORE = web.AppKey("store", MappingStore)
+BOX: web.AppKey[Callable[[], SecretBox]] = web.AppKey("box")
 PROXY = web.AppKey("proxy", Proxy)
 
 METRICS = web.AppKey("metrics", Metrics)
@@ -130,7 +133,14 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         app[POOL] = pool
         app[DB_URL] = url
         cache = MappingCache(config.cache_entries)
-        app[STORE] = MappingStore(pool, cache=cache)
+        secret_key_env = app[CONFIG].propagation.secret_key_env
+        box: Callable[[], SecretBox] = functools.cache(
+            lambda: load_box(secret_key_env, config.data_dir)
+        )
+        app[BOX] = box
+        if secret_key_env:
+            box()  # a missing key is a configuration error, found at start-up
+        app[STORE] = MappingStore(pool, cache=cache, box=box)
         if config.cache_entries > 0:
             async with listen(url, cache):
                 yield
@@ -236,6 +246,7 @@ async def _propagation(app: web.Application) -> AsyncIterator[None]:
             app[HOME],
             session,
             id_pattern=app[CONFIG].home.id_pattern,
+            box=app[BOX],
             settings=WorkerSettings(
                 concurrency=config.concurrency,
                 lease=config.lease,

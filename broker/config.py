@@ -152,6 +152,10 @@ class PropagationConfig(_Section):
     sweep_interval: float = Field(default=600.0, gt=0)
     # Timeout of one call to a peer, in seconds.
     peer_timeout: float = Field(default=30.0, gt=0)
+    # The variable holding the key that seals write-only values (passwords) waiting in the
+    # outbox: 32 random bytes, base64url. Unset: outbox.key in the data directory, created on
+    # first use. Every broker process sharing the database needs the same key.
+    secret_key_env: str | None = None
 
 
 class Config(_Section):

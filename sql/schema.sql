@@ -134,7 +134,10 @@ CREATE TABLE outbox (
     claimed_by       text,
     last_error       jsonb,
     created_at       timestamptz NOT NULL DEFAULT now(),
-    updated_at       timestamptz NOT NULL DEFAULT now()
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    -- Write-only attribute values (password) a sync delivers from the write itself: sealed with
+    -- AES-256-GCM under a key kept outside the database, erased once delivered or discarded.
+    sealed_values    bytea
 );
 CREATE INDEX outbox_ready ON outbox (domain_id, next_attempt_at, id) WHERE state IN ('pending', 'in_flight');
 CREATE INDEX outbox_by_entity ON outbox (domain_id, internal_id, id) WHERE state IN ('pending', 'in_flight');

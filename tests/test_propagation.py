@@ -6,16 +6,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import sys
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 
 from broker.app import DELIVERER, HOME, POOL
 from broker.config import PropagationConfig
+from broker.db import query
+from broker.domains import DomainStore
 from broker.propagation.outbox import enqueue_changes
 from broker.propagation.poller import HomePoller
 from broker.propagation.worker import Deliverer, WorkerSettings
@@ -616,3 +620,126 @@ async def test_a_document_that_would_carry_an_internal_id_is_withheld_from_the_p
     assert [r["domain_id"] for r in dead] == ["P1", "P2"]
     assert all("withheld" in r["last_error"]["reason"] for r in dead)
     assert all(alice["id"] not in json.dumps(r["last_error"]) for r in dead)
+
+
+async def test_a_password_reaches_the_peer_from_the_write_sealed_and_erased_once_delivered(
+    db_url: str,
+    home: Home,
+    peer_server: Home,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Home never returns a password: it is delivered from the write itself (home's tools, a
+    domain's PATCH through the proxy), waits in the outbox sealed, and is erased once delivered."""
+    monkeypatch.setenv("TEST_OUTBOX_KEY", secrets.token_urlsafe(32))
+    settings = FAST.model_copy(update={"secret_key_env": "TEST_OUTBOX_KEY"})
+    first, second = f"first-{secrets.token_hex(8)}", f"second-{secrets.token_hex(8)}"
+    peer = tenant(peer_server, "p1")
+    async with gate(peer) as front:
+        async for broker in federation(
+            db_url, home, {"P1": front.url}, monkeypatch, peer_server.token, settings
+        ):
+            await front.close()  # the peer is down: the password waits in the outbox
+            status, user = await home_tool(
+                broker, "POST", "/Users", new_user(displayName="Pat", password=first)
+            )
+            assert status == 201, user
+            assert "password" not in user, "home does not return it: only the write has it"
+            await asyncio.sleep(0.3)
+            sealed = await broker.pool.fetch("SELECT sealed_values FROM outbox")
+            assert [r["sealed_values"] is not None for r in sealed] == [True]
+            assert first.encode() not in sealed[0]["sealed_values"], "sealed, not in clear"
+            await front.open()
+            await quiesce(broker)
+            posts = [body for method, _, body in front.forwarded if method == "POST"]
+            assert [p.get("password") for p in posts] == [first]
+
+            # A domain resets the password through the proxy: the peer gets it in a PATCH.
+            _, found, _ = await broker.call(
+                "D", "GET", f'/Users?filter=userName eq "{user["userName"]}"'
+            )
+            d_id = found["Resources"][0]["id"]
+            status, _, _ = await broker.call(
+                "D",
+                "PATCH",
+                f"/Users/{d_id}",
+                patch({"op": "replace", "path": "password", "value": second}),
+            )
+            assert status in (200, 204)
+            await quiesce(broker)
+            patches = [body for method, _, body in front.forwarded if method == "PATCH"]
+            assert {"op": "replace", "path": "password", "value": second} in patches[-1][
+                "Operations"
+            ]
+
+            stored = await broker.pool.fetch(
+                "SELECT sealed_values, last_error::text FROM outbox ORDER BY id"
+            )
+            assert stored and all(r["sealed_values"] is None for r in stored), "erased"
+            kept = await broker.pool.fetchval(
+                "SELECT string_agg(document::text, '') FROM peer_copies"
+            )
+            for secret in (first, second):
+                assert secret not in kept, "what the peer last received is kept without it"
+                assert secret not in caplog.text, "never logged"
+                assert all(secret not in (r["last_error"] or "") for r in stored)
+            assert_no_internal_id(peer, {user["id"]})
+
+
+async def test_sealed_values_of_a_folded_sync_move_to_the_one_that_stays(
+    pool: asyncpg.Pool,
+) -> None:
+    """A newer pending sync folded into a retried one hands it its newer password; the folded
+    row keeps none."""
+    await DomainStore(pool).add("P1", scim_url="http://peer.invalid/v2", push=True)
+    async with pool.acquire() as conn, conn.transaction():
+        await enqueue_changes(conn, {"e1": "User"}, sealed={"e1": b"old"})
+    claimed = await pool.fetch(query("claim_deliveries"), "P1", "w1", 1, 60.0)
+    assert [r["sealed_values"] for r in claimed] == [b"old"]
+    async with pool.acquire() as conn, conn.transaction():
+        await enqueue_changes(conn, {"e1": "User"}, sealed={"e1": b"new"})
+        await enqueue_changes(conn, {"e1": "User"})  # a later change without a password
+    await pool.execute(
+        query("delivery_later"), claimed[0]["id"], "w1", datetime.now(UTC), True, None
+    )
+    rows = await pool.fetch("SELECT state, sealed_values FROM outbox ORDER BY id")
+    assert [(r["state"], r["sealed_values"]) for r in rows] == [
+        ("pending", b"new"),
+        ("cancelled", None),
+    ]
+
+
+async def test_a_create_refused_as_a_duplicate_links_to_the_peers_resource_by_policy(
+    db_url: str, home: Home, peer_server: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """409 uniqueness on create: with ``--on-conflict link`` the resource the peer already has
+    (same userName) becomes the entity's primary there and is brought to home's state; with the
+    default, the delivery is a dead letter saying what to do."""
+    linking, refusing = tenant(peer_server, "p1"), tenant(peer_server, "p2")
+    name = unique("dup")
+    for peer in (linking, refusing):
+        status, _ = peer.call(
+            "POST", "/Users", new_user(name, displayName="made in the peer", externalId="theirs")
+        )
+        assert status == 201
+    async for broker in federation(
+        db_url, home, {"P1": linking.url}, monkeypatch, peer_server.token, on_conflict="link"
+    ):
+        await DomainStore(broker.pool).add(
+            "P2", scim_url=refusing.url, credential_ref="env:P1_TOKEN", push=True
+        )
+        _, user = await home_tool(broker, "POST", "/Users", new_user(name, displayName="Home's"))
+        await quiesce(broker)
+        linked = held(linking)["Users"]
+        assert len(linked) == 1, "linked, not duplicated"
+        assert await peer_id(broker, "P1", user["id"]) == linked[0]["id"]
+        assert linked[0]["displayName"] == "Home's"
+        assert linked[0]["externalId"] != "theirs", "it now carries the correlation handle"
+        dead = await broker.pool.fetchrow(
+            "SELECT state, last_error FROM outbox WHERE domain_id = 'P2'"
+        )
+        assert dead["state"] == "dead"
+        assert "409" in json.dumps(dead["last_error"])
+        assert [u["displayName"] for u in held(refusing)["Users"]] == ["made in the peer"]
+        for peer in (linking, refusing):
+            assert_no_internal_id(peer, {user["id"]})

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
+import orjson
 from aiohttp import web
 
 from broker.db import query
@@ -23,7 +24,8 @@ from broker.mapping.store import MappingStore
 from broker.propagation.outbox import settle_dead_letter
 from broker.proxy.handlers import MAX_BODY, Forbidden, answer_errors
 from broker.proxy.home import HomeClient
-from broker.scim.bulk import bulk_writes
+from broker.scim.bulk import bulk_write_only, bulk_writes
+from broker.scim.writeonly import write_only_values
 from broker.tokens import TokenStore
 
 __all__ = ["create_admin_app", "delivery_json", "queue_json"]
@@ -142,33 +144,49 @@ class Admin:
         body = await request.read() if request.can_read_body else b""
         sent = await self.home.forward(request.method, tail, request.query, body)
         if request.method in _WRITES and 200 <= sent.status < 300:
-            await self._record(request.method, tail, sent.body)
+            await self._record(request.method, tail, _json_or_none(body), sent.body)
         headers = {k: v for k, v in sent.headers.items() if k in ("ETag", "Location")}
         return web.Response(
             status=sent.status, body=sent.raw, headers=headers, content_type=sent.content_type
         )
 
-    async def _record(self, method: str, path: str, body: Any) -> None:
-        """The entities a successful write touched, and the syncs toward push peers."""
+    async def _record(self, method: str, path: str, sent: Any, body: Any) -> None:
+        """The entities a successful write touched, and the syncs toward push peers with the
+        write-only values (a password) the request ``sent`` set."""
         assert self.home is not None
-        endpoints = (await self.home.schema()).endpoints
+        schema = await self.home.schema()
+        endpoints = schema.endpoints
         parts = path.strip("/").split("/")
         written: dict[str, str] = {}
         deleted: list[str] = []
+        write_only: dict[str, dict[str, Any]] = {}
         resource_type = endpoints.type_of(parts[0]) if parts else None
         if resource_type is not None and len(parts) == 1 and method == "POST":
             if isinstance(body, Mapping) and isinstance(body.get("id"), str):
                 written[body["id"]] = resource_type
+                write_only[body["id"]] = write_only_values(method, sent, schema.write_only)
         elif resource_type is not None and len(parts) == 2:
             if method == "DELETE":
                 deleted.append(parts[1])
             else:
                 written[parts[1]] = resource_type
+                write_only[parts[1]] = write_only_values(method, sent, schema.write_only)
         elif parts == ["Bulk"] and isinstance(body, Mapping):
             answers = [a for a in body.get("Operations") or [] if isinstance(a, Mapping)]
             written, deleted = bulk_writes(answers, endpoints, self.home.base_url)
+            requests = sent.get("Operations") if isinstance(sent, Mapping) else None
+            if isinstance(requests, list):
+                write_only = bulk_write_only(
+                    [r for r in requests if isinstance(r, Mapping)],
+                    answers,
+                    endpoints,
+                    self.home.base_url,
+                    schema.write_only,
+                )
         if written or deleted:
-            await self.store.record_write(written, origin=None, deleted=deleted)
+            await self.store.record_write(
+                written, origin=None, deleted=deleted, write_only=write_only
+            )
 
 
 @web.middleware
@@ -183,3 +201,10 @@ def create_admin_app(admin: Admin) -> web.Application:
     app.router.add_post(r"/admin/deliveries/{id}/{action:retry|discard}", admin.act)
     app.router.add_route("*", HOME_PREFIX + "/{tail:.*}", admin.home_scim)
     return app
+
+
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        return None

@@ -34,6 +34,7 @@ from broker.mapping.rules import (
     plan_split,
 )
 from broker.propagation.outbox import enqueue_changes
+from broker.propagation.secrets import SecretBox
 
 __all__ = [
     "EntityStateError",
@@ -134,10 +135,13 @@ class MappingStore:
         *,
         id_factory: Callable[[], str] = mint_id,
         cache: MappingCache | None = None,
+        box: Callable[[], SecretBox] | None = None,
     ) -> None:
         self.pool = pool
         self.id_factory = id_factory
         self.cache = cache or MappingCache()  # off until something listens for changes
+        self.box = box
+        """Seals write-only values (a password) for the outbox; loaded when first needed."""
 
     # ------------------------------------------------------------------ translation
 
@@ -213,15 +217,22 @@ class MappingStore:
         origin: str | None,
         deleted: Sequence[str] = (),
         external_ids: Mapping[str, str | None] | None = None,
+        write_only: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         """Writes made in home through the broker (internal ID -> resource type, and IDs deleted),
-        the externalId values ``origin`` gave them, and the syncs they imply toward push peers:
-        one transaction."""
+        the externalId values ``origin`` gave them, and the syncs they imply toward push peers,
+        carrying the write-only values (a password) the writes set, sealed: one transaction."""
+        sealed = None
+        if write_only:
+            if self.box is None:
+                raise RuntimeError("write-only values to deliver, but the store has no key")
+            box = self.box()
+            sealed = {i: box.seal(values) for i, values in write_only.items() if values}
         async with self.pool.acquire() as conn, conn.transaction():
             for internal_id, value in (external_ids or {}).items():
                 assert origin is not None, "an externalId belongs to the domain that gave it"
                 await conn.execute(query("set_domain_external_id"), origin, internal_id, value)
-            await enqueue_changes(conn, writes, deleted=deleted, origin=origin)
+            await enqueue_changes(conn, writes, deleted=deleted, origin=origin, sealed=sealed)
 
     # ------------------------------------------------------------------ reading
 

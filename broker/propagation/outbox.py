@@ -23,11 +23,15 @@ async def enqueue_changes(
     *,
     deleted: Sequence[str] = (),
     origin: str | None = None,
+    sealed: Mapping[str, bytes] | None = None,
 ) -> None:
     """Record entities home changed (internal ID -> resource type) or deleted, and enqueue their
-    syncs toward every push peer but ``origin`` (a change is not sent back where it came from)."""
+    syncs toward every push peer but ``origin`` (a change is not sent back where it came from),
+    each carrying the write-only values the write set, ``sealed`` by entity."""
     await conn.execute(query("record_writes"), list(changed), list(changed.values()), list(deleted))
-    await conn.execute(query("enqueue_sync"), [*changed, *deleted], origin)
+    entities = list(dict.fromkeys([*changed, *deleted]))
+    carried = [(sealed or {}).get(i) for i in entities]
+    await conn.execute(query("enqueue_sync"), entities, origin, carried)
 
 
 async def settle_dead_letter(

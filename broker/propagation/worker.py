@@ -30,6 +30,7 @@ from broker.mapping.store import mint_id
 from broker.propagation.documents import PATCH_SCHEMA, peer_document, scim_patch
 from broker.propagation.peer import PeerClient, peer_credential
 from broker.propagation.policy import Backoff, Failure, Verdict, judge
+from broker.propagation.secrets import SealError, SecretBox
 from broker.proxy.home import HomeClient, HomeRefused, HomeSchema, HomeUnavailable
 from broker.scim.guard import IdShape, find_leak
 from broker.scim.rewrite import Translation, collect_ids
@@ -89,6 +90,8 @@ class Claim:
     id: int
     internal_id: str
     attempts: int
+    sealed_values: bytes | None
+    """Write-only values (a password) the write set, to deliver with home's state."""
 
 
 class _Later(Exception):
@@ -122,8 +125,10 @@ class Deliverer:
         id_pattern: str,
         settings: WorkerSettings | None = None,
         observe: Observer | None = None,
+        box: Callable[[], SecretBox] | None = None,
     ) -> None:
         self.pool = pool
+        self.box = box
         self.home = home
         self.session = session
         self.id_shape = IdShape(id_pattern)
@@ -191,7 +196,9 @@ class Deliverer:
                 query("claim_deliveries"), peer.id, self.worker_id, room, self.settings.lease
             )
             for record in records:
-                claim = Claim(record["id"], record["internal_id"], record["attempts"])
+                claim = Claim(
+                    record["id"], record["internal_id"], record["attempts"], record["sealed_values"]
+                )
                 lane.active += 1
                 task = asyncio.create_task(self._deliver(peer, claim, lane))
                 self._tasks.add(task)
@@ -342,12 +349,35 @@ class Deliverer:
             readable=peer.readable,
         )
         self._guard(desired, {claim.internal_id, *views}, {handle, *views.values()})
+        write_only = self._open(claim)
         if entity["external_id"] is None:
             await self._create(
-                peer, client, claim.internal_id, endpoint, resource_type, desired, first_attempt
+                peer,
+                client,
+                claim.internal_id,
+                endpoint,
+                resource_type,
+                desired,
+                write_only,
+                first_attempt,
             )
         else:
-            await self._update(peer, client, claim.internal_id, endpoint, entity, desired)
+            await self._update(
+                peer, client, claim.internal_id, endpoint, entity, desired, write_only
+            )
+
+    def _open(self, claim: Claim) -> dict[str, Any]:
+        """The write-only values the delivery carries (never logged, never kept in the copy)."""
+        if claim.sealed_values is None:
+            return {}
+        if self.box is None:
+            raise Failure(
+                Verdict.PERMANENT, "the delivery carries a password but this worker has no key"
+            )
+        try:
+            return self.box().open(claim.sealed_values)
+        except SealError as exc:
+            raise Failure(Verdict.PERMANENT, str(exc), peer_fault=False) from None
 
     async def _home_call(self, awaitable: Any) -> Any:
         try:
@@ -457,6 +487,7 @@ class Deliverer:
         endpoint: str,
         resource_type: str,
         desired: dict[str, Any],
+        write_only: Mapping[str, Any],
         first_attempt: bool,
     ) -> None:
         # A create whose answer was lost left the resource in the peer under the handle; on the
@@ -470,7 +501,7 @@ class Deliverer:
         if found:
             peer_id = found[0]
         else:
-            answer = await client.call("POST", endpoint, body=desired)
+            answer = await client.call("POST", endpoint, body={**desired, **write_only})
             if answer.status == 409 and peer.on_conflict == "link" and resource_type in _UNIQUE_BY:
                 key = _UNIQUE_BY[resource_type]
                 matches = (
@@ -485,8 +516,10 @@ class Deliverer:
                 peer_id = answer.body["id"]
             else:
                 raise Failure(Verdict.PERMANENT, f"POST {endpoint}: the peer's answer has no id")
-        if linked:
-            answer = await client.call("PUT", f"{endpoint}/{peer_id}", body=desired)
+        if linked or (found and write_only):
+            answer = await client.call(
+                "PUT", f"{endpoint}/{peer_id}", body={**desired, **write_only}
+            )
             if answer.status != 200:
                 raise judge(answer.status, answer.body, answer.headers, f"PUT {endpoint}/...")
         try:
@@ -509,15 +542,17 @@ class Deliverer:
         endpoint: str,
         entity: asyncpg.Record,
         desired: dict[str, Any],
+        write_only: Mapping[str, Any],
     ) -> None:
         peer_id = entity["external_id"]
         copy = entity["copy"]
         ops = scim_patch(copy, desired) if copy is not None else None
-        if ops == [] and entity["suspended_at"] is None:
+        if ops == [] and entity["suspended_at"] is None and not write_only:
             return  # the peer holds what home holds
         if ops is not None and await client.supports_patch():
             if entity["suspended_at"] is not None and "active" not in desired:
                 ops.append({"op": "replace", "path": "active", "value": True})
+            ops += [{"op": "replace", "path": k, "value": v} for k, v in write_only.items()]
             answer = await client.call(
                 "PATCH",
                 f"{endpoint}/{peer_id}",
@@ -525,7 +560,9 @@ class Deliverer:
             )
             what = f"PATCH {endpoint}/..."
         else:
-            answer = await client.call("PUT", f"{endpoint}/{peer_id}", body=desired)
+            answer = await client.call(
+                "PUT", f"{endpoint}/{peer_id}", body={**desired, **write_only}
+            )
             what = f"PUT {endpoint}/..."
         if answer.status == 404:
             # The peer lost it: forget the row, and create it again on the next attempt.

@@ -29,12 +29,13 @@ from broker.proxy.home import (
     HomeResponse,
     HomeSchema,
 )
-from broker.scim.bulk import bulk_writes
+from broker.scim.bulk import bulk_write_only, bulk_writes
 from broker.scim.filters import FilterError, FilterIds, filter_ids, parse_filter, rewrite_filter
 from broker.scim.guard import IdShape, find_leak, scrub
 from broker.scim.outbound import DomainView, ids_in_resources, resources_for_domain
 from broker.scim.patch import parse_patch
 from broker.scim.rewrite import Endpoints, IdVisitor, Translation, collect_ids, rewrite_document
+from broker.scim.writeonly import write_only_values
 from broker.tokens import TokenStore
 
 __all__ = ["SCIM_PREFIX", "Proxy", "scim_error_middleware"]
@@ -587,7 +588,8 @@ class Proxy:
                 f"domain {call.domain.id} is a push domain: the broker provisions into it and its IDs "
                 "are the ones it assigns; create the resource in home instead"
             )
-        doc, external_id = await self._inbound_document(call, await self._json_body(request))
+        sent = await self._json_body(request)
+        doc, external_id = await self._inbound_document(call, sent)
         schema = await self.home.schema()
         response = await self.home.request(
             "POST", schema.endpoints.by_type[resource_type], body=doc
@@ -603,6 +605,7 @@ class Proxy:
             {response.body["id"]: resource_type},
             origin=call.domain.id,
             external_ids={response.body["id"]: external_id[0]} if external_id else None,
+            write_only={response.body["id"]: write_only_values("POST", sent, schema.write_only)},
         )
         if external_id is not None and external_id[0] is not None:
             out["externalId"] = external_id[0]
@@ -612,13 +615,15 @@ class Proxy:
     async def replace(self, request: web.Request) -> web.Response:
         call = await self._call(request, "scim:write")
         target = await self._target(call, request)
-        doc, external_id = await self._inbound_document(call, await self._json_body(request))
+        sent = await self._json_body(request)
+        doc, external_id = await self._inbound_document(call, sent)
         response = await self.home.request(
             "PUT", target.endpoint, body=doc, headers=_if_match(request)
         )
         if response.status != 200 or not isinstance(response.body, dict):
             raise self._home_error(call, response, target.replacements)
-        await self._record(call, target, external_id)
+        write_only = write_only_values("PUT", sent, (await self.home.schema()).write_only)
+        await self._record(call, target, external_id, write_only)
         out = await self._visible(call, response.body, target.resource_type)
         return await self._respond(
             call, 200, self._filter_readable(call.domain, out), _headers(response, out)
@@ -626,7 +631,8 @@ class Proxy:
 
     async def patch(self, request: web.Request) -> web.Response:
         call = await self._call(request, "scim:write")
-        patch = parse_patch(await self._json_body(request))
+        sent = await self._json_body(request)
+        patch = parse_patch(sent)
         schema = await self.home.schema()
         named = patch.ids(self._inward(schema))
         target = await self._target(call, request, named)
@@ -649,7 +655,8 @@ class Proxy:
                 raise self._home_error(call, response, target.replacements)
             resource = response.body if isinstance(response.body, dict) else None
         if patch.operations or patch.external_id is not None:
-            await self._record(call, target, patch.external_id)
+            write_only = write_only_values("PATCH", sent, schema.write_only)
+            await self._record(call, target, patch.external_id, write_only)
         if patch.operations and response.status == 204 and patch.external_id is None:
             return await self._respond(call, 204, None, _etag_header(response))
         if resource is None:
@@ -669,14 +676,19 @@ class Proxy:
         return await self._respond(call, 204, None)
 
     async def _record(
-        self, call: _Call, target: _Target, external_id: tuple[str | None] | None
+        self,
+        call: _Call,
+        target: _Target,
+        external_id: tuple[str | None] | None,
+        write_only: Mapping[str, Any],
     ) -> None:
         """A change the caller made to an existing resource: its externalId, and the syncs the
-        change implies toward push peers, in one transaction."""
+        change implies toward push peers with the write-only values it set, in one transaction."""
         await self.store.record_write(
             {target.internal_id: target.resource_type},
             origin=call.domain.id,
             external_ids={target.internal_id: external_id[0]} if external_id else None,
+            write_only={target.internal_id: write_only},
         )
 
     # ------------------------------------------------------------------ discovery
@@ -802,7 +814,10 @@ class Proxy:
             if response.status != 200 or not isinstance(response.body, dict):
                 raise self._home_error(call, response, {v: k for k, v in resolved.items()})
             answers = [a for a in response.body.get("Operations", []) if isinstance(a, dict)]
-        return await self._bulk_response(call, planned, results, answers, resolved)
+        write_only = bulk_write_only(
+            forwarded, answers, schema.endpoints, self.home.base_url, schema.write_only
+        )
+        return await self._bulk_response(call, planned, results, answers, resolved, write_only)
 
     async def _bulk_response(
         self,
@@ -811,6 +826,7 @@ class Proxy:
         results: list[dict[str, Any] | None],
         answers: list[dict[str, Any]],
         resolved: dict[str, str],
+        write_only: dict[str, dict[str, Any]],
     ) -> web.Response:
         schema = await self.home.schema()
         located: dict[str, str | None] = {}
@@ -862,7 +878,11 @@ class Proxy:
         written, deleted = bulk_writes(answers, schema.endpoints, self.home.base_url)
         if written or deleted:
             await self.store.record_write(
-                written, origin=call.domain.id, deleted=deleted, external_ids=external_ids
+                written,
+                origin=call.domain.id,
+                deleted=deleted,
+                external_ids=external_ids,
+                write_only=write_only,
             )
         return await self._respond(call, 200, {"schemas": [BULK_RESPONSE], "Operations": out})
 

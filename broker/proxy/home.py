@@ -17,6 +17,7 @@ from broker.errors import BrokerError
 from broker.http import Exchange, exchange
 from broker.scim.rewrite import Endpoints
 from broker.scim.schemas import DEFAULT_REFERENCES, ReferenceMap
+from broker.scim.writeonly import DEFAULT_WRITE_ONLY
 
 __all__ = [
     "Forwarded",
@@ -70,6 +71,8 @@ class HomeSchema:
     refs: ReferenceMap
     endpoints: Endpoints
     loaded_at: float
+    write_only: frozenset[str] = DEFAULT_WRITE_ONLY
+    """Attributes home never returns (``returned: never``), by name as its /Schemas spells them."""
 
 
 class HomeClient:
@@ -164,13 +167,27 @@ class HomeClient:
                 if schema_list
                 else DEFAULT_REFERENCES
             )
-            self._schema = HomeSchema(refs, Endpoints.from_resource_types(type_list), now)
+            self._schema = HomeSchema(
+                refs,
+                Endpoints.from_resource_types(type_list),
+                now,
+                _write_only(schema_list) if schema_list else DEFAULT_WRITE_ONLY,
+            )
         except HomeUnavailable:
             if self._schema is not None:
                 return self._schema  # keep what we knew
             log.warning("home /Schemas unreadable: using the references RFC 7643 defines")
             return HomeSchema(DEFAULT_REFERENCES, Endpoints.default(), now)
         return self._schema
+
+
+def _write_only(schemas: Sequence[Mapping[str, Any]]) -> frozenset[str]:
+    return frozenset(
+        str(attr["name"])
+        for schema in schemas
+        for attr in schema.get("attributes", []) or []
+        if isinstance(attr, Mapping) and attr.get("returned") == "never" and attr.get("name")
+    )
 
 
 def _resources(body: Any) -> list[dict[str, Any]]:

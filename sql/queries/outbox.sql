@@ -1,15 +1,19 @@
 -- Named queries of propagation (broker/propagation/): the outbox, peer copies, the home poller.
 
 -- name: enqueue_sync
--- A sync of each entity ($1) toward every push peer except the one the change came from ($2).
--- An entity that already has a pending sync toward a peer gets no second one.
-INSERT INTO outbox (domain_id, internal_id, kind)
-SELECT d.id, e.internal_id, 'sync'
+-- A sync of each entity ($1) toward every push peer except the one the change came from ($2),
+-- carrying the sealed write-only values the write set ($3, aligned with $1, NULL for none).
+-- An entity that already has a pending sync toward a peer gets no second one; newer sealed
+-- values replace what that one carries.
+INSERT INTO outbox (domain_id, internal_id, kind, sealed_values)
+SELECT d.id, e.internal_id, 'sync', e.sealed
 FROM domains d
-CROSS JOIN unnest($1::text[]) AS e(internal_id)
+CROSS JOIN unnest($1::text[], $3::bytea[]) AS e(internal_id, sealed)
 WHERE d.kind = 'peer' AND d.push AND d.status <> 'disabled' AND d.id IS DISTINCT FROM $2
 ORDER BY e.internal_id, d.id
-ON CONFLICT (domain_id, internal_id) WHERE state = 'pending' AND kind = 'sync' DO NOTHING
+ON CONFLICT (domain_id, internal_id) WHERE state = 'pending' AND kind = 'sync'
+DO UPDATE SET sealed_values = EXCLUDED.sealed_values, updated_at = now()
+WHERE EXCLUDED.sealed_values IS NOT NULL
 
 -- name: enqueue_sync_to
 -- A sync of entities ($2) toward one peer ($1), due at $3.
@@ -42,28 +46,34 @@ SET state = 'in_flight', claimed_by = $2, lease_until = now() + make_interval(se
     updated_at = now()
 FROM ready
 WHERE o.id = ready.id
-RETURNING o.id, o.domain_id, o.internal_id, o.attempts
+RETURNING o.id, o.domain_id, o.internal_id, o.attempts, o.sealed_values
 
 -- name: delivery_done
+-- Delivered: write-only values are erased.
 UPDATE outbox
 SET state = 'done', attempts = attempts + 1, lease_until = NULL, last_error = NULL,
-    updated_at = now()
+    sealed_values = NULL, updated_at = now()
 WHERE id = $1 AND claimed_by = $2 AND state = 'in_flight'
 
 -- name: delivery_later
 -- Back to pending, due at $3 ($4: count it as an attempt). A newer pending sync of the same
--- entity is folded into this one (a sync delivers home's state when it runs); data-modifying
--- sub-statements always run, referenced or not.
+-- entity is folded into this one (a sync delivers home's state when it runs), and its newer
+-- write-only values move with it. The fold must be complete before this row becomes pending
+-- again (one pending sync per entity): reading its sorted output in SET makes it so.
 WITH folded AS (
-    UPDATE outbox f SET state = 'cancelled', updated_at = now()
-    FROM outbox o
+    UPDATE outbox f SET state = 'cancelled', sealed_values = NULL, updated_at = now()
+    FROM outbox o, outbox before
     WHERE o.id = $1 AND o.kind = 'sync' AND f.kind = 'sync' AND f.state = 'pending'
       AND f.domain_id = o.domain_id AND f.internal_id = o.internal_id AND f.id <> o.id
-    RETURNING f.id
+      AND before.id = f.id
+    RETURNING f.id, before.sealed_values
 )
 UPDATE outbox
 SET state = 'pending', attempts = attempts + CASE WHEN $4::boolean THEN 1 ELSE 0 END,
-    next_attempt_at = $3, lease_until = NULL, last_error = $5, updated_at = now()
+    next_attempt_at = $3, lease_until = NULL, last_error = $5, updated_at = now(),
+    sealed_values = coalesce(
+        (SELECT sealed_values FROM folded WHERE sealed_values IS NOT NULL ORDER BY id DESC LIMIT 1),
+        sealed_values)
 WHERE id = $1 AND claimed_by = $2 AND state = 'in_flight'
 
 -- name: delivery_dead
@@ -218,7 +228,7 @@ RETURNING id
 
 -- name: discard_delivery
 UPDATE outbox
-SET state = 'cancelled', updated_at = now(),
+SET state = 'cancelled', sealed_values = NULL, updated_at = now(),
     last_error = coalesce(last_error, '{}'::jsonb) || jsonb_build_object('discarded_by', $2::text)
 WHERE id = $1 AND state = 'dead'
 RETURNING id
