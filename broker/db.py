@@ -18,7 +18,7 @@ import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import asyncpg
 
@@ -36,6 +36,7 @@ __all__ = [
     "create_pool",
     "database_url",
     "init_connection",
+    "listening",
     "load_migrations",
     "migrated_pool",
     "migration_status",
@@ -101,6 +102,53 @@ async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asy
     )
     assert pool is not None
     return pool
+
+
+@contextlib.asynccontextmanager
+async def listening(
+    url: str,
+    channel: str,
+    on_notify: Callable[[str], None],
+    *,
+    on_up: Callable[[], None] = lambda: None,
+    on_down: Callable[[], None] = lambda: None,
+    retry_seconds: float = 2.0,
+) -> AsyncIterator[None]:
+    """LISTEN on ``channel`` for as long as the context lasts, on a connection of its own,
+    reconnecting when it drops (a PostgreSQL restart): ``on_up`` once listening, ``on_down``
+    when the connection is lost, ``on_notify`` with each payload."""
+    lost = asyncio.Event()
+
+    def notified(_conn: Any, _pid: int, _channel: str, payload: object) -> None:
+        on_notify(str(payload))
+
+    async def keep_listening() -> None:
+        while True:
+            try:
+                conn = await asyncpg.connect(url)
+                await conn.add_listener(channel, notified)
+                conn.add_termination_listener(lambda _conn: lost.set())
+                lost.clear()
+                on_up()
+                try:
+                    await lost.wait()
+                finally:
+                    on_down()
+                    if not conn.is_closed():
+                        await conn.close()
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning(
+                    "cannot listen on %s (%s); retrying in %ss", channel, exc, retry_seconds
+                )
+            await asyncio.sleep(retry_seconds)
+
+    task = asyncio.create_task(keep_listening(), name=f"listen {channel}")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 class _Server(Protocol):

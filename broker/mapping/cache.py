@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator, Iterable
-from typing import Any
 
-import asyncpg
+from broker.db import listening
 
 __all__ = ["CHANNEL", "MappingCache", "listen"]
 
-log = logging.getLogger(__name__)
 CHANNEL = "broker_mappings"
 
 
@@ -93,45 +90,28 @@ async def listen(
     url: str, cache: MappingCache, *, retry_seconds: float = 2.0
 ) -> AsyncIterator[None]:
     """Keep ``cache`` on while a connection listens on :data:`CHANNEL`; reconnect when it drops."""
-    lost = asyncio.Event()
 
-    def on_notify(_conn: Any, _pid: int, _channel: str, payload: object) -> None:
-        cache.invalidate([str(payload)])
+    def up() -> None:
+        cache.clear()
+        cache.enabled = True
 
-    def on_lost(_conn: Any) -> None:
+    def down() -> None:
         cache.enabled = False
         cache.clear()
-        lost.set()
 
-    async def keep_listening() -> None:
-        while True:
-            try:
-                conn = await asyncpg.connect(url)
-                await conn.add_listener(CHANNEL, on_notify)
-                conn.add_termination_listener(on_lost)
-                cache.clear()
-                cache.enabled = True
-                lost.clear()
-                try:
-                    await lost.wait()
-                finally:
-                    cache.enabled = False
-                    if not conn.is_closed():
-                        await conn.close()
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("mapping cache off: cannot listen for changes (%s); retrying", exc)
-            await asyncio.sleep(retry_seconds)
-
-    task = asyncio.create_task(keep_listening())
-    try:
-        for _ in range(50):  # give the first connection a moment, so the cache starts on
-            if cache.enabled:
-                break
-            await asyncio.sleep(0.02)
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        cache.enabled = False
-        cache.clear()
+    async with listening(
+        url,
+        CHANNEL,
+        lambda payload: cache.invalidate([payload]),
+        on_up=up,
+        on_down=down,
+        retry_seconds=retry_seconds,
+    ):
+        try:
+            for _ in range(50):  # give the first connection a moment, so the cache starts on
+                if cache.enabled:
+                    break
+                await asyncio.sleep(0.02)
+            yield
+        finally:
+            down()

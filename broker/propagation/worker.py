@@ -25,7 +25,7 @@ import aiohttp
 import asyncpg
 import orjson
 
-from broker.db import query
+from broker.db import listening, query
 from broker.mapping.store import mint_id
 from broker.propagation.documents import PATCH_SCHEMA, peer_document, scim_patch
 from broker.propagation.peer import PeerClient, peer_credential
@@ -162,23 +162,15 @@ class Deliverer:
 
     @contextlib.asynccontextmanager
     async def _listening(self, url: str | None) -> AsyncIterator[None]:
+        """Woken by NOTIFY while a connection listens (it reconnects after a database restart,
+        and looks for work then); without one, every ``idle_check`` seconds."""
         if url is None:
             yield
             return
-        conn: asyncpg.Connection[Any] | None = None
-        try:
-            conn = await asyncpg.connect(url)
-            await conn.add_listener("broker_outbox", lambda *_: self._wake.set())
-        except (OSError, asyncpg.PostgresError) as exc:
-            log.warning(
-                "no outbox notifications (%s): polling every %ss", exc, self.settings.idle_check
-            )
-        try:
+        async with listening(
+            url, "broker_outbox", lambda _payload: self._wake.set(), on_up=self._wake.set
+        ):
             yield
-        finally:
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.close(timeout=2)
 
     async def claim_and_start(self) -> int:
         """Claim what is due for every peer with room, and start delivering it."""
