@@ -65,6 +65,8 @@ CREATE TABLE entities (
     merged_into    text REFERENCES entities (internal_id),
     created_at     timestamptz NOT NULL DEFAULT now(),
     updated_at     timestamptz NOT NULL DEFAULT now(),
+    -- A split-off held back from push peers until something needs it there (0006).
+    provision_on_demand  boolean NOT NULL DEFAULT false,
     CONSTRAINT entities_merged_into_iff_merged CHECK ((state = 'merged') = (merged_into IS NOT NULL)),
     CONSTRAINT entities_not_merged_into_self CHECK (merged_into <> internal_id)
 );

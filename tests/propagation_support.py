@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +20,9 @@ import pytest
 from aiohttp import web
 
 from broker.app import POOL
-from tests.scim_support import HOME_ID, Broker, Home, _free_port, scim_server
+from broker.config import PropagationConfig
+from broker.tokens import TokenStore
+from tests.scim_support import HOME_ID, Broker, Home, _free_port, scim_server, start_broker
 
 
 @pytest.fixture(scope="session")
@@ -100,6 +104,10 @@ class Gate:
     forwarded: list[tuple[str, str, Any]] = field(default_factory=list)
     lose_answers: int = 0
     """Forward the next requests, then answer 502 as if the answer was lost on the way."""
+    hold: asyncio.Event | None = None
+    """While set to an unset event: forward requests, and hold the answers to ``held_method``
+    until it is set."""
+    held_method: str = "PATCH"
     _runner: web.AppRunner | None = None
     _session: aiohttp.ClientSession | None = None
 
@@ -133,6 +141,8 @@ class Gate:
             },
         ) as response:
             body = await response.read()
+            if self.hold is not None and request.method == self.held_method:
+                await self.hold.wait()
             if self.lose_answers:
                 self.lose_answers -= 1
                 return web.Response(status=502, text="answer lost")
@@ -173,3 +183,113 @@ async def gate(upstream: Home) -> AsyncIterator[Gate]:
         yield front
     finally:
         await front.shutdown()
+
+
+FAST = PropagationConfig(
+    home_poll_interval=0,
+    backoff_base=0.05,
+    backoff_ceiling=0.3,
+    quarantine_after=60,
+    quarantine_retry=0.3,
+    lease=5,
+)
+
+
+async def federation(
+    db_url: str,
+    home: Home,
+    peers: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    token: str,
+    settings: PropagationConfig = FAST,
+    **peer_options: Any,
+) -> AsyncIterator[Broker]:
+    """The broker with home H (kind home), a pull domain D and the push ``peers`` (name -> URL)."""
+    domains: dict[str, dict[str, Any]] = {"H": {"kind": "home"}, "D": {}}
+    for name, url in peers.items():
+        monkeypatch.setenv(f"{name}_TOKEN", token)
+        domains[name] = {
+            "scim_url": url,
+            "credential_ref": f"env:{name}_TOKEN",
+            "push": True,
+            **peer_options,
+        }
+    async for broker in start_broker(db_url, home, domains, propagation=settings):
+        yield broker
+
+
+def patch(*operations: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+        "Operations": list(operations),
+    }
+
+
+async def home_tool(
+    broker: Broker, method: str, path: str, body: Any = None, *, token: str | None = None
+) -> tuple[int, Any]:
+    """Home's own tools, writing through the broker's home-facing endpoint."""
+    headers = {
+        "Authorization": f"Bearer {token or broker.tokens['H']}",
+        "Content-Type": "application/scim+json",
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method,
+            f"{broker.admin_url}/home/scim/v2{path}",
+            data=json.dumps(body) if body is not None else None,
+            headers=headers,
+        ) as response,
+    ):
+        raw = await response.text()
+        return response.status, json.loads(raw) if raw else None
+
+
+async def admin(
+    broker: Broker, method: str, path: str, body: Any = None, *, token: str | None = None
+) -> tuple[int, Any]:
+    """The admin API, with an admin token unless another is given ("" for none)."""
+    status, document, _ = await admin_call(broker, method, path, body, token=token)
+    return status, document
+
+
+async def admin_call(
+    broker: Broker, method: str, path: str, body: Any = None, *, token: str | None = None
+) -> tuple[int, Any, Mapping[str, str]]:
+    """The admin API: status, JSON body and headers."""
+    if token is None:
+        token, _ = await TokenStore(broker.app[POOL]).issue("H", scopes=["admin"])
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method,
+            f"{broker.admin_url}{path}",
+            headers=headers,
+            data=json.dumps(body) if body is not None else None,
+        ) as response,
+    ):
+        return response.status, await response.json(), dict(response.headers)
+
+
+async def cli(db_url: str, *args: str) -> tuple[int, str]:
+    """The ``broker`` command, as an operator runs it, on the test's database."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "broker.cli",
+        *args,
+        env={**os.environ, "BROKER_DATABASE_URL": db_url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await process.communicate()
+    return process.returncode or 0, out.decode()
+
+
+def peer_user(peer: Home, peer_user_id: str) -> dict[str, Any]:
+    status, body = peer.call("GET", f"/Users/{peer_user_id}")
+    assert status == 200, body
+    assert isinstance(body, dict)
+    return body

@@ -5,19 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import secrets
-import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-import aiohttp
 import asyncpg
 import pytest
 
 from broker.app import DELIVERER, HOME, POOL
-from broker.config import PropagationConfig
 from broker.db import query
 from broker.domains import DomainStore
 from broker.propagation.outbox import enqueue_changes
@@ -25,110 +20,21 @@ from broker.propagation.poller import HomePoller
 from broker.propagation.worker import Deliverer, WorkerSettings
 from broker.tokens import TokenStore
 from tests.propagation_support import (
+    FAST,
+    admin,
     assert_no_internal_id,
+    cli,
+    federation,
     gate,
     held,
+    home_tool,
+    patch,
     peer_id,
+    peer_user,
     quiesce,
     tenant,
 )
-from tests.scim_support import CORE_GROUP, Broker, Home, new_user, start_broker, unique
-
-FAST = PropagationConfig(
-    home_poll_interval=0,
-    backoff_base=0.05,
-    backoff_ceiling=0.3,
-    quarantine_after=60,
-    quarantine_retry=0.3,
-    lease=5,
-)
-
-
-async def federation(
-    db_url: str,
-    home: Home,
-    peers: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
-    token: str,
-    settings: PropagationConfig = FAST,
-    **peer_options: Any,
-) -> AsyncIterator[Broker]:
-    """The broker with home H (kind home), a pull domain D and the push ``peers`` (name -> URL)."""
-    domains: dict[str, dict[str, Any]] = {"H": {"kind": "home"}, "D": {}}
-    for name, url in peers.items():
-        monkeypatch.setenv(f"{name}_TOKEN", token)
-        domains[name] = {
-            "scim_url": url,
-            "credential_ref": f"env:{name}_TOKEN",
-            "push": True,
-            **peer_options,
-        }
-    async for broker in start_broker(db_url, home, domains, propagation=settings):
-        yield broker
-
-
-def patch(*operations: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
-        "Operations": list(operations),
-    }
-
-
-async def home_tool(
-    broker: Broker, method: str, path: str, body: Any = None, *, token: str | None = None
-) -> tuple[int, Any]:
-    """Home's own tools, writing through the broker's home-facing endpoint."""
-    headers = {
-        "Authorization": f"Bearer {token or broker.tokens['H']}",
-        "Content-Type": "application/scim+json",
-    }
-    async with (
-        aiohttp.ClientSession() as session,
-        session.request(
-            method,
-            f"{broker.admin_url}/home/scim/v2{path}",
-            data=json.dumps(body) if body is not None else None,
-            headers=headers,
-        ) as response,
-    ):
-        raw = await response.text()
-        return response.status, json.loads(raw) if raw else None
-
-
-async def admin(
-    broker: Broker, method: str, path: str, *, token: str | None = None
-) -> tuple[int, Any]:
-    """The admin API, with an admin token unless another is given ("" for none)."""
-    if token is None:
-        token, _ = await TokenStore(broker.app[POOL]).issue("H", scopes=["admin"])
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with (
-        aiohttp.ClientSession() as session,
-        session.request(method, f"{broker.admin_url}{path}", headers=headers) as response,
-    ):
-        return response.status, await response.json()
-
-
-async def cli(db_url: str, *args: str) -> tuple[int, str]:
-    """The ``broker`` command, as an operator runs it, on the test's database."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "broker.cli",
-        *args,
-        env={**os.environ, "BROKER_DATABASE_URL": db_url},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await process.communicate()
-    return process.returncode or 0, out.decode()
-
-
-def peer_user(peer: Home, peer_user_id: str) -> dict[str, Any]:
-    status, body = peer.call("GET", f"/Users/{peer_user_id}")
-    assert status == 200, body
-    assert isinstance(body, dict)
-    return body
+from tests.scim_support import CORE_GROUP, Broker, Home, new_user, unique
 
 
 @pytest.fixture

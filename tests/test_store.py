@@ -131,7 +131,7 @@ async def test_merge_commits_the_seed_table_with_its_outbox_rows_and_audit(
     expected = apply_plan(rows, plan_merge("9caf78aac3d6", ["273d36e30d09"], rows))
     op = await store.merge("9caf78aac3d6", ["273d36e30d09"], idempotency_key="merge-1", actor="ops")
     assert op.state == "propagating"
-    assert op.progress == {"D2": {"state": "pending", "tasks": 2}}
+    assert op.progress == {"D2": {"state": "pending", "tasks": 2, "done": 0}}
     assert (await store.operation(op.id)).request == {
         "survivor": "9caf78aac3d6",
         "losers": ["273d36e30d09"],
@@ -256,6 +256,8 @@ async def test_a_split_undoing_a_merge_cancels_the_pending_delete(
     assert [tuple(r) for r in states] == [
         ("move_memberships", "cancelled"),
         ("delete_alias", "cancelled"),
+        # The account that was the alias is new-1's now: it gets new-1's state.
+        ("sync", "pending"),
     ]
     assert (
         await pool.fetchval("SELECT resource_type FROM entities WHERE internal_id = 'new-1'")
@@ -270,7 +272,7 @@ async def test_an_eager_split_queues_provisioning_into_push_peers_that_knew_the_
     await store.add_mapping("S", "D2", "s2")
     await store.resolve_outbound("D1", {"S": "User"}, mint=True)
     op = await store.split("S", {"N": []}, idempotency_key="s", actor="ops", provision="eager")
-    assert op.progress == {"D2": {"state": "pending", "tasks": 1}}
+    assert op.progress == {"D2": {"state": "pending", "tasks": 1, "done": 0}}
     rows = await pool.fetch("SELECT domain_id, internal_id, kind FROM outbox")
     assert [tuple(r) for r in rows] == [("D2", "N", "provision")]
 

@@ -10,7 +10,8 @@ home-facing SCIM endpoint through which home's own tools write so that peers fol
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import uuid
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -20,7 +21,7 @@ from aiohttp import web
 from broker.db import query
 from broker.domains import DomainStore
 from broker.errors import BrokerError, InvalidValueError, NotFoundError
-from broker.mapping.store import MappingStore
+from broker.mapping.store import MappingStore, Operation
 from broker.propagation.outbox import settle_dead_letter
 from broker.proxy.handlers import MAX_BODY, Forbidden, answer_errors
 from broker.proxy.home import HomeClient
@@ -28,7 +29,7 @@ from broker.scim.bulk import bulk_write_only, bulk_writes
 from broker.scim.writeonly import write_only_values
 from broker.tokens import TokenStore
 
-__all__ = ["create_admin_app", "delivery_json", "queue_json"]
+__all__ = ["create_admin_app", "delivery_json", "operation_json", "queue_json", "split_moves"]
 
 HOME_PREFIX = "/home/scim/v2"
 _WRITES = {"POST", "PUT", "PATCH", "DELETE"}
@@ -64,6 +65,70 @@ def delivery_json(record: asyncpg.Record) -> dict[str, Any]:
         "created_at": _iso(record["created_at"]),
         "updated_at": _iso(record["updated_at"]),
     }
+
+
+def operation_json(operation: Operation, request: web.Request | None = None) -> dict[str, Any]:
+    """An operation's status resource: its state, and per domain its progress and reasons."""
+    path = f"/admin/operations/{operation.id}"
+    return {
+        "id": str(operation.id),
+        "kind": operation.kind,
+        "state": operation.state,
+        "request": operation.request,
+        "progress": operation.progress,
+        "actor": operation.actor,
+        "replayed": operation.replayed,
+        "created_at": _iso(operation.created_at),
+        "updated_at": _iso(operation.updated_at),
+        "location": f"{request.scheme}://{request.host}{path}" if request else path,
+    }
+
+
+def split_moves(new: Sequence[str], move: Any) -> dict[str, list[tuple[str, str]]]:
+    """A split's rows to move, by new entity. ``{"DOMAIN": [EXTERNAL_ID, ...]}`` moves the rows
+    to the first new entity; ``{"NEW_ID": {"DOMAIN": [EXTERNAL_ID, ...]}}`` names the entity."""
+    moves: dict[str, list[tuple[str, str]]] = {entity: [] for entity in new}
+    if not isinstance(move, Mapping):
+        raise InvalidValueError('"move" is an object: {"DOMAIN": ["EXTERNAL_ID", ...]}')
+    for key, value in move.items():
+        target, rows = (key, value) if key in moves else (new[0], {key: value})
+        if not isinstance(rows, Mapping):
+            raise InvalidValueError(
+                f'"move" of {key}: an object of domains to lists of external IDs'
+            )
+        for domain, external_ids in rows.items():
+            if not isinstance(external_ids, list) or not all(
+                isinstance(e, str) for e in external_ids
+            ):
+                raise InvalidValueError(
+                    f'"move" of {domain}: a list of that domain\'s external IDs'
+                )
+            moves[target].extend((domain, e) for e in external_ids)
+    return moves
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise InvalidValueError("the request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidValueError("the request body is a JSON object")
+    return body
+
+
+def _text(body: Mapping[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value:
+        raise InvalidValueError(f'"{key}" is required: a non-empty string')
+    return value
+
+
+def _texts(body: Mapping[str, Any], key: str) -> list[str]:
+    value = body.get(key)
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise InvalidValueError(f'"{key}" is required: a non-empty list of internal IDs')
+    return value
 
 
 def _iso(moment: Any) -> str | None:
@@ -124,6 +189,54 @@ class Admin:
             self.pool, delivery_id, "retry" if action == "retry" else "discard", actor
         )
         return web.json_response(delivery_json(record))
+
+    # ------------------------------------------------------------------ merge and split
+
+    async def merge(self, request: web.Request) -> web.Response:
+        actor = await self._admin(request)
+        body = await _json_object(request)
+        survivor = _text(body, "survivor")
+        losers = _texts(body, "losers")
+        operation = await self.store.merge(
+            survivor, losers, idempotency_key=_text(body, "idempotency_key"), actor=actor
+        )
+        return self._accepted(request, operation)
+
+    async def split(self, request: web.Request) -> web.Response:
+        actor = await self._admin(request)
+        body = await _json_object(request)
+        source = _text(body, "source")
+        new = _texts(body, "new")
+        provision = body.get("provision", "on_demand")
+        if provision not in ("eager", "on_demand"):
+            raise InvalidValueError('"provision" is "eager" or "on_demand"')
+        operation = await self.store.split(
+            source,
+            split_moves(new, body.get("move", {})),
+            idempotency_key=_text(body, "idempotency_key"),
+            actor=actor,
+            provision=provision,
+        )
+        return self._accepted(request, operation)
+
+    async def operation(self, request: web.Request) -> web.Response:
+        await self._admin(request)
+        try:
+            op_id = uuid.UUID(request.match_info["op"])
+        except ValueError:
+            raise NotFoundError("an operation ID is a UUID, as its Location gives it") from None
+        return web.json_response(operation_json(await self.store.operation(op_id), request))
+
+    async def operations(self, request: web.Request) -> web.Response:
+        await self._admin(request)
+        records = await self.pool.fetch(query("recent_operations"), 100)
+        return web.json_response(
+            {"operations": [operation_json(Operation.from_record(r), request) for r in records]}
+        )
+
+    def _accepted(self, request: web.Request, operation: Operation) -> web.Response:
+        document = operation_json(operation, request)
+        return web.json_response(document, status=202, headers={"Location": document["location"]})
 
     # ------------------------------------------------------------------ home's own tools
 
@@ -199,6 +312,10 @@ def create_admin_app(admin: Admin) -> web.Application:
     app.router.add_get("/admin/domains/{domain}/queue", admin.queue)
     app.router.add_get("/admin/deliveries", admin.deliveries)
     app.router.add_post(r"/admin/deliveries/{id}/{action:retry|discard}", admin.act)
+    app.router.add_post("/admin/merges", admin.merge)
+    app.router.add_post("/admin/splits", admin.split)
+    app.router.add_get("/admin/operations", admin.operations)
+    app.router.add_get("/admin/operations/{op}", admin.operation)
     app.router.add_route("*", HOME_PREFIX + "/{tail:.*}", admin.home_scim)
     return app
 

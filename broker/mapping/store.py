@@ -121,7 +121,7 @@ def _progress(tasks: Iterable[PeerTask]) -> dict[str, Any]:
     progress: dict[str, Any] = {}
     for task in tasks:
         if task.kind not in _CANCEL_KINDS:
-            entry = progress.setdefault(task.domain, {"state": "pending", "tasks": 0})
+            entry = progress.setdefault(task.domain, {"state": "pending", "tasks": 0, "done": 0})
             entry["tasks"] += 1
     return progress
 
@@ -234,6 +234,11 @@ class MappingStore:
                 await conn.execute(query("set_domain_external_id"), origin, internal_id, value)
             await enqueue_changes(conn, writes, deleted=deleted, origin=origin, sealed=sealed)
 
+    async def provision_on_need(self, domain: str, internal_ids: Sequence[str]) -> None:
+        """Split-offs held back from push peer ``domain`` that something there needs now: a
+        provisioning delivery each, unless one is on its way."""
+        await self.pool.execute(query("provision_on_need"), domain, list(internal_ids))
+
     # ------------------------------------------------------------------ reading
 
     async def rows_of(self, internal_ids: Sequence[str]) -> list[MappingRow]:
@@ -345,6 +350,7 @@ class MappingStore:
             _require_same_type(entities, source, new_ids)
             rows = await _locked_rows(conn, [source, *new_ids])
             push = {r["id"] for r in await conn.fetch(query("push_domains"))}
+            await conn.execute(query("hold_back"), new_ids, provision == "on_demand")
             return plan_split(source, moves, rows, push_domains=push, provision=provision)
 
         return await self._run("split", request, idempotency_key, actor, [source, *new_ids], plan)
@@ -464,6 +470,31 @@ async def _apply(conn: Connection, plan: Plan, op_id: uuid.UUID) -> None:
             primaries.append(change.after.primary if change.after else None)
             states.append(change.after.state.value if change.after else None)
         await conn.execute(query("apply_row_changes"), ids, owners, primaries, states)
+        moved = [
+            c
+            for c in plan.changes
+            if c.after is None
+            or (c.after.internal_id, c.after.primary) != (c.before.internal_id, c.before.primary)
+        ]
+        if moved:
+            await conn.execute(
+                query("rows_moved"),
+                [c.before.domain for c in moved],
+                [c.before.internal_id for c in moved],
+                [c.after.internal_id if c.after else c.before.internal_id for c in moved],
+            )
+            # An account that changed hands is brought to its new owner's state.
+            handed = [
+                c.after
+                for c in moved
+                if c.after and c.after.primary and c.after.state is MappingState.ACTIVE
+            ]
+            if handed:
+                await conn.execute(
+                    query("enqueue_handover"),
+                    [r.domain for r in handed],
+                    [r.internal_id for r in handed],
+                )
     if plan.merged:
         survivors = set(plan.merged.values())
         assert len(survivors) == 1, "one merge has one survivor"
@@ -480,10 +511,13 @@ async def _apply(conn: Connection, plan: Plan, op_id: uuid.UUID) -> None:
         )
     cancels = [t for t in plan.tasks if t.kind in _CANCEL_KINDS]
     if cancels:
-        await conn.execute(
+        cancelled = await conn.fetch(
             query("cancel_tasks"),
             [t.kind.value for t in cancels],
             [t.domain for t in cancels],
             [t.internal_id for t in cancels],
             [t.external_id for t in cancels],
         )
+        # Earlier operations whose clean-up is no longer wanted show it in their progress.
+        for earlier in {r["operation_id"] for r in cancelled} - {None}:
+            await conn.execute(query("refresh_operation"), earlier)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -92,6 +93,11 @@ class Claim:
     attempts: int
     sealed_values: bytes | None
     """Write-only values (a password) the write set, to deliver with home's state."""
+    kind: str = "sync"
+    """sync (or provision: the same, for a split-off), move_memberships, delete_alias."""
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    operation_id: uuid.UUID | None = None
+    """The merge or split the delivery belongs to, whose progress it updates."""
 
 
 class _Later(Exception):
@@ -189,7 +195,13 @@ class Deliverer:
             )
             for record in records:
                 claim = Claim(
-                    record["id"], record["internal_id"], record["attempts"], record["sealed_values"]
+                    record["id"],
+                    record["internal_id"],
+                    record["attempts"],
+                    record["sealed_values"],
+                    record["kind"],
+                    record["payload"] or {},
+                    record["operation_id"],
                 )
                 lane.active += 1
                 task = asyncio.create_task(self._deliver(peer, claim, lane))
@@ -219,6 +231,8 @@ class Deliverer:
         try:
             outcome = await self._attempt(peer, claim, lane)
             self.observe(peer.id, outcome)
+            if claim.operation_id is not None:
+                await self.pool.execute(query("refresh_operation"), claim.operation_id)
         except Exception:
             correlation = uuid.uuid4().hex[:12]
             log.exception("delivery %s to %s: internal error %s", claim.id, peer.id, correlation)
@@ -237,7 +251,7 @@ class Deliverer:
 
     async def _attempt(self, peer: Peer, claim: Claim, lane: _Lane) -> str:
         try:
-            await self._sync(peer, claim)
+            await self._perform(peer, claim)
         except _Later as later:
             due = datetime.now(UTC) + timedelta(seconds=later.delay)
             await self.pool.execute(
@@ -302,6 +316,20 @@ class Deliverer:
             self._clients[peer.id] = client
         return client
 
+    async def _perform(self, peer: Peer, claim: Claim) -> None:
+        if claim.kind in ("sync", "provision"):
+            await self._sync(peer, claim)
+        elif claim.kind == "move_memberships":
+            await self._move_memberships(peer, claim)
+        elif claim.kind == "delete_alias":
+            await self._delete_alias(peer, claim)
+        else:
+            raise Failure(
+                Verdict.PERMANENT,
+                f"this broker does not know deliveries of kind {claim.kind!r}: upgrade it",
+                peer_fault=False,
+            )
+
     async def _sync(self, peer: Peer, claim: Claim) -> None:
         """Make the peer's copy of the entity match home's current state."""
         client = self._client(peer)
@@ -309,6 +337,12 @@ class Deliverer:
         assert entity is not None, "outbox rows reference entities"
         if entity["state"] == "merged":
             return  # the merge's own deliveries clean up after the alias
+        if (
+            claim.kind == "sync"
+            and entity["provision_on_demand"]
+            and entity["mapping_state"] is None
+        ):
+            return  # a split-off, held back until something needs it in this peer
         schema = await self._home_call(self.home.schema())
         resource_type = entity["resource_type"]
         endpoint = schema.endpoints.by_type.get(resource_type)
@@ -437,7 +471,7 @@ class Deliverer:
                     [named[i] or "unknown" for i in untried],
                     [],
                 )
-                await conn.execute(query("enqueue_sync_to"), peer.id, untried, datetime.now(UTC))
+                await conn.execute(query("enqueue_provision"), peer.id, untried)
         if waiting or untried:
             raise _Later(
                 self.settings.dependency_wait,
@@ -516,8 +550,12 @@ class Deliverer:
                 raise judge(answer.status, answer.body, answer.headers, f"PUT {endpoint}/...")
         try:
             async with self.pool.acquire() as conn, conn.transaction():
-                await conn.execute(query("finish_create"), internal_id, peer.id, peer_id)
-                await conn.execute(query("save_copy"), peer.id, internal_id, desired, None)
+                # The row is found by its handle: a merge may have moved it to its survivor.
+                owner = await conn.fetchval(
+                    query("finish_create"), desired["externalId"], peer.id, peer_id
+                )
+                if owner is not None:
+                    await conn.execute(query("save_copy"), peer.id, owner, desired, None)
         except asyncpg.UniqueViolationError as exc:
             raise Failure(
                 Verdict.PERMANENT,
@@ -525,6 +563,13 @@ class Deliverer:
                 "merge the two entities, or remove the duplicate in the peer",
                 peer_fault=False,
             ) from exc
+        if owner is None and not linked:
+            # A merge cancelled the create while it was on its way (the survivor already has an
+            # account there): the resource it made goes again, so the peer holds the entity once.
+            log.info("delivery to %s: a create cancelled by a merge is undone", peer.id)
+            answer = await client.call("DELETE", f"{endpoint}/{peer_id}")
+            if answer.status not in (200, 204, 404):
+                raise judge(answer.status, answer.body, answer.headers, f"DELETE {endpoint}/...")
 
     async def _update(
         self,
@@ -629,3 +674,77 @@ class Deliverer:
                 query("retire_primary"), claim.internal_id, peer.id, self.settings.retention
             )
             await conn.execute(query("drop_copy"), peer.id, claim.internal_id)
+
+    # ------------------------------------------------------------------ merge clean-up
+
+    async def _alias_endpoint(self, peer: Peer, claim: Claim) -> tuple[str, str] | None:
+        """The alias the task acts on and its endpoint, or None when the alias no longer waits
+        for its delete (a split moved it back, or the task already ran)."""
+        alias = claim.payload.get("external_id")
+        if not isinstance(alias, str):
+            raise Failure(Verdict.PERMANENT, "the task names no alias", peer_fault=False)
+        row = await self.pool.fetchrow(query("alias_for_cleanup"), peer.id, alias)
+        if row is None:
+            return None
+        schema = await self._home_call(self.home.schema())
+        entity = await self.pool.fetchrow(query("entity_for_delivery"), peer.id, claim.internal_id)
+        resource_type = entity["resource_type"] if entity is not None else "User"
+        return alias, schema.endpoints.by_type.get(resource_type, f"/{resource_type}s")
+
+    async def _move_memberships(self, peer: Peer, claim: Claim) -> None:
+        """Groups of the peer holding the alias hold the survivor's primary instead."""
+        found = await self._alias_endpoint(peer, claim)
+        if found is None:
+            return
+        alias, _endpoint = found
+        entity = await self.pool.fetchrow(query("entity_for_delivery"), peer.id, claim.internal_id)
+        primary = (entity["external_id"] if entity is not None else None) or claim.payload.get(
+            "target_external_id"
+        )
+        if not isinstance(primary, str):
+            raise _Later(self.settings.dependency_wait, "waiting for the survivor's create")
+        client = self._client(peer)
+        groups = (await self._home_call(self.home.schema())).endpoints.by_type.get(
+            "Group", "/Groups"
+        )
+        for group_id in await client.find_by(groups, "members.value", alias):
+            answer = await client.call(
+                "GET", f"{groups}/{group_id}", params={"attributes": "members"}
+            )
+            if answer.status == 404:
+                continue
+            if answer.status != 200 or not isinstance(answer.body, dict):
+                raise judge(answer.status, answer.body, answer.headers, f"GET {groups}/...")
+            values = {
+                m.get("value") for m in answer.body.get("members") or [] if isinstance(m, dict)
+            }
+            ops: list[dict[str, Any]] = [
+                {"op": "remove", "path": f"members[value eq {json.dumps(alias)}]"}
+            ]
+            if primary not in values:
+                ops.append({"op": "add", "path": "members", "value": [{"value": primary}]})
+            answer = await client.call(
+                "PATCH", f"{groups}/{group_id}", body={"schemas": [PATCH_SCHEMA], "Operations": ops}
+            )
+            if answer.status not in (200, 204, 404):
+                raise judge(answer.status, answer.body, answer.headers, f"PATCH {groups}/...")
+        # What the peer last received of the broker's own groups now names the primary.
+        async with self.pool.acquire() as conn, conn.transaction():
+            for copy in await conn.fetch(query("copies_naming"), peer.id, alias):
+                document = dict(copy["document"])
+                members = [m for m in document.get("members", []) if m.get("value") != alias]
+                if not any(m.get("value") == primary for m in members):
+                    members.append({"value": primary})
+                document["members"] = members
+                await conn.execute(query("save_copy"), peer.id, copy["internal_id"], document, None)
+
+    async def _delete_alias(self, peer: Peer, claim: Claim) -> None:
+        """DELETE the alias at the peer; on 2xx or 404 its row is retired (or removed)."""
+        found = await self._alias_endpoint(peer, claim)
+        if found is None:
+            return
+        alias, endpoint = found
+        answer = await self._client(peer).call("DELETE", f"{endpoint}/{alias}")
+        if answer.status not in (200, 204, 404):
+            raise judge(answer.status, answer.body, answer.headers, f"DELETE {endpoint}/...")
+        await self.pool.execute(query("retire_alias"), peer.id, alias, self.settings.retention)

@@ -135,3 +135,8 @@ INSERT INTO id_mappings (internal_id, domain_id, external_id, is_primary, origin
                          domain_external_id, correlation_handle)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 RETURNING id
+
+-- name: hold_back
+-- Split-offs ($1) provisioned on first need ($2 true) or eagerly.
+UPDATE entities SET provision_on_demand = $2, updated_at = now()
+WHERE internal_id = ANY($1::text[])

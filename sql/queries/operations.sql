@@ -16,6 +16,10 @@ FROM operations WHERE idempotency_key = $1
 SELECT id, kind, idempotency_key, request, state, progress, actor, created_at, updated_at
 FROM operations WHERE id = $1
 
+-- name: recent_operations
+SELECT id, kind, idempotency_key, request, state, progress, actor, created_at, updated_at
+FROM operations ORDER BY created_at DESC LIMIT $1
+
 -- name: finish_planning
 UPDATE operations SET state = $2, progress = $3, updated_at = now()
 WHERE id = $1
@@ -42,6 +46,38 @@ WHERE o.state = 'pending'
       OR (c.kind = 'cancel_delete' AND o.kind IN ('move_memberships', 'delete_alias')
           AND o.payload ->> 'external_id' = c.external_id)
   )
+RETURNING o.operation_id
 
 -- name: audit
 INSERT INTO audit_log (actor, action, subject, details) VALUES ($1, $2, $3, $4)
+
+-- name: rows_moved
+-- Mapping rows that changed owner or primary flag in peers ($1 domains, $2 entities before,
+-- $3 after): what the peers last received of those entities no longer describes their accounts.
+-- Dropped, so the next sync sends the whole resource (PUT).
+DELETE FROM peer_copies c
+USING unnest($1::text[], $2::text[], $3::text[]) AS m(domain_id, before_id, after_id)
+WHERE c.domain_id = m.domain_id AND c.internal_id IN (m.before_id, m.after_id)
+
+-- name: enqueue_handover
+-- Accounts in push peers ($1 domains) that changed hands to entities ($2): a sync each, to
+-- bring them to their new owner's state.
+INSERT INTO outbox (domain_id, internal_id, kind)
+SELECT m.domain_id, m.internal_id, 'sync'
+FROM unnest($1::text[], $2::text[]) AS m(domain_id, internal_id)
+JOIN domains d ON d.id = m.domain_id AND d.kind = 'peer' AND d.push
+ON CONFLICT (domain_id, internal_id) WHERE state = 'pending' AND kind = 'sync' DO NOTHING
+
+-- name: provision_on_need
+-- Split-offs ($2) held back from push peer $1 that it needs now (it read something naming
+-- them): a provisioning delivery each, unless it has an account or one is on its way.
+INSERT INTO outbox (domain_id, internal_id, kind)
+SELECT $1, e.internal_id, 'provision'
+FROM entities e
+JOIN domains d ON d.id = $1 AND d.kind = 'peer' AND d.push
+WHERE e.internal_id = ANY($2::text[]) AND e.state = 'active' AND e.provision_on_demand
+  AND NOT EXISTS (SELECT 1 FROM id_mappings m
+                  WHERE m.domain_id = $1 AND m.internal_id = e.internal_id AND m.is_primary)
+  AND NOT EXISTS (SELECT 1 FROM outbox o
+                  WHERE o.domain_id = $1 AND o.internal_id = e.internal_id
+                    AND o.state IN ('pending', 'in_flight'))

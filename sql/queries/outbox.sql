@@ -22,21 +22,34 @@ SELECT $1, e.internal_id, 'sync', $3
 FROM unnest($2::text[]) AS e(internal_id)
 ON CONFLICT (domain_id, internal_id) WHERE state = 'pending' AND kind = 'sync' DO NOTHING
 
+-- name: enqueue_provision
+-- Entities ($2) needed in peer $1 now (a group names them): created there even if held back.
+INSERT INTO outbox (domain_id, internal_id, kind)
+SELECT $1, e.internal_id, 'provision'
+FROM unnest($2::text[]) AS e(internal_id)
+
 -- name: claim_deliveries
--- Up to $3 syncs toward peer $1 that are due, each the oldest unfinished one of its entity
+-- Up to $3 deliveries toward peer $1 that are due, each the oldest unfinished one of its entity
 -- (order per peer and entity), claimed by worker $2 for a lease of $4 seconds. A claim whose
--- lease ran out (its worker died) is claimed again. Merge and split tasks are not claimed yet.
+-- lease ran out (its worker died) is claimed again. A merge's clean-up of the survivor also
+-- waits for what is unfinished about the entities merged into it (a create in flight for a
+-- loser is finished, or found cancelled, before its alias is deleted).
 WITH ready AS (
     SELECT o.id
     FROM outbox o
-    WHERE o.domain_id = $1 AND o.kind = 'sync'
+    WHERE o.domain_id = $1
       AND ((o.state = 'pending' AND o.next_attempt_at <= now())
            OR (o.state = 'in_flight' AND o.lease_until < now()))
       AND NOT EXISTS (
           SELECT 1 FROM outbox e
           WHERE e.domain_id = o.domain_id AND e.internal_id = o.internal_id AND e.id < o.id
-            AND e.kind = 'sync' AND e.state IN ('pending', 'in_flight')
+            AND e.state IN ('pending', 'in_flight')
       )
+      AND (o.kind NOT IN ('move_memberships', 'delete_alias') OR NOT EXISTS (
+          SELECT 1 FROM outbox e JOIN entities x ON x.internal_id = e.internal_id
+          WHERE x.merged_into = o.internal_id AND e.domain_id = o.domain_id AND e.id < o.id
+            AND e.state IN ('pending', 'in_flight')
+      ))
     ORDER BY o.id
     LIMIT $3
     FOR UPDATE OF o SKIP LOCKED
@@ -46,7 +59,8 @@ SET state = 'in_flight', claimed_by = $2, lease_until = now() + make_interval(se
     updated_at = now()
 FROM ready
 WHERE o.id = ready.id
-RETURNING o.id, o.domain_id, o.internal_id, o.attempts, o.sealed_values
+RETURNING o.id, o.domain_id, o.internal_id, o.attempts, o.sealed_values, o.kind, o.payload,
+          o.operation_id
 
 -- name: delivery_done
 -- Delivered: write-only values are erased.
@@ -122,7 +136,7 @@ ORDER BY id
 
 -- name: entity_for_delivery
 -- The entity, its primary row in the peer, and what the peer last received.
-SELECT e.internal_id, e.resource_type, e.state, e.merged_into,
+SELECT e.internal_id, e.resource_type, e.state, e.merged_into, e.provision_on_demand,
        m.external_id, m.state AS mapping_state, m.correlation_handle,
        c.document AS copy, c.suspended_at
 FROM entities e
@@ -132,14 +146,16 @@ WHERE e.internal_id = $2
 
 -- name: peer_ids
 -- The peer's primary IDs of entities ($2), merged ones as their survivors; for those without
--- one, whether a delivery toward the peer is still to come (waiting) or was made (tried).
+-- one, whether a delivery toward the peer is still to come (waiting) or was made (tried). For a
+-- split-off held back until needed, only a provisioning counts as tried.
 SELECT w.internal_id, m.external_id,
        EXISTS (SELECT 1 FROM outbox o
                WHERE o.domain_id = $1 AND o.internal_id = coalesce(e.merged_into, w.internal_id)
                  AND o.state IN ('pending', 'in_flight')) AS waiting,
        EXISTS (SELECT 1 FROM outbox o
                WHERE o.domain_id = $1 AND o.internal_id = coalesce(e.merged_into, w.internal_id)
-                 AND o.state IN ('done', 'dead', 'cancelled')) AS tried
+                 AND o.state IN ('done', 'dead', 'cancelled')
+                 AND (o.kind = 'provision' OR NOT coalesce(e.provision_on_demand, false))) AS tried
 FROM unnest($2::text[]) AS w(internal_id)
 LEFT JOIN entities e ON e.internal_id = w.internal_id
 LEFT JOIN id_mappings m
@@ -160,8 +176,12 @@ SELECT correlation_handle FROM id_mappings
 WHERE internal_id = $1 AND domain_id = $2 AND is_primary
 
 -- name: finish_create
+-- The create of correlation handle $1 in peer $2 succeeded with the peer's ID $3. Returns the
+-- entity the row belongs to now (a merge may have moved the pending row to its survivor), or
+-- nothing when the create is no longer wanted (a merge cancelled it).
 UPDATE id_mappings SET external_id = $3, state = 'active', updated_at = now()
-WHERE internal_id = $1 AND domain_id = $2 AND is_primary AND state = 'pending_create'
+WHERE correlation_handle = $1 AND domain_id = $2 AND is_primary AND state = 'pending_create'
+RETURNING internal_id
 
 -- name: retire_primary
 -- The peer no longer holds the entity: its row is retired (kept $3 seconds, so that late
@@ -267,3 +287,55 @@ WITH seen AS (
 )
 UPDATE entities SET state = 'deleted', updated_at = now()
 WHERE internal_id = ANY($3::text[]) AND state = 'active'
+
+-- name: alias_for_cleanup
+-- The alias row a merge's clean-up acts on, if it still waits for its delete.
+SELECT internal_id, state FROM id_mappings
+WHERE domain_id = $1 AND external_id = $2 AND NOT is_primary AND state = 'deletion_required'
+
+-- name: retire_alias
+-- The peer deleted the alias ($2 in peer $1): its row is retired for $3 seconds (late
+-- references still resolve), or removed at once when the retention is 0.
+WITH removed AS (
+    DELETE FROM id_mappings
+    WHERE domain_id = $1 AND external_id = $2 AND state = 'deletion_required' AND $3 <= 0
+)
+UPDATE id_mappings
+SET state = 'retired', retire_after = now() + make_interval(secs => $3), updated_at = now()
+WHERE domain_id = $1 AND external_id = $2 AND state = 'deletion_required' AND $3 > 0
+
+-- name: copies_naming
+-- What peer $1 last received of groups whose members name $2 (to follow a membership move).
+SELECT internal_id, document FROM peer_copies
+WHERE domain_id = $1 AND document -> 'members' @> jsonb_build_array(jsonb_build_object('value', $2::text))
+
+-- name: refresh_operation
+-- An operation's progress per domain and its state, from its deliveries: done when every one
+-- is done (or cancelled), failed when some are dead letters and none is left to run.
+WITH per_domain AS (
+    SELECT domain_id,
+           count(*) AS tasks,
+           count(*) FILTER (WHERE state IN ('done', 'cancelled')) AS finished,
+           count(*) FILTER (WHERE state = 'dead') AS dead,
+           (array_agg(last_error ->> 'reason' ORDER BY id DESC)
+               FILTER (WHERE last_error IS NOT NULL AND state IN ('pending', 'dead')))[1] AS reason
+    FROM outbox WHERE operation_id = $1
+    GROUP BY domain_id
+), summary AS (
+    SELECT jsonb_object_agg(domain_id, jsonb_strip_nulls(jsonb_build_object(
+               'state', CASE WHEN finished = tasks THEN 'done'
+                             WHEN dead > 0 AND finished + dead = tasks THEN 'failed'
+                             WHEN finished = 0 AND dead = 0 THEN 'pending'
+                             ELSE 'propagating' END,
+               'tasks', tasks, 'done', finished, 'reason', reason))) AS progress,
+           coalesce(bool_and(finished = tasks), true) AS all_done,
+           coalesce(bool_or(dead > 0), false) AND coalesce(bool_and(finished + dead = tasks), true)
+               AS stuck
+    FROM per_domain
+)
+UPDATE operations o
+SET progress = coalesce(s.progress, '{}'::jsonb),
+    state = CASE WHEN s.all_done THEN 'done' WHEN s.stuck THEN 'failed' ELSE 'propagating' END,
+    updated_at = now()
+FROM summary s
+WHERE o.id = $1 AND o.state <> 'pending'

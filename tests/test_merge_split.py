@@ -1,0 +1,452 @@
+"""Merge and split, end to end: seed 002's two stories and the hard cases, with a real home, two
+real push peers (tenants of a real scim2-server) and the broker's own worker."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from broker.mapping.store import MappingStore
+from tests.propagation_support import (
+    FAST,
+    Gate,
+    admin,
+    admin_call,
+    assert_no_internal_id,
+    federation,
+    gate,
+    held,
+    home_tool,
+    patch,
+    peer_id,
+    peer_user,
+    quiesce,
+    tenant,
+)
+from tests.scim_support import CORE_GROUP, Broker, Home, new_user, unique
+
+# The seed's final tables drop a deleted alias's row: no retention here.
+SEED = FAST.model_copy(update={"retention": 0})
+
+Row = tuple[str, str, str | None, bool, str]
+
+
+async def table(broker: Broker, *entities: str) -> set[Row]:
+    """The mapping rows of ``entities`` in the peers, as the seed draws them."""
+    rows = await MappingStore(broker.pool).rows_of(list(entities))
+    return {
+        (r.internal_id, r.domain, r.external_id, r.primary, r.state.value)
+        for r in rows
+        if r.domain.startswith("P")
+    }
+
+
+async def person(broker: Broker, display: str) -> dict[str, Any]:
+    status, user = await home_tool(
+        broker, "POST", "/Users", new_user(unique("jsmith"), displayName=display)
+    )
+    assert status == 201, user
+    return user
+
+
+async def merge(broker: Broker, survivor: str, *losers: str, key: str | None = None) -> str:
+    status, op, headers = await admin_call(
+        broker,
+        "POST",
+        "/admin/merges",
+        {"survivor": survivor, "losers": list(losers), "idempotency_key": key or unique("m")},
+    )
+    assert status == 202, op
+    assert headers["Location"].endswith(f"/admin/operations/{op['id']}")
+    return str(op["id"])
+
+
+async def split(broker: Broker, source: str, *new: str, **options: Any) -> str:
+    body = {"source": source, "new": list(new), "idempotency_key": unique("s"), **options}
+    status, op, _ = await admin_call(broker, "POST", "/admin/splits", body)
+    assert status == 202, op
+    return str(op["id"])
+
+
+async def operation(broker: Broker, op_id: str) -> dict[str, Any]:
+    status, op = await admin(broker, "GET", f"/admin/operations/{op_id}")
+    assert status == 200, op
+    return op
+
+
+def deliveries(front: Gate, since: int) -> list[tuple[str, str]]:
+    """What the peer behind ``front`` received since the ``since``-th request: changes only."""
+    return [(m, p) for m, p, _ in front.forwarded[since:] if m != "GET"]
+
+
+@pytest.fixture
+async def federated(
+    db_url: str, home: Home, peer_server: Home, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[Broker, Home, Home, Gate]]:
+    """Home, peers P1 and P2 (P2 behind a gate the test can close), the broker."""
+    p1, p2 = tenant(peer_server, "p1"), tenant(peer_server, "p2")
+    async with gate(p2) as front:
+        async for broker in federation(
+            db_url, home, {"P1": p1.url, "P2": front.url}, monkeypatch, peer_server.token, SEED
+        ):
+            yield broker, p1, p2, front
+
+
+async def test_false_negative_two_customers_merged_as_the_seed_shows(
+    federated: tuple[Broker, Home, Home, Gate],
+) -> None:
+    broker, p1, p2, front = federated
+    jsmith = await person(broker, "JSmith")
+    johns = await person(broker, "JohnS")
+    await quiesce(broker)
+    s1, s2 = await peer_id(broker, "P1", jsmith["id"]), await peer_id(broker, "P2", jsmith["id"])
+    l1, l2 = await peer_id(broker, "P1", johns["id"]), await peer_id(broker, "P2", johns["id"])
+    assert await table(broker, jsmith["id"], johns["id"]) == {
+        (jsmith["id"], "P1", s1, True, "active"),
+        (jsmith["id"], "P2", s2, True, "active"),
+        (johns["id"], "P1", l1, True, "active"),
+        (johns["id"], "P2", l2, True, "active"),
+    }
+
+    # P2 is down while the merge happens: the table changes at once, P2 follows later.
+    await front.close()
+    seen = len(front.forwarded)
+    op_id = await merge(broker, jsmith["id"], johns["id"])
+    assert await table(broker, jsmith["id"], johns["id"]) >= {
+        (jsmith["id"], "P2", s2, True, "active"),
+        (jsmith["id"], "P2", l2, False, "deletion_required"),
+    }
+    # Inbound, the alias already resolves to the survivor: P2 reading its old ID gets the
+    # surviving resource, under its primary ID.
+    status, read, _ = await broker.call("P2", "GET", f"/Users/{l2}")
+    assert status == 200 and read["id"] == s2 and read["userName"] == jsmith["userName"]
+    op = await operation(broker, op_id)
+    assert op["state"] == "propagating" and op["progress"]["P2"]["state"] != "done"
+
+    await front.open()
+    await quiesce(broker)
+    # The seed's final table: the alias's row is gone once the peer acknowledged the delete.
+    assert await table(broker, jsmith["id"], johns["id"]) == {
+        (jsmith["id"], "P1", s1, True, "active"),
+        (jsmith["id"], "P2", s2, True, "active"),
+    }
+    # P2 received the delete of the non-primary, and nothing else.
+    assert deliveries(front, seen) == [("DELETE", f"/Users/{l2}")]
+    for peer, kept in ((p1, s1), (p2, s2)):
+        assert [u["id"] for u in held(peer)["Users"]] == [kept]
+        assert_no_internal_id(peer, {jsmith["id"], johns["id"]})
+    op = await operation(broker, op_id)
+    assert op["state"] == "done"
+    assert {d: p["state"] for d, p in op["progress"].items()} == {"P1": "done", "P2": "done"}
+
+
+async def test_false_positive_split_is_invisible_to_peers_until_provisioned(
+    federated: tuple[Broker, Home, Home, Gate], home: Home
+) -> None:
+    broker, p1, p2, _front = federated
+    john = await person(broker, "John Smith")
+    await quiesce(broker)
+    j1, j2 = await peer_id(broker, "P1", john["id"]), await peer_id(broker, "P2", john["id"])
+
+    # The split's new entity, created in home (not through the broker).
+    status, other = home.call(
+        "POST", "/Users", new_user(unique("jsmith"), displayName="John Smith")
+    )
+    assert status == 201
+    op_id = await split(broker, john["id"], other["id"])
+    await quiesce(broker)
+    assert (await operation(broker, op_id))["state"] == "done"
+    assert await table(broker, john["id"], other["id"]) == {
+        (john["id"], "P1", j1, True, "active"),
+        (john["id"], "P2", j2, True, "active"),
+    }
+    # Invisible to the peers, by design: even a change of it in home sends nothing.
+    await home_tool(
+        broker,
+        "PATCH",
+        f"/Users/{other['id']}",
+        patch({"op": "replace", "path": "title", "value": "split off"}),
+    )
+    await quiesce(broker)
+    for name, peer in (("P1", p1), ("P2", p2)):
+        assert [u["id"] for u in held(peer)["Users"]] == [await peer_id(broker, name, john["id"])]
+
+    # First need: a group naming it is delivered; it is provisioned first, its ID recorded.
+    status, group = await home_tool(
+        broker,
+        "POST",
+        "/Groups",
+        {"schemas": [CORE_GROUP], "displayName": unique("g"), "members": [{"value": other["id"]}]},
+    )
+    assert status == 201, group
+    await quiesce(broker)
+    o1, o2 = await peer_id(broker, "P1", other["id"]), await peer_id(broker, "P2", other["id"])
+    assert o1 and o2
+    assert await table(broker, john["id"], other["id"]) == {
+        (john["id"], "P1", j1, True, "active"),
+        (john["id"], "P2", j2, True, "active"),
+        (other["id"], "P1", o1, True, "active"),
+        (other["id"], "P2", o2, True, "active"),
+    }
+    assert peer_user(p2, o2)["title"] == "split off"
+    for peer in (p1, p2):
+        assert_no_internal_id(peer, {john["id"], other["id"], group["id"]})
+
+
+async def test_an_eager_three_way_split_provisions_the_new_entities_in_the_background(
+    federated: tuple[Broker, Home, Home, Gate], home: Home
+) -> None:
+    broker, p1, p2, _front = federated
+    source = await person(broker, "John Smith")
+    await quiesce(broker)
+    new = [home.call("POST", "/Users", new_user(unique("jsmith")))[1]["id"] for _ in range(2)]
+    op_id = await split(broker, source["id"], *new, provision="eager")
+    await quiesce(broker)
+    assert (await operation(broker, op_id))["state"] == "done"
+    for name, peer in (("P1", p1), ("P2", p2)):
+        ids = [await peer_id(broker, name, i) for i in (source["id"], *new)]
+        assert all(ids) and len(set(ids)) == 3
+        assert sorted(u["id"] for u in held(peer)["Users"]) == sorted(ids)
+        assert_no_internal_id(peer, {source["id"], *new})
+
+
+async def test_a_three_way_merge_and_then_a_merge_chain(
+    federated: tuple[Broker, Home, Home, Gate],
+) -> None:
+    broker, p1, p2, _front = federated
+    a, b, c, d = [await person(broker, n) for n in ("A", "B", "C", "D")]
+    await quiesce(broker)
+    await merge(broker, a["id"], b["id"], c["id"])
+    await quiesce(broker)
+    for name, peer in (("P1", p1), ("P2", p2)):
+        assert [u["id"] for u in held(peer)["Users"] if u["displayName"] != "D"] == [
+            await peer_id(broker, name, a["id"])
+        ]
+    # The chain: A (with B and C merged into it) is merged into D. Everything lives on in D.
+    await merge(broker, d["id"], a["id"])
+    await quiesce(broker)
+    final = await table(broker, a["id"], b["id"], c["id"], d["id"])
+    assert final == {
+        (d["id"], "P1", await peer_id(broker, "P1", d["id"]), True, "active"),
+        (d["id"], "P2", await peer_id(broker, "P2", d["id"]), True, "active"),
+    }
+    merged_into = await broker.pool.fetch(
+        "SELECT internal_id, merged_into FROM entities WHERE state = 'merged'"
+    )
+    assert {r["internal_id"]: r["merged_into"] for r in merged_into} == {
+        a["id"]: d["id"],
+        b["id"]: d["id"],
+        c["id"]: d["id"],
+    }
+    for peer in (p1, p2):
+        assert [u["displayName"] for u in held(peer)["Users"]] == ["D"]
+        assert_no_internal_id(peer, {a["id"], b["id"], c["id"], d["id"]})
+
+
+async def test_a_merge_undone_by_a_split_keeps_the_alias_and_cancels_its_delete(
+    federated: tuple[Broker, Home, Home, Gate], home: Home
+) -> None:
+    broker, p1, p2, front = federated
+    jsmith, johns = await person(broker, "JSmith"), await person(broker, "JohnS")
+    await quiesce(broker)
+    s2, l2 = await peer_id(broker, "P2", jsmith["id"]), await peer_id(broker, "P2", johns["id"])
+    await front.close()
+    merge_id = await merge(broker, jsmith["id"], johns["id"])
+    # It was a mistake: JohnS is someone else. Home gives them a new identity, and the split
+    # moves P2's alias to it.
+    status, again = home.call(
+        "POST", "/Users", new_user(unique("johns"), displayName="JohnS again")
+    )
+    assert status == 201
+    seen = len(front.forwarded)
+    await split(broker, jsmith["id"], again["id"], move={"P2": [l2]})
+    assert await table(broker, jsmith["id"], again["id"]) >= {
+        (jsmith["id"], "P2", s2, True, "active"),
+        (again["id"], "P2", l2, True, "active"),
+    }
+    await front.open()
+    await quiesce(broker)
+    sent = deliveries(front, seen)
+    assert ("DELETE", f"/Users/{l2}") not in sent, "the pending delete was cancelled"
+    assert sorted(u["id"] for u in held(p2)["Users"]) == sorted([s2, l2])
+    assert peer_user(p2, l2)["displayName"] == "JohnS again", "the account follows its new owner"
+    merge_op = await operation(broker, merge_id)
+    assert merge_op["state"] == "done" and merge_op["progress"]["P2"]["state"] == "done"
+    for peer in (p1, p2):
+        assert_no_internal_id(peer, {jsmith["id"], johns["id"], again["id"]})
+
+
+async def test_merging_an_entity_whose_create_is_still_pending_in_a_peer(
+    federated: tuple[Broker, Home, Home, Gate],
+) -> None:
+    broker, p1, p2, front = federated
+    survivor = await person(broker, "Survivor")
+    await quiesce(broker)
+    await front.close()
+    loser = await person(broker, "Loser")
+    await asyncio.sleep(0.5)  # its create toward P2 was tried and failed: pending
+    pending = await broker.pool.fetchval(
+        "SELECT state FROM id_mappings WHERE domain_id = 'P2' AND internal_id = $1", loser["id"]
+    )
+    assert pending == "pending_create"
+    await merge(broker, survivor["id"], loser["id"])
+    await front.open()
+    await quiesce(broker)
+    assert [u["displayName"] for u in held(p2)["Users"]] == ["Survivor"], "never created there"
+    assert [u["displayName"] for u in held(p1)["Users"]] == ["Survivor"], "deleted there"
+    for peer in (p1, p2):
+        assert_no_internal_id(peer, {survivor["id"], loser["id"]})
+
+
+async def test_a_create_in_flight_when_its_entity_is_merged_is_undone(
+    federated: tuple[Broker, Home, Home, Gate],
+) -> None:
+    broker, _p1, p2, front = federated
+    survivor = await person(broker, "Survivor")
+    await quiesce(broker)
+    front.hold, front.held_method = asyncio.Event(), "POST"
+    seen = len(front.forwarded)
+    loser = await person(broker, "Loser")
+    await wait_for(lambda: ("POST", "/Users") in deliveries(front, seen))
+    await merge(broker, survivor["id"], loser["id"])  # while P2's answer is on its way
+    front.hold.set()
+    await quiesce(broker)
+    made = [u for u in held(p2)["Users"]]
+    assert [u["displayName"] for u in made] == ["Survivor"], (
+        "the create it no longer wants is undone"
+    )
+    sent = deliveries(front, seen)
+    assert [m for m, _ in sent] == ["POST", "DELETE"]
+    assert_no_internal_id(p2, {survivor["id"], loser["id"]})
+
+
+async def test_a_delivery_for_a_loser_in_flight_finishes_before_its_alias_is_deleted(
+    federated: tuple[Broker, Home, Home, Gate],
+) -> None:
+    broker, _p1, p2, front = federated
+    survivor, loser = await person(broker, "Survivor"), await person(broker, "Loser")
+    await quiesce(broker)
+    l2 = await peer_id(broker, "P2", loser["id"])
+    # A first update, so that P2's ServiceProviderConfig (PATCH supported?) is known already.
+    await home_tool(
+        broker,
+        "PATCH",
+        f"/Users/{loser['id']}",
+        patch({"op": "replace", "path": "title", "value": "early"}),
+    )
+    await quiesce(broker)
+    front.hold = asyncio.Event()
+    seen = len(front.forwarded)
+    await home_tool(
+        broker,
+        "PATCH",
+        f"/Users/{loser['id']}",
+        patch({"op": "replace", "path": "title", "value": "late"}),
+    )
+    await wait_for(lambda: ("PATCH", f"/Users/{l2}") in deliveries(front, seen))
+    await merge(broker, survivor["id"], loser["id"])
+    await asyncio.sleep(0.5)
+    assert ("DELETE", f"/Users/{l2}") not in deliveries(front, seen), "waits for the PATCH"
+    front.hold.set()
+    await quiesce(broker)
+    assert deliveries(front, seen) == [("PATCH", f"/Users/{l2}"), ("DELETE", f"/Users/{l2}")]
+    assert [u["displayName"] for u in held(p2)["Users"]] == ["Survivor"]
+
+
+async def test_two_merges_of_one_entity_at_once_are_serialised(
+    federated: tuple[Broker, Home, Home, Gate],
+) -> None:
+    broker, _p1, _p2, _front = federated
+    a, b, x = [await person(broker, n) for n in ("A", "B", "X")]
+    await quiesce(broker)
+    # X into A and X into B at once: one wins, the other is told X is merged.
+    first = await asyncio.wait_for(
+        asyncio.gather(
+            admin(broker, "POST", "/admin/merges", merge_body(a["id"], x["id"])),
+            admin(broker, "POST", "/admin/merges", merge_body(b["id"], x["id"])),
+        ),
+        timeout=30,
+    )
+    assert sorted(status for status, _ in first) == [202, 409]
+    refused = next(body for status, body in first if status == 409)
+    assert "was merged into" in refused["detail"] and refused["scimType"] == "mutability"
+    # A into B and B into A at once: no deadlock, one of them.
+    second = await asyncio.wait_for(
+        asyncio.gather(
+            admin(broker, "POST", "/admin/merges", merge_body(a["id"], b["id"])),
+            admin(broker, "POST", "/admin/merges", merge_body(b["id"], a["id"])),
+        ),
+        timeout=30,
+    )
+    statuses = sorted(status for status, _ in second)
+    assert statuses == [202, 409], second
+    await quiesce(broker)
+
+
+def merge_body(survivor: str, *losers: str) -> dict[str, Any]:
+    return {"survivor": survivor, "losers": list(losers), "idempotency_key": unique("m")}
+
+
+async def test_the_same_key_is_the_same_operation_and_bad_requests_change_nothing(
+    federated: tuple[Broker, Home, Home, Gate],
+) -> None:
+    broker, _p1, _p2, _front = federated
+    a, b = await person(broker, "A"), await person(broker, "B")
+    await quiesce(broker)
+    body = merge_body(a["id"], b["id"])
+    status, first = await admin(broker, "POST", "/admin/merges", body)
+    status2, again = await admin(broker, "POST", "/admin/merges", body)
+    assert (status, status2) == (202, 202)
+    assert again["id"] == first["id"] and again["replayed"] is True
+    status, reused = await admin(
+        broker, "POST", "/admin/merges", {**body, "losers": [a["id"]], "survivor": b["id"]}
+    )
+    assert status == 409 and "idempotency key" in reused["detail"]
+
+    before = await broker.pool.fetchval("SELECT count(*) FROM outbox")
+    c = await person(broker, "C")
+    await quiesce(broker)
+    before = await broker.pool.fetchval("SELECT count(*) FROM outbox")
+    rows_before = await table(broker, c["id"])
+    cases = [
+        ({"losers": [c["id"]], "idempotency_key": "k1"}, 400, "survivor"),
+        ({"survivor": c["id"], "losers": [], "idempotency_key": "k2"}, 400, "losers"),
+        ({"survivor": c["id"], "losers": [c["id"]], "idempotency_key": "k3"}, 400, "both sides"),
+        ({"survivor": c["id"], "losers": ["nobody"], "idempotency_key": "k4"}, 404, "never seen"),
+        ({"survivor": c["id"], "losers": [a["id"]]}, 400, "idempotency_key"),
+    ]
+    for request, expected, words in cases:
+        status, error = await admin(broker, "POST", "/admin/merges", request)
+        assert status == expected, (request, error)
+        assert words in error["detail"], error
+        assert error["schemas"] == ["urn:ietf:params:scim:api:messages:2.0:Error"]
+    status, error = await admin(
+        broker,
+        "POST",
+        "/admin/splits",
+        {
+            "source": c["id"],
+            "new": [str(uuid.uuid4())],
+            "provision": "later",
+            "idempotency_key": "k5",
+        },
+    )
+    assert status == 400 and "eager" in error["detail"]
+    status, error = await admin(
+        broker, "POST", "/admin/merges", merge_body(c["id"], a["id"]), token=""
+    )
+    assert status == 401
+    assert await broker.pool.fetchval("SELECT count(*) FROM outbox") == before
+    assert await table(broker, c["id"]) == rows_before
+
+
+async def wait_for(condition: Any, within: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not condition():
+        assert loop.time() < deadline, "the condition never held"
+        await asyncio.sleep(0.02)
