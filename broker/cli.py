@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
+import json
 import logging
 import sys
+import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -22,7 +26,7 @@ from broker.db import MigrationError, migrated_pool, query
 from broker.domains import Domain, DomainStore
 from broker.errors import BrokerError
 from broker.mapping.rules import MappingRow
-from broker.mapping.store import MappingStore
+from broker.mapping.store import MappingStore, Operation
 from broker.propagation.outbox import settle_dead_letter
 from broker.tokens import TokenStore, parse_duration
 
@@ -232,6 +236,128 @@ async def cmd_deliveries(config: Config, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _actor() -> str:
+    return f"cli:{getpass.getuser()}"
+
+
+def _moves(new: Sequence[str], specs: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
+    """--move DOMAIN:EXTERNAL_ID (to the first new entity) or NEW=DOMAIN:EXTERNAL_ID."""
+    moves: dict[str, list[tuple[str, str]]] = {entity: [] for entity in new}
+    for spec in specs:
+        target, sep, ref = spec.partition("=")
+        if not sep:
+            target, ref = new[0], spec
+        domain, colon, external_id = ref.partition(":")
+        if target not in moves or not colon or not domain or not external_id:
+            raise BrokerError(
+                f"--move {spec}: write DOMAIN:EXTERNAL_ID, or NEW_ID=DOMAIN:EXTERNAL_ID naming one "
+                "of the new entities",
+                status=400,
+            )
+        moves[target].append((domain, external_id))
+    return moves
+
+
+async def cmd_merge(config: Config, args: argparse.Namespace) -> int:
+    async with _pool(config) as pool:
+        operation = await MappingStore(pool).merge(
+            args.survivor, args.losers, idempotency_key=args.idempotency_key, actor=_actor()
+        )
+        return await _follow(pool, operation, args.wait)
+
+
+async def cmd_split(config: Config, args: argparse.Namespace) -> int:
+    async with _pool(config) as pool:
+        operation = await MappingStore(pool).split(
+            args.source,
+            _moves(args.new, args.move),
+            idempotency_key=args.idempotency_key,
+            actor=_actor(),
+            provision=args.provision,
+        )
+        return await _follow(pool, operation, args.wait)
+
+
+async def cmd_operations(config: Config, args: argparse.Namespace) -> int:
+    async with _pool(config) as pool:
+        store = MappingStore(pool)
+        if args.id is None:
+            records = await pool.fetch(query("recent_operations"), max(1, args.limit))
+            print(
+                _table(
+                    ("operation", "kind", "state", "created", "request"),
+                    [
+                        (
+                            str(r["id"]),
+                            r["kind"],
+                            r["state"],
+                            _when(r["created_at"], "-"),
+                            json.dumps(r["request"], separators=(",", ":")),
+                        )
+                        for r in records
+                    ],
+                )
+            )
+            return 0
+        try:
+            op_id = uuid.UUID(args.id)
+        except ValueError:
+            raise BrokerError(
+                f"{args.id} is not an operation ID: `broker operations` lists them", status=404
+            ) from None
+        return await _follow(pool, await store.operation(op_id), args.wait, announce=False)
+
+
+async def _follow(
+    pool: asyncpg.Pool, operation: Operation, wait: bool, *, announce: bool = True
+) -> int:
+    """Print the operation (and with ``wait``, its progress until it is done or failed)."""
+    store = MappingStore(pool)
+    if announce:
+        if operation.replayed:
+            _say(f"key {operation.idempotency_key} named an earlier operation: nothing done again")
+        else:
+            _say(
+                f"{operation.kind} recorded (idempotency key {operation.idempotency_key}); "
+                "the mapping table changed, the peers follow"
+            )
+    shown = ""
+    quiet_since = time.monotonic()
+    hinted = False
+    while True:
+        text = _progress_table(operation)
+        if text != shown:
+            print(text, flush=True)
+            shown, quiet_since = text, time.monotonic()
+        if not wait or operation.state in ("done", "failed"):
+            break
+        if not hinted and time.monotonic() - quiet_since > 30:
+            _say(
+                "nothing has moved for 30 s: is `broker serve` running, with [propagation] "
+                "enabled and the peers reachable? (`broker deliveries list --state pending`)"
+            )
+            hinted = True
+        await asyncio.sleep(0.5)
+        operation = await store.operation(operation.id)
+    return 1 if operation.state == "failed" else 0
+
+
+def _progress_table(operation: Operation) -> str:
+    rows = [
+        (
+            domain,
+            str(p.get("state", "-")),
+            f"{p.get('done', 0)}/{p.get('tasks', 0)}",
+            str(p.get("reason") or "-"),
+        )
+        for domain, p in sorted(operation.progress.items())
+    ]
+    head = f"{operation.kind} {operation.id}: {operation.state}"
+    if not rows:
+        return head + " (no peer has anything to do)"
+    return head + "\n" + _table(("domain", "state", "tasks done", "reason"), rows)
+
+
 def _when(moment: datetime | None, default: str) -> str:
     return moment.isoformat(timespec="seconds") if moment else default
 
@@ -391,11 +517,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mappings.add_argument("id", metavar="INTERNAL_ID|DOMAIN:EXTERNAL_ID")
     mappings.set_defaults(run=cmd_mappings, asynchronous=True)
+
+    key_help = "makes a retry of this command the same operation (default: a new random key)"
+    wait_help = "show progress until the peers have followed (needs `broker serve` running)"
+    merge = commands.add_parser(
+        "merge", help="merge entities found to be one (false negative); peers follow"
+    )
+    merge.add_argument("survivor", metavar="SURVIVOR")
+    merge.add_argument("losers", nargs="+", metavar="LOSER")
+    merge.add_argument("--idempotency-key", default=None, help=key_help)
+    merge.add_argument("--wait", action="store_true", help=wait_help)
+    merge.set_defaults(run=cmd_merge, asynchronous=True)
+
+    split = commands.add_parser(
+        "split", help="split an entity found to be several (false positive); peers follow"
+    )
+    split.add_argument("source", metavar="SOURCE")
+    split.add_argument("new", nargs="+", metavar="NEW", help="new entities, already in home")
+    split.add_argument(
+        "--move",
+        action="append",
+        default=[],
+        metavar="[NEW=]DOMAIN:EXTERNAL_ID",
+        help="a row that moves from SOURCE (to the first NEW unless named); repeatable",
+    )
+    split.add_argument(
+        "--provision",
+        choices=("eager", "on_demand"),
+        default="on_demand",
+        help="create the new entities in push peers now, or when first needed (default)",
+    )
+    split.add_argument("--idempotency-key", default=None, help=key_help)
+    split.add_argument("--wait", action="store_true", help=wait_help)
+    split.set_defaults(run=cmd_split, asynchronous=True)
+
+    operations = commands.add_parser(
+        "operations", help="merges and splits: recent ones, or one with its progress per peer"
+    )
+    operations.add_argument("id", nargs="?", metavar="OPERATION")
+    operations.add_argument("--limit", type=int, default=20)
+    operations.add_argument("--wait", action="store_true", help=wait_help)
+    operations.set_defaults(run=cmd_operations, asynchronous=True)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "idempotency_key", "") is None:
+        args.idempotency_key = str(uuid.uuid4())
     try:
         config = load_config(args.config)
         if args.data_dir is not None:

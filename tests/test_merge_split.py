@@ -17,6 +17,7 @@ from tests.propagation_support import (
     admin,
     admin_call,
     assert_no_internal_id,
+    cli,
     federation,
     gate,
     held,
@@ -450,3 +451,38 @@ async def wait_for(condition: Any, within: float = 10.0) -> None:
     while not condition():
         assert loop.time() < deadline, "the condition never held"
         await asyncio.sleep(0.02)
+
+
+async def test_the_cli_merges_splits_and_shows_progress_and_tables(
+    federated: tuple[Broker, Home, Home, Gate], db_url: str, home: Home
+) -> None:
+    broker, _p1, p2, _front = federated
+    jsmith, johns = await person(broker, "JSmith"), await person(broker, "JohnS")
+    await quiesce(broker)
+    l2 = await peer_id(broker, "P2", johns["id"])
+    code, out = await cli(db_url, "merge", jsmith["id"], johns["id"], "--wait")
+    assert code == 0, out
+    assert "merge recorded (idempotency key" in out
+    assert "| P2     | done  | 2/2" in out, out
+    code, out = await cli(db_url, "mappings", f"P1:{await peer_id(broker, 'P1', jsmith['id'])}")
+    assert code == 0 and out.count(jsmith["id"]) == 2, out  # P1 and P2, primaries
+    code, out = await cli(db_url, "mappings", johns["id"])
+    assert code == 1 and "no mapping rows" in out
+    assert l2 not in {u["id"] for u in held(p2)["Users"]}
+
+    status, other = home.call("POST", "/Users", new_user(unique("jsmith")))
+    assert status == 201
+    code, out = await cli(db_url, "split", jsmith["id"], other["id"], "--move", "P2:nope")
+    assert code == 1 and "P2:nope is not mapped to" in out, out
+    code, out = await cli(db_url, "split", jsmith["id"], other["id"], "--move", "P2")
+    assert code == 1 and "write DOMAIN:EXTERNAL_ID" in out, out
+    code, out = await cli(
+        db_url, "split", jsmith["id"], other["id"], "--provision", "eager", "--wait"
+    )
+    assert code == 0 and "split" in out and "done" in out, out
+    assert await peer_id(broker, "P2", other["id"]) in {u["id"] for u in held(p2)["Users"]}
+    code, out = await cli(db_url, "operations")
+    assert code == 0 and out.count("| done") == 2, out
+    op_id = out.splitlines()[2].split("|")[1].strip()
+    code, out = await cli(db_url, "operations", op_id)
+    assert code == 0 and f"{op_id}: done" in out
