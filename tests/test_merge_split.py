@@ -486,3 +486,29 @@ async def test_the_cli_merges_splits_and_shows_progress_and_tables(
     op_id = out.splitlines()[2].split("|")[1].strip()
     code, out = await cli(db_url, "operations", op_id)
     assert code == 0 and f"{op_id}: done" in out
+
+
+async def test_a_split_off_is_provisioned_in_a_peer_that_reads_it_and_only_there(
+    federated: tuple[Broker, Home, Home, Gate], home: Home
+) -> None:
+    broker, p1, p2, _front = federated
+    john = await person(broker, "John Smith")
+    await quiesce(broker)
+    status, other = home.call("POST", "/Users", new_user(unique("jsmith")))
+    assert status == 201
+    await split(broker, john["id"], other["id"])
+    await quiesce(broker)
+    status, page, _ = await broker.call(
+        "P2", "GET", f'/Users?filter=userName eq "{other["userName"]}"'
+    )
+    assert status == 200 and page["Resources"] == [], "no account there yet: nothing to show"
+    await quiesce(broker)
+    o2 = await peer_id(broker, "P2", other["id"])
+    assert o2 in {u["id"] for u in held(p2)["Users"]}, "provisioned on P2's first need"
+    assert await peer_id(broker, "P1", other["id"]) is None, "P1 needed nothing"
+    assert len(held(p1)["Users"]) == 1
+    status, page, _ = await broker.call(
+        "P2", "GET", f'/Users?filter=userName eq "{other["userName"]}"'
+    )
+    assert [r["id"] for r in page["Resources"]] == [o2]
+    assert_no_internal_id(p2, {john["id"], other["id"]})

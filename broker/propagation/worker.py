@@ -542,7 +542,9 @@ class Deliverer:
                 peer_id = answer.body["id"]
             else:
                 raise Failure(Verdict.PERMANENT, f"POST {endpoint}: the peer's answer has no id")
-        if linked or (found and write_only):
+        if linked or found:
+            # What exists there is what an earlier attempt sent, or the peer's own: it is brought
+            # to home's state now, as the copy recorded below says.
             answer = await client.call(
                 "PUT", f"{endpoint}/{peer_id}", body={**desired, **write_only}
             )
@@ -624,7 +626,16 @@ class Deliverer:
         """Home no longer has the entity (or the peer may no longer see it)."""
         peer_id = entity["external_id"]
         if peer_id is None or endpoint is None:
-            # Never created there: drop a pending create, if any.
+            if entity["mapping_state"] == "pending_create" and endpoint is not None:
+                # A create was tried and its answer lost: what it made there goes again.
+                handle = entity["correlation_handle"]
+                for made in await client.find_by(endpoint, "externalId", handle):
+                    answer = await client.call("DELETE", f"{endpoint}/{made}")
+                    if answer.status not in (200, 204, 404):
+                        raise judge(
+                            answer.status, answer.body, answer.headers, f"DELETE {endpoint}/..."
+                        )
+            # Drop the pending create, if any.
             await self.pool.execute(
                 query("retire_primary"), claim.internal_id, peer.id, self.settings.retention
             )

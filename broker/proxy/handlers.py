@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import orjson
 from aiohttp import web
 
@@ -102,6 +103,15 @@ async def scim_error_middleware(
     return await answer_errors(request, handler)
 
 
+DATABASE_DOWN = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+"""What asyncpg raises while the database is restarting or unreachable: a 503, not a 500."""
+
+
 async def answer_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
@@ -117,6 +127,11 @@ async def answer_errors(
             detail = {404: "no such endpoint", 405: f"{request.method} is not allowed here"}
             return error_response(exc.status, detail.get(exc.status, exc.reason))
         raise
+    except DATABASE_DOWN as exc:
+        log.warning("database unavailable: %r", exc)
+        return error_response(
+            503, "the broker's database is unavailable; try again in a few seconds"
+        )
     except Exception:
         correlation = uuid.uuid4().hex[:12]
         log.exception("internal error, correlation ID %s", correlation)
