@@ -144,6 +144,9 @@ class PropagationConfig(_Section):
     # quarantine_retry seconds, one delivery at a time, until it answers again.
     quarantine_after: float = Field(default=300.0, ge=0)
     quarantine_retry: float = Field(default=900.0, gt=0)
+    # Seconds a write a peer refuses with 409 (a unique value is taken) is retried before it is
+    # a dead letter: the value may be on an account changing hands after a merge or split.
+    conflict_patience: float = Field(default=300.0, ge=0)
     # Seconds a peer's retired row is kept, so that late references to it still resolve.
     retention: float = Field(default=30 * 86400.0, ge=0)
     # Seconds between polls of home for changes made there directly (0: no polling), and

@@ -192,6 +192,7 @@ FAST = PropagationConfig(
     quarantine_after=60,
     quarantine_retry=0.3,
     lease=5,
+    conflict_patience=0.5,
 )
 
 

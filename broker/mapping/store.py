@@ -12,7 +12,7 @@ import secrets
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 import asyncpg
@@ -351,6 +351,13 @@ class MappingStore:
             rows = await _locked_rows(conn, [source, *new_ids])
             push = {r["id"] for r in await conn.fetch(query("push_domains"))}
             await conn.execute(query("hold_back"), new_ids, provision == "on_demand")
+            if provision == "eager":
+                # The rules provision into the push peers that knew the source; the others (its
+                # create still to come) get a sync: nothing else would tell them about an entity
+                # made in home directly.
+                knew = {r.domain for r in rows if r.internal_id == source}
+                for domain in sorted(push - knew):
+                    await conn.execute(query("enqueue_sync_to"), domain, new_ids, datetime.now(UTC))
             return plan_split(source, moves, rows, push_domains=push, provision=provision)
 
         return await self._run("split", request, idempotency_key, actor, [source, *new_ids], plan)
@@ -469,6 +476,9 @@ async def _apply(conn: Connection, plan: Plan, op_id: uuid.UUID) -> None:
             owners.append(change.after.internal_id if change.after else None)
             primaries.append(change.after.primary if change.after else None)
             states.append(change.after.state.value if change.after else None)
+        removed = [c.before.row_id for c in plan.changes if c.after is None]
+        if removed:
+            await conn.execute(query("undo_creates"), removed, op_id)
         await conn.execute(query("apply_row_changes"), ids, owners, primaries, states)
         moved = [
             c
@@ -481,19 +491,54 @@ async def _apply(conn: Connection, plan: Plan, op_id: uuid.UUID) -> None:
                 query("rows_moved"),
                 [c.before.domain for c in moved],
                 [c.before.internal_id for c in moved],
-                [c.after.internal_id if c.after else c.before.internal_id for c in moved],
+                # The new owner's copy goes only where it takes the account over (an alias
+                # leaves the survivor's own account, and what it last received, as they are).
+                [
+                    c.after.internal_id if c.after and c.after.primary else c.before.internal_id
+                    for c in moved
+                ],
             )
-            # An account that changed hands is brought to its new owner's state.
-            handed = [
-                c.after
+            # An account that changed hands is brought to its new owner's state; a live entity
+            # left without an account in a peer (a split moved it away) is created there anew.
+            primaries_after = {
+                (c.after.internal_id, c.after.domain)
+                for c in plan.changes
+                if c.after is not None and c.after.primary
+            }
+            needing = [
+                (c.after.domain, c.after.internal_id, c.before.internal_id)
                 for c in moved
                 if c.after and c.after.primary and c.after.state is MappingState.ACTIVE
+            ] + [
+                # Created anew after its old account's new owner made it theirs (the values
+                # that must stay unique move off it first).
+                (
+                    c.before.domain,
+                    c.before.internal_id,
+                    c.after.internal_id if c.after else c.before.internal_id,
+                )
+                for c in moved
+                if c.before.primary
+                and c.before.internal_id not in plan.merged
+                and (c.before.internal_id, c.before.domain) not in primaries_after
             ]
-            if handed:
+            if needing:
                 await conn.execute(
                     query("enqueue_handover"),
-                    [r.domain for r in handed],
-                    [r.internal_id for r in handed],
+                    [domain for domain, _, _ in needing],
+                    [entity for _, entity, _ in needing],
+                    [previous for _, _, previous in needing],
+                )
+            handed_over = [
+                c.before
+                for c in moved
+                if c.after and c.after.internal_id != c.before.internal_id and c.before.external_id
+            ]
+            if handed_over:
+                await conn.execute(
+                    query("resync_groups_naming"),
+                    [r.domain for r in handed_over],
+                    [r.external_id for r in handed_over],
                 )
     if plan.merged:
         survivors = set(plan.merged.values())

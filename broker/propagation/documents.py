@@ -49,8 +49,27 @@ def peer_document(
         if k.lower() not in _NOT_SENT and (permitted is None or k.lower() in permitted)
     }
     out = rewrite_document(body, translation, translate, resource_type=resource_type)
+    for key, value in out.items():
+        ref = translation.refs.attribute(key)
+        if ref is not None and ref.complex and ref.multi_valued and isinstance(value, list):
+            out[key] = _unique_values(value)
     out["externalId"] = correlation_handle
     return out
+
+
+def _unique_values(items: list[Any]) -> list[Any]:
+    """References to one resource once: a merged entity and its survivor both named in home
+    are one account in the peer."""
+    seen: set[str] = set()
+    kept = []
+    for item in items:
+        value = item.get("value") if isinstance(item, dict) else None
+        if isinstance(value, str):
+            if value in seen:
+                continue
+            seen.add(value)
+        kept.append(item)
+    return kept
 
 
 def scim_patch(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[Json]:

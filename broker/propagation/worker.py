@@ -56,6 +56,10 @@ class WorkerSettings:
     """How often due rows (backoff over) are looked for when no notification wakes the worker."""
     dependency_wait: float = 0.2
     """How long a group waits for its members' creates before it looks again."""
+    conflict_patience: float = 300.0
+    """Seconds a write refused with 409 (a value that must be unique is taken) is retried before
+    it is a dead letter: the value may sit on an account changing hands (a split gave it to
+    another entity, whose rename is on its way, or a delete is queued behind an outage)."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,8 @@ class Claim:
     payload: Mapping[str, Any] = field(default_factory=dict)
     operation_id: uuid.UUID | None = None
     """The merge or split the delivery belongs to, whose progress it updates."""
+    age: float = 0.0
+    """Seconds since the delivery was enqueued."""
 
 
 class _Later(Exception):
@@ -202,6 +208,7 @@ class Deliverer:
                     record["kind"],
                     record["payload"] or {},
                     record["operation_id"],
+                    record["age"],
                 )
                 lane.active += 1
                 task = asyncio.create_task(self._deliver(peer, claim, lane))
@@ -254,13 +261,11 @@ class Deliverer:
             await self._perform(peer, claim)
         except _Later as later:
             due = datetime.now(UTC) + timedelta(seconds=later.delay)
-            await self.pool.execute(
-                query("delivery_later"),
-                claim.id,
-                self.worker_id,
-                due,
-                False,
-                {"verdict": "waiting", "reason": str(later)},
+            if later.delay < self.settings.idle_check:
+                # A rescheduled row sends no notification: look again when it is due.
+                asyncio.get_running_loop().call_later(later.delay, self._wake.set)
+            await self._reschedule(
+                claim, due, counted=False, record={"verdict": "waiting", "reason": str(later)}
             )
             return "waiting"
         except Failure as failure:
@@ -303,10 +308,24 @@ class Deliverer:
             failure.reason,
         )
         due = datetime.now(UTC) + timedelta(seconds=delay)
-        await self.pool.execute(
-            query("delivery_later"), claim.id, self.worker_id, due, True, record
-        )
+        await self._reschedule(claim, due, counted=True, record=record)
         return "retry"
+
+    async def _reschedule(
+        self, claim: Claim, due: datetime, *, counted: bool, record: dict[str, Any]
+    ) -> None:
+        """Back to pending, due at ``due``, folding in a newer pending sync of the entity. A sync
+        enqueued concurrently (after this statement's snapshot) trips the one-pending index:
+        the statement runs again, and folds it."""
+        for attempt in range(3):
+            try:
+                await self.pool.execute(
+                    query("delivery_later"), claim.id, self.worker_id, due, counted, record
+                )
+                return
+            except asyncpg.UniqueViolationError:
+                if attempt == 2:
+                    raise
 
     def _client(self, peer: Peer) -> PeerClient:
         client = self._clients.get(peer.id)
@@ -323,6 +342,8 @@ class Deliverer:
             await self._move_memberships(peer, claim)
         elif claim.kind == "delete_alias":
             await self._delete_alias(peer, claim)
+        elif claim.kind == "undo_create":
+            await self._undo_create(peer, claim)
         else:
             raise Failure(
                 Verdict.PERMANENT,
@@ -337,11 +358,7 @@ class Deliverer:
         assert entity is not None, "outbox rows reference entities"
         if entity["state"] == "merged":
             return  # the merge's own deliveries clean up after the alias
-        if (
-            claim.kind == "sync"
-            and entity["provision_on_demand"]
-            and entity["mapping_state"] is None
-        ):
+        if claim.kind == "sync" and entity["provision_on_demand"] and not entity["known_here"]:
             return  # a split-off, held back until something needs it in this peer
         schema = await self._home_call(self.home.schema())
         resource_type = entity["resource_type"]
@@ -380,7 +397,7 @@ class Deliverer:
             await self._create(
                 peer,
                 client,
-                claim.internal_id,
+                claim,
                 endpoint,
                 resource_type,
                 desired,
@@ -388,9 +405,7 @@ class Deliverer:
                 first_attempt,
             )
         else:
-            await self._update(
-                peer, client, claim.internal_id, endpoint, entity, desired, write_only
-            )
+            await self._update(peer, client, claim, endpoint, entity, desired, write_only)
 
     def _open(self, claim: Claim) -> dict[str, Any]:
         """The write-only values the delivery carries (never logged, never kept in the copy)."""
@@ -501,7 +516,9 @@ class Deliverer:
         if fresh is not None:
             return fresh, True
         row = await self.pool.fetchrow(query("pending_handle"), internal_id, peer.id)
-        assert row is not None, "begin_create kept the row"
+        if row is None or row["state"] != "pending_create":
+            # A merge or split gave the entity an account here meanwhile (or it is gone).
+            raise _Later(0, "the entity's primary in the peer changed meanwhile: looking again")
         handle: str = row["correlation_handle"]
         return handle, False
 
@@ -509,7 +526,7 @@ class Deliverer:
         self,
         peer: Peer,
         client: PeerClient,
-        internal_id: str,
+        claim: Claim,
         endpoint: str,
         resource_type: str,
         desired: dict[str, Any],
@@ -537,7 +554,13 @@ class Deliverer:
                     raise judge(answer.status, answer.body, answer.headers, f"POST {endpoint}")
                 peer_id, linked = matches[0], True
             elif answer.status != 201 or not isinstance(answer.body, dict):
-                raise judge(answer.status, answer.body, answer.headers, f"POST {endpoint}")
+                failure = judge(answer.status, answer.body, answer.headers, f"POST {endpoint}")
+                if not await self._create_wanted(peer, desired["externalId"]):
+                    return  # a merge or split cancelled it meanwhile: nothing to do
+                if answer.status == 409:
+                    await self._unblock(peer, client, endpoint, resource_type, desired, None)
+                self._patient(failure, claim)
+                raise failure
             elif isinstance(answer.body.get("id"), str):
                 peer_id = answer.body["id"]
             else:
@@ -573,16 +596,68 @@ class Deliverer:
             if answer.status not in (200, 204, 404):
                 raise judge(answer.status, answer.body, answer.headers, f"DELETE {endpoint}/...")
 
+    async def _unblock(
+        self,
+        peer: Peer,
+        client: PeerClient,
+        endpoint: str,
+        resource_type: str,
+        desired: Mapping[str, Any],
+        account: str | None,
+    ) -> None:
+        """A write refused with 409: if another account of the broker's holds the unique value
+        (accounts that changed hands can hold each other's values, a cycle no order of writes
+        can break), that account's value is parked aside and its own sync set to run again."""
+        key = _UNIQUE_BY.get(resource_type)
+        value = desired.get(key) if key else None
+        if key is None or not isinstance(value, str):
+            return
+        for holder in await client.find_by(endpoint, key, value):
+            owner = await self.pool.fetchval(query("revived_alias"), peer.id, holder)
+            if holder == account or owner is None:
+                continue  # not the broker's account: a person decides (dead letter later)
+            parked = f"{value}~{holder[:8]}"
+            log.info("delivery to %s: %s of account %s parked to free it", peer.id, key, holder)
+            answer = await client.call(
+                "PATCH",
+                f"{endpoint}/{holder}",
+                body={
+                    "schemas": [PATCH_SCHEMA],
+                    "Operations": [{"op": "replace", "path": key, "value": parked}],
+                },
+            )
+            if answer.status in (200, 204):
+                async with self.pool.acquire() as conn, conn.transaction():
+                    await conn.execute(query("drop_copy"), peer.id, owner)
+                    await conn.execute(
+                        query("enqueue_sync_to"), peer.id, [owner], datetime.now(UTC)
+                    )
+
+    def _patient(self, failure: Failure, claim: Claim) -> None:
+        """A 409 is retried for ``conflict_patience`` seconds before it is a dead letter."""
+        if failure.status == 409 and claim.age < self.settings.conflict_patience:
+            failure.verdict, failure.peer_fault = Verdict.TRANSIENT, False
+            failure.reason += (
+                f" (retried for {self.settings.conflict_patience:.0f} s first: the value may be"
+                " on an account changing hands)"
+            )
+
+    async def _create_wanted(self, peer: Peer, handle: str) -> bool:
+        """Whether the create of ``handle`` is still wanted (its pending row is there)."""
+        state = await self.pool.fetchval(query("create_state"), handle, peer.id)
+        return bool(state == "pending_create")
+
     async def _update(
         self,
         peer: Peer,
         client: PeerClient,
-        internal_id: str,
+        claim: Claim,
         endpoint: str,
         entity: asyncpg.Record,
         desired: dict[str, Any],
         write_only: Mapping[str, Any],
     ) -> None:
+        internal_id = claim.internal_id
         peer_id = entity["external_id"]
         copy = entity["copy"]
         ops = scim_patch(copy, desired) if copy is not None else None
@@ -610,10 +685,16 @@ class Deliverer:
                     query("retire_primary"), internal_id, peer.id, self.settings.retention
                 )
                 await conn.execute(query("drop_copy"), peer.id, internal_id)
+                await conn.execute(query("resync_groups_naming"), [peer.id], [peer_id])
             raise _Later(0, "the peer no longer has the resource: creating it again")
         if answer.status not in (200, 204):
-            raise judge(answer.status, answer.body, answer.headers, what)
-        await self.pool.execute(query("save_copy"), peer.id, internal_id, desired, None)
+            failure = judge(answer.status, answer.body, answer.headers, what)
+            if answer.status == 409:
+                resource_type = entity["resource_type"]
+                await self._unblock(peer, client, endpoint, resource_type, desired, peer_id)
+            self._patient(failure, claim)
+            raise failure
+        await self.pool.execute(query("save_copy_of"), peer.id, internal_id, desired, None, peer_id)
 
     async def _deprovision(
         self,
@@ -685,6 +766,9 @@ class Deliverer:
                 query("retire_primary"), claim.internal_id, peer.id, self.settings.retention
             )
             await conn.execute(query("drop_copy"), peer.id, claim.internal_id)
+            # Not every peer drops a deleted member from its groups: the broker's groups that
+            # named it are synced again.
+            await conn.execute(query("resync_groups_naming"), [peer.id], [peer_id])
 
     # ------------------------------------------------------------------ merge clean-up
 
@@ -729,6 +813,8 @@ class Deliverer:
             values = {
                 m.get("value") for m in answer.body.get("members") or [] if isinstance(m, dict)
             }
+            if alias not in values:
+                continue  # changed meanwhile (the group's own sync): a remove would match nothing
             ops: list[dict[str, Any]] = [
                 {"op": "remove", "path": f"members[value eq {json.dumps(alias)}]"}
             ]
@@ -758,4 +844,29 @@ class Deliverer:
         answer = await self._client(peer).call("DELETE", f"{endpoint}/{alias}")
         if answer.status not in (200, 204, 404):
             raise judge(answer.status, answer.body, answer.headers, f"DELETE {endpoint}/...")
-        await self.pool.execute(query("retire_alias"), peer.id, alias, self.settings.retention)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(query("retire_alias"), peer.id, alias, self.settings.retention)
+            # A group delivered while the memberships moved may name the alias still.
+            await conn.execute(query("resync_groups_naming"), [peer.id], [alias])
+            revived = await conn.fetchval(query("revived_alias"), peer.id, alias)
+            if revived is not None:
+                # A split gave the alias back to an entity while its delete was on its way:
+                # that entity finds it gone, and is created anew.
+                await conn.execute(query("enqueue_sync_to"), peer.id, [revived], datetime.now(UTC))
+
+    async def _undo_create(self, peer: Peer, claim: Claim) -> None:
+        """A merge or split cancelled a create: whatever an earlier attempt made goes again."""
+        handle = claim.payload.get("correlation_handle")
+        schema = await self._home_call(self.home.schema())
+        entity = await self.pool.fetchrow(query("entity_for_delivery"), peer.id, claim.internal_id)
+        resource_type = entity["resource_type"] if entity is not None else "User"
+        endpoint = schema.endpoints.by_type.get(resource_type)
+        if not isinstance(handle, str) or endpoint is None:
+            return
+        client = self._client(peer)
+        for made in await client.find_by(endpoint, "externalId", handle):
+            if await self.pool.fetchval(query("mapped_account"), peer.id, made):
+                continue  # it became some entity's account after all
+            answer = await client.call("DELETE", f"{endpoint}/{made}")
+            if answer.status not in (200, 204, 404):
+                raise judge(answer.status, answer.body, answer.headers, f"DELETE {endpoint}/...")

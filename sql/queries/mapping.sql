@@ -82,12 +82,14 @@ ORDER BY m.domain_id, m.created_at, m.id
 
 -- name: lock_entities
 -- Lock the entities of an operation, and those merged into them (their merged_into moves), in a
--- fixed order so that concurrent operations serialise instead of deadlocking.
+-- fixed order so that concurrent operations serialise instead of deadlocking. NO KEY UPDATE: the
+-- foreign-key checks of workers writing rows that reference these entities (KEY SHARE) must not
+-- wait for an operation that may be waiting for them.
 SELECT internal_id, resource_type, state, merged_into
 FROM entities
 WHERE internal_id = ANY($1::text[]) OR merged_into = ANY($1::text[])
 ORDER BY internal_id
-FOR UPDATE
+FOR NO KEY UPDATE
 
 -- name: lock_rows
 SELECT id FROM id_mappings WHERE internal_id = ANY($1::text[]) ORDER BY id FOR UPDATE

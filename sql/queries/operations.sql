@@ -60,13 +60,16 @@ USING unnest($1::text[], $2::text[], $3::text[]) AS m(domain_id, before_id, afte
 WHERE c.domain_id = m.domain_id AND c.internal_id IN (m.before_id, m.after_id)
 
 -- name: enqueue_handover
--- Accounts in push peers ($1 domains) that changed hands to entities ($2): a sync each, to
--- bring them to their new owner's state.
-INSERT INTO outbox (domain_id, internal_id, kind)
-SELECT m.domain_id, m.internal_id, 'sync'
-FROM unnest($1::text[], $2::text[]) AS m(domain_id, internal_id)
+-- Entities ($2) whose account in push peers ($1) changed hands from a previous owner ($3): a
+-- sync each, to bring the account to its new owner's state (after whatever the previous owner
+-- had under way there), or to create one for an entity left without.
+INSERT INTO outbox (domain_id, internal_id, kind, payload)
+SELECT DISTINCT ON (m.domain_id, m.internal_id) m.domain_id, m.internal_id, 'sync',
+       jsonb_build_object('after', jsonb_build_array(m.previous))
+FROM unnest($1::text[], $2::text[], $3::text[]) AS m(domain_id, internal_id, previous)
 JOIN domains d ON d.id = m.domain_id AND d.kind = 'peer' AND d.push
-ON CONFLICT (domain_id, internal_id) WHERE state = 'pending' AND kind = 'sync' DO NOTHING
+ON CONFLICT (domain_id, internal_id) WHERE state = 'pending' AND kind = 'sync'
+DO UPDATE SET payload = EXCLUDED.payload, updated_at = now()
 
 -- name: provision_on_need
 -- Split-offs ($2) held back from push peer $1 that it needs now (it read something naming
@@ -81,3 +84,24 @@ WHERE e.internal_id = ANY($2::text[]) AND e.state = 'active' AND e.provision_on_
   AND NOT EXISTS (SELECT 1 FROM outbox o
                   WHERE o.domain_id = $1 AND o.internal_id = e.internal_id
                     AND o.state IN ('pending', 'in_flight'))
+
+-- name: undo_creates
+-- Creates a plan cancelled (rows $1 about to be removed): an earlier attempt may have made the
+-- resource in the peer with its answer lost, so each gets an undo_create delivery that looks the
+-- handle up there and deletes what it finds.
+INSERT INTO outbox (domain_id, internal_id, operation_id, kind, payload)
+SELECT m.domain_id, m.internal_id, $2, 'undo_create',
+       jsonb_build_object('correlation_handle', m.correlation_handle)
+FROM id_mappings m
+JOIN domains d ON d.id = m.domain_id AND d.kind = 'peer' AND d.push
+WHERE m.id = ANY($1::bigint[]) AND m.state = 'pending_create' AND m.correlation_handle IS NOT NULL
+
+-- name: resync_groups_naming
+-- Accounts that changed hands in push peers ($1 domains, $2 the accounts): the broker's groups
+-- there that name them are synced again, to name whoever home says.
+INSERT INTO outbox (domain_id, internal_id, kind)
+SELECT DISTINCT c.domain_id, c.internal_id, 'sync'
+FROM unnest($1::text[], $2::text[]) AS a(domain_id, external_id)
+JOIN peer_copies c ON c.domain_id = a.domain_id
+ AND c.document -> 'members' @> jsonb_build_array(jsonb_build_object('value', a.external_id))
+ON CONFLICT (domain_id, internal_id) WHERE state = 'pending' AND kind = 'sync' DO NOTHING

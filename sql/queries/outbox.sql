@@ -50,6 +50,13 @@ WITH ready AS (
           WHERE x.merged_into = o.internal_id AND e.domain_id = o.domain_id AND e.id < o.id
             AND e.state IN ('pending', 'in_flight')
       ))
+      -- An account handed over to this entity: what its previous owner had under way there
+      -- lands first, so it cannot overwrite the new owner's state.
+      AND NOT EXISTS (
+          SELECT 1 FROM outbox e
+          WHERE e.domain_id = o.domain_id AND e.id < o.id AND e.state IN ('pending', 'in_flight')
+            AND e.internal_id IN (SELECT jsonb_array_elements_text(o.payload -> 'after'))
+      )
     ORDER BY o.id
     LIMIT $3
     FOR UPDATE OF o SKIP LOCKED
@@ -60,7 +67,7 @@ SET state = 'in_flight', claimed_by = $2, lease_until = now() + make_interval(se
 FROM ready
 WHERE o.id = ready.id
 RETURNING o.id, o.domain_id, o.internal_id, o.attempts, o.sealed_values, o.kind, o.payload,
-          o.operation_id
+          o.operation_id, extract(epoch FROM now() - o.created_at)::float8 AS age
 
 -- name: delivery_done
 -- Delivered: write-only values are erased.
@@ -137,6 +144,8 @@ ORDER BY id
 -- name: entity_for_delivery
 -- The entity, its primary row in the peer, and what the peer last received.
 SELECT e.internal_id, e.resource_type, e.state, e.merged_into, e.provision_on_demand,
+       EXISTS (SELECT 1 FROM id_mappings k WHERE k.internal_id = e.internal_id AND k.domain_id = $1)
+           AS known_here,
        m.external_id, m.state AS mapping_state, m.correlation_handle,
        c.document AS copy, c.suspended_at
 FROM entities e
@@ -165,23 +174,38 @@ LEFT JOIN id_mappings m
 -- name: begin_create
 -- The pending row of a create in a peer, with its correlation handle; kept if it exists.
 -- Returns the handle only when the row is new (no earlier attempt can have reached the peer).
+-- The entity is share-locked first: a merge or split in progress on it (which may give it a
+-- primary here, or merge it away) finishes before; a merged or deleted entity gets no row.
+WITH live AS (
+    SELECT internal_id FROM entities WHERE internal_id = $1 AND state = 'active' FOR SHARE
+)
 INSERT INTO id_mappings (internal_id, domain_id, external_id, is_primary, origin, state,
                          correlation_handle)
-VALUES ($1, $2, NULL, true, 'peer', 'pending_create', $3)
+SELECT $1, $2, NULL, true, 'peer', 'pending_create', $3 FROM live
 ON CONFLICT DO NOTHING
 RETURNING correlation_handle
 
 -- name: pending_handle
-SELECT correlation_handle FROM id_mappings
+SELECT correlation_handle, state FROM id_mappings
 WHERE internal_id = $1 AND domain_id = $2 AND is_primary
+
+-- name: create_state
+SELECT state FROM id_mappings WHERE correlation_handle = $1 AND domain_id = $2 AND is_primary
 
 -- name: finish_create
 -- The create of correlation handle $1 in peer $2 succeeded with the peer's ID $3. Returns the
 -- entity the row belongs to now (a merge may have moved the pending row to its survivor), or
 -- nothing when the create is no longer wanted (a merge cancelled it).
-UPDATE id_mappings SET external_id = $3, state = 'active', updated_at = now()
-WHERE correlation_handle = $1 AND domain_id = $2 AND is_primary AND state = 'pending_create'
-RETURNING internal_id
+WITH finished AS (
+    UPDATE id_mappings SET external_id = $3, state = 'active', updated_at = now()
+    WHERE correlation_handle = $1 AND domain_id = $2 AND is_primary AND state = 'pending_create'
+    RETURNING internal_id
+)
+SELECT internal_id FROM finished
+UNION ALL
+-- Finished before (a replay): the account is mapped already.
+SELECT internal_id FROM id_mappings WHERE domain_id = $2 AND external_id = $3
+LIMIT 1
 
 -- name: retire_primary
 -- The peer no longer holds the entity: its row is retired (kept $3 seconds, so that late
@@ -198,6 +222,17 @@ WHERE internal_id = $1 AND domain_id = $2 AND is_primary AND state = 'active'
 -- name: save_copy
 INSERT INTO peer_copies (domain_id, internal_id, document, suspended_at)
 VALUES ($1, $2, $3, $4)
+ON CONFLICT (domain_id, internal_id)
+DO UPDATE SET document = EXCLUDED.document, suspended_at = EXCLUDED.suspended_at, updated_at = now()
+
+-- name: save_copy_of
+-- What account $5 of peer $1 received, recorded as entity $2's copy only if $5 is still that
+-- entity's primary there (a merge or split may have handed the account over meanwhile: then the
+-- new owner's sync brings it to its state, from no copy, with a PUT).
+INSERT INTO peer_copies (domain_id, internal_id, document, suspended_at)
+SELECT $1, $2, $3, $4
+WHERE EXISTS (SELECT 1 FROM id_mappings
+              WHERE domain_id = $1 AND internal_id = $2 AND external_id = $5 AND is_primary)
 ON CONFLICT (domain_id, internal_id)
 DO UPDATE SET document = EXCLUDED.document, suspended_at = EXCLUDED.suspended_at, updated_at = now()
 
@@ -339,3 +374,11 @@ SET progress = coalesce(s.progress, '{}'::jsonb),
     updated_at = now()
 FROM summary s
 WHERE o.id = $1 AND o.state <> 'pending'
+
+-- name: revived_alias
+-- The entity whose primary account $2 of peer $1 is (for a deleted alias: the entity it became
+-- the primary of again while its delete was on its way, which must be created anew there).
+SELECT internal_id FROM id_mappings WHERE domain_id = $1 AND external_id = $2 AND is_primary
+
+-- name: mapped_account
+SELECT EXISTS (SELECT 1 FROM id_mappings WHERE domain_id = $1 AND external_id = $2)

@@ -1,0 +1,342 @@
+"""A property of the whole federation: after any sequence of creates, updates, deletes, group
+changes, merges, splits and peer outages, once the outbox is quiet, every push peer holds each
+live entity exactly once (split-offs not yet needed there excepted), with home's attributes and
+memberships translated through the mapping, and no internal ID.
+
+The sequences are random but reproducible: each test case is one seed. More seeds:
+``BROKER_PROPERTY_SEEDS=20 pytest tests/test_merge_split_properties.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from tests.propagation_support import (
+    FAST,
+    Gate,
+    admin,
+    assert_no_internal_id,
+    federation,
+    gate,
+    held,
+    home_tool,
+    patch,
+    quiesce,
+    tenant,
+)
+from tests.scim_support import CORE_GROUP, Broker, Home, new_user, unique
+
+SEEDS = range(int(os.environ.get("BROKER_PROPERTY_SEEDS", "4")))
+STEPS = 24
+
+
+@pytest.fixture
+async def federated(
+    db_url: str, home: Home, peer_server: Home, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[Broker, dict[str, Home], Gate]]:
+    p1, p2 = tenant(peer_server, "p1"), tenant(peer_server, "p2")
+    async with gate(p2) as front:
+        async for broker in federation(
+            db_url,
+            home,
+            {"P1": p1.url, "P2": front.url},
+            monkeypatch,
+            peer_server.token,
+            FAST.model_copy(update={"conflict_patience": 20.0}),
+        ):
+            yield broker, {"P1": p1, "P2": p2}, front
+
+
+class World:
+    """What the sequence did, to pick the next step among things that exist."""
+
+    def __init__(self, broker: Broker, home: Home, front: Gate, rng: random.Random) -> None:
+        self.broker, self.home, self.front, self.rng = broker, home, front, rng
+        self.users: list[str] = []
+        self.groups: list[str] = []
+        self.gone: set[str] = set()  # deleted in home, or merged away
+        self.touched: set[str] = set()
+
+    def live_users(self) -> list[str]:
+        return [u for u in self.users if u not in self.gone]
+
+    async def step(self) -> str:
+        rng, live = self.rng, self.live_users()
+        choices = ["create"] * 3 + ["update"] * 2 + ["group"] * 2 + ["outage"]
+        if len(live) >= 2:
+            choices += ["merge"] * 2 + ["delete"]
+        if live:
+            choices += ["split"] * 2
+        action = rng.choice(choices)
+        await getattr(self, action)()
+        return action
+
+    async def create(self) -> None:
+        status, user = await home_tool(
+            self.broker, "POST", "/Users", new_user(unique("u"), displayName=unique("n"))
+        )
+        assert status == 201, user
+        self.users.append(user["id"])
+        self.touched.add(user["id"])
+
+    async def update(self) -> None:
+        target = self.rng.choice(self.users) if self.users else None
+        if target is None:
+            return await self.create()
+        status, _ = await home_tool(
+            self.broker,
+            "PATCH",
+            f"/Users/{target}",
+            patch({"op": "replace", "path": "displayName", "value": unique("n")}),
+        )
+        assert status in (200, 204, 404)
+
+    async def delete(self) -> None:
+        target = self.rng.choice(self.live_users())
+        status, _ = await home_tool(self.broker, "DELETE", f"/Users/{target}")
+        assert status == 204
+        self.gone.add(target)
+
+    async def group(self) -> None:
+        members = self.rng.sample(self.users, min(len(self.users), self.rng.randint(0, 3)))
+        body = {
+            "schemas": [CORE_GROUP],
+            "displayName": unique("g"),
+            "members": [{"value": m} for m in members if m not in self.gone],
+        }
+        if self.groups and self.rng.random() < 0.5:
+            target = self.rng.choice(self.groups)
+            status, _ = await home_tool(self.broker, "PUT", f"/Groups/{target}", body)
+            assert status == 200
+            return
+        status, group = await home_tool(self.broker, "POST", "/Groups", body)
+        assert status == 201, group
+        self.groups.append(group["id"])
+
+    async def merge(self) -> None:
+        live = self.live_users()
+        picked = self.rng.sample(live, self.rng.randint(2, min(3, len(live))))
+        status, op = await admin(
+            self.broker,
+            "POST",
+            "/admin/merges",
+            {"survivor": picked[0], "losers": picked[1:], "idempotency_key": unique("m")},
+        )
+        assert status == 202, op
+        self.gone.update(picked[1:])
+
+    async def split(self) -> None:
+        source = self.rng.choice(self.live_users())
+        status, new = self.home.call("POST", "/Users", new_user(unique("s"), displayName="split"))
+        assert status == 201
+        move: dict[str, list[str]] = {}
+        rows = await self.broker.pool.fetch(
+            "SELECT domain_id, external_id FROM id_mappings WHERE internal_id = $1 "
+            "AND external_id IS NOT NULL AND state IN ('active', 'deletion_required')",
+            source,
+        )
+        for row in rows:
+            if self.rng.random() < 0.3:
+                move.setdefault(row["domain_id"], []).append(row["external_id"])
+        status, op = await admin(
+            self.broker,
+            "POST",
+            "/admin/splits",
+            {
+                "source": source,
+                "new": [new["id"]],
+                "move": move,
+                "provision": self.rng.choice(["eager", "on_demand"]),
+                "idempotency_key": unique("s"),
+            },
+        )
+        assert status == 202, op
+        self.users.append(new["id"])
+
+    async def outage(self) -> None:
+        if self.front._runner is None:
+            await self.front.open()
+        else:
+            await self.front.close()
+
+
+async def expected_in(broker: Broker, home: Home, peer: str) -> dict[str, dict[str, Any]]:
+    """peer ID -> what the peer must hold under it: each live entity home has, by its primary
+    there (a held-back split-off without one is not expected), with home's attributes and its
+    members translated."""
+    records = await broker.pool.fetch(
+        """
+        SELECT e.internal_id, e.resource_type, e.provision_on_demand, m.external_id
+        FROM entities e
+        LEFT JOIN id_mappings m ON m.internal_id = e.internal_id AND m.domain_id = $1
+             AND m.is_primary AND m.state = 'active'
+        WHERE e.state = 'active'
+        """,
+        peer,
+    )
+    survivor = {
+        r["internal_id"]: r["merged_into"]
+        for r in await broker.pool.fetch(
+            "SELECT internal_id, merged_into FROM entities WHERE state = 'merged'"
+        )
+    }
+    primary = {r["internal_id"]: r["external_id"] for r in records if r["external_id"]}
+    expected: dict[str, dict[str, Any]] = {}
+    for r in records:
+        endpoint = "/Users" if r["resource_type"] == "User" else "/Groups"
+        status, doc = home.call("GET", f"{endpoint}/{r['internal_id']}")
+        if status == 404:
+            continue
+        assert status == 200, doc
+        if r["external_id"] is None:
+            if not r["provision_on_demand"]:
+                history = await broker.pool.fetch(
+                    "SELECT domain_id, kind, state, attempts, last_error, payload FROM outbox "
+                    "WHERE internal_id = $1 ORDER BY id",
+                    r["internal_id"],
+                )
+                rows = await broker.pool.fetch(
+                    "SELECT * FROM id_mappings WHERE internal_id = $1", r["internal_id"]
+                )
+                raise AssertionError(
+                    f"{r['internal_id']} is live in home but has no account in {peer}: "
+                    f"deliveries {[dict(h) for h in history]}, rows {[dict(m) for m in rows]}"
+                )
+            continue
+        want: dict[str, Any] = {"resource_type": r["resource_type"]}
+        if r["resource_type"] == "User":
+            want |= {"userName": doc["userName"], "displayName": doc.get("displayName")}
+        else:
+            members = {survivor.get(m["value"], m["value"]) for m in doc.get("members", [])}
+            want |= {
+                "displayName": doc["displayName"],
+                "members": sorted(primary[m] for m in members if m in primary),
+            }
+        expected[r["external_id"]] = want
+    return expected
+
+
+def actual_in(peer: Home) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
+    everything = held(peer)
+    for user in everything["Users"]:
+        found[user["id"]] = {
+            "resource_type": "User",
+            "userName": user["userName"],
+            "displayName": user.get("displayName"),
+        }
+    for group in everything["Groups"]:
+        found[group["id"]] = {
+            "resource_type": "Group",
+            "displayName": group["displayName"],
+            "members": sorted(m["value"] for m in group.get("members", [])),
+        }
+    return found
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+async def test_at_quiescence_every_peer_holds_each_live_entity_once(
+    seed: int, federated: tuple[Broker, dict[str, Home], Gate], home: Home
+) -> None:
+    broker, peers, front = federated
+    world = World(broker, home, front, random.Random(seed))
+    actions = [await world.step() for _ in range(STEPS)]
+    if front._runner is None:
+        await front.open()
+    await quiesce(broker, within=60)
+    dead = await broker.pool.fetch(
+        "SELECT domain_id, internal_id, kind, last_error FROM outbox WHERE state = 'dead'"
+    )
+    assert not dead, f"seed {seed} ({actions}): dead letters " + await explain_dead(
+        broker, home, peers, dead
+    )
+    internal = set(world.users) | set(world.groups)
+    for name, peer in peers.items():
+        actual, expected = actual_in(peer), await expected_in(broker, home, name)
+        assert actual == expected, f"seed {seed}: {name} differs after {actions}: " + await explain(
+            broker, name, actual, expected
+        )
+        assert_no_internal_id(peer, internal)
+
+
+async def explain(
+    broker: Broker, peer: str, actual: dict[str, Any], expected: dict[str, Any]
+) -> str:
+    """What differs, with the mapping rows and deliveries of the accounts involved."""
+    lines = []
+    for peer_id in sorted(set(actual) | set(expected)):
+        if actual.get(peer_id) == expected.get(peer_id):
+            continue
+        rows = await broker.pool.fetch(
+            "SELECT internal_id, is_primary, state FROM id_mappings "
+            "WHERE domain_id = $1 AND external_id = $2",
+            peer,
+            peer_id,
+        )
+        owners = [r["internal_id"] for r in rows]
+        history = await broker.pool.fetch(
+            "SELECT internal_id, kind, state, attempts, created_at FROM outbox "
+            "WHERE domain_id = $1 AND internal_id = ANY($2::text[]) ORDER BY id",
+            peer,
+            owners,
+        )
+        entities = await broker.pool.fetch(
+            "SELECT internal_id, state, merged_into, provision_on_demand FROM entities "
+            "WHERE internal_id = ANY($1::text[])",
+            owners,
+        )
+        held_members = (actual.get(peer_id) or {}).get("members", [])
+        member_rows = await broker.pool.fetch(
+            "SELECT m.external_id, m.internal_id, m.is_primary, m.state, e.state AS entity, "
+            "e.provision_on_demand FROM id_mappings m JOIN entities e USING (internal_id) "
+            "WHERE m.domain_id = $1 AND m.external_id = ANY($2::text[])",
+            peer,
+            held_members,
+        )
+        lines.append(
+            f"{peer_id}: members' rows {[dict(r) for r in member_rows]}; "
+            f"peer holds {actual.get(peer_id)}, expected {expected.get(peer_id)}; "
+            f"rows {[dict(r) for r in rows]}; entities {[dict(e) for e in entities]}; "
+            f"deliveries {[dict(h) for h in history]}"
+        )
+    return "\n".join(lines)
+
+
+async def explain_dead(broker: Broker, home: Home, peers: dict[str, Home], dead: list[Any]) -> str:
+    """Each dead letter, and for a refused create, who holds the conflicting userName there."""
+    lines = []
+    for letter in dead:
+        line = f"{dict(letter)}"
+        status, doc = home.call("GET", f"/Users/{letter['internal_id']}")
+        if status == 200:
+            taken = [
+                u
+                for u in held(peers[letter["domain_id"]])["Users"]
+                if u["userName"] == doc["userName"]
+            ]
+            for account in taken:
+                rows = await broker.pool.fetch(
+                    "SELECT m.internal_id, m.is_primary, m.state, e.state AS entity "
+                    "FROM id_mappings m JOIN entities e USING (internal_id) "
+                    "WHERE m.domain_id = $1 AND m.external_id = $2",
+                    letter["domain_id"],
+                    account["id"],
+                )
+                history = await broker.pool.fetch(
+                    "SELECT internal_id, kind, state, payload FROM outbox WHERE domain_id = $1 "
+                    "AND internal_id = ANY($2::text[]) ORDER BY id",
+                    letter["domain_id"],
+                    [letter["internal_id"], *[r["internal_id"] for r in rows]],
+                )
+                line += (
+                    f"; {doc['userName']} is held by {account['id']} (externalId "
+                    f"{account.get('externalId')}), rows {[dict(r) for r in rows]}, "
+                    f"deliveries {[dict(h) for h in history]}"
+                )
+        lines.append(line)
+    return "\n".join(lines)
