@@ -23,11 +23,13 @@ from broker import __version__
 from broker.app import create_app
 from broker.config import Config, ConfigError, load_config
 from broker.db import MigrationError, migrated_pool, query
+from broker.demo import add_demo_command
 from broker.domains import Domain, DomainStore
 from broker.errors import BrokerError
 from broker.mapping.rules import MappingRow
 from broker.mapping.store import MappingStore, Operation
 from broker.propagation.outbox import settle_dead_letter
+from broker.tables import table as _table
 from broker.tokens import TokenStore, parse_duration
 
 __all__ = ["main"]
@@ -392,20 +394,6 @@ async def cmd_mappings(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A table drawn the way seed 002 draws the mapping table."""
-    widths = [max(len(str(v)) for v in column) for column in zip(header, *rows, strict=True)]
-
-    def line(values: Sequence[str]) -> str:
-        return (
-            "| " + " | ".join(str(v).ljust(w) for v, w in zip(values, widths, strict=True)) + " |"
-        )
-
-    return "\n".join(
-        [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
-    )
-
-
 # --------------------------------------------------------------------------- parser
 
 
@@ -425,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="data directory of the embedded PostgreSQL (also $BROKER_DATA_DIR)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_demo_command(commands)
 
     serve = commands.add_parser("serve", help="run the broker")
     serve.add_argument("--host", help="listen address (default from [server] host)")
@@ -565,6 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "idempotency_key", "") is None:
         args.idempotency_key = str(uuid.uuid4())
+    config: Config | None = None
     try:
         config = load_config(args.config)
         if args.data_dir is not None:
@@ -581,9 +571,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(f"broker: {exc.detail}")
         return 1
     except (OSError, asyncpg.PostgresError) as exc:
-        _say(
-            f"broker: the database is not reachable: {exc}. Check [database] url (BROKER_DATABASE_URL)."
-        )
+        if config is not None and config.database.url is None:
+            _say(
+                f"broker: the embedded PostgreSQL in {config.database.data_dir} could not start "
+                f"or be reached: {exc}. Check that directory (--data-dir, BROKER_DATA_DIR), or "
+                "use a server of your own: [database] url (BROKER_DATABASE_URL)."
+            )
+        else:
+            _say(
+                f"broker: the database is not reachable: {exc}. "
+                "Check [database] url (BROKER_DATABASE_URL)."
+            )
         return 2
     except KeyboardInterrupt:
         return 130
