@@ -40,10 +40,14 @@ WITH ready AS (
     WHERE o.domain_id = $1
       AND ((o.state = 'pending' AND o.next_attempt_at <= now())
            OR (o.state = 'in_flight' AND o.lease_until < now()))
+      -- OFFSET 0 keeps this a per-row probe of outbox_by_entity: with statistics that saw an
+      -- empty queue, the planner otherwise turns it into an anti-join of every pending row
+      -- with every other (seconds per claim at a few thousand rows).
       AND NOT EXISTS (
           SELECT 1 FROM outbox e
           WHERE e.domain_id = o.domain_id AND e.internal_id = o.internal_id AND e.id < o.id
             AND e.state IN ('pending', 'in_flight')
+          OFFSET 0
       )
       AND (o.kind NOT IN ('move_memberships', 'delete_alias') OR NOT EXISTS (
           SELECT 1 FROM outbox e JOIN entities x ON x.internal_id = e.internal_id
