@@ -30,8 +30,15 @@ async def enqueue_changes(
     each carrying the write-only values the write set, ``sealed`` by entity."""
     await conn.execute(query("record_writes"), list(changed), list(changed.values()), list(deleted))
     entities = list(dict.fromkeys([*changed, *deleted]))
-    carried = [(sealed or {}).get(i) for i in entities]
-    await conn.execute(query("enqueue_sync"), entities, origin, carried)
+    sealed = sealed or {}
+    plain = [i for i in entities if i not in sealed]
+    if plain:
+        await conn.execute(query("enqueue_sync"), plain, origin)
+    carrying = [i for i in entities if i in sealed]
+    if carrying:
+        await conn.execute(
+            query("enqueue_sync_sealed"), carrying, origin, [sealed[i] for i in carrying]
+        )
 
 
 async def settle_dead_letter(

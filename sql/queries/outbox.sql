@@ -1,10 +1,20 @@
 -- Named queries of propagation (broker/propagation/): the outbox, peer copies, the home poller.
 
 -- name: enqueue_sync
--- A sync of each entity ($1) toward every push peer except the one the change came from ($2),
--- carrying the sealed write-only values the write set ($3, aligned with $1, NULL for none).
--- An entity that already has a pending sync toward a peer gets no second one; newer sealed
--- values replace what that one carries.
+-- A sync of each entity ($1) toward every push peer except the one the change came from ($2).
+-- An entity that already has a pending sync toward a peer gets no second one (DO NOTHING takes
+-- no lock on it: concurrent writes of one entity do not queue behind each other).
+INSERT INTO outbox (domain_id, internal_id, kind)
+SELECT d.id, e.internal_id, 'sync'
+FROM domains d
+CROSS JOIN unnest($1::text[]) AS e(internal_id)
+WHERE d.kind = 'peer' AND d.push AND d.status <> 'disabled' AND d.id IS DISTINCT FROM $2
+ORDER BY e.internal_id, d.id
+ON CONFLICT (domain_id, internal_id) WHERE state = 'pending' AND kind = 'sync' DO NOTHING
+
+-- name: enqueue_sync_sealed
+-- The same, for writes that set write-only values ($3, aligned with $1): the sync carries them
+-- sealed, and newer values replace what a waiting sync carries.
 INSERT INTO outbox (domain_id, internal_id, kind, sealed_values)
 SELECT d.id, e.internal_id, 'sync', e.sealed
 FROM domains d
@@ -13,7 +23,6 @@ WHERE d.kind = 'peer' AND d.push AND d.status <> 'disabled' AND d.id IS DISTINCT
 ORDER BY e.internal_id, d.id
 ON CONFLICT (domain_id, internal_id) WHERE state = 'pending' AND kind = 'sync'
 DO UPDATE SET sealed_values = EXCLUDED.sealed_values, updated_at = now()
-WHERE EXCLUDED.sealed_values IS NOT NULL
 
 -- name: enqueue_sync_to
 -- A sync of entities ($2) toward one peer ($1), due at $3.
