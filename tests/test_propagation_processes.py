@@ -620,6 +620,91 @@ async def test_a_broker_killed_mid_drain_and_a_second_one_on_the_queue_lose_and_
         await conn.close()
 
 
+async def test_a_broker_killed_in_the_middle_of_merges_finishes_them_after_its_restart(
+    db_url: str, home: Home, peer_server: Home, tmp_path: Path
+) -> None:
+    """Merges whose clean-up is under way when the delivering broker is SIGKILLed: after the
+    restart every operation is done, each peer holds the survivors only, no alias is left."""
+    p1, p2 = tenant(peer_server, "p1"), tenant(peer_server, "p2")
+    peers = {"P1": p1, "P2": p2}
+    env = base_environment(db_url, home, peer_server.token)
+    prefix = unique("merge")
+    (token,) = await register(env, {"P1": p1.url, "P2": p2.url})
+    admin_token = (await cli(env, "token", "issue", "H", "--scopes", "admin")).strip()
+    conn = await asyncpg.connect(db_url)
+    try:
+        with brokers(tmp_path) as started:
+            w, a = Served("W", writer(env), tmp_path), Served("A", env, tmp_path)
+            started += [w, a]
+            w.start()
+            a.start()
+            await w.ready()
+            await a.ready()
+            pairs = 40
+            names = [f"{prefix}-{n:03d}" for n in range(2 * pairs)]
+            users = create_users(w, token, names)
+            await drained(conn, within=45)
+
+            # The merges are recorded while A is frozen; A is killed once it is half-way.
+            a.signal(signal.SIGSTOP)
+            operations = []
+            try:
+                for n in range(pairs):
+                    survivor, loser = users[names[2 * n]], users[names[2 * n + 1]]
+                    status, op = http(
+                        "POST",
+                        f"{w.admin_url}/admin/merges",
+                        admin_token,
+                        {"survivor": survivor, "losers": [loser], "idempotency_key": f"k{n}"},
+                    )
+                    assert status == 202, op
+                    operations.append(op["id"])
+            finally:
+                a.signal(signal.SIGCONT)
+
+            async def half_way() -> bool:
+                done = await conn.fetchval(
+                    "SELECT count(*) FROM outbox WHERE state = 'done' AND operation_id IS NOT NULL"
+                )
+                return bool(done >= pairs)
+
+            await until(half_way, 30, "the merges' clean-up never got under way")
+            a.kill()
+            left = await conn.fetchval(
+                "SELECT count(*) FROM outbox WHERE state IN ('pending', 'in_flight')"
+            )
+            assert left > 0, "killed after the clean-up finished: the test proves nothing"
+            print(f"broker A killed with {left} merge deliveries unfinished")
+
+            a.start()
+            await a.ready()
+            await drained(conn, within=60)
+            states = await conn.fetch(
+                "SELECT state, count(*) AS n FROM operations WHERE id = ANY($1::uuid[]) "
+                "GROUP BY state",
+                [uuid.UUID(o) for o in operations],
+            )
+            stuck = await conn.fetch(
+                "SELECT o.id, o.state, o.progress, d.kind, d.state AS delivery, d.domain_id "
+                "FROM operations o LEFT JOIN outbox d ON d.operation_id = o.id "
+                "WHERE o.state <> 'done'"
+            )
+            assert {r["state"]: r["n"] for r in states} == {"done": pairs}, [dict(r) for r in stuck]
+            dead = await conn.fetch("SELECT id, last_error FROM outbox WHERE state = 'dead'")
+            assert not dead, [dict(r) for r in dead]
+            aliases = await conn.fetchval(
+                "SELECT count(*) FROM id_mappings WHERE state = 'deletion_required'"
+            )
+            assert aliases == 0
+            survivors = sorted(names[0::2])
+            for name, peer in peers.items():
+                held_names = sorted(u["userName"] for u in held(peer)["Users"])
+                assert held_names == survivors, f"{name} holds the survivors, once, and no loser"
+                assert_no_internal_id(peer, home_ids(home))
+    finally:
+        await conn.close()
+
+
 class Withholding:
     """A front for a real peer that forwards every request, but withholds the peer's answers to
     the next ``creates`` POSTs until ``release`` is set: the peer creates the resource and its

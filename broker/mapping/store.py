@@ -564,5 +564,6 @@ async def _apply(conn: Connection, plan: Plan, op_id: uuid.UUID) -> None:
             [t.external_id for t in cancels],
         )
         # Earlier operations whose clean-up is no longer wanted show it in their progress.
-        for earlier in {r["operation_id"] for r in cancelled} - {None}:
+        for earlier in sorted({r["operation_id"] for r in cancelled} - {None}):
+            await conn.execute(query("lock_operation"), earlier)
             await conn.execute(query("refresh_operation"), earlier)

@@ -238,8 +238,6 @@ class Deliverer:
         try:
             outcome = await self._attempt(peer, claim, lane)
             self.observe(peer.id, outcome)
-            if claim.operation_id is not None:
-                await self.pool.execute(query("refresh_operation"), claim.operation_id)
         except Exception:
             correlation = uuid.uuid4().hex[:12]
             log.exception("delivery %s to %s: internal error %s", claim.id, peer.id, correlation)
@@ -270,7 +268,7 @@ class Deliverer:
             return "waiting"
         except Failure as failure:
             return await self._failed(peer, claim, lane, failure)
-        await self.pool.execute(query("delivery_done"), claim.id, self.worker_id)
+        await self._settle(claim, "delivery_done")
         recovered = await self.pool.fetchval(query("domain_delivered"), peer.id)
         if recovered:
             log.info("peer %s recovered: its queue drains now", peer.id)
@@ -282,7 +280,7 @@ class Deliverer:
         record = failure.record()
         if failure.verdict is Verdict.PERMANENT:
             log.warning("delivery %s to %s dead-lettered: %s", claim.id, peer.id, failure.reason)
-            await self.pool.execute(query("delivery_dead"), claim.id, self.worker_id, record)
+            await self._settle(claim, "delivery_dead", record)
             return "dead"
         quarantined = peer.status == "quarantined"
         if failure.peer_fault:
@@ -310,6 +308,18 @@ class Deliverer:
         due = datetime.now(UTC) + timedelta(seconds=delay)
         await self._reschedule(claim, due, counted=True, record=record)
         return "retry"
+
+    async def _settle(self, claim: Claim, statement: str, *args: Any) -> None:
+        """The delivery done or dead, and its operation's progress with it (one transaction, so
+        that a crash in between cannot leave an operation propagating for ever)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if claim.operation_id is not None:
+                # Settles of one operation's deliveries queue here, so each progress is computed
+                # from what the others committed (a later statement sees them).
+                await conn.execute(query("lock_operation"), claim.operation_id)
+            await conn.execute(query(statement), claim.id, self.worker_id, *args)
+            if claim.operation_id is not None:
+                await conn.execute(query("refresh_operation"), claim.operation_id)
 
     async def _reschedule(
         self, claim: Claim, due: datetime, *, counted: bool, record: dict[str, Any]

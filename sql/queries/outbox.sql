@@ -357,6 +357,9 @@ WHERE domain_id = $1 AND external_id = $2 AND state = 'deletion_required' AND $3
 SELECT internal_id, document FROM peer_copies
 WHERE domain_id = $1 AND document -> 'members' @> jsonb_build_array(jsonb_build_object('value', $2::text))
 
+-- name: lock_operation
+SELECT 1 FROM operations WHERE id = $1 FOR UPDATE
+
 -- name: refresh_operation
 -- An operation's progress per domain and its state, from its deliveries: done when every one
 -- is done (or cancelled), failed when some are dead letters and none is left to run.
