@@ -44,11 +44,15 @@ class Failure(Exception):
     retry_after: float | None = None
     peer_fault: bool = True
     """False when the fault is not the peer's (home unreachable): the peer is not marked failing."""
+    conflict_since: float | None = None
+    """For a 409: when the peer first refused the delivery so (epoch seconds), kept across tries."""
 
     def record(self) -> dict[str, Any]:
         out: dict[str, Any] = {"verdict": self.verdict.value, "reason": self.reason}
         if self.status is not None:
             out["status"] = self.status
+        if self.conflict_since is not None:
+            out["conflict_since"] = self.conflict_since
         if self.scim_error is not None:
             out["peer_error"] = self.scim_error
         return out

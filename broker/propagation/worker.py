@@ -102,8 +102,8 @@ class Claim:
     payload: Mapping[str, Any] = field(default_factory=dict)
     operation_id: uuid.UUID | None = None
     """The merge or split the delivery belongs to, whose progress it updates."""
-    age: float = 0.0
-    """Seconds since the delivery was enqueued."""
+    conflict_since: float | None = None
+    """When (epoch seconds) the peer first refused this delivery with 409, if it did."""
 
 
 class _Later(Exception):
@@ -208,7 +208,7 @@ class Deliverer:
                     record["kind"],
                     record["payload"] or {},
                     record["operation_id"],
-                    record["age"],
+                    (record["last_error"] or {}).get("conflict_since"),
                 )
                 lane.active += 1
                 task = asyncio.create_task(self._deliver(peer, claim, lane))
@@ -644,8 +644,13 @@ class Deliverer:
                     )
 
     def _patient(self, failure: Failure, claim: Claim) -> None:
-        """A 409 is retried for ``conflict_patience`` seconds before it is a dead letter."""
-        if failure.status == 409 and claim.age < self.settings.conflict_patience:
+        """A 409 is retried for ``conflict_patience`` seconds from the first one before it is a
+        dead letter."""
+        if failure.status != 409:
+            return
+        since = claim.conflict_since or time.time()
+        failure.conflict_since = since
+        if time.time() - since < self.settings.conflict_patience:
             failure.verdict, failure.peer_fault = Verdict.TRANSIENT, False
             failure.reason += (
                 f" (retried for {self.settings.conflict_patience:.0f} s first: the value may be"

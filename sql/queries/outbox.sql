@@ -80,7 +80,7 @@ SET state = 'in_flight', claimed_by = $2, lease_until = now() + make_interval(se
 FROM ready
 WHERE o.id = ready.id
 RETURNING o.id, o.domain_id, o.internal_id, o.attempts, o.sealed_values, o.kind, o.payload,
-          o.operation_id, extract(epoch FROM now() - o.created_at)::float8 AS age
+          o.operation_id, o.last_error
 
 -- name: delivery_done
 -- Delivered: write-only values are erased.
