@@ -623,7 +623,7 @@ class Deliverer:
         if key is None or not isinstance(value, str):
             return
         for holder in await client.find_by(endpoint, key, value):
-            owner = await self.pool.fetchval(query("revived_alias"), peer.id, holder)
+            owner = await self.pool.fetchval(query("account_owner"), peer.id, holder)
             if holder == account or owner is None:
                 continue  # not the broker's account: a person decides (dead letter later)
             parked = f"{value}~{holder[:8]}"
@@ -787,9 +787,11 @@ class Deliverer:
 
     # ------------------------------------------------------------------ merge clean-up
 
-    async def _alias_endpoint(self, peer: Peer, claim: Claim) -> tuple[str, str] | None:
-        """The alias the task acts on and its endpoint, or None when the alias no longer waits
-        for its delete (a split moved it back, or the task already ran)."""
+    async def _alias_endpoint(
+        self, peer: Peer, claim: Claim
+    ) -> tuple[str, str, asyncpg.Record | None] | None:
+        """The alias the task acts on, its endpoint and the survivor as the peer has it, or None
+        when the alias no longer waits for its delete (a split moved it back, or the task ran)."""
         alias = claim.payload.get("external_id")
         if not isinstance(alias, str):
             raise Failure(Verdict.PERMANENT, "the task names no alias", peer_fault=False)
@@ -799,15 +801,14 @@ class Deliverer:
         schema = await self._home_call(self.home.schema())
         entity = await self.pool.fetchrow(query("entity_for_delivery"), peer.id, claim.internal_id)
         resource_type = entity["resource_type"] if entity is not None else "User"
-        return alias, schema.endpoints.by_type.get(resource_type, f"/{resource_type}s")
+        return alias, schema.endpoints.by_type.get(resource_type, f"/{resource_type}s"), entity
 
     async def _move_memberships(self, peer: Peer, claim: Claim) -> None:
         """Groups of the peer holding the alias hold the survivor's primary instead."""
         found = await self._alias_endpoint(peer, claim)
         if found is None:
             return
-        alias, _endpoint = found
-        entity = await self.pool.fetchrow(query("entity_for_delivery"), peer.id, claim.internal_id)
+        alias, _endpoint, entity = found
         primary = (entity["external_id"] if entity is not None else None) or claim.payload.get(
             "target_external_id"
         )
@@ -855,7 +856,7 @@ class Deliverer:
         found = await self._alias_endpoint(peer, claim)
         if found is None:
             return
-        alias, endpoint = found
+        alias, endpoint, _entity = found
         answer = await self._client(peer).call("DELETE", f"{endpoint}/{alias}")
         if answer.status not in (200, 204, 404):
             raise judge(answer.status, answer.body, answer.headers, f"DELETE {endpoint}/...")
@@ -863,7 +864,7 @@ class Deliverer:
             await conn.execute(query("retire_alias"), peer.id, alias, self.settings.retention)
             # A group delivered while the memberships moved may name the alias still.
             await conn.execute(query("resync_groups_naming"), [peer.id], [alias])
-            revived = await conn.fetchval(query("revived_alias"), peer.id, alias)
+            revived = await conn.fetchval(query("account_owner"), peer.id, alias)
             if revived is not None:
                 # A split gave the alias back to an entity while its delete was on its way:
                 # that entity finds it gone, and is created anew.

@@ -391,9 +391,9 @@ SET progress = coalesce(s.progress, '{}'::jsonb),
 FROM summary s
 WHERE o.id = $1 AND o.state <> 'pending'
 
--- name: revived_alias
--- The entity whose primary account $2 of peer $1 is (for a deleted alias: the entity it became
--- the primary of again while its delete was on its way, which must be created anew there).
+-- name: account_owner
+-- The entity whose primary account $2 of peer $1 is (after an alias's delete: the entity it
+-- became the primary of again while the delete was on its way, which must be created anew).
 SELECT internal_id FROM id_mappings WHERE domain_id = $1 AND external_id = $2 AND is_primary
 
 -- name: mapped_account
