@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -20,6 +21,9 @@ from broker.admin.api import Admin, create_admin_app
 from broker.config import Config
 from broker.db import migrated_pool, migration_status, query
 from broker.domains import DomainStore
+from broker.events.keyring import KeyRing
+from broker.events.render import EventRenderer
+from broker.events.web import EventWaiters, HomeReceiver, Poll, jwks_handler
 from broker.mapping.cache import MappingCache, listen
 from broker.mapping.store import MappingStore
 from broker.propagation.policy import Backoff
@@ -120,6 +124,9 @@ ADMIN_URL = web.AppKey("admin_url", str)
 STORE = web.AppKey("store", MappingStore)
 BOX: web.AppKey[Callable[[], SecretBox]] = web.AppKey("box")
 PROXY = web.AppKey("proxy", Proxy)
+KEYS = web.AppKey("keys", KeyRing)
+RENDERER = web.AppKey("renderer", EventRenderer)
+WAITERS = web.AppKey("waiters", EventWaiters)
 
 METRICS = web.AppKey("metrics", Metrics)
 
@@ -141,6 +148,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         if secret_key_env:
             box()  # a missing key is a configuration error, found at start-up
         app[STORE] = MappingStore(pool, cache=cache, box=box)
+        app[KEYS] = KeyRing(pool, box, refresh=app[CONFIG].events.key_refresh)
         if config.cache_entries > 0:
             async with listen(url, cache):
                 yield
@@ -232,7 +240,23 @@ async def _proxy(app: web.Application) -> AsyncIterator[None]:
         audit=audit,
         on_leak=lambda domain: app[METRICS].leaks.labels(domain).inc(),
     )
+    config = app[CONFIG]
+    app[RENDERER] = EventRenderer(
+        pool,
+        app[STORE],
+        app[HOME],
+        app[KEYS],
+        issuer=config.public_url,
+        scim_base=app[PROXY].base,
+        id_pattern=config.home.id_pattern,
+    )
     yield
+
+
+async def _events(app: web.Application) -> AsyncIterator[None]:
+    """Long polls woken as soon as a domain has a new SET."""
+    async with app[WAITERS].listen(app[DB_URL]):
+        yield
 
 
 async def _propagation(app: web.Application) -> AsyncIterator[None]:
@@ -258,6 +282,7 @@ async def _propagation(app: web.Application) -> AsyncIterator[None]:
                 conflict_patience=config.conflict_patience,
             ),
             observe=lambda peer, outcome: metrics.deliveries.labels(peer, outcome).inc(),
+            events=lambda: app[RENDERER],
         )
         app[DELIVERER] = deliverer
         tasks = [asyncio.create_task(deliverer.run(app[DB_URL]), name="deliveries")]
@@ -281,15 +306,30 @@ async def _admin(app: web.Application) -> AsyncIterator[None]:
     """The admin listener, on its own address, for as long as the main application runs."""
     server = app[CONFIG].server
     admin = Admin(app[POOL], app[STORE], app.get(HOME))
-    runner = web.AppRunner(create_admin_app(admin), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, server.admin_host, server.admin_port)
-    await site.start()
-    app[ADMIN_URL] = f"http://{server.admin_host}:{server.admin_port}"
-    try:
-        yield
-    finally:
-        await runner.cleanup()
+    events = app[CONFIG].events
+    async with contextlib.AsyncExitStack() as stack:
+        receiver = None
+        if events.home_jwks_url and HOME in app:
+            session = await stack.enter_async_context(
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+            )
+            receiver = HomeReceiver(
+                app[POOL],
+                admin.tokens,
+                app[HOME],
+                session,
+                jwks_url=events.home_jwks_url,
+                issuer=events.home_issuer,
+            )
+        runner = web.AppRunner(create_admin_app(admin, receiver), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, server.admin_host, server.admin_port)
+        await site.start()
+        app[ADMIN_URL] = f"http://{server.admin_host}:{server.admin_port}"
+        try:
+            yield
+        finally:
+            await runner.cleanup()
 
 
 def create_app(config: Config) -> web.Application:
@@ -304,8 +344,19 @@ def create_app(config: Config) -> web.Application:
         app.cleanup_ctx.append(_home)
         app.cleanup_ctx.append(_proxy)
         app.router.add_routes(proxy.routes())
+        app[WAITERS] = EventWaiters()
+        app.cleanup_ctx.append(_events)
+        poll = Poll(
+            lambda: app[POOL],
+            lambda: app[RENDERER],
+            app[WAITERS],
+            long_poll_max=config.events.long_poll_max,
+            max_events=config.events.max_events,
+        )
+        app.router.add_post("/events/poll", poll.handle)
         if config.propagation.enabled:
             app.cleanup_ctx.append(_propagation)
+    app.router.add_get("/.well-known/jwks.json", jwks_handler(lambda: app[KEYS]))
     if config.server.admin_port:
         app.cleanup_ctx.append(_admin)
     app.router.add_get("/healthz", healthz)

@@ -26,6 +26,7 @@ from broker.db import MigrationError, migrated_pool, query
 from broker.demo import add_demo_command
 from broker.domains import Domain, DomainStore
 from broker.errors import BrokerError
+from broker.events.commands import add_event_commands
 from broker.mapping.rules import MappingRow
 from broker.mapping.store import MappingStore, Operation
 from broker.propagation.outbox import settle_dead_letter
@@ -547,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     operations.add_argument("--limit", type=int, default=20)
     operations.add_argument("--wait", action="store_true", help=wait_help)
     operations.set_defaults(run=cmd_operations, asynchronous=True)
+    add_event_commands(commands, _pool)
     return parser
 
 

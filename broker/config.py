@@ -21,6 +21,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DatabaseConfig",
+    "EventsConfig",
     "HomeConfig",
     "PropagationConfig",
     "ServerConfig",
@@ -161,11 +162,27 @@ class PropagationConfig(_Section):
     secret_key_env: str | None = None
 
 
+class EventsConfig(_Section):
+    """Change notification (Security Event Tokens)."""
+
+    # The longest a poll (RFC 8936) waits for an event before it answers with none, in seconds.
+    long_poll_max: float = Field(default=30.0, ge=0, le=600)
+    # The most SETs one poll returns, whatever maxEvents asks.
+    max_events: int = Field(default=1000, ge=1, le=10_000)
+    # Seconds between looks for a key rotated by another process (the newest key signs).
+    key_refresh: float = Field(default=10.0, gt=0)
+    # The home's JWKS, to check the SETs the home pushes to {admin}/home/events (unset: that
+    # receiver is off), and the issuer those SETs must carry (unset: any).
+    home_jwks_url: str | None = None
+    home_issuer: str | None = None
+
+
 class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     home: HomeConfig = Field(default_factory=HomeConfig)
     propagation: PropagationConfig = Field(default_factory=PropagationConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
 
     @property
     def public_url(self) -> str:

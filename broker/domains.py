@@ -38,6 +38,25 @@ class Domain:
         """Whether the broker issues this domain pairwise IDs (a push peer assigns its own)."""
         return not self.push
 
+    def readable(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """The attributes of ``doc`` the domain may read (``schemas``, ``id``, ``meta`` and its
+        own ``externalId`` always)."""
+        allowed = self.attribute_policy.get("read")
+        if allowed is None:
+            return doc
+        permitted = {a.lower() for a in allowed} | {"schemas", "id", "meta", "externalid"}
+        return {k: v for k, v in doc.items() if k.lower() in permitted}
+
+    def may_read(self, attribute: str) -> bool:
+        """Whether the domain may read ``attribute`` (a name, possibly with its schema URN)."""
+        allowed = self.attribute_policy.get("read")
+        if allowed is None:
+            return True
+        name = attribute.rsplit(":", 1)[-1].split(".", 1)[0].lower()
+        return name in {a.lower() for a in allowed} or attribute.lower() in {
+            a.lower() for a in allowed
+        }
+
     @classmethod
     def from_record(cls, record: asyncpg.Record) -> Domain:
         return cls(**dict(record.items()))

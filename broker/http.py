@@ -10,9 +10,11 @@ from typing import Any
 import aiohttp
 import orjson
 
-__all__ = ["SCIM_JSON", "Exchange", "exchange"]
+__all__ = ["SCIM_JSON", "SET_TYPE", "Exchange", "exchange"]
 
 SCIM_JSON = "application/scim+json"
+SET_TYPE = "application/secevent+jwt"
+"""A Security Event Token (RFC 8417 section 2.3), as RFC 8935 pushes it."""
 
 
 @dataclass(frozen=True)
@@ -45,13 +47,13 @@ async def exchange(
     data: bytes | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> Exchange:
-    """``body`` (serialised) or ``data`` (as it is) sent as SCIM JSON; aiohttp.ClientError or
-    TimeoutError when there is no answer."""
+    """``body`` (serialised) or ``data`` (as it is) sent as SCIM JSON unless ``headers`` name
+    another Content-Type; aiohttp.ClientError or TimeoutError when there is no answer."""
     sent = {"Accept": SCIM_JSON, **auth, **(headers or {})}
     if body is not None:
         data = orjson.dumps(body)
     if data:
-        sent["Content-Type"] = SCIM_JSON
+        sent.setdefault("Content-Type", SCIM_JSON)
     async with session.request(
         method, url, params=params, data=data or None, headers=sent
     ) as response:

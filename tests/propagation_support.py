@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 
 from broker.app import POOL
-from broker.config import PropagationConfig
+from broker.config import EventsConfig, PropagationConfig
 from broker.tokens import TokenStore
 from tests.scim_support import HOME_ID, Broker, Home, _free_port, scim_server, start_broker
 
@@ -203,6 +203,7 @@ async def federation(
     monkeypatch: pytest.MonkeyPatch,
     token: str,
     settings: PropagationConfig = FAST,
+    events: EventsConfig | None = None,
     **peer_options: Any,
 ) -> AsyncIterator[Broker]:
     """The broker with home H (kind home), a pull domain D and the push ``peers`` (name -> URL)."""
@@ -215,7 +216,7 @@ async def federation(
             "push": True,
             **peer_options,
         }
-    async for broker in start_broker(db_url, home, domains, propagation=settings):
+    async for broker in start_broker(db_url, home, domains, propagation=settings, events=events):
         yield broker
 
 

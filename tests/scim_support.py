@@ -6,6 +6,7 @@ home ever answered with; at the end of the session the first must contain none o
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -30,7 +31,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from broker.app import POOL, PROXY, create_app
-from broker.config import Config, DatabaseConfig, HomeConfig, PropagationConfig, ServerConfig
+from broker.config import (
+    Config,
+    DatabaseConfig,
+    EventsConfig,
+    HomeConfig,
+    PropagationConfig,
+    ServerConfig,
+)
 from broker.domains import DomainStore
 from broker.proxy.home import HomeClient, HomeResponse
 from broker.tokens import TokenStore
@@ -40,6 +48,7 @@ ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 CORE_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
 CORE_GROUP = "urn:ietf:params:scim:schemas:core:2.0:Group"
 HOME_ID = re.compile(r"[0-9a-f]{32}")
+_JWT = re.compile(r"eyJ[\w-]+\.(eyJ[\w-]+)\.[\w-]+")
 DATA = Path(__file__).parent / "data"
 
 
@@ -76,6 +85,14 @@ class Recorder:
 
     sent: list[str] = field(default_factory=list)
     home_ids: set[str] = field(default_factory=set)
+
+    def record(self, text: str) -> None:
+        """``text`` as sent, and the claims of every JWT in it (a SET's are base64url-encoded,
+        where a plain search would not see an ID)."""
+        self.sent.append(text)
+        for match in _JWT.finditer(text):
+            payload = match.group(1)
+            self.sent.append(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)).decode())
 
     def leaks(self) -> set[str]:
         text = "\n".join(self.sent)
@@ -173,7 +190,7 @@ class RecordingHome(HomeClient):
 async def _record_sent(request: web.Request, response: web.StreamResponse) -> None:
     body = response.body if isinstance(response, web.Response) else None
     text = body.decode() if isinstance(body, bytes) else str(body or "")
-    RECORDER.sent.append("\n".join(f"{k}: {v}" for k, v in response.headers.items()) + "\n" + text)
+    RECORDER.record("\n".join(f"{k}: {v}" for k, v in response.headers.items()) + "\n" + text)
 
 
 @dataclass
@@ -215,6 +232,7 @@ async def start_broker(
     pool_size: int = 4,
     cache_entries: int = 100_000,
     propagation: PropagationConfig | None = None,
+    events: EventsConfig | None = None,
 ) -> AsyncIterator[Broker]:
     """The broker in front of ``home``, with ``domains`` registered and a token each. Delivery to
     push peers runs only when ``propagation`` is given; the admin listener always runs."""
@@ -229,6 +247,7 @@ async def start_broker(
             url=db_url, pool_min_size=1, pool_max_size=pool_size, cache_entries=cache_entries
         ),
         home=HomeConfig(scim_url=home.url, token=home.token, id_pattern="[0-9a-f]{32}"),
+        events=events or EventsConfig(),
     )
     app = create_app(config)
     app.on_response_prepare.append(_record_sent)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import orjson
@@ -28,6 +28,9 @@ from broker.proxy.home import HomeClient
 from broker.scim.bulk import bulk_write_only, bulk_writes
 from broker.scim.writeonly import write_only_values
 from broker.tokens import TokenStore
+
+if TYPE_CHECKING:
+    from broker.events.web import HomeReceiver
 
 __all__ = ["create_admin_app", "delivery_json", "operation_json", "queue_json", "split_moves"]
 
@@ -273,20 +276,26 @@ class Admin:
         written: dict[str, str] = {}
         deleted: list[str] = []
         write_only: dict[str, dict[str, Any]] = {}
+        verbs: dict[str, str] = {}
+        documents: dict[str, Mapping[str, Any]] = {}
         resource_type = endpoints.type_of(parts[0]) if parts else None
         if resource_type is not None and len(parts) == 1 and method == "POST":
             if isinstance(body, Mapping) and isinstance(body.get("id"), str):
                 written[body["id"]] = resource_type
                 write_only[body["id"]] = write_only_values(method, sent, schema.write_only)
+                verbs[body["id"]], documents[body["id"]] = "create", body
         elif resource_type is not None and len(parts) == 2:
             if method == "DELETE":
                 deleted.append(parts[1])
             else:
                 written[parts[1]] = resource_type
                 write_only[parts[1]] = write_only_values(method, sent, schema.write_only)
+                verbs[parts[1]] = method.lower()
+                if isinstance(body, Mapping) and body.get("id") == parts[1]:
+                    documents[parts[1]] = body
         elif parts == ["Bulk"] and isinstance(body, Mapping):
             answers = [a for a in body.get("Operations") or [] if isinstance(a, Mapping)]
-            written, deleted = bulk_writes(answers, endpoints, self.home.base_url)
+            written, deleted, verbs = bulk_writes(answers, endpoints, self.home.base_url)
             requests = sent.get("Operations") if isinstance(sent, Mapping) else None
             if isinstance(requests, list):
                 write_only = bulk_write_only(
@@ -296,9 +305,18 @@ class Admin:
                     self.home.base_url,
                     schema.write_only,
                 )
+        missing = {i: t for i, t in written.items() if i not in documents}
+        if missing and await self.store.events_subscribed():
+            # Home answered without the resource (204, or a bulk): read it, for the SETs.
+            documents.update(await self.home.read_back(missing))
         if written or deleted:
             await self.store.record_write(
-                written, origin=None, deleted=deleted, write_only=write_only
+                written,
+                origin=None,
+                deleted=deleted,
+                write_only=write_only,
+                verb=verbs,
+                documents=documents,
             )
 
 
@@ -307,8 +325,12 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     return await answer_errors(request, handler)
 
 
-def create_admin_app(admin: Admin) -> web.Application:
+def create_admin_app(admin: Admin, home_events: HomeReceiver | None = None) -> web.Application:
+    """The admin listener's application; with ``home_events``, the receiver of the SETs the
+    home pushes at ``/home/events``."""
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+    if home_events is not None:
+        app.router.add_post("/home/events", home_events.handle)
     app.router.add_get("/admin/domains/{domain}/queue", admin.queue)
     app.router.add_get("/admin/deliveries", admin.deliveries)
     app.router.add_post(r"/admin/deliveries/{id}/{action:retry|discard}", admin.act)

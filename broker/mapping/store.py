@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,9 @@ __all__ = [
     "UnknownEntity",
     "mint_id",
 ]
+
+# Seconds a look at whether any domain subscribes to events stands.
+_SUBSCRIBED_TTL = 2.0
 
 # Tasks the store settles itself, in the same transaction, by cancelling pending outbox rows.
 _CANCEL_KINDS = {TaskKind.CANCEL_CREATE, TaskKind.CANCEL_DELETE}
@@ -142,6 +146,7 @@ class MappingStore:
         self.cache = cache or MappingCache()  # off until something listens for changes
         self.box = box
         """Seals write-only values (a password) for the outbox; loaded when first needed."""
+        self._subscribed: tuple[bool, float] = (False, -_SUBSCRIBED_TTL * 2)
 
     # ------------------------------------------------------------------ translation
 
@@ -218,10 +223,14 @@ class MappingStore:
         deleted: Sequence[str] = (),
         external_ids: Mapping[str, str | None] | None = None,
         write_only: Mapping[str, Mapping[str, Any]] | None = None,
+        verb: str | Mapping[str, str] | None = None,
+        documents: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         """Writes made in home through the broker (internal ID -> resource type, and IDs deleted),
         the externalId values ``origin`` gave them, and the syncs they imply toward push peers,
-        carrying the write-only values (a password) the writes set, sealed: one transaction."""
+        carrying the write-only values (a password) the writes set, sealed; and the SETs for
+        domains subscribed to events (``verb``: create, put or patch; ``documents``: home's
+        resources after the writes, where known): one transaction."""
         sealed = None
         if write_only:
             if self.box is None:
@@ -232,7 +241,31 @@ class MappingStore:
             for internal_id, value in (external_ids or {}).items():
                 assert origin is not None, "an externalId belongs to the domain that gave it"
                 await conn.execute(query("set_domain_external_id"), origin, internal_id, value)
-            await enqueue_changes(conn, writes, deleted=deleted, origin=origin, sealed=sealed)
+            await enqueue_changes(
+                conn,
+                writes,
+                deleted=deleted,
+                origin=origin,
+                sealed=sealed,
+                verb=verb,
+                documents=documents,
+                write_only={i: list(v) for i, v in (write_only or {}).items() if v},
+            )
+
+    async def events_subscribed(self) -> bool:
+        """Whether any domain subscribes to SETs (then a write's result is worth reading back
+        when home does not return it). Looked up at most every few seconds."""
+        now = time.monotonic()
+        if now - self._subscribed[1] > _SUBSCRIBED_TTL:
+            self._subscribed = (
+                bool(await self.pool.fetchval(query("events_subscribed"))),
+                now,
+            )
+        return self._subscribed[0]
+
+    async def subscribed(self, domain: str) -> bool:
+        """Whether ``domain`` subscribes to SETs."""
+        return bool(await self.pool.fetchval(query("subscription_exists"), domain))
 
     async def provision_on_need(self, domain: str, internal_ids: Sequence[str]) -> None:
         """Split-offs held back from push peer ``domain`` that something there needs now: a

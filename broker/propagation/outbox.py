@@ -3,13 +3,14 @@ it and the rows commit together or not at all)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import asyncpg
 
 from broker.db import query
 from broker.errors import BrokerError, NotFoundError
+from broker.events.record import record_changes
 
 if TYPE_CHECKING:
     from broker.db import Connection
@@ -24,11 +25,25 @@ async def enqueue_changes(
     deleted: Sequence[str] = (),
     origin: str | None = None,
     sealed: Mapping[str, bytes] | None = None,
+    verb: str | Mapping[str, str] | None = None,
+    documents: Mapping[str, Mapping[str, Any]] | None = None,
+    write_only: Mapping[str, Collection[str]] | None = None,
 ) -> None:
     """Record entities home changed (internal ID -> resource type) or deleted, and enqueue their
     syncs toward every push peer but ``origin`` (a change is not sent back where it came from),
-    each carrying the write-only values the write set, ``sealed`` by entity."""
+    each carrying the write-only values the write set, ``sealed`` by entity; and the SETs the
+    changes imply for the domains subscribed to events (``verb``, ``documents`` and the
+    ``write_only`` attribute names describe the changes: see :func:`record_changes`)."""
     await conn.execute(query("record_writes"), list(changed), list(changed.values()), list(deleted))
+    await record_changes(
+        conn,
+        changed,
+        deleted,
+        origin=origin,
+        verb=verb,
+        documents=documents or {},
+        write_only=write_only or {},
+    )
     entities = list(dict.fromkeys([*changed, *deleted]))
     sealed = sealed or {}
     plain = [i for i in entities if i not in sealed]

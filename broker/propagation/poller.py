@@ -78,6 +78,9 @@ class HomePoller:
     async def _changes(self, resource_type: str, endpoint: str) -> int:
         mark = await self.pool.fetchrow(query("watermark"), resource_type)
         params = {"sortBy": "meta.lastModified", "sortOrder": "ascending", "attributes": "id,meta"}
+        if await self.pool.fetchval(query("events_subscribed")):
+            # SETs say what changed: whole resources, to compare with what was recorded.
+            del params["attributes"]
         if mark is None:
             # The first poll starts from now: what home already holds reaches a new peer by
             # reconciliation, not as a flood of changes.
@@ -100,6 +103,7 @@ class HomePoller:
             endpoint, {**params, "filter": f"meta.lastModified ge {json.dumps(since)}"}
         )
         changed: dict[str, str] = {}
+        found: dict[str, dict[str, Any]] = {}
         newest, at_newest = since, set(seen)
         for resource in resources:
             modified, resource_id = _last_modified(resource), resource.get("id")
@@ -108,6 +112,7 @@ class HomePoller:
             if modified == since and resource_id in seen:
                 continue
             changed[resource_id] = resource_type
+            found[resource_id] = resource
             if modified > newest:
                 newest, at_newest = modified, {resource_id}
             elif modified == newest:
@@ -115,7 +120,7 @@ class HomePoller:
         if not changed:
             return 0
         async with self.pool.acquire() as conn, conn.transaction():
-            await enqueue_changes(conn, changed)
+            await enqueue_changes(conn, changed, documents=found)
             await conn.execute(query("save_watermark"), resource_type, newest, sorted(at_newest))
         log.info("home poll: %d %s changes since %s", len(changed), resource_type, since)
         return len(changed)

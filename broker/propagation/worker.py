@@ -27,6 +27,8 @@ import asyncpg
 import orjson
 
 from broker.db import listening, query
+from broker.events.render import EventRenderer
+from broker.http import SET_TYPE, exchange
 from broker.mapping.store import mint_id
 from broker.propagation.documents import PATCH_SCHEMA, peer_document, scim_patch
 from broker.propagation.peer import PeerClient, peer_credential
@@ -65,7 +67,8 @@ class WorkerSettings:
 @dataclass(frozen=True)
 class Peer:
     id: str
-    scim_url: str
+    scim_url: str | None
+    """None for a domain that only gets SETs pushed."""
     credential_ref: str | None
     scope_filter: str | None
     readable: list[str] | None
@@ -73,6 +76,9 @@ class Peer:
     deprovision: str
     suspend_for: timedelta
     on_conflict: str
+    events_endpoint: str | None = None
+    """The domain's RFC 8935 receiver, if its SETs are pushed."""
+    events_credential: str | None = None
 
     @classmethod
     def from_record(cls, record: asyncpg.Record) -> Peer:
@@ -87,6 +93,8 @@ class Peer:
             deprovision=record["deprovision"],
             suspend_for=record["suspend_for"],
             on_conflict=record["on_conflict"],
+            events_endpoint=record["events_endpoint"],
+            events_credential=record["events_credential"],
         )
 
 
@@ -138,9 +146,11 @@ class Deliverer:
         settings: WorkerSettings | None = None,
         observe: Observer | None = None,
         box: Callable[[], SecretBox] | None = None,
+        events: Callable[[], EventRenderer] | None = None,
     ) -> None:
         self.pool = pool
         self.box = box
+        self.events = events
         self.home = home
         self.session = session
         self.id_shape = IdShape(id_pattern)
@@ -338,6 +348,7 @@ class Deliverer:
                     raise
 
     def _client(self, peer: Peer) -> PeerClient:
+        assert peer.scim_url is not None, "only push peers get SCIM deliveries"
         client = self._clients.get(peer.id)
         token = peer_credential(peer.credential_ref)
         if client is None or client.base_url != peer.scim_url.rstrip("/") or client.token != token:
@@ -354,6 +365,8 @@ class Deliverer:
             await self._delete_alias(peer, claim)
         elif claim.kind == "undo_create":
             await self._undo_create(peer, claim)
+        elif claim.kind == "set":
+            await self._push_set(peer, claim)
         else:
             raise Failure(
                 Verdict.PERMANENT,
@@ -886,3 +899,53 @@ class Deliverer:
             answer = await client.call("DELETE", f"{endpoint}/{made}")
             if answer.status not in (200, 204, 404):
                 raise judge(answer.status, answer.body, answer.headers, f"DELETE {endpoint}/...")
+
+    # ------------------------------------------------------------------ pushed SETs
+
+    async def _push_set(self, peer: Peer, claim: Claim) -> None:
+        """One SET to the domain's receiver (RFC 8935): 202 is delivered; a 400 with an error
+        code is the receiver's refusal, kept with the SET and dead-lettered."""
+        if self.events is None or peer.events_endpoint is None:
+            raise Failure(
+                Verdict.PERMANENT,
+                f"domain {peer.id} no longer has its SETs pushed: "
+                f"`broker events subscribe {peer.id} --delivery push --endpoint URL` resumes it",
+                peer_fault=False,
+            )
+        event_id = int(claim.payload["event"])
+        rendered = await self.events().render(peer.id, ids=[event_id])
+        if not rendered:
+            return  # out of the domain's scope, or settled already
+        (event,) = rendered
+        token = peer_credential(peer.events_credential)
+        what = f"POST {peer.events_endpoint} (SET {event.jti})"
+        try:
+            answer = await exchange(
+                self.session,
+                "POST",
+                peer.events_endpoint,
+                auth={"Authorization": f"Bearer {token}"} if token else {},
+                data=event.token.encode(),
+                headers={"Content-Type": SET_TYPE, "Accept": "application/json"},
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Failure(
+                Verdict.TRANSIENT,
+                f"{what}: the receiver did not answer ({type(exc).__name__}); retrying until it does",
+            ) from exc
+        if answer.status in (200, 202, 204):
+            await self.pool.execute(query("events_acknowledged"), peer.id, [event.jti])
+            return
+        body = answer.json_or_none()
+        if answer.status == 400 and isinstance(body, dict) and isinstance(body.get("err"), str):
+            error = {"err": body["err"], "description": body.get("description")}
+            await self.pool.execute(query("event_failed"), peer.id, event_id, error)
+            raise Failure(
+                Verdict.PERMANENT,
+                f"{what}: the receiver refused the SET: {body['err']}"
+                + (f" ({body['description']})" if body.get("description") else "")
+                + "; fix the receiver or the subscription, then retry the delivery",
+                status=400,
+                scim_error=error,
+            )
+        raise judge(answer.status, body, answer.headers, what)

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from broker.domains import Domain, DomainStore
 from broker.errors import BrokerError, InvalidValueError, NotFoundError
+from broker.events.sets import service_provider_config_events
 from broker.http import SCIM_JSON
 from broker.mapping.store import MappingStore
 from broker.proxy.home import (
@@ -412,13 +413,6 @@ class Proxy:
         if refused:
             raise _mutability(f"domain {domain.id} may not write {', '.join(refused)}")
 
-    def _filter_readable(self, domain: Domain, doc: dict[str, Any]) -> dict[str, Any]:
-        allowed = domain.attribute_policy.get("read")
-        if allowed is None:
-            return doc
-        permitted = {a.lower() for a in allowed} | {"schemas", "id", "meta", "externalid"}
-        return {k: v for k, v in doc.items() if k.lower() in permitted}
-
     async def _respond(
         self, call: _Call, status: int, body: Any, headers: Mapping[str, str] | None = None
     ) -> web.Response:
@@ -496,9 +490,7 @@ class Proxy:
                 return await self._respond(call, 304, None, _etag_header(response))
         resource = await self._fetch(call, target, _pick(request.query, GET_PARAMS))
         out = await self._visible(call, resource, target.resource_type)
-        return await self._respond(
-            call, 200, self._filter_readable(call.domain, out), _etag(resource)
-        )
+        return await self._respond(call, 200, call.domain.readable(out), _etag(resource))
 
     async def _fetch(
         self, call: _Call, target: _Target, params: Mapping[str, str]
@@ -588,7 +580,7 @@ class Proxy:
             raise self._home_error(call, response, {})
         resources = [r for r in response.body.get("Resources", []) if isinstance(r, dict)]
         translated = await self._outbound(call, resources, resource_type)
-        visible = [self._filter_readable(call.domain, r) for r in translated if r is not None]
+        visible = [call.domain.readable(r) for r in translated if r is not None]
         hidden = len(resources) - len(visible)
         body = {
             "schemas": [LIST_SCHEMA],
@@ -627,6 +619,8 @@ class Proxy:
             origin=call.domain.id,
             external_ids={response.body["id"]: external_id[0]} if external_id else None,
             write_only={response.body["id"]: write_only_values("POST", sent, schema.write_only)},
+            verb="create",
+            documents={response.body["id"]: response.body},
         )
         if external_id is not None and external_id[0] is not None:
             out["externalId"] = external_id[0]
@@ -644,11 +638,9 @@ class Proxy:
         if response.status != 200 or not isinstance(response.body, dict):
             raise self._home_error(call, response, target.replacements)
         write_only = write_only_values("PUT", sent, (await self.home.schema()).write_only)
-        await self._record(call, target, external_id, write_only)
+        await self._record(call, target, external_id, write_only, "put", response.body)
         out = await self._visible(call, response.body, target.resource_type)
-        return await self._respond(
-            call, 200, self._filter_readable(call.domain, out), _headers(response, out)
-        )
+        return await self._respond(call, 200, call.domain.readable(out), _headers(response, out))
 
     async def patch(self, request: web.Request) -> web.Response:
         call = await self._call(request, "scim:write")
@@ -675,17 +667,18 @@ class Proxy:
             if response.status not in (200, 204):
                 raise self._home_error(call, response, target.replacements)
             resource = response.body if isinstance(response.body, dict) else None
+            if resource is None and await self.store.events_subscribed():
+                # Home answered 204: its resource after the change tells the SETs what changed.
+                resource = await self._fetch(call, target, {})
         if patch.operations or patch.external_id is not None:
             write_only = write_only_values("PATCH", sent, schema.write_only)
-            await self._record(call, target, patch.external_id, write_only)
+            await self._record(call, target, patch.external_id, write_only, "patch", resource)
         if patch.operations and response.status == 204 and patch.external_id is None:
             return await self._respond(call, 204, None, _etag_header(response))
         if resource is None:
             resource = await self._fetch(call, target, {})
         out = await self._visible(call, resource, target.resource_type)
-        return await self._respond(
-            call, 200, self._filter_readable(call.domain, out), _etag(resource)
-        )
+        return await self._respond(call, 200, call.domain.readable(out), _etag(resource))
 
     async def delete(self, request: web.Request) -> web.Response:
         call = await self._call(request, "scim:write")
@@ -702,14 +695,19 @@ class Proxy:
         target: _Target,
         external_id: tuple[str | None] | None,
         write_only: Mapping[str, Any],
+        verb: str,
+        document: dict[str, Any] | None,
     ) -> None:
-        """A change the caller made to an existing resource: its externalId, and the syncs the
-        change implies toward push peers with the write-only values it set, in one transaction."""
+        """A change the caller made to an existing resource (home's resource after it, if
+        known): its externalId, and the syncs and SETs the change implies, with the write-only
+        values it set, in one transaction."""
         await self.store.record_write(
             {target.internal_id: target.resource_type},
             origin=call.domain.id,
             external_ids={target.internal_id: external_id[0]} if external_id else None,
             write_only={target.internal_id: write_only},
+            verb=verb,
+            documents={target.internal_id: document} if document else None,
         )
 
     # ------------------------------------------------------------------ discovery
@@ -735,6 +733,11 @@ class Proxy:
             "maxOperations": min(int(home_bulk.get("maxOperations") or 0), MAX_BULK_OPERATIONS),
             "maxPayloadSize": min(int(home_bulk.get("maxPayloadSize") or 0), MAX_BODY),
         }
+        # The broker's own change notification (RFC 9967 section 4), not home's, shown to a
+        # domain subscribed to it: clients that predate RFC 9967 refuse the attribute.
+        config.pop("securityEvents", None)
+        if await self.store.subscribed(call.domain.id):
+            config.update(service_provider_config_events())
         return await self._respond(call, 200, config)
 
     async def discovery(self, request: web.Request) -> web.Response:
@@ -896,7 +899,12 @@ class Proxy:
                     response.get("scimType"),
                 )
             out.append(result)
-        written, deleted = bulk_writes(answers, schema.endpoints, self.home.base_url)
+        written, deleted, verbs = bulk_writes(answers, schema.endpoints, self.home.base_url)
+        documents = (
+            await self.home.read_back(written)
+            if written and await self.store.events_subscribed()
+            else {}
+        )
         if written or deleted:
             await self.store.record_write(
                 written,
@@ -904,6 +912,8 @@ class Proxy:
                 deleted=deleted,
                 external_ids=external_ids,
                 write_only=write_only,
+                verb=verbs,
+                documents=documents,
             )
         return await self._respond(call, 200, {"schemas": [BULK_RESPONSE], "Operations": out})
 

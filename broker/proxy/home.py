@@ -152,6 +152,20 @@ class HomeClient:
             )
         return found
 
+    async def read_back(self, written: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+        """Home's current resources for ``written`` (internal ID -> resource type), after a
+        write home answered without them; those it does not return are left out."""
+        endpoints = (await self.schema()).endpoints
+        found: dict[str, dict[str, Any]] = {}
+        for internal_id, resource_type in written.items():
+            endpoint = endpoints.by_type.get(resource_type)
+            if endpoint is None:
+                continue
+            response = await self.request("GET", f"{endpoint}/{internal_id}")
+            if response.status == 200 and isinstance(response.body, dict):
+                found[internal_id] = response.body
+        return found
+
     async def schema(self) -> HomeSchema:
         """Reference attributes and endpoints, from the home's own description of itself."""
         now = time.monotonic()

@@ -13,11 +13,13 @@ __all__ = ["bulk_write_only", "bulk_writes"]
 
 def bulk_writes(
     answers: Iterable[Mapping[str, Any]], endpoints: Endpoints, base: str
-) -> tuple[dict[str, str], list[str]]:
+) -> tuple[dict[str, str], list[str], dict[str, str]]:
     """The resources a bulk response (RFC 7644 section 3.7.3) reports written (ID -> resource
-    type) and deleted, from its successful operations' ``location`` and ``method``."""
+    type) and deleted, from its successful operations' ``location`` and ``method``; and how
+    each written one was written (ID -> create, put or patch: the last operation's)."""
     written: dict[str, str] = {}
     deleted: list[str] = []
+    verbs: dict[str, str] = {}
     for answer in answers:
         if not str(answer.get("status", "")).startswith("2"):
             continue
@@ -28,7 +30,10 @@ def bulk_writes(
             deleted.append(parsed[1])
         else:
             written[parsed[1]] = parsed[0]
-    return written, deleted
+            method = str(answer.get("method", "")).upper()
+            verb = {"POST": "create", "PUT": "put"}.get(method, "patch")
+            verbs[parsed[1]] = "create" if verbs.get(parsed[1]) == "create" else verb
+    return written, deleted, verbs
 
 
 def bulk_write_only(

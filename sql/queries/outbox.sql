@@ -148,11 +148,14 @@ UPDATE outbox SET next_attempt_at = now(), updated_at = now()
 WHERE domain_id = $1 AND state = 'pending' AND next_attempt_at > now()
 
 -- name: push_peers
-SELECT id, scim_url, credential_ref, scope_filter, attribute_policy, status, deprovision,
-       suspend_for, on_conflict
-FROM domains
-WHERE kind = 'peer' AND push AND status <> 'disabled'
-ORDER BY id
+-- Domains the worker delivers to: push peers (SCIM), and domains whose SETs are pushed.
+SELECT d.id, d.scim_url, d.credential_ref, d.scope_filter, d.attribute_policy, d.status,
+       d.deprovision, d.suspend_for, d.on_conflict,
+       s.endpoint AS events_endpoint, s.credential_ref AS events_credential
+FROM domains d
+LEFT JOIN event_subscriptions s ON s.domain_id = d.id AND s.delivery = 'push'
+WHERE d.kind = 'peer' AND (d.push OR s.endpoint IS NOT NULL) AND d.status <> 'disabled'
+ORDER BY d.id
 
 -- name: entity_for_delivery
 -- The entity, its primary row in the peer, and what the peer last received.
@@ -289,10 +292,19 @@ ORDER BY id
 LIMIT $3
 
 -- name: retry_delivery
--- A dead delivery goes back to the queue, due now, with its attempts counted afresh.
-UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = now(), updated_at = now()
-WHERE id = $1 AND state = 'dead'
-RETURNING id
+-- A dead delivery goes back to the queue, due now, with its attempts counted afresh (a pushed
+-- SET the receiver refused is to be sent again).
+WITH retried AS (
+    UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = now(), updated_at = now()
+    WHERE id = $1 AND state = 'dead'
+    RETURNING id, kind, payload, domain_id
+), resent AS (
+    UPDATE security_events v SET state = 'pending', error = NULL, settled_at = NULL
+    FROM retried r
+    WHERE r.kind = 'set' AND v.id = (r.payload ->> 'event')::bigint AND v.domain_id = r.domain_id
+      AND v.state = 'failed'
+)
+SELECT id FROM retried
 
 -- name: discard_delivery
 UPDATE outbox

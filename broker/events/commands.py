@@ -1,0 +1,186 @@
+"""``broker events`` (subscriptions) and ``broker keys`` (the SET signing keys)."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from broker.config import Config
+from broker.db import query
+from broker.errors import InvalidValueError, NotFoundError
+from broker.events.keyring import KeyRing
+from broker.propagation.secrets import load_box
+from broker.tables import table
+
+__all__ = ["add_event_commands"]
+
+PoolFactory = Callable[[Config], AbstractAsyncContextManager[asyncpg.Pool]]
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _names(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+async def subscribe(pool: asyncpg.Pool, args: argparse.Namespace) -> asyncpg.Record:
+    """The domain's subscription, made or replaced; errors say what to change."""
+    if args.delivery == "push":
+        if not args.endpoint:
+            raise InvalidValueError(
+                "--delivery push needs --endpoint URL: the domain's RFC 8935 receiver"
+            )
+        if urlsplit(args.endpoint).scheme not in ("http", "https"):
+            raise InvalidValueError(f"--endpoint {args.endpoint!r} is not an http(s) URL")
+    elif args.endpoint or args.token_env:
+        raise InvalidValueError(
+            "--endpoint and --token-env are for --delivery push; a polling domain calls "
+            "POST /events/poll with its own token"
+        )
+    try:
+        record = await pool.fetchrow(
+            query("subscribe"),
+            args.domain,
+            _names(args.resource_types) or ["User", "Group"],
+            _names(args.attributes),
+            args.delivery,
+            args.endpoint,
+            f"env:{args.token_env}" if args.token_env else None,
+            args.detail,
+            args.identity_events,
+        )
+    except asyncpg.ForeignKeyViolationError:
+        raise NotFoundError(
+            f"there is no domain {args.domain}: `broker domain list` shows them"
+        ) from None
+    assert record is not None
+    return record
+
+
+def _lines(record: asyncpg.Record) -> list[str]:
+    return [
+        f"domain:          {record['domain_id']}",
+        f"delivery:        {record['delivery']}"
+        + (f" to {record['endpoint']}" if record["endpoint"] else " (POST /events/poll)"),
+        f"resource types:  {', '.join(record['resource_types'])}",
+        f"attributes:      {', '.join(record['attributes']) if record['attributes'] else 'all'}",
+        f"detail:          {record['detail']}",
+        f"merge/split:     {'notified' if record['identity_events'] else 'not notified'}",
+    ]
+
+
+async def cmd_events(pool_of: PoolFactory, config: Config, args: argparse.Namespace) -> int:
+    async with pool_of(config) as pool:
+        if args.events_command == "subscribe":
+            print("\n".join(_lines(await subscribe(pool, args))))
+        elif args.events_command == "unsubscribe":
+            gone = await pool.fetchval(query("unsubscribe"), args.domain)
+            if gone is None:
+                raise NotFoundError(f"domain {args.domain} has no event subscription")
+            _say(f"{args.domain} no longer gets SETs; those not yet delivered are dropped")
+        else:
+            counts: dict[str, dict[str, int]] = {}
+            for r in await pool.fetch(query("event_stats")):
+                counts.setdefault(r["domain_id"], {})[r["state"]] = r["events"]
+            rows = [
+                (
+                    r["domain_id"],
+                    r["delivery"],
+                    r["detail"],
+                    ",".join(r["resource_types"]),
+                    ",".join(r["attributes"]) if r["attributes"] else "all",
+                    str(counts.get(r["domain_id"], {}).get("pending", 0)),
+                    str(counts.get(r["domain_id"], {}).get("sent", 0)),
+                    str(counts.get(r["domain_id"], {}).get("acknowledged", 0)),
+                    str(counts.get(r["domain_id"], {}).get("failed", 0)),
+                )
+                for r in await pool.fetch(query("subscriptions"))
+            ]
+            headers = ("domain", "delivery", "detail", "types", "attributes")
+            print(table((*headers, "pending", "unacked", "acked", "failed"), rows))
+    return 0
+
+
+async def cmd_keys(pool_of: PoolFactory, config: Config, args: argparse.Namespace) -> int:
+    async with pool_of(config) as pool:
+        box = functools.cache(
+            lambda: load_box(config.propagation.secret_key_env, config.database.data_dir)
+        )
+        ring = KeyRing(pool, box)
+        if args.keys_command == "rotate":
+            key = await ring.rotate()
+            _say(
+                f"key {key.kid} signs new SETs from now on (running brokers follow within "
+                f"{config.events.key_refresh:g} s); older keys stay in the JWKS while SETs "
+                "they signed may still be pending"
+            )
+            print(key.kid)
+            return 0
+        rows = [
+            (
+                k.kid,
+                k.created_at.isoformat(timespec="seconds"),
+                "signing" if k.signing else ("published" if k.published else "retired"),
+                str(k.unsettled),
+            )
+            for k in await ring.keys()
+        ]
+        print(table(("kid", "created", "state", "unsettled SETs"), rows))
+    return 0
+
+
+def add_event_commands(commands: Any, pool_of: PoolFactory) -> None:
+    """The ``events`` and ``keys`` commands, on ``commands`` (the parser's subparsers)."""
+    events = commands.add_parser("events", help="domains' subscriptions to change notification")
+    events.set_defaults(run=functools.partial(cmd_events, pool_of), asynchronous=True)
+    actions = events.add_subparsers(dest="events_command", required=True, metavar="ACTION")
+    sub = actions.add_parser("subscribe", help="make or replace a domain's subscription")
+    sub.add_argument("domain")
+    sub.add_argument(
+        "--delivery",
+        choices=("push", "poll"),
+        required=True,
+        help="push SETs to the domain (RFC 8935) or let it poll (RFC 8936)",
+    )
+    sub.add_argument("--endpoint", metavar="URL", help="push: the domain's SET receiver")
+    sub.add_argument(
+        "--token-env", metavar="VAR", help="push: environment variable with its bearer token"
+    )
+    sub.add_argument(
+        "--resource-types", metavar="A,B", help="resource types of interest (default User,Group)"
+    )
+    sub.add_argument(
+        "--attributes",
+        metavar="A,B",
+        help="attributes of interest: a change touching none of them is not sent (default all)",
+    )
+    sub.add_argument(
+        "--detail",
+        choices=("notice", "full"),
+        default="notice",
+        help="notice: attribute names only (default); full: values too, within the domain's "
+        "read attributes",
+    )
+    sub.add_argument(
+        "--identity-events",
+        action="store_true",
+        help="also notify merges and splits (an ID of the domain's now denotes another)",
+    )
+    unsub = actions.add_parser("unsubscribe", help="stop a domain's SETs")
+    unsub.add_argument("domain")
+    actions.add_parser("list", help="subscriptions, with their SETs by state")
+
+    keys = commands.add_parser("keys", help="the keys SETs are signed with")
+    keys.set_defaults(run=functools.partial(cmd_keys, pool_of), asynchronous=True)
+    key_actions = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    key_actions.add_parser("rotate", help="add a key and sign with it; prints its kid")
+    key_actions.add_parser("list", help="the keys, which signs, which are still published")

@@ -1,0 +1,166 @@
+-- Change notification: changes recorded once, a SET per subscribed domain, push through the
+-- outbox, poll by acknowledgement.
+
+-- name: previous_documents
+-- The last document recorded for each entity (the base its next change is compared with), and
+-- whether any domain subscribes to events at all (if none, nothing is recorded).
+SELECT a.internal_id, p.document,
+       EXISTS (SELECT 1 FROM event_subscriptions) AS subscribed
+FROM unnest($1::text[]) AS a (internal_id)
+LEFT JOIN LATERAL (
+    SELECT c.document FROM home_changes c
+    WHERE c.internal_id = a.internal_id AND c.document IS NOT NULL
+    ORDER BY c.id DESC
+    LIMIT 1
+) p ON true
+
+-- name: record_changes
+-- Changes ($1: [{internal_id, kinds, attributes, document}]) made through domain $2 (NULL: home
+-- or its tools), each recorded once with its txn, a SET for each domain subscribed to the
+-- resource type and to one of the attributes touched (creates, deletes and (de)activations
+-- always), never for the domain the change came from; a push delivery for each pushed SET.
+WITH incoming AS (
+    SELECT * FROM jsonb_to_recordset($1::jsonb)
+        AS x (internal_id text, kinds text[], attributes text[], document jsonb)
+), changes AS (
+    INSERT INTO home_changes (txn, internal_id, kinds, attributes, document, origin)
+    SELECT gen_random_uuid(), internal_id, kinds, attributes, document, $2 FROM incoming
+    RETURNING id, internal_id, kinds, attributes
+), events AS (
+    INSERT INTO security_events (domain_id, change_id, internal_id, jti)
+    SELECT s.domain_id, c.id, c.internal_id, gen_random_uuid()::text
+    FROM changes c
+    JOIN entities e ON e.internal_id = c.internal_id
+    JOIN event_subscriptions s ON e.resource_type = ANY (s.resource_types)
+    JOIN domains d ON d.id = s.domain_id AND d.status <> 'disabled'
+    WHERE s.domain_id IS DISTINCT FROM $2
+      AND (s.attributes IS NULL
+           OR c.kinds && ARRAY['create', 'delete', 'activate', 'deactivate']
+           OR cardinality(c.attributes) = 0
+           OR EXISTS (SELECT 1 FROM unnest(c.attributes) a, unnest(s.attributes) b
+                      WHERE lower(a) = lower(b)
+                         OR lower(a) LIKE '%:' || lower(b)
+                         OR lower(b) LIKE lower(a) || '.%'))
+    ORDER BY c.id, s.domain_id
+    RETURNING id, domain_id, internal_id
+)
+INSERT INTO outbox (domain_id, internal_id, kind, payload)
+SELECT ev.domain_id, ev.internal_id, 'set', jsonb_build_object('event', ev.id)
+FROM events ev JOIN event_subscriptions s ON s.domain_id = ev.domain_id
+WHERE s.delivery = 'push'
+ORDER BY ev.id
+
+-- name: events_to_render
+-- A domain's unsettled SETs: the given ones ($2), or else the first $3, in order.
+SELECT v.id, v.jti, v.token, v.state, v.internal_id, c.txn, c.kinds, c.attributes,
+       c.document, extract(epoch FROM c.at)::bigint AS at, e.resource_type, s.detail
+FROM security_events v
+JOIN home_changes c ON c.id = v.change_id
+JOIN entities e ON e.internal_id = v.internal_id
+JOIN event_subscriptions s ON s.domain_id = v.domain_id
+WHERE v.domain_id = $1
+  AND v.state IN ('pending', 'sent')
+  AND ($2::bigint[] IS NULL OR v.id = ANY ($2))
+ORDER BY v.id
+LIMIT $3
+
+-- name: save_rendered
+-- SETs signed ($2 ids, $3 tokens, with key $4), and those the domain must not get ($5: out of
+-- its scope, or about an entity it has no ID for).
+WITH signed AS (
+    UPDATE security_events v SET token = t.token, kid = $4
+    FROM unnest($2::bigint[], $3::text[]) AS t (id, token)
+    WHERE v.id = t.id AND v.domain_id = $1 AND v.token IS NULL
+)
+UPDATE security_events SET state = 'skipped', settled_at = now()
+WHERE domain_id = $1 AND id = ANY ($5::bigint[]) AND state = 'pending'
+
+-- name: events_sent
+UPDATE security_events SET state = 'sent', sent_at = coalesce(sent_at, now())
+WHERE domain_id = $1 AND id = ANY ($2::bigint[]) AND state = 'pending'
+
+-- name: events_acknowledged
+-- The domain acknowledged these SETs (by jti): they never return.
+UPDATE security_events SET state = 'acknowledged', settled_at = now()
+WHERE domain_id = $1 AND jti = ANY ($2::text[]) AND state IN ('pending', 'sent')
+RETURNING jti
+
+-- name: events_refused
+-- The domain reported an error for these SETs ($2: [{jti, err, description}]): kept with it.
+UPDATE security_events v SET state = 'failed', settled_at = now(),
+    error = jsonb_build_object('err', x.err, 'description', x.description)
+FROM jsonb_to_recordset($2::jsonb) AS x (jti text, err text, description text)
+WHERE v.domain_id = $1 AND v.jti = x.jti AND v.state IN ('pending', 'sent')
+RETURNING v.jti
+
+-- name: event_failed
+UPDATE security_events SET state = 'failed', settled_at = now(), error = $3
+WHERE domain_id = $1 AND id = $2 AND state IN ('pending', 'sent')
+
+-- name: more_events
+SELECT EXISTS (
+    SELECT 1 FROM security_events WHERE domain_id = $1 AND state IN ('pending', 'sent') AND id > $2
+)
+
+-- name: subscription
+SELECT domain_id, resource_types, attributes, delivery, endpoint, credential_ref, detail,
+       identity_events, created_at, updated_at
+FROM event_subscriptions WHERE domain_id = $1
+
+-- name: subscriptions
+SELECT domain_id, resource_types, attributes, delivery, endpoint, credential_ref, detail,
+       identity_events, created_at, updated_at
+FROM event_subscriptions ORDER BY domain_id
+
+-- name: subscribe
+INSERT INTO event_subscriptions (domain_id, resource_types, attributes, delivery, endpoint,
+                                 credential_ref, detail, identity_events)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+ON CONFLICT (domain_id) DO UPDATE SET
+    resource_types = EXCLUDED.resource_types, attributes = EXCLUDED.attributes,
+    delivery = EXCLUDED.delivery, endpoint = EXCLUDED.endpoint,
+    credential_ref = EXCLUDED.credential_ref, detail = EXCLUDED.detail,
+    identity_events = EXCLUDED.identity_events, updated_at = now()
+RETURNING domain_id, resource_types, attributes, delivery, endpoint, credential_ref, detail,
+          identity_events, created_at, updated_at
+
+-- name: unsubscribe
+-- No more SETs for the domain; those not yet delivered are dropped with their pushes.
+WITH dropped AS (
+    UPDATE security_events SET state = 'skipped', settled_at = now()
+    WHERE domain_id = $1 AND state = 'pending'
+), pushes AS (
+    UPDATE outbox SET state = 'cancelled', updated_at = now()
+    WHERE domain_id = $1 AND kind = 'set' AND state IN ('pending', 'in_flight')
+)
+DELETE FROM event_subscriptions WHERE domain_id = $1 RETURNING domain_id
+
+-- name: event_stats
+SELECT v.domain_id, v.state, count(*) AS events,
+       extract(epoch FROM now() - min(v.created_at)) AS oldest_age
+FROM security_events v
+GROUP BY v.domain_id, v.state ORDER BY v.domain_id, v.state
+
+-- name: newest_signing_key
+SELECT kid, private_key FROM signing_keys ORDER BY created_at DESC, kid DESC LIMIT 1
+
+-- name: add_signing_key
+INSERT INTO signing_keys (kid, private_key, public_jwk) VALUES ($1, $2, $3)
+
+-- name: published_keys
+-- The newest key, and every older one that signed a SET that may still be pending.
+SELECT k.kid, k.public_jwk, k.created_at,
+       k.kid = (SELECT kid FROM signing_keys ORDER BY created_at DESC, kid DESC LIMIT 1) AS signing,
+       (SELECT count(*) FROM security_events v WHERE v.kid = k.kid AND v.state IN ('pending', 'sent'))
+           AS unsettled
+FROM signing_keys k
+ORDER BY k.created_at DESC, k.kid DESC
+
+-- name: lock_signing_keys
+SELECT pg_advisory_xact_lock(hashtext('broker_signing_keys'))
+
+-- name: events_subscribed
+SELECT EXISTS (SELECT 1 FROM event_subscriptions)
+
+-- name: subscription_exists
+SELECT EXISTS (SELECT 1 FROM event_subscriptions WHERE domain_id = $1)
