@@ -21,6 +21,7 @@ from broker.domains import DomainStore
 from broker.tokens import TokenStore
 from tests.propagation_support import (
     FAST,
+    admin,
     cli,
     federation,
     home_tool,
@@ -408,3 +409,82 @@ async def test_sets_pushed_by_the_home_become_the_domains_sets(
         (claims,) = await verified(broker, "D", got["sets"])
         assert kinds(claims) == {"create:notice"}
         assert claims["sub_id"]["uri"] == f"/Users/{await seen_id(broker, 'D', name)}"
+
+
+async def test_merge_and_split_notices_reach_only_the_domains_that_asked(
+    broker: Broker, home: Home
+) -> None:
+    await subscribe(broker, "D", "--delivery", "poll", "--identity-events")
+    await subscribe(broker, "E", "--delivery", "poll")
+    names = [unique("ev"), unique("ev")]
+    users = [(await home_tool(broker, "POST", "/Users", new_user(n)))[1]["id"] for n in names]
+    survivor, loser = [await seen_id(broker, "D", n) for n in names]
+    e_ids = {await seen_id(broker, "E", n) for n in names}
+    for domain in ("D", "E"):  # the creates, acknowledged
+        _, got = await poll(broker, domain, returnImmediately=True)
+        await poll(broker, domain, ack=list(got["sets"]), returnImmediately=True)
+
+    status, _ = await admin(
+        broker,
+        "POST",
+        "/admin/merges",
+        {"survivor": users[0], "losers": [users[1]], "idempotency_key": unique("k")},
+    )
+    assert status == 202
+    _, got = await poll(broker, "D", returnImmediately=True)
+    (merged,) = await verified(broker, "D", got["sets"])
+    assert merged["sub_id"]["uri"] == f"/Users/{loser}"
+    assert merged["events"] == {"urn:scim-id-broker:event:merge": {"primary": f"/Users/{survivor}"}}
+    _, nothing = await poll(broker, "E", returnImmediately=True)
+    assert nothing["sets"] == {}, "E did not ask for merge notices"
+
+    # Undone: the alias moves to a new entity made in home for it.
+    status, split_off = home.call("POST", "/Users", new_user(unique("ev")))
+    assert status == 201
+    status, _ = await admin(
+        broker,
+        "POST",
+        "/admin/splits",
+        {
+            "source": users[0],
+            "new": [split_off["id"]],
+            "move": {"D": [loser]},
+            "idempotency_key": unique("k"),
+        },
+    )
+    assert status == 202
+    _, got = await poll(broker, "D", ack=[merged["jti"]], returnImmediately=True)
+    (split,) = await verified(broker, "D", got["sets"])
+    assert split["sub_id"]["uri"] == f"/Users/{loser}"
+    assert split["events"] == {
+        "urn:scim-id-broker:event:split": {
+            "primary": f"/Users/{loser}",
+            "splitFrom": f"/Users/{survivor}",
+        }
+    }
+    assert not e_ids & {loser, survivor}
+
+
+async def test_out_of_scope_entities_make_no_sets_and_deletes_reach_who_knew(
+    broker: Broker,
+) -> None:
+    await add_domain(broker, "S", scope_filter='title eq "In"')
+    await subscribe(broker, "S", "--delivery", "poll")
+    await subscribe(broker, "D", "--delivery", "poll")
+    _, outside = await home_tool(broker, "POST", "/Users", new_user(unique("ev"), title="Out"))
+    inside_name = unique("ev")
+    _, inside = await home_tool(broker, "POST", "/Users", new_user(inside_name, title="In"))
+    _, got = await poll(broker, "S", returnImmediately=True)
+    (created,) = await verified(broker, "S", got["sets"])
+    assert created["sub_id"]["uri"] == f"/Users/{await seen_id(broker, 'S', inside_name)}"
+
+    _, got = await poll(broker, "D", returnImmediately=True)
+    await poll(broker, "D", ack=list(got["sets"]), returnImmediately=True)
+    for user in (outside, inside):
+        status, _ = await home_tool(broker, "DELETE", f"/Users/{user['id']}")
+        assert status == 204
+    _, got = await poll(broker, "S", ack=[created["jti"]], returnImmediately=True)
+    (deleted,) = await verified(broker, "S", got["sets"])
+    assert kinds(deleted) == {"delete"} and deleted["sub_id"] == created["sub_id"]
+    _, got = await poll(broker, "D", returnImmediately=True)
+    assert [kinds(c) for c in await verified(broker, "D", got["sets"])] == [{"delete"}] * 2

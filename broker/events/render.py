@@ -20,6 +20,7 @@ import orjson
 
 from broker.db import query
 from broker.domains import Domain, DomainStore
+from broker.events.identity import IDENTITY_EVENT_URIS, identity_claims
 from broker.events.keyring import KeyRing
 from broker.events.keys import sign_set
 from broker.events.sets import Change, EventKind, set_claims
@@ -83,12 +84,14 @@ class EventRenderer:
     async def _make(self, domain: Domain, records: list[asyncpg.Record]) -> dict[int, str]:
         schema = await self.home.schema()
         outward = Translation(schema.refs, schema.endpoints, self.home.base_url, self.scim_base)
-        full = [r for r in records if r["detail"] == "full" and _kinds(r) != {"delete"}]
+        notices = [r for r in records if _kinds(r) & set(IDENTITY_EVENT_URIS)]
+        changes = [r for r in records if not _kinds(r) & set(IDENTITY_EVENT_URIS)]
+        full = [r for r in changes if r["detail"] == "full" and _kinds(r) != {"delete"}]
         docs = [dict(r["document"]) for r in full if r["document"]]
-        wanted: dict[str, str | None] = {r["internal_id"]: r["resource_type"] for r in records}
+        wanted: dict[str, str | None] = {r["internal_id"]: r["resource_type"] for r in changes}
         for internal, rtype in ids_in_resources(docs, outward, resource_type=None).items():
             wanted.setdefault(internal, rtype)
-        live = {r["internal_id"] for r in records if "delete" not in _kinds(r)}
+        live = {r["internal_id"] for r in changes if "delete" not in _kinds(r)}
         hidden = await self._out_of_scope(domain, wanted, live)
         visible = {i: t for i, t in wanted.items() if i not in hidden}
         # A deleted entity is named only to a domain that knew it: nothing is minted for it.
@@ -100,23 +103,34 @@ class EventRenderer:
         )
         found |= known
         views = {i: DomainView(o.external_id, o.domain_external_id) for i, o in found.items()}
+        # The IDs a merge or split notice names must be the domain's own, as the table has them.
+        named = [r["document"].get(k) for r in notices for k in ("id", "primary", "from")]
+        own = set(
+            await self.pool.fetchval(query("own_external_ids"), domain.id, [i for i in named if i])
+            or ()
+        )
+        own |= {v.external_id for v in views.values()}
+        own |= {v.domain_external_id for v in views.values() if v.domain_external_id}
+        internal_ids = set(wanted) | {r["internal_id"] for r in notices}
         key = await self.keys.current()
         now = int(time.time())
         made: dict[int, str] = {}
         skipped: list[int] = []
         for record in records:
             internal = record["internal_id"]
-            change = _visible_change(domain, record)
-            if internal not in views or change is None:
-                skipped.append(record["id"])
-                continue
-            claims = self._claims(domain, record, change, views, outward, now)
+            if set(record["kinds"]) & set(IDENTITY_EVENT_URIS):
+                claims = self._identity_claims(domain, record, outward, now)
+            else:
+                change = _visible_change(domain, record)
+                if internal not in views or change is None:
+                    skipped.append(record["id"])
+                    continue
+                claims = self._claims(domain, record, change, views, outward, now)
             leak = find_leak(
                 [("SET", orjson.dumps(claims).decode())],
-                internal_ids=set(wanted) - {v.external_id for v in views.values()},
+                internal_ids=internal_ids - own,
                 id_pattern=self.id_shape,
-                allowed={v.external_id for v in views.values()}
-                | {v.domain_external_id for v in views.values() if v.domain_external_id},
+                allowed=own,
             )
             if leak is not None:
                 correlation = uuid.uuid4().hex[:12]
@@ -157,6 +171,22 @@ class EventRenderer:
             return set(users)
         within = await self.home.ids_within(endpoint, users, domain.scope_filter)
         return {i for i in users if i not in within} - set(others)
+
+    def _identity_claims(
+        self, domain: Domain, record: asyncpg.Record, outward: Translation, now: int
+    ) -> dict[str, Any]:
+        notice = record["document"]
+        endpoint = outward.endpoints.by_type.get(notice["resource_type"], "/Users")
+        return identity_claims(
+            issuer=self.issuer,
+            audience=domain.id,
+            jti=record["jti"],
+            txn=str(record["txn"]),
+            issued_at=now,
+            kind=record["kinds"][0],
+            endpoint=endpoint,
+            notice=notice,
+        )
 
     def _claims(
         self,

@@ -23,6 +23,7 @@ from broker.db import query
 if TYPE_CHECKING:
     from broker.db import Connection
 from broker.errors import ConflictError, InvalidValueError, NotFoundError
+from broker.events.identity import identity_notices
 from broker.mapping.cache import MappingCache
 from broker.mapping.rules import (
     MappingRow,
@@ -418,6 +419,16 @@ class MappingStore:
             entities = await _lock_entities(conn, involved)
             plan: Plan = await make_plan(conn, entities)
             await _apply(conn, plan, op_id)
+            if plan.changes:
+                after = await conn.fetch(query("rows_of_entities"), involved)
+                notices = identity_notices(
+                    kind,
+                    plan.changes,
+                    [_row(r) for r in after],
+                    entities[involved[0]]["resource_type"],
+                )
+                if notices:
+                    await conn.execute(query("record_identity_notices"), notices)
             progress = _progress(plan.tasks)
             record = await conn.fetchrow(
                 query("finish_planning"), op_id, "propagating" if progress else "done", progress

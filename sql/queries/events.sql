@@ -10,6 +10,7 @@ FROM unnest($1::text[]) AS a (internal_id)
 LEFT JOIN LATERAL (
     SELECT c.document FROM home_changes c
     WHERE c.internal_id = a.internal_id AND c.document IS NOT NULL
+      AND NOT c.kinds && ARRAY['merge', 'split']
     ORDER BY c.id DESC
     LIMIT 1
 ) p ON true
@@ -164,3 +165,33 @@ SELECT EXISTS (SELECT 1 FROM event_subscriptions)
 
 -- name: subscription_exists
 SELECT EXISTS (SELECT 1 FROM event_subscriptions WHERE domain_id = $1)
+
+-- name: record_identity_notices
+-- Merge and split notices ($1: [{internal_id, kind, document}], document naming the domain),
+-- each for its domain if it subscribes to them; a push delivery for each pushed one.
+WITH incoming AS (
+    SELECT * FROM jsonb_to_recordset($1::jsonb) AS x (internal_id text, kind text, document jsonb)
+), changes AS (
+    INSERT INTO home_changes (txn, internal_id, kinds, document)
+    SELECT gen_random_uuid(), i.internal_id, ARRAY[i.kind], i.document
+    FROM incoming i
+    WHERE EXISTS (SELECT 1 FROM event_subscriptions s
+                  WHERE s.domain_id = i.document ->> 'domain' AND s.identity_events)
+    RETURNING id, internal_id, document
+), events AS (
+    INSERT INTO security_events (domain_id, change_id, internal_id, jti)
+    SELECT c.document ->> 'domain', c.id, c.internal_id, gen_random_uuid()::text
+    FROM changes c
+    ORDER BY c.id
+    RETURNING id, domain_id, internal_id
+)
+INSERT INTO outbox (domain_id, internal_id, kind, payload)
+SELECT ev.domain_id, ev.internal_id, 'set', jsonb_build_object('event', ev.id)
+FROM events ev JOIN event_subscriptions s ON s.domain_id = ev.domain_id
+WHERE s.delivery = 'push'
+ORDER BY ev.id
+
+-- name: own_external_ids
+-- Which of $2 are IDs of domain $1 (aliases and retired ones included).
+SELECT coalesce(array_agg(external_id), '{}') FROM id_mappings
+WHERE domain_id = $1 AND external_id = ANY ($2::text[])
