@@ -109,6 +109,12 @@ class Metrics:
             ["domain"],
             registry=self.registry,
         )
+        self.security_events = Gauge(
+            "broker_security_events",
+            "SETs waiting for each domain: pending (not yet sent), sent (not acknowledged).",
+            ["domain", "state"],
+            registry=self.registry,
+        )
         self.info = Gauge(
             "broker_build_info", "The broker's version.", ["version"], registry=self.registry
         )
@@ -208,6 +214,11 @@ async def metrics(request: web.Request) -> web.Response:
         app_metrics.queue_age.labels(record["id"]).set(float(record["oldest_age_seconds"]))
         app_metrics.dead_letters.labels(record["id"]).set(record["dead"])
         app_metrics.quarantined.labels(record["id"]).set(1 if record["quarantined"] else 0)
+    app_metrics.security_events.clear()  # a state with nothing left in it reads 0, not stale
+    for record in await pool.fetch(query("unsettled_event_stats")):
+        app_metrics.security_events.labels(record["domain_id"], record["state"]).set(
+            record["events"]
+        )
     body = generate_latest(app_metrics.registry)
     response = web.Response(body=body)
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST

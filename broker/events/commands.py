@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import getpass
 import sys
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -47,22 +48,30 @@ async def subscribe(pool: asyncpg.Pool, args: argparse.Namespace) -> asyncpg.Rec
             "POST /events/poll with its own token"
         )
     try:
-        record = await pool.fetchrow(
-            query("subscribe"),
-            args.domain,
-            _names(args.resource_types) or ["User", "Group"],
-            _names(args.attributes),
-            args.delivery,
-            args.endpoint,
-            f"env:{args.token_env}" if args.token_env else None,
-            args.detail,
-            args.identity_events,
-        )
+        async with pool.acquire() as conn, conn.transaction():
+            record = await conn.fetchrow(
+                query("subscribe"),
+                args.domain,
+                _names(args.resource_types) or ["User", "Group"],
+                _names(args.attributes),
+                args.delivery,
+                args.endpoint,
+                f"env:{args.token_env}" if args.token_env else None,
+                args.detail,
+                args.identity_events,
+            )
+            assert record is not None
+            await conn.execute(
+                query("audit"),
+                f"cli:{getpass.getuser()}",
+                "events_subscribe",
+                args.domain,
+                {k: v for k, v in dict(record).items() if k not in ("created_at", "updated_at")},
+            )
     except asyncpg.ForeignKeyViolationError:
         raise NotFoundError(
             f"there is no domain {args.domain}: `broker domain list` shows them"
         ) from None
-    assert record is not None
     return record
 
 
@@ -83,9 +92,13 @@ async def cmd_events(pool_of: PoolFactory, config: Config, args: argparse.Namesp
         if args.events_command == "subscribe":
             print("\n".join(_lines(await subscribe(pool, args))))
         elif args.events_command == "unsubscribe":
-            gone = await pool.fetchval(query("unsubscribe"), args.domain)
-            if gone is None:
-                raise NotFoundError(f"domain {args.domain} has no event subscription")
+            async with pool.acquire() as conn, conn.transaction():
+                gone = await conn.fetchval(query("unsubscribe"), args.domain)
+                if gone is None:
+                    raise NotFoundError(f"domain {args.domain} has no event subscription")
+                await conn.execute(
+                    query("audit"), f"cli:{getpass.getuser()}", "events_unsubscribe", gone, {}
+                )
             _say(f"{args.domain} no longer gets SETs; those not yet delivered are dropped")
         else:
             counts: dict[str, dict[str, int]] = {}

@@ -137,10 +137,15 @@ WITH dropped AS (
 DELETE FROM event_subscriptions WHERE domain_id = $1 RETURNING domain_id
 
 -- name: event_stats
-SELECT v.domain_id, v.state, count(*) AS events,
-       extract(epoch FROM now() - min(v.created_at)) AS oldest_age
-FROM security_events v
-GROUP BY v.domain_id, v.state ORDER BY v.domain_id, v.state
+SELECT domain_id, state, count(*) AS events
+FROM security_events
+GROUP BY domain_id, state ORDER BY domain_id, state
+
+-- name: unsettled_event_stats
+-- For /metrics: what waits for each domain (read through the partial index only).
+SELECT domain_id, state, count(*) AS events
+FROM security_events WHERE state IN ('pending', 'sent')
+GROUP BY domain_id, state ORDER BY domain_id, state
 
 -- name: newest_signing_key
 SELECT kid, private_key FROM signing_keys ORDER BY created_at DESC, kid DESC LIMIT 1
