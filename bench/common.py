@@ -1,6 +1,7 @@
-"""Helpers shared by the propagation benchmarks (bench/lag.py, bench/catchup.py): the database,
-`broker serve` as a process of its own, fast user creation, percentiles, and the memory and CPU of
-the processes taking part.
+"""Helpers shared by the propagation and event benchmarks (bench/lag.py, bench/catchup.py,
+bench/merges.py, bench/events.py): the database, `broker serve` as a process of its own and other
+`broker` commands, fast user creation, percentiles, and the memory and CPU of the processes taking
+part.
 
 The broker runs as `broker serve` (the production entry point, `create_app` behind aiohttp's
 runner) in a process of its own, so that the load generator and the measuring side never share
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import subprocess
 import sys
 import time
 import uuid
@@ -110,6 +112,28 @@ async def drained(pool: asyncpg.Pool, within: float, every: float = 0.2) -> floa
 # --------------------------------------------------------------------------- the broker
 
 
+def broker_env(db_url: str) -> dict[str, str]:
+    """This process's environment without its ``BROKER_*`` settings, on ``db_url``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env["BROKER_DATABASE_URL"] = db_url
+    return env
+
+
+async def broker_command(db_url: str, *args: str) -> str:
+    """``broker ARGS...`` (the CLI, a process of its own) on ``db_url``; what it printed on
+    stdout. Fails with its stderr when it does."""
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "broker.cli", *args],
+        env=broker_env(db_url),
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"broker {' '.join(args)} failed:\n{done.stderr}")
+    return done.stdout
+
+
 @dataclass
 class BrokerProcess:
     pid: int
@@ -126,9 +150,8 @@ async def broker_serve(
     ``[propagation]`` settings overridden by ``propagation`` (``concurrency=4``, ...). Ready when
     yielded; its log is ``work/broker.log``."""
     port, admin_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env = broker_env(db_url)
     env.update(
-        BROKER_DATABASE_URL=db_url,
         BROKER_SERVER__PORT=str(port),
         BROKER_SERVER__ADMIN_PORT=str(admin_port),
         BROKER_HOME__SCIM_URL=home_url,

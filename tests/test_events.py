@@ -490,3 +490,24 @@ async def test_out_of_scope_entities_make_no_sets_and_deletes_reach_who_knew(
     assert kinds(deleted) == {"delete"} and deleted["sub_id"] == created["sub_id"]
     _, got = await poll(broker, "D", returnImmediately=True)
     assert [kinds(c) for c in await verified(broker, "D", got["sets"])] == [{"delete"}] * 2
+
+
+async def test_a_set_that_would_carry_an_internal_id_is_never_sent(
+    db_url: str, home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async for broker in federation(db_url, home, {}, monkeypatch, home.token, FAST, EVENTS):
+        await subscribe(broker, "D", "--delivery", "poll", "--detail", "full")
+        _, other = await home_tool(broker, "POST", "/Users", new_user(unique("ev")))
+        _, got = await poll(broker, "D", returnImmediately=True)
+        await poll(broker, "D", ack=list(got["sets"]), returnImmediately=True)
+        # Home's free text names another user by its internal ID: the rewriter cannot know.
+        _, planted = await home_tool(
+            broker, "POST", "/Users", new_user(unique("ev"), title=f"reports to {other['id']}")
+        )
+        _, got = await poll(broker, "D", returnImmediately=True)
+        assert got["sets"] == {}
+        assert other["id"] not in json.dumps(got)
+        state = await broker.pool.fetchval(
+            "SELECT state FROM security_events WHERE internal_id = $1", planted["id"]
+        )
+        assert state == "failed"

@@ -28,19 +28,16 @@ async def record_changes(
     write_only: Mapping[str, Collection[str]],
 ) -> None:
     """Each change once, with what it touched (compared with the last document recorded for the
-    entity), and a SET for each subscribed domain; nothing at all when no domain subscribes.
+    entity), and a SET for each subscribed domain (the caller knows some domain subscribes).
 
     ``verb`` is how the change was made (create, put, patch; by entity for a bulk write; None
-    when a poll found it),
-    ``documents`` home's resources after it (where known), ``write_only`` the names of
+    when a poll found it), ``documents`` home's resources after it (where known), ``write_only`` the names of
     attributes the write set that home never shows (a password).
     """
     entities = list(dict.fromkeys([*changed, *deleted]))
     if not entities:
         return
     records = await conn.fetch(query("previous_documents"), entities)
-    if not records or not records[0]["subscribed"]:
-        return
     previous = {r["internal_id"]: r["document"] for r in records}
     gone = set(deleted)
     out: list[dict[str, Any]] = []

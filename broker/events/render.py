@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,48 +111,58 @@ class EventRenderer:
         )
         own |= {v.external_id for v in views.values()}
         own |= {v.domain_external_id for v in views.values() if v.domain_external_id}
-        internal_ids = set(wanted) | {r["internal_id"] for r in notices}
+        guarded = (set(wanted) | {r["internal_id"] for r in notices}) - own
         key = await self.keys.current()
         now = int(time.time())
-        made: dict[int, str] = {}
+        claims: dict[int, dict[str, Any]] = {}
         skipped: list[int] = []
+        by_id = {r["id"]: r for r in records}
         for record in records:
-            internal = record["internal_id"]
-            if set(record["kinds"]) & set(IDENTITY_EVENT_URIS):
-                claims = self._identity_claims(domain, record, outward, now)
-            else:
-                change = _visible_change(domain, record)
-                if internal not in views or change is None:
-                    skipped.append(record["id"])
-                    continue
-                claims = self._claims(domain, record, change, views, outward, now)
-            leak = find_leak(
-                [("SET", orjson.dumps(claims).decode())],
-                internal_ids=internal_ids - own,
-                id_pattern=self.id_shape,
-                allowed=own,
-            )
-            if leak is not None:
-                correlation = uuid.uuid4().hex[:12]
-                log.error(
-                    "leak guard blocked SET %s for %s: %s (correlation ID %s)",
-                    record["jti"],
-                    domain.id,
-                    leak.reason,
-                    correlation,
-                )
-                await self.pool.execute(
-                    query("event_failed"),
-                    domain.id,
-                    record["id"],
-                    {"reason": f"blocked by the leak guard (correlation ID {correlation})"},
-                )
+            if _kinds(record) & set(IDENTITY_EVENT_URIS):
+                claims[record["id"]] = self._identity_claims(domain, record, outward, now)
                 continue
-            made[record["id"]] = sign_set(claims, key)
+            change = _visible_change(domain, record)
+            if record["internal_id"] not in views or change is None:
+                skipped.append(record["id"])
+                continue
+            claims[record["id"]] = self._claims(domain, record, change, views, outward, now)
+        texts = {i: orjson.dumps(c).decode() for i, c in claims.items()}
+        # The leak guard reads the whole batch at once; only if it finds something is each SET
+        # looked at alone, to hold back just the ones that leak.
+        if self._leaks(texts.values(), guarded, own):
+            for event_id in [i for i, text in texts.items() if self._leaks([text], guarded, own)]:
+                await self._blocked(domain, by_id[event_id])
+                del claims[event_id]
+        made = {i: sign_set(c, key) for i, c in claims.items()}
         await self.pool.execute(
             query("save_rendered"), domain.id, list(made), list(made.values()), key.kid, skipped
         )
         return made
+
+    def _leaks(self, texts: Iterable[str], guarded: set[str], own: set[str]) -> bool:
+        leak = find_leak(
+            (("SET", text) for text in texts),
+            internal_ids=guarded,
+            id_pattern=self.id_shape,
+            allowed=own,
+        )
+        return leak is not None
+
+    async def _blocked(self, domain: Domain, record: asyncpg.Record) -> None:
+        """A SET that would leak: never sent, marked failed, logged with a correlation ID."""
+        correlation = uuid.uuid4().hex[:12]
+        log.error(
+            "leak guard blocked SET %s for %s (correlation ID %s)",
+            record["jti"],
+            domain.id,
+            correlation,
+        )
+        await self.pool.execute(
+            query("event_failed"),
+            domain.id,
+            record["id"],
+            {"reason": f"blocked by the leak guard (correlation ID {correlation})"},
+        )
 
     async def _out_of_scope(
         self, domain: Domain, wanted: dict[str, str | None], live: set[str]

@@ -34,16 +34,19 @@ async def enqueue_changes(
     each carrying the write-only values the write set, ``sealed`` by entity; and the SETs the
     changes imply for the domains subscribed to events (``verb``, ``documents`` and the
     ``write_only`` attribute names describe the changes: see :func:`record_changes`)."""
-    await conn.execute(query("record_writes"), list(changed), list(changed.values()), list(deleted))
-    await record_changes(
-        conn,
-        changed,
-        deleted,
-        origin=origin,
-        verb=verb,
-        documents=documents or {},
-        write_only=write_only or {},
+    subscribed = await conn.fetchval(
+        query("record_writes"), list(changed), list(changed.values()), list(deleted)
     )
+    if subscribed:
+        await record_changes(
+            conn,
+            changed,
+            deleted,
+            origin=origin,
+            verb=verb,
+            documents=documents or {},
+            write_only=write_only or {},
+        )
     entities = list(dict.fromkeys([*changed, *deleted]))
     sealed = sealed or {}
     plain = [i for i in entities if i not in sealed]

@@ -2,10 +2,8 @@
 -- outbox, poll by acknowledgement.
 
 -- name: previous_documents
--- The last document recorded for each entity (the base its next change is compared with), and
--- whether any domain subscribes to events at all (if none, nothing is recorded).
-SELECT a.internal_id, p.document,
-       EXISTS (SELECT 1 FROM event_subscriptions) AS subscribed
+-- The last document recorded for each entity: the base its next change is compared with.
+SELECT a.internal_id, p.document
 FROM unnest($1::text[]) AS a (internal_id)
 LEFT JOIN LATERAL (
     SELECT c.document FROM home_changes c

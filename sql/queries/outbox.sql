@@ -338,15 +338,18 @@ WHERE resource_type = $1 AND state = 'active' AND created_at < $2
 ORDER BY internal_id
 
 -- name: record_writes
--- Entities home now has (or no longer has, $3), recorded before their syncs are enqueued.
+-- Entities home now has (or no longer has, $3), recorded before their syncs are enqueued; and
+-- whether any domain subscribes to SETs (if none, the change is not recorded for them).
 WITH seen AS (
     INSERT INTO entities (internal_id, resource_type)
     SELECT * FROM unnest($1::text[], $2::text[])
     ON CONFLICT (internal_id) DO UPDATE SET resource_type = EXCLUDED.resource_type
     WHERE entities.resource_type = 'unknown' AND EXCLUDED.resource_type <> 'unknown'
+), gone AS (
+    UPDATE entities SET state = 'deleted', updated_at = now()
+    WHERE internal_id = ANY($3::text[]) AND state = 'active'
 )
-UPDATE entities SET state = 'deleted', updated_at = now()
-WHERE internal_id = ANY($3::text[]) AND state = 'active'
+SELECT EXISTS (SELECT 1 FROM event_subscriptions)
 
 -- name: alias_for_cleanup
 -- The alias row a merge's clean-up acts on, if it still waits for its delete.
