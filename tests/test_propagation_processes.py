@@ -915,6 +915,9 @@ class Restarted:
     """A user home's tools tried to create while PostgreSQL was down."""
 
 
+CHANNELS = ['LISTEN "broker_events"', 'LISTEN "broker_mappings"', 'LISTEN "broker_outbox"']
+
+
 async def listened_channels(url: str) -> list[str]:
     """The channels the broker's connections listen on (their last statement), sorted."""
     conn = await asyncpg.connect(url)
@@ -959,12 +962,12 @@ async def restarted(
                 home_write(broker, home_token, "POST", "/Users", before)
                 await reaches(peer, before["userName"])
 
-                async def both_listen() -> list[str]:
+                async def all_listen() -> list[str]:
                     found = await listened_channels(url)
-                    return found if len(found) == 2 else []
+                    return found if len(found) == len(CHANNELS) else []
 
                 listening_before = await until(
-                    both_listen, 10, "the broker does not listen on two channels"
+                    all_listen, 10, f"the broker does not listen on {len(CHANNELS)} channels"
                 )
 
                 await asyncio.to_thread(server.stop)
@@ -1042,12 +1045,12 @@ async def test_postgresql_restarted_under_a_running_broker_it_reconnects_and_car
 async def test_after_a_postgresql_restart_the_broker_listens_for_notifications_again(
     restarted: Restarted,
 ) -> None:
-    """The mapping cache's and the delivery worker's LISTEN connections come back."""
-    both = ['LISTEN "broker_mappings"', 'LISTEN "broker_outbox"']
-    assert restarted.listening_before == both
+    """The mapping cache's, the delivery worker's and the long polls' LISTEN connections come
+    back."""
+    assert restarted.listening_before == CHANNELS
 
     async def listens() -> bool:
-        return await listened_channels(restarted.url) == both
+        return await listened_channels(restarted.url) == CHANNELS
 
     with log_on_failure(restarted.broker):
-        await until(listens, 10, lambda: "the broker does not listen on both channels again")
+        await until(listens, 10, lambda: "the broker does not listen on every channel again")
