@@ -511,3 +511,67 @@ async def test_a_set_that_would_carry_an_internal_id_is_never_sent(
             "SELECT state FROM security_events WHERE internal_id = $1", planted["id"]
         )
         assert state == "failed"
+
+
+async def test_deactivation_set_errors_and_more_available(broker: Broker) -> None:
+    await subscribe(broker, "D", "--delivery", "poll")
+    _, user = await home_tool(broker, "POST", "/Users", new_user(unique("ev"), active=True))
+    status, _ = await home_tool(
+        broker,
+        "PATCH",
+        f"/Users/{user['id']}",
+        patch({"op": "replace", "path": "active", "value": False}),
+    )
+    assert status in (200, 204)
+    _, first = await poll(broker, "D", maxEvents=1, returnImmediately=True)
+    assert len(first["sets"]) == 1 and first["moreAvailable"] is True
+    (created,) = await verified(broker, "D", first["sets"])
+    assert kinds(created) == {"create:notice"}
+    # The domain reports it could not use the create: that SET is settled with its error.
+    refusal = {created["jti"]: {"err": "invalid_request", "description": "unknown schema"}}
+    _, second = await poll(broker, "D", setErrs=refusal, returnImmediately=True)
+    (deactivated,) = await verified(broker, "D", second["sets"])
+    assert kinds(deactivated) == {"deactivate"} and second["moreAvailable"] is False
+    error = await broker.pool.fetchval(
+        "SELECT error FROM security_events WHERE jti = $1", created["jti"]
+    )
+    assert error == {"err": "invalid_request", "description": "unknown schema"}
+
+
+async def test_a_receiver_refusing_a_set_makes_a_dead_letter_that_can_be_retried(
+    db_url: str, home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answers = [
+        web.json_response({"err": "invalid_audience", "description": "not for us"}, status=400)
+    ]
+    received: list[str] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        if answers:
+            return answers.pop(0)
+        received.append(await request.text())
+        return web.Response(status=202)
+
+    app = web.Application()
+    app.router.add_post("/events", receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = _free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async for broker in federation(db_url, home, {}, monkeypatch, home.token, FAST, EVENTS):
+            endpoint = f"http://127.0.0.1:{port}/events"
+            await subscribe(broker, "D", "--delivery", "push", "--endpoint", endpoint)
+            await home_tool(broker, "POST", "/Users", new_user(unique("ev")))
+            await quiesce(broker)
+            code, out = await cli(broker_db(broker), "deliveries", "list", "--state", "dead")
+            assert code == 0 and "invalid_audience" in out and "not for us" in out, out
+            dead = await broker.pool.fetchval("SELECT id FROM outbox WHERE state = 'dead'")
+            code, out = await cli(broker_db(broker), "deliveries", "retry", str(dead))
+            assert code == 0, out
+            await quiesce(broker)
+            assert len(received) == 1
+            state = await broker.pool.fetchval("SELECT state FROM security_events")
+            assert state == "acknowledged"
+    finally:
+        await runner.cleanup()
