@@ -168,6 +168,8 @@ class Poll:
                 left = deadline - time.monotonic()
                 if sets or immediately or left <= 0:
                     break
+                if await self.pool.fetchval(query("more_events"), domain, 0):
+                    continue  # a whole batch was out of scope: the next one, at once
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), min(left, self.RECHECK))
         if sets:
