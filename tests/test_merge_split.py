@@ -512,3 +512,118 @@ async def test_a_split_off_is_provisioned_in_a_peer_that_reads_it_and_only_there
     )
     assert [r["id"] for r in page["Resources"]] == [o2]
     assert_no_internal_id(p2, {john["id"], other["id"]})
+
+
+async def dead_letters(broker: Broker) -> list[dict[str, Any]]:
+    rows = await broker.pool.fetch(
+        "SELECT domain_id, kind, last_error FROM outbox WHERE state = 'dead' ORDER BY id"
+    )
+    return [dict(r) for r in rows]
+
+
+async def test_an_alias_waiting_for_its_delete_gives_up_a_value_its_entity_needs(
+    federated: tuple[Broker, Home, Home, Gate], home: Home
+) -> None:
+    broker, _p1, p2, front = federated
+    x, loser = await person(broker, "X"), await person(broker, "L")
+    await quiesce(broker)
+    x2, l2 = await peer_id(broker, "P2", x["id"]), await peer_id(broker, "P2", loser["id"])
+    await front.close()
+    await merge(broker, x["id"], loser["id"])  # l2: X's alias
+    status, n = home.call("POST", "/Users", new_user(unique("n"), displayName="N"))
+    assert status == 201
+    # x2 goes to N; X's alias l2 becomes its primary again (X's userName must move onto it).
+    await split(broker, x["id"], n["id"], move={"P2": [x2]})
+    # N is X after all: x2, which still holds X's userName, is X's alias, its delete queued
+    # behind X's own sync to l2.
+    await merge(broker, x["id"], n["id"])
+    assert await table(broker, x["id"]) >= {
+        (x["id"], "P2", l2, True, "active"),
+        (x["id"], "P2", x2, False, "deletion_required"),
+    }
+    await front.open()
+    await quiesce(broker)
+    assert await dead_letters(broker) == []
+    assert [(u["id"], u["userName"]) for u in held(p2)["Users"]] == [(l2, x["userName"])]
+
+
+async def test_a_group_written_while_its_member_is_deleted_is_synced_again(
+    federated: tuple[Broker, Home, Home, Gate],
+) -> None:
+    broker, _p1, p2, front = federated
+    member = await person(broker, "Member")
+    await quiesce(broker)
+    m2 = await peer_id(broker, "P2", member["id"])
+    front.hold, front.held_method = asyncio.Event(), "POST"
+    seen = len(front.forwarded)
+    group = {
+        "schemas": [CORE_GROUP],
+        "displayName": unique("g"),
+        "members": [{"value": member["id"]}],
+    }
+    status, created = await home_tool(broker, "POST", "/Groups", group)
+    assert status == 201, created
+    # P2 makes the group, naming m2; its answer is held while the member goes.
+    await wait_for(lambda: ("POST", "/Groups") in deliveries(front, seen))
+    status, _ = await home_tool(broker, "DELETE", f"/Users/{member['id']}")
+    assert status == 204
+    await wait_for(lambda: ("DELETE", f"/Users/{m2}") in deliveries(front, seen))
+    await asyncio.sleep(0.3)  # the member's row is retired, and no copy named it yet
+    front.hold.set()
+    await quiesce(broker)
+    assert held(p2)["Users"] == []
+    assert [g.get("members", []) for g in held(p2)["Groups"]] == [[]]
+
+
+async def test_a_group_naming_a_merged_split_off_provisions_its_survivor(
+    federated: tuple[Broker, Home, Home, Gate], home: Home
+) -> None:
+    broker, _p1, p2, _front = federated
+    source = await person(broker, "Source")
+    await quiesce(broker)
+    offs = []
+    for _ in range(2):
+        status, off = home.call("POST", "/Users", new_user(unique("off")))
+        assert status == 201
+        await split(broker, source["id"], off["id"])  # held back: no account anywhere
+        offs.append(off)
+    survivor, loser = offs
+    await merge(broker, survivor["id"], loser["id"])
+    group = {
+        "schemas": [CORE_GROUP],
+        "displayName": unique("g"),
+        "members": [{"value": loser["id"]}],
+    }
+    status, created = await home_tool(broker, "POST", "/Groups", group)
+    assert status == 201, created
+    await quiesce(broker, within=10)
+    s2 = await peer_id(broker, "P2", survivor["id"])
+    assert s2 is not None, "the group needs it there: the survivor is provisioned"
+    assert [g["members"] for g in held(p2)["Groups"]] == [[{"value": s2}]]
+
+
+async def test_a_pending_create_handed_to_a_survivor_is_finished_as_its_account(
+    federated: tuple[Broker, Home, Home, Gate], home: Home
+) -> None:
+    broker, p1, p2, front = federated
+    source = await person(broker, "Source")
+    await quiesce(broker)
+    status, off = home.call("POST", "/Users", new_user(unique("off"), displayName="Off"))
+    assert status == 201
+    await split(broker, source["id"], off["id"])  # held back: no account anywhere
+    await front.close()
+    loser = await person(broker, "Loser")
+    await asyncio.sleep(0.5)  # its create toward P2 was tried and failed: pending
+    pending = await broker.pool.fetchval(
+        "SELECT state FROM id_mappings WHERE domain_id = 'P2' AND internal_id = $1", loser["id"]
+    )
+    assert pending == "pending_create"
+    # P1's account and P2's create on its way both move to the split-off.
+    await merge(broker, off["id"], loser["id"])
+    await front.open()
+    await quiesce(broker)
+    for peer in ("P1", "P2"):
+        assert await peer_id(broker, peer, off["id"]) is not None, peer
+    for peer in (p1, p2):
+        names = sorted(u["userName"] for u in held(peer)["Users"])
+        assert names == sorted([source["userName"], off["userName"]])

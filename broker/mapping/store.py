@@ -542,8 +542,10 @@ async def _apply(conn: Connection, plan: Plan, op_id: uuid.UUID) -> None:
                     for c in moved
                 ],
             )
-            # An account that changed hands is brought to its new owner's state; a live entity
-            # left without an account in a peer (a split moved it away) is created there anew.
+            # An account that changed hands is brought to its new owner's state (a create still
+            # on its way for the previous owner is finished as the new owner's, after the
+            # previous owner's attempt); a live entity left without an account in a peer (a split
+            # moved it away) is created there anew.
             primaries_after = {
                 (c.after.internal_id, c.after.domain)
                 for c in plan.changes
@@ -552,7 +554,9 @@ async def _apply(conn: Connection, plan: Plan, op_id: uuid.UUID) -> None:
             needing = [
                 (c.after.domain, c.after.internal_id, c.before.internal_id)
                 for c in moved
-                if c.after and c.after.primary and c.after.state is MappingState.ACTIVE
+                if c.after
+                and c.after.primary
+                and c.after.state in (MappingState.ACTIVE, MappingState.PENDING_CREATE)
             ] + [
                 # Created anew after its old account's new owner made it theirs (the values
                 # that must stay unique move off it first).

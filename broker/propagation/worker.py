@@ -20,7 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import asyncpg
@@ -37,6 +37,9 @@ from broker.propagation.secrets import SealError, SecretBox
 from broker.proxy.home import HomeClient, HomeRefused, HomeSchema, HomeUnavailable
 from broker.scim.guard import IdShape, find_leak
 from broker.scim.rewrite import Translation, collect_ids
+
+if TYPE_CHECKING:
+    from broker.db import Connection
 
 __all__ = ["Deliverer", "Peer", "WorkerSettings"]
 
@@ -426,9 +429,10 @@ class Deliverer:
                 desired,
                 write_only,
                 first_attempt,
+                views,
             )
         else:
-            await self._update(peer, client, claim, endpoint, entity, desired, write_only)
+            await self._update(peer, client, claim, endpoint, entity, desired, write_only, views)
 
     def _open(self, claim: Claim) -> dict[str, Any]:
         """The write-only values the delivery carries (never logged, never kept in the copy)."""
@@ -497,19 +501,23 @@ class Deliverer:
         views = {r["internal_id"]: r["external_id"] for r in records if r["external_id"]}
         waiting = [r["internal_id"] for r in records if not r["external_id"] and r["waiting"]]
         untried = [
-            r["internal_id"]
-            for r in records
-            if not r["external_id"] and not r["waiting"] and not r["tried"]
+            r for r in records if not r["external_id"] and not r["waiting"] and not r["tried"]
         ]
         if untried:
             async with self.pool.acquire() as conn, conn.transaction():
                 await conn.execute(
                     query("record_writes"),
-                    untried,
-                    [named[i] or "unknown" for i in untried],
+                    [r["internal_id"] for r in untried],
+                    [named[r["internal_id"]] or "unknown" for r in untried],
                     [],
                 )
-                await conn.execute(query("enqueue_provision"), peer.id, untried)
+                # A merged member is provisioned as its survivor, whose account it would name
+                # (a provisioning of the merged entity itself would do nothing, for ever).
+                await conn.execute(
+                    query("enqueue_provision"),
+                    peer.id,
+                    list(dict.fromkeys(r["target"] for r in untried)),
+                )
         if waiting or untried:
             raise _Later(
                 self.settings.dependency_wait,
@@ -555,6 +563,7 @@ class Deliverer:
         desired: dict[str, Any],
         write_only: Mapping[str, Any],
         first_attempt: bool,
+        views: Mapping[str, str],
     ) -> None:
         # A create whose answer was lost left the resource in the peer under the handle; on the
         # first attempt there can be none.
@@ -598,12 +607,17 @@ class Deliverer:
                 raise judge(answer.status, answer.body, answer.headers, f"PUT {endpoint}/...")
         try:
             async with self.pool.acquire() as conn, conn.transaction():
+                stale = await self._copy_is_stale(conn, peer, claim.internal_id, views)
                 # The row is found by its handle: a merge may have moved it to its survivor.
                 owner = await conn.fetchval(
                     query("finish_create"), desired["externalId"], peer.id, peer_id
                 )
                 if owner is not None:
                     await conn.execute(query("save_copy"), peer.id, owner, desired, None)
+                    if stale:
+                        await conn.execute(
+                            query("enqueue_sync_to"), peer.id, [owner], datetime.now(UTC)
+                        )
         except asyncpg.UniqueViolationError as exc:
             raise Failure(
                 Verdict.PERMANENT,
@@ -630,14 +644,17 @@ class Deliverer:
     ) -> None:
         """A write refused with 409: if another account of the broker's holds the unique value
         (accounts that changed hands can hold each other's values, a cycle no order of writes
-        can break), that account's value is parked aside and its own sync set to run again."""
+        can break), that account's value is parked aside and its own sync set to run again.
+        An alias waiting for its delete counts too: its delete may be queued behind this very
+        write (the alias of the entity being written), so waiting for it would never end."""
         key = _UNIQUE_BY.get(resource_type)
         value = desired.get(key) if key else None
         if key is None or not isinstance(value, str):
             return
         for holder in await client.find_by(endpoint, key, value):
-            owner = await self.pool.fetchval(query("account_owner"), peer.id, holder)
-            if holder == account or owner is None:
+            if holder == account or not await self.pool.fetchval(
+                query("broker_account"), peer.id, holder
+            ):
                 continue  # not the broker's account: a person decides (dead letter later)
             parked = f"{value}~{holder[:8]}"
             log.info("delivery to %s: %s of account %s parked to free it", peer.id, key, holder)
@@ -650,11 +667,15 @@ class Deliverer:
                 },
             )
             if answer.status in (200, 204):
+                # Its owner now (an alias waiting for its delete has none; it may have changed
+                # hands meanwhile) gets its own values back.
                 async with self.pool.acquire() as conn, conn.transaction():
-                    await conn.execute(query("drop_copy"), peer.id, owner)
-                    await conn.execute(
-                        query("enqueue_sync_to"), peer.id, [owner], datetime.now(UTC)
-                    )
+                    owner = await conn.fetchval(query("account_owner"), peer.id, holder)
+                    if owner is not None:
+                        await conn.execute(query("drop_copy"), peer.id, owner)
+                        await conn.execute(
+                            query("enqueue_sync_to"), peer.id, [owner], datetime.now(UTC)
+                        )
 
     def _patient(self, failure: Failure, claim: Claim) -> None:
         """A 409 is retried for ``conflict_patience`` seconds from the first one before it is a
@@ -684,6 +705,7 @@ class Deliverer:
         entity: asyncpg.Record,
         desired: dict[str, Any],
         write_only: Mapping[str, Any],
+        views: Mapping[str, str],
     ) -> None:
         internal_id = claim.internal_id
         peer_id = entity["external_id"]
@@ -722,7 +744,37 @@ class Deliverer:
                 await self._unblock(peer, client, endpoint, resource_type, desired, peer_id)
             self._patient(failure, claim)
             raise failure
-        await self.pool.execute(query("save_copy_of"), peer.id, internal_id, desired, None, peer_id)
+        async with self.pool.acquire() as conn, conn.transaction():
+            stale = await self._copy_is_stale(conn, peer, internal_id, views)
+            await conn.execute(query("save_copy_of"), peer.id, internal_id, desired, None, peer_id)
+            if stale:
+                await conn.execute(
+                    query("enqueue_sync_to"), peer.id, [internal_id], datetime.now(UTC)
+                )
+
+    async def _copy_is_stale(
+        self, conn: Connection, peer: Peer, internal_id: str, views: Mapping[str, str]
+    ) -> bool:
+        """Before a delivery records what it wrote to the peer (on the caller's transaction):
+        hold what that copy depends on until it commits, and say whether a reference it sent
+        (``views``: entity -> the peer's ID, as translated before the write) is stale already.
+
+        The entity and the entities it names are share-locked: a merge or split of them (which
+        locks them first) finishes before, and the copy is then recorded against its result, or
+        waits, and then finds the copy (to drop it, or to resync the groups naming an account it
+        moved). The named accounts' rows are share-locked too, for the same reason: a deprovision
+        or an alias's delete retires them. A reference that translates to another account now
+        (merged, handed over, retired while the write was on its way) makes the copy stale: the
+        caller syncs the entity again."""
+        await conn.execute(query("share_entities"), sorted({internal_id, *views}))
+        if not views:
+            return False
+        await conn.execute(query("share_accounts"), peer.id, sorted(set(views.values())))
+        return bool(
+            await conn.fetchval(
+                query("references_moved"), peer.id, list(views), list(views.values())
+            )
+        )
 
     async def _deprovision(
         self,

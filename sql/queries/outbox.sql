@@ -170,10 +170,11 @@ LEFT JOIN peer_copies c ON c.internal_id = e.internal_id AND c.domain_id = $1
 WHERE e.internal_id = $2
 
 -- name: peer_ids
--- The peer's primary IDs of entities ($2), merged ones as their survivors; for those without
--- one, whether a delivery toward the peer is still to come (waiting) or was made (tried). For a
--- split-off held back until needed, only a provisioning counts as tried.
-SELECT w.internal_id, m.external_id,
+-- The peer's primary IDs of entities ($2), merged ones as their survivors (target: the entity
+-- whose account it is); for those without one, whether a delivery toward the peer is still to
+-- come (waiting) or was made (tried). For a split-off held back until needed, only a
+-- provisioning counts as tried.
+SELECT w.internal_id, coalesce(e.merged_into, w.internal_id) AS target, m.external_id,
        EXISTS (SELECT 1 FROM outbox o
                WHERE o.domain_id = $1 AND o.internal_id = coalesce(e.merged_into, w.internal_id)
                  AND o.state IN ('pending', 'in_flight')) AS waiting,
@@ -410,6 +411,43 @@ WHERE o.id = $1 AND o.state <> 'pending'
 -- The entity whose primary account $2 of peer $1 is (after an alias's delete: the entity it
 -- became the primary of again while the delete was on its way, which must be created anew).
 SELECT internal_id FROM id_mappings WHERE domain_id = $1 AND external_id = $2 AND is_primary
+
+-- name: broker_account
+-- Whether account $2 of peer $1 is one of the broker's: some entity's primary there, or an alias
+-- a merge left waiting for its delete (it holds its values until then).
+SELECT EXISTS (SELECT 1 FROM id_mappings
+               WHERE domain_id = $1 AND external_id = $2
+                 AND (is_primary OR state = 'deletion_required'))
+
+-- name: share_entities
+-- Entities ($1) a delivery wrote or named, share-locked until it has recorded what it wrote: a
+-- merge or split of them (lock_entities) finishes before, or waits and then sees the record.
+SELECT internal_id FROM entities
+WHERE internal_id = ANY($1::text[])
+ORDER BY internal_id
+FOR SHARE
+
+-- name: share_accounts
+-- The rows of the accounts ($2) of peer $1 a delivery named, share-locked the same way (a
+-- deprovision or an alias's delete retires them).
+SELECT id FROM id_mappings
+WHERE domain_id = $1 AND external_id = ANY($2::text[])
+ORDER BY id
+FOR SHARE
+
+-- name: references_moved
+-- Whether a reference a delivery just sent to peer $1 (entity $2[i] as account $3[i]) translates
+-- to something else now: the entity was merged, or its account handed over, retired or deleted.
+SELECT EXISTS (
+    SELECT 1
+    FROM unnest($2::text[], $3::text[]) AS r(internal_id, external_id)
+    LEFT JOIN entities e ON e.internal_id = r.internal_id
+    WHERE NOT EXISTS (
+        SELECT 1 FROM id_mappings m
+        WHERE m.domain_id = $1 AND m.external_id = r.external_id AND m.is_primary
+          AND m.state = 'active' AND m.internal_id = coalesce(e.merged_into, r.internal_id)
+    )
+)
 
 -- name: mapped_account
 SELECT EXISTS (SELECT 1 FROM id_mappings WHERE domain_id = $1 AND external_id = $2)
