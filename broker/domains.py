@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -65,6 +66,7 @@ class Domain:
 class DomainStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        self._cache: dict[str, tuple[float, Domain]] = {}
 
     async def add(
         self,
@@ -123,6 +125,17 @@ class DomainStore:
                 f"there is no domain {domain_id}: `broker domain list` shows the domains"
             )
         return Domain.from_record(record)
+
+    async def cached(self, domain_id: str, seconds: float = 5.0) -> Domain:
+        """The domain as :meth:`get` reads it, at most ``seconds`` old: for the request path,
+        where a change of a domain's settings may take that long to be seen."""
+        now = time.monotonic()
+        hit = self._cache.get(domain_id)
+        if hit is not None and now - hit[0] < seconds:
+            return hit[1]
+        domain = await self.get(domain_id)
+        self._cache[domain_id] = (now, domain)
+        return domain
 
     async def mapping_counts(self, domain_id: str) -> dict[str, int]:
         records = await self.pool.fetch(query("domain_mapping_counts"), domain_id)

@@ -245,6 +245,9 @@ class Admin:
 
     async def home_scim(self, request: web.Request) -> web.Response:
         principal = await self.tokens.authenticate(request.headers.get("Authorization"))
+        # Read afresh, not cached: it is also the proof that the database answers before the
+        # write goes to home (a write home took and the broker could not record is a 503 for
+        # a change that happened).
         domain = await self.domains.get(principal.domain_id)
         if domain.kind != "home":
             raise Forbidden(

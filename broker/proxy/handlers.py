@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -182,7 +181,6 @@ class Proxy:
         self.base = public_base.rstrip("/") + SCIM_PREFIX
         self.id_pattern = IdShape(id_pattern)
         self.domain_cache_seconds = domain_cache_seconds
-        self._domain_cache: dict[str, tuple[float, Domain]] = {}
 
     def configure(
         self,
@@ -231,13 +229,7 @@ class Proxy:
         return _Call(domain, f"{request.path_qs}\n{body}")
 
     async def _domain(self, domain_id: str) -> Domain:
-        now = time.monotonic()
-        cached = self._domain_cache.get(domain_id)
-        if cached is not None and now - cached[0] < self.domain_cache_seconds:
-            return cached[1]
-        domain = await self.domains.get(domain_id)
-        self._domain_cache[domain_id] = (now, domain)
-        return domain
+        return await self.domains.cached(domain_id, self.domain_cache_seconds)
 
     async def _resource_type(self, request: web.Request) -> str:
         schema = await self.home.schema()
