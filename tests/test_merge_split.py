@@ -627,3 +627,48 @@ async def test_a_pending_create_handed_to_a_survivor_is_finished_as_its_account(
     for peer in (p1, p2):
         names = sorted(u["userName"] for u in held(peer)["Users"])
         assert names == sorted([source["userName"], off["userName"]])
+
+
+async def test_a_group_sync_racing_a_membership_move_leaves_no_stale_member(
+    federated: tuple[Broker, Home, Home, Gate],
+) -> None:
+    broker, _p1, p2, front = federated
+    survivor, loser, other = [await person(broker, n) for n in ("S", "L", "B")]
+    group = {"schemas": [CORE_GROUP], "displayName": unique("g")}
+    members = [{"value": loser["id"]}, {"value": other["id"]}]
+    status, created = await home_tool(broker, "POST", "/Groups", group | {"members": members})
+    assert status == 201, created
+    await quiesce(broker)
+    g2, b2 = [await peer_id(broker, "P2", e["id"]) for e in (created, other)]
+    # The group's sync (a rename) reaches P2, its answer held: its copy is not recorded yet.
+    renamed, moved = asyncio.Event(), asyncio.Event()
+    front.hold, front.held_method = renamed, "PATCH"
+    seen = len(front.forwarded)
+    renaming = group | {"displayName": unique("g"), "members": members}
+    status, _ = await home_tool(broker, "PUT", f"/Groups/{created['id']}", renaming)
+    assert status == 200
+    await wait_for(lambda: deliveries(front, seen).count(("PATCH", f"/Groups/{g2}")) == 1)
+    # The merge's membership move changes the same group in P2 (its answer held apart).
+    front.hold = moved
+    await merge(broker, survivor["id"], loser["id"])
+    await wait_for(lambda: deliveries(front, seen).count(("PATCH", f"/Groups/{g2}")) == 2)
+    status, _ = await home_tool(
+        broker, "PUT", f"/Groups/{created['id']}", renaming | {"members": members[1:]}
+    )
+    assert status == 200
+    # The move records its copy first, then the rename records the one it computed before.
+    moved.set()
+    await wait_for_row(broker, "move_memberships", "done")
+    renamed.set()
+    await quiesce(broker)
+    assert [[m["value"] for m in g["members"]] for g in held(p2)["Groups"]] == [[b2]]
+
+
+async def wait_for_row(broker: Broker, kind: str, state: str, within: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not await broker.pool.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM outbox WHERE kind = $1 AND state = $2)", kind, state
+    ):
+        assert loop.time() < deadline, f"no {kind} delivery became {state}"
+        await asyncio.sleep(0.02)

@@ -604,7 +604,13 @@ class Deliverer:
                 "PUT", f"{endpoint}/{peer_id}", body={**desired, **write_only}
             )
             if answer.status != 200:
-                raise judge(answer.status, answer.body, answer.headers, f"PUT {endpoint}/...")
+                failure = judge(answer.status, answer.body, answer.headers, f"PUT {endpoint}/...")
+                if not await self._create_wanted(peer, desired["externalId"]):
+                    return  # a merge or split cancelled it meanwhile (its undo_create follows)
+                if answer.status == 409:
+                    await self._unblock(peer, client, endpoint, resource_type, desired, peer_id)
+                self._patient(failure, claim)
+                raise failure
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 stale = await self._copy_is_stale(conn, peer, claim.internal_id, views)
@@ -746,8 +752,21 @@ class Deliverer:
             raise failure
         async with self.pool.acquire() as conn, conn.transaction():
             stale = await self._copy_is_stale(conn, peer, internal_id, views)
-            await conn.execute(query("save_copy_of"), peer.id, internal_id, desired, None, peer_id)
-            if stale:
+            # The copy the write was computed from may have changed on its way (a merge's
+            # membership move wrote to the same group, a value was parked aside): what the peer
+            # holds is then not known, and the entity is synced again from no copy (a PUT).
+            recorded = await conn.fetchval(
+                query("save_copy_of"),
+                peer.id,
+                internal_id,
+                desired,
+                None,
+                peer_id,
+                entity["copy_version"],
+            )
+            if not recorded:
+                await conn.execute(query("drop_copy"), peer.id, internal_id)
+            if stale or not recorded:
                 await conn.execute(
                     query("enqueue_sync_to"), peer.id, [internal_id], datetime.now(UTC)
                 )
@@ -883,6 +902,7 @@ class Deliverer:
         groups = (await self._home_call(self.home.schema())).endpoints.by_type.get(
             "Group", "/Groups"
         )
+        patched: list[str] = []
         for group_id in await client.find_by(groups, "members.value", alias):
             answer = await client.call(
                 "GET", f"{groups}/{group_id}", params={"attributes": "members"}
@@ -906,8 +926,16 @@ class Deliverer:
             )
             if answer.status not in (200, 204, 404):
                 raise judge(answer.status, answer.body, answer.headers, f"PATCH {groups}/...")
+            patched.append(group_id)
         # What the peer last received of the broker's own groups now names the primary.
         async with self.pool.acquire() as conn, conn.transaction():
+            # The survivor and its account are held until this is recorded: a split handing the
+            # account over meanwhile waits, then finds the copies naming it; one that handed it
+            # over already leaves the groups naming another entity's account: synced again.
+            moved = await self._copy_is_stale(
+                conn, peer, claim.internal_id, {claim.internal_id: primary}
+            )
+            followed: list[str] = []
             for copy in await conn.fetch(query("copies_naming"), peer.id, alias):
                 document = dict(copy["document"])
                 members = [m for m in document.get("members", []) if m.get("value") != alias]
@@ -915,6 +943,13 @@ class Deliverer:
                     members.append({"value": primary})
                 document["members"] = members
                 await conn.execute(query("save_copy"), peer.id, copy["internal_id"], document, None)
+                followed.append(copy["internal_id"])
+            if patched:
+                # A group of the broker's changed here whose copy named no alias: its own sync
+                # recorded what it wrote meanwhile, which did not see this change.
+                await conn.execute(query("resync_groups_moved"), peer.id, patched, followed)
+            if moved and followed:
+                await conn.execute(query("enqueue_sync_to"), peer.id, followed, datetime.now(UTC))
 
     async def _delete_alias(self, peer: Peer, claim: Claim) -> None:
         """DELETE the alias at the peer; on 2xx or 404 its row is retired (or removed)."""

@@ -158,12 +158,13 @@ WHERE d.kind = 'peer' AND (d.push OR s.endpoint IS NOT NULL) AND d.status <> 'di
 ORDER BY d.id
 
 -- name: entity_for_delivery
--- The entity, its primary row in the peer, and what the peer last received.
+-- The entity, its primary row in the peer, and what the peer last received (copy_version: the
+-- transaction that wrote it, which save_copy_of checks).
 SELECT e.internal_id, e.resource_type, e.state, e.merged_into, e.provision_on_demand,
        EXISTS (SELECT 1 FROM id_mappings k WHERE k.internal_id = e.internal_id AND k.domain_id = $1)
            AS known_here,
        m.external_id, m.state AS mapping_state, m.correlation_handle,
-       c.document AS copy, c.suspended_at
+       c.document AS copy, c.xmin AS copy_version, c.suspended_at
 FROM entities e
 LEFT JOIN id_mappings m ON m.internal_id = e.internal_id AND m.domain_id = $1 AND m.is_primary
 LEFT JOIN peer_copies c ON c.internal_id = e.internal_id AND c.domain_id = $1
@@ -245,13 +246,29 @@ DO UPDATE SET document = EXCLUDED.document, suspended_at = EXCLUDED.suspended_at
 -- name: save_copy_of
 -- What account $5 of peer $1 received, recorded as entity $2's copy only if $5 is still that
 -- entity's primary there (a merge or split may have handed the account over meanwhile: then the
--- new owner's sync brings it to its state, from no copy, with a PUT).
-INSERT INTO peer_copies (domain_id, internal_id, document, suspended_at)
-SELECT $1, $2, $3, $4
-WHERE EXISTS (SELECT 1 FROM id_mappings
-              WHERE domain_id = $1 AND internal_id = $2 AND external_id = $5 AND is_primary)
-ON CONFLICT (domain_id, internal_id)
-DO UPDATE SET document = EXCLUDED.document, suspended_at = EXCLUDED.suspended_at, updated_at = now()
+-- new owner's sync brings it to its state, from no copy, with a PUT), and only if the copy is
+-- still the one the write was computed from ($6: its copy_version; NULL: there was none).
+-- Returns false when the copy changed meanwhile: something else wrote to the account while the
+-- write was on its way (a merge's membership move, a value parked aside), so what the peer holds
+-- now is not known.
+WITH mine AS (
+    SELECT EXISTS (SELECT 1 FROM id_mappings
+                   WHERE domain_id = $1 AND internal_id = $2 AND external_id = $5 AND is_primary)
+        AS held
+), updated AS (
+    UPDATE peer_copies
+    SET document = $3, suspended_at = $4, updated_at = now()
+    WHERE domain_id = $1 AND internal_id = $2 AND xmin = $6::xid AND (SELECT held FROM mine)
+    RETURNING 1
+), inserted AS (
+    INSERT INTO peer_copies (domain_id, internal_id, document, suspended_at)
+    SELECT $1, $2, $3, $4
+    WHERE $6::xid IS NULL AND (SELECT held FROM mine)
+    ON CONFLICT (domain_id, internal_id) DO NOTHING
+    RETURNING 1
+)
+SELECT NOT (SELECT held FROM mine) OR EXISTS (SELECT 1 FROM updated)
+       OR EXISTS (SELECT 1 FROM inserted)
 
 -- name: drop_copy
 DELETE FROM peer_copies WHERE domain_id = $1 AND internal_id = $2
@@ -369,9 +386,31 @@ SET state = 'retired', retire_after = now() + make_interval(secs => $3), updated
 WHERE domain_id = $1 AND external_id = $2 AND state = 'deletion_required' AND $3 > 0
 
 -- name: copies_naming
--- What peer $1 last received of groups whose members name $2 (to follow a membership move).
+-- What peer $1 last received of groups whose members name $2 (to follow a membership move),
+-- locked until the move is recorded: a group's sync recording its own copy meanwhile waits, and
+-- then finds it changed.
 SELECT internal_id, document FROM peer_copies
 WHERE domain_id = $1 AND document -> 'members' @> jsonb_build_array(jsonb_build_object('value', $2::text))
+ORDER BY internal_id
+FOR UPDATE
+
+-- name: resync_groups_moved
+-- The broker's groups among accounts $2 of peer $1 that a membership move changed but whose
+-- copies did not follow it (entities $3 did): the group's own sync recorded, meanwhile, what it
+-- had written without the move. What the peer holds is not known: the copy goes, and the group
+-- is synced again (a PUT).
+WITH owners AS (
+    SELECT internal_id FROM id_mappings
+    WHERE domain_id = $1 AND external_id = ANY($2::text[]) AND is_primary
+      AND internal_id <> ALL($3::text[])
+), dropped AS (
+    DELETE FROM peer_copies c
+    USING owners o
+    WHERE c.domain_id = $1 AND c.internal_id = o.internal_id
+)
+INSERT INTO outbox (domain_id, internal_id, kind)
+SELECT $1, internal_id, 'sync' FROM owners
+ON CONFLICT (domain_id, internal_id) WHERE state = 'pending' AND kind = 'sync' DO NOTHING
 
 -- name: lock_operation
 SELECT 1 FROM operations WHERE id = $1 FOR UPDATE
