@@ -19,7 +19,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from broker import __version__
 from broker.admin.api import Admin, create_admin_app
 from broker.config import Config
-from broker.db import migrated_pool, migration_status, query
+from broker.db import create_pool, migrated_pool, migration_status, query
 from broker.domains import DomainStore
 from broker.events.keyring import KeyRing
 from broker.events.render import EventRenderer
@@ -274,10 +274,22 @@ async def _propagation(app: web.Application) -> AsyncIterator[None]:
     """Delivery to push peers, and the poller that finds changes made in home directly."""
     config = app[CONFIG].propagation
     timeout = aiohttp.ClientTimeout(total=config.peer_timeout)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    # The workers' commits do not wait for the WAL flush: all they write can be replayed (a
+    # lost "done" or copy is repaired by the state-based sync, a lost create by the handle
+    # lookup, a lost enqueue by the home poller), and the flush was most of a delivery's
+    # database time. Writes that answer a domain keep theirs (the main pool).
+    pool = await create_pool(
+        app[DB_URL],
+        min_size=1,
+        max_size=config.concurrency + 4,
+        settings={"synchronous_commit": "off"},
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(pool.close)
+        session = await stack.enter_async_context(aiohttp.ClientSession(timeout=timeout))
         metrics = app[METRICS]
         deliverer = Deliverer(
-            app[POOL],
+            pool,
             app[HOME],
             session,
             id_pattern=app[CONFIG].home.id_pattern,

@@ -96,9 +96,22 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     pooled connections. asyncpg's default reset costs a round-trip on every release."""
 
 
-async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+async def create_pool(
+    url: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    settings: dict[str, str] | None = None,
+) -> asyncpg.Pool:
+    """A pool of connections ready for the named queries; ``settings`` are server settings
+    every connection starts with."""
     pool = await asyncpg.create_pool(
-        url, min_size=min_size, max_size=max_size, init=init_connection, reset=_keep_session
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        init=init_connection,
+        reset=_keep_session,
+        server_settings=settings,
     )
     assert pool is not None
     return pool
