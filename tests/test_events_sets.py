@@ -416,18 +416,6 @@ def test_an_activation_alone_has_an_empty_payload() -> None:
     assert claims["events"] == {"urn:ietf:params:scim:event:prov:activate": {}}
 
 
-def test_ref_is_not_an_event_payload_member() -> None:
-    claims = set_claims(
-        **COMMON,
-        uri="/Users/ext-1",
-        external_id=None,
-        change=Change(kinds=(EventKind.PATCH,), attributes=("name",)),
-        detail="notice",
-        ref="https://broker.example.com/scim/v2/Users/ext-1",
-    )
-    assert "ref" not in str(claims)
-
-
 # --- ServiceProviderConfig ----------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
+from broker.events.sets import envelope
 from broker.mapping.rules import MappingRow, RowChange
 
 __all__ = ["IDENTITY_EVENT_URIS", "identity_claims", "identity_notices"]
@@ -65,12 +66,12 @@ def identity_claims(
         event["primary"] = f"{endpoint}/{notice['primary']}"
     if notice.get("from"):
         event["splitFrom"] = f"{endpoint}/{notice['from']}"
-    return {
-        "iss": issuer,
-        "aud": audience,
-        "jti": jti,
-        "iat": issued_at,
-        "txn": txn,
-        "sub_id": {"format": "scim", "uri": f"{endpoint}/{notice['id']}"},
-        "events": {IDENTITY_EVENT_URIS[kind]: event},
-    }
+    return envelope(
+        issuer=issuer,
+        audience=audience,
+        jti=jti,
+        txn=txn,
+        issued_at=issued_at,
+        sub_id={"format": "scim", "uri": f"{endpoint}/{notice['id']}"},
+        events={IDENTITY_EVENT_URIS[kind]: event},
+    )

@@ -21,6 +21,7 @@ __all__ = [
     "Detail",
     "EventKind",
     "describe_change",
+    "envelope",
     "interesting",
     "service_provider_config_events",
     "set_claims",
@@ -166,7 +167,6 @@ def set_claims(
     external_id: str | None,
     change: Change,
     detail: Detail,
-    ref: str | None = None,
     data: Mapping[str, Any] | None = None,
     version: str | None = None,
 ) -> dict[str, Any]:
@@ -175,10 +175,8 @@ def set_claims(
     ``uri`` is the domain's relative resource path (``/Users/{id}``) and ``external_id`` that
     domain's ``externalId`` for it (RFC 9967 section 2.1). With ``detail="full"`` and ``data``
     (already in the domain's IDs) create, put and patch events carry ``data``; otherwise they carry
-    ``attributes`` (section 2.4). ``version`` is the resource's ETag (section 2.2). RFC 9967 defines
-    no ``ref`` payload member: ``ref`` is accepted and not emitted.
+    ``attributes`` (section 2.4). ``version`` is the resource's ETag (section 2.2).
     """
-    del ref  # not an RFC 9967 event payload member
     full = detail == "full" and data is not None
     sub_id: dict[str, Any] = {"format": "scim", "uri": uri}
     if external_id is not None:
@@ -194,14 +192,36 @@ def set_claims(
             if version is not None:
                 payload["version"] = version
         events[EVENT_URIS[kind, "full" if full else "notice"]] = payload
+    return envelope(
+        issuer=issuer,
+        audience=audience,
+        jti=jti,
+        txn=txn,
+        issued_at=issued_at,
+        sub_id=sub_id,
+        events=events,
+    )
+
+
+def envelope(
+    *,
+    issuer: str,
+    audience: str,
+    jti: str,
+    txn: str,
+    issued_at: int,
+    sub_id: Mapping[str, Any],
+    events: Mapping[str, Any],
+) -> dict[str, Any]:
+    """A SET's claims (RFC 8417 section 2.2, RFC 9967 section 2.1) around its ``events``."""
     return {
         "iss": issuer,
         "aud": audience,
         "jti": jti,
         "iat": issued_at,
         "txn": txn,
-        "sub_id": sub_id,
-        "events": events,
+        "sub_id": dict(sub_id),
+        "events": dict(events),
     }
 
 
