@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -39,6 +40,24 @@ async def broker(db_url: str, home: Home, monkeypatch: pytest.MonkeyPatch) -> As
     async for started in federation(db_url, home, {}, monkeypatch, home.token, FAST, EVENTS):
         await add_domain(started, "E")
         yield started
+
+
+@asynccontextmanager
+async def served(
+    method: str, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> AsyncIterator[str]:
+    """A domain-side HTTP endpoint (a SET receiver, a JWKS) for as long as the context lasts;
+    its URL."""
+    app = web.Application()
+    app.router.add_route(method, "/events", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = _free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}/events"
+    finally:
+        await runner.cleanup()
 
 
 async def add_domain(broker: Broker, name: str, **options: Any) -> None:
@@ -214,14 +233,8 @@ async def test_a_push_receiver_that_fails_then_recovers_gets_everything_once_in_
         received.append(jwt.decode(token, keys[0]).claims)
         return web.Response(status=202)
 
-    app = web.Application()
-    app.router.add_post("/events", receive)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = _free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
     monkeypatch.setenv("RECEIVER_TOKEN", "receiver-secret")
-    try:
+    async with served("POST", receive) as endpoint:
         async for broker in federation(db_url, home, {}, monkeypatch, home.token, FAST, EVENTS):
             keys.append(await jwks(broker))
             await subscribe(
@@ -230,7 +243,7 @@ async def test_a_push_receiver_that_fails_then_recovers_gets_everything_once_in_
                 "--delivery",
                 "push",
                 "--endpoint",
-                f"http://127.0.0.1:{port}/events",
+                endpoint,
                 "--token-env",
                 "RECEIVER_TOKEN",
             )
@@ -248,8 +261,6 @@ async def test_a_push_receiver_that_fails_then_recovers_gets_everything_once_in_
                     )
                     assert status in (200, 204)
             await quiesce(broker)
-    finally:
-        await runner.cleanup()
     assert refusals["left"] == 0
     jtis = [c["jti"] for c in received]
     assert len(jtis) == len(set(jtis)) == 9, "every SET once"
@@ -337,20 +348,12 @@ async def home_issuer() -> AsyncIterator[tuple[ECKey, str]]:
     """The home's SET signing key and its JWKS URL (the home SCIM server emits no SETs: this
     stands in for the home's event transmitter only)."""
     key = ECKey.generate_key("P-256", parameters={"kid": "home-1"})
-    app = web.Application()
 
     async def serve(_request: web.Request) -> web.Response:
         return web.json_response({"keys": [key.as_dict(private=False)]})
 
-    app.router.add_get("/jwks", serve)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = _free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield key, f"http://127.0.0.1:{port}/jwks"
-    finally:
-        await runner.cleanup()
+    async with served("GET", serve) as url:
+        yield key, url
 
 
 async def push_home_set(broker: Broker, token: str, content_type: str) -> tuple[int, Any]:
@@ -552,15 +555,8 @@ async def test_a_receiver_refusing_a_set_makes_a_dead_letter_that_can_be_retried
         received.append(await request.text())
         return web.Response(status=202)
 
-    app = web.Application()
-    app.router.add_post("/events", receive)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = _free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
+    async with served("POST", receive) as endpoint:
         async for broker in federation(db_url, home, {}, monkeypatch, home.token, FAST, EVENTS):
-            endpoint = f"http://127.0.0.1:{port}/events"
             await subscribe(broker, "D", "--delivery", "push", "--endpoint", endpoint)
             await home_tool(broker, "POST", "/Users", new_user(unique("ev")))
             await quiesce(broker)
@@ -573,5 +569,3 @@ async def test_a_receiver_refusing_a_set_makes_a_dead_letter_that_can_be_retried
             assert len(received) == 1
             state = await broker.pool.fetchval("SELECT state FROM security_events")
             assert state == "acknowledged"
-    finally:
-        await runner.cleanup()
