@@ -3,8 +3,8 @@ changes, merges, splits and peer outages, once the outbox is quiet, every push p
 live entity exactly once (split-offs not yet needed there excepted), with home's attributes and
 memberships translated through the mapping, and no internal ID.
 
-The sequences are random but reproducible: each test case is one seed. More seeds:
-``BROKER_PROPERTY_SEEDS=20 pytest tests/test_merge_split_properties.py``.
+The sequences are random but reproducible: each test case is one seed. More seeds, or other ones:
+``BROKER_PROPERTY_SEEDS=20 [BROKER_PROPERTY_FIRST_SEED=100] pytest tests/test_merge_split_properties.py``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from tests.propagation_support import (
 )
 from tests.scim_support import CORE_GROUP, Broker, Home, new_user, unique
 
-SEEDS = range(int(os.environ.get("BROKER_PROPERTY_SEEDS", "4")))
+_FIRST_SEED = int(os.environ.get("BROKER_PROPERTY_FIRST_SEED", "0"))
+SEEDS = range(_FIRST_SEED, _FIRST_SEED + int(os.environ.get("BROKER_PROPERTY_SEEDS", "4")))
 STEPS = 24
 
 

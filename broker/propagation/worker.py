@@ -132,6 +132,9 @@ class _Lane:
 
     active: int = 0
     paused_until: float = 0.0
+    healthy_at: float = 0.0
+    """When a success here last told the database the peer is healthy (it says so at most once
+    a second while nothing fails)."""
 
 
 Observer = Callable[[str, str], None]
@@ -164,6 +167,12 @@ class Deliverer:
         self._clients: dict[str, PeerClient] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+        self._peers: tuple[float, list[Peer]] = (0.0, [])
+        self._enqueued = False
+        """A NOTIFY said something was enqueued since the peers were read (perhaps for a new
+        peer)."""
+        self._settled: set[int] = set()
+        """Deliveries already settled as done in the transaction that recorded their effect."""
 
     # ------------------------------------------------------------------ the loop
 
@@ -192,17 +201,18 @@ class Deliverer:
         if url is None:
             yield
             return
-        async with listening(
-            url, "broker_outbox", lambda _payload: self._wake.set(), on_up=self._wake.set
-        ):
+        async with listening(url, "broker_outbox", self._notified, on_up=self._wake.set):
             yield
+
+    def _notified(self, _payload: str) -> None:
+        self._enqueued = True
+        self._wake.set()
 
     async def claim_and_start(self) -> int:
         """Claim what is due for every peer with room, and start delivering it."""
         started = 0
-        peers = [Peer.from_record(r) for r in await self.pool.fetch(query("push_peers"))]
         now = time.monotonic()
-        for peer in peers:
+        for peer in await self._push_peers(now):
             lane = self._lanes.setdefault(peer.id, _Lane())
             room = self.settings.concurrency - lane.active
             if peer.status == "quarantined":
@@ -230,9 +240,21 @@ class Deliverer:
                 started += 1
         return started
 
+    async def _push_peers(self, now: float) -> list[Peer]:
+        """The peers to deliver to. Every finished delivery and every enqueue wakes the loop:
+        the list is read again once a second, after a peer's health changed here, and on an
+        enqueue (which may be the first for a new peer) at most every 50 ms."""
+        read_at, peers = self._peers
+        if now - read_at >= 1.0 or (self._enqueued and now - read_at >= 0.05):
+            self._enqueued = False
+            peers = [Peer.from_record(r) for r in await self.pool.fetch(query("push_peers"))]
+            self._peers = (now, peers)
+        return peers
+
     async def drain(self, within: float = 30.0) -> None:
         """Deliver until nothing is due or in flight here (for tests and one-shot commands)."""
         deadline = time.monotonic() + within
+        self._peers = (0.0, [])
         while time.monotonic() < deadline:
             started = await self.claim_and_start()
             if self._tasks:
@@ -264,6 +286,7 @@ class Deliverer:
             with contextlib.suppress(Exception):
                 await self._failed(peer, claim, lane, failure)
         finally:
+            self._settled.discard(claim.id)
             lane.active -= 1
             self._wake.set()
 
@@ -281,12 +304,18 @@ class Deliverer:
             return "waiting"
         except Failure as failure:
             return await self._failed(peer, claim, lane, failure)
-        await self._settle(claim, "delivery_done")
+        if claim.id not in self._settled:
+            await self._settle(claim, "delivery_done")
+        now = time.monotonic()
+        if now - lane.healthy_at < 1.0:
+            return "done"  # the database heard so less than a second ago, and nothing failed since
+        lane.healthy_at = now
         recovered = await self.pool.fetchval(query("domain_delivered"), peer.id)
         if recovered:
             log.info("peer %s recovered: its queue drains now", peer.id)
             await self.pool.execute(query("release_queue"), peer.id)
             lane.paused_until = 0.0
+            self._peers = (0.0, [])
         return "done"
 
     async def _failed(self, peer: Peer, claim: Claim, lane: _Lane, failure: Failure) -> str:
@@ -297,6 +326,7 @@ class Deliverer:
             return "dead"
         quarantined = peer.status == "quarantined"
         if failure.peer_fault:
+            lane.healthy_at = 0.0
             health = await self.pool.fetchrow(
                 query("domain_failed"), peer.id, self.settings.quarantine_after
             )
@@ -305,6 +335,7 @@ class Deliverer:
                     "peer %s quarantined: failing since %s", peer.id, health["failing_since"]
                 )
                 quarantined = True
+                self._peers = (0.0, [])
         delay = self.settings.backoff.delay(
             claim.attempts, retry_after=failure.retry_after, quarantined=quarantined
         )
@@ -326,13 +357,24 @@ class Deliverer:
         """The delivery done or dead, and its operation's progress with it (one transaction, so
         that a crash in between cannot leave an operation propagating for ever)."""
         async with self.pool.acquire() as conn, conn.transaction():
-            if claim.operation_id is not None:
-                # Settles of one operation's deliveries queue here, so each progress is computed
-                # from what the others committed (a later statement sees them).
-                await conn.execute(query("lock_operation"), claim.operation_id)
-            await conn.execute(query(statement), claim.id, self.worker_id, *args)
-            if claim.operation_id is not None:
-                await conn.execute(query("refresh_operation"), claim.operation_id)
+            await self._settle_on(conn, claim, statement, *args)
+
+    async def _done_with(self, conn: Connection, claim: Claim) -> None:
+        """Settle the delivery as done in the caller's transaction, the one that records what it
+        did (one commit instead of two). A merge's or split's delivery settles on its own,
+        after, since its operation's row is locked only after what the record locks."""
+        if claim.operation_id is None:
+            await self._settle_on(conn, claim, "delivery_done")
+            self._settled.add(claim.id)
+
+    async def _settle_on(self, conn: Connection, claim: Claim, statement: str, *args: Any) -> None:
+        if claim.operation_id is not None:
+            # Settles of one operation's deliveries queue here, so each progress is computed
+            # from what the others committed (a later statement sees them).
+            await conn.execute(query("lock_operation"), claim.operation_id)
+        await conn.execute(query(statement), claim.id, self.worker_id, *args)
+        if claim.operation_id is not None:
+            await conn.execute(query("refresh_operation"), claim.operation_id)
 
     async def _reschedule(
         self, claim: Claim, due: datetime, *, counted: bool, record: dict[str, Any]
@@ -624,6 +666,8 @@ class Deliverer:
                         await conn.execute(
                             query("enqueue_sync_to"), peer.id, [owner], datetime.now(UTC)
                         )
+                if owner is not None or linked:
+                    await self._done_with(conn, claim)
         except asyncpg.UniqueViolationError as exc:
             raise Failure(
                 Verdict.PERMANENT,
@@ -770,6 +814,7 @@ class Deliverer:
                 await conn.execute(
                     query("enqueue_sync_to"), peer.id, [internal_id], datetime.now(UTC)
                 )
+            await self._done_with(conn, claim)
 
     async def _copy_is_stale(
         self, conn: Connection, peer: Peer, internal_id: str, views: Mapping[str, str]
