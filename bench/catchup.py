@@ -152,7 +152,8 @@ def report(args: argparse.Namespace, direct_s: float, result: Drain) -> str:
     lines = [
         f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores "
         f"(load average {args.load:.1f} before the run), "
-        f"{n} deliveries queued toward one peer, concurrency {args.concurrency}.",
+        f"{n} deliveries queued toward one peer, concurrency {args.concurrency}, "
+        f"home and peer: {args.servers}.",
         "",
         "| measure | seconds | per second |",
         "|---|---|---|",
@@ -202,18 +203,28 @@ def main() -> int:
         help="start delivering before the planner's statistics know of the queue",
     )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds the drain may take")
+    parser.add_argument(
+        "--servers",
+        choices=["scim2-server", "memory"],
+        default="scim2-server",
+        help="home and peer: scim2-server processes, or the fast in-memory bench/store.py",
+    )
     args = parser.parse_args()
     args.load = os.getloadavg()[0]  # other work on the machine, for the reader
     token = secrets.token_hex(8)
     tenant = uuid.uuid4().hex[:8]
-    with tempfile.TemporaryDirectory(prefix="broker-catchup-") as tmp, scim_server(token) as home:
+    memory = args.servers == "memory"
+    with (
+        tempfile.TemporaryDirectory(prefix="broker-catchup-") as tmp,
+        scim_server(token, memory=memory) as home,
+    ):
         users = bench_users(args.queued, "catchup")
-        with scim_server(token, "--dynamic-tenants") as peer:
+        with scim_server(token, "--dynamic-tenants", memory=memory) as peer:
             print(f"bench: {args.queued} POSTs straight to the peer", file=sys.stderr)
             direct_s = asyncio.run(
                 direct([f"{peer}/direct-{tenant}/v2"], token, users, args.concurrency)
             )
-        with scim_server(token, "--dynamic-tenants") as peer:
+        with scim_server(token, "--dynamic-tenants", memory=memory) as peer:
             result = asyncio.run(
                 drain(args, Path(tmp), home + "/v2", token, f"{peer}/broker-{tenant}/v2", users)
             )

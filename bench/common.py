@@ -202,8 +202,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def processes(broker_pid: int, data_dir: Path) -> dict[str, list[int]]:
-    """The processes taking part, by role: the broker, this benchmark, the scim2-server processes
-    it started, and the embedded PostgreSQL (its postmaster and backends). Needs psutil for all
+    """The processes taking part, by role: the broker, this benchmark, the SCIM servers it
+    started (scim2-server or bench/store.py), and the embedded PostgreSQL (its postmaster and backends). Needs psutil for all
     but the first two; without it, only those are named."""
     roles: dict[str, list[int]] = {"broker": [broker_pid], "benchmark": [os.getpid()]}
     try:
@@ -212,8 +212,11 @@ def processes(broker_pid: int, data_dir: Path) -> dict[str, list[int]]:
         return roles
     for child in psutil.Process().children(recursive=True):
         try:
-            if "scim2_server" in " ".join(child.cmdline()):
+            command = " ".join(child.cmdline())
+            if "scim2_server" in command:
                 roles.setdefault("scim2-server (home, peers)", []).append(child.pid)
+            elif "bench/store.py" in command:
+                roles.setdefault("in-memory SCIM (home, peers)", []).append(child.pid)
         except psutil.Error:
             continue
     for candidate in psutil.process_iter(["name", "cmdline"]):

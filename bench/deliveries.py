@@ -43,10 +43,14 @@ CORE_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
 
 
 @contextmanager
-def scim_server(token: str, *args: str) -> Iterator[str]:
+def scim_server(token: str, *args: str, memory: bool = False) -> Iterator[str]:
+    """A scim2-server process (``--dynamic-tenants``: tenants under ``/NAME/v2``), or with
+    ``memory`` the fast in-memory service of ``bench/store.py`` (always with tenants)."""
     port = free_port()
-    proc = subprocess.Popen(
-        [
+    command = (
+        [sys.executable, str(Path(__file__).with_name("store.py")), str(port), token]
+        if memory
+        else [
             sys.executable,
             "-m",
             "scim2_server.testserver.cli",
@@ -55,7 +59,10 @@ def scim_server(token: str, *args: str) -> Iterator[str]:
             "--bearer-token",
             token,
             *args,
-        ],
+        ]
+    )
+    proc = subprocess.Popen(
+        command,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )

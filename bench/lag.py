@@ -349,7 +349,8 @@ def report(args: argparse.Namespace, out: Outcome, tap: Tap) -> str:
     lines = [
         f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores "
         f"(load average {args.load:.1f} before the run), {args.rate:g} writes/s for {span:g}s, "
-        f"{args.users} users, {peers} peer(s), concurrency {args.concurrency} per peer.",
+        f"{args.users} users, {peers} peer(s), concurrency {args.concurrency} per peer, "
+        f"home and peers: {args.servers}.",
         "",
         "| measure | writes | writes/s | p50 ms | p90 ms | p99 ms | max ms |",
         "|---|---|---|---|---|---|---|",
@@ -434,13 +435,21 @@ def main() -> int:
     parser.add_argument("--peers", type=int, default=1)
     parser.add_argument("--users", type=int, default=500, help="users written to in turn")
     parser.add_argument("--concurrency", type=int, default=4, help="deliveries in flight per peer")
+    parser.add_argument(
+        "--servers",
+        choices=["scim2-server", "memory"],
+        default="scim2-server",
+        help="home and peers: scim2-server processes, or the fast in-memory bench/store.py",
+    )
     args = parser.parse_args()
     args.load = os.getloadavg()[0]  # other work on the machine, for the reader
     token = secrets.token_hex(8)
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="broker-lag-") as tmp:
-        home = stack.enter_context(scim_server(token)) + "/v2"
+        memory = args.servers == "memory"
+        home = stack.enter_context(scim_server(token, memory=memory)) + "/v2"
         peers = [
-            stack.enter_context(scim_server(token, "--dynamic-tenants")) for _ in range(args.peers)
+            stack.enter_context(scim_server(token, "--dynamic-tenants", memory=memory))
+            for _ in range(args.peers)
         ]
         print(asyncio.run(run(args, Path(tmp), home, token, peers)))
     return 0

@@ -672,3 +672,34 @@ async def wait_for_row(broker: Broker, kind: str, state: str, within: float = 10
     ):
         assert loop.time() < deadline, f"no {kind} delivery became {state}"
         await asyncio.sleep(0.02)
+
+
+async def test_a_split_taking_the_survivor_s_account_during_a_membership_move_resyncs_the_group(
+    federated: tuple[Broker, Home, Home, Gate], home: Home
+) -> None:
+    broker, _p1, p2, front = federated
+    survivor, loser, other = [await person(broker, n) for n in ("S", "L", "B")]
+    group = {"schemas": [CORE_GROUP], "displayName": unique("g")}
+    members = [{"value": loser["id"]}, {"value": other["id"]}]
+    status, created = await home_tool(broker, "POST", "/Groups", group | {"members": members})
+    assert status == 201, created
+    await quiesce(broker)
+    g2, s2, b2 = [await peer_id(broker, "P2", e["id"]) for e in (created, survivor, other)]
+    # The merge's membership move PATCHes the group in P2 to name s2, its answer held.
+    front.hold, front.held_method = asyncio.Event(), "PATCH"
+    seen = len(front.forwarded)
+    await merge(broker, survivor["id"], loser["id"])
+    await wait_for(lambda: ("PATCH", f"/Groups/{g2}") in deliveries(front, seen))
+    # Meanwhile a split hands s2 over to a new entity: the group now names that entity's
+    # account, not the survivor's.
+    status, newcomer = home.call("POST", "/Users", new_user(unique("n"), displayName="N"))
+    assert status == 201
+    await split(broker, survivor["id"], newcomer["id"], move={"P2": [s2]})
+    front.hold.set()
+    await quiesce(broker)
+    again = await peer_id(broker, "P2", survivor["id"])
+    assert again is not None and again != s2, "the survivor got an account of its own"
+    assert await peer_id(broker, "P2", newcomer["id"]) == s2
+    (held_group,) = [g for g in held(p2)["Groups"] if g["id"] == g2]
+    assert sorted(m["value"] for m in held_group["members"]) == sorted([again, b2])
+    assert_no_internal_id(p2, {survivor["id"], loser["id"], other["id"], newcomer["id"]})

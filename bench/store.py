@@ -1,0 +1,245 @@
+"""A fast in-memory SCIM service for benchmarks, run as its own process: what a home or a peer
+costs when it is not the bottleneck (scim2-server validates every document with pydantic and
+serves each request on a new connection and thread, so on a small machine it takes more CPU
+than the broker itself).
+
+It keeps users and groups per tenant (the path before ``/v2``: ``/v2`` alone is one tenant,
+``/t1/v2`` another) and speaks as much SCIM as the benchmarks use: create (``userName`` unique),
+read, replace, PATCH with attribute paths (``replace``, ``add``, ``remove``; no value filters),
+delete, lists and ``.search`` with ``eq`` filters joined by ``or``, and the discovery endpoints.
+Connections are kept alive.
+
+    python bench/store.py PORT TOKEN
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+ERROR = "urn:ietf:params:scim:api:messages:2.0:Error"
+LIST = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
+TYPES = {"Users": "User", "Groups": "Group"}
+EQ = re.compile(r'^\s*([\w.:]+)\s+eq\s+"((?:[^"\\]|\\.)*)"\s*$')
+
+
+def answer(body: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/scim+json"
+    )
+
+
+def error(status: int, detail: str, scim_type: str | None = None) -> web.Response:
+    body = {"schemas": [ERROR], "status": str(status), "detail": detail}
+    if scim_type:
+        body["scimType"] = scim_type
+    return answer(body, status)
+
+
+def lookup(resource: dict[str, Any], path: str) -> list[Any]:
+    """The values at a dotted path (multi-valued attributes flattened)."""
+    values: list[Any] = [resource]
+    for part in path.split("."):
+        found: list[Any] = []
+        for value in values:
+            if isinstance(value, dict):
+                got = next((v for k, v in value.items() if k.lower() == part.lower()), None)
+                if isinstance(got, list):
+                    found.extend(got)
+                elif got is not None:
+                    found.append(got)
+        values = found
+    return values
+
+
+def matches(resource: dict[str, Any], expression: str) -> bool:
+    """``a eq "x" or b eq "y"``, parentheses around the whole or its terms allowed."""
+    for term in re.split(r"\s+or\s+", expression.strip().strip("()")):
+        found = EQ.match(term.strip().strip("()"))
+        if found is None:
+            raise ValueError(f"unsupported filter term {term!r}")
+        attribute, value = found.group(1), orjson.loads(f'"{found.group(2)}"')
+        if value in lookup(resource, attribute):
+            return True
+    return False
+
+
+def patched(resource: dict[str, Any], operations: list[dict[str, Any]]) -> dict[str, Any]:
+    result = dict(resource)
+    for operation in operations:
+        op, path, value = (
+            operation.get("op", "").lower(),
+            operation.get("path"),
+            operation.get("value"),
+        )
+        if path is None:
+            if op in ("add", "replace") and isinstance(value, dict):
+                result.update(value)
+                continue
+            raise ValueError("an operation without a path must add or replace an object")
+        if "[" in path:
+            raise ValueError(f"value filters are not supported: {path}")
+        *parents, leaf = path.split(".")
+        target = result
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        if op == "remove":
+            target.pop(leaf, None)
+        elif op == "add" and isinstance(target.get(leaf), list) and isinstance(value, list):
+            target[leaf] = target[leaf] + value
+        elif op in ("add", "replace"):
+            target[leaf] = value
+        else:
+            raise ValueError(f"unsupported operation {op!r}")
+    return result
+
+
+class Store:
+    def __init__(self, token: str) -> None:
+        self.auth = f"Bearer {token}"
+        self.tenants: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+
+    def resources(self, request: web.Request) -> dict[str, dict[str, Any]]:
+        tenant = self.tenants.setdefault(request.match_info["tenant"], {"Users": {}, "Groups": {}})
+        return tenant[request.match_info["type"]]
+
+    def stamped(self, request: web.Request, resource: dict[str, Any], rid: str) -> dict[str, Any]:
+        now = datetime.now(UTC).isoformat()
+        kind = request.match_info["type"]
+        meta = dict(resource.get("meta") or {})
+        meta.setdefault("created", now)
+        meta.update(
+            resourceType=TYPES[kind],
+            lastModified=now,
+            location=f"{request.url.origin()}{request.match_info['tenant']}/v2/{kind}/{rid}",
+            version=f'W/"{uuid.uuid4().hex[:8]}"',
+        )
+        return {**resource, "id": rid, "meta": meta}
+
+    @web.middleware
+    async def guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.headers.get("Authorization") != self.auth:
+            return error(401, "bad token")
+        try:
+            return await handler(request)
+        except ValueError as exc:
+            return error(400, str(exc), "invalidFilter")
+
+    async def create(self, request: web.Request) -> web.Response:
+        resources = self.resources(request)
+        body = orjson.loads(await request.read())
+        name = body.get("userName")
+        if name is not None and any(r.get("userName") == name for r in resources.values()):
+            return error(409, f"userName {name} is taken", "uniqueness")
+        rid = uuid.uuid4().hex
+        resources[rid] = self.stamped(request, body, rid)
+        return answer(resources[rid], 201)
+
+    async def one(self, request: web.Request) -> web.Response:
+        resources = self.resources(request)
+        rid = request.match_info["id"]
+        if rid not in resources:
+            return error(404, f"{rid} not found")
+        if request.method == "GET":
+            return answer(resources[rid])
+        if request.method == "DELETE":
+            del resources[rid]
+            return web.Response(status=204)
+        body = orjson.loads(await request.read())
+        if request.method == "PUT":
+            updated = body
+        else:
+            updated = patched(resources[rid], body.get("Operations") or [])
+        resources[rid] = self.stamped(request, {**updated, "meta": resources[rid]["meta"]}, rid)
+        return answer(resources[rid])
+
+    async def listing(self, request: web.Request) -> web.Response:
+        if request.method == "POST":
+            query = orjson.loads(await request.read())
+        else:
+            query = dict(request.query)
+        wanted = query.get("filter")
+        found = [r for r in self.resources(request).values() if not wanted or matches(r, wanted)]
+        count = int(query.get("count") or len(found))
+        return answer(
+            {
+                "schemas": [LIST],
+                "totalResults": len(found),
+                "startIndex": 1,
+                "itemsPerPage": min(count, len(found)),
+                "Resources": found[:count],
+            }
+        )
+
+    async def discovery(self, request: web.Request) -> web.Response:
+        what = request.match_info["what"]
+        if what == "ServiceProviderConfig":
+            return answer(
+                {
+                    "schemas": ["urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"],
+                    "patch": {"supported": True},
+                    "bulk": {"supported": False, "maxOperations": 0, "maxPayloadSize": 0},
+                    "filter": {"supported": True, "maxResults": 100000},
+                    "changePassword": {"supported": False},
+                    "sort": {"supported": False},
+                    "etag": {"supported": True},
+                    "authenticationSchemes": [],
+                }
+            )
+        if what == "ResourceTypes":
+            types = [
+                {
+                    "schemas": ["urn:ietf:params:scim:schemas:core:2.0:ResourceType"],
+                    "id": name,
+                    "name": name,
+                    "endpoint": f"/{endpoint}",
+                    "schema": f"urn:ietf:params:scim:schemas:core:2.0:{name}",
+                }
+                for endpoint, name in TYPES.items()
+            ]
+            return answer({"schemas": [LIST], "totalResults": 2, "Resources": types})
+        # No schemas: the broker then uses the references RFC 7643 defines.
+        return answer({"schemas": [LIST], "totalResults": 0, "Resources": []})
+
+
+PATHS = re.compile(
+    r"^(?P<tenant>(?:/[\w-]+)?)/v2/(?:"
+    r"(?P<what>ServiceProviderConfig|ResourceTypes|Schemas)"
+    r"|(?P<type>Users|Groups)(?:/(?P<id>[^/]+))?)$"
+)
+
+
+def app(token: str) -> web.Application:
+    store = Store(token)
+
+    async def dispatch(request: web.Request) -> web.StreamResponse:
+        found = PATHS.match(request.path)
+        if found is None:
+            return error(404, f"no endpoint {request.path}")
+        parts = found.groupdict()
+        request.match_info.update({k: v or "" for k, v in parts.items()})
+        if parts["what"]:
+            return await store.discovery(request)
+        if parts["id"] == ".search" and request.method == "POST":
+            return await store.listing(request)
+        if parts["id"]:
+            return await store.one(request)
+        if request.method == "POST":
+            return await store.create(request)
+        return await store.listing(request)
+
+    application = web.Application(middlewares=[store.guard])
+    application.router.add_route("*", "/{path:.*}", dispatch)
+    return application
+
+
+if __name__ == "__main__":
+    web.run_app(
+        app(sys.argv[2]), host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None
+    )
