@@ -171,6 +171,7 @@ class Deliverer:
         self._enqueued = False
         """A NOTIFY said something was enqueued since the peers were read (perhaps for a new
         peer)."""
+        self._recheck: asyncio.TimerHandle | None = None
         self._settled: set[int] = set()
         """Deliveries already settled as done in the transaction that recorded their effect."""
 
@@ -190,6 +191,8 @@ class Deliverer:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self.settings.idle_check)
             finally:
+                if self._recheck is not None:
+                    self._recheck.cancel()
                 for task in self._tasks:
                     task.cancel()
                 await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -201,7 +204,10 @@ class Deliverer:
         if url is None:
             yield
             return
-        async with listening(url, "broker_outbox", self._notified, on_up=self._wake.set):
+        # Back up (or up at last): what was enqueued meanwhile sent no notification here.
+        async with listening(
+            url, "broker_outbox", self._notified, on_up=lambda: self._notified("")
+        ):
             yield
 
     def _notified(self, _payload: str) -> None:
@@ -249,6 +255,14 @@ class Deliverer:
             self._enqueued = False
             peers = [Peer.from_record(r) for r in await self.pool.fetch(query("push_peers"))]
             self._peers = (now, peers)
+        elif self._enqueued and self._recheck is None:
+            # Woken too soon to read again: look once the 50 ms are over, not at the next
+            # idle check (the enqueue may be the first for a new peer).
+            def recheck() -> None:
+                self._recheck = None
+                self._wake.set()
+
+            self._recheck = asyncio.get_running_loop().call_later(read_at + 0.05 - now, recheck)
         return peers
 
     async def drain(self, within: float = 30.0) -> None:
