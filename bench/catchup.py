@@ -9,7 +9,12 @@ production entry point, a process of its own) and drains the queue; its resident
 sampled every second. The comparison is N POSTs of the same users straight to a fresh tenant of
 a fresh peer process, with the same concurrency, measured first.
 
-    python bench/catchup.py [--queued 50000] [--concurrency 4]
+With ``--outage SECONDS`` the outage is a real one: the broker starts with the queue whole and
+the peer down (nothing listens on its port), retries, backs off and quarantines it with its
+default settings, and the peer process starts SECONDS later. The report then also says how long
+after the peer came back the first delivery landed.
+
+    python bench/catchup.py [--queued 50000] [--concurrency 4] [--outage 600]
 
 Uses the embedded PostgreSQL in a temporary directory unless BROKER_DATABASE_URL is set.
 """
@@ -24,6 +29,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +54,7 @@ from common import (
     rss_mib,
 )
 from deliveries import direct, scim_server
+from run import free_port
 
 
 @dataclass
@@ -69,6 +77,8 @@ class Drain:
     """Deliveries not done at the end (dead letters, for example)."""
     held: int
     """Users the peer holds at the end."""
+    back: float | None = None
+    """With ``--outage``: when the peer came back, in seconds since the broker's start."""
 
 
 async def drain(
@@ -78,7 +88,10 @@ async def drain(
     token: str,
     peer: str,
     users: list[dict[str, object]],
+    come_back: Callable[[], AbstractContextManager[str]] | None = None,
 ) -> Drain:
+    """Drain the queue toward ``peer``; with ``come_back``, the peer is down until it is
+    entered, ``args.outage`` seconds after the broker's start."""
     started = time.perf_counter()
     ids = await create_users(home, token, users, args.create_concurrency)
     print(
@@ -97,21 +110,29 @@ async def drain(
         assert queued == args.queued, f"{queued} deliveries queued for {args.queued} users"
         print(f"bench: {queued} deliveries queued; starting the broker", file=sys.stderr)
         samples: list[Sample] = []
+        back: float | None = None
         t0 = time.time()
-        async with broker_serve(
-            db_url,
-            home,
-            token,
-            token,
-            tmp,
-            home_poll_interval=0,
-            concurrency=args.concurrency,
-        ) as broker:
+        async with (
+            ExitStack() as revived,
+            broker_serve(
+                db_url,
+                home,
+                token,
+                token,
+                tmp,
+                home_poll_interval=0,
+                concurrency=args.concurrency,
+            ) as broker,
+        ):
             print(f"bench: broker pid {broker.pid}", file=sys.stderr)
             meter = CpuMeter(lambda: processes(broker.pid, tmp / "pg"))
             meter.start()
             deadline = time.monotonic() + args.timeout
             while True:
+                if come_back is not None and back is None and time.time() - t0 >= args.outage:
+                    await asyncio.to_thread(revived.enter_context, come_back())
+                    back = time.time() - t0
+                    print(f"bench: {back:.0f}s: the peer is back", file=sys.stderr)
                 depth = await outbox_depth(pool)
                 samples.append(Sample(time.time() - t0, rss_mib(broker.pid), depth))
                 if len(samples) % 30 == 0:
@@ -120,26 +141,37 @@ async def drain(
                         f"RSS {samples[-1].rss_mib:.0f} MiB",
                         file=sys.stderr,
                     )
-                if depth == 0:
+                if depth == 0 and (come_back is None or back is not None):
                     break
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{depth} deliveries still waiting after {args.timeout}s")
                 await asyncio.sleep(1)
             cpu = meter.stop()
+            held = await peer_holds(peer, token)
         span = await pool.fetchrow(
             "SELECT min(updated_at) AS first, max(updated_at) AS last FROM outbox "
             "WHERE state = 'done'"
         )
         assert span is not None and span["first"] is not None, "nothing was delivered"
         undone = await pool.fetchval("SELECT count(*) FROM outbox WHERE state <> 'done'")
+    return Drain(
+        span["first"].timestamp() - t0,
+        span["last"].timestamp() - t0,
+        samples,
+        cpu,
+        undone,
+        held,
+        back,
+    )
+
+
+async def peer_holds(peer: str, token: str) -> int:
+    """How many users the peer holds."""
     async with (
         aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session,
         session.get(f"{peer}/Users", params={"count": "1", "attributes": "id"}) as response,
     ):
-        held = int((await response.json(content_type=None))["totalResults"])
-    return Drain(
-        span["first"].timestamp() - t0, span["last"].timestamp() - t0, samples, cpu, undone, held
-    )
+        return int((await response.json(content_type=None))["totalResults"])
 
 
 def report(args: argparse.Namespace, direct_s: float, result: Drain) -> str:
@@ -153,7 +185,9 @@ def report(args: argparse.Namespace, direct_s: float, result: Drain) -> str:
         f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores "
         f"(load average {args.load:.1f} before the run), "
         f"{n} deliveries queued toward one peer, concurrency {args.concurrency}, "
-        f"home and peer: {args.servers}.",
+        f"home and peer: {args.servers}"
+        + (f", the peer answering {args.peer_latency:g} ms late" if args.peer_latency else "")
+        + ".",
         "",
         "| measure | seconds | per second |",
         "|---|---|---|",
@@ -162,6 +196,14 @@ def report(args: argparse.Namespace, direct_s: float, result: Drain) -> str:
         f"| broker: first delivery until the queue is empty | {result.total - result.startup:.1f} "
         f"| {broker_rate:.0f} |",
         f"| broker / direct | | {broker_rate / (n / direct_s):.0%} |",
+    ]
+    if result.back is not None:
+        lines += [
+            f"| the peer down from the broker's start until | {result.back:.1f} | |",
+            f"| the peer back until the first delivery | {result.startup - result.back:.1f} | |",
+            f"| the peer back until the queue is empty | {result.total - result.back:.1f} | |",
+        ]
+    lines += [
         "",
         "| broker RSS MiB: ready | after 10% delivered | max | at the end | max - after 10% |",
         "|---|---|---|---|---|",
@@ -209,25 +251,51 @@ def main() -> int:
         default="scim2-server",
         help="home and peer: scim2-server processes, or the fast in-memory bench/store.py",
     )
+    parser.add_argument(
+        "--peer-latency",
+        type=float,
+        default=0.0,
+        help="milliseconds each answer of the in-memory peer waits, as a remote peer's would "
+        "(with --servers memory)",
+    )
+    parser.add_argument(
+        "--outage",
+        type=float,
+        default=0.0,
+        help="seconds the peer is down after the broker starts (a real outage; default: none, "
+        "the queue waits for a broker that was not running)",
+    )
     args = parser.parse_args()
     args.load = os.getloadavg()[0]  # other work on the machine, for the reader
     token = secrets.token_hex(8)
     tenant = uuid.uuid4().hex[:8]
     memory = args.servers == "memory"
+    if args.peer_latency and not memory:
+        parser.error("--peer-latency needs --servers memory")
+    slow = args.peer_latency / 1000
+    port = free_port()
+
+    def peer_process() -> AbstractContextManager[str]:
+        return scim_server(token, "--dynamic-tenants", memory=memory, latency=slow, port=port)
+
     with (
         tempfile.TemporaryDirectory(prefix="broker-catchup-") as tmp,
         scim_server(token, memory=memory) as home,
     ):
         users = bench_users(args.queued, "catchup")
-        with scim_server(token, "--dynamic-tenants", memory=memory) as peer:
+        with scim_server(token, "--dynamic-tenants", memory=memory, latency=slow) as peer:
             print(f"bench: {args.queued} POSTs straight to the peer", file=sys.stderr)
             direct_s = asyncio.run(
                 direct([f"{peer}/direct-{tenant}/v2"], token, users, args.concurrency)
             )
-        with scim_server(token, "--dynamic-tenants", memory=memory) as peer:
+        peer = f"http://127.0.0.1:{port}/broker-{tenant}/v2"
+        if args.outage:
             result = asyncio.run(
-                drain(args, Path(tmp), home + "/v2", token, f"{peer}/broker-{tenant}/v2", users)
+                drain(args, Path(tmp), home + "/v2", token, peer, users, peer_process)
             )
+        else:
+            with peer_process():
+                result = asyncio.run(drain(args, Path(tmp), home + "/v2", token, peer, users))
     print(report(args, direct_s, result))
     return 0
 

@@ -1,12 +1,13 @@
 """Delivery benchmark: how fast the outbox drains into push peers, against the same peers written
 to directly by a plain client with the same concurrency, in one run.
 
-Home and the peers are real scim2-server processes (peers are tenants of one process per peer).
+Home and the peers are real scim2-server processes (peers are tenants of one process per peer),
+or with ``--servers memory`` the fast in-memory service of ``bench/store.py``.
 N users are created in home; their syncs are enqueued at once (as the home poller or the
 home-facing endpoint would) and the broker's worker drains them. The direct figure is N POSTs of
 the same users straight to a fresh tenant of each peer.
 
-    python bench/deliveries.py [--users 300] [--peers 1 5] [--concurrency 4]
+    python bench/deliveries.py [--users 300] [--peers 1 5] [--concurrency 4] [--servers memory]
 
 Uses the embedded PostgreSQL in a temporary directory unless BROKER_DATABASE_URL is set.
 """
@@ -43,12 +44,15 @@ CORE_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
 
 
 @contextmanager
-def scim_server(token: str, *args: str, memory: bool = False) -> Iterator[str]:
+def scim_server(
+    token: str, *args: str, memory: bool = False, latency: float = 0.0, port: int | None = None
+) -> Iterator[str]:
     """A scim2-server process (``--dynamic-tenants``: tenants under ``/NAME/v2``), or with
-    ``memory`` the fast in-memory service of ``bench/store.py`` (always with tenants)."""
-    port = free_port()
+    ``memory`` the fast in-memory service of ``bench/store.py`` (always with tenants; every
+    answer ``latency`` seconds late), on ``port`` or a free one."""
+    port = port or free_port()
     command = (
-        [sys.executable, str(Path(__file__).with_name("store.py")), str(port), token]
+        [sys.executable, str(Path(__file__).with_name("store.py")), str(port), token, str(latency)]
         if memory
         else [
             sys.executable,
@@ -154,13 +158,20 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=300)
     parser.add_argument("--peers", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument(
+        "--servers",
+        choices=["scim2-server", "memory"],
+        default="scim2-server",
+        help="home and peers: scim2-server processes, or the fast in-memory bench/store.py",
+    )
     args = parser.parse_args()
     token = secrets.token_hex(8)
+    memory = args.servers == "memory"
     rows = []
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
-        home = stack.enter_context(scim_server(token)) + "/v2"
+        home = stack.enter_context(scim_server(token, memory=memory)) + "/v2"
         peer_hosts = [
-            stack.enter_context(scim_server(token, "--dynamic-tenants"))
+            stack.enter_context(scim_server(token, "--dynamic-tenants", memory=memory))
             for _ in range(max(args.peers))
         ]
         users = [
@@ -196,7 +207,9 @@ def main() -> int:
             )
             total = args.users * count
             rows.append((count, total / direct_s, total / broker_s))
-    print(f"{args.users} users, concurrency {args.concurrency} per peer, scim2-server peers")
+    print(
+        f"{args.users} users, concurrency {args.concurrency} per peer, home and peers: {args.servers}"
+    )
     print("| peers | direct POSTs/s | broker deliveries/s | broker / direct |")
     print("|---|---|---|---|")
     for count, d, b in rows:

@@ -7,13 +7,15 @@ It keeps users and groups per tenant (the path before ``/v2``: ``/v2`` alone is 
 ``/t1/v2`` another) and speaks as much SCIM as the benchmarks use: create (``userName`` unique),
 read, replace, PATCH with attribute paths (``replace``, ``add``, ``remove``; no value filters),
 delete, lists and ``.search`` with ``eq`` filters joined by ``or``, and the discovery endpoints.
-Connections are kept alive.
+Connections are kept alive. With LATENCY (seconds), every answer waits that long first, as a
+remote peer's would (its round trip and its own work), without taking CPU here.
 
-    python bench/store.py PORT TOKEN
+    python bench/store.py PORT TOKEN [LATENCY]
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sys
 import uuid
@@ -101,8 +103,9 @@ def patched(resource: dict[str, Any], operations: list[dict[str, Any]]) -> dict[
 
 
 class Store:
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, latency: float = 0.0) -> None:
         self.auth = f"Bearer {token}"
+        self.latency = latency
         self.tenants: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
 
     def resources(self, request: web.Request) -> dict[str, dict[str, Any]]:
@@ -126,6 +129,8 @@ class Store:
     async def guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if request.headers.get("Authorization") != self.auth:
             return error(401, "bad token")
+        if self.latency:
+            await asyncio.sleep(self.latency)
         try:
             return await handler(request)
         except ValueError as exc:
@@ -215,8 +220,8 @@ PATHS = re.compile(
 )
 
 
-def app(token: str) -> web.Application:
-    store = Store(token)
+def app(token: str, latency: float = 0.0) -> web.Application:
+    store = Store(token, latency)
 
     async def dispatch(request: web.Request) -> web.StreamResponse:
         found = PATHS.match(request.path)
@@ -241,5 +246,9 @@ def app(token: str) -> web.Application:
 
 if __name__ == "__main__":
     web.run_app(
-        app(sys.argv[2]), host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None
+        app(sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else 0.0),
+        host="127.0.0.1",
+        port=int(sys.argv[1]),
+        print=None,
+        access_log=None,
     )

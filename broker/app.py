@@ -281,7 +281,7 @@ async def _propagation(app: web.Application) -> AsyncIterator[None]:
     pool = await create_pool(
         app[DB_URL],
         min_size=1,
-        max_size=config.concurrency + 4,
+        max_size=2 * config.concurrency + 4,  # the deliveries under way per peer, and the loop
         settings={"synchronous_commit": "off"},
     )
     async with contextlib.AsyncExitStack() as stack:

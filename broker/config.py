@@ -134,17 +134,18 @@ class HomeConfig(_Section):
 class PropagationConfig(_Section):
     # Deliver to push peers from this process (several processes may share the work).
     enabled: bool = True
-    # Deliveries in flight per peer, per process.
+    # Requests in flight at each peer, per process (twice as many deliveries get ready).
     concurrency: int = Field(default=4, ge=1, le=256)
     # Seconds a claimed delivery stays claimed; a crashed worker's claims return after it.
     lease: float = Field(default=120.0, gt=0)
     # Retries: exponential backoff from backoff_base to backoff_ceiling seconds, with jitter.
     backoff_base: float = Field(default=1.0, gt=0)
-    backoff_ceiling: float = Field(default=300.0, gt=0)
+    backoff_ceiling: float = Field(default=60.0, gt=0)
     # A peer failing for this many seconds without a success is quarantined: it is retried every
-    # quarantine_retry seconds, one delivery at a time, until it answers again.
+    # quarantine_retry seconds, one delivery at a time, until it answers again (so a peer back
+    # from an outage is found within that many seconds).
     quarantine_after: float = Field(default=300.0, ge=0)
-    quarantine_retry: float = Field(default=900.0, gt=0)
+    quarantine_retry: float = Field(default=120.0, gt=0)
     # Seconds a write a peer refuses with 409 (a unique value is taken) is retried before it is
     # a dead letter: the value may be on an account changing hands after a merge or split.
     conflict_patience: float = Field(default=300.0, ge=0)

@@ -649,3 +649,38 @@ async def test_a_create_refused_as_a_duplicate_links_to_the_peers_resource_by_po
         assert [u["displayName"] for u in held(refusing)["Users"]] == ["made in the peer"]
         for peer in (linking, refusing):
             assert_no_internal_id(peer, {user["id"]})
+
+
+async def test_concurrency_bounds_the_requests_at_the_peer_while_as_many_deliveries_get_ready(
+    db_url: str, home: Home, peer_server: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    peer = tenant(peer_server, "p1")
+    two = FAST.model_copy(update={"concurrency": 2})
+    async with gate(peer) as front:
+        async for broker in federation(
+            db_url, home, {"P1": front.url}, monkeypatch, peer_server.token, two
+        ):
+            front.hold, front.held_method = asyncio.Event(), "POST"
+            users = [(await home_tool(broker, "POST", "/Users", new_user()))[1] for _ in range(9)]
+            pool = broker.app[POOL]
+
+            async def in_flight() -> int:
+                count: int = await pool.fetchval(
+                    "SELECT count(*) FROM outbox WHERE domain_id = 'P1' AND state = 'in_flight'"
+                )
+                return count
+
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while await in_flight() < 4:
+                assert loop.time() < deadline, "two deliveries never got ready behind the two"
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.3)  # time for a third request to reach the peer, if one could
+            assert [m for m, _, _ in front.forwarded] == ["POST", "POST"]
+            assert await in_flight() == 4, "no more claimed until half of them have finished"
+            front.hold.set()
+            await quiesce(broker)
+            assert sorted(u["userName"] for u in held(peer)["Users"]) == sorted(
+                u["userName"] for u in users
+            )
+            assert [m for m, _, _ in front.forwarded] == ["POST"] * 9

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -54,9 +56,17 @@ class PeerClient:
     read once in a while to know whether it takes PATCH."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, base_url: str, token: str | None, *, domain: str
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        token: str | None,
+        *,
+        domain: str,
+        slots: asyncio.Semaphore | None = None,
     ) -> None:
         self.session = session
+        self.slots = slots
+        """Bounds the requests in flight at the peer (shared by its clients), if given."""
         self.base_url = base_url.rstrip("/")
         self.domain = domain
         self.token = token
@@ -72,14 +82,15 @@ class PeerClient:
         params: Mapping[str, str] | None = None,
     ) -> PeerAnswer:
         try:
-            answer = await exchange(
-                self.session,
-                method,
-                self.base_url + path,
-                auth=self._auth,
-                params=params,
-                body=body,
-            )
+            async with self.slots if self.slots is not None else contextlib.nullcontext():
+                answer = await exchange(
+                    self.session,
+                    method,
+                    self.base_url + path,
+                    auth=self._auth,
+                    params=params,
+                    body=body,
+                )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise Failure(
                 Verdict.TRANSIENT,

@@ -95,8 +95,8 @@ class Backoff:
     """Exponential backoff with full jitter, capped; a quarantined peer waits ``quarantine``."""
 
     base: float = 1.0
-    ceiling: float = 300.0
-    quarantine: float = 900.0
+    ceiling: float = 60.0
+    quarantine: float = 120.0
 
     def delay(
         self,

@@ -52,7 +52,9 @@ _UNIQUE_BY = {"User": "userName", "Group": "displayName"}
 @dataclass(frozen=True)
 class WorkerSettings:
     concurrency: int = 4
-    """Deliveries in flight per peer, per process."""
+    """Requests in flight at each peer, per process. Up to twice as many deliveries are under
+    way there, so that while ``concurrency`` of them wait for the peer the others read home and
+    the database: the peer's speed, not the broker's steps around each request, sets the pace."""
     lease: float = 120.0
     backoff: Backoff = field(default_factory=Backoff)
     quarantine_after: float = 300.0
@@ -165,6 +167,8 @@ class Deliverer:
         self.worker_id = f"worker-{uuid.uuid4().hex[:8]}"
         self._lanes: dict[str, _Lane] = {}
         self._clients: dict[str, PeerClient] = {}
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        """Per peer: its requests in flight from here (``concurrency`` at most)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._peers: tuple[float, list[Peer]] = (0.0, [])
@@ -220,9 +224,14 @@ class Deliverer:
         now = time.monotonic()
         for peer in await self._push_peers(now):
             lane = self._lanes.setdefault(peer.id, _Lane())
-            room = self.settings.concurrency - lane.active
+            slots = self.settings.concurrency
+            room = 2 * slots - lane.active
             if peer.status == "quarantined":
                 room = min(room, 1 - lane.active)  # one probe at a time
+            elif lane.active > slots:
+                # The peer's slots are all taken, and as many deliveries wait for them: claim
+                # again once half have finished, many rows a claim rather than one a delivery.
+                continue
             if room <= 0 or lane.paused_until > now:
                 continue
             records = await self.pool.fetch(
@@ -411,7 +420,8 @@ class Deliverer:
         client = self._clients.get(peer.id)
         token = peer_credential(peer.credential_ref)
         if client is None or client.base_url != peer.scim_url.rstrip("/") or client.token != token:
-            client = PeerClient(self.session, peer.scim_url, token, domain=peer.id)
+            slots = self._slots.setdefault(peer.id, asyncio.Semaphore(self.settings.concurrency))
+            client = PeerClient(self.session, peer.scim_url, token, domain=peer.id, slots=slots)
             self._clients[peer.id] = client
         return client
 
