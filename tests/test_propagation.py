@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -662,13 +662,7 @@ async def test_concurrency_bounds_the_requests_at_the_peer_while_as_many_deliver
         ):
             front.hold, front.held_method = asyncio.Event(), "POST"
             users = [(await home_tool(broker, "POST", "/Users", new_user()))[1] for _ in range(9)]
-            pool = broker.app[POOL]
-
-            async def in_flight() -> int:
-                count: int = await pool.fetchval(
-                    "SELECT count(*) FROM outbox WHERE domain_id = 'P1' AND state = 'in_flight'"
-                )
-                return count
+            in_flight = _in_flight_counter(broker, "P1")
 
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 10
@@ -684,3 +678,15 @@ async def test_concurrency_bounds_the_requests_at_the_peer_while_as_many_deliver
                 u["userName"] for u in users
             )
             assert [m for m, _, _ in front.forwarded] == ["POST"] * 9
+
+
+def _in_flight_counter(broker: Broker, domain: str) -> Callable[[], Awaitable[int]]:
+    """How many deliveries toward ``domain`` are claimed, when called."""
+
+    async def in_flight() -> int:
+        count: int = await broker.app[POOL].fetchval(
+            "SELECT count(*) FROM outbox WHERE domain_id = $1 AND state = 'in_flight'", domain
+        )
+        return count
+
+    return in_flight
