@@ -112,9 +112,8 @@ async def drain(
         samples: list[Sample] = []
         back: float | None = None
         t0 = time.time()
-        async with (
-            ExitStack() as revived,
-            broker_serve(
+        with ExitStack() as revived:
+            async with broker_serve(
                 db_url,
                 home,
                 token,
@@ -122,32 +121,33 @@ async def drain(
                 tmp,
                 home_poll_interval=0,
                 concurrency=args.concurrency,
-            ) as broker,
-        ):
-            print(f"bench: broker pid {broker.pid}", file=sys.stderr)
-            meter = CpuMeter(lambda: processes(broker.pid, tmp / "pg"))
-            meter.start()
-            deadline = time.monotonic() + args.timeout
-            while True:
-                if come_back is not None and back is None and time.time() - t0 >= args.outage:
-                    await asyncio.to_thread(revived.enter_context, come_back())
-                    back = time.time() - t0
-                    print(f"bench: {back:.0f}s: the peer is back", file=sys.stderr)
-                depth = await outbox_depth(pool)
-                samples.append(Sample(time.time() - t0, rss_mib(broker.pid), depth))
-                if len(samples) % 30 == 0:
-                    print(
-                        f"bench: {samples[-1].at:.0f}s: {depth} waiting, "
-                        f"RSS {samples[-1].rss_mib:.0f} MiB",
-                        file=sys.stderr,
-                    )
-                if depth == 0 and (come_back is None or back is not None):
-                    break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{depth} deliveries still waiting after {args.timeout}s")
-                await asyncio.sleep(1)
-            cpu = meter.stop()
-            held = await peer_holds(peer, token)
+            ) as broker:
+                print(f"bench: broker pid {broker.pid}", file=sys.stderr)
+                meter = CpuMeter(lambda: processes(broker.pid, tmp / "pg"))
+                meter.start()
+                deadline = time.monotonic() + args.timeout
+                while True:
+                    if come_back is not None and back is None and time.time() - t0 >= args.outage:
+                        await asyncio.to_thread(revived.enter_context, come_back())
+                        back = time.time() - t0
+                        print(f"bench: {back:.0f}s: the peer is back", file=sys.stderr)
+                    depth = await outbox_depth(pool)
+                    samples.append(Sample(time.time() - t0, rss_mib(broker.pid), depth))
+                    if len(samples) % 30 == 0:
+                        print(
+                            f"bench: {samples[-1].at:.0f}s: {depth} waiting, "
+                            f"RSS {samples[-1].rss_mib:.0f} MiB",
+                            file=sys.stderr,
+                        )
+                    if depth == 0 and (come_back is None or back is not None):
+                        break
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(
+                            f"{depth} deliveries still waiting after {args.timeout}s"
+                        )
+                    await asyncio.sleep(1)
+                cpu = meter.stop()
+                held = await peer_holds(peer, token)
         span = await pool.fetchrow(
             "SELECT min(updated_at) AS first, max(updated_at) AS last FROM outbox "
             "WHERE state = 'done'"
