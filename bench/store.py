@@ -107,10 +107,29 @@ class Store:
         self.auth = f"Bearer {token}"
         self.latency = latency
         self.tenants: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+        self.names: dict[str, dict[str, str]] = {}
+        """Per tenant: userName -> the user holding it (uniqueness without a scan)."""
+        self.name_of: dict[str, dict[str, str]] = {}
+        """Per tenant: user -> its userName."""
 
     def resources(self, request: web.Request) -> dict[str, dict[str, Any]]:
         tenant = self.tenants.setdefault(request.match_info["tenant"], {"Users": {}, "Groups": {}})
         return tenant[request.match_info["type"]]
+
+    def hold_name(self, request: web.Request, rid: str, name: Any) -> bool:
+        """Give ``name`` to user ``rid`` (dropping its old one); False if another user holds it."""
+        if request.match_info["type"] != "Users":
+            return True
+        names = self.names.setdefault(request.match_info["tenant"], {})
+        owned = self.name_of.setdefault(request.match_info["tenant"], {})
+        if name is not None and names.get(name, rid) != rid:
+            return False
+        old = owned.pop(rid, None)
+        if old is not None:
+            del names[old]
+        if name is not None:
+            names[name], owned[rid] = rid, name
+        return True
 
     def stamped(self, request: web.Request, resource: dict[str, Any], rid: str) -> dict[str, Any]:
         now = datetime.now(UTC).isoformat()
@@ -139,10 +158,9 @@ class Store:
     async def create(self, request: web.Request) -> web.Response:
         resources = self.resources(request)
         body = orjson.loads(await request.read())
-        name = body.get("userName")
-        if name is not None and any(r.get("userName") == name for r in resources.values()):
-            return error(409, f"userName {name} is taken", "uniqueness")
         rid = uuid.uuid4().hex
+        if not self.hold_name(request, rid, body.get("userName")):
+            return error(409, f"userName {body.get('userName')} is taken", "uniqueness")
         resources[rid] = self.stamped(request, body, rid)
         return answer(resources[rid], 201)
 
@@ -155,12 +173,15 @@ class Store:
             return answer(resources[rid])
         if request.method == "DELETE":
             del resources[rid]
+            self.hold_name(request, rid, None)
             return web.Response(status=204)
         body = orjson.loads(await request.read())
         if request.method == "PUT":
             updated = body
         else:
             updated = patched(resources[rid], body.get("Operations") or [])
+        if not self.hold_name(request, rid, updated.get("userName")):
+            return error(409, f"userName {updated.get('userName')} is taken", "uniqueness")
         resources[rid] = self.stamped(request, {**updated, "meta": resources[rid]["meta"]}, rid)
         return answer(resources[rid])
 
