@@ -151,6 +151,9 @@ class PropagationConfig(_Section):
     conflict_patience: float = Field(default=300.0, ge=0)
     # Seconds a peer's retired row is kept, so that late references to it still resolve.
     retention: float = Field(default=30 * 86400.0, ge=0)
+    # Seconds a finished delivery (done, cancelled) stays in the outbox before it is purged; the
+    # deliveries of a merge or split that is not done stay with it. 0 keeps them for ever.
+    done_retention: float = Field(default=7 * 86400.0, ge=0)
     # Seconds between polls of home for changes made there directly (0: no polling), and
     # between sweeps that find resources deleted in home.
     home_poll_interval: float = Field(default=30.0, ge=0)

@@ -145,6 +145,7 @@ CREATE INDEX outbox_ready ON outbox (domain_id, next_attempt_at, id) WHERE state
 CREATE INDEX outbox_by_entity ON outbox (domain_id, internal_id, id) WHERE state IN ('pending', 'in_flight');
 CREATE INDEX outbox_by_operation ON outbox (operation_id) WHERE operation_id IS NOT NULL;
 CREATE INDEX outbox_claim_order ON outbox (domain_id, id) WHERE state IN ('pending', 'in_flight');
+CREATE INDEX outbox_finished ON outbox (updated_at) WHERE state IN ('done', 'cancelled');
 -- One pending sync per (peer, entity): a sync delivers home's state at the time it runs.
 CREATE UNIQUE INDEX outbox_one_pending_sync ON outbox (domain_id, internal_id)
     WHERE state = 'pending' AND kind = 'sync';

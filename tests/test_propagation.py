@@ -22,6 +22,7 @@ from broker.tokens import TokenStore
 from tests.propagation_support import (
     FAST,
     admin,
+    admin_call,
     assert_no_internal_id,
     cli,
     federation,
@@ -690,3 +691,48 @@ def _in_flight_counter(broker: Broker, domain: str) -> Callable[[], Awaitable[in
         return count
 
     return in_flight
+
+
+async def test_finished_deliveries_are_purged_after_their_retention_but_not_an_unfinished_operation_s(
+    two_peers: tuple[Broker, Home, Home],
+) -> None:
+    broker, _p1, _p2 = two_peers
+    pool = broker.app[POOL]
+    users = [(await home_tool(broker, "POST", "/Users", new_user()))[1] for _ in range(6)]
+    await quiesce(broker)  # each peer holds both sides of each merge
+    operations = []
+    for survivor, loser in (users[0:2], users[2:4]):
+        status, op, _ = await admin_call(
+            broker,
+            "POST",
+            "/admin/merges",
+            {"survivor": survivor["id"], "losers": [loser["id"]], "idempotency_key": unique("m")},
+        )
+        assert status == 202, op
+        operations.append(op["id"])
+    await quiesce(broker)
+    # A week and a day later; one merge is shown failed (a dead letter a person may retry), and
+    # one delivery is a dead letter.
+    await pool.execute("UPDATE outbox SET updated_at = now() - interval '8 days'")
+    await pool.execute("UPDATE operations SET state = 'failed' WHERE id = $1", operations[1])
+    dead = await pool.fetchval(
+        "UPDATE outbox SET state = 'dead' WHERE id = (SELECT min(id) FROM outbox "
+        "WHERE operation_id IS NULL) RETURNING id"
+    )
+    _, recent = await home_tool(broker, "POST", "/Users", new_user())
+    await quiesce(broker)
+    kept_before = await pool.fetch(
+        "SELECT id FROM outbox WHERE id = $1 OR operation_id = $2 OR internal_id = $3",
+        dead,
+        operations[1],
+        recent["id"],
+    )
+    total = await pool.fetchval("SELECT count(*) FROM outbox")
+    purged = await broker.app[DELIVERER].purge(batch=3)  # several batches
+    assert purged == total - len(kept_before) > 3
+    left = await pool.fetch("SELECT id FROM outbox ORDER BY id")
+    assert [r["id"] for r in left] == sorted(r["id"] for r in kept_before)
+    # The failed operation still counts its deliveries.
+    status, op = await admin(broker, "GET", f"/admin/operations/{operations[1]}")
+    assert status == 200 and op["progress"]["P1"]["tasks"] == 2
+    assert await broker.app[DELIVERER].purge() == 0

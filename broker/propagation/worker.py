@@ -59,6 +59,10 @@ class WorkerSettings:
     backoff: Backoff = field(default_factory=Backoff)
     quarantine_after: float = 300.0
     retention: float = 30 * 86400.0
+    done_retention: float = 7 * 86400.0
+    """Seconds a finished delivery is kept before the purge deletes it (0: kept for ever)."""
+    purge_every: float = 600.0
+    """Seconds between purges of finished deliveries."""
     idle_check: float = 1.0
     """How often due rows (backoff over) are looked for when no notification wakes the worker."""
     dependency_wait: float = 0.2
@@ -184,12 +188,16 @@ class Deliverer:
     async def run(self, listen_url: str | None = None) -> None:
         """Deliver until cancelled; woken by NOTIFY on ``broker_outbox`` when ``listen_url`` is
         given, and every ``idle_check`` seconds regardless."""
+        purged_at = time.monotonic()
         async with self._listening(listen_url):
             try:
                 while True:
                     self._wake.clear()
                     try:
                         await self.claim_and_start()
+                        if time.monotonic() - purged_at >= self.settings.purge_every:
+                            purged_at = time.monotonic()
+                            await self.purge()
                     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                         log.warning("delivery worker cannot reach the database: %s", exc)
                     with contextlib.suppress(TimeoutError):
@@ -254,6 +262,27 @@ class Deliverer:
                 task.add_done_callback(self._tasks.discard)
                 started += 1
         return started
+
+    async def purge(self, batch: int = 5000) -> int:
+        """Delete finished deliveries older than ``done_retention``, a batch per statement so
+        that no transaction holds many rows; returns how many went."""
+        if self.settings.done_retention <= 0:
+            return 0
+        purged = 0
+        while True:
+            status = await self.pool.execute(
+                query("purge_finished"), self.settings.done_retention, batch
+            )
+            deleted = int(status.split()[-1])
+            purged += deleted
+            if deleted < batch:
+                break
+            await asyncio.sleep(0)  # deliveries go on between batches
+        if purged:
+            log.info(
+                "purged %d finished deliveries older than %gs", purged, self.settings.done_retention
+            )
+        return purged
 
     async def _push_peers(self, now: float) -> list[Peer]:
         """The peers to deliver to. Every finished delivery and every enqueue wakes the loop:

@@ -490,3 +490,18 @@ SELECT EXISTS (
 
 -- name: mapped_account
 SELECT EXISTS (SELECT 1 FROM id_mappings WHERE domain_id = $1 AND external_id = $2)
+
+-- name: purge_finished
+-- At most $2 finished deliveries (done, cancelled) last changed more than $1 seconds ago, deleted.
+-- Those of an operation that is not done are kept: its progress is counted from its rows, and a
+-- dead letter retried later counts them again.
+WITH old AS (
+    SELECT o.id
+    FROM outbox o
+    LEFT JOIN operations p ON p.id = o.operation_id
+    WHERE o.state IN ('done', 'cancelled') AND o.updated_at < now() - make_interval(secs => $1)
+      AND (o.operation_id IS NULL OR p.state = 'done')
+    LIMIT $2
+    FOR UPDATE OF o SKIP LOCKED
+)
+DELETE FROM outbox o USING old WHERE o.id = old.id
