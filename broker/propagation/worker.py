@@ -188,26 +188,24 @@ class Deliverer:
     async def run(self, listen_url: str | None = None) -> None:
         """Deliver until cancelled; woken by NOTIFY on ``broker_outbox`` when ``listen_url`` is
         given, and every ``idle_check`` seconds regardless."""
-        purged_at = time.monotonic()
+        purging = asyncio.create_task(self._purging(), name="outbox purge")
         async with self._listening(listen_url):
             try:
                 while True:
                     self._wake.clear()
                     try:
                         await self.claim_and_start()
-                        if time.monotonic() - purged_at >= self.settings.purge_every:
-                            purged_at = time.monotonic()
-                            await self.purge()
                     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                         log.warning("delivery worker cannot reach the database: %s", exc)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self.settings.idle_check)
             finally:
+                purging.cancel()
                 if self._recheck is not None:
                     self._recheck.cancel()
                 for task in self._tasks:
                     task.cancel()
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+                await asyncio.gather(purging, *self._tasks, return_exceptions=True)
 
     @contextlib.asynccontextmanager
     async def _listening(self, url: str | None) -> AsyncIterator[None]:
@@ -263,6 +261,16 @@ class Deliverer:
                 started += 1
         return started
 
+    async def _purging(self) -> None:
+        """Purge every ``purge_every`` seconds, beside the deliveries (a first purge of a large
+        history takes a while, and claims go on meanwhile)."""
+        while True:
+            await asyncio.sleep(self.settings.purge_every)
+            try:
+                await self.purge()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("the outbox purge cannot reach the database: %s", exc)
+
     async def purge(self, batch: int = 5000) -> int:
         """Delete finished deliveries older than ``done_retention``, a batch per statement so
         that no transaction holds many rows; returns how many went."""
@@ -277,7 +285,6 @@ class Deliverer:
             purged += deleted
             if deleted < batch:
                 break
-            await asyncio.sleep(0)  # deliveries go on between batches
         if purged:
             log.info(
                 "purged %d finished deliveries older than %gs", purged, self.settings.done_retention
