@@ -629,16 +629,26 @@ async def test_a_pending_create_handed_to_a_survivor_is_finished_as_its_account(
         assert names == sorted([source["userName"], off["userName"]])
 
 
+async def loser_and_other_in_a_group(
+    broker: Broker,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """People S (to survive a merge), L (to lose it) and B; a group naming L and B, as sent to
+    home and as home answered; everything delivered."""
+    survivor, loser, other = [await person(broker, n) for n in ("S", "L", "B")]
+    members = [{"value": loser["id"]}, {"value": other["id"]}]
+    group = {"schemas": [CORE_GROUP], "displayName": unique("g"), "members": members}
+    status, created = await home_tool(broker, "POST", "/Groups", group)
+    assert status == 201, created
+    await quiesce(broker)
+    return survivor, loser, other, group, created
+
+
 async def test_a_group_sync_racing_a_membership_move_leaves_no_stale_member(
     federated: tuple[Broker, Home, Home, Gate],
 ) -> None:
     broker, _p1, p2, front = federated
-    survivor, loser, other = [await person(broker, n) for n in ("S", "L", "B")]
-    group = {"schemas": [CORE_GROUP], "displayName": unique("g")}
-    members = [{"value": loser["id"]}, {"value": other["id"]}]
-    status, created = await home_tool(broker, "POST", "/Groups", group | {"members": members})
-    assert status == 201, created
-    await quiesce(broker)
+    survivor, loser, other, group, created = await loser_and_other_in_a_group(broker)
+    members = group["members"]
     g2, b2 = [await peer_id(broker, "P2", e["id"]) for e in (created, other)]
     # The group's sync (a rename) reaches P2, its answer held: its copy is not recorded yet.
     renamed, moved = asyncio.Event(), asyncio.Event()
@@ -678,12 +688,7 @@ async def test_a_split_taking_the_survivor_s_account_during_a_membership_move_re
     federated: tuple[Broker, Home, Home, Gate], home: Home
 ) -> None:
     broker, _p1, p2, front = federated
-    survivor, loser, other = [await person(broker, n) for n in ("S", "L", "B")]
-    group = {"schemas": [CORE_GROUP], "displayName": unique("g")}
-    members = [{"value": loser["id"]}, {"value": other["id"]}]
-    status, created = await home_tool(broker, "POST", "/Groups", group | {"members": members})
-    assert status == 201, created
-    await quiesce(broker)
+    survivor, loser, other, _group, created = await loser_and_other_in_a_group(broker)
     g2, s2, b2 = [await peer_id(broker, "P2", e["id"]) for e in (created, survivor, other)]
     # The merge's membership move PATCHes the group in P2 to name s2, its answer held.
     front.hold, front.held_method = asyncio.Event(), "PATCH"
