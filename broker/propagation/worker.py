@@ -121,6 +121,21 @@ class Claim:
     """The merge or split the delivery belongs to, whose progress it updates."""
     conflict_since: float | None = None
     """When (epoch seconds) the peer first refused this delivery with 409, if it did."""
+    claimed_at: float = 0.0
+    """When (monotonic) the claim came back: every write the delivery stands for was in home
+    before then (a write folds into a sync only while it waits)."""
+
+
+@dataclass
+class _HomeRead:
+    """A read of one resource from home, shared by the deliveries it is fresh enough for."""
+
+    started: float
+    """When (monotonic) the GET was sent."""
+    answer: asyncio.Future[dict[str, Any] | None]
+
+
+_HOME_READS_KEPT = 1024
 
 
 class _Later(Exception):
@@ -180,6 +195,8 @@ class Deliverer:
         """A NOTIFY said something was enqueued since the peers were read (perhaps for a new
         peer)."""
         self._recheck: asyncio.TimerHandle | None = None
+        self._home_reads: dict[str, _HomeRead] = {}
+        """The latest read from home of each entity (the oldest dropped past a bound)."""
         self._settled: set[int] = set()
         """Deliveries already settled as done in the transaction that recorded their effect."""
 
@@ -225,8 +242,20 @@ class Deliverer:
         self._wake.set()
 
     async def claim_and_start(self) -> int:
-        """Claim what is due for every peer with room, and start delivering it."""
-        started = 0
+        """Claim what is due for every peer with room, and start delivering it. The deliveries
+        start once every peer's claim is in, so that one read of home serves the deliveries of
+        one change to all of them (see ``_home_resource``)."""
+        claimed: list[tuple[Peer, Claim, _Lane]] = []
+        try:
+            await self._claim(claimed)
+        finally:
+            for peer, claim, lane in claimed:
+                task = asyncio.create_task(self._deliver(peer, claim, lane))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        return len(claimed)
+
+    async def _claim(self, claimed: list[tuple[Peer, Claim, _Lane]]) -> None:
         now = time.monotonic()
         for peer in await self._push_peers(now):
             lane = self._lanes.setdefault(peer.id, _Lane())
@@ -243,6 +272,7 @@ class Deliverer:
             records = await self.pool.fetch(
                 query("claim_deliveries"), peer.id, self.worker_id, room, self.settings.lease
             )
+            claimed_at = time.monotonic()
             for record in records:
                 claim = Claim(
                     record["id"],
@@ -253,13 +283,10 @@ class Deliverer:
                     record["payload"] or {},
                     record["operation_id"],
                     (record["last_error"] or {}).get("conflict_since"),
+                    claimed_at,
                 )
                 lane.active += 1
-                task = asyncio.create_task(self._deliver(peer, claim, lane))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-                started += 1
-        return started
+                claimed.append((peer, claim, lane))
 
     async def _purging(self) -> None:
         """Purge every ``purge_every`` seconds, beside the deliveries (a first purge of a large
@@ -493,7 +520,7 @@ class Deliverer:
         endpoint = schema.endpoints.by_type.get(resource_type)
         home_doc = None
         if endpoint is not None and entity["state"] == "active":
-            home_doc = await self._home_resource(endpoint, claim.internal_id)
+            home_doc = await self._home_resource(endpoint, claim.internal_id, claim.claimed_at)
         if home_doc is not None and peer.scope_filter and resource_type == "User":
             within = await self._home_call(
                 self.home.ids_within(endpoint or "/Users", [claim.internal_id], peer.scope_filter)
@@ -561,7 +588,34 @@ class Deliverer:
                 peer_fault=False,
             ) from exc
 
-    async def _home_resource(self, endpoint: str, internal_id: str) -> dict[str, Any] | None:
+    async def _home_resource(
+        self, endpoint: str, internal_id: str, fresh_since: float
+    ) -> dict[str, Any] | None:
+        """Home's resource (None: gone), read once for the deliveries of one change to several
+        peers: a read sent after ``fresh_since`` (this delivery's claim) shows every write the
+        delivery stands for, so its answer serves here too. Nothing changes the documents."""
+        read = self._home_reads.get(internal_id)
+        if read is not None and read.started >= fresh_since:
+            return await asyncio.shield(read.answer)
+        read = _HomeRead(time.monotonic(), asyncio.get_running_loop().create_future())
+        self._home_reads.pop(internal_id, None)
+        self._home_reads[internal_id] = read
+        if len(self._home_reads) > _HOME_READS_KEPT:
+            del self._home_reads[next(iter(self._home_reads))]
+        try:
+            read.answer.set_result(await self._read_home(endpoint, internal_id))
+        except asyncio.CancelledError:
+            read.answer.cancel()
+            raise
+        except Exception as exc:
+            if self._home_reads.get(internal_id) is read:
+                del self._home_reads[internal_id]
+            read.answer.set_exception(exc)
+            read.answer.exception()  # retrieved: the deliveries sharing it raise it themselves
+            raise
+        return read.answer.result()
+
+    async def _read_home(self, endpoint: str, internal_id: str) -> dict[str, Any] | None:
         response = await self._home_call(self.home.request("GET", f"{endpoint}/{internal_id}"))
         if response.status == 404:
             return None
