@@ -342,6 +342,9 @@ class Deliverer:
         deadline = time.monotonic() + within
         self._peers = (0.0, [])
         while time.monotonic() < deadline:
+            # A pass that found a lane busy may see its deliveries all finish while it claims
+            # for the other peers: only a pass that began with nothing running can end it.
+            idle = not self._tasks
             started = await self.claim_and_start()
             if self._tasks:
                 await asyncio.wait(
@@ -349,7 +352,7 @@ class Deliverer:
                     timeout=self.settings.idle_check,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
-            elif not started:
+            elif idle and not started:
                 return
         raise TimeoutError(f"deliveries still running after {within}s")
 
