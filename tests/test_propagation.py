@@ -765,3 +765,5 @@ async def test_one_read_of_home_serves_a_change_s_deliveries_to_every_peer(
                 for name, peer in peers.items():
                     held_id = await peer_id(broker, name, user["id"])
                     assert held_id is not None and peer_user(peer, held_id)["title"] == f"t{n}"
+            for peer in peers.values():
+                assert_no_internal_id(peer, {user["id"]})
