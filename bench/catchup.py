@@ -1,7 +1,8 @@
 """Catch-up benchmark: how fast the broker drains a long queue toward one push peer after an
 outage, and how much memory it holds meanwhile, against the peer's own speed in the same run.
 
-Home and the peer are real scim2-server processes. N users are created in home directly, and a
+Home and the peer are real scim2-server processes, or with ``--servers memory`` the in-memory
+service of ``bench/store.py`` (``--peer-latency MS``: the peer answers that late). N users are created in home directly, and a
 sync of each toward the peer is put in the outbox (as the home poller or the home-facing
 endpoint would) while no broker runs: the outage is modelled as a broker whose worker was not
 delivering, so that the queue is whole when delivery starts. Then `broker serve` starts (the

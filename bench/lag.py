@@ -1,7 +1,8 @@
 """Lag benchmark: how long a change made in home takes to reach a push peer at a steady rate of
 changes, against the same writes' own round trip to home, in one run.
 
-Home and the peers are real scim2-server processes (one per peer). The broker is `broker serve`,
+Home and the peers are real scim2-server processes (one per peer), or with ``--servers memory``
+the in-memory service of ``bench/store.py``. The broker is `broker serve`,
 a process of its own, with the home poller off: home's tools write through its home-facing
 endpoint (`{admin}/home/scim/v2`, a token of the home domain), as the README describes. In front
 of each peer sits a tap, a small reverse proxy in this process, that notes when each body carrying
