@@ -121,9 +121,10 @@ class Claim:
     """The merge or split the delivery belongs to, whose progress it updates."""
     conflict_since: float | None = None
     """When (epoch seconds) the peer first refused this delivery with 409, if it did."""
-    claimed_at: float = 0.0
+    claimed_at: float = float("inf")
     """When (monotonic) the claim came back: every write the delivery stands for was in home
-    before then (a write folds into a sync only while it waits)."""
+    before then (a write folds into a sync only while it waits). Unknown (the default): no
+    earlier read of home is fresh enough, and the delivery reads its own."""
 
 
 @dataclass
