@@ -33,9 +33,9 @@ import aiohttp
 
 from broker.db import migrated_pool
 from broker.domains import DomainStore
+from broker.home import HomeClient
 from broker.propagation.outbox import enqueue_changes
 from broker.propagation.worker import Deliverer, WorkerSettings
-from broker.proxy.home import HomeClient
 
 sys.path.insert(0, str(Path(__file__).parent))
 from run import free_port, wait_for

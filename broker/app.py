@@ -24,14 +24,15 @@ from broker.domains import DomainStore
 from broker.events.keyring import KeyRing
 from broker.events.render import EventRenderer
 from broker.events.web import EventWaiters, HomeReceiver, Poll, jwks_handler
+from broker.home import HomeClient
 from broker.mapping.cache import MappingCache, listen
 from broker.mapping.store import MappingStore
 from broker.propagation.policy import Backoff
 from broker.propagation.poller import HomePoller
 from broker.propagation.secrets import SecretBox, load_box
 from broker.propagation.worker import Deliverer, WorkerSettings
-from broker.proxy.handlers import MAX_BODY, Proxy, scim_error_middleware
-from broker.proxy.home import HomeClient
+from broker.proxy.handlers import Proxy
+from broker.responses import MAX_BODY, scim_error_middleware
 from broker.tokens import TokenStore
 
 __all__ = [

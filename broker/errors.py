@@ -5,7 +5,13 @@ Pure: no I/O. The web layers turn them into SCIM error documents; the CLI prints
 
 from __future__ import annotations
 
-__all__ = ["BrokerError", "ConflictError", "InvalidValueError", "NotFoundError"]
+__all__ = [
+    "BrokerError",
+    "ConflictError",
+    "ForbiddenError",
+    "InvalidValueError",
+    "NotFoundError",
+]
 
 
 class BrokerError(Exception):
@@ -37,3 +43,9 @@ class NotFoundError(BrokerError, LookupError):
 class ConflictError(BrokerError):
     status = 409
     scim_type = "uniqueness"
+
+
+class ForbiddenError(BrokerError):
+    """The caller is known but may not do this (a token without the scope, a push domain creating)."""
+
+    status = 403

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from broker.db import query
-from broker.errors import BrokerError, InvalidValueError, NotFoundError
+from broker.errors import BrokerError, ForbiddenError, InvalidValueError, NotFoundError
 
 __all__ = [
     "SCOPES",
@@ -36,12 +36,6 @@ class AuthenticationError(BrokerError):
     """No valid bearer token (RFC 7644 section 2: 401 with WWW-Authenticate)."""
 
     status = 401
-
-
-class ForbiddenError(BrokerError):
-    """A valid token without the scope the request needs."""
-
-    status = 403
 
 
 def hash_token(token: str) -> bytes:

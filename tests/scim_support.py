@@ -40,7 +40,7 @@ from broker.config import (
     ServerConfig,
 )
 from broker.domains import DomainStore
-from broker.proxy.home import HomeClient, HomeResponse
+from broker.home import HomeClient, HomeResponse
 from broker.tokens import TokenStore
 
 ACME = "urn:example:params:scim:schemas:extension:acme:2.0:User"

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from broker.app import METRICS, POOL, PROXY
-from broker.proxy.home import HomeClient, HomeResponse
+from broker.home import HomeClient, HomeResponse
 from tests.conftest import QueryCounter
 from tests.scim_support import CORE_GROUP, ENTERPRISE, Broker, Home, new_user, start_broker, unique
 

@@ -20,11 +20,11 @@ from aiohttp import web
 
 from broker.db import query
 from broker.domains import DomainStore
-from broker.errors import BrokerError, InvalidValueError, NotFoundError
+from broker.errors import BrokerError, ForbiddenError, InvalidValueError, NotFoundError
+from broker.home import HomeClient
 from broker.mapping.store import MappingStore, Operation
 from broker.propagation.outbox import settle_dead_letter
-from broker.proxy.handlers import MAX_BODY, Forbidden, answer_errors
-from broker.proxy.home import HomeClient
+from broker.responses import MAX_BODY, answer_errors
 from broker.scim.bulk import bulk_write_only, bulk_writes
 from broker.scim.writeonly import write_only_values
 from broker.tokens import TokenStore
@@ -250,7 +250,7 @@ class Admin:
         # a change that happened).
         domain = await self.domains.get(principal.domain_id)
         if domain.kind != "home":
-            raise Forbidden(
+            raise ForbiddenError(
                 f"{HOME_PREFIX} is for the home domain's tools; {domain.id} is a peer and "
                 "calls /scim/v2 on the broker's main port"
             )

@@ -24,8 +24,8 @@ from broker.events.identity import IDENTITY_EVENT_URIS, identity_claims
 from broker.events.keyring import KeyRing
 from broker.events.keys import sign_set
 from broker.events.sets import Change, EventKind, set_claims
+from broker.home import HomeClient
 from broker.mapping.store import MappingStore
-from broker.proxy.home import HomeClient
 from broker.scim.guard import IdShape, find_leak
 from broker.scim.outbound import DomainView, ids_in_resources, resources_for_domain
 from broker.scim.rewrite import Translation

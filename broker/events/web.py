@@ -22,10 +22,10 @@ from broker.errors import BrokerError
 from broker.events.keyring import KeyRing
 from broker.events.keys import SetError, verify_set
 from broker.events.render import EventRenderer
+from broker.home import HomeClient
 from broker.http import SET_TYPE
 from broker.propagation.outbox import enqueue_changes
-from broker.proxy.handlers import DATABASE_DOWN
-from broker.proxy.home import HomeClient
+from broker.responses import DATABASE_DOWN
 from broker.tokens import TokenStore
 
 __all__ = ["EventWaiters", "HomeReceiver", "Poll", "jwks_handler"]

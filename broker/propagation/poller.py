@@ -13,8 +13,8 @@ from typing import Any
 import asyncpg
 
 from broker.db import query
+from broker.home import HomeClient, HomeUnavailable
 from broker.propagation.outbox import enqueue_changes
-from broker.proxy.home import HomeClient, HomeUnavailable
 
 __all__ = ["HomePoller"]
 

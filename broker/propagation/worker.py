@@ -28,13 +28,13 @@ import orjson
 
 from broker.db import listening, query
 from broker.events.render import EventRenderer
+from broker.home import HomeClient, HomeRefused, HomeSchema, HomeUnavailable
 from broker.http import SET_TYPE, exchange
 from broker.mapping.store import mint_id
 from broker.propagation.documents import PATCH_SCHEMA, peer_document, scim_patch
 from broker.propagation.peer import PeerClient, peer_credential
 from broker.propagation.policy import Backoff, Failure, Verdict, judge
 from broker.propagation.secrets import SealError, SecretBox
-from broker.proxy.home import HomeClient, HomeRefused, HomeSchema, HomeUnavailable
 from broker.scim.guard import IdShape, find_leak
 from broker.scim.rewrite import Translation, collect_ids
 

@@ -14,21 +14,27 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
 import orjson
 from aiohttp import web
 
 from broker.domains import Domain, DomainStore
-from broker.errors import BrokerError, InvalidValueError, NotFoundError
+from broker.errors import BrokerError, ForbiddenError, InvalidValueError, NotFoundError
 from broker.events.sets import service_provider_config_events
-from broker.http import SCIM_JSON
-from broker.mapping.store import MappingStore
-from broker.proxy.home import (
+from broker.home import (
     SEARCH_SCHEMA,
     HomeClient,
     HomeRefused,
     HomeResponse,
     HomeSchema,
+)
+from broker.http import SCIM_JSON
+from broker.mapping.store import MappingStore
+from broker.responses import (
+    MAX_BODY,
+    SCIM_PREFIX,
+    UnsupportedMediaType,
+    error_document,
+    error_response,
 )
 from broker.scim.bulk import bulk_write_only, bulk_writes
 from broker.scim.filters import FilterError, FilterIds, filter_ids, parse_filter, rewrite_filter
@@ -39,12 +45,10 @@ from broker.scim.rewrite import Endpoints, IdVisitor, Translation, collect_ids, 
 from broker.scim.writeonly import write_only_values
 from broker.tokens import TokenStore
 
-__all__ = ["SCIM_PREFIX", "Proxy", "scim_error_middleware"]
+__all__ = ["Proxy"]
 
 log = logging.getLogger(__name__)
 
-SCIM_PREFIX = "/scim/v2"
-ERROR_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:Error"
 LIST_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
 BULK_REQUEST = "urn:ietf:params:scim:api:messages:2.0:BulkRequest"
 BULK_RESPONSE = "urn:ietf:params:scim:api:messages:2.0:BulkResponse"
@@ -61,81 +65,7 @@ LIST_PARAMS = (
 GET_PARAMS = ("attributes", "excludedAttributes")
 NOT_FOUND = "resource not found"
 _DISCOVERY = {"ServiceProviderConfig", "Schemas", "ResourceTypes", "Bulk"}
-# Largest request body a domain may send (RFC 7644 section 3.12: 413 beyond it).
-MAX_BODY = 1024 * 1024
 _ACCEPTED_TYPES = {"application/scim+json", "application/json"}
-
-
-class UnsupportedMediaType(BrokerError):
-    status = 415
-
-
-class Forbidden(BrokerError):
-    status = 403
-
-
-def error_document(status: int, detail: str, scim_type: str | None = None) -> dict[str, Any]:
-    """An RFC 7644 section 3.12 error."""
-    doc: dict[str, Any] = {"schemas": [ERROR_SCHEMA], "status": str(status), "detail": detail}
-    if scim_type:
-        doc["scimType"] = scim_type
-    return doc
-
-
-def error_response(status: int, detail: str, scim_type: str | None = None) -> web.Response:
-    response = web.Response(
-        status=status,
-        text=json.dumps(error_document(status, detail, scim_type)),
-        content_type=SCIM_JSON,
-    )
-    if status == 401:
-        response.headers["WWW-Authenticate"] = 'Bearer realm="scim-id-broker"'
-    return response
-
-
-@web.middleware
-async def scim_error_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Every error under /scim/v2 is a SCIM error document, never an HTML page or a trace."""
-    if not request.path.startswith(SCIM_PREFIX):
-        return await handler(request)
-    return await answer_errors(request, handler)
-
-
-DATABASE_DOWN = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,
-)
-"""What asyncpg raises while the database is restarting or unreachable: a 503, not a 500."""
-
-
-async def answer_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """``handler``'s response, or its failure as an RFC 7644 section 3.12 error document."""
-    try:
-        return await handler(request)
-    except BrokerError as exc:
-        return error_response(exc.status, exc.detail, exc.scim_type)
-    except web.HTTPRequestEntityTooLarge:
-        return error_response(413, "the request body is too large for this broker (1 MiB at most)")
-    except web.HTTPException as exc:
-        if exc.status >= 400:
-            detail = {404: "no such endpoint", 405: f"{request.method} is not allowed here"}
-            return error_response(exc.status, detail.get(exc.status, exc.reason))
-        raise
-    except DATABASE_DOWN as exc:
-        log.warning("database unavailable: %r", exc)
-        return error_response(
-            503, "the broker's database is unavailable; try again in a few seconds"
-        )
-    except Exception:
-        correlation = uuid.uuid4().hex[:12]
-        log.exception("internal error, correlation ID %s", correlation)
-        return error_response(500, f"internal error in the broker (correlation ID {correlation})")
 
 
 @dataclass(frozen=True)
@@ -549,7 +479,7 @@ class Proxy:
         elif user_filter is not None and not isinstance(user_filter, str):
             raise FilterError("filter must be a string")
         if call.domain.scope_filter and resource_type is None:
-            raise Forbidden(
+            raise ForbiddenError(
                 f"domain {call.domain.id} sees a scope of users: search /Users/.search or "
                 "/Groups/.search instead of the root"
             )
@@ -589,7 +519,7 @@ class Proxy:
         call = await self._call(request, "scim:write")
         resource_type = await self._resource_type(request)
         if call.domain.push:
-            raise Forbidden(
+            raise ForbiddenError(
                 f"domain {call.domain.id} is a push domain: the broker provisions into it and its IDs "
                 "are the ones it assigns; create the resource in home instead"
             )
@@ -756,7 +686,7 @@ class Proxy:
         schema = await self.home.schema()
         ops = _bulk_operations(body)
         if call.domain.push and any(op["method"] == "POST" for op in ops):
-            raise Forbidden(
+            raise ForbiddenError(
                 f"domain {call.domain.id} is a push domain: it cannot create through the broker"
             )
         bulk_ids = {op["bulkId"] for op in ops if isinstance(op.get("bulkId"), str)}

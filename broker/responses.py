@@ -1,0 +1,106 @@
+"""SCIM error documents and responses (RFC 7644 section 3.12), for every listener.
+
+Base floor: the proxy, the admin listener and the events endpoints all answer errors this way,
+so it lives below them all.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import orjson
+from aiohttp import web
+
+from broker.errors import BrokerError
+from broker.http import SCIM_JSON
+
+__all__ = [
+    "DATABASE_DOWN",
+    "ERROR_SCHEMA",
+    "MAX_BODY",
+    "SCIM_PREFIX",
+    "UnsupportedMediaType",
+    "answer_errors",
+    "error_document",
+    "error_response",
+    "scim_error_middleware",
+]
+
+log = logging.getLogger(__name__)
+
+SCIM_PREFIX = "/scim/v2"
+ERROR_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:Error"
+# Largest request body a domain may send (RFC 7644 section 3.12: 413 beyond it).
+MAX_BODY = 1024 * 1024
+
+
+class UnsupportedMediaType(BrokerError):
+    status = 415
+
+
+def error_document(status: int, detail: str, scim_type: str | None = None) -> dict[str, Any]:
+    """An RFC 7644 section 3.12 error."""
+    doc: dict[str, Any] = {"schemas": [ERROR_SCHEMA], "status": str(status), "detail": detail}
+    if scim_type:
+        doc["scimType"] = scim_type
+    return doc
+
+
+def error_response(status: int, detail: str, scim_type: str | None = None) -> web.Response:
+    response = web.Response(
+        status=status,
+        body=orjson.dumps(error_document(status, detail, scim_type)),
+        content_type=SCIM_JSON,
+    )
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="scim-id-broker"'
+    return response
+
+
+@web.middleware
+async def scim_error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error under /scim/v2 is a SCIM error document, never an HTML page or a trace."""
+    if not request.path.startswith(SCIM_PREFIX):
+        return await handler(request)
+    return await answer_errors(request, handler)
+
+
+DATABASE_DOWN = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+"""What asyncpg raises while the database is restarting or unreachable: a 503, not a 500."""
+
+
+async def answer_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """``handler``'s response, or its failure as an RFC 7644 section 3.12 error document."""
+    try:
+        return await handler(request)
+    except BrokerError as exc:
+        return error_response(exc.status, exc.detail, exc.scim_type)
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(413, "the request body is too large for this broker (1 MiB at most)")
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            detail = {404: "no such endpoint", 405: f"{request.method} is not allowed here"}
+            return error_response(exc.status, detail.get(exc.status, exc.reason))
+        raise
+    except DATABASE_DOWN as exc:
+        log.warning("database unavailable: %r", exc)
+        return error_response(
+            503, "the broker's database is unavailable; try again in a few seconds"
+        )
+    except Exception:
+        correlation = uuid.uuid4().hex[:12]
+        log.exception("internal error, correlation ID %s", correlation)
+        return error_response(500, f"internal error in the broker (correlation ID {correlation})")
