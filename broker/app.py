@@ -31,7 +31,7 @@ from broker.propagation.policy import Backoff
 from broker.propagation.poller import HomePoller
 from broker.propagation.secrets import SecretBox, load_box
 from broker.propagation.worker import Deliverer, WorkerSettings
-from broker.proxy.handlers import Proxy
+from broker.proxy.handlers import Proxy, route_guard
 from broker.responses import MAX_BODY, scim_error_middleware
 from broker.tokens import TokenStore
 
@@ -359,7 +359,9 @@ async def _admin(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(config: Config) -> web.Application:
     """The broker's application; production and tests build the same one."""
-    app = web.Application(middlewares=[scim_error_middleware, _measure], client_max_size=MAX_BODY)
+    app = web.Application(
+        middlewares=[scim_error_middleware, _measure, route_guard], client_max_size=MAX_BODY
+    )
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_database)

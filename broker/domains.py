@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -11,6 +12,7 @@ import asyncpg
 
 from broker.db import query
 from broker.errors import ConflictError, InvalidValueError, NotFoundError
+from broker.scim.policy import DomainPolicy
 
 __all__ = ["Domain", "DomainStore"]
 
@@ -33,6 +35,19 @@ class Domain:
     suspend_for: timedelta = timedelta(days=30)
     on_conflict: Literal["link", "dead_letter"] = "dead_letter"
     failing_since: datetime | None = None
+
+    @functools.cached_property
+    def policy(self) -> DomainPolicy:
+        """What the domain may see and do, for the request path's pure decisions."""
+        read = self.attribute_policy.get("read")
+        write = self.attribute_policy.get("write")
+        return DomainPolicy(
+            self.id,
+            scope=self.scope_filter,
+            read=tuple(read) if read is not None else None,
+            write=tuple(write) if write is not None else None,
+            unlinkable=bool(getattr(self, "unlinkable", False)),
+        )
 
     @property
     def mints(self) -> bool:

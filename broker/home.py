@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -15,6 +15,7 @@ import orjson
 
 from broker.errors import BrokerError
 from broker.http import Exchange, exchange
+from broker.scim.attributes import ResourceSchema, SchemaIndex
 from broker.scim.rewrite import Endpoints
 from broker.scim.schemas import DEFAULT_REFERENCES, ReferenceMap
 from broker.scim.writeonly import DEFAULT_WRITE_ONLY
@@ -73,6 +74,16 @@ class HomeSchema:
     loaded_at: float
     write_only: frozenset[str] = DEFAULT_WRITE_ONLY
     """Attributes home never returns (``returned: never``), by name as its /Schemas spells them."""
+    attributes: SchemaIndex = field(default_factory=SchemaIndex.default)
+    """Every attribute of every resource type, for the canonical request and the policy."""
+    schema_ids: frozenset[str] = frozenset()
+    """The schema URNs home describes (lower-case): the only ``/Schemas/{id}`` a domain may ask."""
+
+    def resource(self, resource_type: str) -> ResourceSchema:
+        found = self.attributes.get(resource_type)
+        if found is None:
+            raise BrokerError(f"home describes no attributes for {resource_type}", status=502)
+        return found
 
 
 class HomeClient:
@@ -181,18 +192,43 @@ class HomeClient:
                 if schema_list
                 else DEFAULT_REFERENCES
             )
+            attributes = (
+                SchemaIndex.from_schemas(schema_list, type_list)
+                if schema_list and type_list
+                else SchemaIndex.default()
+            )
+            if not schema_list:
+                log.warning("home /Schemas unreadable: using the attributes RFC 7643 defines")
             self._schema = HomeSchema(
                 refs,
                 Endpoints.from_resource_types(type_list),
                 now,
                 _write_only(schema_list) if schema_list else DEFAULT_WRITE_ONLY,
+                attributes,
+                _schema_ids(schema_list, attributes),
             )
         except HomeUnavailable:
             if self._schema is not None:
                 return self._schema  # keep what we knew
             log.warning("home /Schemas unreadable: using the references RFC 7643 defines")
-            return HomeSchema(DEFAULT_REFERENCES, Endpoints.default(), now)
+            attributes = SchemaIndex.default()
+            # Kept like a good answer, so an unreachable home is not asked again per request.
+            self._schema = HomeSchema(
+                DEFAULT_REFERENCES,
+                Endpoints.default(),
+                now,
+                attributes=attributes,
+                schema_ids=_schema_ids([], attributes),
+            )
         return self._schema
+
+
+def _schema_ids(schemas: Sequence[Mapping[str, Any]], attributes: SchemaIndex) -> frozenset[str]:
+    ids = {str(s["id"]).lower() for s in schemas if isinstance(s.get("id"), str)}
+    for resource in attributes.by_type.values():
+        ids.add(resource.core.lower())
+        ids.update(resource.extensions)
+    return frozenset(ids)
 
 
 def _write_only(schemas: Sequence[Mapping[str, Any]]) -> frozenset[str]:

@@ -1,8 +1,16 @@
-"""The domain-facing SCIM endpoint (RFC 7644) at ``{public_url}/scim/v2``.
+"""The domain-facing SCIM endpoint (RFC 7644) at ``{public_url}/scim/v2``: a thin aiohttp adapter.
 
-Each handler alternates: translate the request inbound (one database round-trip), forward it to
-home, translate the response outbound (one round-trip), pass it through the leak guard. The
-rewriting itself is pure (``broker.scim``); this module only wires it to HTTP and the store.
+Every request takes the same path (DESIGN section 8), and nothing skips a step:
+
+1. **route** from an allow-list (:func:`route_guard`: no encoded ``/``, ``?``, ``#``, no ``..``);
+2. **canonical request** (``broker.scim.canonical``): the body parsed once, every attribute name
+   resolved to one spelling;
+3. **policy decision** (``broker.scim.policy``, pure): scope, read list, write list, references;
+4. **translation** inbound, the call to home, translation outbound;
+5. **leak guard** on every byte of every answer, errors included (:meth:`Proxy._respond`).
+
+The decisions are pure functions in ``broker.scim``; this module reads the request, asks the
+store and home, and writes the response. Bulk lives in ``broker.proxy.bulk``.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 from aiohttp import web
@@ -20,39 +29,47 @@ from aiohttp import web
 from broker.domains import Domain, DomainStore
 from broker.errors import BrokerError, ForbiddenError, InvalidValueError, NotFoundError
 from broker.events.sets import service_provider_config_events
-from broker.home import (
-    SEARCH_SCHEMA,
-    HomeClient,
-    HomeRefused,
-    HomeResponse,
-    HomeSchema,
-)
+from broker.home import SEARCH_SCHEMA, HomeClient, HomeRefused, HomeResponse, HomeSchema
 from broker.http import SCIM_JSON
 from broker.mapping.store import MappingStore
 from broker.responses import (
-    MAX_BODY,
     SCIM_PREFIX,
     UnsupportedMediaType,
     error_document,
     error_response,
 )
-from broker.scim.bulk import bulk_write_only, bulk_writes
+from broker.scim.attributes import AttrRef, ResourceSchema
+from broker.scim.canonical import (
+    CanonicalResource,
+    canonical_patch,
+    canonical_resource,
+    check_text,
+    parse_body,
+    path_segments,
+)
 from broker.scim.filters import FilterError, FilterIds, filter_ids, parse_filter, rewrite_filter
 from broker.scim.guard import IdShape, find_leak, scrub
 from broker.scim.outbound import DomainView, ids_in_resources, resources_for_domain
-from broker.scim.patch import parse_patch
-from broker.scim.rewrite import Endpoints, IdVisitor, Translation, collect_ids, rewrite_document
+from broker.scim.patch import PatchRequest, parse_patch
+from broker.scim.policy import (
+    DomainPolicy,
+    check_create_scope,
+    check_filter,
+    check_sort,
+    check_write,
+    keep_hidden_in_document,
+    keep_hidden_members,
+    members_by_value,
+)
+from broker.scim.rewrite import IdVisitor, Translation, collect_ids, rewrite_document
 from broker.scim.writeonly import write_only_values
 from broker.tokens import TokenStore
 
-__all__ = ["Proxy"]
+__all__ = ["Proxy", "route_guard"]
 
 log = logging.getLogger(__name__)
 
 LIST_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
-BULK_REQUEST = "urn:ietf:params:scim:api:messages:2.0:BulkRequest"
-BULK_RESPONSE = "urn:ietf:params:scim:api:messages:2.0:BulkResponse"
-MAX_BULK_OPERATIONS = 1000
 LIST_PARAMS = (
     "filter",
     "sortBy",
@@ -64,15 +81,21 @@ LIST_PARAMS = (
 )
 GET_PARAMS = ("attributes", "excludedAttributes")
 NOT_FOUND = "resource not found"
-_DISCOVERY = {"ServiceProviderConfig", "Schemas", "ResourceTypes", "Bulk"}
+_DISCOVERY = {"serviceproviderconfig", "schemas", "resourcetypes", "bulk"}
 _ACCEPTED_TYPES = {"application/scim+json", "application/json"}
 
 
-@dataclass(frozen=True)
-class _Incoming:
-    doc: dict[str, Any]
-    external_id: tuple[str | None] | None
-    names: dict[str, str | None]
+@web.middleware
+async def route_guard(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Step 1: a path under /scim/v2 that smuggles a path or a query never reaches a handler."""
+    if request.path.startswith(SCIM_PREFIX) or request.raw_path.startswith(SCIM_PREFIX):
+        try:
+            path_segments(request.raw_path)
+        except BrokerError as exc:
+            return error_response(exc.status, exc.detail, exc.scim_type)
+    return await handler(request)
 
 
 @dataclass(frozen=True)
@@ -93,13 +116,20 @@ class _Target:
 
 
 @dataclass
-class _Call:
-    """One domain request being served: for whom, and the IDs in play."""
+class Call:
+    """One domain request being served: for whom, the home's schema, and the IDs in play."""
 
     domain: Domain
-    request_text: str
+    schema: HomeSchema
     internal_ids: set[str] = field(default_factory=set)
     allowed: set[str] = field(default_factory=set)
+
+    @property
+    def policy(self) -> DomainPolicy:
+        return self.domain.policy
+
+    def scope(self, resource_type: str | None) -> str | None:
+        return self.domain.policy.scope_for(resource_type)
 
 
 class Proxy:
@@ -131,59 +161,70 @@ class Proxy:
         self.on_leak = on_leak
 
     def routes(self) -> list[web.RouteDef]:
+        from broker.proxy.bulk import serve_bulk
+
         p = SCIM_PREFIX
+        serve = self._serve
         return [
-            web.get(p + "/ServiceProviderConfig", self.service_provider_config),
-            web.get(p + "/Schemas", self.discovery),
-            web.get(p + "/Schemas/{id}", self.discovery),
-            web.get(p + "/ResourceTypes", self.discovery),
-            web.get(p + "/ResourceTypes/{id}", self.discovery),
-            web.post(p + "/Bulk", self.bulk),
-            web.post(p + "/.search", self.search),
-            web.get(p + "/{endpoint}", self.list_resources),
-            web.post(p + "/{endpoint}/.search", self.search),
-            web.post(p + "/{endpoint}", self.create),
-            web.get(p + "/{endpoint}/{id}", self.get),
-            web.put(p + "/{endpoint}/{id}", self.replace),
-            web.patch(p + "/{endpoint}/{id}", self.patch),
-            web.delete(p + "/{endpoint}/{id}", self.delete),
+            web.get(p + "/ServiceProviderConfig", serve("scim:read", self.service_provider_config)),
+            web.get(p + "/Schemas", serve("scim:read", self.discovery)),
+            web.get(p + "/Schemas/{id}", serve("scim:read", self.discovery)),
+            web.get(p + "/ResourceTypes", serve("scim:read", self.discovery)),
+            web.get(p + "/ResourceTypes/{id}", serve("scim:read", self.discovery)),
+            web.post(p + "/Bulk", serve("scim:write", lambda c, r: serve_bulk(self, c, r))),
+            web.post(p + "/.search", serve("scim:read", self.search)),
+            web.get(p + "/{endpoint}", serve("scim:read", self.list_resources)),
+            web.post(p + "/{endpoint}/.search", serve("scim:read", self.search)),
+            web.post(p + "/{endpoint}", serve("scim:write", self.create)),
+            web.get(p + "/{endpoint}/{id}", serve("scim:read", self.get)),
+            web.put(p + "/{endpoint}/{id}", serve("scim:write", self.replace)),
+            web.patch(p + "/{endpoint}/{id}", serve("scim:write", self.patch)),
+            web.delete(p + "/{endpoint}/{id}", serve("scim:write", self.delete)),
         ]
 
     # ------------------------------------------------------------------ plumbing
 
-    async def _call(self, request: web.Request, scope: str) -> _Call:
-        principal = await self.tokens.authenticate(request.headers.get("Authorization"))
-        principal.require(scope)
-        domain = await self._domain(principal.domain_id)
-        body = await request.text() if request.can_read_body else ""
-        return _Call(domain, f"{request.path_qs}\n{body}")
+    def _serve(
+        self, scope: str, handler: Callable[[Call, web.Request], Awaitable[web.Response]]
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """A route's handler: authenticate, then serve; a refusal after authentication is a
+        SCIM error that goes through the leak guard like any other answer."""
 
-    async def _domain(self, domain_id: str) -> Domain:
-        return await self.domains.cached(domain_id, self.domain_cache_seconds)
+        async def serve(request: web.Request) -> web.Response:
+            principal = await self.tokens.authenticate(request.headers.get("Authorization"))
+            principal.require(scope)
+            domain = await self.domains.cached(principal.domain_id, self.domain_cache_seconds)
+            call = Call(domain, await self.home.schema())
+            try:
+                return await handler(call, request)
+            except BrokerError as exc:
+                body = error_document(exc.status, exc.detail, exc.scim_type)
+                response = await self._respond(call, exc.status, body)
+                if exc.status == 401:
+                    response.headers["WWW-Authenticate"] = 'Bearer realm="scim-id-broker"'
+                return response
 
-    async def _resource_type(self, request: web.Request) -> str:
-        schema = await self.home.schema()
+        return serve
+
+    def _resource_type(self, call: Call, request: web.Request) -> str:
         endpoint = request.match_info["endpoint"]
-        if endpoint in _DISCOVERY:
+        if endpoint.lower() in _DISCOVERY:
             raise BrokerError(f"{request.method} is not allowed on /{endpoint}", status=405)
-        resource_type = schema.endpoints.type_of(endpoint)
+        resource_type = call.schema.endpoints.type_of(endpoint)
         if resource_type is None:
             raise NotFoundError(f"no such endpoint /{endpoint}")
         return resource_type
 
-    async def _json_body(self, request: web.Request) -> Any:
+    async def _body(self, request: web.Request) -> Any:
+        """Step 2's parse: strict UTF-8 JSON, bounded, no duplicate keys (see canonical.py)."""
         if request.content_type not in _ACCEPTED_TYPES:
             raise UnsupportedMediaType(
                 f"send the body as application/scim+json (got {request.content_type or 'no Content-Type'})"
             )
-        text = await request.text()
-        try:
-            return orjson.loads(text)
-        except orjson.JSONDecodeError as exc:
-            raise _syntax(f"the body is not valid JSON: {exc}") from exc
+        return parse_body(await request.read())
 
     async def _resolve(
-        self, call: _Call, ids: Iterable[str], values: Iterable[str] = ()
+        self, call: Call, ids: Iterable[str], values: Iterable[str] = ()
     ) -> tuple[dict[str, str], dict[str, list[str]]]:
         resolved, by_value = await self.store.resolve_request(call.domain.id, ids, values)
         call.internal_ids.update(resolved.values())
@@ -191,20 +232,9 @@ class Proxy:
             call.internal_ids.update(internals)
         return resolved, by_value
 
-    async def _resolve_path_id(
-        self, call: _Call, request: web.Request, extra: FilterIds | None = None
-    ) -> tuple[str, dict[str, str], dict[str, list[str]]]:
-        """The internal ID the path names (404 without asking home if it names none)."""
-        external = request.match_info["id"]
-        ids = [external, *(extra.ids if extra else ())]
-        resolved, by_value = await self._resolve(call, ids, extra.external_ids if extra else ())
-        if external not in resolved:
-            raise NotFoundError(NOT_FOUND)
-        return resolved[external], resolved, by_value
-
     async def _target(
         self,
-        call: _Call,
+        call: Call,
         request: web.Request,
         extra: FilterIds | None = None,
         *,
@@ -212,22 +242,21 @@ class Proxy:
     ) -> _Target:
         """The path's resource: 404 without asking home if the caller has no such ID, and 404 if
         it is out of the caller's scope."""
-        resource_type = await self._resource_type(request)
-        internal, resolved, by_value = await self._resolve_path_id(call, request, extra)
-        schema = await self.home.schema()
-        target = _Target(
-            resource_type,
-            internal,
-            f"{schema.endpoints.by_type[resource_type]}/{internal}",
-            resolved,
-            by_value,
-        )
-        if check_scope and _scope(call, resource_type):
+        resource_type = self._resource_type(call, request)
+        external = check_text(request.match_info["id"], "the path")
+        ids = [external, *(extra.ids if extra else ())]
+        resolved, by_value = await self._resolve(call, ids, extra.external_ids if extra else ())
+        if external not in resolved:
+            raise NotFoundError(NOT_FOUND)
+        internal = resolved[external]
+        endpoint = f"{call.schema.endpoints.by_type[resource_type]}/{internal}"
+        target = _Target(resource_type, internal, endpoint, resolved, by_value)
+        if check_scope and call.scope(resource_type):
             await self._fetch(call, target, {"attributes": "id"})
         return target
 
     async def _visible(
-        self, call: _Call, resource: dict[str, Any], resource_type: str
+        self, call: Call, resource: dict[str, Any], resource_type: str
     ) -> dict[str, Any]:
         """One home resource as the caller sees it (404 if it cannot see it)."""
         (out,) = await self._outbound(call, [resource], resource_type)
@@ -236,14 +265,13 @@ class Proxy:
         return out
 
     async def _outbound(
-        self, call: _Call, docs: list[dict[str, Any]], resource_type: str | None
+        self, call: Call, docs: list[dict[str, Any]], resource_type: str | None
     ) -> list[dict[str, Any] | None]:
         """Home's resources as the caller sees them (None: invisible to it), one round-trip."""
-        schema = await self.home.schema()
-        outward = self._inward(schema).reversed()
+        outward = self._inward(call.schema).reversed()
         wanted = ids_in_resources(docs, outward, resource_type=resource_type)
         call.internal_ids.update(wanted)
-        if call.domain.scope_filter:
+        if call.policy.scope:
             wanted = await self._in_scope(call, wanted, docs, resource_type)
         found = await self.store.translate_outbound(call.domain.id, wanted, mint=call.domain.mints)
         if not call.domain.mints and len(found) < len(wanted):
@@ -261,32 +289,18 @@ class Proxy:
         """Rewriting from the caller's view (the broker's base) to home's."""
         return Translation(schema.refs, schema.endpoints, self.base, self.home.base_url)
 
-    def _prepare(self, call: _Call, doc: Any, schema: HomeSchema) -> _Incoming:
-        """A resource a domain sends, checked: ``id`` and ``meta`` dropped, ``externalId`` taken
-        out for the caller's own record, the write policy applied, the IDs it names listed."""
-        if not isinstance(doc, dict):
-            raise _syntax("the body must be a JSON object: a SCIM resource")
-        doc = {k: v for k, v in doc.items() if k.lower() not in ("id", "meta")}
-        external_key = next((k for k in doc if k.lower() == "externalid"), None)
-        external_id: tuple[str | None] | None = None
-        if external_key is not None:
-            value = doc.pop(external_key)
-            if value is not None and not isinstance(value, str):
-                raise InvalidValueError("externalId must be a string")
-            external_id = (value,)
-        self._check_writable(call.domain, doc)
-        names = collect_ids(doc, self._inward(schema))
-        return _Incoming(doc, external_id, names)
-
-    def _finish(
-        self, incoming: _Incoming, schema: HomeSchema, translate: IdVisitor
+    def _readable(
+        self, call: Call, doc: dict[str, Any], resource_type: str | None
     ) -> dict[str, Any]:
-        """The resource for home: references translated; an unknown one is UnknownReference."""
-        return rewrite_document(incoming.doc, self._inward(schema), translate, strict=True)
+        if resource_type is None:
+            meta = doc.get("meta")
+            found = meta.get("resourceType") if isinstance(meta, dict) else None
+            resource_type = found if isinstance(found, str) else None
+        return call.policy.readable(doc, call.schema.attributes.get(resource_type))
 
     async def _in_scope(
         self,
-        call: _Call,
+        call: Call,
         wanted: dict[str, str | None],
         docs: list[dict[str, Any]],
         resource_type: str | None,
@@ -301,52 +315,83 @@ class Proxy:
         candidates = [i for i, t in wanted.items() if t in (None, "User") and i not in own]
         if not candidates:
             return wanted
-        users = await self._existing(call, "User", candidates, _scope(call, "User"))
-        untyped = [i for i in candidates if wanted[i] is None and i not in users]
+        visible = await self._visible_ids(call, candidates, {i: wanted[i] for i in candidates})
+        return {i: t for i, t in wanted.items() if i not in candidates or i in visible}
+
+    async def _visible_ids(
+        self, call: Call, ids: list[str], types: Mapping[str, str | None]
+    ) -> set[str]:
+        """Which of ``ids`` (users, or of no known type) the caller can see: users within its
+        scope, and groups."""
+        users = await self._existing(call, "User", ids, call.scope("User"))
+        untyped = [i for i in ids if types.get(i) is None and i not in users]
         others = await self._existing(call, "Group", untyped, None) if untyped else set()
-        return {i: t for i, t in wanted.items() if i not in candidates or i in users or i in others}
+        return users | others
 
     async def _existing(
-        self, call: _Call, resource_type: str, ids: list[str], scope: str | None
+        self, call: Call, resource_type: str, ids: list[str], scope: str | None
     ) -> set[str]:
         """Which of ``ids`` home has as ``resource_type`` (within ``scope``)."""
-        schema = await self.home.schema()
-        if resource_type not in schema.endpoints.by_type:
+        if resource_type not in call.schema.endpoints.by_type or not ids:
             return set()
         try:
-            return await self.home.ids_within(schema.endpoints.by_type[resource_type], ids, scope)
+            return await self.home.ids_within(
+                call.schema.endpoints.by_type[resource_type], ids, scope
+            )
         except HomeRefused as exc:
             raise self._home_error(call, exc.response, {}) from exc
 
-    async def _inbound_document(
-        self, call: _Call, doc: Any
-    ) -> tuple[dict[str, Any], tuple[str | None] | None]:
-        schema = await self.home.schema()
-        incoming = self._prepare(call, doc, schema)
-        resolved, _ = await self._resolve(call, incoming.names)
-        return self._finish(incoming, schema, lambda i, _t: resolved.get(i)), incoming.external_id
-
-    def _check_writable(self, domain: Domain, doc: Mapping[str, Any]) -> None:
-        allowed = domain.attribute_policy.get("write")
-        if allowed is None:
+    async def _references_in_scope(
+        self, call: Call, named: Mapping[str, str | None], resolved: Mapping[str, str]
+    ) -> None:
+        """Step 3 for references: a write may name only what the caller can see. A user out of
+        its scope is refused exactly like an unknown ID (400 invalidValue)."""
+        if not call.policy.scope:
             return
-        permitted = {a.lower() for a in allowed} | {"schemas"}
-        refused = sorted(k for k in doc if k.lower() not in permitted)
-        if refused:
-            raise _mutability(f"domain {domain.id} may not write {', '.join(refused)}")
+        internal = {
+            resolved[i]: t for i, t in named.items() if i in resolved and t in (None, "User")
+        }
+        if not internal:
+            return
+        visible = await self._visible_ids(call, list(internal), internal)
+        for external, rtype in named.items():
+            if (
+                rtype in (None, "User")
+                and external in resolved
+                and resolved[external] not in visible
+            ):
+                raise InvalidValueError(f"{external!r} does not name a resource you can refer to")
+
+    def _canonical(self, call: Call, doc: Any, resource: ResourceSchema) -> CanonicalResource:
+        """Step 2 and 3 for a resource a domain writes: canonical form, then the write list."""
+        canonical = canonical_resource(doc, resource)
+        check_write(call.policy, resource, canonical.written)
+        return canonical
+
+    async def _inbound(
+        self, call: Call, canonical: CanonicalResource, extra: Iterable[str] = ()
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """Step 4 inbound: the resource for home, every reference translated (400 if one does
+        not translate or names what the caller cannot see)."""
+        inward = self._inward(call.schema)
+        names = collect_ids(canonical.attrs, inward)
+        resolved, _ = await self._resolve(call, [*names, *extra])
+        await self._references_in_scope(call, names, resolved)
+        translate: IdVisitor = lambda i, _t: resolved.get(i)  # noqa: E731
+        return rewrite_document(canonical.attrs, inward, translate, strict=True), resolved
 
     async def _respond(
-        self, call: _Call, status: int, body: Any, headers: Mapping[str, str] | None = None
+        self, call: Call, status: int, body: Any, headers: Mapping[str, str] | None = None
     ) -> web.Response:
-        """The response a domain gets, after the leak guard."""
-        text = orjson.dumps(body).decode() if body is not None else ""
+        """Step 5: the response a domain gets, after the leak guard (errors too)."""
+        raw = orjson.dumps(body) if body is not None else b""
+        text = raw.decode()
         parts = [("body", text), *((f"header {k}", v) for k, v in (headers or {}).items())]
-        allowed = call.allowed | set(self.id_pattern.find(call.request_text))
         leak = find_leak(
             parts,
-            internal_ids=call.internal_ids - allowed,
+            internal_ids=call.internal_ids - call.allowed,
             id_pattern=self.id_pattern,
-            allowed=allowed,
+            allowed=call.allowed,
         )
         if leak is not None:
             correlation = uuid.uuid4().hex[:12]
@@ -369,14 +414,14 @@ class Proxy:
                 f"(correlation ID {correlation}); the operator has been told",
             )
         response = web.Response(
-            status=status, text=text if body is not None else None, headers=dict(headers or {})
+            status=status, body=raw if body is not None else None, headers=dict(headers or {})
         )
         if body is not None:
             response.content_type = SCIM_JSON
         return response
 
     def _home_error(
-        self, call: _Call, response: HomeResponse, replacements: dict[str, str]
+        self, call: Call, response: HomeResponse, replacements: dict[str, str]
     ) -> BrokerError:
         """An error from home, translated for the caller: status and scimType kept, detail scrubbed."""
         body = response.body if isinstance(response.body, dict) else {}
@@ -397,32 +442,35 @@ class Proxy:
             self.id_pattern,
         )
         scim_type = body.get("scimType") if isinstance(body.get("scimType"), str) else None
-        return BrokerError(detail, status=response.status, scim_type=scim_type)
+        status = response.status if 400 <= response.status < 600 else 502
+        return BrokerError(detail, status=status, scim_type=scim_type)
 
     # ------------------------------------------------------------------ reads
 
-    async def get(self, request: web.Request) -> web.Response:
-        call = await self._call(request, "scim:read")
+    async def get(self, call: Call, request: web.Request) -> web.Response:
+        params = _query(request, GET_PARAMS)
         target = await self._target(call, request, check_scope=False)
-        if "If-None-Match" in request.headers and not _scope(call, target.resource_type):
+        if "If-None-Match" in request.headers and not call.scope(target.resource_type):
             # RFC 7644 section 3.14: home decides; a 304 carries no body, only the version.
-            headers = {"If-None-Match": request.headers["If-None-Match"]}
+            headers = {
+                "If-None-Match": check_text(request.headers["If-None-Match"], "If-None-Match")
+            }
             response = await self.home.request("GET", target.endpoint, headers=headers)
             if response.status == 304:
                 return await self._respond(call, 304, None, _etag_header(response))
-        resource = await self._fetch(call, target, _pick(request.query, GET_PARAMS))
+        resource = await self._fetch(call, target, params)
         out = await self._visible(call, resource, target.resource_type)
-        return await self._respond(call, 200, call.domain.readable(out), _etag(resource))
+        readable = self._readable(call, out, target.resource_type)
+        return await self._respond(call, 200, readable, _etag(resource))
 
     async def _fetch(
-        self, call: _Call, target: _Target, params: Mapping[str, str]
+        self, call: Call, target: _Target, params: Mapping[str, str]
     ) -> dict[str, Any]:
         """One home resource, as long as it is in the caller's scope (404 otherwise)."""
-        scope = _scope(call, target.resource_type)
+        scope = call.scope(target.resource_type)
         if scope:
-            schema = await self.home.schema()
             scoped = {**params, "filter": f"id eq {json.dumps(target.internal_id)} and ({scope})"}
-            endpoint = schema.endpoints.by_type[target.resource_type]
+            endpoint = call.schema.endpoints.by_type[target.resource_type]
             response = await self.home.request("GET", endpoint, params=scoped)
             if response.status != 200:
                 raise self._home_error(call, response, target.replacements)
@@ -437,39 +485,48 @@ class Proxy:
             raise self._home_error(call, response, target.replacements)
         return response.body
 
-    async def list_resources(self, request: web.Request) -> web.Response:
-        call = await self._call(request, "scim:read")
-        resource_type = await self._resource_type(request)
-        return await self._query(call, resource_type, _pick(request.query, LIST_PARAMS), post=False)
+    async def list_resources(self, call: Call, request: web.Request) -> web.Response:
+        resource_type = self._resource_type(call, request)
+        return await self._query(call, resource_type, _query(request, LIST_PARAMS), post=False)
 
-    async def search(self, request: web.Request) -> web.Response:
-        call = await self._call(request, "scim:read")
+    async def search(self, call: Call, request: web.Request) -> web.Response:
         resource_type = (
-            await self._resource_type(request) if "endpoint" in request.match_info else None
+            self._resource_type(call, request) if "endpoint" in request.match_info else None
         )
-        body = await self._json_body(request)
+        body = await self._body(request)
         if not isinstance(body, dict):
             raise _syntax("a search body is a JSON object (RFC 7644 section 3.4.3)")
-        params = {k: body[k] for k in LIST_PARAMS if k in body}
+        by_lower = {p.lower(): p for p in (*LIST_PARAMS, "schemas")}
+        params: dict[str, Any] = {}
+        for key, value in body.items():
+            name = by_lower.get(key.lower())
+            if name is None:
+                raise _syntax(f"a search request has no parameter {key!r} (RFC 7644 section 3.4.3)")
+            if name in params:
+                raise _syntax(f"{name} is given twice")
+            params[name] = value
+        params.pop("schemas", None)
         return await self._query(call, resource_type, params, post=True)
 
     async def _query(
-        self, call: _Call, resource_type: str | None, params: dict[str, Any], *, post: bool
+        self, call: Call, resource_type: str | None, params: dict[str, Any], *, post: bool
     ) -> web.Response:
-        schema = await self.home.schema()
+        schema = call.schema
+        resources_searched = (
+            [schema.resource(resource_type)]
+            if resource_type
+            else list(schema.attributes.by_type.values())
+        )
         sort_by = params.get("sortBy")
-        if isinstance(sort_by, str) and sort_by.strip().lower().rsplit(":", 1)[-1] in (
-            "id",
-            "meta.location",
-        ):
-            # The order of internal IDs is not the caller's to see.
-            raise InvalidValueError(
-                "sortBy cannot name id through the broker: sort by another attribute"
-            )
+        if sort_by is not None:
+            if not isinstance(sort_by, str):
+                raise InvalidValueError("sortBy must be a string")
+            check_sort(call.policy, resources_searched, sort_by)
         user_filter = params.get("filter")
         parts = []
         if isinstance(user_filter, str) and user_filter.strip():
             ast = parse_filter(user_filter)
+            check_filter(call.policy, resources_searched, ast)
             named = filter_ids(ast, self._inward(schema))
             resolved, by_value = await self._resolve(call, named.ids, named.external_ids)
             rewritten = rewrite_filter(
@@ -478,12 +535,12 @@ class Proxy:
             parts.append(str(rewritten))
         elif user_filter is not None and not isinstance(user_filter, str):
             raise FilterError("filter must be a string")
-        if call.domain.scope_filter and resource_type is None:
+        if call.policy.scope and resource_type is None:
             raise ForbiddenError(
                 f"domain {call.domain.id} sees a scope of users: search /Users/.search or "
                 "/Groups/.search instead of the root"
             )
-        scope = _scope(call, resource_type)
+        scope = call.scope(resource_type)
         if scope:
             parts.append(scope)
         if parts:
@@ -502,32 +559,38 @@ class Proxy:
             raise self._home_error(call, response, {})
         resources = [r for r in response.body.get("Resources", []) if isinstance(r, dict)]
         translated = await self._outbound(call, resources, resource_type)
-        visible = [call.domain.readable(r) for r in translated if r is not None]
+        visible = [self._readable(call, r, resource_type) for r in translated if r is not None]
         hidden = len(resources) - len(visible)
+        total = response.body.get("totalResults", len(visible))
+        start = response.body.get("startIndex", 1)
         body = {
             "schemas": [LIST_SCHEMA],
-            "totalResults": max(0, int(response.body.get("totalResults", len(visible))) - hidden),
+            "totalResults": max(0, (total if isinstance(total, int) else len(visible)) - hidden),
             "itemsPerPage": len(visible),
-            "startIndex": response.body.get("startIndex", 1),
+            "startIndex": start if isinstance(start, int) else 1,
             "Resources": visible,
         }
         return await self._respond(call, 200, body)
 
     # ------------------------------------------------------------------ writes
 
-    async def create(self, request: web.Request) -> web.Response:
-        call = await self._call(request, "scim:write")
-        resource_type = await self._resource_type(request)
+    async def create(self, call: Call, request: web.Request) -> web.Response:
+        resource_type = self._resource_type(call, request)
         if call.domain.push:
             raise ForbiddenError(
                 f"domain {call.domain.id} is a push domain: the broker provisions into it and its IDs "
                 "are the ones it assigns; create the resource in home instead"
             )
-        sent = await self._json_body(request)
-        doc, external_id = await self._inbound_document(call, sent)
-        schema = await self.home.schema()
+        resource = call.schema.resource(resource_type)
+        sent = await self._body(request)
+        canonical = self._canonical(call, sent, resource)
+        scope = call.scope(resource_type)
+        check_create_scope(
+            call.policy, parse_filter(scope) if scope else None, canonical.attrs, resource
+        )
+        doc, _ = await self._inbound(call, canonical)
         response = await self.home.request(
-            "POST", schema.endpoints.by_type[resource_type], body=doc
+            "POST", call.schema.endpoints.by_type[resource_type], body=doc
         )
         if (
             response.status != 201
@@ -536,74 +599,146 @@ class Proxy:
         ):
             raise self._home_error(call, response, {})
         out = await self._visible(call, response.body, resource_type)  # records and mints
+        internal = response.body["id"]
+        external_id = canonical.external_id
         await self.store.record_write(
-            {response.body["id"]: resource_type},
+            {internal: resource_type},
             origin=call.domain.id,
-            external_ids={response.body["id"]: external_id[0]} if external_id else None,
-            write_only={response.body["id"]: write_only_values("POST", sent, schema.write_only)},
+            external_ids={internal: external_id[0]} if external_id else None,
+            write_only={
+                internal: write_only_values("POST", canonical.attrs, call.schema.write_only)
+            },
             verb="create",
-            documents={response.body["id"]: response.body},
+            documents={internal: response.body},
         )
         if external_id is not None and external_id[0] is not None:
             out["externalId"] = external_id[0]
             call.allowed.add(external_id[0])
-        return await self._respond(call, 201, out, _headers(response, out))
+        readable = self._readable(call, out, resource_type)
+        headers = _etag_header(response)
+        headers["Location"] = call.schema.endpoints.uri(self.base, resource_type, out["id"])
+        return await self._respond(call, 201, readable, headers)
 
-    async def replace(self, request: web.Request) -> web.Response:
-        call = await self._call(request, "scim:write")
+    async def replace(self, call: Call, request: web.Request) -> web.Response:
+        resource_type = self._resource_type(call, request)
+        resource = call.schema.resource(resource_type)
+        canonical = self._canonical(call, await self._body(request), resource)
+        if call.policy.write is not None:
+            # A PUT replaces every attribute: one that may write only some changes those only,
+            # as the PATCH they amount to (the others, a password included, stay as they are).
+            target = await self._target(call, request)
+            current = await self._fetch(call, target, {})
+            patch = put_as_patch(canonical, call.policy, resource, current)
+            return await self._patch_flow(
+                call, request, target.resource_type, patch, canonical.external_id
+            )
         target = await self._target(call, request)
-        sent = await self._json_body(request)
-        doc, external_id = await self._inbound_document(call, sent)
+        doc, _ = await self._inbound(call, canonical)
+        if call.policy.scope and target.resource_type == "Group":
+            members, hidden = await self._hidden_members(call, target)
+            doc = keep_hidden_in_document(doc, members, hidden)
         response = await self.home.request(
             "PUT", target.endpoint, body=doc, headers=_if_match(request)
         )
         if response.status != 200 or not isinstance(response.body, dict):
             raise self._home_error(call, response, target.replacements)
-        write_only = write_only_values("PUT", sent, (await self.home.schema()).write_only)
-        await self._record(call, target, external_id, write_only, "put", response.body)
+        write_only = write_only_values("PUT", canonical.attrs, call.schema.write_only)
+        await self._record(call, target, canonical.external_id, write_only, "put", response.body)
         out = await self._visible(call, response.body, target.resource_type)
-        return await self._respond(call, 200, call.domain.readable(out), _headers(response, out))
+        readable = self._readable(call, out, target.resource_type)
+        return await self._respond(call, 200, readable, _headers(response, out))
 
-    async def patch(self, request: web.Request) -> web.Response:
-        call = await self._call(request, "scim:write")
-        sent = await self._json_body(request)
-        patch = parse_patch(sent)
-        schema = await self.home.schema()
-        named = patch.ids(self._inward(schema))
+    async def patch(self, call: Call, request: web.Request) -> web.Response:
+        resource_type = self._resource_type(call, request)
+        resource = call.schema.resource(resource_type)
+        canonical = canonical_patch(await self._body(request), resource)
+        check_write(call.policy, resource, canonical.written)
+        for ref in canonical.filtered:
+            if not call.policy.may_read(ref, resource):
+                raise FilterError(
+                    f"domain {call.domain.id} may not read {ref}, so it cannot select its values"
+                )
+        if call.policy.scope and resource_type == "Group":
+            for target in canonical.targets:
+                named = target and target.ref == AttrRef(None, "members") and target.filter
+                if named and target and target.filter and not members_by_value(target.filter):
+                    raise FilterError(
+                        f"domain {call.domain.id} sees a scope of users: select members "
+                        'by value only (members[value eq "..."])'
+                    )
+        return await self._patch_flow(
+            call, request, resource_type, parse_patch(canonical.body), None
+        )
+
+    async def _patch_flow(
+        self,
+        call: Call,
+        request: web.Request,
+        resource_type: str,
+        patch: PatchRequest,
+        external_id: tuple[str | None] | None,
+    ) -> web.Response:
+        schema = call.schema
+        inward = self._inward(schema)
+        named = patch.ids(inward)
         target = await self._target(call, request, named)
+        await self._references_in_scope(call, named.ids, target.resolved)
+        external_id = patch.external_id if patch.external_id is not None else external_id
         resource: dict[str, Any] | None = None
+        status = 200
         if patch.operations:
             body = patch.rewrite(
-                self._inward(schema),
+                inward,
                 translate=lambda i, _t: target.resolved.get(i),
                 ids=target.resolved,
                 external_ids=target.by_value,
             )
+            if call.policy.scope and target.resource_type == "Group":
+                current, hidden = await self._hidden_members(call, target)
+                body["Operations"] = keep_hidden_members(body["Operations"], current, hidden)
             response = await self.home.request(
                 "PATCH",
                 target.endpoint,
-                params=_pick(request.query, GET_PARAMS),
+                params=_query(request, GET_PARAMS),
                 body=body,
                 headers=_if_match(request),
             )
             if response.status not in (200, 204):
                 raise self._home_error(call, response, target.replacements)
+            status = response.status
             resource = response.body if isinstance(response.body, dict) else None
             if resource is None and await self.store.events_subscribed():
                 # Home answered 204: its resource after the change tells the SETs what changed.
                 resource = await self._fetch(call, target, {})
-        if patch.operations or patch.external_id is not None:
-            write_only = write_only_values("PATCH", sent, schema.write_only)
-            await self._record(call, target, patch.external_id, write_only, "patch", resource)
-        if patch.operations and response.status == 204 and patch.external_id is None:
+            write_only = write_only_values("PATCH", body, schema.write_only)
+        else:
+            write_only = {}
+        if patch.operations or external_id is not None:
+            await self._record(call, target, external_id, write_only, "patch", resource)
+        if patch.operations and status == 204 and external_id is None:
             return await self._respond(call, 204, None, _etag_header(response))
         if resource is None:
             resource = await self._fetch(call, target, {})
         out = await self._visible(call, resource, target.resource_type)
-        return await self._respond(call, 200, call.domain.readable(out), _etag(resource))
+        readable = self._readable(call, out, target.resource_type)
+        return await self._respond(call, 200, readable, _etag(resource))
 
-    async def delete(self, request: web.Request) -> web.Response:
-        call = await self._call(request, "scim:write")
+    async def _hidden_members(self, call: Call, target: _Target) -> tuple[list[str], set[str]]:
+        """A group's members at home now, and those of them the caller cannot see."""
+        group = await self._fetch(call, target, {"attributes": "members"})
+        current: list[str] = []
+        types: dict[str, str | None] = {}
+        for member in group.get("members") or []:
+            value = member.get("value") if isinstance(member, dict) else None
+            if isinstance(value, str):
+                current.append(value)
+                kind = member.get("type")
+                types[value] = kind if isinstance(kind, str) and kind in ("User", "Group") else None
+        users = [i for i in current if types[i] in (None, "User")]
+        visible = await self._visible_ids(call, users, types) if users else set()
+        return current, {i for i in users if i not in visible}
+
+    async def delete(self, call: Call, request: web.Request) -> web.Response:
         target = await self._target(call, request)
         response = await self.home.request("DELETE", target.endpoint, headers=_if_match(request))
         if response.status != 204:
@@ -613,7 +748,7 @@ class Proxy:
 
     async def _record(
         self,
-        call: _Call,
+        call: Call,
         target: _Target,
         external_id: tuple[str | None] | None,
         write_only: Mapping[str, Any],
@@ -634,8 +769,7 @@ class Proxy:
 
     # ------------------------------------------------------------------ discovery
 
-    async def service_provider_config(self, request: web.Request) -> web.Response:
-        call = await self._call(request, "scim:read")
+    async def service_provider_config(self, call: Call, request: web.Request) -> web.Response:
         response = await self.home.request("GET", "/ServiceProviderConfig")
         if response.status != 200 or not isinstance(response.body, dict):
             raise self._home_error(call, response, {})
@@ -650,10 +784,13 @@ class Proxy:
             }
         ]
         home_bulk = config.get("bulk") if isinstance(config.get("bulk"), dict) else {}
+        from broker.proxy.bulk import MAX_BULK_OPERATIONS
+        from broker.responses import MAX_BODY
+
         config["bulk"] = {
             "supported": bool(home_bulk.get("supported")),
-            "maxOperations": min(int(home_bulk.get("maxOperations") or 0), MAX_BULK_OPERATIONS),
-            "maxPayloadSize": min(int(home_bulk.get("maxPayloadSize") or 0), MAX_BODY),
+            "maxOperations": min(_int(home_bulk.get("maxOperations")), MAX_BULK_OPERATIONS),
+            "maxPayloadSize": min(_int(home_bulk.get("maxPayloadSize")), MAX_BODY),
         }
         # The broker's own change notification (RFC 9967 section 4), not home's, shown to a
         # domain subscribed to it: clients that predate RFC 9967 refuse the attribute.
@@ -662,9 +799,23 @@ class Proxy:
             config.update(service_provider_config_events())
         return await self._respond(call, 200, config)
 
-    async def discovery(self, request: web.Request) -> web.Response:
-        call = await self._call(request, "scim:read")
-        path = request.path[len(SCIM_PREFIX) :]
+    async def discovery(self, call: Call, request: web.Request) -> web.Response:
+        """``/Schemas`` and ``/ResourceTypes``, or one of them named by a known schema URN or
+        resource-type name: nothing else is ever asked of home on this route."""
+        collection = (
+            "Schemas" if request.path.startswith(SCIM_PREFIX + "/Schemas") else "ResourceTypes"
+        )
+        path = f"/{collection}"
+        if "id" in request.match_info:
+            name = request.match_info["id"]
+            known = (
+                call.schema.schema_ids
+                if collection == "Schemas"
+                else {t.lower() for t in call.schema.attributes.by_type}
+            )
+            if name.lower() not in known:
+                raise NotFoundError(f"no such {collection[:-1].lower()} {name!r}")
+            path += "/" + quote(name, safe=":")
         response = await self.home.request("GET", path)
         if response.status != 200:
             raise self._home_error(call, response, {})
@@ -678,232 +829,62 @@ class Proxy:
             )
         )
 
-    async def bulk(self, request: web.Request) -> web.Response:
-        """RFC 7644 section 3.7: every operation translated, ``bulkId:`` references kept for home
-        to resolve, one inbound and one outbound round-trip for the whole request."""
-        call = await self._call(request, "scim:write")
-        body = await self._json_body(request)
-        schema = await self.home.schema()
-        ops = _bulk_operations(body)
-        if call.domain.push and any(op["method"] == "POST" for op in ops):
-            raise ForbiddenError(
-                f"domain {call.domain.id} is a push domain: it cannot create through the broker"
-            )
-        bulk_ids = {op["bulkId"] for op in ops if isinstance(op.get("bulkId"), str)}
 
-        def is_bulk_ref(value: str) -> bool:
-            return value.startswith("bulkId:") and value[len("bulkId:") :] in bulk_ids
-
-        # Read every operation and list every ID it names, then resolve them all at once.
-        planned: list[tuple[dict[str, Any], str, str | None, Any]] = []
-        names: set[str] = set()
-        values: set[str] = set()
-        for n, op in enumerate(ops, start=1):
-            resource_type, path_id = _bulk_path(op, schema.endpoints, n)
-            if path_id is not None and not is_bulk_ref(path_id):
-                names.add(path_id)
-            content: Any = None
-            if op["method"] in ("POST", "PUT"):
-                content = self._prepare(call, op.get("data"), schema)
-                names.update(i for i in content.names if not is_bulk_ref(i))
-            elif op["method"] == "PATCH":
-                content = parse_patch(op.get("data"))
-                named = content.ids(self._inward(schema))
-                names.update(i for i in named.ids if not is_bulk_ref(i))
-                values.update(named.external_ids)
-            planned.append((op, resource_type, path_id, content))
-        resolved, by_value = await self._resolve(call, names, values)
-
-        def translate(value: str, _rtype: str | None) -> str | None:
-            return value if is_bulk_ref(value) else resolved.get(value)
-
-        forwarded: list[dict[str, Any]] = []
-        results: list[dict[str, Any] | None] = []  # None: filled from home's answer, in order
-        for op, resource_type, path_id, content in planned:
-            endpoint = schema.endpoints.by_type[resource_type]
-            internal = path_id if path_id is None or is_bulk_ref(path_id) else resolved.get(path_id)
-            if path_id is not None and internal is None:
-                results.append(_bulk_result(op, 404, error_document(404, NOT_FOUND)))
-                continue
-            home_op: dict[str, Any] = {
-                "method": op["method"],
-                "path": endpoint + (f"/{internal}" if internal else ""),
-            }
-            for key in ("bulkId", "version"):
-                if key in op:
-                    home_op[key] = op[key]
-            try:
-                if isinstance(content, _Incoming):
-                    home_op["data"] = self._finish(content, schema, translate)
-                elif content is not None:
-                    home_op["data"] = content.rewrite(
-                        self._inward(schema),
-                        translate=translate,
-                        ids=resolved,
-                        external_ids=by_value,
-                    )
-            except BrokerError as exc:
-                results.append(
-                    _bulk_result(
-                        op, exc.status, error_document(exc.status, exc.detail, exc.scim_type)
-                    )
-                )
-                continue
-            forwarded.append(home_op)
-            results.append(None)
-        answers: list[dict[str, Any]] = []
-        if forwarded:
-            request_body = {"schemas": [BULK_REQUEST], "Operations": forwarded}
-            if "failOnErrors" in body:
-                request_body["failOnErrors"] = body["failOnErrors"]
-            response = await self.home.request("POST", "/Bulk", body=request_body)
-            if response.status != 200 or not isinstance(response.body, dict):
-                raise self._home_error(call, response, {v: k for k, v in resolved.items()})
-            answers = [a for a in response.body.get("Operations", []) if isinstance(a, dict)]
-        write_only = bulk_write_only(
-            forwarded, answers, schema.endpoints, self.home.base_url, schema.write_only
+def put_as_patch(
+    canonical: CanonicalResource,
+    policy: DomainPolicy,
+    resource: ResourceSchema,
+    current: Mapping[str, Any],
+) -> PatchRequest:
+    """A PUT by a domain with a write list, as the PATCH it amounts to: each attribute it may
+    write is replaced by the PUT's value, or removed if the PUT leaves it out and home has it.
+    Pure."""
+    allowed = policy.refs("write", resource) or frozenset()
+    operations: list[dict[str, Any]] = []
+    for ref in sorted(allowed, key=str):
+        if ref.extension is None and ref.name.lower() in ("id", "meta", "schemas", "externalid"):
+            continue
+        container = (
+            canonical.attrs if ref.extension is None else canonical.attrs.get(ref.extension, {})
         )
-        return await self._bulk_response(call, planned, results, answers, resolved, write_only)
-
-    async def _bulk_response(
-        self,
-        call: _Call,
-        planned: list[tuple[dict[str, Any], str, str | None, Any]],
-        results: list[dict[str, Any] | None],
-        answers: list[dict[str, Any]],
-        resolved: dict[str, str],
-        write_only: dict[str, dict[str, Any]],
-    ) -> web.Response:
-        schema = await self.home.schema()
-        located: dict[str, str | None] = {}
-        for answer in answers:
-            parsed = schema.endpoints.parse_uri(str(answer.get("location", "")), self.home.base_url)
-            if parsed is not None:
-                located[parsed[1]] = parsed[0]
-        found = await self.store.translate_outbound(call.domain.id, located, mint=call.domain.mints)
-        call.internal_ids.update(located)
-        call.allowed.update(o.external_id for o in found.values())
-        replacements = {v: k for k, v in resolved.items()} | {
-            i: o.external_id for i, o in found.items()
-        }
-        pending = iter(answers)
-        out: list[dict[str, Any]] = []
-        external_ids: dict[str, str | None] = {}
-        for (op, _rtype, _path_id, content), local in zip(planned, results, strict=True):
-            if local is not None:
-                out.append(local)
-                continue
-            reply = next(pending, None)
-            if reply is None:
-                out.append(
-                    _bulk_result(
-                        op, 500, error_document(500, "home gave no result for this operation")
-                    )
-                )
-                continue
-            result: dict[str, Any] = {
-                k: reply[k] for k in ("method", "bulkId", "version", "status") if k in reply
-            }
-            parsed = schema.endpoints.parse_uri(str(reply.get("location", "")), self.home.base_url)
-            succeeded = str(reply.get("status", "")).startswith("2")
-            if parsed is not None and parsed[1] in found:
-                result["location"] = schema.endpoints.uri(
-                    self.base, parsed[0], found[parsed[1]].external_id
-                )
-                if isinstance(content, _Incoming) and content.external_id is not None and succeeded:
-                    external_ids[parsed[1]] = content.external_id[0]
-            if isinstance(reply.get("response"), dict):
-                response = reply["response"]
-                detail = scrub(str(response.get("detail", "")), replacements, self.id_pattern)
-                result["response"] = error_document(
-                    int(response.get("status", reply.get("status", 500))),
-                    detail,
-                    response.get("scimType"),
-                )
-            out.append(result)
-        written, deleted, verbs = bulk_writes(answers, schema.endpoints, self.home.base_url)
-        documents = (
-            await self.home.read_back(written)
-            if written and await self.store.events_subscribed()
-            else {}
-        )
-        if written or deleted:
-            await self.store.record_write(
-                written,
-                origin=call.domain.id,
-                deleted=deleted,
-                external_ids=external_ids,
-                write_only=write_only,
-                verb=verbs,
-                documents=documents,
-            )
-        return await self._respond(call, 200, {"schemas": [BULK_RESPONSE], "Operations": out})
+        path = str(ref)
+        if ref in canonical.written:
+            operations.append({"op": "replace", "path": path, "value": container[ref.name]})
+        elif _has(current, ref):
+            operations.append({"op": "remove", "path": path})
+    body: dict[str, Any] = {"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"]}
+    body["Operations"] = operations or [{"op": "add", "value": {}}]
+    patch = parse_patch(body)
+    if not operations:
+        patch.operations = []
+    return patch
 
 
-def _bulk_operations(body: Any) -> list[dict[str, Any]]:
-    if not isinstance(body, dict) or BULK_REQUEST not in (body.get("schemas") or []):
-        raise InvalidValueError(
-            f'a bulk request is a JSON object listing "{BULK_REQUEST}" in schemas'
-        )
-    ops = body.get("Operations")
-    if not isinstance(ops, list) or not ops:
-        raise InvalidValueError("a bulk request needs a non-empty Operations list")
-    if len(ops) > MAX_BULK_OPERATIONS:
-        raise BrokerError(f"at most {MAX_BULK_OPERATIONS} operations per bulk request", status=413)
-    checked = []
-    for n, op in enumerate(ops, start=1):
-        if not isinstance(op, dict) or str(op.get("method", "")).upper() not in (
-            "POST",
-            "PUT",
-            "PATCH",
-            "DELETE",
-        ):
-            raise InvalidValueError(
-                f"bulk operation {n}: method must be POST, PUT, PATCH or DELETE"
-            )
-        if op.get("method", "").upper() == "POST" and not isinstance(op.get("bulkId"), str):
-            raise InvalidValueError(
-                f"bulk operation {n}: a POST needs a bulkId (RFC 7644 section 3.7)"
-            )
-        checked.append({**op, "method": op["method"].upper()})
-    return checked
+def _has(doc: Mapping[str, Any], ref: AttrRef) -> bool:
+    container: Any = doc
+    if ref.extension is not None:
+        container = next((v for k, v in doc.items() if k.lower() == ref.extension.lower()), None)
+        if not isinstance(container, Mapping):
+            return False
+    value = next((v for k, v in container.items() if k.lower() == ref.name.lower()), None)
+    return value not in (None, [], {})
 
 
-def _bulk_path(op: Mapping[str, Any], endpoints: Endpoints, n: int) -> tuple[str, str | None]:
-    path = op.get("path")
-    if not isinstance(path, str):
-        raise InvalidValueError(
-            f"bulk operation {n}: path must be a string such as /Users or /Users/ID"
-        )
-    parts = path.strip("/").split("/")
-    resource_type = endpoints.type_of(parts[0]) if parts and parts[0] else None
-    if resource_type is None or len(parts) > 2:
-        raise InvalidValueError(
-            f"bulk operation {n}: {path!r} is not a resource endpoint path", scim_type="invalidPath"
-        )
-    path_id = parts[1] if len(parts) == 2 else None
-    if (op["method"] == "POST") != (path_id is None):
-        raise InvalidValueError(
-            f"bulk operation {n}: POST goes to /Endpoint, the others to /Endpoint/ID",
-            scim_type="invalidPath",
-        )
-    return resource_type, path_id
+def _query(request: web.Request, names: Iterable[str]) -> dict[str, Any]:
+    """The query parameters ``names`` the request gives: each at most once and free of control
+    characters; any other parameter is ignored."""
+    picked: dict[str, Any] = {}
+    for name in names:
+        values = request.query.getall(name, [])
+        if len(values) > 1:
+            raise InvalidValueError(f"give the query parameter {name} once")
+        if values:
+            picked[name] = check_text(values[0], f"the query parameter {name}")
+    return picked
 
 
-def _bulk_result(op: Mapping[str, Any], status: int, response: dict[str, Any]) -> dict[str, Any]:
-    result: dict[str, Any] = {"method": op["method"], "status": str(status), "response": response}
-    if "bulkId" in op:
-        result["bulkId"] = op["bulkId"]
-    return result
-
-
-def _scope(call: _Call, resource_type: str | None) -> str | None:
-    """The caller's scope filter where it applies: a scope bounds which users a domain sees."""
-    return call.domain.scope_filter if resource_type == "User" else None
-
-
-def _pick(source: Mapping[str, str], names: Iterable[str]) -> dict[str, Any]:
-    return {name: source[name] for name in names if name in source}
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _etag(resource: Mapping[str, Any]) -> dict[str, str]:
@@ -928,12 +909,10 @@ def _etag_header(response: HomeResponse) -> dict[str, str]:
 
 
 def _if_match(request: web.Request) -> dict[str, str]:
-    return {"If-Match": request.headers["If-Match"]} if "If-Match" in request.headers else {}
+    if "If-Match" not in request.headers:
+        return {}
+    return {"If-Match": check_text(request.headers["If-Match"], "If-Match")}
 
 
 def _syntax(detail: str) -> BrokerError:
     return InvalidValueError(detail, scim_type="invalidSyntax")
-
-
-def _mutability(detail: str) -> BrokerError:
-    return InvalidValueError(detail, scim_type="mutability")
