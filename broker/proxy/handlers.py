@@ -60,6 +60,7 @@ from broker.scim.policy import (
     keep_hidden_in_document,
     keep_hidden_members,
     members_by_value,
+    put_as_patch,
 )
 from broker.scim.rewrite import IdVisitor, Translation, collect_ids, rewrite_document
 from broker.scim.writeonly import write_only_values
@@ -828,46 +829,6 @@ class Proxy:
                 json.dumps(self.home.base_url)[1:-1], json.dumps(self.base)[1:-1]
             )
         )
-
-
-def put_as_patch(
-    canonical: CanonicalResource,
-    policy: DomainPolicy,
-    resource: ResourceSchema,
-    current: Mapping[str, Any],
-) -> PatchRequest:
-    """A PUT by a domain with a write list, as the PATCH it amounts to: each attribute it may
-    write is replaced by the PUT's value, or removed if the PUT leaves it out and home has it.
-    Pure."""
-    allowed = policy.refs("write", resource) or frozenset()
-    operations: list[dict[str, Any]] = []
-    for ref in sorted(allowed, key=str):
-        if ref.extension is None and ref.name.lower() in ("id", "meta", "schemas", "externalid"):
-            continue
-        container = (
-            canonical.attrs if ref.extension is None else canonical.attrs.get(ref.extension, {})
-        )
-        path = str(ref)
-        if ref in canonical.written:
-            operations.append({"op": "replace", "path": path, "value": container[ref.name]})
-        elif _has(current, ref):
-            operations.append({"op": "remove", "path": path})
-    body: dict[str, Any] = {"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"]}
-    body["Operations"] = operations or [{"op": "add", "value": {}}]
-    patch = parse_patch(body)
-    if not operations:
-        patch.operations = []
-    return patch
-
-
-def _has(doc: Mapping[str, Any], ref: AttrRef) -> bool:
-    container: Any = doc
-    if ref.extension is not None:
-        container = next((v for k, v in doc.items() if k.lower() == ref.extension.lower()), None)
-        if not isinstance(container, Mapping):
-            return False
-    value = next((v for k, v in container.items() if k.lower() == ref.name.lower()), None)
-    return value not in (None, [], {})
 
 
 def _query(request: web.Request, names: Iterable[str]) -> dict[str, Any]:

@@ -34,8 +34,9 @@ from scim2_models.path import (
 
 from broker.errors import ForbiddenError, InvalidValueError
 from broker.scim.attributes import AttrRef, ResourceSchema
-from broker.scim.canonical import filter_attributes, resolve_path
+from broker.scim.canonical import PATCH_OP, CanonicalResource, filter_attributes, resolve_path
 from broker.scim.filters import FilterError
+from broker.scim.patch import PatchRequest, parse_patch
 
 __all__ = [
     "DomainPolicy",
@@ -47,6 +48,7 @@ __all__ = [
     "keep_hidden_members",
     "matches",
     "members_by_value",
+    "put_as_patch",
 ]
 
 _ALWAYS = {"id", "externalid", "meta", "schemas"}
@@ -386,3 +388,43 @@ def keep_hidden_in_document(
     given = doc.get("members")
     members: list[Any] = given if isinstance(given, list) else []
     return {**doc, "members": [*members, *_missing(kept, members)]}
+
+
+def put_as_patch(
+    canonical: CanonicalResource,
+    policy: DomainPolicy,
+    resource: ResourceSchema,
+    current: Mapping[str, Any],
+) -> PatchRequest:
+    """A PUT by a domain with a write list, as the PATCH it amounts to: each attribute it may
+    write is replaced by the PUT's value, or removed if the PUT leaves it out and home has it.
+    Pure."""
+    allowed = policy.refs("write", resource) or frozenset()
+    operations: list[dict[str, Any]] = []
+    for ref in sorted(allowed, key=str):
+        if ref.extension is None and ref.name.lower() in ("id", "meta", "schemas", "externalid"):
+            continue
+        container = (
+            canonical.attrs if ref.extension is None else canonical.attrs.get(ref.extension, {})
+        )
+        path = str(ref)
+        if ref in canonical.written:
+            operations.append({"op": "replace", "path": path, "value": container[ref.name]})
+        elif _has(current, ref):
+            operations.append({"op": "remove", "path": path})
+    body: dict[str, Any] = {"schemas": [PATCH_OP]}
+    body["Operations"] = operations or [{"op": "add", "value": {}}]
+    patch = parse_patch(body)
+    if not operations:
+        patch.operations = []
+    return patch
+
+
+def _has(doc: Mapping[str, Any], ref: AttrRef) -> bool:
+    container: Any = doc
+    if ref.extension is not None:
+        container = next((v for k, v in doc.items() if k.lower() == ref.extension.lower()), None)
+        if not isinstance(container, Mapping):
+            return False
+    value = next((v for k, v in container.items() if k.lower() == ref.name.lower()), None)
+    return value not in (None, [], {})
