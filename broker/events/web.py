@@ -18,7 +18,7 @@ from aiohttp import web
 
 from broker.db import listening, query
 from broker.domains import DomainStore
-from broker.errors import BrokerError
+from broker.errors import BrokerError, InvalidValueError
 from broker.events.keyring import KeyRing
 from broker.events.keys import SetError, verify_set
 from broker.events.render import EventRenderer
@@ -26,6 +26,7 @@ from broker.home import HomeClient
 from broker.http import SET_TYPE
 from broker.propagation.outbox import enqueue_changes
 from broker.responses import DATABASE_DOWN
+from broker.scim.canonical import parse_body
 from broker.tokens import TokenStore
 
 __all__ = ["EventWaiters", "HomeReceiver", "Poll", "jwks_handler"]
@@ -137,9 +138,9 @@ class Poll:
         principal.require("scim:read")
         domain = principal.domain_id
         try:
-            body = orjson.loads(await request.read() or b"{}")
-        except orjson.JSONDecodeError as exc:
-            return _set_error(400, "invalid_request", f"the poll request is not JSON: {exc}")
+            body = parse_body(await request.read() or b"{}")
+        except InvalidValueError as exc:
+            return _set_error(400, "invalid_request", f"the poll request: {exc.detail}")
         problem = _check_poll(body)
         if problem:
             return _set_error(400, "invalid_request", problem)
