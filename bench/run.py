@@ -89,8 +89,9 @@ def wrk(url: str, *, duration: int, connections: int, headers: dict[str, str]) -
         [*args, url], capture_output=True, text=True, check=True, timeout=duration + 60
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    # Anchored: the Latency line's stdev column ("87.50%") must not be read as a percentile.
+    p50 = _ms(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     errors_match = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return Result(rps, p50, p99, int(errors_match.group(1)) if errors_match else 0)
 
@@ -149,16 +150,41 @@ def main() -> int:
             [*BROKER, "token", "issue", "D1"], env=env, check=True, capture_output=True, text=True
         ).stdout.strip()
         auth = {"Authorization": f"Bearer {token}"}
+        # A domain with a scope and a read list: every check of the request path in play.
+        subprocess.run(
+            [
+                *BROKER,
+                "domain",
+                "add",
+                "S",
+                "--scope",
+                "userName pr",
+                "--read-attributes",
+                "userName,displayName,emails,groups",
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        scoped = subprocess.run(
+            [*BROKER, "token", "issue", "S"], env=env, check=True, capture_output=True, text=True
+        ).stdout.strip()
+        scoped_auth = {"Authorization": f"Bearer {scoped}"}
         broker_base = f"http://127.0.0.1:{broker_port}/scim/v2"
         with urllib.request.urlopen(
             urllib.request.Request(f"{broker_base}/Users", headers=auth)
         ) as r:
             first = json.loads(r.read())["Resources"][0]["id"]  # D1's ID for the first user
+        with urllib.request.urlopen(
+            urllib.request.Request(f"{broker_base}/Users", headers=scoped_auth)
+        ) as r:
+            scoped_first = json.loads(r.read())["Resources"][0]["id"]
         targets = {
             "direct": (f"{home_url}/v2", USERS[0], {}),
             "bare proxy": (f"http://127.0.0.1:{proxy_port}/v2", USERS[0], {}),
             "parse-only proxy": (f"http://127.0.0.1:{parse_port}/v2", USERS[0], {}),
             "broker": (broker_base, first, auth),
+            "broker, scope + read list": (broker_base, scoped_first, scoped_auth),
         }
         results: dict[tuple[str, str], Result] = {}
         for case, path in (("GET one user", "/Users/{id}"), ("GET 100-user page", "/Users")):
@@ -170,7 +196,7 @@ def main() -> int:
                 )
                 r = results[case, name]
                 print(
-                    f"bench: {case:18} {name:10} {r.rps:8.0f} req/s  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms  errors {r.errors}",
+                    f"bench: {case:18} {name:26} {r.rps:8.0f} req/s  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms  errors {r.errors}",
                     file=sys.stderr,
                 )
 
@@ -196,17 +222,22 @@ def render(results: dict[tuple[str, str], Result], args: argparse.Namespace) -> 
         )
     lines += [
         "",
-        "| case | broker / bare proxy throughput | p50 added over bare proxy "
-        "| parse-only / bare proxy throughput |",
-        "|---|---|---|---|",
+        "| case | domain | broker / bare proxy | broker / parse-only proxy "
+        "| p50 added over bare | p50 added over parse-only | parse-only / bare |",
+        "|---|---|---|---|---|---|---|",
     ]
     for case in dict.fromkeys(c for c, _ in results):
-        broker, bare = results[case, "broker"], results[case, "bare proxy"]
-        parse = results[case, "parse-only proxy"]
-        lines.append(
-            f"| {case} | {broker.rps / bare.rps:.0%} | {broker.p50_ms - bare.p50_ms:+.2f} ms "
-            f"| {parse.rps / bare.rps:.0%} |"
-        )
+        bare, parse = results[case, "bare proxy"], results[case, "parse-only proxy"]
+        for label, name in (
+            ("plain", "broker"),
+            ("scope + read list", "broker, scope + read list"),
+        ):
+            broker = results[case, name]
+            lines.append(
+                f"| {case} | {label} | {broker.rps / bare.rps:.0%} | {broker.rps / parse.rps:.0%} "
+                f"| {broker.p50_ms - bare.p50_ms:+.2f} ms | {broker.p50_ms - parse.p50_ms:+.2f} ms "
+                f"| {parse.rps / bare.rps:.0%} |"
+            )
     return "\n".join(lines)
 
 
