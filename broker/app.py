@@ -26,6 +26,7 @@ from broker.events.render import EventRenderer
 from broker.events.web import EventWaiters, HomeReceiver, Poll, jwks_handler
 from broker.home import HomeClient
 from broker.mapping.cache import MappingCache, listen
+from broker.mapping.guard import LeakGuard
 from broker.mapping.store import MappingStore
 from broker.propagation.policy import Backoff
 from broker.propagation.poller import HomePoller
@@ -33,12 +34,14 @@ from broker.propagation.secrets import SecretBox, load_box
 from broker.propagation.worker import Deliverer, WorkerSettings
 from broker.proxy.handlers import Proxy, route_guard
 from broker.responses import MAX_BODY, scim_error_middleware
+from broker.scim.guard import IdShape
 from broker.tokens import TokenStore
 
 __all__ = [
     "ADMIN_URL",
     "CONFIG",
     "DELIVERER",
+    "GUARD",
     "HOME",
     "METRICS",
     "POOL",
@@ -129,6 +132,9 @@ HOME = web.AppKey("home", HomeClient)
 DELIVERER = web.AppKey("deliverer", Deliverer)
 ADMIN_URL = web.AppKey("admin_url", str)
 STORE = web.AppKey("store", MappingStore)
+GUARD = web.AppKey("guard", LeakGuard)
+"""The leak guard, for everything bound to a domain or a peer (its exact lookup shares the
+store's cache)."""
 BOX: web.AppKey[Callable[[], SecretBox]] = web.AppKey("box")
 PROXY = web.AppKey("proxy", Proxy)
 KEYS = web.AppKey("keys", KeyRing)
@@ -155,6 +161,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         if secret_key_env:
             box()  # a missing key is a configuration error, found at start-up
         app[STORE] = MappingStore(pool, cache=cache, box=box)
+        app[GUARD] = LeakGuard(app[STORE], IdShape(app[CONFIG].home.id_pattern))
         app[KEYS] = KeyRing(pool, box, refresh=app[CONFIG].events.key_refresh)
         if config.cache_entries > 0:
             async with listen(url, cache):
@@ -261,6 +268,7 @@ async def _proxy(app: web.Application) -> AsyncIterator[None]:
         issuer=config.public_url,
         scim_base=app[PROXY].base,
         id_pattern=config.home.id_pattern,
+        guard=app[GUARD],
     )
     yield
 
@@ -308,6 +316,7 @@ async def _propagation(app: web.Application) -> AsyncIterator[None]:
             ),
             observe=lambda peer, outcome: metrics.deliveries.labels(peer, outcome).inc(),
             events=lambda: app[RENDERER],
+            guard=app[GUARD],
         )
         app[DELIVERER] = deliverer
         tasks = [asyncio.create_task(deliverer.run(app[DB_URL]), name="deliveries")]

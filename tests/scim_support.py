@@ -181,10 +181,25 @@ class RecordingHome(HomeClient):
     async def request(self, method: str, path: str, **kwargs: Any) -> HomeResponse:
         response = await super().request(method, path, **kwargs)
         if response.body is not None:
-            RECORDER.home_ids.update(HOME_ID.findall(json.dumps(response.body)))
-        for value in response.headers.values():
-            RECORDER.home_ids.update(HOME_ID.findall(value))
+            RECORDER.home_ids.update(_ids_in(response.body))
+        RECORDER.home_ids.update(_ids_in(response.headers.get("Location", "")))
         return response
+
+
+_ID_KEYS = {"id", "value", "$ref", "location"}
+
+
+def _ids_in(document: Any, key: str = "id") -> set[str]:
+    """Home's IDs in one of its answers: the values of ``id``, of references (``value``,
+    ``$ref``) and locations, not text a domain wrote (32 hex digits in a title are not an ID)."""
+    if isinstance(document, dict):
+        return {i for k, v in document.items() for i in _ids_in(v, k)}
+    if isinstance(document, list):
+        return {i for item in document for i in _ids_in(item, key)}
+    if isinstance(document, str) and key in _ID_KEYS:
+        tail = document.rstrip("/").rsplit("/", 1)[-1]
+        return {tail} if HOME_ID.fullmatch(tail) else set()
+    return set()
 
 
 async def _record_sent(request: web.Request, response: web.StreamResponse) -> None:
@@ -233,6 +248,7 @@ async def start_broker(
     cache_entries: int = 100_000,
     propagation: PropagationConfig | None = None,
     events: EventsConfig | None = None,
+    id_pattern: str = "[0-9a-f]{32}",
 ) -> AsyncIterator[Broker]:
     """The broker in front of ``home``, with ``domains`` registered and a token each. Delivery to
     push peers runs only when ``propagation`` is given; the admin listener always runs."""
@@ -246,7 +262,7 @@ async def start_broker(
         database=DatabaseConfig(
             url=db_url, pool_min_size=1, pool_max_size=pool_size, cache_entries=cache_entries
         ),
-        home=HomeConfig(scim_url=home.url, token=home.token, id_pattern="[0-9a-f]{32}"),
+        home=HomeConfig(scim_url=home.url, token=home.token, id_pattern=id_pattern),
         events=events or EventsConfig(),
     )
     app = create_app(config)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,7 +18,7 @@ from joserfc import jwt
 from joserfc.jwk import ECKey, KeySet
 
 from broker.app import DB_URL
-from broker.config import EventsConfig
+from broker.config import DEFAULT_ID_PATTERN, EventsConfig
 from broker.domains import DomainStore
 from broker.tokens import TokenStore
 from tests.propagation_support import (
@@ -29,7 +30,16 @@ from tests.propagation_support import (
     patch,
     quiesce,
 )
-from tests.scim_support import CORE_GROUP, HOME_ID, Broker, Home, _free_port, new_user, unique
+from tests.scim_support import (
+    CORE_GROUP,
+    HOME_ID,
+    Broker,
+    Home,
+    _free_port,
+    new_user,
+    start_broker,
+    unique,
+)
 
 PROV = "urn:ietf:params:scim:event:prov:"
 EVENTS = EventsConfig(long_poll_max=3.0, key_refresh=0.05)
@@ -493,6 +503,44 @@ async def test_out_of_scope_entities_make_no_sets_and_deletes_reach_who_knew(
     assert kinds(deleted) == {"delete"} and deleted["sub_id"] == created["sub_id"]
     _, got = await poll(broker, "D", returnImmediately=True)
     assert [kinds(c) for c in await verified(broker, "D", got["sets"])] == [{"delete"}] * 2
+
+
+async def test_a_set_about_hex_a_domain_wrote_into_a_title_is_delivered(broker: Broker) -> None:
+    """Class 6 of issue 14: the shape rule withheld (for good) every SET of a user whose title a
+    domain had set to 32 hex digits; only real internal IDs are withheld now."""
+    await subscribe(broker, "D", "--delivery", "poll", "--detail", "full")
+    written = f"badge {uuid.uuid4().hex}, emp-{uuid.uuid4().hex.upper()}"
+    status, created, _ = await broker.call("E", "POST", "/Users", new_user(title=written))
+    assert status == 201, created
+    _, got = await poll(broker, "D", returnImmediately=True)
+    # Decoded here rather than by verified(), whose check is by shape.
+    (token,) = got["sets"].values()
+    claims = jwt.decode(token, await jwks(broker)).claims
+    assert claims["events"][PROV + "create:full"]["data"]["title"] == written
+    assert created["id"] not in json.dumps(claims), "pairwise: E's ID is not D's"
+
+
+async def test_sets_are_delivered_with_the_readme_default_id_pattern(
+    db_url: str, home: Home
+) -> None:
+    """The default id_pattern (UUIDs, dashed or not) matches the broker's own jti and txn: the
+    shape rule withheld every SET. The broker's identifiers are never internal IDs."""
+    domains: dict[str, dict[str, Any]] = {"H": {"kind": "home"}, "D": {}}
+    async for broker in start_broker(
+        db_url, home, domains, propagation=FAST, events=EVENTS, id_pattern=DEFAULT_ID_PATTERN
+    ):
+        await subscribe(broker, "D", "--delivery", "poll")
+        status, _ = await home_tool(broker, "POST", "/Users", new_user(unique("ev")))
+        assert status == 201
+        _, got = await poll(broker, "D", returnImmediately=True)
+        (claims,) = await verified(broker, "D", got["sets"])
+        assert kinds(claims) == {"create:notice"}
+        assert (
+            await broker.pool.fetchval(
+                "SELECT count(*) FROM security_events WHERE state = 'failed'"
+            )
+            == 0
+        )
 
 
 async def test_a_set_that_would_carry_an_internal_id_is_never_sent(

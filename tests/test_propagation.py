@@ -529,6 +529,31 @@ async def test_a_document_that_would_carry_an_internal_id_is_withheld_from_the_p
     assert all(alice["id"] not in json.dumps(r["last_error"]) for r in dead)
 
 
+async def test_hex_a_domain_wrote_into_a_text_attribute_does_not_stop_the_peers_copy(
+    two_peers: tuple[Broker, Home, Home],
+) -> None:
+    """Class 6 of issue 14: the shape rule withheld every delivery of a user whose title a
+    domain had set to 32 hex digits (a dead letter in every push peer); only real internal IDs
+    are withheld now."""
+    broker, p1, p2 = two_peers
+    written = secrets.token_hex(16)
+    status, created, _ = await broker.call("D", "POST", "/Users", new_user(title="new"))
+    assert status == 201, created
+    await quiesce(broker)
+    for title in (f"emp-{written.upper()}", f"badge {written}"):
+        status, _, _ = await broker.call(
+            "D",
+            "PATCH",
+            f"/Users/{created['id']}",
+            patch({"op": "replace", "path": "title", "value": title}),
+        )
+        assert status in (200, 204)
+        await quiesce(broker)
+        for peer in (p1, p2):
+            assert [u.get("title") for u in held(peer)["Users"]] == [title]
+    assert await broker.app[POOL].fetchval("SELECT count(*) FROM outbox WHERE state = 'dead'") == 0
+
+
 async def test_a_password_reaches_the_peer_from_the_write_sealed_and_erased_once_delivered(
     db_url: str,
     home: Home,

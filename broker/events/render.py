@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +25,9 @@ from broker.events.keyring import KeyRing
 from broker.events.keys import sign_set
 from broker.events.sets import Change, EventKind, set_claims
 from broker.home import HomeClient
+from broker.mapping.guard import LeakGuard
 from broker.mapping.store import MappingStore
-from broker.scim.guard import IdShape, find_leak
+from broker.scim.guard import IdShape
 from broker.scim.outbound import DomainView, ids_in_resources, resources_for_domain
 from broker.scim.rewrite import Translation
 
@@ -53,6 +54,7 @@ class EventRenderer:
         issuer: str,
         scim_base: str,
         id_pattern: str,
+        guard: LeakGuard | None = None,
     ) -> None:
         self.pool = pool
         self.store = store
@@ -60,7 +62,7 @@ class EventRenderer:
         self.keys = keys
         self.issuer = issuer
         self.scim_base = scim_base.rstrip("/")
-        self.id_shape = IdShape(id_pattern)
+        self.guard = guard or LeakGuard(store, IdShape(id_pattern))
         self.domains = DomainStore(pool)
 
     async def render(
@@ -103,15 +105,9 @@ class EventRenderer:
         )
         found |= known
         views = {i: DomainView(o.external_id, o.domain_external_id) for i, o in found.items()}
-        # The IDs a merge or split notice names must be the domain's own, as the table has them.
-        named = [r["document"].get(k) for r in notices for k in ("id", "primary", "from")]
-        own = set(
-            await self.pool.fetchval(query("own_external_ids"), domain.id, [i for i in named if i])
-            or ()
-        )
-        own |= {v.external_id for v in views.values()}
-        own |= {v.domain_external_id for v in views.values() if v.domain_external_id}
-        guarded = (set(wanted) | {r["internal_id"] for r in notices}) - own
+        # The IDs a merge or split notice names are the domain's own (external IDs, never
+        # internal ones), so the guard needs no list of them: it blocks only real internal IDs.
+        in_play = set(wanted) | {r["internal_id"] for r in notices}
         key = await self.keys.current()
         now = int(time.time())
         claims: dict[int, dict[str, Any]] = {}
@@ -126,27 +122,18 @@ class EventRenderer:
                 skipped.append(record["id"])
                 continue
             claims[record["id"]] = self._claims(domain, record, change, views, outward, now)
-        texts = {i: orjson.dumps(c).decode() for i, c in claims.items()}
-        # The leak guard reads the whole batch at once; only if it finds something is each SET
-        # looked at alone, to hold back just the ones that leak.
-        if self._leaks(texts.values(), guarded, own):
-            for event_id in [i for i, text in texts.items() if self._leaks([text], guarded, own)]:
-                await self._blocked(domain, by_id[event_id])
-                del claims[event_id]
+        texts = [(str(i), orjson.dumps(c).decode()) for i, c in claims.items()]
+        # The leak guard reads the whole batch at once (one lookup at most) and names each SET
+        # that leaks, to hold back just those.
+        for leak in await self.guard.leaks(texts, in_play=in_play):
+            event_id = int(leak.where)
+            await self._blocked(domain, by_id[event_id])
+            del claims[event_id]
         made = {i: sign_set(c, key) for i, c in claims.items()}
         await self.pool.execute(
             query("save_rendered"), domain.id, list(made), list(made.values()), key.kid, skipped
         )
         return made
-
-    def _leaks(self, texts: Iterable[str], guarded: set[str], own: set[str]) -> bool:
-        leak = find_leak(
-            (("SET", text) for text in texts),
-            internal_ids=guarded,
-            id_pattern=self.id_shape,
-            allowed=own,
-        )
-        return leak is not None
 
     async def _blocked(self, domain: Domain, record: asyncpg.Record) -> None:
         """A SET that would leak: never sent, marked failed, logged with a correlation ID."""

@@ -15,18 +15,52 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator, Iterable
 
 from broker.db import listening
 
-__all__ = ["CHANNEL", "MappingCache", "listen"]
+__all__ = ["CHANNEL", "KnownInternalIds", "MappingCache", "listen"]
 
 CHANNEL = "broker_mappings"
+
+
+class KnownInternalIds:
+    """Strings the exact lookup found to be internal IDs (the leak guard's positive answers).
+
+    An internal ID never stops being one, so an answer stands for good and needs no
+    notification: this set is on whether or not the mapping cache listens, and :meth:`clear`
+    of the mapping cache leaves it alone. It is bounded; past the bound the oldest answers are
+    forgotten (and looked up again when next needed). A negative answer is never kept: the
+    broker may record the entity a moment later, in this process or another.
+    """
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self._known: dict[str, None] = {}  # insertion-ordered: the oldest first
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    def among(self, candidates: Iterable[str]) -> set[str]:
+        return {c for c in candidates if c in self._known}
+
+    def add(self, internal_ids: Iterable[str]) -> None:
+        if self.max_entries <= 0:
+            return
+        for internal in internal_ids:
+            self._known[internal] = None
+        excess = len(self._known) - self.max_entries
+        if excess > 0:
+            for oldest in list(itertools.islice(self._known, excess)):
+                del self._known[oldest]
 
 
 class MappingCache:
     def __init__(self, max_entries: int = 100_000) -> None:
         self.max_entries = max_entries
+        self.internal_ids = KnownInternalIds(max_entries)
+        """The leak guard's positive answers (on whether or not the rest of the cache is)."""
         self.enabled = False
         self.generation = 0
         self.inbound: dict[tuple[str, str], str] = {}

@@ -11,7 +11,7 @@ import base64
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -193,6 +193,21 @@ class MappingStore:
         ]
         self.cache.put_outbound(generation, domain, answers)
         return found | {asked_id: value for asked_id, _, value in answers}
+
+    async def internal_ids_among(self, candidates: Collection[str]) -> set[str]:
+        """Which of ``candidates`` (exact strings) are internal IDs the broker has recorded: the
+        leak guard's exact lookup. Cache first, then one query for all the rest. A positive
+        answer is kept for good (an internal ID never stops being one); a negative one is not,
+        since the broker may record that entity a moment later, here or in another process."""
+        known = self.cache.internal_ids.among(candidates)
+        asked = [c for c in candidates if c not in known]
+        if not asked:
+            return known
+        found = {
+            r["internal_id"] for r in await self.pool.fetch(query("internal_ids_among"), asked)
+        }
+        self.cache.internal_ids.add(found)
+        return known | found
 
     async def resolve_request(
         self, domain: str, external_ids: Iterable[str], external_id_values: Iterable[str] = ()

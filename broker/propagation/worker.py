@@ -30,12 +30,13 @@ from broker.db import listening, query
 from broker.events.render import EventRenderer
 from broker.home import HomeClient, HomeRefused, HomeSchema, HomeUnavailable
 from broker.http import SET_TYPE, exchange
-from broker.mapping.store import mint_id
+from broker.mapping.guard import LeakGuard
+from broker.mapping.store import MappingStore, mint_id
 from broker.propagation.documents import PATCH_SCHEMA, peer_document, scim_patch
 from broker.propagation.peer import PeerClient, peer_credential
 from broker.propagation.policy import Backoff, Failure, Verdict, judge
 from broker.propagation.secrets import SealError, SecretBox
-from broker.scim.guard import IdShape, find_leak
+from broker.scim.guard import IdShape
 from broker.scim.rewrite import Translation, collect_ids
 
 if TYPE_CHECKING:
@@ -175,13 +176,14 @@ class Deliverer:
         observe: Observer | None = None,
         box: Callable[[], SecretBox] | None = None,
         events: Callable[[], EventRenderer] | None = None,
+        guard: LeakGuard | None = None,
     ) -> None:
         self.pool = pool
         self.box = box
         self.events = events
         self.home = home
         self.session = session
-        self.id_shape = IdShape(id_pattern)
+        self.guard = guard or LeakGuard(MappingStore(pool), IdShape(id_pattern))
         self.settings = settings or WorkerSettings()
         self.observe = observe or (lambda _peer, _outcome: None)
         self.worker_id = f"worker-{uuid.uuid4().hex[:8]}"
@@ -550,7 +552,7 @@ class Deliverer:
             correlation_handle=handle,
             readable=peer.readable,
         )
-        self._guard(desired, {claim.internal_id, *views}, {handle, *views.values()})
+        await self._guard(desired, {claim.internal_id, *views})
         write_only = self._open(claim)
         if entity["external_id"] is None:
             await self._create(
@@ -685,14 +687,10 @@ class Deliverer:
             )
         return views
 
-    def _guard(self, document: Any, internal: set[str], allowed: set[str]) -> None:
-        """Fail closed: nothing the peer receives may hold an internal ID."""
-        leak = find_leak(
-            [("body", orjson.dumps(document).decode())],
-            internal_ids=internal - allowed,
-            id_pattern=self.id_shape,
-            allowed=allowed,
-        )
+    async def _guard(self, document: Any, in_play: set[str]) -> None:
+        """Fail closed: nothing the peer receives may hold an internal ID (in play here, or any
+        the broker knows). What a domain wrote into a text attribute is not one."""
+        leak = await self.guard.check([("body", orjson.dumps(document).decode())], in_play=in_play)
         if leak is not None:
             raise Failure(
                 Verdict.PERMANENT,

@@ -1,28 +1,265 @@
-"""The leak guard (DESIGN section 3): the last check on every domain-bound response. Pure.
+"""The leak guard's pure core (DESIGN sections 3 and 8.5): where the home's ID shape occurs in a
+text, and which internal IDs in play a text holds. No I/O.
 
-It is not the mechanism: the rewriter is. Tests show the rewriter never needs it.
+The guard is not the mechanism: the rewriter is. Tests show the rewriter never needs it. What
+the guard blocks is decided by :class:`broker.mapping.guard.LeakGuard`, which adds the one fact a
+shape cannot give: whether a string in the home's ID shape really is an internal ID (an exact
+lookup). This module only finds the *candidates*, however they are written:
+
+- without regard to case (``8FA3...`` is ``8fa3...``);
+- however they are glued to their neighbours (``emp-<id>``, ``x_<id>``, ``abc<id>``), including
+  every window inside a longer run (a 32-hex ID inside 40 hex digits);
+- for hex UUID shapes, in both the 32-hex and the dashed (8-4-4-4-12) rendering, so that a
+  dashed rendering of an undashed home ID is caught, and the reverse;
+- behind JSON ``\\u00XX`` escapes of ASCII characters.
+
+Speed: a page of 100 users is about 150 KB and every domain-bound response is scanned. A regular
+expression with a leading character class is slow in CPython's ``re`` (it is tried at every
+position), so the scan maps the shape's alphabet to one byte with ``bytes.translate`` and looks
+for a literal run of it; the shape itself is only tried inside the (rare) runs long enough to
+hold it. Shapes whose alphabet cannot be read off the pattern (``.``, ``\\w``, look-arounds) are
+scanned the slow way, with the same result.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import re
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["IdShape", "Leak", "find_leak", "scrub"]
+__all__ = [
+    "IdShape",
+    "Leak",
+    "Scan",
+    "find_in_play",
+    "find_leak",
+    "forms",
+    "lookup_keys",
+    "scrub",
+    "unescape_json",
+]
 
 _WORD = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_-")
+_HEX = "0123456789abcdefABCDEF"
+_HEX32 = r"[0-9a-f]{32}"
+_DASHED = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_SAMPLE = "0123456789abcdef0123456789abcdef"
+# A JSON escape of an ASCII character (any number of backslashes: a doubly escaped one too).
+_ESCAPE = re.compile(r"\\+u00([0-7][0-9a-fA-F])")
+_ESCAPED = re.compile(r"\\u00[0-7][0-9a-fA-F]")  # the same, found fast (no leading repeat)
+
+
+def _dashed(hex32: str) -> str:
+    h = hex32
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _is_hex32(value: str) -> bool:
+    # String operations rather than a regular expression: the guard asks this of every internal
+    # ID in play, hundreds per page.
+    return len(value) == 32 and value.isascii() and not value.strip(_HEX)
+
+
+def _is_dashed(value: str) -> bool:
+    return (
+        len(value) == 36
+        and value[8] == value[13] == value[18] == value[23] == "-"
+        and value.isascii()
+        and not value.replace("-", "").strip(_HEX)
+    )
+
+
+def forms(token: str) -> frozenset[str]:
+    """The canonical forms of a token: lower case, and for a hex UUID both its 32-hex and its
+    dashed rendering."""
+    lowered = token.lower()
+    if _is_hex32(lowered):
+        return frozenset({lowered, _dashed(lowered)})
+    if _is_dashed(lowered):
+        return frozenset({lowered, lowered.replace("-", "")})
+    return frozenset({lowered})
+
+
+def lookup_keys(tokens: Iterable[str]) -> set[str]:
+    """The exact strings to look up among the internal IDs for these tokens: each as written, in
+    lower and in upper case, and for a hex UUID in both renderings (in each of those cases).
+
+    Internal IDs are stored as home wrote them; a home writes its hex IDs in one case, and an ID
+    of mixed case (base62) is found as written or wholly re-cased.
+    """
+    keys: set[str] = set()
+    for token in tokens:
+        for written in {token, token.lower(), token.upper()}:
+            keys.add(written)
+            if _is_hex32(written):
+                keys.add(_dashed(written))
+            elif _is_dashed(written):
+                keys.add(written.replace("-", ""))
+    return keys
+
+
+def unescape_json(text: str) -> str:
+    """``text`` with JSON escapes of ASCII characters (``\\u0064``, also doubly escaped) undone."""
+    if "\\" not in text or _ESCAPED.search(text) is None:
+        return text
+    return _ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text)
+
+
+# ---------------------------------------------------------------------------- the alphabet
+
+
+def _alphabet(pattern: str) -> tuple[frozenset[int], int] | None:
+    """The ASCII bytes a match of ``pattern`` can hold (both cases of each letter), and the
+    shortest match; None where that cannot be read off the pattern (``.``, negated sets,
+    categories, anchors, look-arounds, back references, non-ASCII): then the slow scan serves."""
+    try:
+        parser: Any = importlib.import_module("re._parser")
+        tree = parser.parse(pattern)
+        width = int(tree.getwidth()[0])
+    except Exception:  # an internal module of CPython: any surprise means "not known"
+        return None
+    chars: set[int] = set()
+
+    def walk(items: Any) -> bool:
+        for op, arg in items:
+            name = str(op)
+            if name == "LITERAL":
+                chars.add(int(arg))
+            elif name == "IN":
+                for inner, value in arg:
+                    inner_name = str(inner)
+                    if inner_name == "LITERAL":
+                        chars.add(int(value))
+                    elif inner_name == "RANGE":
+                        chars.update(range(int(value[0]), int(value[1]) + 1))
+                    else:  # NEGATE, CATEGORY: not a finite ASCII set
+                        return False
+            elif name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+                if not walk(arg[2]):
+                    return False
+            elif name == "SUBPATTERN":
+                if not walk(arg[3]):
+                    return False
+            elif name == "ATOMIC_GROUP":
+                if not walk(arg):
+                    return False
+            elif name == "BRANCH":
+                if not all(walk(branch) for branch in arg[1]):
+                    return False
+            else:  # ANY, NOT_LITERAL, AT, ASSERT, ASSERT_NOT, GROUPREF, ...
+                return False
+        return True
+
+    if not walk(tree) or width < 1 or any(c >= 128 for c in chars):
+        return None
+    folded = set(chars)
+    for c in chars:
+        folded.update({ord(chr(c).lower()), ord(chr(c).upper())})
+    return frozenset(folded), width
+
+
+class _Shapes:
+    """Every place one of some shapes occurs in a text, overlapping, whatever the case."""
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        flags = re.IGNORECASE | re.ASCII
+        patterns = list(patterns)
+        # A look-ahead match is empty, so the scan moves on by one: every start is tried, and a
+        # window inside a longer run is found as well as the run's first one.
+        self.everywhere = [re.compile(f"(?=({p}))", flags) for p in patterns]
+        known = [_alphabet(p) for p in patterns]
+        self.fast = all(k is not None for k in known)
+        if self.fast:
+            try:
+                self.everywhere_bytes = [re.compile(f"(?=({p}))".encode(), flags) for p in patterns]
+            except re.error:  # an escape only a str pattern knows (\u0041)
+                self.fast = False
+        if self.fast:
+            table = bytearray(b"." * 256)
+            for alphabet, _ in filter(None, known):
+                for c in alphabet:
+                    table[c] = ord("x")
+            self.table = bytes(table)
+            self.needle = b"x" * min(width for _, width in filter(None, known))
+            self.run = re.compile(b"x+")
+
+    def tokens(self, text: str) -> Iterator[str]:
+        if not self.fast:
+            for pattern in self.everywhere:
+                for match in pattern.finditer(text):
+                    if match.group(1):
+                        yield match.group(1)
+            return
+        # Matches lie within runs of the shapes' alphabet: marked with one byte, such runs are
+        # found by a search for a literal, and only they are tried.
+        data = text.encode("utf-8", "surrogatepass")
+        marked = data.translate(self.table)
+        at = marked.find(self.needle)
+        while at >= 0:
+            found = self.run.match(marked, at)
+            assert found is not None, "the needle is a run of the mark"
+            end = found.end()
+            for in_bytes in self.everywhere_bytes:
+                for hit in in_bytes.finditer(data, at, end):
+                    if hit.group(1):
+                        yield hit.group(1).decode("ascii")
+            at = marked.find(self.needle, end)
 
 
 class IdShape:
-    """The shape of the home's IDs (a regular expression), matched only as a whole token: a
-    32-hex run inside a longer hash is not an ID. Boundaries are checked by hand, since a
-    look-behind makes the scan of a large response twice as slow."""
+    """The shape of the home's IDs (``[home] id_pattern``, a regular expression)."""
 
     def __init__(self, pattern: str) -> None:
         self.pattern = re.compile(pattern)
+        # An anchored pattern (``^...$``) names the shape of a whole ID; in a text it is looked
+        # for anywhere.
+        bare = pattern
+        if bare.startswith("^"):
+            bare = bare[1:]
+        if bare.endswith("$") and not bare.endswith("\\$"):
+            bare = bare[:-1]
+        any_case = re.compile(bare, re.IGNORECASE | re.ASCII)
+        self.hex_uuid = bool(any_case.fullmatch(_SAMPLE) or any_case.fullmatch(_dashed(_SAMPLE)))
+        """Home's IDs are hex UUIDs: both renderings are looked for, whichever the pattern names."""
+        shapes = [bare, _HEX32, _DASHED] if self.hex_uuid else [bare]
+        self.shapes = _Shapes(shapes)
+        self._fixed = [re.compile(s, re.IGNORECASE | re.ASCII) for s in shapes if _fixed_width(s)]
+
+    def tokens(self, text: str) -> set[str]:
+        """Every string in the home's ID shape in ``text``, as written: whatever its case, however
+        it is glued to its neighbours, every window of a longer run, also behind JSON escapes."""
+        found = set(self.shapes.tokens(text))
+        unescaped = unescape_json(text)
+        if unescaped is not text:
+            found.update(self.shapes.tokens(unescaped))
+        return found
+
+    def spans(self, text: str) -> Iterator[tuple[int, int]]:
+        """Where the home's ID shape occurs in ``text`` (overlapping; the slow scan, for short
+        texts)."""
+        for pattern in self.shapes.everywhere:
+            for match in pattern.finditer(text):
+                if match.end(1) > match.start(1):
+                    yield match.start(1), match.end(1)
+
+    def candidates(self, text: str) -> set[str]:
+        """The canonical forms (:func:`forms`) of every token in ``text``."""
+        return {form for token in self.tokens(text) for form in forms(token)}
+
+    def covers(self, value: str) -> bool:
+        """Whether every occurrence of ``value`` in a text is sure to be among its tokens (the
+        value is in a shape of fixed width), so that no search of its own is needed."""
+        if self.hex_uuid and (_is_hex32(value) or _is_dashed(value)):
+            return True
+        return any(p.fullmatch(value) for p in self._fixed)
+
+    # The shape-only API of the first guard, kept until the proxy moves to LeakGuard.
 
     def find(self, text: str) -> list[str]:
+        """Legacy: matches of the pattern as it is written, as whole tokens only."""
         found = []
         for match in self.pattern.finditer(text):
             start, end = match.span()
@@ -36,12 +273,78 @@ class IdShape:
         return self.pattern.fullmatch(text) is not None
 
 
+def _fixed_width(pattern: str) -> bool:
+    try:
+        parser: Any = importlib.import_module("re._parser")
+        low, high = parser.parse(pattern).getwidth()
+    except Exception:
+        return False
+    return bool(low == high)
+
+
 @dataclass(frozen=True)
 class Leak:
     """Where a leak was found; never the leaked value itself."""
 
     where: str
     reason: str
+
+
+IN_PLAY = "an internal ID in play"
+KNOWN = "an internal ID known to the broker"
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One part of a domain-bound message, read once: what the guard needs of it."""
+
+    where: str
+    text: str
+    tokens: frozenset[str]
+    """Strings in the home's ID shape, as written (for the exact lookup)."""
+    candidates: frozenset[str]
+    """Their canonical forms."""
+
+    @classmethod
+    def of(cls, where: str, text: str, shape: IdShape) -> Scan:
+        tokens = frozenset(shape.tokens(text))
+        return cls(where, text, tokens, frozenset(f for t in tokens for f in forms(t)))
+
+    @functools.cached_property
+    def texts(self) -> tuple[str, ...]:
+        """The part in lower case, as written and with JSON escapes undone (for the search of an
+        internal ID in play that is not in the home's shape); made only when needed."""
+        lowered = self.text.lower()
+        unescaped = unescape_json(lowered)
+        return (lowered,) if unescaped is lowered else (lowered, unescaped)
+
+
+def find_in_play(scans: Iterable[Scan], in_play: Collection[str], shape: IdShape) -> Leak | None:
+    """The first part holding an internal ID in play, whatever its case, however glued, in
+    either rendering of a hex UUID, or behind JSON escapes."""
+    covered: set[str] = set()
+    others: set[str] = set()
+    for internal in in_play:
+        lowered = internal.lower()
+        if not lowered:
+            continue
+        if shape.covers(lowered):
+            # Any rendering of it in a part is a token there, whose forms include this one.
+            covered.add(lowered)
+        else:
+            others.update(forms(lowered))
+    for scan in scans:
+        if covered & scan.candidates:
+            return Leak(scan.where, IN_PLAY)
+        if others and any(value in text for text in scan.texts for value in others):
+            return Leak(scan.where, IN_PLAY)
+    return None
+
+
+def known_in(scans: Iterable[Scan], known: Collection[str]) -> list[Leak]:
+    """The parts holding one of ``known`` (exact lookup keys found among the internal IDs)."""
+    known = set(known)
+    return [Leak(scan.where, KNOWN) for scan in scans if lookup_keys(scan.tokens) & known]
 
 
 def find_leak(
@@ -51,13 +354,12 @@ def find_leak(
     id_pattern: IdShape,
     allowed: Collection[str],
 ) -> Leak | None:
-    """The first leak in ``parts`` ((where, text) pairs: body, headers), or None.
+    """Legacy, for the proxy until it moves to :class:`broker.mapping.guard.LeakGuard`: the
+    first leak judged by shape (any string in the home's ID shape not in ``allowed``).
 
-    A leak is any internal ID in play, or any string in the home's ID shape that is not one of
-    ``allowed`` (the caller's own IDs and values).
+    Deprecated: a domain that writes an ID-shaped string into a text attribute makes every
+    response that carries it a 502 for every domain; ``LeakGuard.check`` does not.
     """
-    # IDs in the home's shape are all caught by the one pattern scan; only the others need a
-    # search of their own.
     odd = [i for i in internal_ids if i and i not in allowed and not id_pattern.fullmatch(i)]
     for where, text in parts:
         for match in id_pattern.find(text):
@@ -65,24 +367,42 @@ def find_leak(
                 return Leak(where, "a string in the home's ID shape that is not the caller's")
         for internal in odd:
             if internal in text:
-                return Leak(where, "an internal ID in play")
+                return Leak(where, IN_PLAY)
     return None
 
 
-def _literal(value: str) -> Callable[[re.Match[str]], str]:
-    return lambda _match: value
-
-
 def scrub(text: str, replacements: dict[str, str], id_pattern: IdShape) -> str:
-    """Free text with known IDs replaced by the caller's, and anything else ID-shaped masked.
+    """Free text (home's error ``detail``) with known IDs replaced by the caller's, and anything
+    else in the home's ID shape masked as ``[id]``.
 
-    Known IDs are matched without regard to case: an upper-cased internal ID is still one.
+    Both without regard to case and however glued to their neighbours; a known hex UUID is
+    replaced in either rendering. Masking only rewrites home's error text, so it may be broad: a
+    random hex value there is masked too.
     """
-    for old, new in sorted(replacements.items(), key=lambda kv: -len(kv[0])):
-        if old:
-            # A replacement function, so that backslashes in ``new`` are taken literally.
-            text = re.compile(re.escape(old), re.IGNORECASE).sub(_literal(new), text)
-    allowed = set(replacements.values())
-    for found in set(id_pattern.find(text)) - allowed:
-        text = text.replace(found, "[id]")
-    return text
+    spans: list[tuple[int, int, str]] = []
+    known = {form: new for old, new in replacements.items() if old for form in forms(old)}
+    if known:
+        alternatives = sorted(known, key=len, reverse=True)
+        finder = re.compile("|".join(re.escape(a) for a in alternatives), re.IGNORECASE)
+        spans = [
+            (m.start(), m.end(), known.get(m.group(0).lower(), "[id]"))
+            for m in finder.finditer(text)
+        ]
+    masked: list[tuple[int, int]] = []
+    for start, end in id_pattern.spans(text):
+        if not any(s < end and start < e for s, e, _ in spans):
+            masked.append((start, end))
+    masked.sort()
+    merged: list[tuple[int, int, str]] = []
+    for start, end in masked:
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]), "[id]")
+        else:
+            merged.append((start, end, "[id]"))
+    out, at = [], 0
+    for start, end, new in sorted(spans + merged):
+        out.append(text[at:start])
+        out.append(new)
+        at = end
+    out.append(text[at:])
+    return "".join(out)

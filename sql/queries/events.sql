@@ -193,8 +193,3 @@ SELECT ev.domain_id, ev.internal_id, 'set', jsonb_build_object('event', ev.id)
 FROM events ev JOIN event_subscriptions s ON s.domain_id = ev.domain_id
 WHERE s.delivery = 'push'
 ORDER BY ev.id
-
--- name: own_external_ids
--- Which of $2 are IDs of domain $1 (aliases and retired ones included).
-SELECT coalesce(array_agg(external_id), '{}') FROM id_mappings
-WHERE domain_id = $1 AND external_id = ANY ($2::text[])

@@ -94,6 +94,11 @@ FOR NO KEY UPDATE
 -- name: lock_rows
 SELECT id FROM id_mappings WHERE internal_id = ANY($1::text[]) ORDER BY id FOR UPDATE
 
+-- name: internal_ids_among
+-- The leak guard's exact lookup: which of these strings ($1) are internal IDs the broker has
+-- recorded. One probe of the primary key each.
+SELECT internal_id FROM entities WHERE internal_id = ANY($1::text[])
+
 -- name: register_entities
 INSERT INTO entities (internal_id, resource_type)
 SELECT * FROM unnest($1::text[], $2::text[])
