@@ -256,6 +256,7 @@ async def _proxy(app: web.Application) -> AsyncIterator[None]:
         domains=DomainStore(pool),
         tokens=TokenStore(pool),
         home=app[HOME],
+        guard=app[GUARD],
         audit=audit,
         on_leak=lambda domain: app[METRICS].leaks.labels(domain).inc(),
     )

@@ -31,6 +31,7 @@ from broker.errors import BrokerError, ForbiddenError, InvalidValueError, NotFou
 from broker.events.sets import service_provider_config_events
 from broker.home import SEARCH_SCHEMA, HomeClient, HomeRefused, HomeResponse, HomeSchema
 from broker.http import SCIM_JSON
+from broker.mapping.guard import LeakGuard
 from broker.mapping.store import MappingStore
 from broker.responses import (
     SCIM_PREFIX,
@@ -48,7 +49,7 @@ from broker.scim.canonical import (
     path_segments,
 )
 from broker.scim.filters import FilterError, FilterIds, filter_ids, parse_filter, rewrite_filter
-from broker.scim.guard import IdShape, find_leak, scrub
+from broker.scim.guard import IdShape, scrub
 from broker.scim.outbound import DomainView, ids_in_resources, resources_for_domain
 from broker.scim.patch import PatchRequest, parse_patch
 from broker.scim.policy import (
@@ -150,6 +151,7 @@ class Proxy:
         domains: DomainStore,
         tokens: TokenStore,
         home: HomeClient,
+        guard: LeakGuard,
         audit: Callable[[str, str, dict[str, Any]], Awaitable[None]],
         on_leak: Callable[[str], None],
     ) -> None:
@@ -158,6 +160,7 @@ class Proxy:
         self.domains = domains
         self.tokens = tokens
         self.home = home
+        self.guard = guard
         self.audit = audit
         self.on_leak = on_leak
 
@@ -388,12 +391,9 @@ class Proxy:
         raw = orjson.dumps(body) if body is not None else b""
         text = raw.decode()
         parts = [("body", text), *((f"header {k}", v) for k, v in (headers or {}).items())]
-        leak = find_leak(
-            parts,
-            internal_ids=call.internal_ids - call.allowed,
-            id_pattern=self.id_pattern,
-            allowed=call.allowed,
-        )
+        # The IDs in play are those the translation asked about, never anything the request
+        # held; the caller's own IDs are what it is meant to see.
+        leak = await self.guard.check(parts, in_play=call.internal_ids - call.allowed)
         if leak is not None:
             correlation = uuid.uuid4().hex[:12]
             log.error(
