@@ -33,6 +33,7 @@ from broker.propagation.secrets import SecretBox, load_box
 from broker.propagation.worker import Deliverer, WorkerSettings
 from broker.proxy.handlers import Proxy
 from broker.responses import MAX_BODY, scim_error_middleware
+from broker.scim.versions import VersionSealer
 from broker.tokens import TokenStore
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "METRICS",
     "POOL",
     "PROXY",
+    "SEALER",
     "STORE",
     "Metrics",
     "create_app",
@@ -134,6 +136,9 @@ PROXY = web.AppKey("proxy", Proxy)
 KEYS = web.AppKey("keys", KeyRing)
 RENDERER = web.AppKey("renderer", EventRenderer)
 WAITERS = web.AppKey("waiters", EventWaiters)
+#: Home's versions sealed per domain and resource (broker/scim/versions.py), under a subkey of
+#: the outbox key.
+SEALER = web.AppKey("sealer", VersionSealer)
 
 METRICS = web.AppKey("metrics", Metrics)
 
@@ -152,6 +157,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
             lambda: load_box(secret_key_env, config.data_dir)
         )
         app[BOX] = box
+        app[SEALER] = VersionSealer(lambda: box().derive("version seal", 64))
         if secret_key_env:
             box()  # a missing key is a configuration error, found at start-up
         app[STORE] = MappingStore(pool, cache=cache, box=box)
@@ -261,6 +267,8 @@ async def _proxy(app: web.Application) -> AsyncIterator[None]:
         issuer=config.public_url,
         scim_base=app[PROXY].base,
         id_pattern=config.home.id_pattern,
+        sealer=app[SEALER],
+        txn_key=functools.cache(lambda: app[BOX]().derive("set txn")),
     )
     yield
 
