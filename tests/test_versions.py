@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from broker.domains import Domain
 from broker.propagation.secrets import SecretBox
 from broker.scim.versions import (
+    PreconditionFailedError,
     VersionSealer,
     coarsen_epoch,
     coarsen_meta,
@@ -217,6 +218,12 @@ def test_a_list_keeps_the_tags_that_open_and_drops_the_others() -> None:
     mine = [SEALER.seal(f'W/"{n}"', domain="D", internal_id=ALICE) for n in (3, 4)]
     header = f'"junk", {mine[0]},W/"7" , {mine[1]}, {mine[0]}'
     assert home_condition(header, domain="D", internal_id=ALICE, sealer=SEALER) == 'W/"3", W/"4"'
+
+
+def test_an_if_match_that_opens_to_nothing_is_a_412_error_with_advice() -> None:
+    error = PreconditionFailedError()
+    assert error.status == 412 and error.scim_type is None
+    assert "ETag" in error.detail
 
 
 def test_a_star_stays_a_star() -> None:

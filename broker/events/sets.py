@@ -179,7 +179,8 @@ def set_claims(
     ``uri`` is the domain's relative resource path (``/Users/{id}``) and ``external_id`` that
     domain's ``externalId`` for it (RFC 9967 section 2.1). With ``detail="full"`` and ``data``
     (already in the domain's IDs) create, put and patch events carry ``data``; otherwise they carry
-    ``attributes`` (section 2.4). ``version`` is the resource's ETag (section 2.2).
+    ``attributes`` (section 2.4). ``version`` is the resource's ETag (section 2.2)
+    as the domain sees it: sealed for it (``broker.scim.versions.present_etag``), never home's.
     """
     full = detail == "full" and data is not None
     sub_id: dict[str, Any] = {"format": "scim", "uri": uri}

@@ -27,8 +27,11 @@ from typing import Any, Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
+from broker.errors import BrokerError
+
 __all__ = [
     "Audience",
+    "PreconditionFailedError",
     "VersionSealer",
     "coarsen_epoch",
     "coarsen_meta",
@@ -56,6 +59,20 @@ class Audience(Protocol):
 
     @property
     def timestamp_precision(self) -> int: ...
+
+
+class PreconditionFailedError(BrokerError):
+    """``If-Match`` (or a Bulk operation's ``version``) names no version the domain was given of
+    the resource: refused without asking home (RFC 7644 section 3.14, RFC 9110 section 13.1.1)."""
+
+    status = 412
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(
+            detail
+            or "If-Match names no version of this resource that the broker gave you: read the "
+            "resource again and send its current ETag"
+        )
 
 
 class VersionSealer:
