@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -117,3 +118,98 @@ async def test_a_timestamp_precision_without_unlinkable_is_refused(broker: Broke
     with pytest.raises(InvalidValueError, match="--unlinkable"):
         await DomainStore(broker.pool).add("W", timestamp_precision=60)
     assert "W" not in {d.id for d in await DomainStore(broker.pool).list()}
+
+
+# ------------------------------------------------------------------ the proxy
+# These drive the request path. The calls they need (docs/security.md, "Wiring in the proxy")
+# land with the proxy's canonical-request rewrite in broker/proxy/handlers.py; until then they
+# fail, and strict xfail says so. Remove the marker once the wiring is in.
+PROXY_WIRING = pytest.mark.xfail(
+    strict=True, reason="present_meta/home_condition/reveals_time not yet called by the proxy"
+)
+
+
+async def _user(broker: Broker) -> tuple[str, dict[str, Any]]:
+    name = unique("ul")
+    status, created = await home_tool(broker, "POST", "/Users", new_user(name, title="Eng"))
+    assert status == 201, created
+    return name, created
+
+
+@PROXY_WIRING
+async def test_two_domains_read_one_user_with_different_versions_neither_homes(
+    broker: Broker,
+) -> None:
+    name, created = await _user(broker)
+    seen = {}
+    for domain in ("D", "U"):
+        ext = await seen_id(broker, domain, name)
+        status, body, headers = await broker.call(domain, "GET", f"/Users/{ext}")
+        assert status == 200, body
+        assert headers["ETag"] == body["meta"]["version"]
+        seen[domain] = body
+    versions = {b["meta"]["version"] for b in seen.values()}
+    assert len(versions) == 2 and created["meta"]["version"] not in versions
+    assert all(v.startswith('W/"') for v in versions)
+    assert COARSE.fullmatch(seen["U"]["meta"]["created"]), seen["U"]["meta"]
+    assert seen["U"]["meta"]["created"][14:19] == "00:00"
+
+
+@PROXY_WIRING
+async def test_if_match_with_homes_or_another_domains_version_is_412_and_changes_nothing(
+    broker: Broker,
+) -> None:
+    name, created = await _user(broker)
+    d_ext, u_ext = await seen_id(broker, "D", name), await seen_id(broker, "U", name)
+    _, u_body, _ = await broker.call("U", "GET", f"/Users/{u_ext}")
+    change = patch({"op": "replace", "path": "title", "value": "Lead"})
+    for forged in (created["meta"]["version"], u_body["meta"]["version"], '"made-up"'):
+        status, body, _ = await broker.call(
+            "D", "PATCH", f"/Users/{d_ext}", change, headers={"If-Match": forged}
+        )
+        assert status == 412, body
+    _, now = await home_tool(broker, "GET", f"/Users/{created['id']}")
+    assert now["title"] == "Eng" and now["meta"]["version"] == created["meta"]["version"]
+    _, d_body, _ = await broker.call("D", "GET", f"/Users/{d_ext}")
+    status, body, headers = await broker.call(
+        "D", "PATCH", f"/Users/{d_ext}", change, headers={"If-Match": d_body["meta"]["version"]}
+    )
+    assert status in (200, 204), body
+    assert headers["ETag"] != d_body["meta"]["version"]
+    assert body is None or headers["ETag"] == body["meta"]["version"]
+
+
+@PROXY_WIRING
+async def test_if_none_match_with_the_domains_own_etag_is_304_and_with_another_is_200(
+    broker: Broker,
+) -> None:
+    name, _created = await _user(broker)
+    d_ext, u_ext = await seen_id(broker, "D", name), await seen_id(broker, "U", name)
+    _, d_body, _ = await broker.call("D", "GET", f"/Users/{d_ext}")
+    _, u_body, _ = await broker.call("U", "GET", f"/Users/{u_ext}")
+    status, _, headers = await broker.call(
+        "D", "GET", f"/Users/{d_ext}", headers={"If-None-Match": d_body["meta"]["version"]}
+    )
+    assert status == 304 and headers["ETag"] == d_body["meta"]["version"]
+    status, body, _ = await broker.call(
+        "D", "GET", f"/Users/{d_ext}", headers={"If-None-Match": u_body["meta"]["version"]}
+    )
+    assert status == 200 and body["meta"]["version"] == d_body["meta"]["version"]
+
+
+@PROXY_WIRING
+@pytest.mark.parametrize(
+    "query",
+    [
+        'filter=meta.lastModified gt "2024-01-01T00:00:00Z"',
+        "sortBy=meta.created",
+        'filter=meta.version gt "W/\\"1\\""',
+    ],
+)
+async def test_an_unlinkable_domain_may_not_bisect_timestamps_or_versions(
+    broker: Broker, query: str
+) -> None:
+    await _user(broker)
+    status, body, _ = await broker.call("U", "GET", f"/Users?{query}")
+    assert status == 400, body
+    assert body["schemas"] == ["urn:ietf:params:scim:api:messages:2.0:Error"]
