@@ -35,6 +35,7 @@ from broker.propagation.worker import Deliverer, WorkerSettings
 from broker.proxy.handlers import Proxy, route_guard
 from broker.responses import MAX_BODY, scim_error_middleware
 from broker.scim.guard import IdShape
+from broker.scim.versions import VersionSealer
 from broker.tokens import TokenStore
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "METRICS",
     "POOL",
     "PROXY",
+    "SEALER",
     "STORE",
     "Metrics",
     "create_app",
@@ -140,6 +142,9 @@ PROXY = web.AppKey("proxy", Proxy)
 KEYS = web.AppKey("keys", KeyRing)
 RENDERER = web.AppKey("renderer", EventRenderer)
 WAITERS = web.AppKey("waiters", EventWaiters)
+#: Home's versions sealed per domain and resource (broker/scim/versions.py), under a subkey of
+#: the outbox key.
+SEALER = web.AppKey("sealer", VersionSealer)
 
 METRICS = web.AppKey("metrics", Metrics)
 
@@ -158,6 +163,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
             lambda: load_box(secret_key_env, config.data_dir)
         )
         app[BOX] = box
+        app[SEALER] = VersionSealer(lambda: box().derive("version seal", 64))
         if secret_key_env:
             box()  # a missing key is a configuration error, found at start-up
         app[STORE] = MappingStore(pool, cache=cache, box=box)
@@ -257,6 +263,7 @@ async def _proxy(app: web.Application) -> AsyncIterator[None]:
         tokens=TokenStore(pool),
         home=app[HOME],
         guard=app[GUARD],
+        sealer=app[SEALER],
         audit=audit,
         on_leak=lambda domain: app[METRICS].leaks.labels(domain).inc(),
     )
@@ -270,6 +277,8 @@ async def _proxy(app: web.Application) -> AsyncIterator[None]:
         scim_base=app[PROXY].base,
         id_pattern=config.home.id_pattern,
         guard=app[GUARD],
+        sealer=app[SEALER],
+        txn_key=functools.cache(lambda: app[BOX]().derive("set txn")),
     )
     yield
 

@@ -114,6 +114,8 @@ def _domain_lines(domain: Domain) -> list[str]:
         f"scope:       {domain.scope_filter or '(everything)'}",
         f"read attrs:  {', '.join(policy['read']) if 'read' in policy else '(all)'}",
         f"write attrs: {', '.join(policy['write']) if 'write' in policy else '(all)'}",
+        "unlinkable:  "
+        + (f"yes (timestamps to {domain.timestamp_precision} s)" if domain.unlinkable else "no"),
         *(
             [
                 f"deprovision: {domain.deprovision}"
@@ -153,6 +155,8 @@ async def cmd_domain(config: Config, args: argparse.Namespace) -> int:
                 deprovision=args.deprovision,
                 suspend_for=parse_duration(args.suspend_for),
                 on_conflict=args.on_conflict.replace("-", "_"),
+                unlinkable=args.unlinkable,
+                timestamp_precision=args.timestamp_precision,
             )
             print("\n".join(_domain_lines(domain)))
         elif args.domain_command == "list":
@@ -458,6 +462,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="dead-letter",
         help="push peers: a create refused as a duplicate links to the peer's resource, or waits "
         "for a person as a dead letter (default)",
+    )
+    add.add_argument(
+        "--unlinkable",
+        action="store_true",
+        help="coarsen meta.created, meta.lastModified and SET iat for this domain, and refuse "
+        "filters and sortBy on them (versions and SET txn are per domain for every domain)",
+    )
+    add.add_argument(
+        "--timestamp-precision",
+        metavar="SECONDS",
+        type=int,
+        default=1,
+        help="with --unlinkable: the seconds timestamps are truncated to (default 1, at most 86400)",
     )
     domain_commands.add_parser("list", help="list the domains")
     show = domain_commands.add_parser("show", help="show one domain")

@@ -35,6 +35,11 @@ class Domain:
     suspend_for: timedelta = timedelta(days=30)
     on_conflict: Literal["link", "dead_letter"] = "dead_letter"
     failing_since: datetime | None = None
+    unlinkable: bool = False
+    """Whether ``meta.created``, ``meta.lastModified`` and SET ``iat`` are coarsened to
+    ``timestamp_precision`` for this domain (docs/security.md, "Unlinkability beyond IDs")."""
+    timestamp_precision: int = 1
+    """Seconds the domain's timestamps are truncated to when it is unlinkable."""
 
     @functools.cached_property
     def policy(self) -> DomainPolicy:
@@ -97,7 +102,14 @@ class DomainStore:
         deprovision: Literal["delete", "suspend"] = "delete",
         suspend_for: timedelta = timedelta(days=30),
         on_conflict: Literal["link", "dead_letter"] = "dead_letter",
+        unlinkable: bool = False,
+        timestamp_precision: int = 1,
     ) -> Domain:
+        if timestamp_precision != 1 and not unlinkable:
+            raise InvalidValueError(
+                "a timestamp precision coarsens the timestamps of an unlinkable domain only: "
+                "add --unlinkable, or leave --timestamp-precision out"
+            )
         policy: dict[str, Any] = {}
         if read_attributes is not None:
             policy["read"] = read_attributes
@@ -116,6 +128,8 @@ class DomainStore:
                 deprovision,
                 suspend_for,
                 on_conflict,
+                unlinkable,
+                timestamp_precision,
             )
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "domains_one_home":
@@ -162,4 +176,7 @@ _CHECK_MESSAGES = {
         "a domain name is 1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit"
     ),
     "domains_push_needs_url": "a push domain needs --scim-url: the broker provisions into it there",
+    "domains_timestamp_precision_check": (
+        "a timestamp precision is a whole number of seconds from 1 to 86400 (one day)"
+    ),
 }

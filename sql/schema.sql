@@ -35,6 +35,12 @@ CREATE TABLE domains (
     -- Set at the first failed delivery after a success, cleared by the next success.
     failing_since     timestamptz,
     last_delivery_at  timestamptz,
+    -- Unlinkable (0010): meta.created, meta.lastModified and SET iat truncated to
+    -- timestamp_precision seconds for this domain.
+    unlinkable           boolean NOT NULL DEFAULT false,
+    timestamp_precision  integer NOT NULL DEFAULT 1
+                         CONSTRAINT domains_timestamp_precision_check
+                         CHECK (timestamp_precision BETWEEN 1 AND 86400),
     CONSTRAINT domains_push_needs_url CHECK (NOT push OR scim_url IS NOT NULL)
 );
 -- There is one home.

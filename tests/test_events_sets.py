@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from types import MappingProxyType
 from typing import Any
 
@@ -13,6 +14,7 @@ from broker.events.sets import (
     Change,
     EventKind,
     describe_change,
+    domain_txn,
     interesting,
     service_provider_config_events,
     set_claims,
@@ -445,3 +447,38 @@ def test_the_service_provider_config_advertises_security_events() -> None:
             "eventUris": ["urn:ietf:params:scim:event:prov:delete"],
         }
     }
+
+
+# --- domain_txn (RFC 8417 section 2.2, per domain) -----------------------------------------------
+
+TXN_KEY = bytes(range(32))
+CHANGE_TXN = "0f5d8a62-3a1e-4c39-9d0b-6f3a2b1c0e77"
+
+
+def test_each_domain_has_its_own_txn_for_one_change() -> None:
+    txns = {domain_txn(TXN_KEY, domain=d, txn=CHANGE_TXN) for d in ("D", "E", "F", "peer-a")}
+    assert len(txns) == 4
+    assert CHANGE_TXN not in txns
+
+
+def test_one_domains_sets_for_one_change_share_its_txn() -> None:
+    # Every SET of one transaction to one domain carries the same txn (RFC 8417 section 2.2),
+    # however often and whenever it is computed; another change, another txn.
+    assert domain_txn(TXN_KEY, domain="D", txn=CHANGE_TXN) == domain_txn(
+        TXN_KEY, domain="D", txn=CHANGE_TXN
+    )
+    other = "a8f5f167-f44f-4964-9e2b-8c1e5d4e2f10"
+    assert domain_txn(TXN_KEY, domain="D", txn=CHANGE_TXN) != domain_txn(
+        TXN_KEY, domain="D", txn=other
+    )
+
+
+def test_a_domain_txn_looks_like_a_change_txn_and_needs_the_key() -> None:
+    txn = domain_txn(TXN_KEY, domain="D", txn=CHANGE_TXN)
+    assert uuid.UUID(txn).version == 4 and str(uuid.UUID(txn)) == txn
+    assert domain_txn(bytes(32), domain="D", txn=CHANGE_TXN) != txn
+
+
+def test_domain_and_txn_cannot_be_traded_for_each_other() -> None:
+    # The two are kept apart by a newline, which no domain name holds.
+    assert domain_txn(TXN_KEY, domain="DE", txn="x") != domain_txn(TXN_KEY, domain="D", txn="Ex")

@@ -423,6 +423,18 @@ def test_the_peer_document_holds_no_id_meta_or_groups_and_the_correlation_handle
     assert_no_internal_id(out)
 
 
+def test_no_version_or_timestamp_of_home_reaches_a_peer() -> None:
+    # Home's version counter and microsecond timestamps would pair the peer's IDs with another
+    # domain's (docs/security.md): meta is never sent, whatever its case or the read list says.
+    doc = home_user()
+    doc["meta"] |= {"created": "2024-05-06T07:08:09.123456Z", "lastModified": "2024-05-07T00:00Z"}
+    doc["META"] = dict(doc.pop("meta"))
+    for readable in (None, ["userName", "meta", "META"]):
+        text = json.dumps(build(doc, readable))
+        for value in ('W/\\"3\\"', "2024-05-06T07:08:09", "2024-05-07", "lastModified"):
+            assert value not in text, f"{value} reaches the peer: {text}"
+
+
 def test_the_manager_is_the_peers_id_and_its_ref_the_peers_uri() -> None:
     manager = build(home_user())[ENTERPRISE_USER]["manager"]
     assert manager["value"] == "peer-boss"

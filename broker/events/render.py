@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,13 +23,14 @@ from broker.domains import Domain, DomainStore
 from broker.events.identity import IDENTITY_EVENT_URIS, identity_claims
 from broker.events.keyring import KeyRing
 from broker.events.keys import sign_set
-from broker.events.sets import Change, EventKind, set_claims
+from broker.events.sets import Change, EventKind, domain_txn, set_claims
 from broker.home import HomeClient
 from broker.mapping.guard import LeakGuard
 from broker.mapping.store import MappingStore
 from broker.scim.guard import IdShape
 from broker.scim.outbound import DomainView, ids_in_resources, resources_for_domain
 from broker.scim.rewrite import Translation
+from broker.scim.versions import VersionSealer, coarsen_epoch, present_meta
 
 __all__ = ["EventRenderer", "Rendered"]
 
@@ -55,6 +56,8 @@ class EventRenderer:
         scim_base: str,
         id_pattern: str,
         guard: LeakGuard | None = None,
+        sealer: VersionSealer,
+        txn_key: Callable[[], bytes],
     ) -> None:
         self.pool = pool
         self.store = store
@@ -64,6 +67,8 @@ class EventRenderer:
         self.scim_base = scim_base.rstrip("/")
         self.guard = guard or LeakGuard(store, IdShape(id_pattern))
         self.domains = DomainStore(pool)
+        self.sealer = sealer
+        self.txn_key = txn_key
 
     async def render(
         self, domain_id: str, *, ids: Sequence[int] | None = None, limit: int = 1000
@@ -178,8 +183,8 @@ class EventRenderer:
             issuer=self.issuer,
             audience=domain.id,
             jti=record["jti"],
-            txn=str(record["txn"]),
-            issued_at=now,
+            txn=self._txn(domain, record),
+            issued_at=_issued_at(domain, now),
             kind=record["kinds"][0],
             endpoint=endpoint,
             notice=notice,
@@ -205,19 +210,31 @@ class EventRenderer:
                 resource_type=record["resource_type"],
             )
             if data is not None:
+                data = present_meta(
+                    data, domain=domain, internal_id=record["internal_id"], sealer=self.sealer
+                )
                 data = domain.readable(data)
         return set_claims(
             issuer=self.issuer,
             audience=domain.id,
             jti=record["jti"],
-            txn=str(record["txn"]),
-            issued_at=now,
+            txn=self._txn(domain, record),
+            issued_at=_issued_at(domain, now),
             uri=f"{endpoint}/{view.external_id}",
             external_id=view.domain_external_id,
             change=change,
             detail=record["detail"],
             data=data,
         )
+
+    def _txn(self, domain: Domain, record: asyncpg.Record) -> str:
+        """The change's txn as this domain has it: its own, shared by none other."""
+        return domain_txn(self.txn_key(), domain=domain.id, txn=str(record["txn"]))
+
+
+def _issued_at(domain: Domain, now: int) -> int:
+    """``iat``: for an unlinkable domain, truncated to its timestamp precision."""
+    return coarsen_epoch(now, domain.timestamp_precision) if domain.unlinkable else now
 
 
 def _visible_change(domain: Domain, record: asyncpg.Record) -> Change | None:

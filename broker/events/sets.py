@@ -6,6 +6,9 @@ claims of the SET that says so, and the ServiceProviderConfig member that advert
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import uuid
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -21,6 +24,7 @@ __all__ = [
     "Detail",
     "EventKind",
     "describe_change",
+    "domain_txn",
     "envelope",
     "interesting",
     "service_provider_config_events",
@@ -175,7 +179,8 @@ def set_claims(
     ``uri`` is the domain's relative resource path (``/Users/{id}``) and ``external_id`` that
     domain's ``externalId`` for it (RFC 9967 section 2.1). With ``detail="full"`` and ``data``
     (already in the domain's IDs) create, put and patch events carry ``data``; otherwise they carry
-    ``attributes`` (section 2.4). ``version`` is the resource's ETag (section 2.2).
+    ``attributes`` (section 2.4). ``version`` is the resource's ETag (section 2.2)
+    as the domain sees it: sealed for it (``broker.scim.versions.present_etag``), never home's.
     """
     full = detail == "full" and data is not None
     sub_id: dict[str, Any] = {"format": "scim", "uri": uri}
@@ -201,6 +206,18 @@ def set_claims(
         sub_id=sub_id,
         events=events,
     )
+
+
+def domain_txn(key: bytes, *, domain: str, txn: str) -> str:
+    """The ``txn`` of one change in one domain's SETs (RFC 8417 section 2.2).
+
+    The change's own txn is one for every domain; a domain's is an HMAC-SHA256 of it under the
+    broker's txn key, written as a UUID like the change's: every SET of the change to that
+    domain carries it (it still groups the SETs of one transaction), and no two domains get the
+    same, so colluding domains cannot pair their SETs, and so their IDs, through it.
+    """
+    digest = hmac.new(key, f"{domain}\n{txn}".encode(), hashlib.sha256).digest()
+    return str(uuid.UUID(bytes=digest[:16], version=4))
 
 
 def envelope(

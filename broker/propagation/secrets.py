@@ -19,7 +19,9 @@ from typing import Any
 
 import orjson
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from broker.config import ConfigError
 
@@ -40,6 +42,15 @@ class SecretBox:
                 "the outbox key must be 32 random bytes, base64url-encoded (43 characters)"
             )
         self._aead = AESGCM(key)
+        self._key = key
+
+    def derive(self, purpose: str, length: int = 32) -> bytes:
+        """A subkey of this key for one ``purpose`` (HKDF-SHA256, RFC 5869): the outbox key
+        itself is never used for anything but the outbox."""
+        info = b"scim-id-broker " + purpose.encode()
+        return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(
+            self._key
+        )
 
     def seal(self, values: Mapping[str, Any]) -> bytes:
         nonce = os.urandom(_NONCE)

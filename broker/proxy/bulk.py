@@ -30,6 +30,7 @@ from broker.scim.guard import scrub
 from broker.scim.patch import PatchRequest, parse_patch
 from broker.scim.policy import check_create_scope, check_write
 from broker.scim.rewrite import Endpoints, collect_ids, rewrite_document
+from broker.scim.versions import PreconditionFailedError, home_condition, present_etag
 
 if TYPE_CHECKING:
     from broker.proxy.handlers import Call, Proxy
@@ -243,11 +244,26 @@ async def serve_bulk(proxy: Proxy, call: Call, request: web.Request) -> web.Resp
         if op.error is None:
             endpoint = schema.endpoints.by_type[op.resource_type]
             home_op = {"method": op.method, "path": endpoint + (f"/{internal}" if internal else "")}
-            for key in ("bulkId", "version"):
-                if key in op.raw:
-                    home_op[key] = op.raw[key]
+            if "bulkId" in op.raw:
+                home_op["bulkId"] = op.raw["bulkId"]
+            if "version" in op.raw and internal is not None:
+                # The caller's version is sealed for it: opened back into home's, or 412.
+                version = op.raw["version"]
+                opened = (
+                    home_condition(
+                        version, domain=call.domain.id, internal_id=internal, sealer=proxy.sealer
+                    )
+                    if isinstance(version, str)
+                    else None
+                )
+                if opened is None:
+                    op.error = PreconditionFailedError()
+                else:
+                    home_op["version"] = opened
             try:
-                if isinstance(op.content, CanonicalResource):
+                if op.error is not None:
+                    pass
+                elif isinstance(op.content, CanonicalResource):
                     home_op["data"] = rewrite_document(
                         op.content.attrs, inward, translate, strict=True
                     )
@@ -356,11 +372,15 @@ async def _respond(
         reply = next(pending, None)
         if reply is None:
             break  # home stopped (its failOnErrors): the rest were not performed
-        result: dict[str, Any] = {
-            k: reply[k] for k in ("method", "bulkId", "version", "status") if k in reply
-        }
+        result: dict[str, Any] = {k: reply[k] for k in ("method", "bulkId", "status") if k in reply}
         parsed = schema.endpoints.parse_uri(str(reply.get("location", "")), proxy.home.base_url)
         succeeded = str(reply.get("status", "")).startswith("2")
+        if parsed is not None and isinstance(reply.get("version"), str):
+            version = present_etag(
+                reply["version"], domain=call.domain.id, internal_id=parsed[1], sealer=proxy.sealer
+            )
+            if version:
+                result["version"] = version
         if parsed is not None and parsed[1] in found:
             result["location"] = schema.endpoints.uri(
                 proxy.base, parsed[0], found[parsed[1]].external_id

@@ -64,6 +64,13 @@ from broker.scim.policy import (
     put_as_patch,
 )
 from broker.scim.rewrite import IdVisitor, Translation, collect_ids, rewrite_document
+from broker.scim.versions import (
+    PreconditionFailedError,
+    VersionSealer,
+    home_condition,
+    present_etag,
+    present_meta,
+)
 from broker.scim.writeonly import write_only_values
 from broker.tokens import TokenStore
 
@@ -152,6 +159,7 @@ class Proxy:
         tokens: TokenStore,
         home: HomeClient,
         guard: LeakGuard,
+        sealer: VersionSealer,
         audit: Callable[[str, str, dict[str, Any]], Awaitable[None]],
         on_leak: Callable[[str], None],
     ) -> None:
@@ -161,6 +169,7 @@ class Proxy:
         self.tokens = tokens
         self.home = home
         self.guard = guard
+        self.sealer = sealer
         self.audit = audit
         self.on_leak = on_leak
 
@@ -287,7 +296,47 @@ class Proxy:
         call.allowed.update(o.external_id for o in found.values())
         call.allowed.update(o.domain_external_id for o in found.values() if o.domain_external_id)
         views = {i: DomainView(o.external_id, o.domain_external_id) for i, o in found.items()}
-        return resources_for_domain(docs, views, outward, resource_type=resource_type)
+        out = resources_for_domain(docs, views, outward, resource_type=resource_type)
+        # Versions sealed for this domain, timestamps coarsened for an unlinkable one.
+        return [
+            None
+            if o is None
+            else present_meta(o, domain=call.domain, internal_id=str(d["id"]), sealer=self.sealer)
+            for o, d in zip(out, docs, strict=True)
+        ]
+
+    def _etag(self, call: Call, response: HomeResponse, internal_id: str) -> dict[str, str]:
+        """Home's ETag header as the caller sees it: sealed for it and this resource."""
+        etag = present_etag(
+            response.headers.get("ETag"),
+            domain=call.domain.id,
+            internal_id=internal_id,
+            sealer=self.sealer,
+        )
+        return {"ETag": etag} if etag else {}
+
+    def _condition(
+        self, call: Call, request: web.Request, header: str, internal_id: str
+    ) -> dict[str, str] | None:
+        """An ``If-Match`` / ``If-None-Match`` the caller sent, opened back into home's version
+        ({} when it sent none; None when none of its tags is one the broker issued to it for
+        this resource: nothing can match)."""
+        if header not in request.headers:
+            return {}
+        value = home_condition(
+            check_text(request.headers[header], header),
+            domain=call.domain.id,
+            internal_id=internal_id,
+            sealer=self.sealer,
+        )
+        return {header: value} if value is not None else None
+
+    def _if_match(self, call: Call, request: web.Request, target: _Target) -> dict[str, str]:
+        """``If-Match`` for home; 412 without asking home if it names no version of ours."""
+        condition = self._condition(call, request, "If-Match", target.internal_id)
+        if condition is None:
+            raise PreconditionFailedError()
+        return condition
 
     def _inward(self, schema: HomeSchema) -> Translation:
         """Rewriting from the caller's view (the broker's base) to home's."""
@@ -451,18 +500,17 @@ class Proxy:
     async def get(self, call: Call, request: web.Request) -> web.Response:
         params = _query(request, GET_PARAMS)
         target = await self._target(call, request, check_scope=False)
-        if "If-None-Match" in request.headers and not call.scope(target.resource_type):
+        condition = self._condition(call, request, "If-None-Match", target.internal_id)
+        if condition and not call.scope(target.resource_type):
             # RFC 7644 section 3.14: home decides; a 304 carries no body, only the version.
-            headers = {
-                "If-None-Match": check_text(request.headers["If-None-Match"], "If-None-Match")
-            }
-            response = await self.home.request("GET", target.endpoint, headers=headers)
+            response = await self.home.request("GET", target.endpoint, headers=condition)
             if response.status == 304:
-                return await self._respond(call, 304, None, _etag_header(response))
+                etag = self._etag(call, response, target.internal_id)
+                return await self._respond(call, 304, None, etag)
         resource = await self._fetch(call, target, params)
         out = await self._visible(call, resource, target.resource_type)
         readable = self._readable(call, out, target.resource_type)
-        return await self._respond(call, 200, readable, _etag(resource))
+        return await self._respond(call, 200, readable, _etag(out))
 
     async def _fetch(
         self, call: Call, target: _Target, params: Mapping[str, str]
@@ -616,7 +664,7 @@ class Proxy:
             out["externalId"] = external_id[0]
             call.allowed.add(external_id[0])
         readable = self._readable(call, out, resource_type)
-        headers = _etag_header(response)
+        headers = _etag(out)
         headers["Location"] = call.schema.endpoints.uri(self.base, resource_type, out["id"])
         return await self._respond(call, 201, readable, headers)
 
@@ -639,7 +687,7 @@ class Proxy:
             members, hidden = await self._hidden_members(call, target)
             doc = keep_hidden_in_document(doc, members, hidden)
         response = await self.home.request(
-            "PUT", target.endpoint, body=doc, headers=_if_match(request)
+            "PUT", target.endpoint, body=doc, headers=self._if_match(call, request, target)
         )
         if response.status != 200 or not isinstance(response.body, dict):
             raise self._home_error(call, response, target.replacements)
@@ -647,7 +695,7 @@ class Proxy:
         await self._record(call, target, canonical.external_id, write_only, "put", response.body)
         out = await self._visible(call, response.body, target.resource_type)
         readable = self._readable(call, out, target.resource_type)
-        return await self._respond(call, 200, readable, _headers(response, out))
+        return await self._respond(call, 200, readable, _headers(out))
 
     async def patch(self, call: Call, request: web.Request) -> web.Response:
         resource_type = self._resource_type(call, request)
@@ -702,7 +750,7 @@ class Proxy:
                 target.endpoint,
                 params=_query(request, GET_PARAMS),
                 body=body,
-                headers=_if_match(request),
+                headers=self._if_match(call, request, target),
             )
             if response.status not in (200, 204):
                 raise self._home_error(call, response, target.replacements)
@@ -717,12 +765,13 @@ class Proxy:
         if patch.operations or external_id is not None:
             await self._record(call, target, external_id, write_only, "patch", resource)
         if patch.operations and status == 204 and external_id is None:
-            return await self._respond(call, 204, None, _etag_header(response))
+            etag = self._etag(call, response, target.internal_id)
+            return await self._respond(call, 204, None, etag)
         if resource is None:
             resource = await self._fetch(call, target, {})
         out = await self._visible(call, resource, target.resource_type)
         readable = self._readable(call, out, target.resource_type)
-        return await self._respond(call, 200, readable, _etag(resource))
+        return await self._respond(call, 200, readable, _etag(out))
 
     async def _hidden_members(self, call: Call, target: _Target) -> tuple[list[str], set[str]]:
         """A group's members at home now, and those of them the caller cannot see."""
@@ -741,7 +790,9 @@ class Proxy:
 
     async def delete(self, call: Call, request: web.Request) -> web.Response:
         target = await self._target(call, request)
-        response = await self.home.request("DELETE", target.endpoint, headers=_if_match(request))
+        response = await self.home.request(
+            "DELETE", target.endpoint, headers=self._if_match(call, request, target)
+        )
         if response.status != 204:
             raise self._home_error(call, response, target.replacements)
         await self.store.record_write({}, origin=call.domain.id, deleted=[target.internal_id])
@@ -855,24 +906,14 @@ def _etag(resource: Mapping[str, Any]) -> dict[str, str]:
     return {"ETag": version} if isinstance(version, str) else {}
 
 
-def _headers(response: HomeResponse, resource: Mapping[str, Any]) -> dict[str, str]:
-    """ETag, and Location where home sent one: the resource's location on the broker."""
-    headers = _etag_header(response)
+def _headers(resource: Mapping[str, Any]) -> dict[str, str]:
+    """ETag and Location of a resource as the caller sees it (both in its terms)."""
+    headers = _etag(resource)
     meta = resource.get("meta")
     location = meta.get("location") if isinstance(meta, dict) else None
-    if isinstance(location, str) and "Location" in response.headers:
+    if isinstance(location, str):
         headers["Location"] = location
     return headers
-
-
-def _etag_header(response: HomeResponse) -> dict[str, str]:
-    return {"ETag": response.headers["ETag"]} if "ETag" in response.headers else {}
-
-
-def _if_match(request: web.Request) -> dict[str, str]:
-    if "If-Match" not in request.headers:
-        return {}
-    return {"If-Match": check_text(request.headers["If-Match"], "If-Match")}
 
 
 def _syntax(detail: str) -> BrokerError:

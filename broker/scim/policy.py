@@ -169,9 +169,11 @@ def _check_named(
         raise error(f"{what} names {shown!r}, which no resource type here has (see /Schemas)")
     for schema, ref in found:
         if ref.extension is None and ref.name.lower() == "meta":
+            # meta.location holds home's ID; meta.version is sealed per domain (comparing it
+            # would bisect home's counter); an unlinkable domain's timestamps are coarsened.
             sub = (path.sub_attr or "").lower()
-            if sub == "location" or (policy.unlinkable and sub in _TIMES):
-                raise error(f"{what} cannot name meta.{path.sub_attr} through the broker")
+            if sub not in ("resourcetype", *_TIMES) or (policy.unlinkable and sub in _TIMES):
+                raise error(f"{what} cannot name meta.{path.sub_attr or ''} through the broker")
         if ref.extension is None and ref.name.lower() == "id" and what == "sortBy":
             raise error("sortBy cannot name id through the broker: sort by another attribute")
         if policy.may_read(ref, schema):

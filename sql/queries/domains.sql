@@ -2,20 +2,21 @@
 
 -- name: insert_domain
 INSERT INTO domains (id, kind, scim_url, credential_ref, push, scope_filter, attribute_policy,
-                     deprovision, suspend_for, on_conflict)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                     deprovision, suspend_for, on_conflict, unlinkable, timestamp_precision)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
 RETURNING id, kind, scim_url, credential_ref, push, scope_filter, attribute_policy, status, created_at,
-       deprovision, suspend_for, on_conflict, failing_since
+       deprovision, suspend_for, on_conflict, failing_since, unlinkable, timestamp_precision
 
 -- name: list_domains
 SELECT d.id, d.kind, d.scim_url, d.credential_ref, d.push, d.scope_filter, d.attribute_policy,
-       d.status, d.created_at, d.deprovision, d.suspend_for, d.on_conflict, d.failing_since
+       d.status, d.created_at, d.deprovision, d.suspend_for, d.on_conflict, d.failing_since,
+       d.unlinkable, d.timestamp_precision
 FROM domains d
 ORDER BY d.kind, d.id
 
 -- name: domain_by_id
 SELECT id, kind, scim_url, credential_ref, push, scope_filter, attribute_policy, status, created_at,
-       deprovision, suspend_for, on_conflict, failing_since
+       deprovision, suspend_for, on_conflict, failing_since, unlinkable, timestamp_precision
 FROM domains WHERE id = $1
 
 -- name: domain_mapping_counts
