@@ -62,6 +62,37 @@ def test_a_filter_on_what_the_domain_reads_passes() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        'meta.version gt "W/\\"3\\""',
+        'META.VERSION eq "x"',
+        f"{CORE_USER}:meta.version pr",
+        'meta[version lt "x"]',
+        "meta.location pr",
+    ],
+)
+def test_no_domain_may_compare_home_s_versions_or_locations(text: str) -> None:
+    with pytest.raises(FilterError):
+        check_filter(DomainPolicy("D"), [USER], parse_filter(text))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'meta.lastModified gt "2026-01-01T00:00:00Z"',
+        'META.CREATED lt "2026"',
+        f"{CORE_USER}:meta.created pr",
+        'meta[lastModified gt "2024-01-01T00:00:00Z"]',
+    ],
+)
+def test_an_unlinkable_domain_cannot_bisect_its_coarsened_timestamps(text: str) -> None:
+    with pytest.raises(FilterError):
+        check_filter(DomainPolicy("U", unlinkable=True), [USER], parse_filter(text))
+    if "[" not in text:
+        check_filter(DomainPolicy("D"), [USER], parse_filter(text))
+
+
 def test_an_unlinkable_domain_cannot_filter_or_sort_on_timestamps() -> None:
     hidden = DomainPolicy("U", unlinkable=True)
     with pytest.raises(FilterError):

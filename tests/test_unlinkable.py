@@ -121,9 +121,7 @@ async def test_a_timestamp_precision_without_unlinkable_is_refused(broker: Broke
 
 
 # ------------------------------------------------------------------ the proxy
-# These drive the request path. The calls they need (docs/security.md, "Wiring in the proxy")
-# land with the proxy's canonical-request rewrite in broker/proxy/handlers.py; until then they
-# fail, and strict xfail says so. Remove the marker once the wiring is in.
+# These drive the request path (broker/proxy/handlers.py calls broker/scim/versions.py).
 
 
 async def _user(broker: Broker) -> tuple[str, dict[str, Any]]:

@@ -24,8 +24,6 @@ from broker.scim.versions import (
     home_condition,
     present_etag,
     present_meta,
-    reveals_time,
-    reveals_version,
 )
 
 KEY = bytes(range(64))
@@ -406,36 +404,3 @@ def test_two_instants_in_one_step_look_the_same(instant: Any, micro: int, precis
 
 
 # ------------------------------------------------------------------ filters and sortBy
-
-
-@pytest.mark.parametrize(
-    "path",
-    [
-        "meta.created",
-        "meta.lastModified",
-        "META.LASTMODIFIED",
-        " meta.lastmodified ",
-        "meta",
-        'meta[lastModified gt "2024-01-01T00:00:00Z"]',
-        "urn:ietf:params:scim:schemas:core:2.0:User:meta.lastModified",
-        "urn:ietf:params:scim:schemas:core:2.0:Group:meta.created",
-    ],
-)
-def test_paths_that_would_bisect_the_hidden_precision_reveal_time(path: str) -> None:
-    assert reveals_time(path)
-
-
-@pytest.mark.parametrize(
-    "path",
-    ["userName", "meta.location", "meta.resourceType", "meta.version", "name.created", "metadata"],
-)
-def test_other_paths_do_not_reveal_time(path: str) -> None:
-    assert not reveals_time(path)
-
-
-def test_meta_version_compares_homes_versions() -> None:
-    assert reveals_version("meta.version")
-    assert reveals_version("urn:ietf:params:scim:schemas:core:2.0:User:Meta.Version")
-    assert reveals_version("meta")
-    assert not reveals_version("meta.created")
-    assert not reveals_version("version")

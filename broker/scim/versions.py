@@ -39,8 +39,6 @@ __all__ = [
     "home_condition",
     "present_etag",
     "present_meta",
-    "reveals_time",
-    "reveals_version",
 ]
 
 _LABEL = b"scim-id-broker version v1"
@@ -298,30 +296,3 @@ def coarsen_epoch(seconds: int, precision: int) -> int:
     if precision < 1:
         raise ValueError("a timestamp precision is at least 1 second")
     return seconds // precision * precision
-
-
-def reveals_time(attribute_path: str) -> bool:
-    """Whether a filter or ``sortBy`` naming ``attribute_path`` would let a domain recover the
-    timestamps :func:`coarsen_meta` hides (``meta.lastModified gt "..."`` bisects them to the
-    microsecond): ``meta.created``, ``meta.lastModified``, and ``meta`` itself (whose value path
-    ``meta[lastModified gt "..."]`` does the same), with or without a schema URN, any case."""
-    name, sub = _meta_path(attribute_path)
-    return name == "meta" and sub in (None, "created", "lastmodified")
-
-
-def reveals_version(attribute_path: str) -> bool:
-    """Whether a filter or ``sortBy`` naming ``attribute_path`` compares home's own versions
-    (``meta.version``; ``meta`` itself for its value paths): a domain only ever sees sealed
-    versions, so such a filter means nothing to it, and ``lt``/``gt`` would bisect home's
-    version counter, which is the same for every domain."""
-    name, sub = _meta_path(attribute_path)
-    return name == "meta" and sub in (None, "version")
-
-
-def _meta_path(attribute_path: str) -> tuple[str, str | None]:
-    """(top attribute, sub-attribute or None), lower-cased, without schema URN or value filter."""
-    path = attribute_path.strip().lower().split("[", 1)[0]
-    if path.startswith("urn:"):
-        path = path.rsplit(":", 1)[-1]
-    name, dot, sub = path.partition(".")
-    return name.strip(), (sub.strip() if dot else None)
