@@ -1,7 +1,10 @@
 """A real home (scim2-server, as a process) and the broker in front of it, for the proxy tests.
 
-Every byte the broker sends to a domain is recorded for the whole session, and so is every ID the
-home ever answered with; at the end of the session the first must contain none of the second.
+Every byte the broker sends toward a domain is recorded for the whole session (both listeners'
+answers, and every request its own client sessions send to peers and SET receivers), and so is
+every ID home assigned (learned on every client session that talks to home, and from home's own
+lists at the end). A test during which a home ID, in any spelling, reached a domain fails
+(``no_home_id_reaches_a_domain``, autouse); the session's end repeats the check over everything.
 """
 
 from __future__ import annotations
