@@ -1109,7 +1109,7 @@ async def test_versions_and_timestamps_do_not_link_one_user_across_domains(
         patch({"op": "replace", "path": "displayName", "value": "Mine"}),
         headers={"If-Match": headers.get("ETag", "")},
     )
-    holes.check(status == 200, "If-Match with D1's own ETag", f"{status} {body}")
+    holes.check(status in (200, 204), "If-Match with D1's own ETag", f"{status} {body}")
     # An unlinkable domain sees timestamps to the second.
     try:
         await DomainStore(broker.pool).add("U", unlinkable=True)  # type: ignore[call-arg]
