@@ -133,4 +133,7 @@ async def counted_pool(db_url: str) -> AsyncIterator[tuple[asyncpg.Pool, QueryCo
 
 
 from tests.propagation_support import peer_server  # noqa: E402,F401  (peers' SCIM server)
-from tests.scim_support import home  # noqa: E402,F401  (the session's real home SCIM server)
+from tests.scim_support import (  # noqa: E402,F401
+    home,  # the session's real home SCIM server
+    no_home_id_reaches_a_domain,  # autouse: a leak fails the test that caused it
+)

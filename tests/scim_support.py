@@ -1,7 +1,10 @@
 """A real home (scim2-server, as a process) and the broker in front of it, for the proxy tests.
 
-Every byte the broker sends to a domain is recorded for the whole session, and so is every ID the
-home ever answered with; at the end of the session the first must contain none of the second.
+Every byte the broker sends toward a domain is recorded for the whole session (both listeners'
+answers, and every request its own client sessions send to peers and SET receivers), and so is
+every ID home assigned (learned on every client session that talks to home, and from home's own
+lists at the end). A test during which a home ID, in any spelling, reached a domain fails
+(``no_home_id_reaches_a_domain``, autouse); the session's end repeats the check over everything.
 """
 
 from __future__ import annotations
@@ -20,17 +23,20 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
+import yarl
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from broker.app import POOL, PROXY, create_app
+import broker.app as broker_app
+from broker.app import POOL, create_app
 from broker.config import (
     Config,
     DatabaseConfig,
@@ -40,7 +46,6 @@ from broker.config import (
     ServerConfig,
 )
 from broker.domains import DomainStore
-from broker.home import HomeClient, HomeResponse
 from broker.tokens import TokenStore
 
 ACME = "urn:example:params:scim:schemas:extension:acme:2.0:User"
@@ -79,27 +84,219 @@ class Home:
             return exc.code, json.loads(raw) if raw else None
 
 
+_HEX_RUN = re.compile(r"[0-9a-f]{32,}")
+_DASHED = re.compile(r"([0-9a-f]{8})-([0-9a-f]{4})-([0-9a-f]{4})-([0-9a-f]{4})-([0-9a-f]{12})")
+_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
+
+
+def id_forms(text: str) -> set[str]:
+    """Every 32-hex-digit window in ``text`` under the spellings a leak could take: any case,
+    glued to letters, digits, ``-`` or ``_``, percent- or JSON-escaped, in the dashed UUID form."""
+    lowered = text.lower()
+    variants = {lowered, urllib.parse.unquote(lowered)}
+    variants |= {_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), v).lower() for v in variants}
+    variants |= {_DASHED.sub(lambda m: "".join(m.groups()), v) for v in variants}
+    found: set[str] = set()
+    for variant in variants:
+        for match in _HEX_RUN.finditer(variant):
+            run = match.group(0)
+            found.update(run[i : i + 32] for i in range(len(run) - 31))
+    return found
+
+
+@dataclass(frozen=True)
+class HomeCall:
+    """One request the broker sent home (any of its clients), seen on the wire."""
+
+    method: str
+    url: str
+    body: str
+
+
 @dataclass
 class Recorder:
-    """Everything sent to domains, and every ID home answered with, over the whole session."""
+    """Every byte sent toward a domain, and every ID home answered with, over the whole session.
+
+    ``sent`` holds what left the broker toward a domain: every response of the domain-facing
+    listener, the admin listener's answers to callers it did not admit (a domain knocking there),
+    and every request the broker's own client sessions sent anywhere but home (peers, SET
+    receivers, JWKS), with its URL, headers and body. ``home_ids`` holds every 32-hex-digit
+    string the broker sent to or received from home on any of its client sessions (proxy,
+    workers, poller, SET renderer, admin), plus home's full user and group list read at the end.
+    """
 
     sent: list[str] = field(default_factory=list)
     home_ids: set[str] = field(default_factory=set)
+    home_urls: set[str] = field(default_factory=set)
+    to_home: list[HomeCall] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    operator: list[str] = field(default_factory=list)
+    """The admin listener's answers to operators and home's tools (internal IDs are theirs)."""
 
-    def record(self, text: str) -> None:
+    def record(self, text: str, label: str = "") -> None:
         """``text`` as sent, and the claims of every JWT in it (a SET's are base64url-encoded,
-        where a plain search would not see an ID)."""
+        where a plain search would not see an ID). ``label`` says what it answered (for the
+        report; it is not searched: a domain's own request is not a leak)."""
         self.sent.append(text)
+        self.labels.append(label)
         for match in _JWT.finditer(text):
             payload = match.group(1)
-            self.sent.append(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)).decode())
+            try:
+                claims = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+            except ValueError:
+                continue
+            self.sent.append(claims.decode(errors="replace"))
+            self.labels.append(f"{label} (JWT claims)")
 
-    def leaks(self) -> set[str]:
-        text = "\n".join(self.sent)
-        return {i for i in self.home_ids if i in text}
+    def learn(self, body: Any) -> None:
+        """The IDs home assigned, in a body home answered with: every ``id``, and the last
+        segment of every ``location`` and ``$ref`` (not free text: a domain writes that, and
+        what a domain wrote is not an internal ID)."""
+        if isinstance(body, dict):
+            for key, value in body.items():
+                if key == "id" and isinstance(value, str) and HOME_ID.fullmatch(value):
+                    self.home_ids.add(value)
+                elif key in ("location", "$ref") and isinstance(value, str):
+                    self.learn_location(value)
+                else:
+                    self.learn(value)
+        elif isinstance(body, list):
+            for item in body:
+                self.learn(item)
+
+    def learn_location(self, url: str) -> None:
+        tail = url.rstrip("/").rsplit("/", 1)[-1]
+        if HOME_ID.fullmatch(tail):
+            self.home_ids.add(tail)
+
+    def is_home(self, url: str) -> bool:
+        """Whether ``url`` is on a home server (its origin, whatever the path: a smuggled
+        ``..`` may step out of home's base path and still reach home)."""
+        origin = yarl.URL(url).origin()
+        return any(yarl.URL(base).origin() == origin for base in self.home_urls)
+
+    def leaks(self, since: int = 0) -> set[str]:
+        """The home IDs found, in any form, in what was sent from ``sent[since]`` on."""
+        found: set[str] = set()
+        for text in self.sent[since:]:
+            found |= id_forms(text)
+        return found & self.home_ids
+
+    def report(self, leaked: set[str], since: int = 0) -> str:
+        """Where each leaked ID was sent (the first message holding it), for the failure."""
+        lines = []
+        for leaked_id in sorted(leaked)[:5]:
+            where = next(
+                (
+                    f"{label}: {text[:600]!r}"
+                    for text, label in zip(self.sent[since:], self.labels[since:], strict=True)
+                    if leaked_id in id_forms(text)
+                ),
+                "",
+            )
+            lines.append(f"{leaked_id} in the answer to {where}")
+        return "home IDs reached a domain:\n" + "\n".join(lines)
 
 
 RECORDER = Recorder()
+
+
+class _RecordingResponse(aiohttp.ClientResponse):
+    """A response the broker's clients read: home's body teaches the recorder home's IDs."""
+
+    async def read(self) -> bytes:
+        body = await super().read()
+        url = str(self.url)
+        if RECORDER.is_home(url):
+            with suppress(ValueError):
+                RECORDER.learn(json.loads(body))
+            RECORDER.learn_location(self.headers.get("Location", ""))
+        return body
+
+
+async def _on_request_chunk(
+    session: aiohttp.ClientSession, ctx: Any, params: aiohttp.TraceRequestChunkSentParams
+) -> None:
+    chunks = ctx.__dict__.setdefault("chunks", [])
+    chunks.append(params.chunk)
+
+
+async def _on_request_headers(
+    session: aiohttp.ClientSession, ctx: Any, params: aiohttp.TraceRequestHeadersSentParams
+) -> None:
+    ctx.headers = params.headers
+
+
+async def _on_request_done(
+    session: aiohttp.ClientSession,
+    ctx: Any,
+    params: aiohttp.TraceRequestEndParams | aiohttp.TraceRequestExceptionParams,
+) -> None:
+    url = str(params.url)
+    headers = getattr(ctx, "headers", params.headers)
+    body = b"".join(ctx.__dict__.get("chunks", [])).decode(errors="replace")
+    if RECORDER.is_home(url):
+        RECORDER.to_home.append(HomeCall(params.method, url, body))
+        return
+    head = "\n".join(f"{k}: {v}" for k, v in headers.items() if k.lower() != "authorization")
+    RECORDER.record(f"{params.method} {url}\n{head}\n{body}", "a request the broker sent out")
+
+
+def _trace() -> aiohttp.TraceConfig:
+    trace = aiohttp.TraceConfig()
+    trace.on_request_chunk_sent.append(_on_request_chunk)
+    trace.on_request_headers_sent.append(_on_request_headers)
+    trace.on_request_end.append(_on_request_done)
+    trace.on_request_exception.append(_on_request_done)
+    return trace
+
+
+class _RecordingAiohttp:
+    """``aiohttp`` as broker/app.py sees it: every client session it opens (home, peers, SET
+    receivers, the home JWKS) is traced and reads through :class:`_RecordingResponse`. Swapping
+    a client object later cannot switch this off: it is the sessions' own."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(aiohttp, name)
+
+    @staticmethod
+    def ClientSession(*args: Any, **kwargs: Any) -> aiohttp.ClientSession:
+        kwargs["trace_configs"] = [*kwargs.get("trace_configs", []), _trace()]
+        kwargs.setdefault("response_class", _RecordingResponse)
+        return aiohttp.ClientSession(*args, **kwargs)
+
+
+async def _record_admin(request: web.Request, response: web.StreamResponse) -> None:
+    body = response.body if isinstance(response, web.Response) else None
+    text = body.decode(errors="replace") if isinstance(body, bytes) else str(body or "")
+    head = "\n".join(f"{k}: {v}" for k, v in response.headers.items())
+    answer = f"{response.status}\n{head}\n{text}"
+    operational = request.path.startswith(("/admin/", "/home/", "/console"))
+    if operational and response.status not in (401, 403):
+        RECORDER.operator.append(answer)
+    else:  # a caller the admin listener did not admit may be a domain
+        RECORDER.record(answer, f"admin listener {request.method} {request.path_qs}")
+
+
+def _recording_admin_app(*args: Any, **kwargs: Any) -> web.Application:
+    app = _create_admin_app(*args, **kwargs)
+    app.on_response_prepare.append(_record_admin)
+    return app
+
+
+_create_admin_app = broker_app.create_admin_app
+setattr(broker_app, "create_admin_app", _recording_admin_app)  # noqa: B010
+setattr(broker_app, "aiohttp", _RecordingAiohttp())  # noqa: B010
+
+
+@pytest.fixture(autouse=True)
+def no_home_id_reaches_a_domain() -> Iterator[None]:
+    """Fails the test during which a home ID reached a domain (the session's check repeats it
+    at the end over everything, against IDs learned later too)."""
+    since = len(RECORDER.sent)
+    yield
+    leaked = RECORDER.leaks(since)
+    assert not leaked, RECORDER.report(leaked, since)
 
 
 def _schema_files(directory: Path) -> tuple[Path, Path]:
@@ -168,44 +365,24 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Home]:
     schemas, types = _schema_files(directory)
     with scim_server(directory, "--schema", str(schemas), "--resource-type", str(types)) as found:
         yield found
+        # Home's side of the story: every ID it holds now (deleted ones were seen on the wire).
+        for endpoint in ("Users", "Groups"):
+            status, listed = found.call("GET", f"/{endpoint}?attributes=id&count=100000")
+            if status == 200:
+                RECORDER.learn(listed)
     leaked = RECORDER.leaks()
-    assert not leaked, f"home IDs reached a domain: {sorted(leaked)[:5]}"
+    assert not leaked, RECORDER.report(leaked)
     assert RECORDER.home_ids or not RECORDER.sent, (
         "domains were answered but the recorder saw no home ID: the check proves nothing"
     )
 
 
-class RecordingHome(HomeClient):
-    """The real home client, noting every ID home answers with (for the session-wide check)."""
-
-    async def request(self, method: str, path: str, **kwargs: Any) -> HomeResponse:
-        response = await super().request(method, path, **kwargs)
-        if response.body is not None:
-            RECORDER.home_ids.update(_ids_in(response.body))
-        RECORDER.home_ids.update(_ids_in(response.headers.get("Location", "")))
-        return response
-
-
-_ID_KEYS = {"id", "value", "$ref", "location"}
-
-
-def _ids_in(document: Any, key: str = "id") -> set[str]:
-    """Home's IDs in one of its answers: the values of ``id``, of references (``value``,
-    ``$ref``) and locations, not text a domain wrote (32 hex digits in a title are not an ID)."""
-    if isinstance(document, dict):
-        return {i for k, v in document.items() for i in _ids_in(v, k)}
-    if isinstance(document, list):
-        return {i for item in document for i in _ids_in(item, key)}
-    if isinstance(document, str) and key in _ID_KEYS:
-        tail = document.rstrip("/").rsplit("/", 1)[-1]
-        return {tail} if HOME_ID.fullmatch(tail) else set()
-    return set()
-
-
 async def _record_sent(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer of the domain-facing listener, status line, headers and body."""
     body = response.body if isinstance(response, web.Response) else None
-    text = body.decode() if isinstance(body, bytes) else str(body or "")
-    RECORDER.record("\n".join(f"{k}: {v}" for k, v in response.headers.items()) + "\n" + text)
+    text = body.decode(errors="replace") if isinstance(body, bytes) else str(body or "")
+    head = "\n".join(f"{k}: {v}" for k, v in response.headers.items())
+    RECORDER.record(f"{response.status}\n{head}\n{text}", f"{request.method} {request.path_qs}")
 
 
 @dataclass
@@ -268,13 +445,7 @@ async def start_broker(
     app = create_app(config)
     app.on_response_prepare.append(_record_sent)
 
-    async def recording_home(app: web.Application) -> AsyncIterator[None]:
-        proxy = app[PROXY]
-        original = proxy.home
-        proxy.home = RecordingHome(original.session, original.base_url, home.token)
-        yield
-
-    app.cleanup_ctx.append(recording_home)
+    RECORDER.home_urls.add(home.url)
     server = TestServer(app, port=port)
     async with TestClient(server) as client:
         store, tokens = DomainStore(app[POOL]), TokenStore(app[POOL])
