@@ -1079,11 +1079,14 @@ async def test_versions_and_timestamps_do_not_link_one_user_across_domains(
     """Class 11: correlation beyond IDs (ETag and meta.version per domain; coarse timestamps for
     an unlinkable domain; If-Match with another domain's ETag)."""
     holes = Holes()
-    user = home_create(home, "/Users", new_user(nickName="nick"))
+    user = home_create(home, "/Users", new_user(nickName=unique("nick")))
     seen = {}
+    # Each domain finds the user by an attribute it may read (R2 cannot name userName).
+    finder = {"R1": "userName", "R2": "nickName", "D1": "userName"}
     for domain in ("R1", "R2", "D1"):
+        name = finder[domain]
         status, listed, _ = await broker.call(
-            domain, "GET", "/Users", params={"filter": f'userName eq "{user["userName"]}"'}
+            domain, "GET", "/Users", params={"filter": f'{name} eq "{user[name]}"'}
         )
         assert status == 200 and listed["totalResults"] == 1, listed
         rid = listed["Resources"][0]["id"]

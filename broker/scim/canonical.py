@@ -49,6 +49,9 @@ __all__ = [
 PATCH_OP = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
 MAX_DEPTH = 32
 """Deepest nesting of a request body: a SCIM resource needs five levels."""
+MAX_STRING = 32 * 1024
+"""Longest string in a request, in characters: a certificate fits, a 100,000-character
+``userName`` does not."""
 _SMUGGLED = ("%2f", "%3f", "%23", "%5c", "%00")
 _OPS = {"add", "remove", "replace"}
 
@@ -79,7 +82,10 @@ def path_segments(raw_path: str) -> list[str]:
 
 def check_text(value: str, where: str) -> str:
     """``value`` if it holds no NUL, control character other than tab and newlines, or lone
-    surrogate; InvalidValueError naming ``where`` otherwise."""
+    surrogate, and is at most :data:`MAX_STRING` characters; InvalidValueError naming ``where``
+    otherwise."""
+    if len(value) > MAX_STRING:
+        raise InvalidValueError(f"{where} is longer than {MAX_STRING} characters")
     for c in value:
         o = ord(c)
         if (o < 0x20 and c not in "\t\n\r") or 0xD800 <= o <= 0xDFFF:
@@ -195,7 +201,7 @@ def canonical_value(attr: Attribute, value: Any, where: str, *, item: bool = Fal
 
 
 def canonical_resource(
-    doc: Any, schema: ResourceSchema, where: str = "the body"
+    doc: Any, schema: ResourceSchema, where: str = "the body", *, patch: bool = False
 ) -> CanonicalResource:
     """A resource the domain sends (POST, PUT, a PATCH value without a path) in canonical form.
 
@@ -215,6 +221,8 @@ def canonical_resource(
         seen[ref] = key
         lowered = ref.name.lower()
         if ref.extension is None and lowered in ("id", "meta"):
+            if patch:  # RFC 7644 section 3.5.2: a PATCH may not target a read-only attribute
+                raise InvalidValueError(f"{where}: {key} is read-only", scim_type="mutability")
             return
         if ref.extension is None and lowered == "externalid":
             if value is not None and not isinstance(value, str):
@@ -424,7 +432,7 @@ def _patch_value(
 ) -> Any:
     where = f"operation {n}"
     if target is None:
-        resource = canonical_resource(value, schema, f"{where}'s value")
+        resource = canonical_resource(value, schema, f"{where}'s value", patch=True)
         out.written |= resource.written
         attrs = dict(resource.attrs)
         if resource.external_id is not None:
