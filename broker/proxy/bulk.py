@@ -358,7 +358,6 @@ async def _respond(
             located[parsed[1]] = parsed[0]
     found = await proxy.store.translate_outbound(call.domain.id, located, mint=call.domain.mints)
     call.internal_ids.update(located)
-    call.allowed.update(o.external_id for o in found.values())
     replacements = {v: k for k, v in resolved.items()} | {
         i: o.external_id for i, o in found.items()
     }

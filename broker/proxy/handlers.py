@@ -131,7 +131,7 @@ class Call:
     domain: Domain
     schema: HomeSchema
     internal_ids: set[str] = field(default_factory=set)
-    allowed: set[str] = field(default_factory=set)
+    """The internal IDs in play: those the translation asked about (the guard's in-play set)."""
 
     @property
     def policy(self) -> DomainPolicy:
@@ -293,8 +293,6 @@ class Proxy:
             await self.store.provision_on_need(
                 call.domain.id, [i for i in wanted if i not in found]
             )
-        call.allowed.update(o.external_id for o in found.values())
-        call.allowed.update(o.domain_external_id for o in found.values() if o.domain_external_id)
         views = {i: DomainView(o.external_id, o.domain_external_id) for i, o in found.items()}
         out = resources_for_domain(docs, views, outward, resource_type=resource_type)
         # Versions sealed for this domain, timestamps coarsened for an unlinkable one.
@@ -442,7 +440,7 @@ class Proxy:
         parts = [("body", text), *((f"header {k}", v) for k, v in (headers or {}).items())]
         # The IDs in play are those the translation asked about, never anything the request
         # held; the caller's own IDs are what it is meant to see.
-        leak = await self.guard.check(parts, in_play=call.internal_ids - call.allowed)
+        leak = await self.guard.check(parts, in_play=call.internal_ids)
         if leak is not None:
             correlation = uuid.uuid4().hex[:12]
             log.error(
@@ -662,7 +660,6 @@ class Proxy:
         )
         if external_id is not None and external_id[0] is not None:
             out["externalId"] = external_id[0]
-            call.allowed.add(external_id[0])
         readable = self._readable(call, out, resource_type)
         headers = _etag(out)
         headers["Location"] = call.schema.endpoints.uri(self.base, resource_type, out["id"])

@@ -35,7 +35,6 @@ __all__ = [
     "Leak",
     "Scan",
     "find_in_play",
-    "find_leak",
     "forms",
     "lookup_keys",
     "scrub",
@@ -256,22 +255,6 @@ class IdShape:
             return True
         return any(p.fullmatch(value) for p in self._fixed)
 
-    # The shape-only API of the first guard, kept until the proxy moves to LeakGuard.
-
-    def find(self, text: str) -> list[str]:
-        """Legacy: matches of the pattern as it is written, as whole tokens only."""
-        found = []
-        for match in self.pattern.finditer(text):
-            start, end = match.span()
-            if (start == 0 or text[start - 1] not in _WORD) and (
-                end == len(text) or text[end] not in _WORD
-            ):
-                found.append(match.group(0))
-        return found
-
-    def fullmatch(self, text: str) -> bool:
-        return self.pattern.fullmatch(text) is not None
-
 
 def _fixed_width(pattern: str) -> bool:
     try:
@@ -345,30 +328,6 @@ def known_in(scans: Iterable[Scan], known: Collection[str]) -> list[Leak]:
     """The parts holding one of ``known`` (exact lookup keys found among the internal IDs)."""
     known = set(known)
     return [Leak(scan.where, KNOWN) for scan in scans if lookup_keys(scan.tokens) & known]
-
-
-def find_leak(
-    parts: Iterable[tuple[str, str]],
-    *,
-    internal_ids: Collection[str],
-    id_pattern: IdShape,
-    allowed: Collection[str],
-) -> Leak | None:
-    """Legacy, for the proxy until it moves to :class:`broker.mapping.guard.LeakGuard`: the
-    first leak judged by shape (any string in the home's ID shape not in ``allowed``).
-
-    Deprecated: a domain that writes an ID-shaped string into a text attribute makes every
-    response that carries it a 502 for every domain; ``LeakGuard.check`` does not.
-    """
-    odd = [i for i in internal_ids if i and i not in allowed and not id_pattern.fullmatch(i)]
-    for where, text in parts:
-        for match in id_pattern.find(text):
-            if match not in allowed:
-                return Leak(where, "a string in the home's ID shape that is not the caller's")
-        for internal in odd:
-            if internal in text:
-                return Leak(where, IN_PLAY)
-    return None
 
 
 def scrub(text: str, replacements: dict[str, str], id_pattern: IdShape) -> str:
