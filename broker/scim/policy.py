@@ -71,6 +71,9 @@ class DomainPolicy:
     _refs: dict[tuple[int, str], tuple[ResourceSchema, frozenset[AttrRef]]] = field(
         default_factory=dict, compare=False, hash=False, repr=False
     )
+    _rules: dict[int, tuple[ResourceSchema, dict[str, bool | str]]] = field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
 
     def scope_for(self, resource_type: str | None) -> str | None:
         """The scope where it applies: it bounds which users a domain sees."""
@@ -112,24 +115,38 @@ class DomainPolicy:
         out: dict[str, Any] = {}
         dropped: set[str] = set()
         for key, value in doc.items():
-            urn = schema.extension(key)
-            if urn is not None and isinstance(value, dict):
-                kept = {}
-                for sub, sub_value in value.items():
-                    resolved = schema.resolve(f"{urn}:{sub}")
-                    if resolved is not None and self.may_read(resolved[0], schema):
-                        kept[sub] = sub_value
+            rule = self._rule(schema, key)
+            if rule is True:
+                out[key] = value
+            elif rule and isinstance(value, dict):  # an extension: its attributes one by one
+                kept = {k: v for k, v in value.items() if self._rule(schema, f"{rule}:{k}") is True}
                 if kept:
                     out[key] = kept
                 else:
                     dropped.add(key.lower())
-                continue
-            resolved = schema.resolve(key)
-            if resolved is not None and self.may_read(resolved[0], schema):
-                out[key] = value
         if dropped and isinstance(out.get("schemas"), list):
             out["schemas"] = [s for s in out["schemas"] if str(s).lower() not in dropped]
         return out
+
+    def _rule(self, schema: ResourceSchema, key: str) -> bool | str:
+        """Whether a key of home's resources is readable (True, False), or the URN of the
+        extension whose attributes are judged one by one: decided once per schema and key, as
+        the keys of home's resources repeat from one resource to the next."""
+        cache = self._rules.get(id(schema))
+        if cache is None or cache[0] is not schema:
+            cache = (schema, {})
+            self._rules[id(schema)] = cache
+        rule = cache[1].get(key)
+        if rule is None:
+            urn = schema.extension(key)
+            if urn is not None:
+                rule = urn
+            else:
+                resolved = schema.resolve(key)
+                rule = resolved is not None and self.may_read(resolved[0], schema)
+            if len(cache[1]) < 4096:  # home's keys: a few dozen; never an unbounded memo
+                cache[1][key] = rule
+        return rule
 
 
 def check_write(policy: DomainPolicy, schema: ResourceSchema, refs: Iterable[AttrRef]) -> None:
