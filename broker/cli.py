@@ -155,6 +155,9 @@ async def cmd_domain(config: Config, args: argparse.Namespace) -> int:
                 on_conflict=args.on_conflict.replace("-", "_"),
             )
             print("\n".join(_domain_lines(domain)))
+        elif args.domain_command == "update":
+            domain = await domains.set_scim_url(args.domain, args.scim_url)
+            print("\n".join(_domain_lines(domain)))
         elif args.domain_command == "list":
             rows = [
                 (d.id, d.kind, "push" if d.push else "-", d.status, d.scim_url or "-")
@@ -458,6 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="dead-letter",
         help="push peers: a create refused as a duplicate links to the peer's resource, or waits "
         "for a person as a dead letter (default)",
+    )
+    update = domain_commands.add_parser("update", help="change a domain's SCIM base URL")
+    update.add_argument("domain")
+    update.add_argument(
+        "--scim-url", required=True, help="the domain's SCIM base URL, http(s)://HOST/PATH"
     )
     domain_commands.add_parser("list", help="list the domains")
     show = domain_commands.add_parser("show", help="show one domain")

@@ -23,6 +23,7 @@ from tests.propagation_support import (
     FAST,
     admin,
     admin_call,
+    admin_metrics,
     assert_no_internal_id,
     cli,
     federation,
@@ -348,7 +349,7 @@ async def test_a_peer_failing_too_long_is_quarantined_and_leaves_by_itself(
                     break
                 await asyncio.sleep(0.1)
             assert queue["quarantined"]
-            metrics = await (await broker.client.get("/metrics")).text()
+            metrics = await admin_metrics(broker)
             assert 'broker_peer_quarantined{domain="P1"} 1.0' in metrics
             await front.open()
             await quiesce(broker)

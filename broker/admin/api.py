@@ -11,7 +11,7 @@ home-facing SCIM endpoint through which home's own tools write so that peers fol
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -328,10 +328,18 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     return await answer_errors(request, handler)
 
 
-def create_admin_app(admin: Admin, home_events: HomeReceiver | None = None) -> web.Application:
+def create_admin_app(
+    admin: Admin,
+    home_events: HomeReceiver | None = None,
+    *,
+    metrics: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None,
+) -> web.Application:
     """The admin listener's application; with ``home_events``, the receiver of the SETs the
-    home pushes at ``/home/events``."""
+    home pushes at ``/home/events``; with ``metrics``, Prometheus' ``/metrics`` (operational,
+    so here and never on the port domains reach)."""
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+    if metrics is not None:
+        app.router.add_get("/metrics", metrics)
     if home_events is not None:
         app.router.add_post("/home/events", home_events.handle)
     app.router.add_get("/admin/domains/{domain}/queue", admin.queue)
