@@ -476,7 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
     token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     issue = token_commands.add_parser("issue", help="issue a token; prints it alone on stdout")
     issue.add_argument("domain")
-    issue.add_argument("--scopes", metavar="S,S", help="scim:read,scim:write (default: both)")
+    issue.add_argument(
+        "--scopes",
+        metavar="S,S",
+        help="scim:read,scim:write (default: both); admin (the admin API) only for the home domain",
+    )
     issue.add_argument(
         "--expires-in", metavar="DURATION", help="for example 90d, 12h (default: never)"
     )
