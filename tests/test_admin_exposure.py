@@ -3,6 +3,8 @@ endpoints: nothing a home tool's request says can reach another path of the home
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -13,6 +15,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
 from broker.admin.api import Admin, create_admin_app, home_path
+from broker.app import POOL, create_app
+from broker.config import Config, DatabaseConfig, HomeConfig, PropagationConfig, ServerConfig
+from broker.domains import DomainStore
 from broker.errors import NotFoundError
 from broker.home import HomeClient
 from broker.mapping.store import MappingStore
@@ -117,3 +122,68 @@ async def test_home_tools_cannot_reach_other_paths_of_the_homes_server(
     outside = [path for path in seen if not path.startswith("/scim/v2/")]
     assert outside == [], "the home's server got requests outside its SCIM base"
     assert "/scim/v2/Users/abc" in seen
+
+
+# --------------------------------------------------------------------------- client disconnects
+
+
+async def test_a_client_hanging_up_mid_body_is_not_blamed_on_the_database(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp raises ConnectionResetError (an OSError) when the caller goes away while its body
+    is read; that is a client disconnect, logged as one, not "database unavailable"."""
+    config = Config(
+        server=ServerConfig(admin_port=0),
+        database=DatabaseConfig(url=db_url),
+        home=HomeConfig(scim_url="http://127.0.0.1:9/scim/v2"),
+        propagation=PropagationConfig(enabled=False),
+    )
+    caplog.set_level(logging.DEBUG, logger="broker")
+    said = asyncio.Event()
+    watcher = _Watch("client disconnected", said)
+    logging.getLogger("broker").addHandler(watcher)
+    try:
+        await _hang_up_mid_body(config, said)
+    finally:
+        logging.getLogger("broker").removeHandler(watcher)
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("database unavailable" in m for m in messages), messages
+    gone = next(r for r in caplog.records if "client disconnected" in r.getMessage())
+    assert gone.levelno <= logging.INFO
+
+
+class _Watch(logging.Handler):
+    """Sets ``event`` when a record saying ``text`` is logged."""
+
+    def __init__(self, text: str, event: asyncio.Event) -> None:
+        super().__init__()
+        self.text, self.event = text, event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()
+
+
+async def _hang_up_mid_body(config: Config, said: asyncio.Event) -> None:
+    # Served as `broker serve` serves (web.run_app's runner): the handler is not cancelled when
+    # the client goes (TestServer would cancel it, and nothing would be read or logged).
+    app = create_app(config)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = _free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        await DomainStore(app[POOL]).add("D")
+        token, _ = await TokenStore(app[POOL]).issue("D")
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /scim/v2/Users HTTP/1.1\r\nHost: broker\r\n"
+            b"Content-Type: application/scim+json\r\nContent-Length: 5000\r\n"
+            b"Authorization: Bearer " + token.encode() + b"\r\n\r\n" + b'{"userName": "pa'
+        )
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.wait_for(said.wait(), timeout=30)
+    finally:
+        await runner.cleanup()
