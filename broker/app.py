@@ -26,6 +26,7 @@ from broker.events.keyring import KeyRing
 from broker.events.render import EventRenderer
 from broker.events.web import EventWaiters, HomeReceiver, Poll, jwks_handler
 from broker.home import HomeClient
+from broker.logsafe import protect_loggers
 from broker.mapping.cache import MappingCache, listen
 from broker.mapping.store import MappingStore
 from broker.propagation.policy import Backoff
@@ -378,6 +379,7 @@ def create_app(config: Config) -> web.Application:
     """The broker's application; production and tests build the same one."""
     # _measure comes first (outermost), so that it sees the response scim_error_middleware
     # made of an error, not the exception.
+    protect_loggers()  # aiohttp logs a malformed request with its bytes: never a token
     app = web.Application(middlewares=[_measure, scim_error_middleware], client_max_size=MAX_BODY)
     app[CONFIG] = config
     app[METRICS] = Metrics()

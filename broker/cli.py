@@ -27,6 +27,7 @@ from broker.demo import add_demo_command
 from broker.domains import Domain, DomainStore
 from broker.errors import BrokerError
 from broker.events.commands import add_event_commands
+from broker.logsafe import protect_handlers
 from broker.mapping.rules import MappingRow
 from broker.mapping.store import MappingStore, Operation
 from broker.propagation.outbox import settle_dead_letter
@@ -68,6 +69,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    protect_handlers()  # no record, from any logger, writes a bearer token
     if config.database.url is None:
         _say(
             f"starting the embedded PostgreSQL in {config.database.data_dir} "
