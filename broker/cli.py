@@ -81,11 +81,12 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         port=config.server.port,
         shutdown_timeout=config.server.shutdown_timeout,
         print=lambda _: _say(
-            f"broker {__version__} ready: {config.public_url} (/healthz, /readyz, /metrics"
+            f"broker {__version__} ready: {config.public_url} (/healthz, /readyz"
             + (", /scim/v2" if config.home.scim_url else "; set [home] scim_url to serve /scim/v2")
             + ")"
             + (
-                f"; admin API on http://{config.server.admin_host}:{config.server.admin_port}"
+                f"; admin API and /metrics on "
+                f"http://{config.server.admin_host}:{config.server.admin_port}"
                 if config.server.admin_port
                 else ""
             )
