@@ -18,13 +18,15 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from broker import __version__
 from broker.admin.api import Admin, create_admin_app
-from broker.config import Config
+from broker.config import Config, ConfigError
 from broker.db import create_pool, migrated_pool, migration_status, query
-from broker.domains import DomainStore
+from broker.domains import DomainStore, stored_url_problems
+from broker.errors import BrokerError
 from broker.events.keyring import KeyRing
 from broker.events.render import EventRenderer
 from broker.events.web import EventWaiters, HomeReceiver, Poll, jwks_handler
 from broker.home import HomeClient
+from broker.logsafe import protect_loggers
 from broker.mapping.cache import MappingCache, listen
 from broker.mapping.guard import LeakGuard
 from broker.mapping.store import MappingStore
@@ -176,20 +178,34 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
             yield
 
 
+async def _outbound_urls(app: web.Application) -> AsyncIterator[None]:
+    """The broker does not start with a stored address it would refuse on the way in (a peer's
+    SCIM URL, a SET receiver): ConfigError naming the domain and the fix."""
+    problems = await stored_url_problems(app[POOL])
+    if problems:
+        raise ConfigError(
+            "addresses the broker will not call are stored:\n  " + "\n  ".join(problems)
+        )
+    yield
+
+
 @web.middleware
-async def _measure(
+async def _measure(  # outermost: it counts the status the client got, errors answered included
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     metrics = request.app[METRICS]
     info = request.match_info.route.resource
     route = info.canonical if info is not None else "unmatched"
     started = time.perf_counter()
-    status = 500
+    status = 500  # what aiohttp answers for an exception nothing turned into a response
     try:
         response = await handler(request)
         status = response.status
         return response
     except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except BrokerError as exc:  # outside /scim/v2, where no middleware answers it
         status = exc.status
         raise
     finally:
@@ -218,9 +234,10 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready", "migrations": status.applied})
 
 
-async def metrics(request: web.Request) -> web.Response:
-    app_metrics = request.app[METRICS]
-    pool = request.app[POOL]
+async def metrics(app: web.Application, request: web.Request) -> web.Response:
+    """Prometheus metrics of ``app`` (the main application), served on the admin listener."""
+    app_metrics = app[METRICS]
+    pool = app[POOL]
     app_metrics.pool_size.labels("idle").set(pool.get_idle_size())
     app_metrics.pool_size.labels("total").set(pool.get_size())
     for record in await pool.fetch(query("all_queue_stats")):
@@ -365,7 +382,8 @@ async def _admin(app: web.Application) -> AsyncIterator[None]:
                 jwks_url=events.home_jwks_url,
                 issuer=events.home_issuer,
             )
-        runner = web.AppRunner(create_admin_app(admin, receiver), access_log=None)
+        admin_app = create_admin_app(admin, receiver, metrics=functools.partial(metrics, app))
+        runner = web.AppRunner(admin_app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, server.admin_host, server.admin_port)
         await site.start()
@@ -378,12 +396,16 @@ async def _admin(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(config: Config) -> web.Application:
     """The broker's application; production and tests build the same one."""
+    # _measure comes first (outermost), so that it sees the response scim_error_middleware
+    # made of an error, not the exception.
+    protect_loggers()  # aiohttp logs a malformed request with its bytes: never a token
     app = web.Application(
-        middlewares=[scim_error_middleware, _measure, route_guard], client_max_size=MAX_BODY
+        middlewares=[_measure, scim_error_middleware, route_guard], client_max_size=MAX_BODY
     )
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_database)
+    app.cleanup_ctx.append(_outbound_urls)
     if config.home.scim_url is not None:
         proxy = Proxy(public_base=config.public_url, id_pattern=config.home.id_pattern)
         app[PROXY] = proxy
@@ -407,5 +429,5 @@ def create_app(config: Config) -> web.Application:
         app.cleanup_ctx.append(_admin)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    # /metrics names every domain and its queues: it is on the admin listener only (_admin).
     return app

@@ -27,6 +27,7 @@ from broker.demo import add_demo_command
 from broker.domains import Domain, DomainStore
 from broker.errors import BrokerError
 from broker.events.commands import add_event_commands
+from broker.logsafe import protect_handlers
 from broker.mapping.rules import MappingRow
 from broker.mapping.store import MappingStore, Operation
 from broker.propagation.outbox import settle_dead_letter
@@ -68,6 +69,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    protect_handlers()  # no record, from any logger, writes a bearer token
     if config.database.url is None:
         _say(
             f"starting the embedded PostgreSQL in {config.database.data_dir} "
@@ -79,11 +81,12 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         port=config.server.port,
         shutdown_timeout=config.server.shutdown_timeout,
         print=lambda _: _say(
-            f"broker {__version__} ready: {config.public_url} (/healthz, /readyz, /metrics"
+            f"broker {__version__} ready: {config.public_url} (/healthz, /readyz"
             + (", /scim/v2" if config.home.scim_url else "; set [home] scim_url to serve /scim/v2")
             + ")"
             + (
-                f"; admin API on http://{config.server.admin_host}:{config.server.admin_port}"
+                f"; admin API and /metrics on "
+                f"http://{config.server.admin_host}:{config.server.admin_port}"
                 if config.server.admin_port
                 else ""
             )
@@ -158,6 +161,9 @@ async def cmd_domain(config: Config, args: argparse.Namespace) -> int:
                 unlinkable=args.unlinkable,
                 timestamp_precision=args.timestamp_precision,
             )
+            print("\n".join(_domain_lines(domain)))
+        elif args.domain_command == "update":
+            domain = await domains.set_scim_url(args.domain, args.scim_url)
             print("\n".join(_domain_lines(domain)))
         elif args.domain_command == "list":
             rows = [
@@ -476,6 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="with --unlinkable: the seconds timestamps are truncated to (default 1, at most 86400)",
     )
+    update = domain_commands.add_parser("update", help="change a domain's SCIM base URL")
+    update.add_argument("domain")
+    update.add_argument(
+        "--scim-url", required=True, help="the domain's SCIM base URL, http(s)://HOST/PATH"
+    )
     domain_commands.add_parser("list", help="list the domains")
     show = domain_commands.add_parser("show", help="show one domain")
     show.add_argument("domain")
@@ -485,7 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
     token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     issue = token_commands.add_parser("issue", help="issue a token; prints it alone on stdout")
     issue.add_argument("domain")
-    issue.add_argument("--scopes", metavar="S,S", help="scim:read,scim:write (default: both)")
+    issue.add_argument(
+        "--scopes",
+        metavar="S,S",
+        help="scim:read,scim:write (default: both); admin (the admin API) only for the home domain",
+    )
     issue.add_argument(
         "--expires-in", metavar="DURATION", help="for example 90d, 12h (default: never)"
     )

@@ -17,6 +17,8 @@ from typing import Any
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from broker.http import outbound_url_problem
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -100,11 +102,12 @@ class HomeConfig(_Section):
     @field_validator("scim_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError(
-                "must be an http:// or https:// URL, for example https://idm.example.org/scim/v2"
-            )
-        return value.rstrip("/") if value else None
+        if value is None:
+            return None
+        problem = outbound_url_problem(value)
+        if problem is not None:
+            raise ValueError(f"{problem}, for example https://idm.example.org/scim/v2")
+        return value.rstrip("/")
 
     @field_validator("id_pattern")
     @classmethod
@@ -179,6 +182,16 @@ class EventsConfig(_Section):
     # receiver is off), and the issuer those SETs must carry (unset: any).
     home_jwks_url: str | None = None
     home_issuer: str | None = None
+
+    @field_validator("home_jwks_url")
+    @classmethod
+    def _jwks_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        problem = outbound_url_problem(value, query=True)
+        if problem is not None:
+            raise ValueError(f"{problem}, for example https://idm.example.org/jwks.json")
+        return value
 
 
 class Config(_Section):

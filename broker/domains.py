@@ -12,9 +12,41 @@ import asyncpg
 
 from broker.db import query
 from broker.errors import ConflictError, InvalidValueError, NotFoundError
+from broker.http import outbound_url_problem
 from broker.scim.policy import DomainPolicy
 
-__all__ = ["Domain", "DomainStore"]
+__all__ = ["Domain", "DomainStore", "check_scim_url", "stored_url_problems"]
+
+
+def check_scim_url(domain_id: str, scim_url: str | None) -> None:
+    """InvalidValueError when ``scim_url`` is not an address the broker may call out to."""
+    if scim_url is None:
+        return
+    problem = outbound_url_problem(scim_url)
+    if problem is not None:
+        raise InvalidValueError(
+            f"--scim-url {scim_url!r} of domain {domain_id} {problem}, for example "
+            "https://scim.example.org/scim/v2"
+        )
+
+
+async def stored_url_problems(pool: asyncpg.Pool) -> list[str]:
+    """The stored outbound URLs (domains' SCIM URLs, push receivers) that are not addresses the
+    broker may call: each named with its domain and the command that fixes it. Stored before
+    they were checked on the way in, or written to the database by hand."""
+    problems = []
+    for record in await pool.fetch(query("outbound_urls")):
+        domain, kind, url = record["domain_id"], record["kind"], record["url"]
+        if kind == "scim_url":
+            problem = outbound_url_problem(url)
+            fix = f"`broker domain update {domain} --scim-url URL` with a correct one"
+        else:
+            problem = outbound_url_problem(url, query=True)
+            fix = f"`broker events subscribe {domain} --delivery push --endpoint URL` with a correct one"
+        if problem is not None:
+            what = "SCIM URL" if kind == "scim_url" else "SET receiver (events push endpoint)"
+            problems.append(f"domain {domain}: its {what} {url!r} {problem}; fix: {fix}")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -110,6 +142,7 @@ class DomainStore:
                 "a timestamp precision coarsens the timestamps of an unlinkable domain only: "
                 "add --unlinkable, or leave --timestamp-precision out"
             )
+        check_scim_url(domain_id, scim_url)
         policy: dict[str, Any] = {}
         if read_attributes is not None:
             policy["read"] = read_attributes
@@ -142,6 +175,17 @@ class DomainStore:
                 _CHECK_MESSAGES.get(exc.constraint_name or "", str(exc))
             ) from exc
         assert record is not None
+        return Domain.from_record(record)
+
+    async def set_scim_url(self, domain_id: str, scim_url: str) -> Domain:
+        """The domain's SCIM base URL changed (the peer moved); checked as :meth:`add` checks it."""
+        check_scim_url(domain_id, scim_url)
+        record = await self.pool.fetchrow(query("update_domain_scim_url"), domain_id, scim_url)
+        if record is None:
+            raise NotFoundError(
+                f"there is no domain {domain_id}: `broker domain list` shows the domains"
+            )
+        self._cache.pop(domain_id, None)
         return Domain.from_record(record)
 
     async def list(self) -> list[Domain]:

@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 
 from broker.errors import BrokerError
-from broker.http import Exchange, exchange
+from broker.http import Exchange, exchange, is_redirect
 from broker.scim.attributes import ResourceSchema, SchemaIndex
 from broker.scim.rewrite import Endpoints
 from broker.scim.schemas import DEFAULT_REFERENCES, ReferenceMap
@@ -133,12 +133,27 @@ class HomeClient:
 
     async def _exchange(self, method: str, path: str, **kwargs: Any) -> Exchange:
         try:
-            return await exchange(
+            answer = await exchange(
                 self.session, method, self.base_url + path, auth=self._auth, **kwargs
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("home unreachable: %s %s: %r", method, path, exc)
             raise HomeUnavailable("the home SCIM service did not answer; try again later") from exc
+        if is_redirect(answer.status):
+            # Never followed: the request (and its credential, a password) stays here.
+            log.warning(
+                "home answered %s %s with HTTP %d to %r; redirects are not followed: set "
+                "[home] scim_url to the address home serves at",
+                method,
+                path,
+                answer.status,
+                answer.headers.get("Location"),
+            )
+            raise HomeUnavailable(
+                "the home SCIM service answered with a redirect, which the broker does not "
+                "follow; the operator must correct [home] scim_url"
+            )
+        return answer
 
     async def ids_within(self, endpoint: str, ids: Sequence[str], scope: str | None) -> set[str]:
         """Which of ``ids`` home has at ``endpoint`` (and within the filter ``scope``): one search

@@ -1,16 +1,30 @@
 """One SCIM exchange over a shared aiohttp session: the request the home client and the peer
-client both make, with their own error policies on top."""
+client both make, with their own error policies on top.
+
+Outbound calls never follow a redirect (DESIGN section 8): a 3xx is returned as it came, and the
+caller treats it as a failure. Following one would re-send the request (a create with its password,
+a SET) to wherever a domain's server points. The URLs the broker calls out to are checked by
+:func:`outbound_url_problem` wherever they enter (configuration, ``domain add``, ``events
+subscribe``) and again at start."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 
-__all__ = ["SCIM_JSON", "SET_TYPE", "Exchange", "exchange"]
+__all__ = [
+    "SCIM_JSON",
+    "SET_TYPE",
+    "Exchange",
+    "exchange",
+    "is_redirect",
+    "outbound_url_problem",
+]
 
 SCIM_JSON = "application/scim+json"
 SET_TYPE = "application/secevent+jwt"
@@ -48,15 +62,55 @@ async def exchange(
     headers: Mapping[str, str] | None = None,
 ) -> Exchange:
     """``body`` (serialised) or ``data`` (as it is) sent as SCIM JSON unless ``headers`` name
-    another Content-Type; aiohttp.ClientError or TimeoutError when there is no answer."""
+    another Content-Type; aiohttp.ClientError or TimeoutError when there is no answer. A
+    redirect is never followed: the 3xx is the answer (:func:`is_redirect`)."""
     sent = {"Accept": SCIM_JSON, **auth, **(headers or {})}
     if body is not None:
         data = orjson.dumps(body)
     if data:
         sent.setdefault("Content-Type", SCIM_JSON)
     async with session.request(
-        method, url, params=params, data=data or None, headers=sent
+        method, url, params=params, data=data or None, headers=sent, allow_redirects=False
     ) as response:
         raw = await response.read()
         # The headers keep their case-insensitive lookup (a server may send "Etag").
         return Exchange(response.status, response.headers, raw, response.content_type)
+
+
+def is_redirect(status: int) -> bool:
+    """Whether ``status`` asks the client to go elsewhere (RFC 9110 section 15.4); 304 Not
+    Modified is an answer, not a redirect."""
+    return 300 <= status < 400 and status != 304
+
+
+def outbound_url_problem(url: str, *, query: bool = False) -> str | None:
+    """What is wrong with ``url`` as an address the broker calls out to (a SCIM base URL, a SET
+    receiver), in words that say what to fix; None when it is fine.
+
+    It is ``http`` or ``https`` with a host; no userinfo (a credential goes in a variable named
+    by ``--token-env``, never in a URL that is shown and logged), no fragment, no whitespace or
+    control character. A query string is refused unless ``query``: the broker appends SCIM paths
+    to a base URL, which a query would swallow."""
+    if not url or any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        return "is empty or holds whitespace or a control character"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"is not a URL ({exc})"
+    if parts.scheme not in ("http", "https"):
+        return f"must be an http:// or https:// URL, not {parts.scheme or 'a relative one'}"
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        return (
+            "must not carry a user or password before the host: give the credential with "
+            "--token-env (or [home] token_env) instead"
+        )
+    if not parts.hostname:
+        return "has no host: write it as https://HOST[:PORT]/PATH"
+    if port == 0:
+        return "has port 0: name the port the server listens on"
+    if "#" in url:
+        return "must not have a #fragment: remove it"
+    if "?" in url and not query:
+        return "must not have a ?query: the broker appends SCIM paths to it; remove it"
+    return None

@@ -25,6 +25,7 @@ __all__ = [
     "SCIM_PREFIX",
     "UnsupportedMediaType",
     "answer_errors",
+    "client_gone",
     "error_document",
     "error_response",
     "scim_error_middleware",
@@ -80,6 +81,15 @@ DATABASE_DOWN = (
 """What asyncpg raises while the database is restarting or unreachable: a 503, not a 500."""
 
 
+def client_gone(request: web.BaseRequest, exc: BaseException) -> bool:
+    """Whether ``exc`` is the calling client's connection going away (a reset while reading
+    its body, or a transport already closed), not a failure of the broker's database."""
+    if not isinstance(exc, ConnectionResetError):
+        return False
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 async def answer_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
@@ -96,6 +106,17 @@ async def answer_errors(
             return error_response(exc.status, detail.get(exc.status, exc.reason))
         raise
     except DATABASE_DOWN as exc:
+        if client_gone(request, exc):
+            # Not the database: the caller hung up while its body was being read (aiohttp
+            # raises ConnectionResetError, an OSError). No one is left to answer.
+            log.info(
+                "client disconnected before its request was read: %s %s",
+                request.method,
+                request.path,
+            )
+            return error_response(
+                400, "the client closed the connection before its request was read"
+            )
         log.warning("database unavailable: %r", exc)
         return error_response(
             503, "the broker's database is unavailable; try again in a few seconds"

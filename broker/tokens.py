@@ -6,7 +6,7 @@ import hashlib
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -21,8 +21,10 @@ __all__ = [
     "Principal",
     "TokenInfo",
     "TokenStore",
+    "effective_scopes",
     "hash_token",
     "parse_duration",
+    "scope_problem",
 ]
 
 SCOPES = ("scim:read", "scim:write", "admin")
@@ -30,6 +32,33 @@ DEFAULT_SCOPES = ("scim:read", "scim:write")
 TOKEN_PREFIX = "bkr_"
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+OPERATOR_SCOPES = frozenset({"admin"})
+"""Scopes of the federation's operator, held only by tokens of the home domain: the admin API
+shows internal IDs (deliveries, operations) and changes the mapping (merge, split)."""
+
+
+def scope_problem(domain_id: str, domain_kind: str, scopes: Sequence[str]) -> str | None:
+    """Why ``domain_id`` (of ``domain_kind``) may not hold ``scopes``, or None when it may."""
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if unknown or not scopes:
+        return f"unknown scope {', '.join(unknown) or '(none given)'}: use {', '.join(SCOPES)}"
+    operator = sorted(OPERATOR_SCOPES & set(scopes))
+    if operator and domain_kind != "home":
+        return (
+            f"the {', '.join(operator)} scope is the operator's and only the home domain's "
+            f"tokens hold it; {domain_id} is a {domain_kind} domain: issue it with "
+            "`broker token issue HOME_DOMAIN --scopes admin`"
+        )
+    return None
+
+
+def effective_scopes(scopes: Sequence[str], domain_kind: str) -> frozenset[str]:
+    """What a stored token may do: its scopes, less the operator's unless it is the home's (a
+    token issued before the rule, or written by hand, gets no admin)."""
+    held = frozenset(scopes)
+    return held if domain_kind == "home" else held - OPERATOR_SCOPES
 
 
 class AuthenticationError(BrokerError):
@@ -77,6 +106,11 @@ class Principal:
     token_id: int
 
     def require(self, scope: str) -> None:
+        if scope in OPERATOR_SCOPES and scope not in self.scopes:
+            raise ForbiddenError(
+                f"this needs an operator token with the {scope} scope, which only the home "
+                f"domain's tokens hold: `broker token issue HOME_DOMAIN --scopes {scope}`"
+            )
         if scope not in self.scopes:
             raise ForbiddenError(
                 f"this token lacks the {scope} scope: issue one with "
@@ -109,11 +143,14 @@ class TokenStore:
     ) -> tuple[str, TokenInfo]:
         """A new token for ``domain_id``: the token itself (shown once) and what is stored."""
         scopes = list(DEFAULT_SCOPES) if scopes is None else scopes
-        unknown = sorted(set(scopes) - set(SCOPES))
-        if unknown or not scopes:
-            raise InvalidValueError(
-                f"unknown scope {', '.join(unknown) or '(none given)'}: use {', '.join(SCOPES)}"
+        kind = await self.pool.fetchval(query("domain_kind"), domain_id)
+        if kind is None:
+            raise NotFoundError(
+                f"there is no domain {domain_id}: add it first with `broker domain add {domain_id}`"
             )
+        problem = scope_problem(domain_id, kind, scopes)
+        if problem is not None:
+            raise InvalidValueError(problem)
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         expires_at = self.clock() + expires_in if expires_in is not None else None
         try:
@@ -128,6 +165,10 @@ class TokenStore:
         except asyncpg.ForeignKeyViolationError as exc:
             raise NotFoundError(
                 f"there is no domain {domain_id}: add it first with `broker domain add {domain_id}`"
+            ) from exc
+        except asyncpg.CheckViolationError as exc:  # the domain changed in between
+            raise InvalidValueError(
+                f"only the home domain's tokens hold the admin scope; {domain_id} is not the home"
             ) from exc
         assert record is not None
         return token, TokenInfo.from_record(record)
@@ -177,4 +218,8 @@ class TokenStore:
             )
         if record["domain_status"] == "disabled":
             raise AuthenticationError(f"domain {record['domain_id']} is disabled")
-        return Principal(record["domain_id"], frozenset(record["scopes"]), record["id"])
+        return Principal(
+            record["domain_id"],
+            effective_scopes(record["scopes"], record["domain_kind"]),
+            record["id"],
+        )

@@ -60,6 +60,21 @@ CREATE TABLE domain_tokens (
     created_at    timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX domain_tokens_domain ON domain_tokens (domain_id);
+-- The admin scope is the operator's: only tokens of the home domain hold it (0010).
+CREATE FUNCTION broker_admin_scope_is_home() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF 'admin' = ANY (NEW.scopes)
+       AND NOT EXISTS (SELECT 1 FROM domains WHERE id = NEW.domain_id AND kind = 'home') THEN
+        RAISE EXCEPTION 'only a token of the home domain may hold the admin scope'
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'domain_tokens_admin_is_home';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER domain_tokens_admin_is_home
+    BEFORE INSERT OR UPDATE OF scopes, domain_id ON domain_tokens
+    FOR EACH ROW EXECUTE FUNCTION broker_admin_scope_is_home();
 
 -- Internal entities: the home's resources, named by the home's IDs (the internal IDs).
 CREATE TABLE entities (

@@ -290,6 +290,16 @@ async def cli(db_url: str, *args: str) -> tuple[int, str]:
     return process.returncode or 0, out.decode()
 
 
+async def admin_metrics(broker: Broker) -> str:
+    """The Prometheus text of the broker's admin listener (the only place it is served)."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{broker.admin_url}/metrics") as response,
+    ):
+        assert response.status == 200
+        return await response.text()
+
+
 def peer_user(peer: Home, peer_user_id: str) -> dict[str, Any]:
     status, body = peer.call("GET", f"/Users/{peer_user_id}")
     assert status == 200, body

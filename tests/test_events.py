@@ -24,6 +24,7 @@ from broker.tokens import TokenStore
 from tests.propagation_support import (
     FAST,
     admin,
+    admin_metrics,
     cli,
     federation,
     home_tool,
@@ -168,7 +169,7 @@ async def test_polled_sets_verify_and_name_each_domain_by_its_own_ids(broker: Br
     first = min(got_d["sets"], key=lambda j: d_sets[0]["jti"] != j)
     _, after_ack = await poll(broker, "D", ack=[first], returnImmediately=True)
     assert set(after_ack["sets"]) == set(got_d["sets"]) - {first}
-    metrics = await (await broker.client.get("/metrics")).text()
+    metrics = await admin_metrics(broker)
     assert 'broker_security_events{domain="D",state="sent"} 1.0' in metrics
     _, empty = await poll(broker, "D", ack=list(after_ack["sets"]), returnImmediately=True)
     assert empty == {"sets": {}, "moreAvailable": False}

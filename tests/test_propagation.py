@@ -18,11 +18,12 @@ from broker.domains import DomainStore
 from broker.propagation.outbox import enqueue_changes
 from broker.propagation.poller import HomePoller
 from broker.propagation.worker import Deliverer, WorkerSettings
-from broker.tokens import TokenStore
+from broker.tokens import TokenStore, hash_token
 from tests.propagation_support import (
     FAST,
     admin,
     admin_call,
+    admin_metrics,
     assert_no_internal_id,
     cli,
     federation,
@@ -348,7 +349,7 @@ async def test_a_peer_failing_too_long_is_quarantined_and_leaves_by_itself(
                     break
                 await asyncio.sleep(0.1)
             assert queue["quarantined"]
-            metrics = await (await broker.client.get("/metrics")).text()
+            metrics = await admin_metrics(broker)
             assert 'broker_peer_quarantined{domain="P1"} 1.0' in metrics
             await front.open()
             await quiesce(broker)
@@ -477,9 +478,20 @@ async def test_the_admin_listener_refuses_bad_requests_with_scim_errors_and_chan
     broker, _p1, _p2 = two_peers
     pool = broker.app[POOL]
     admin_only, _ = await TokenStore(pool).issue("H", scopes=["admin"])
+    peer_admin = "bkr_peer-admin-from-before"
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("ALTER TABLE domain_tokens DISABLE TRIGGER domain_tokens_admin_is_home")
+        await conn.execute(
+            "INSERT INTO domain_tokens (domain_id, token_hash, prefix, scopes) "
+            "VALUES ('P1', $1, 'bkr_pe', ARRAY['scim:read', 'scim:write', 'admin'])",
+            hash_token(peer_admin),
+        )
+        await conn.execute("ALTER TABLE domain_tokens ENABLE TRIGGER domain_tokens_admin_is_home")
     cases = [
         (await admin(broker, "GET", "/admin/deliveries", token=""), 401, None),
         (await admin(broker, "GET", "/admin/deliveries", token=broker.tokens["D"]), 403, None),
+        # A peer's token that holds the admin scope from before the rule: refused all the same.
+        (await admin(broker, "GET", "/admin/deliveries", token=peer_admin), 403, None),
         (await admin(broker, "GET", "/admin/deliveries?state=lost"), 400, "invalidValue"),
         (await admin(broker, "GET", "/admin/deliveries?limit=many"), 400, "invalidValue"),
         (await admin(broker, "GET", "/admin/domains/nowhere/queue"), 404, None),

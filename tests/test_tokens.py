@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
+from broker.db import apply_migrations, load_migrations
 from broker.errors import InvalidValueError, NotFoundError
 from broker.tokens import (
     AuthenticationError,
@@ -95,3 +96,88 @@ def test_durations(text: str, seconds: int) -> None:
 def test_a_bad_duration_says_how_to_write_one() -> None:
     with pytest.raises(InvalidValueError, match="for example 90d"):
         parse_duration("ninety days")
+
+
+# --------------------------------------------------------------------------- the admin scope
+
+
+async def test_only_the_home_domains_tokens_may_be_issued_the_admin_scope(
+    tokens: TokenStore, pool: asyncpg.Pool
+) -> None:
+    """The admin API shows internal IDs and changes the mapping: a peer or pull domain's token
+    never gets it, and the refusal says who may hold it; nothing is stored."""
+    with pytest.raises(InvalidValueError, match="only the home domain's tokens hold it"):
+        await tokens.issue("D1", scopes=["scim:read", "admin"])
+    assert await pool.fetchval("SELECT count(*) FROM domain_tokens") == 0
+    await pool.execute("INSERT INTO domains (id, kind) VALUES ('H', 'home')")
+    token, info = await tokens.issue("H", scopes=["admin"])
+    assert info.scopes == ["admin"]
+    (await tokens.authenticate(f"Bearer {token}")).require("admin")
+
+
+async def test_the_database_refuses_an_admin_scope_on_another_domains_token(
+    tokens: TokenStore, pool: asyncpg.Pool
+) -> None:
+    """Even a write that skips TokenStore.issue (a second writer, a hand-made row)."""
+    with pytest.raises(asyncpg.CheckViolationError) as caught:
+        await pool.execute(
+            "INSERT INTO domain_tokens (domain_id, token_hash, prefix, scopes) "
+            "VALUES ('D1', 'x', 'bkr_x', ARRAY['admin'])"
+        )
+    assert caught.value.constraint_name == "domain_tokens_admin_is_home"
+    _, info = await tokens.issue("D1")
+    with pytest.raises(asyncpg.CheckViolationError):
+        await pool.execute(
+            "UPDATE domain_tokens SET scopes = scopes || 'admin'::text WHERE id = $1", info.id
+        )
+
+
+async def _legacy_admin_token(pool: asyncpg.Pool, domain: str) -> str:
+    """A token of ``domain`` with the admin scope, as one issued before the rule was stored."""
+    token = "bkr_legacy-" + domain
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("ALTER TABLE domain_tokens DISABLE TRIGGER domain_tokens_admin_is_home")
+        await conn.execute(
+            "INSERT INTO domain_tokens (domain_id, token_hash, prefix, scopes) "
+            "VALUES ($1, $2, 'bkr_le', ARRAY['scim:read', 'admin'])",
+            domain,
+            hash_token(token),
+        )
+        await conn.execute("ALTER TABLE domain_tokens ENABLE TRIGGER domain_tokens_admin_is_home")
+    return token
+
+
+async def test_an_existing_admin_token_of_a_peer_does_not_authenticate_as_admin(
+    tokens: TokenStore, pool: asyncpg.Pool
+) -> None:
+    token = await _legacy_admin_token(pool, "D1")
+    principal = await tokens.authenticate(f"Bearer {token}")
+    assert principal.scopes == {"scim:read"}
+    with pytest.raises(ForbiddenError, match="operator token"):
+        principal.require("admin")
+
+
+async def test_the_migration_takes_the_admin_scope_from_other_domains_tokens(
+    fresh_db: str,
+) -> None:
+    migrations = load_migrations()
+    before = [m for m in migrations if m.version < 11]
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        await apply_migrations(conn, before)
+        await conn.execute(
+            "INSERT INTO domains (id, kind) VALUES ('H', 'home'), ('P', 'peer'), ('D', 'peer')"
+        )
+        await conn.execute(
+            "INSERT INTO domain_tokens (domain_id, token_hash, prefix, scopes) VALUES "
+            "('H', 'h', 'h', ARRAY['admin']), ('P', 'p', 'p', ARRAY['scim:read', 'admin']), "
+            "('D', 'd', 'd', ARRAY['admin'])"
+        )
+        await apply_migrations(conn, migrations)
+        rows = {
+            r["domain_id"]: (r["scopes"], r["revoked_at"] is not None)
+            for r in await conn.fetch("SELECT domain_id, scopes, revoked_at FROM domain_tokens")
+        }
+    finally:
+        await conn.close()
+    assert rows == {"H": (["admin"], False), "P": (["scim:read"], False), "D": ([], True)}

@@ -11,8 +11,9 @@ home-facing SCIM endpoint through which home's own tools write so that peers fol
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, unquote
 
 import asyncpg
 import orjson
@@ -26,16 +27,72 @@ from broker.mapping.store import MappingStore, Operation
 from broker.propagation.outbox import settle_dead_letter
 from broker.responses import MAX_BODY, answer_errors
 from broker.scim.bulk import bulk_write_only, bulk_writes
+from broker.scim.rewrite import Endpoints
 from broker.scim.writeonly import write_only_values
 from broker.tokens import TokenStore
 
 if TYPE_CHECKING:
     from broker.events.web import HomeReceiver
 
-__all__ = ["create_admin_app", "delivery_json", "operation_json", "queue_json", "split_moves"]
+__all__ = [
+    "create_admin_app",
+    "delivery_json",
+    "home_path",
+    "operation_json",
+    "queue_json",
+    "split_moves",
+]
 
 HOME_PREFIX = "/home/scim/v2"
 _WRITES = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+# Service endpoints of RFC 7644 section 3.2 besides the resource types: with the resource
+# name (Schemas, ResourceTypes) or alone.
+_NAMED = frozenset({"Schemas", "ResourceTypes"})
+_ALONE = frozenset({"ServiceProviderConfig", "Bulk", ".search"})
+_PCHAR = "-._~!$&'()*+,;=:@"
+
+
+def home_path(raw_path: str, endpoints: Endpoints) -> str:
+    """The path below the home's SCIM base that ``raw_path`` (the request target as it came,
+    still percent-encoded) names, encoded again for the call to home; NotFoundError when it
+    names anything outside the home's SCIM endpoints.
+
+    Refused: an encoded ``/``, ``?`` or ``#``, a ``..`` or ``.`` segment (encoded or not), a
+    NUL or other control character, an empty segment, an endpoint home does not have, more
+    than ``/Endpoint/id``. Otherwise a path such as ``/Users/..%2F..%2Fadmin`` would reach
+    another path of the home's server once the client library resolves the dots."""
+    path = raw_path.split("?", 1)[0]
+    prefix = HOME_PREFIX + "/"
+    if not path.startswith(prefix):
+        raise NotFoundError(f"not a SCIM endpoint of the home: use {prefix}Users and the like")
+    segments = []
+    for raw in path[len(prefix) :].split("/"):
+        try:
+            segment = unquote(raw, errors="strict")
+        except UnicodeDecodeError:
+            raise NotFoundError("the path is not UTF-8 once decoded") from None
+        if (
+            not segment
+            or segment in (".", "..")
+            or any(c in "/?#\\" or ord(c) < 0x20 or ord(c) == 0x7F for c in segment)
+        ):
+            raise NotFoundError(
+                f"{HOME_PREFIX}/ takes /Endpoint or /Endpoint/id only: no empty, '.' or '..' "
+                "segment, no encoded '/', '?' or '#', no control character"
+            )
+        segments.append(segment)
+    first, rest = segments[0], segments[1:]
+    if first in _ALONE:
+        allowed = not rest
+    elif first in _NAMED:
+        allowed = len(rest) <= 1
+    else:
+        allowed = endpoints.type_of(first) is not None and len(rest) <= 1
+    if not allowed:
+        raise NotFoundError(f"no such SCIM endpoint of the home: {'/'.join(segments)[:100]}")
+    return "".join("/" + quote(segment, safe=_PCHAR) for segment in segments)
 
 
 def queue_json(record: asyncpg.Record) -> dict[str, Any]:
@@ -259,7 +316,7 @@ class Admin:
             raise BrokerError(
                 "set [home] scim_url: the broker has no home to forward to", status=503
             )
-        tail = "/" + request.match_info["tail"]
+        tail = home_path(request.raw_path, (await self.home.schema()).endpoints)
         body = await request.read() if request.can_read_body else b""
         sent = await self.home.forward(request.method, tail, request.query, body)
         if request.method in _WRITES and 200 <= sent.status < 300:
@@ -328,10 +385,18 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     return await answer_errors(request, handler)
 
 
-def create_admin_app(admin: Admin, home_events: HomeReceiver | None = None) -> web.Application:
+def create_admin_app(
+    admin: Admin,
+    home_events: HomeReceiver | None = None,
+    *,
+    metrics: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None,
+) -> web.Application:
     """The admin listener's application; with ``home_events``, the receiver of the SETs the
-    home pushes at ``/home/events``."""
+    home pushes at ``/home/events``; with ``metrics``, Prometheus' ``/metrics`` (operational,
+    so here and never on the port domains reach)."""
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+    if metrics is not None:
+        app.router.add_get("/metrics", metrics)
     if home_events is not None:
         app.router.add_post("/home/events", home_events.handle)
     app.router.add_get("/admin/domains/{domain}/queue", admin.queue)

@@ -9,7 +9,6 @@ import sys
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -17,6 +16,7 @@ from broker.config import Config
 from broker.db import query
 from broker.errors import InvalidValueError, NotFoundError
 from broker.events.keyring import KeyRing
+from broker.http import outbound_url_problem
 from broker.propagation.secrets import load_box
 from broker.tables import table
 
@@ -40,8 +40,12 @@ async def subscribe(pool: asyncpg.Pool, args: argparse.Namespace) -> asyncpg.Rec
             raise InvalidValueError(
                 "--delivery push needs --endpoint URL: the domain's RFC 8935 receiver"
             )
-        if urlsplit(args.endpoint).scheme not in ("http", "https"):
-            raise InvalidValueError(f"--endpoint {args.endpoint!r} is not an http(s) URL")
+        problem = outbound_url_problem(args.endpoint, query=True)
+        if problem is not None:
+            raise InvalidValueError(
+                f"--endpoint {args.endpoint!r} {problem}, for example "
+                "https://receiver.example.org/events"
+            )
     elif args.endpoint or args.token_env:
         raise InvalidValueError(
             "--endpoint and --token-env are for --delivery push; a polling domain calls "

@@ -280,7 +280,7 @@ class HomeReceiver:
         if not refresh and self._jwks is not None and now - self._jwks[0] < self.JWKS_TTL:
             return self._jwks[1]
         try:
-            async with self.session.get(self.jwks_url) as answer:
+            async with self.session.get(self.jwks_url, allow_redirects=False) as answer:
                 if answer.status != 200:
                     raise SetError("invalid_key", f"the home's JWKS answered HTTP {answer.status}")
                 key_set: dict[str, Any] = orjson.loads(await answer.read())

@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 
-from broker.http import exchange
+from broker.http import exchange, is_redirect
 from broker.propagation.policy import Failure, Verdict, judge
 
 __all__ = ["PeerAnswer", "PeerClient", "peer_credential"]
@@ -97,6 +97,9 @@ class PeerClient:
                 f"{method} {path}: the peer did not answer ({type(exc).__name__}); "
                 "retrying until it does",
             ) from exc
+        if is_redirect(answer.status):
+            # Never followed and never handed on: no caller may read a 3xx as a success.
+            raise judge(answer.status, answer.json_or_none(), answer.headers, f"{method} {path}")
         return PeerAnswer(answer.status, answer.json_or_none(), answer.headers)
 
     async def supports_patch(self, ttl: float = 300.0) -> bool:

@@ -62,6 +62,20 @@ def judge(status: int, body: Any, headers: Mapping[str, str], what: str) -> Fail
     """The failure a peer's non-success answer to ``what`` (``"POST /Users"``) is."""
     error = body if isinstance(body, dict) else None
     detail = error.get("detail") if error else None
+    if 300 <= status < 400 and status != 304:
+        # Never followed (the request would go, credential and password with it, wherever the
+        # peer points), and retrying gets the same answer: a person corrects the URL.
+        location = (headers.get("Location") or "")[:200]
+        return Failure(
+            Verdict.PERMANENT,
+            f"{what}: HTTP {status} redirect"
+            + (f" to {location}" if location else "")
+            + "; the broker never follows redirects: if the peer really moved, re-add the "
+            "domain with that address as --scim-url (or re-subscribe with it as --endpoint), "
+            "then retry the dead letters",
+            status,
+            error,
+        )
     verdict = Verdict.TRANSIENT if status in _TRANSIENT or status >= 500 else Verdict.PERMANENT
     advice = _ADVICE.get(status, "the peer refused it" if status < 500 else "the peer failed")
     reason = f"{what}: HTTP {status}" + (f" ({detail})" if detail else "") + f"; {advice}"

@@ -21,3 +21,15 @@ FROM domains WHERE id = $1
 
 -- name: domain_mapping_counts
 SELECT state, count(*) AS n FROM id_mappings WHERE domain_id = $1 GROUP BY state ORDER BY state
+
+-- name: update_domain_scim_url
+UPDATE domains SET scim_url = $2, updated_at = now() WHERE id = $1
+RETURNING id, kind, scim_url, credential_ref, push, scope_filter, attribute_policy, status, created_at,
+       deprovision, suspend_for, on_conflict, failing_since
+
+-- name: outbound_urls
+-- Every address the broker calls out to, checked at start (broker/domains.py).
+SELECT id AS domain_id, 'scim_url' AS kind, scim_url AS url FROM domains WHERE scim_url IS NOT NULL
+UNION ALL
+SELECT domain_id, 'events_endpoint', endpoint FROM event_subscriptions WHERE endpoint IS NOT NULL
+ORDER BY 1, 2

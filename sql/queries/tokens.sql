@@ -6,7 +6,8 @@ VALUES ($1, $2, $3, $4, $5)
 RETURNING id, domain_id, prefix, scopes, expires_at, revoked_at, last_used_at, created_at
 
 -- name: token_by_hash
-SELECT t.id, t.domain_id, t.scopes, t.expires_at, t.revoked_at, d.status AS domain_status
+SELECT t.id, t.domain_id, t.scopes, t.expires_at, t.revoked_at, d.status AS domain_status,
+       d.kind AS domain_kind
 FROM domain_tokens t
 JOIN domains d ON d.id = t.domain_id
 WHERE t.token_hash = $1
@@ -24,3 +25,6 @@ ORDER BY domain_id, created_at, id
 UPDATE domain_tokens SET revoked_at = now()
 WHERE id = $1 AND revoked_at IS NULL
 RETURNING id, domain_id, prefix, scopes, expires_at, revoked_at, last_used_at, created_at
+
+-- name: domain_kind
+SELECT kind FROM domains WHERE id = $1

@@ -1,0 +1,145 @@
+"""No bearer token reaches a log: not through aiohttp's report of a malformed request (an
+oversized or broken Authorization header), nor through any other record."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from broker.app import create_app
+from broker.config import Config, DatabaseConfig, HomeConfig, PropagationConfig, ServerConfig
+from broker.logsafe import redact
+from tests.scim_support import _free_port
+
+TOKEN = "bkr_S3cretT0kenNeverLogged"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"Authorization: Bearer {TOKEN}",
+        f"b'Bearer {TOKEN}AAAA...'",
+        f"authorization:bearer {TOKEN}",
+        f"Authorization: {TOKEN}",
+        f"GET /scim/v2/Users?access_token={TOKEN}",
+        "Authorization: Basic dXNlcjpwYXNz",
+        "Authorization: Bearer%20S3cretT0kenNeverLogged",
+    ],
+)
+def test_credentials_are_masked(text: str) -> None:
+    masked = redact(text)
+    assert "S3cretT0kenNeverLogged" not in masked and "dXNlcjpwYXNz" not in masked
+    assert "[redacted]" in masked
+
+
+def test_text_without_credentials_is_left_alone() -> None:
+    text = "POST /scim/v2/Users: HTTP 409 (userName taken); resolve it there"
+    assert redact(text) == text
+
+
+def malformed_requests(token: str) -> list[bytes]:
+    """Requests aiohttp's parser refuses, each quoting the token somewhere in its bytes."""
+    auth = f"Bearer {token}".encode()
+    return [
+        b"GET /healthz HTTP/1.1\r\nHost: b\r\nAuthorization: " + auth + b"A" * 9000 + b"\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: b\r\nAuthorization: " + auth + b"\x01x\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: b\r\nAuthorization : " + auth + b"\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: b\r\nAuthorization: " + token.encode() + b"\x7f\r\n\r\n",
+        b"GET /scim/v2/Users?t=" + token.encode() + b"B" * 9000 + b" HTTP/1.1\r\nHost: b\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nAuthorization: " + auth + b"\r\nContent-Length: x\r\n\r\n",
+        b"POST /scim/v2/Users HTTP/1.1\r\nHost: b\r\nAuthorization: " + auth + b"\r\n"
+        b"Content-Type: application/scim+json\r\nContent-Length: 10\r\n\r\n{}",
+    ]
+
+
+async def send(port: int, raw: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        if raw.endswith(b"{}"):  # a body cut short: hang up
+            return b""
+        return await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+@pytest.fixture
+async def served(db_url: str) -> AsyncIterator[int]:
+    """The application on a port, served as ``broker serve`` serves it; the port."""
+    config = Config(
+        server=ServerConfig(admin_port=0),
+        database=DatabaseConfig(url=db_url),
+        home=HomeConfig(scim_url="http://127.0.0.1:9/scim/v2"),
+        propagation=PropagationConfig(enabled=False),
+    )
+    runner = web.AppRunner(create_app(config), access_log=None)
+    await runner.setup()
+    port = _free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield port
+    finally:
+        await runner.cleanup()
+
+
+async def test_malformed_requests_never_log_the_token(
+    served: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    for raw in malformed_requests(TOKEN):
+        answer = await send(served, raw)
+        assert answer == b"" or answer.startswith(b"HTTP/1.")
+    # And a well-formed request with an unknown token: refused, never logged.
+    answer = await send(
+        served,
+        f"GET /scim/v2/Users HTTP/1.1\r\nHost: b\r\nConnection: close\r\n"
+        f"Authorization: Bearer {TOKEN}\r\n\r\n".encode(),
+    )
+    assert b" 401 " in answer.split(b"\r\n", 1)[0]
+    assert any(r.name == "aiohttp.server" for r in caplog.records), "aiohttp reported them"
+    assert "S3cretT0ken" not in caplog.text
+    for record in caplog.records:
+        assert "S3cretT0ken" not in logging.Formatter().format(record)
+
+
+async def test_broker_serve_writes_no_token_to_its_log(db_url: str, tmp_path: Path) -> None:
+    """The real process: its stderr, while an oversized and a broken header arrive."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env.update(
+        BROKER_DATABASE_URL=db_url,
+        BROKER_SERVER__PORT=str(port),
+        BROKER_SERVER__ADMIN_PORT="0",
+        BROKER_HOME__SCIM_URL="http://127.0.0.1:9/scim/v2",
+        BROKER_PROPAGATION__ENABLED="false",
+    )
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "broker.cli", "serve", env=env, stdout=out, stderr=out
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "ready" not in log.read_text():
+            assert process.returncode is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            await asyncio.sleep(0.05)
+        for raw in malformed_requests(TOKEN):
+            await send(port, raw)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), timeout=30)
+    text = log.read_text()
+    assert "Error handling request" in text, text
+    assert "S3cretT0ken" not in text, text
