@@ -156,7 +156,7 @@ def _check(proxy: Proxy, call: Call, op: _Op) -> None:
                 scim_type="mutability",
             )
         op.content = canonical
-        op.names = collect_ids(canonical.attrs, proxy._inward(call.schema))
+        op.names = collect_ids(canonical.attrs, proxy.inward(call.schema))
     elif op.method == "PATCH":
         canonical_ops = canonical_patch(data, resource)
         check_write(policy, resource, canonical_ops.written)
@@ -183,13 +183,13 @@ def _check(proxy: Proxy, call: Call, op: _Op) -> None:
                     )
         patch = parse_patch(canonical_ops.body)
         op.content = patch
-        named = patch.ids(proxy._inward(call.schema))
+        named = patch.ids(proxy.inward(call.schema))
         op.names = named.ids
 
 
 async def serve_bulk(proxy: Proxy, call: Call, request: web.Request) -> web.Response:
     """RFC 7644 section 3.7 through the request path (see the module doc)."""
-    body = await proxy._body(request)
+    body = await proxy.body(request)
     raw_ops, fail_on = _operations(body)
     schema = call.schema
     if call.domain.push and any(op["method"] == "POST" for op in raw_ops):
@@ -221,14 +221,14 @@ async def serve_bulk(proxy: Proxy, call: Call, request: web.Request) -> web.Resp
             names.add(op.path_id)
         names.update(i for i in (op.names or {}) if not is_bulk_ref(i))
         if isinstance(op.content, PatchRequest):
-            values.update(op.content.ids(proxy._inward(schema)).external_ids)
-    resolved, by_value = await proxy._resolve(call, names, values)
+            values.update(op.content.ids(proxy.inward(schema)).external_ids)
+    resolved, by_value = await proxy.resolve(call, names, values)
     await _hold_to_scope(proxy, call, ops, resolved)
 
     def translate(value: str, _rtype: str | None) -> str | None:
         return value if is_bulk_ref(value) else resolved.get(value)
 
-    inward = proxy._inward(schema)
+    inward = proxy.inward(schema)
     forwarded: list[dict[str, Any]] = []
     results: list[dict[str, Any] | None] = []  # None: filled from home's answer, in order
     errors = 0
@@ -286,7 +286,7 @@ async def serve_bulk(proxy: Proxy, call: Call, request: web.Request) -> web.Resp
             request_body["failOnErrors"] = max(1, fail_on - errors)
         response = await proxy.home.request("POST", "/Bulk", body=request_body)
         if response.status != 200 or not isinstance(response.body, dict):
-            raise proxy._home_error(call, response, {v: k for k, v in resolved.items()})
+            raise proxy.home_error(call, response, {v: k for k, v in resolved.items()})
         answers = [a for a in response.body.get("Operations", []) if isinstance(a, dict)]
     write_only = bulk_write_only(
         forwarded, answers, schema.endpoints, proxy.home.base_url, schema.write_only
@@ -319,7 +319,7 @@ async def _hold_to_scope(
     wanted = list(targets | set(referenced))
     if not wanted:
         return
-    visible = await proxy._visible_ids(
+    visible = await proxy.visible_ids(
         call, wanted, {**referenced, **dict.fromkeys(targets, "User")}
     )
     for op in ops:
@@ -417,4 +417,4 @@ async def _respond(
             verb=verbs,
             documents=documents,
         )
-    return await proxy._respond(call, 200, {"schemas": [BULK_RESPONSE], "Operations": out})
+    return await proxy.respond(call, 200, {"schemas": [BULK_RESPONSE], "Operations": out})
