@@ -10,7 +10,7 @@ to resolve. One inbound and one outbound round-trip to the database for the whol
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -189,109 +189,148 @@ def _check(proxy: Proxy, call: Call, op: _Op) -> None:
 
 async def serve_bulk(proxy: Proxy, call: Call, request: web.Request) -> web.Response:
     """RFC 7644 section 3.7 through the request path (see the module doc)."""
-    body = await proxy.body(request)
-    raw_ops, fail_on = _operations(body)
-    schema = call.schema
+    raw_ops, fail_on = _operations(await proxy.body(request))
     if call.domain.push and any(op["method"] == "POST" for op in raw_ops):
         raise ForbiddenError(
             f"domain {call.domain.id} is a push domain: it cannot create through the broker"
         )
-    bulk_ids = {op["bulkId"] for op in raw_ops if isinstance(op.get("bulkId"), str)}
-
-    def is_bulk_ref(value: str) -> bool:
-        return value.startswith("bulkId:") and value[len("bulkId:") :] in bulk_ids
-
-    ops: list[_Op] = []
-    for n, raw in enumerate(raw_ops, start=1):
-        resource_type, path_id = _path(raw, schema.endpoints, n)
-        op = _Op(raw, raw["method"], resource_type, path_id, None)
-        try:
-            _check(proxy, call, op)
-        except BrokerError as exc:
-            op.error = exc
-        ops.append(op)
-
-    # Resolve every ID every operation names, at once.
-    names: set[str] = set()
-    values: set[str] = set()
-    for op in ops:
-        if op.error is not None:
-            continue
-        if op.path_id is not None and not is_bulk_ref(op.path_id):
-            names.add(op.path_id)
-        names.update(i for i in (op.names or {}) if not is_bulk_ref(i))
-        if isinstance(op.content, PatchRequest):
-            values.update(op.content.ids(proxy.inward(schema)).external_ids)
-    resolved, by_value = await proxy.resolve(call, names, values)
+    refs = _BulkIds(frozenset(op["bulkId"] for op in raw_ops if isinstance(op.get("bulkId"), str)))
+    ops = [_read(proxy, call, raw, n) for n, raw in enumerate(raw_ops, start=1)]
+    resolved, by_value = await _resolve_all(proxy, call, ops, refs)
     await _hold_to_scope(proxy, call, ops, resolved)
-
-    def translate(value: str, _rtype: str | None) -> str | None:
-        return value if is_bulk_ref(value) else resolved.get(value)
-
-    inward = proxy.inward(schema)
     forwarded: list[dict[str, Any]] = []
     results: list[dict[str, Any] | None] = []  # None: filled from home's answer, in order
     errors = 0
     for op in ops:
         if fail_on is not None and errors >= fail_on:
             break  # RFC 7644 section 3.7.3: the rest are not performed
-        internal = None
-        if op.error is None and op.path_id is not None:
-            internal = op.path_id if is_bulk_ref(op.path_id) else resolved.get(op.path_id)
-            if internal is None:
-                op.error = BrokerError(NOT_FOUND, status=404)
-        home_op: dict[str, Any] = {}
-        if op.error is None:
-            endpoint = schema.endpoints.by_type[op.resource_type]
-            home_op = {"method": op.method, "path": endpoint + (f"/{internal}" if internal else "")}
-            if "bulkId" in op.raw:
-                home_op["bulkId"] = op.raw["bulkId"]
-            if "version" in op.raw and internal is not None:
-                # The caller's version is sealed for it: opened back into home's, or 412.
-                version = op.raw["version"]
-                opened = (
-                    home_condition(
-                        version, domain=call.domain.id, internal_id=internal, sealer=proxy.sealer
-                    )
-                    if isinstance(version, str)
-                    else None
-                )
-                if opened is None:
-                    op.error = PreconditionFailedError()
-                else:
-                    home_op["version"] = opened
-            try:
-                if op.error is not None:
-                    pass
-                elif isinstance(op.content, CanonicalResource):
-                    home_op["data"] = rewrite_document(
-                        op.content.attrs, inward, translate, strict=True
-                    )
-                elif isinstance(op.content, PatchRequest):
-                    home_op["data"] = op.content.rewrite(
-                        inward, translate=translate, ids=resolved, external_ids=by_value
-                    )
-            except BrokerError as exc:
-                op.error = exc
-        if op.error is not None:
+        home_op = _for_home(proxy, call, op, refs, resolved, by_value)
+        if home_op is None:
             errors += 1
             results.append(_refused(op))
-            continue
-        forwarded.append(home_op)
-        results.append(None)
-    answers: list[dict[str, Any]] = []
-    if forwarded:
-        request_body: dict[str, Any] = {"schemas": [BULK_REQUEST], "Operations": forwarded}
-        if fail_on is not None:
-            request_body["failOnErrors"] = max(1, fail_on - errors)
-        response = await proxy.home.request("POST", "/Bulk", body=request_body)
-        if response.status != 200 or not isinstance(response.body, dict):
-            raise proxy.home_error(call, response, {v: k for k, v in resolved.items()})
-        answers = [a for a in response.body.get("Operations", []) if isinstance(a, dict)]
+        else:
+            forwarded.append(home_op)
+            results.append(None)
+    answers = await _forward(proxy, call, forwarded, fail_on, errors, resolved)
+    schema = call.schema
     write_only = bulk_write_only(
         forwarded, answers, schema.endpoints, proxy.home.base_url, schema.write_only
     )
     return await _respond(proxy, call, ops[: len(results)], results, answers, resolved, write_only)
+
+
+@dataclass(frozen=True)
+class _BulkIds:
+    """The request's bulkIds: ``bulkId:X`` references are home's to resolve, not the caller's
+    IDs."""
+
+    ids: frozenset[str]
+
+    def names(self, value: str) -> bool:
+        return value.startswith("bulkId:") and value[len("bulkId:") :] in self.ids
+
+
+def _read(proxy: Proxy, call: Call, raw: dict[str, Any], n: int) -> _Op:
+    """One operation in canonical form and held to the policy; a refusal is kept on it."""
+    resource_type, path_id = _path(raw, call.schema.endpoints, n)
+    op = _Op(raw, raw["method"], resource_type, path_id, None)
+    try:
+        _check(proxy, call, op)
+    except BrokerError as exc:
+        op.error = exc
+    return op
+
+
+async def _resolve_all(
+    proxy: Proxy, call: Call, ops: list[_Op], refs: _BulkIds
+) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Every ID every operation names, resolved at once."""
+    names: set[str] = set()
+    values: set[str] = set()
+    for op in ops:
+        if op.error is not None:
+            continue
+        if op.path_id is not None and not refs.names(op.path_id):
+            names.add(op.path_id)
+        names.update(i for i in (op.names or {}) if not refs.names(i))
+        if isinstance(op.content, PatchRequest):
+            values.update(op.content.ids(proxy.inward(call.schema)).external_ids)
+    return await proxy.resolve(call, names, values)
+
+
+def _for_home(
+    proxy: Proxy,
+    call: Call,
+    op: _Op,
+    refs: _BulkIds,
+    resolved: Mapping[str, str],
+    by_value: Mapping[str, list[str]],
+) -> dict[str, Any] | None:
+    """The operation as home receives it, or None (with ``op.error`` set) if it is refused."""
+    internal = None
+    if op.error is None and op.path_id is not None:
+        internal = op.path_id if refs.names(op.path_id) else resolved.get(op.path_id)
+        if internal is None:
+            op.error = BrokerError(NOT_FOUND, status=404)
+    if op.error is not None:
+        return None
+    endpoint = call.schema.endpoints.by_type[op.resource_type]
+    home_op: dict[str, Any] = {
+        "method": op.method,
+        "path": endpoint + (f"/{internal}" if internal else ""),
+    }
+    if "bulkId" in op.raw:
+        home_op["bulkId"] = op.raw["bulkId"]
+    if "version" in op.raw and internal is not None:
+        # The caller's version is sealed for it: opened back into home's, or 412.
+        version = op.raw["version"]
+        opened = (
+            home_condition(
+                version, domain=call.domain.id, internal_id=internal, sealer=proxy.sealer
+            )
+            if isinstance(version, str)
+            else None
+        )
+        if opened is None:
+            op.error = PreconditionFailedError()
+            return None
+        home_op["version"] = opened
+
+    def translate(value: str, _rtype: str | None) -> str | None:
+        return value if refs.names(value) else resolved.get(value)
+
+    inward = proxy.inward(call.schema)
+    try:
+        if isinstance(op.content, CanonicalResource):
+            home_op["data"] = rewrite_document(op.content.attrs, inward, translate, strict=True)
+        elif isinstance(op.content, PatchRequest):
+            home_op["data"] = op.content.rewrite(
+                inward, translate=translate, ids=resolved, external_ids=by_value
+            )
+    except BrokerError as exc:
+        op.error = exc
+        return None
+    return home_op
+
+
+async def _forward(
+    proxy: Proxy,
+    call: Call,
+    forwarded: list[dict[str, Any]],
+    fail_on: int | None,
+    errors: int,
+    resolved: Mapping[str, str],
+) -> list[dict[str, Any]]:
+    """Home's answers to the operations the broker let through (none sent: no answers)."""
+    if not forwarded:
+        return []
+    request_body: dict[str, Any] = {"schemas": [BULK_REQUEST], "Operations": forwarded}
+    if fail_on is not None:
+        request_body["failOnErrors"] = max(1, fail_on - errors)
+    response = await proxy.home.request("POST", "/Bulk", body=request_body)
+    if response.status != 200 or not isinstance(response.body, dict):
+        raise proxy.home_error(call, response, {v: k for k, v in resolved.items()})
+    return [a for a in response.body.get("Operations", []) if isinstance(a, dict)]
 
 
 async def _hold_to_scope(
@@ -350,6 +389,7 @@ async def _respond(
     resolved: dict[str, str],
     write_only: dict[str, dict[str, Any]],
 ) -> web.Response:
+    """The bulk response in the caller's terms, after recording what home wrote."""
     schema = call.schema
     located: dict[str, str | None] = {}
     for answer in answers:
@@ -358,12 +398,12 @@ async def _respond(
             located[parsed[1]] = parsed[0]
     found = await proxy.store.translate_outbound(call.domain.id, located, mint=call.domain.mints)
     call.internal_ids.update(located)
-    replacements = {v: k for k, v in resolved.items()} | {
-        i: o.external_id for i, o in found.items()
-    }
+    replies = _Replies(
+        {i: o.external_id for i, o in found.items()},
+        {v: k for k, v in resolved.items()} | {i: o.external_id for i, o in found.items()},
+    )
     pending = iter(answers)
     out: list[dict[str, Any]] = []
-    external_ids: dict[str, str | None] = {}
     for op, local in zip(ops, results, strict=True):
         if local is not None:
             out.append(local)
@@ -371,36 +411,7 @@ async def _respond(
         reply = next(pending, None)
         if reply is None:
             break  # home stopped (its failOnErrors): the rest were not performed
-        result: dict[str, Any] = {k: reply[k] for k in ("method", "bulkId", "status") if k in reply}
-        parsed = schema.endpoints.parse_uri(str(reply.get("location", "")), proxy.home.base_url)
-        succeeded = str(reply.get("status", "")).startswith("2")
-        if parsed is not None and isinstance(reply.get("version"), str):
-            version = present_etag(
-                reply["version"], domain=call.domain.id, internal_id=parsed[1], sealer=proxy.sealer
-            )
-            if version:
-                result["version"] = version
-        if parsed is not None and parsed[1] in found:
-            result["location"] = schema.endpoints.uri(
-                proxy.base, parsed[0], found[parsed[1]].external_id
-            )
-            content = op.content
-            if (
-                isinstance(content, CanonicalResource)
-                and content.external_id is not None
-                and succeeded
-            ):
-                external_ids[parsed[1]] = content.external_id[0]
-        if isinstance(reply.get("response"), dict):
-            response = reply["response"]
-            detail = scrub(str(response.get("detail", "")), replacements, proxy.id_pattern)
-            status = response.get("status", reply.get("status", 500))
-            result["response"] = error_document(
-                int(status) if str(status).isdigit() else 500,
-                detail,
-                response.get("scimType") if isinstance(response.get("scimType"), str) else None,
-            )
-        out.append(result)
+        out.append(replies.result(proxy, call, op, reply))
     written, deleted, verbs = bulk_writes(answers, schema.endpoints, proxy.home.base_url)
     documents = (
         await proxy.home.read_back(written)
@@ -412,9 +423,48 @@ async def _respond(
             written,
             origin=call.domain.id,
             deleted=deleted,
-            external_ids=external_ids,
+            external_ids=replies.external_ids,
             write_only=write_only,
             verb=verbs,
             documents=documents,
         )
     return await proxy.respond(call, 200, {"schemas": [BULK_RESPONSE], "Operations": out})
+
+
+@dataclass
+class _Replies:
+    """Home's per-operation answers turned into the caller's terms."""
+
+    ids: dict[str, str]
+    """Internal -> the caller's ID, for every resource the answers locate."""
+    replacements: dict[str, str]
+    """Internal -> the caller's ID, for scrubbing home's error text."""
+    external_ids: dict[str, str | None] = field(default_factory=dict)
+    """The externalId each successful create gave its new resource, for the caller's record."""
+
+    def result(self, proxy: Proxy, call: Call, op: _Op, reply: Mapping[str, Any]) -> dict[str, Any]:
+        schema = call.schema
+        result: dict[str, Any] = {k: reply[k] for k in ("method", "bulkId", "status") if k in reply}
+        parsed = schema.endpoints.parse_uri(str(reply.get("location", "")), proxy.home.base_url)
+        if parsed is not None and isinstance(reply.get("version"), str):
+            version = present_etag(
+                reply["version"], domain=call.domain.id, internal_id=parsed[1], sealer=proxy.sealer
+            )
+            if version:
+                result["version"] = version
+        if parsed is not None and parsed[1] in self.ids:
+            result["location"] = schema.endpoints.uri(proxy.base, parsed[0], self.ids[parsed[1]])
+            content = op.content
+            succeeded = str(reply.get("status", "")).startswith("2")
+            if isinstance(content, CanonicalResource) and content.external_id and succeeded:
+                self.external_ids[parsed[1]] = content.external_id[0]
+        if isinstance(reply.get("response"), dict):
+            response = reply["response"]
+            detail = scrub(str(response.get("detail", "")), self.replacements, proxy.id_pattern)
+            status = response.get("status", reply.get("status", 500))
+            result["response"] = error_document(
+                int(status) if str(status).isdigit() else 500,
+                detail,
+                response.get("scimType") if isinstance(response.get("scimType"), str) else None,
+            )
+        return result
