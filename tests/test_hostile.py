@@ -707,9 +707,20 @@ async def test_what_one_domain_writes_never_denies_another_domain_service(
                 rid = listed["Resources"][0]["id"]
                 status, body, _ = await broker.call(domain, "GET", f"/Users/{rid}")
                 holes.check(status == 200, f"{domain} reads {name}", f"{status} {body}")
+        # A page holding every user D1 wrote to (home is shared by the session: other tests plant
+        # real internal IDs in free text on purpose, and a page with those fails closed).
+        page = " or ".join(f'userName eq "{name}"' for name in names)
         for domain in ("D1", "S"):
-            status, body, _ = await broker.call(domain, "GET", "/Users", params={"count": "1000"})
+            status, body, _ = await broker.call(
+                domain, "GET", "/Users", params={"filter": page, "count": "1000"}
+            )
             holes.check(status == 200, f"{domain} reads the /Users page", f"{status} {body}")
+            expected = len(names) if domain == "D1" else len(names) // 2
+            holes.check(
+                status != 200 or body["totalResults"] == expected,
+                f"{domain}'s page holds every user it may see",
+                body,
+            )
     finally:  # home is shared: what D1 wrote here must not deny the other tests service
         for name in names:
             _, found = home.call("GET", f'/Users?filter=userName eq "{name}"')
