@@ -38,7 +38,8 @@ from pathlib import Path
 import aiohttp
 
 from broker.domains import DomainStore
-from broker.propagation.outbox import enqueue_changes
+from broker.propagation.journal import record
+from broker.propagation.writes import HomeWrite
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (
@@ -104,7 +105,7 @@ async def drain(
             "P0", scim_url=peer, credential_ref=f"env:{PEER_TOKEN_ENV}", push=True
         )
         async with pool.acquire() as conn, conn.transaction():
-            await enqueue_changes(conn, dict.fromkeys(ids, "User"))
+            await record(conn, HomeWrite(written=dict.fromkeys(ids, "User")))
         if not args.stale_statistics:
             await analyze(pool)
         queued = await outbox_depth(pool)

@@ -34,8 +34,9 @@ import aiohttp
 from broker.db import migrated_pool
 from broker.domains import DomainStore
 from broker.home import HomeClient
-from broker.propagation.outbox import enqueue_changes
+from broker.propagation.journal import record
 from broker.propagation.worker import Deliverer, WorkerSettings
+from broker.propagation.writes import HomeWrite
 
 sys.path.insert(0, str(Path(__file__).parent))
 from run import free_port, wait_for
@@ -144,7 +145,7 @@ async def through_broker(
                 settings=WorkerSettings(concurrency=concurrency),
             )
             async with pool.acquire() as conn, conn.transaction():
-                await enqueue_changes(conn, dict.fromkeys(home_ids, "User"))
+                await record(conn, HomeWrite(written=dict.fromkeys(home_ids, "User")))
             started = time.perf_counter()
             await worker.drain(within=3600)
             elapsed = time.perf_counter() - started

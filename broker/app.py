@@ -24,20 +24,22 @@ from broker.domains import DomainStore, stored_url_problems
 from broker.errors import BrokerError
 from broker.events.keyring import KeyRing
 from broker.events.render import EventRenderer
-from broker.events.web import EventWaiters, HomeReceiver, Poll, jwks_handler
+from broker.events.web import EventWaiters, Poll, jwks_handler
 from broker.home import HomeClient
 from broker.logsafe import protect_loggers
 from broker.mapping.cache import MappingCache, listen
 from broker.mapping.guard import LeakGuard
 from broker.mapping.store import MappingStore
+from broker.propagation.journal import Journal
 from broker.propagation.policy import Backoff
 from broker.propagation.poller import HomePoller
-from broker.propagation.secrets import SecretBox, load_box
+from broker.propagation.receiver import HomeReceiver
 from broker.propagation.worker import Deliverer, WorkerSettings
 from broker.proxy.handlers import Proxy, route_guard
 from broker.responses import MAX_BODY, scim_error_middleware
 from broker.scim.guard import IdShape
 from broker.scim.versions import VersionSealer
+from broker.secrets import SecretBox, load_box
 from broker.tokens import TokenStore
 
 __all__ = [
@@ -140,6 +142,8 @@ GUARD = web.AppKey("guard", LeakGuard)
 """The leak guard, for everything bound to a domain or a peer (its exact lookup shares the
 store's cache)."""
 BOX: web.AppKey[Callable[[], SecretBox]] = web.AppKey("box")
+JOURNAL = web.AppKey("journal", Journal)
+"""The write journal: every write home took, recorded with what it implies."""
 PROXY = web.AppKey("proxy", Proxy)
 KEYS = web.AppKey("keys", KeyRing)
 RENDERER = web.AppKey("renderer", EventRenderer)
@@ -168,7 +172,8 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         app[SEALER] = VersionSealer(lambda: box().derive("version seal", 64))
         if secret_key_env:
             box()  # a missing key is a configuration error, found at start-up
-        app[STORE] = MappingStore(pool, cache=cache, box=box)
+        app[STORE] = MappingStore(pool, cache=cache)
+        app[JOURNAL] = Journal(pool, box)
         app[GUARD] = LeakGuard(app[STORE], IdShape(app[CONFIG].home.id_pattern))
         app[KEYS] = KeyRing(pool, box, refresh=app[CONFIG].events.key_refresh)
         if config.cache_entries > 0:
@@ -281,6 +286,7 @@ async def _proxy(app: web.Application) -> AsyncIterator[None]:
         home=app[HOME],
         guard=app[GUARD],
         sealer=app[SEALER],
+        journal=app[JOURNAL],
         audit=audit,
         on_leak=lambda domain: app[METRICS].leaks.labels(domain).inc(),
     )
@@ -366,7 +372,7 @@ async def _propagation(app: web.Application) -> AsyncIterator[None]:
 async def _admin(app: web.Application) -> AsyncIterator[None]:
     """The admin listener, on its own address, for as long as the main application runs."""
     server = app[CONFIG].server
-    admin = Admin(app[POOL], app[STORE], app.get(HOME))
+    admin = Admin(app[POOL], app[STORE], app.get(HOME), app[JOURNAL])
     events = app[CONFIG].events
     async with contextlib.AsyncExitStack() as stack:
         receiver = None

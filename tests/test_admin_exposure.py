@@ -21,6 +21,7 @@ from broker.domains import DomainStore
 from broker.errors import NotFoundError
 from broker.home import HomeClient
 from broker.mapping.store import MappingStore
+from broker.propagation.journal import Journal
 from broker.scim.rewrite import Endpoints
 from broker.tokens import TokenStore
 from tests.scim_support import _free_port
@@ -104,7 +105,8 @@ async def test_home_tools_cannot_reach_other_paths_of_the_homes_server(
     await pool.execute("INSERT INTO domains (id, kind) VALUES ('H', 'home')")
     token, _ = await TokenStore(pool).issue("H")
     async with aiohttp.ClientSession() as session:
-        admin = Admin(pool, MappingStore(pool), HomeClient(session, home_url, "home-secret"))
+        home = HomeClient(session, home_url, "home-secret")
+        admin = Admin(pool, MappingStore(pool), home, Journal(pool, None))
         async with TestClient(TestServer(create_admin_app(admin))) as client:
             for raw in ATTACKS:
                 # Sent as it is written: encoded=True keeps the client from resolving the dots.

@@ -15,9 +15,11 @@ import pytest
 from broker.app import DELIVERER, HOME, POOL
 from broker.db import query
 from broker.domains import DomainStore
-from broker.propagation.outbox import enqueue_changes
+from broker.propagation.journal import record
 from broker.propagation.poller import HomePoller
 from broker.propagation.worker import Deliverer, WorkerSettings
+from broker.propagation.writes import HomeWrite
+from broker.secrets import SecretBox
 from broker.tokens import TokenStore, hash_token
 from tests.propagation_support import (
     FAST,
@@ -390,7 +392,7 @@ async def test_a_crashed_workers_claims_return_after_the_lease(
     assert status == 201
     # A worker claimed the sync and died: the row stays in flight until its lease runs out.
     async with pool.acquire() as conn, conn.transaction():
-        await enqueue_changes(conn, {other["id"]: "User"})
+        await record(conn, HomeWrite(written={other["id"]: "User"}))
         await conn.execute(
             "UPDATE outbox SET state = 'in_flight', claimed_by = 'dead-worker', "
             "lease_until = now() + interval '1 second' WHERE internal_id = $1",
@@ -636,19 +638,25 @@ async def test_sealed_values_of_a_folded_sync_move_to_the_one_that_stays(
     """A newer pending sync folded into a retried one hands it its newer password; the folded
     row keeps none."""
     await DomainStore(pool).add("P1", scim_url="http://peer.invalid/v2", push=True)
+    box = SecretBox(bytes(32))
+
+    def setting(password: str | None) -> HomeWrite:
+        values = {"e1": {"password": password}} if password else {}
+        return HomeWrite(written={"e1": "User"}, write_only=values)
+
     async with pool.acquire() as conn, conn.transaction():
-        await enqueue_changes(conn, {"e1": "User"}, sealed={"e1": b"old"})
+        await record(conn, setting("old"), box=lambda: box)
     claimed = await pool.fetch(query("claim_deliveries"), "P1", "w1", 1, 60.0)
-    assert [r["sealed_values"] for r in claimed] == [b"old"]
+    assert [box.open(r["sealed_values"]) for r in claimed] == [{"password": "old"}]
     async with pool.acquire() as conn, conn.transaction():
-        await enqueue_changes(conn, {"e1": "User"}, sealed={"e1": b"new"})
-        await enqueue_changes(conn, {"e1": "User"})  # a later change without a password
+        await record(conn, setting("new"), box=lambda: box)
+        await record(conn, setting(None))  # a later change without a password
     await pool.execute(
         query("delivery_later"), claimed[0]["id"], "w1", datetime.now(UTC), True, None
     )
     rows = await pool.fetch("SELECT state, sealed_values FROM outbox ORDER BY id")
-    assert [(r["state"], r["sealed_values"]) for r in rows] == [
-        ("pending", b"new"),
+    assert [(r["state"], r["sealed_values"] and box.open(r["sealed_values"])) for r in rows] == [
+        ("pending", {"password": "new"}),
         ("cancelled", None),
     ]
 

@@ -14,7 +14,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker.domains import Domain
-from broker.propagation.secrets import SecretBox
 from broker.scim.versions import (
     PreconditionFailedError,
     VersionSealer,
@@ -25,6 +24,7 @@ from broker.scim.versions import (
     present_etag,
     present_meta,
 )
+from broker.secrets import SecretBox
 
 KEY = bytes(range(64))
 SEALER = VersionSealer(KEY)

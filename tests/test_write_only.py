@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from broker.config import ConfigError
-from broker.propagation.secrets import SealError, SecretBox, load_box
 from broker.scim.bulk import bulk_write_only
 from broker.scim.rewrite import Endpoints
 from broker.scim.writeonly import DEFAULT_WRITE_ONLY, write_only_values
+from broker.secrets import SealError, SecretBox, load_box
 
 CORE_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
 PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"

@@ -24,15 +24,15 @@ from broker.domains import DomainStore
 from broker.errors import BrokerError, ForbiddenError, InvalidValueError, NotFoundError
 from broker.home import HomeClient
 from broker.mapping.store import MappingStore, Operation
+from broker.propagation.journal import Journal
 from broker.propagation.outbox import settle_dead_letter
+from broker.propagation.writes import HomeWrite
 from broker.responses import MAX_BODY, answer_errors
-from broker.scim.bulk import bulk_write_only, bulk_writes
 from broker.scim.rewrite import Endpoints
-from broker.scim.writeonly import write_only_values
 from broker.tokens import TokenStore
 
 if TYPE_CHECKING:
-    from broker.events.web import HomeReceiver
+    from broker.propagation.receiver import HomeReceiver
 
 __all__ = [
     "create_admin_app",
@@ -201,10 +201,12 @@ class Admin:
         pool: asyncpg.Pool,
         store: MappingStore,
         home: HomeClient | None,
+        journal: Journal,
     ) -> None:
         self.pool = pool
         self.store = store
         self.home = home
+        self.journal = journal
         self.tokens = TokenStore(pool)
         self.domains = DomainStore(pool)
 
@@ -331,53 +333,20 @@ class Admin:
         write-only values (a password) the request ``sent`` set."""
         assert self.home is not None
         schema = await self.home.schema()
-        endpoints = schema.endpoints
-        parts = path.strip("/").split("/")
-        written: dict[str, str] = {}
-        deleted: list[str] = []
-        write_only: dict[str, dict[str, Any]] = {}
-        verbs: dict[str, str] = {}
-        documents: dict[str, Mapping[str, Any]] = {}
-        resource_type = endpoints.type_of(parts[0]) if parts else None
-        if resource_type is not None and len(parts) == 1 and method == "POST":
-            if isinstance(body, Mapping) and isinstance(body.get("id"), str):
-                written[body["id"]] = resource_type
-                write_only[body["id"]] = write_only_values(method, sent, schema.write_only)
-                verbs[body["id"]], documents[body["id"]] = "create", body
-        elif resource_type is not None and len(parts) == 2:
-            if method == "DELETE":
-                deleted.append(parts[1])
-            else:
-                written[parts[1]] = resource_type
-                write_only[parts[1]] = write_only_values(method, sent, schema.write_only)
-                verbs[parts[1]] = method.lower()
-                if isinstance(body, Mapping) and body.get("id") == parts[1]:
-                    documents[parts[1]] = body
-        elif parts == ["Bulk"] and isinstance(body, Mapping):
-            answers = [a for a in body.get("Operations") or [] if isinstance(a, Mapping)]
-            written, deleted, verbs = bulk_writes(answers, endpoints, self.home.base_url)
-            requests = sent.get("Operations") if isinstance(sent, Mapping) else None
-            if isinstance(requests, list):
-                write_only = bulk_write_only(
-                    [r for r in requests if isinstance(r, Mapping)],
-                    answers,
-                    endpoints,
-                    self.home.base_url,
-                    schema.write_only,
-                )
-        missing = {i: t for i, t in written.items() if i not in documents}
+        write = HomeWrite.of_home_tool(
+            method,
+            path,
+            sent,
+            body,
+            endpoints=schema.endpoints,
+            home_base=self.home.base_url,
+            write_only_names=schema.write_only,
+        )
+        missing = write.unread()
         if missing and await self.store.events_subscribed():
             # Home answered without the resource (204, or a bulk): read it, for the SETs.
-            documents.update(await self.home.read_back(missing))
-        if written or deleted:
-            await self.store.record_write(
-                written,
-                origin=None,
-                deleted=deleted,
-                write_only=write_only,
-                verb=verbs,
-                documents=documents,
-            )
+            write = write.with_documents(await self.home.read_back(missing))
+        await self.journal.record(write)
 
 
 @web.middleware

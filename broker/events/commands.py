@@ -17,7 +17,7 @@ from broker.db import query
 from broker.errors import InvalidValueError, NotFoundError
 from broker.events.keyring import KeyRing
 from broker.http import outbound_url_problem
-from broker.propagation.secrets import load_box
+from broker.secrets import load_box
 from broker.tables import table
 
 __all__ = ["add_event_commands"]

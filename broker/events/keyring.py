@@ -13,7 +13,7 @@ import asyncpg
 
 from broker.db import query
 from broker.events.keys import SigningKey, generate_key, jwks
-from broker.propagation.secrets import SecretBox
+from broker.secrets import SecretBox
 
 __all__ = ["KeyRing", "PublishedKey"]
 

@@ -35,8 +35,6 @@ from broker.mapping.rules import (
     plan_merge,
     plan_split,
 )
-from broker.propagation.outbox import enqueue_changes
-from broker.propagation.secrets import SecretBox
 
 __all__ = [
     "EntityStateError",
@@ -140,13 +138,10 @@ class MappingStore:
         *,
         id_factory: Callable[[], str] = mint_id,
         cache: MappingCache | None = None,
-        box: Callable[[], SecretBox] | None = None,
     ) -> None:
         self.pool = pool
         self.id_factory = id_factory
         self.cache = cache or MappingCache()  # off until something listens for changes
-        self.box = box
-        """Seals write-only values (a password) for the outbox; loaded when first needed."""
         self._subscribed: tuple[bool, float] = (False, -_SUBSCRIBED_TTL * 2)
 
     # ------------------------------------------------------------------ translation
@@ -230,43 +225,6 @@ class MappingStore:
                 by_value.setdefault(r["key"], []).append(r["internal_id"])
         self.cache.put_inbound(generation, domain, fresh)
         return resolved | fresh, by_value
-
-    async def record_write(
-        self,
-        writes: Mapping[str, str],
-        *,
-        origin: str | None,
-        deleted: Sequence[str] = (),
-        external_ids: Mapping[str, str | None] | None = None,
-        write_only: Mapping[str, Mapping[str, Any]] | None = None,
-        verb: str | Mapping[str, str] | None = None,
-        documents: Mapping[str, Mapping[str, Any]] | None = None,
-    ) -> None:
-        """Writes made in home through the broker (internal ID -> resource type, and IDs deleted),
-        the externalId values ``origin`` gave them, and the syncs they imply toward push peers,
-        carrying the write-only values (a password) the writes set, sealed; and the SETs for
-        domains subscribed to events (``verb``: create, put or patch; ``documents``: home's
-        resources after the writes, where known): one transaction."""
-        sealed = None
-        if write_only:
-            if self.box is None:
-                raise RuntimeError("write-only values to deliver, but the store has no key")
-            box = self.box()
-            sealed = {i: box.seal(values) for i, values in write_only.items() if values}
-        async with self.pool.acquire() as conn, conn.transaction():
-            for internal_id, value in (external_ids or {}).items():
-                assert origin is not None, "an externalId belongs to the domain that gave it"
-                await conn.execute(query("set_domain_external_id"), origin, internal_id, value)
-            await enqueue_changes(
-                conn,
-                writes,
-                deleted=deleted,
-                origin=origin,
-                sealed=sealed,
-                verb=verb,
-                documents=documents,
-                write_only={i: list(v) for i, v in (write_only or {}).items() if v},
-            )
 
     async def events_subscribed(self) -> bool:
         """Whether any domain subscribes to SETs (then a write's result is worth reading back
@@ -630,3 +588,12 @@ async def _apply(conn: Connection, plan: Plan, op_id: uuid.UUID) -> None:
         for earlier in sorted({r["operation_id"] for r in cancelled} - {None}):
             await conn.execute(query("lock_operation"), earlier)
             await conn.execute(query("refresh_operation"), earlier)
+
+
+async def set_domain_external_ids(
+    conn: Connection, origin: str, values: Mapping[str, str | None]
+) -> None:
+    """The externalId ``origin`` gave each entity (None: cleared), kept on its primary row in
+    that domain (DESIGN section 3: shown back to that domain only), on ``conn``'s transaction."""
+    for internal_id, value in values.items():
+        await conn.execute(query("set_domain_external_id"), origin, internal_id, value)

@@ -1,62 +1,20 @@
-"""Putting work in the outbox, always on the caller's transaction (so that the change that implies
-it and the rows commit together or not at all)."""
+"""Settling the outbox's dead letters (a person's decision). Work is put in the outbox by the
+write journal (``broker.propagation.journal``) and by the mapping store, always on the caller's
+transaction."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import asyncpg
 
 from broker.db import query
 from broker.errors import BrokerError, NotFoundError
-from broker.events.record import record_changes
 
 if TYPE_CHECKING:
-    from broker.db import Connection
+    pass
 
-__all__ = ["enqueue_changes", "settle_dead_letter"]
-
-
-async def enqueue_changes(
-    conn: Connection,
-    changed: Mapping[str, str],
-    *,
-    deleted: Sequence[str] = (),
-    origin: str | None = None,
-    sealed: Mapping[str, bytes] | None = None,
-    verb: str | Mapping[str, str] | None = None,
-    documents: Mapping[str, Mapping[str, Any]] | None = None,
-    write_only: Mapping[str, Collection[str]] | None = None,
-) -> None:
-    """Record entities home changed (internal ID -> resource type) or deleted, and enqueue their
-    syncs toward every push peer but ``origin`` (a change is not sent back where it came from),
-    each carrying the write-only values the write set, ``sealed`` by entity; and the SETs the
-    changes imply for the domains subscribed to events (``verb``, ``documents`` and the
-    ``write_only`` attribute names describe the changes: see :func:`record_changes`)."""
-    subscribed = await conn.fetchval(
-        query("record_writes"), list(changed), list(changed.values()), list(deleted)
-    )
-    if subscribed:
-        await record_changes(
-            conn,
-            changed,
-            deleted,
-            origin=origin,
-            verb=verb,
-            documents=documents or {},
-            write_only=write_only or {},
-        )
-    entities = list(dict.fromkeys([*changed, *deleted]))
-    sealed = sealed or {}
-    plain = [i for i in entities if i not in sealed]
-    if plain:
-        await conn.execute(query("enqueue_sync"), plain, origin)
-    carrying = [i for i in entities if i in sealed]
-    if carrying:
-        await conn.execute(
-            query("enqueue_sync_sealed"), carrying, origin, [sealed[i] for i in carrying]
-        )
+__all__ = ["settle_dead_letter"]
 
 
 async def settle_dead_letter(

@@ -14,7 +14,8 @@ import asyncpg
 
 from broker.db import query
 from broker.home import HomeClient, HomeUnavailable
-from broker.propagation.outbox import enqueue_changes
+from broker.propagation.journal import record
+from broker.propagation.writes import HomeWrite
 
 __all__ = ["HomePoller"]
 
@@ -120,7 +121,7 @@ class HomePoller:
         if not changed:
             return 0
         async with self.pool.acquire() as conn, conn.transaction():
-            await enqueue_changes(conn, changed, documents=found)
+            await record(conn, HomeWrite(written=changed, documents=found))
             await conn.execute(query("save_watermark"), resource_type, newest, sorted(at_newest))
         log.info("home poll: %d %s changes since %s", len(changed), resource_type, since)
         return len(changed)
@@ -145,7 +146,7 @@ class HomePoller:
         gone = [i for i in known if i not in live]
         async with self.pool.acquire() as conn, conn.transaction():
             if gone:
-                await enqueue_changes(conn, {}, deleted=gone)
+                await record(conn, HomeWrite.of_deletion(gone))
             await conn.execute(query("swept"), resource_type)
         if gone:
             log.info("home sweep: %d %s deleted in home", len(gone), resource_type)

@@ -35,9 +35,9 @@ from broker.mapping.store import MappingStore, mint_id
 from broker.propagation.documents import PATCH_SCHEMA, peer_document, scim_patch
 from broker.propagation.peer import PeerClient, peer_credential
 from broker.propagation.policy import Backoff, Failure, Verdict, judge
-from broker.propagation.secrets import SealError, SecretBox
 from broker.scim.guard import IdShape
 from broker.scim.rewrite import Translation, collect_ids
+from broker.secrets import SealError, SecretBox
 
 if TYPE_CHECKING:
     from broker.db import Connection

@@ -10,15 +10,15 @@ to resolve. One inbound and one outbound round-trip to the database for the whol
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from broker.errors import BrokerError, ForbiddenError, InvalidValueError
+from broker.propagation.writes import HomeWrite
 from broker.responses import error_document
 from broker.scim.attributes import AttrRef
-from broker.scim.bulk import bulk_write_only, bulk_writes
 from broker.scim.canonical import (
     CanonicalResource,
     canonical_keys,
@@ -212,11 +212,15 @@ async def serve_bulk(proxy: Proxy, call: Call, request: web.Request) -> web.Resp
             forwarded.append(home_op)
             results.append(None)
     answers = await _forward(proxy, call, forwarded, fail_on, errors, resolved)
-    schema = call.schema
-    write_only = bulk_write_only(
-        forwarded, answers, schema.endpoints, proxy.home.base_url, schema.write_only
+    write = HomeWrite.of_bulk(
+        forwarded,
+        answers,
+        endpoints=call.schema.endpoints,
+        home_base=proxy.home.base_url,
+        write_only_names=call.schema.write_only,
+        origin=call.domain.id,
     )
-    return await _respond(proxy, call, ops[: len(results)], results, answers, resolved, write_only)
+    return await _respond(proxy, call, ops[: len(results)], results, answers, resolved, write)
 
 
 @dataclass(frozen=True)
@@ -387,7 +391,7 @@ async def _respond(
     results: list[dict[str, Any] | None],
     answers: list[dict[str, Any]],
     resolved: dict[str, str],
-    write_only: dict[str, dict[str, Any]],
+    write: HomeWrite,
 ) -> web.Response:
     """The bulk response in the caller's terms, after recording what home wrote."""
     schema = call.schema
@@ -412,22 +416,11 @@ async def _respond(
         if reply is None:
             break  # home stopped (its failOnErrors): the rest were not performed
         out.append(replies.result(proxy, call, op, reply))
-    written, deleted, verbs = bulk_writes(answers, schema.endpoints, proxy.home.base_url)
-    documents = (
-        await proxy.home.read_back(written)
-        if written and await proxy.store.events_subscribed()
-        else {}
-    )
-    if written or deleted:
-        await proxy.store.record_write(
-            written,
-            origin=call.domain.id,
-            deleted=deleted,
-            external_ids=replies.external_ids,
-            write_only=write_only,
-            verb=verbs,
-            documents=documents,
-        )
+    write = replace(write, external_ids=replies.external_ids)
+    if write.written and await proxy.store.events_subscribed():
+        # Home answered without the resources: read them, for the SETs.
+        write = write.with_documents(await proxy.home.read_back(write.unread()))
+    await proxy.journal.record(write)
     return await proxy.respond(call, 200, {"schemas": [BULK_RESPONSE], "Operations": out})
 
 

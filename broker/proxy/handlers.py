@@ -31,6 +31,7 @@ from broker.home import HomeClient, HomeRefused, HomeResponse, HomeSchema
 from broker.http import SCIM_JSON
 from broker.mapping.guard import LeakGuard
 from broker.mapping.store import MappingStore
+from broker.propagation.journal import Journal
 from broker.responses import (
     SCIM_PREFIX,
     UnsupportedMediaType,
@@ -148,6 +149,7 @@ class Proxy:
         home: HomeClient,
         guard: LeakGuard,
         sealer: VersionSealer,
+        journal: Journal,
         audit: Callable[[str, str, dict[str, Any]], Awaitable[None]],
         on_leak: Callable[[str], None],
     ) -> None:
@@ -158,6 +160,7 @@ class Proxy:
         self.home = home
         self.guard = guard
         self.sealer = sealer
+        self.journal = journal
         self.audit = audit
         self.on_leak = on_leak
 

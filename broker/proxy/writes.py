@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from broker.errors import ForbiddenError
+from broker.propagation.writes import HomeWrite
 from broker.proxy.handlers import GET_PARAMS, Target, etag_of, headers_of, query_params
 from broker.scim.attributes import AttrRef
 from broker.scim.canonical import canonical_patch
@@ -57,13 +58,16 @@ async def create(proxy: Proxy, call: Call, request: web.Request) -> web.Response
     out = await proxy.visible(call, response.body, resource_type)  # records and mints
     internal = response.body["id"]
     external_id = canonical.external_id
-    await proxy.store.record_write(
-        {internal: resource_type},
-        origin=call.domain.id,
-        external_ids={internal: external_id[0]} if external_id else None,
-        write_only={internal: write_only_values("POST", canonical.attrs, call.schema.write_only)},
-        verb="create",
-        documents={internal: response.body},
+    await proxy.journal.record(
+        HomeWrite.of_resource(
+            internal,
+            resource_type,
+            verb="create",
+            origin=call.domain.id,
+            document=response.body,
+            write_only=write_only_values("POST", canonical.attrs, call.schema.write_only),
+            external_id=canonical.external_id,
+        )
     )
     if external_id is not None and external_id[0] is not None:
         out["externalId"] = external_id[0]
@@ -202,7 +206,7 @@ async def delete(proxy: Proxy, call: Call, request: web.Request) -> web.Response
     )
     if response.status != 204:
         raise proxy.home_error(call, response, target.replacements)
-    await proxy.store.record_write({}, origin=call.domain.id, deleted=[target.internal_id])
+    await proxy.journal.record(HomeWrite.of_deletion([target.internal_id], origin=call.domain.id))
     return await proxy.respond(call, 204, None)
 
 
@@ -218,11 +222,14 @@ async def _record(
     """A change the caller made to an existing resource (home's resource after it, if
     known): its externalId, and the syncs and SETs the change implies, with the write-only
     values it set, in one transaction."""
-    await proxy.store.record_write(
-        {target.internal_id: target.resource_type},
-        origin=call.domain.id,
-        external_ids={target.internal_id: external_id[0]} if external_id else None,
-        write_only={target.internal_id: write_only},
-        verb=verb,
-        documents={target.internal_id: document} if document else None,
+    await proxy.journal.record(
+        HomeWrite.of_resource(
+            target.internal_id,
+            target.resource_type,
+            verb=verb,
+            origin=call.domain.id,
+            document=document,
+            write_only=write_only,
+            external_id=external_id,
+        )
     )

@@ -1,0 +1,79 @@
+"""The write journal: one place that records a :class:`~broker.propagation.writes.HomeWrite`.
+
+On the caller's transaction, so that a write and everything it implies commit together or not at
+all: the externalId values the writing domain gave, the entities home wrote or deleted, the syncs
+toward every push peer but the writer (carrying the write-only values, sealed), and the changes the
+SETs will report to the domains subscribed to events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import asyncpg
+
+from broker.db import query
+from broker.events.record import record_changes
+from broker.mapping.store import set_domain_external_ids
+from broker.propagation.writes import HomeWrite
+from broker.secrets import SecretBox
+
+if TYPE_CHECKING:
+    from broker.db import Connection
+
+__all__ = ["Journal", "record"]
+
+
+async def record(
+    conn: Connection, write: HomeWrite, *, box: Callable[[], SecretBox] | None = None
+) -> None:
+    """Record ``write`` on ``conn``'s transaction (see the module doc). ``box`` seals the
+    write-only values; a write that carries some without it is a programming error."""
+    if write.external_ids:
+        assert write.origin is not None, "an externalId belongs to the domain that gave it"
+        await set_domain_external_ids(conn, write.origin, write.external_ids)
+    carrying = {i: v for i, v in write.write_only.items() if v}
+    if carrying and box is None:
+        raise RuntimeError("write-only values to deliver, but the journal has no key")
+    sealed = {i: box().seal(v) for i, v in carrying.items()} if box is not None else {}
+    changed, deleted = write.written, list(write.deleted)
+    subscribed = await conn.fetchval(
+        query("record_writes"), list(changed), list(changed.values()), deleted
+    )
+    if subscribed:
+        await record_changes(
+            conn,
+            changed,
+            deleted,
+            origin=write.origin,
+            verb=write.verbs or None,
+            documents=write.documents,
+            write_only={i: list(v) for i, v in carrying.items()},
+        )
+    entities = list(dict.fromkeys([*changed, *deleted]))
+    plain = [i for i in entities if i not in sealed]
+    if plain:
+        await conn.execute(query("enqueue_sync"), plain, write.origin)
+    with_values = [i for i in entities if i in sealed]
+    if with_values:
+        await conn.execute(
+            query("enqueue_sync_sealed"),
+            with_values,
+            write.origin,
+            [sealed[i] for i in with_values],
+        )
+
+
+class Journal:
+    """:func:`record` in a transaction of its own, for writes that have none yet."""
+
+    def __init__(self, pool: asyncpg.Pool, box: Callable[[], SecretBox] | None) -> None:
+        self.pool = pool
+        self.box = box
+
+    async def record(self, write: HomeWrite) -> None:
+        if not write:
+            return
+        async with self.pool.acquire() as conn, conn.transaction():
+            await record(conn, write, box=self.box)
