@@ -15,12 +15,10 @@ the peers' acknowledgement: in a real federation that moment may last minutes or
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import importlib.util
 import json
-import logging
 import os
 import secrets
 import shutil
@@ -889,29 +887,3 @@ async def _all(*steps: Awaitable[None]) -> None:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
-
-
-def _cmd_demo(config: Config, args: argparse.Namespace) -> Awaitable[int]:
-    # The user's configuration and data directory are left alone: the demo brings its own.
-    logging.basicConfig(
-        level=logging.WARNING, format="    (broker log) %(levelname)s %(name)s: %(message)s"
-    )
-    return run_demo(args.keep_running, None)
-
-
-def add_demo_command(commands: Any) -> None:
-    """Register ``broker demo`` on the ``commands`` subparsers."""
-    demo: argparse.ArgumentParser = commands.add_parser(
-        "demo",
-        help="seed 002's merge and split, live: embedded PostgreSQL, a home, two peers, the broker",
-        description="Start an embedded PostgreSQL, a home and two peers (scim2-server) and the "
-        "broker, in a temporary directory; provision a few people; walk through seed 002's "
-        "false positive (split) and false negative (merge), showing the mapping table and what "
-        "each peer holds. Needs scim2-server: " + INSTALL_HINT,
-    )
-    demo.add_argument(
-        "--keep-running",
-        action="store_true",
-        help="leave the federation up afterwards and print the URLs and tokens to try with curl",
-    )
-    demo.set_defaults(run=_cmd_demo, asynchronous=True)
