@@ -15,12 +15,10 @@ the peers' acknowledgement: in a real federation that moment may last minutes or
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import importlib.util
 import json
-import logging
 import os
 import secrets
 import shutil
@@ -42,12 +40,13 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from broker.app import ADMIN_URL, POOL, STORE, create_app
+from broker.cli.demo import INSTALL_HINT
+from broker.cli.output import indent, say, table
 from broker.config import Config, DatabaseConfig, HomeConfig, PropagationConfig, ServerConfig
 from broker.domains import DomainStore
-from broker.tables import table as _table
 from broker.tokens import TokenStore
 
-__all__ = ["add_demo_command", "run_demo"]
+__all__ = ["run_demo"]
 
 CORE_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
 CORE_GROUP = "urn:ietf:params:scim:schemas:core:2.0:Group"
@@ -65,35 +64,26 @@ TABLE_HEADER = (
     "Primary flag",
     "state",
 )
-INSTALL_HINT = "pip install 'scim-id-broker[demo]'"
 
 
 class DemoError(Exception):
     """The demo cannot go on; the message says why and what to do."""
 
 
-def _say(text: str = "") -> None:
-    print(text, flush=True)
-
-
 def _note(text: str) -> None:
-    _say(f"    .. {text}")
-
-
-def _indent(text: str, by: str = "    ") -> str:
-    return "\n".join(by + line for line in text.splitlines())
+    say(f"    .. {text}", stdout=True)
 
 
 def _heading(title: str) -> None:
-    _say()
-    _say("=" * 78)
-    _say(title)
-    _say("=" * 78)
+    rule = "=" * 78
+    say(f"\n{rule}\n{title}\n{rule}", stdout=True)
 
 
 def _step(label: str, text: str) -> None:
-    _say()
-    _say(textwrap.fill(f"[{label}] {text}", width=100, subsequent_indent=" " * (len(label) + 3)))
+    paragraph = textwrap.fill(
+        f"[{label}] {text}", width=100, subsequent_indent=" " * (len(label) + 3)
+    )
+    say("\n" + paragraph, stdout=True)
 
 
 def _free_port() -> int:
@@ -388,11 +378,14 @@ class Demo:
             )
             for r in rows
         ]
-        _say(f"    The mapping table: {title}")
-        _say("    (" + "; ".join(f"{p.label} is {p.internal_id} in home" for p in people) + ")")
-        _say(_indent(_table(TABLE_HEADER, cells) if cells else _table(TABLE_HEADER, [])))
+        say(f"    The mapping table: {title}", stdout=True)
+        say(
+            "    (" + "; ".join(f"{p.label} is {p.internal_id} in home" for p in people) + ")",
+            stdout=True,
+        )
+        say(indent(table(TABLE_HEADER, cells) if cells else table(TABLE_HEADER, [])), stdout=True)
         if not cells:
-            _say("    (no rows)")
+            say("    (no rows)", stdout=True)
 
     async def show_peers(self, *names: str) -> None:
         for name in names or tuple(self.peers):
@@ -400,23 +393,28 @@ class Demo:
             held = await self.peer_holds(peer)
             users = sorted(held["Users"], key=lambda u: str(u.get("userName", "")))
             by_id = {u["id"]: u.get("userName", "?") for u in users}
-            _say(f"    What {name} holds, asked directly ({peer.url}), under its own IDs:")
-            _say(
-                _indent(
-                    _table(
+            say(
+                f"    What {name} holds, asked directly ({peer.url}), under its own IDs:",
+                stdout=True,
+            )
+            say(
+                indent(
+                    table(
                         (f"{name}'s own ID", "userName", "displayName"),
                         [(u["id"], u.get("userName", ""), u.get("displayName", "")) for u in users],
                     )
-                )
+                ),
+                stdout=True,
             )
             for group in held["Groups"]:
                 members = ", ".join(
                     f"{m.get('value')} ({by_id.get(m.get('value', ''), '?')})"
                     for m in group.get("members") or []
                 )
-                _say(
+                say(
                     f"    group {group.get('displayName')!r}, {name}'s own ID {group['id']}: "
-                    f"members {members or '(none)'}"
+                    f"members {members or '(none)'}",
+                    stdout=True,
                 )
 
     async def operation(self, location: str) -> dict[str, Any]:
@@ -433,7 +431,11 @@ class Demo:
             "Home provisioned John Smith into P1 and P2; each answered with an ID of its own.",
         )
         await self.show_table([john], "John Smith in both peers")
+        other = await self._split_off(john)
+        await self._needed(john, other)
 
+    async def _split_off(self, john: Person) -> Person:
+        """a.2: the second John Smith gets an internal ID of its own and is split off."""
         _step(
             "a.2",
             "The false positive is found: two customers share the name John Smith. Home gives "
@@ -465,9 +467,12 @@ class Demo:
             [john, other],
             "unchanged; the new entity has no row, it is invisible to the peers by design",
         )
-        _say("    P2 is not aware of the split:")
+        say("    P2 is not aware of the split:", stdout=True)
         await self.show_peers("P2")
+        return other
 
+    async def _needed(self, john: Person, other: Person) -> None:
+        """a.3: the new entity is provisioned into the peers when a group first names it."""
         _step(
             "a.3",
             "At some convenient time, the new entity is needed in the peers: home's tools "
@@ -506,7 +511,13 @@ class Demo:
         await self.settle()
         await self.show_table([jsmith, johns], "two entities, four rows")
         await self.show_peers()
+        seen = len(self.link.sent)
+        location = await self._merge(jsmith, johns)
+        await self._peers_follow(jsmith, johns, location, seen)
 
+    async def _merge(self, jsmith: Person, johns: Person) -> str:
+        """b.2: the broker merges, then home's tools merge in home, while the peers' link is held
+        shut; the merge's status URL."""
         _step(
             "b.2",
             "The false negative is found: they are one customer. Home's tools tell the broker "
@@ -516,7 +527,6 @@ class Demo:
             "the peers hear of it.)",
         )
         self.link.open.clear()
-        seen = len(self.link.sent)
         body = {
             "survivor": jsmith.internal_id,
             "losers": [johns.internal_id],
@@ -526,6 +536,20 @@ class Demo:
         document, headers = await self.admin("POST", f"{self.admin_url}/admin/merges", body)
         location = headers.get("Location", document.get("location"))
         _note(f"202 Accepted, Location {location}")
+        await self._merge_in_home(jsmith, johns)
+        await self.show_table(
+            [jsmith, johns],
+            "at once, before any peer is told: JohnS's rows are aliases of JSmith "
+            "(inbound they still resolve, outbound only the primary is used)",
+        )
+        op = await self.operation(location)
+        _note(f"the merge's state: {op['state']}; progress {json.dumps(op['progress'])}")
+        say("    The peers still hold both accounts:", stdout=True)
+        await self.show_peers()
+        return str(location)
+
+    async def _merge_in_home(self, jsmith: Person, johns: Person) -> None:
+        """Home's tools move JohnS's membership to JSmith, delete JohnS, rename JSmith."""
         await self.home_tool(
             "PATCH",
             f"/Groups/{self.group_id}",
@@ -543,16 +567,9 @@ class Demo:
             _patch({"op": "replace", "path": "displayName", "value": "John Smith"}),
         )
         _note(f"home's tools: PATCH /Users/{jsmith.internal_id} displayName 'John Smith'")
-        await self.show_table(
-            [jsmith, johns],
-            "at once, before any peer is told: JohnS's rows are aliases of JSmith "
-            "(inbound they still resolve, outbound only the primary is used)",
-        )
-        op = await self.operation(location)
-        _note(f"the merge's state: {op['state']}; progress {json.dumps(op['progress'])}")
-        _say("    The peers still hold both accounts:")
-        await self.show_peers()
 
+    async def _peers_follow(self, jsmith: Person, johns: Person, location: str, seen: int) -> None:
+        """b.3: the link opens and the peers follow; ``seen``: how many requests came before."""
         _step(
             "b.3",
             "The link opens: not in lockstep with the merge, each peer is asked to move "
@@ -567,8 +584,8 @@ class Demo:
         await self.show_table([jsmith, johns], "after the peers acknowledged")
         await self.show_peers()
         op = await self.operation(location)
-        _say("    The merge's status resource (GET " + location + "):")
-        _say(_indent(json.dumps(op, indent=2)))
+        say("    The merge's status resource (GET " + location + "):", stdout=True)
+        say(indent(json.dumps(op, indent=2)), stdout=True)
 
     async def check_no_internal_id(self) -> bool:
         """No internal ID in anything the peers hold, nor in anything the broker sent them."""
@@ -582,41 +599,46 @@ class Demo:
         leaked = sorted(i for i in self.internal_ids if i in held_text or i in sent_text)
         resources = sum(len(v) for h in held.values() for v in h.values())
         if leaked:
-            _say(f"    FAILED: internal IDs found in the peers' data: {', '.join(leaked)}")
+            say(
+                f"    FAILED: internal IDs found in the peers' data: {', '.join(leaked)}",
+                stdout=True,
+            )
             return False
-        _say(
+        say(
             f"    OK: none of the {len(self.internal_ids)} internal IDs appears in the "
             f"{resources} resources P1 and P2 hold, nor in the {len(self.link.sent)} requests "
-            "the broker sent them."
+            "the broker sent them.",
+            stdout=True,
         )
         return True
 
     def print_try_it(self) -> None:
         _heading("The federation keeps running: try it (Ctrl-C stops everything)")
         p1, p2 = self.peers["P1"], self.peers["P2"]
-        _say(f"  broker, domain-facing SCIM:  {self.broker_url}/scim/v2")
-        _say(f"  broker, admin listener:      {self.admin_url}  (/admin/..., /home/scim/v2/...)")
-        _say(f"  home (scim2-server):         {self.home.url}")
-        _say(f"  peer P1 (scim2-server):      {p1.url}")
-        _say(f"  peer P2 (scim2-server):      {p2.url}")
-        _say()
-        _say(f"  P1_TOKEN={self.tokens['P1']}      # P1 calling the broker")
-        _say(f"  ADMIN_TOKEN={self.tokens['admin']}   # the admin API")
-        _say(f"  HOME_TOOLS={self.tokens['home']}    # home's tools, through the broker")
-        _say(f"  HOME_TOKEN={self.home.token}  # home's own service")
-        _say(f"  PEER_TOKEN={p1.token}  # the peers' own services")
-        _say()
-        _say("  # P1's view through the broker: P1's own IDs, never home's")
-        _say(f'  curl -H "Authorization: Bearer $P1_TOKEN" {self.broker_url}/scim/v2/Users')
-        _say("  # the merge and the split, as operations")
-        _say(f'  curl -H "Authorization: Bearer $ADMIN_TOKEN" {self.admin_url}/admin/operations')
-        _say("  # home's tools add someone; P2 has them a moment later, under its own ID")
-        _say(
+        lines = [
+            f"  broker, domain-facing SCIM:  {self.broker_url}/scim/v2",
+            f"  broker, admin listener:      {self.admin_url}  (/admin/..., /home/scim/v2/...)",
+            f"  home (scim2-server):         {self.home.url}",
+            f"  peer P1 (scim2-server):      {p1.url}",
+            f"  peer P2 (scim2-server):      {p2.url}",
+            "",
+            f"  P1_TOKEN={self.tokens['P1']}      # P1 calling the broker",
+            f"  ADMIN_TOKEN={self.tokens['admin']}   # the admin API",
+            f"  HOME_TOOLS={self.tokens['home']}    # home's tools, through the broker",
+            f"  HOME_TOKEN={self.home.token}  # home's own service",
+            f"  PEER_TOKEN={p1.token}  # the peers' own services",
+            "",
+            "  # P1's view through the broker: P1's own IDs, never home's",
+            f'  curl -H "Authorization: Bearer $P1_TOKEN" {self.broker_url}/scim/v2/Users',
+            "  # the merge and the split, as operations",
+            f'  curl -H "Authorization: Bearer $ADMIN_TOKEN" {self.admin_url}/admin/operations',
+            "  # home's tools add someone; P2 has them a moment later, under its own ID",
             f'  curl -H "Authorization: Bearer $HOME_TOOLS" -H "Content-Type: application/scim+json" '
             f'-d \'{{"schemas":["{CORE_USER}"],"userName":"bjensen"}}\' '
-            f"{self.admin_url}/home/scim/v2/Users"
-        )
-        _say(f'  curl -H "Authorization: Bearer $PEER_TOKEN" {p2.url}/Users')
+            f"{self.admin_url}/home/scim/v2/Users",
+            f'  curl -H "Authorization: Bearer $PEER_TOKEN" {p2.url}/Users',
+        ]
+        say("\n".join(lines), stdout=True)
 
 
 async def _walk_through(demo: Demo) -> bool:
@@ -646,7 +668,7 @@ def _working_directory(data_dir: Path | None) -> tuple[Path, bool]:
 def _remove(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
     if directory.exists():
-        print(f"broker demo: could not remove {directory}", file=sys.stderr)
+        say(f"broker demo: could not remove {directory}")
 
 
 def _tail(path: Path) -> str:
@@ -685,24 +707,137 @@ async def run_demo(keep_running: bool, data_dir: Path | None) -> int:
             ok = await _run(directory, keep_running, started, state, stop)
         finally:
             if keep:
-                _say(f"\nThe demo's files are kept in {directory}.")
+                say(f"\nThe demo's files are kept in {directory}.", stdout=True)
             else:
                 _remove(directory)
         return 0 if ok else 1
     except asyncio.CancelledError:
         if not state["interrupted"]:
             raise
-        _say("\nInterrupted: everything the demo started is stopped.")
+        say("\nInterrupted: everything the demo started is stopped.", stdout=True)
         return 130
     except DemoError as exc:
-        print(f"broker demo: {exc}", file=sys.stderr, flush=True)
+        say(f"broker demo: {exc}")
         return 1
     except (OSError, asyncpg.PostgresError, aiohttp.ClientError) as exc:
-        print(f"broker demo: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        say(f"broker demo: {type(exc).__name__}: {exc}")
         return 1
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
+
+
+@dataclass(frozen=True)
+class Services:
+    """The SCIM services the demo started: home, and the peers as tenants of a second server."""
+
+    home: Service
+    peers: dict[str, Service]
+    peers_root: str
+    """The peers' server, which the link forwards to."""
+    processes: tuple[tuple[str, asyncio.subprocess.Process, str, str, Path], ...]
+    """(name, process, readiness probe, token, log) of each scim2-server process."""
+
+    def ready(self, session: aiohttp.ClientSession) -> list[Awaitable[None]]:
+        """Until each server answers its probe."""
+        return [_ready(session, *process) for process in self.processes]
+
+
+async def _start_services(stack: AsyncExitStack, directory: Path) -> Services:
+    """Home and the peers (two scim2-server processes), and the peers' token in the environment
+    their ``credential_ref`` names; all undone when ``stack`` closes."""
+    home_token, peers_token = secrets.token_hex(12), secrets.token_hex(12)
+    home_process, home_port, home_log = await _start_scim_server(
+        stack, directory, "home", home_token
+    )
+    peers_process, peers_port, peers_log = await _start_scim_server(
+        stack, directory, "peers", peers_token, "--tenant", "p1", "--tenant", "p2"
+    )
+    _note(f"home: scim2-server on port {home_port} (pid {home_process.pid})")
+    _note(f"peers P1, P2: scim2-server on port {peers_port}, tenants /p1 and /p2")
+    home = Service("home", f"http://127.0.0.1:{home_port}/v2", home_token)
+    peers = {
+        name: Service(name, f"http://127.0.0.1:{peers_port}/{name.lower()}/v2", peers_token)
+        for name in ("P1", "P2")
+    }
+    os.environ[PEER_TOKEN_ENV] = peers_token
+    stack.callback(os.environ.pop, PEER_TOKEN_ENV, None)
+    probe = "/ServiceProviderConfig"
+    return Services(
+        home,
+        peers,
+        f"http://127.0.0.1:{peers_port}",
+        (
+            ("home", home_process, home.url + probe, home_token, home_log),
+            ("peers' server", peers_process, peers["P1"].url + probe, peers_token, peers_log),
+        ),
+    )
+
+
+def _broker_config(directory: Path, home: Service) -> Config:
+    """The broker's configuration: on free local ports, PostgreSQL in ``directory``, quick retries."""
+    port, admin_port = _free_port(), _free_port()
+    return Config(
+        server=ServerConfig(
+            host="127.0.0.1", port=port, admin_host="127.0.0.1", admin_port=admin_port
+        ),
+        database=DatabaseConfig(data_dir=directory / "postgres", pool_max_size=6),
+        home=HomeConfig(scim_url=home.url, token=SecretStr(home.token), id_pattern=HOME_ID_PATTERN),
+        propagation=PropagationConfig(
+            home_poll_interval=0,
+            backoff_base=0.05,
+            backoff_ceiling=0.5,
+            quarantine_retry=0.5,
+            lease=10,
+            retention=0,
+        ),
+    )
+
+
+async def _set_up(runner: web.AppRunner) -> None:
+    """The broker's start: embedded PostgreSQL, migrations, workers."""
+    setup = asyncio.ensure_future(runner.setup())
+    try:
+        await asyncio.shield(setup)
+    except asyncio.CancelledError:
+        # PostgreSQL starts in a thread that cannot be stopped half-way: let it finish,
+        # so that the clean-up stops it rather than leave it on a removed directory.
+        await asyncio.wait([setup])
+        if not setup.cancelled():
+            setup.exception()  # retrieved: the interruption is what gets reported
+        raise
+    _note("embedded PostgreSQL started and migrated; the broker's workers run")
+
+
+async def _listen(runner: web.AppRunner, session: aiohttp.ClientSession, port: int) -> str:
+    """The broker listening on ``port``, and ready; its URL."""
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    broker_url = f"http://127.0.0.1:{port}"
+    status, _, _ = await _call(session, "GET", f"{broker_url}/readyz", "-")
+    if status != 200:
+        raise DemoError(f"the broker is not ready: /readyz answered {status}")
+    _note(f"broker: {broker_url}/scim/v2, admin listener {runner.app[ADMIN_URL]}")
+    return broker_url
+
+
+async def _register_domains(app: web.Application, link: Link) -> dict[str, str]:
+    """H (home), and P1 and P2 as push peers reached through the link; the tokens issued."""
+    domains, tokens = DomainStore(app[POOL]), TokenStore(app[POOL])
+    await domains.add("H", kind="home")
+    for name in ("P1", "P2"):
+        await domains.add(
+            name,
+            scim_url=f"{link.url}/{name.lower()}/v2",
+            credential_ref=f"env:{PEER_TOKEN_ENV}",
+            push=True,
+        )
+    issued = {
+        "home": (await tokens.issue("H"))[0],
+        "admin": (await tokens.issue("H", scopes=["admin"]))[0],
+        "P1": (await tokens.issue("P1"))[0],
+    }
+    _note("domains: H (home), P1 and P2 (push peers); tokens issued")
+    return issued
 
 
 async def _run(
@@ -714,117 +849,31 @@ async def _run(
 ) -> bool:
     _heading("Starting the federation (from nothing, in " + str(directory) + ")")
     async with AsyncExitStack() as stack:
-        home_token, peers_token = secrets.token_hex(12), secrets.token_hex(12)
-        home_process, home_port, home_log = await _start_scim_server(
-            stack, directory, "home", home_token
-        )
-        peers_process, peers_port, peers_log = await _start_scim_server(
-            stack, directory, "peers", peers_token, "--tenant", "p1", "--tenant", "p2"
-        )
-        _note(f"home: scim2-server on port {home_port} (pid {home_process.pid})")
-        _note(f"peers P1, P2: scim2-server on port {peers_port}, tenants /p1 and /p2")
-        home = Service("home", f"http://127.0.0.1:{home_port}/v2", home_token)
-        peers = {
-            name: Service(name, f"http://127.0.0.1:{peers_port}/{name.lower()}/v2", peers_token)
-            for name in ("P1", "P2")
-        }
-        os.environ[PEER_TOKEN_ENV] = peers_token
-        stack.callback(os.environ.pop, PEER_TOKEN_ENV, None)
-
-        port, admin_port = _free_port(), _free_port()
-        config = Config(
-            server=ServerConfig(
-                host="127.0.0.1", port=port, admin_host="127.0.0.1", admin_port=admin_port
-            ),
-            database=DatabaseConfig(data_dir=directory / "postgres", pool_max_size=6),
-            home=HomeConfig(
-                scim_url=home.url, token=SecretStr(home_token), id_pattern=HOME_ID_PATTERN
-            ),
-            propagation=PropagationConfig(
-                home_poll_interval=0,
-                backoff_base=0.05,
-                backoff_ceiling=0.5,
-                quarantine_retry=0.5,
-                lease=10,
-                retention=0,
-            ),
-        )
+        services = await _start_services(stack, directory)
+        config = _broker_config(directory, services.home)
         app = create_app(config)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=2)
         stack.push_async_callback(runner.cleanup)
         session = await stack.enter_async_context(aiohttp.ClientSession())
-        link = Link(f"http://127.0.0.1:{peers_port}", session)
+        link = Link(services.peers_root, session)
         stack.push_async_callback((await link.start()).cleanup)
-
-        async def database() -> None:
-            setup = asyncio.ensure_future(runner.setup())
-            try:
-                await asyncio.shield(setup)
-            except asyncio.CancelledError:
-                # PostgreSQL starts in a thread that cannot be stopped half-way: let it finish,
-                # so that the clean-up stops it rather than leave it on a removed directory.
-                await asyncio.wait([setup])
-                if not setup.cancelled():
-                    setup.exception()  # retrieved: the interruption is what gets reported
-                raise
-            _note("embedded PostgreSQL started and migrated; the broker's workers run")
-
-        await _all(
-            database(),
-            _ready(
-                session,
-                "home",
-                home_process,
-                f"{home.url}/ServiceProviderConfig",
-                home_token,
-                home_log,
-            ),
-            _ready(
-                session,
-                "peers' server",
-                peers_process,
-                f"{peers['P1'].url}/ServiceProviderConfig",
-                peers_token,
-                peers_log,
-            ),
-        )
+        await _all(_set_up(runner), *services.ready(session))
         _note("home and peers answer")
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        broker_url = f"http://127.0.0.1:{port}"
-        status, _, _ = await _call(session, "GET", f"{broker_url}/readyz", "-")
-        if status != 200:
-            raise DemoError(f"the broker is not ready: /readyz answered {status}")
-        _note(f"broker: {broker_url}/scim/v2, admin listener {app[ADMIN_URL]}")
-
-        domains, tokens = DomainStore(app[POOL]), TokenStore(app[POOL])
-        await domains.add("H", kind="home")
-        for name in ("P1", "P2"):
-            await domains.add(
-                name,
-                scim_url=f"{link.url}/{name.lower()}/v2",
-                credential_ref=f"env:{PEER_TOKEN_ENV}",
-                push=True,
-            )
-        issued = {
-            "home": (await tokens.issue("H"))[0],
-            "admin": (await tokens.issue("H", scopes=["admin"]))[0],
-            "P1": (await tokens.issue("P1"))[0],
-        }
-        _note("domains: H (home), P1 and P2 (push peers); tokens issued")
+        broker_url = await _listen(runner, session, config.server.port)
+        issued = await _register_domains(app, link)
         _note(f"ready in {time.monotonic() - started:.1f} s")
 
-        demo = Demo(session, app, home, peers, link, issued, broker_url)
+        demo = Demo(session, app, services.home, services.peers, link, issued, broker_url)
         ok = await _walk_through(demo)
-        _say()
-        _say(f"Walk-through done in {time.monotonic() - started:.1f} s.")
+        say(f"\nWalk-through done in {time.monotonic() - started:.1f} s.", stdout=True)
         if keep_running and ok:
             demo.print_try_it()
             state["waiting"] = True
             if not state["interrupted"]:
                 await stop.wait()
-            _say("\nStopping: the broker, PostgreSQL, home and the peers.")
+            say("\nStopping: the broker, PostgreSQL, home and the peers.", stdout=True)
     if not keep_running:
-        _say("Everything the demo started is stopped.")
+        say("Everything the demo started is stopped.", stdout=True)
     return ok
 
 
@@ -838,29 +887,3 @@ async def _all(*steps: Awaitable[None]) -> None:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
-
-
-def _cmd_demo(config: Config, args: argparse.Namespace) -> Awaitable[int]:
-    # The user's configuration and data directory are left alone: the demo brings its own.
-    logging.basicConfig(
-        level=logging.WARNING, format="    (broker log) %(levelname)s %(name)s: %(message)s"
-    )
-    return run_demo(args.keep_running, None)
-
-
-def add_demo_command(commands: Any) -> None:
-    """Register ``broker demo`` on the ``commands`` subparsers."""
-    demo: argparse.ArgumentParser = commands.add_parser(
-        "demo",
-        help="seed 002's merge and split, live: embedded PostgreSQL, a home, two peers, the broker",
-        description="Start an embedded PostgreSQL, a home and two peers (scim2-server) and the "
-        "broker, in a temporary directory; provision a few people; walk through seed 002's "
-        "false positive (split) and false negative (merge), showing the mapping table and what "
-        "each peer holds. Needs scim2-server: " + INSTALL_HINT,
-    )
-    demo.add_argument(
-        "--keep-running",
-        action="store_true",
-        help="leave the federation up afterwards and print the URLs and tokens to try with curl",
-    )
-    demo.set_defaults(run=_cmd_demo, asynchronous=True)

@@ -21,8 +21,8 @@ import aiohttp
 import pytest
 import yarl
 
+from broker.cli.events import subscribe
 from broker.domains import DomainStore
-from broker.events.commands import subscribe
 from broker.mapping.store import MappingStore
 from broker.tokens import TokenStore
 from tests.scim_support import (
