@@ -39,11 +39,11 @@ import asyncpg
 from aiohttp import web
 from pydantic import SecretStr
 
+from broker import DEMO_INSTALL_HINT
 from broker.app import ADMIN_URL, POOL, STORE, create_app
-from broker.cli.demo import INSTALL_HINT
-from broker.cli.output import indent, say, table
 from broker.config import Config, DatabaseConfig, HomeConfig, PropagationConfig, ServerConfig
 from broker.domains import DomainStore
+from broker.output import indent, say, table
 from broker.tokens import TokenStore
 
 __all__ = ["run_demo"]
@@ -245,7 +245,7 @@ async def _ready(
                 if process.returncode is not None
                 else f"did not answer within {READY_WITHIN:.0f} s"
             )
-            hint = f"; is scim2-server installed? {INSTALL_HINT}" if "No module" in log else ""
+            hint = f"; is scim2-server installed? {DEMO_INSTALL_HINT}" if "No module" in log else ""
             raise DemoError(f"the {name} (scim2-server) {reason}{hint}. Its log:\n{log}")
         await asyncio.sleep(0.1)
 
@@ -700,7 +700,7 @@ async def run_demo(keep_running: bool, data_dir: Path | None) -> int:
         if importlib.util.find_spec("scim2_server") is None:
             raise DemoError(
                 f"the demo runs real SCIM services (scim2-server), which is not installed: "
-                f"{INSTALL_HINT}"
+                f"{DEMO_INSTALL_HINT}"
             )
         directory, keep = _working_directory(data_dir)
         try:

@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from broker.cli.operations import moves
-from broker.cli.output import say, table
 from broker.cli.parser import build_parser
 from broker.errors import BrokerError
+from broker.output import say, table
 
 LOADED = (
     "import sys\n"

@@ -17,11 +17,11 @@ from typing import Any
 
 import asyncpg
 
-from broker.cli.output import say
 from broker.cli.parser import build_parser
 from broker.config import Config, ConfigError, load_config
 from broker.db import MigrationError
 from broker.errors import BrokerError
+from broker.output import say
 
 __all__ = ["main"]
 

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
-from broker.cli.output import say
 from broker.config import Config
 from broker.db import migrated_pool
+from broker.output import say
 
 if TYPE_CHECKING:
     Commands = argparse._SubParsersAction[argparse.ArgumentParser]

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Literal
 import asyncpg
 
 from broker.cli.common import pool
-from broker.cli.output import say, table
 from broker.config import Config
 from broker.db import query
 from broker.errors import BrokerError
+from broker.output import say, table
 from broker.propagation.outbox import settle_dead_letter
 
 if TYPE_CHECKING:

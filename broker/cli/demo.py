@@ -8,14 +8,13 @@ import logging
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
+from broker import DEMO_INSTALL_HINT
 from broker.config import Config
 
 if TYPE_CHECKING:
     from broker.cli.common import Commands
 
-__all__ = ["INSTALL_HINT", "cmd_demo", "register"]
-
-INSTALL_HINT = "pip install 'scim-id-broker[demo]'"
+__all__ = ["cmd_demo", "register"]
 
 
 def register(commands: Commands) -> None:
@@ -26,7 +25,7 @@ def register(commands: Commands) -> None:
         description="Start an embedded PostgreSQL, a home and two peers (scim2-server) and the "
         "broker, in a temporary directory; provision a few people; walk through seed 002's "
         "false positive (split) and false negative (merge), showing the mapping table and what "
-        "each peer holds. Needs scim2-server: " + INSTALL_HINT,
+        "each peer holds. Needs scim2-server: " + DEMO_INSTALL_HINT,
     )
     demo.add_argument(
         "--keep-running",

@@ -6,9 +6,9 @@ import argparse
 from typing import TYPE_CHECKING
 
 from broker.cli.common import pool, split_list
-from broker.cli.output import table
 from broker.config import Config
 from broker.domains import Domain, DomainStore
+from broker.output import table
 from broker.tokens import parse_duration
 
 if TYPE_CHECKING:

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 import asyncpg
 
 from broker.cli.common import actor, pool
-from broker.cli.output import say, table
 from broker.config import Config
 from broker.db import query
 from broker.errors import InvalidValueError, NotFoundError
 from broker.events.keyring import KeyRing
 from broker.http import outbound_url_problem
+from broker.output import say, table
 from broker.secrets import load_box
 
 if TYPE_CHECKING:

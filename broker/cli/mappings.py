@@ -6,11 +6,11 @@ import argparse
 from typing import TYPE_CHECKING
 
 from broker.cli.common import pool
-from broker.cli.output import say, table
 from broker.config import Config
 from broker.domains import DomainStore
 from broker.mapping.rules import MappingRow
 from broker.mapping.store import MappingStore
+from broker.output import say, table
 
 if TYPE_CHECKING:
     from broker.cli.common import Commands

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 import asyncpg
 
 from broker.cli.common import actor, pool
-from broker.cli.output import say, table, when
 from broker.config import Config
 from broker.db import query
 from broker.errors import BrokerError
 from broker.mapping.store import MappingStore, Operation
+from broker.output import say, table, when
 
 if TYPE_CHECKING:
     from broker.cli.common import Commands

@@ -11,9 +11,9 @@ from aiohttp import web
 from broker import __version__
 from broker.app import create_app
 from broker.cli.common import pool
-from broker.cli.output import say
 from broker.config import Config
 from broker.logsafe import protect_handlers
+from broker.output import say
 
 if TYPE_CHECKING:
     from broker.cli.common import Commands

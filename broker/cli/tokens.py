@@ -6,8 +6,8 @@ import argparse
 from typing import TYPE_CHECKING
 
 from broker.cli.common import pool, split_list
-from broker.cli.output import say, table, when
 from broker.config import Config
+from broker.output import say, table, when
 from broker.tokens import TokenStore, parse_duration
 
 if TYPE_CHECKING:
