@@ -89,6 +89,14 @@ class Metrics:
             ["domain"],
             registry=self.registry,
         )
+        self._propagation_metrics()
+        self.info = Gauge(
+            "broker_build_info", "The broker's version.", ["version"], registry=self.registry
+        )
+        self.info.labels(__version__).set(1)
+
+    def _propagation_metrics(self) -> None:
+        """The outbox, the push peers and the SETs waiting for domains."""
         self.deliveries = Counter(
             "broker_deliveries",
             "Delivery attempts to push peers, by peer and outcome (done, retry, dead, waiting, error).",
@@ -125,10 +133,6 @@ class Metrics:
             ["domain", "state"],
             registry=self.registry,
         )
-        self.info = Gauge(
-            "broker_build_info", "The broker's version.", ["version"], registry=self.registry
-        )
-        self.info.labels(__version__).set(1)
 
 
 CONFIG = web.AppKey("config", Config)

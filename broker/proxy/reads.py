@@ -5,6 +5,7 @@ Each function takes the :class:`~broker.proxy.handlers.Proxy` (the shell's parts
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -72,6 +73,44 @@ async def search(proxy: Proxy, call: Call, request: web.Request) -> web.Response
 async def _search_home(
     proxy: Proxy, call: Call, resource_type: str | None, params: dict[str, Any], *, post: bool
 ) -> web.Response:
+    """A list or search at home, held to the caller's policy, answered in its terms."""
+    schema = call.schema
+    home_filter = await _home_filter(proxy, call, resource_type, params)
+    if home_filter is not None:
+        params["filter"] = home_filter
+    if post:
+        path = (schema.endpoints.by_type[resource_type] if resource_type else "") + "/.search"
+        response = await proxy.home.request(
+            "POST", path, body={"schemas": [SEARCH_SCHEMA], **params}
+        )
+    else:
+        path = schema.endpoints.by_type[resource_type] if resource_type else "/"
+        response = await proxy.home.request(
+            "GET", path, params={k: str(v) for k, v in params.items()}
+        )
+    if response.status != 200 or not isinstance(response.body, dict):
+        raise proxy.home_error(call, response, {})
+    resources = [r for r in response.body.get("Resources", []) if isinstance(r, dict)]
+    translated = await proxy.outbound(call, resources, resource_type)
+    visible = [proxy.readable(call, r, resource_type) for r in translated if r is not None]
+    hidden = len(resources) - len(visible)
+    total = response.body.get("totalResults", len(visible))
+    start = response.body.get("startIndex", 1)
+    body = {
+        "schemas": [LIST_SCHEMA],
+        "totalResults": max(0, (total if isinstance(total, int) else len(visible)) - hidden),
+        "itemsPerPage": len(visible),
+        "startIndex": start if isinstance(start, int) else 1,
+        "Resources": visible,
+    }
+    return await proxy.respond(call, 200, body)
+
+
+async def _home_filter(
+    proxy: Proxy, call: Call, resource_type: str | None, params: Mapping[str, Any]
+) -> str | None:
+    """The filter home gets: the caller's (checked against its read list, its IDs translated)
+    ANDed with its scope; None if neither."""
     schema = call.schema
     resources_searched = (
         [schema.resource(resource_type)]
@@ -102,31 +141,6 @@ async def _search_home(
     scope = call.scope(resource_type)
     if scope:
         parts.append(scope)
-    if parts:
-        params["filter"] = " and ".join(f"({p})" for p in parts) if len(parts) > 1 else parts[0]
-    if post:
-        path = (schema.endpoints.by_type[resource_type] if resource_type else "") + "/.search"
-        response = await proxy.home.request(
-            "POST", path, body={"schemas": [SEARCH_SCHEMA], **params}
-        )
-    else:
-        path = schema.endpoints.by_type[resource_type] if resource_type else "/"
-        response = await proxy.home.request(
-            "GET", path, params={k: str(v) for k, v in params.items()}
-        )
-    if response.status != 200 or not isinstance(response.body, dict):
-        raise proxy.home_error(call, response, {})
-    resources = [r for r in response.body.get("Resources", []) if isinstance(r, dict)]
-    translated = await proxy.outbound(call, resources, resource_type)
-    visible = [proxy.readable(call, r, resource_type) for r in translated if r is not None]
-    hidden = len(resources) - len(visible)
-    total = response.body.get("totalResults", len(visible))
-    start = response.body.get("startIndex", 1)
-    body = {
-        "schemas": [LIST_SCHEMA],
-        "totalResults": max(0, (total if isinstance(total, int) else len(visible)) - hidden),
-        "itemsPerPage": len(visible),
-        "startIndex": start if isinstance(start, int) else 1,
-        "Resources": visible,
-    }
-    return await proxy.respond(call, 200, body)
+    if not parts:
+        return None
+    return " and ".join(f"({p})" for p in parts) if len(parts) > 1 else parts[0]

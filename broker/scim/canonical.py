@@ -205,70 +205,81 @@ def canonical_resource(
 ) -> CanonicalResource:
     """A resource the domain sends (POST, PUT, a PATCH value without a path) in canonical form.
 
-    ``id`` and ``meta`` are read-only and dropped (RFC 7643 section 3.1); an unknown attribute is
-    400 ``invalidValue``; two keys naming one attribute are 400 ``invalidSyntax``.
+    ``id`` and ``meta`` are read-only and dropped (RFC 7643 section 3.1), or with ``patch``
+    refused (400 ``mutability``); an unknown attribute is 400 ``invalidValue``; two keys naming
+    one attribute are 400 ``invalidSyntax``.
     """
     if not isinstance(doc, dict):
         raise _syntax(f"{where} must be a JSON object: a SCIM resource")
-    out = CanonicalResource({})
-    extensions: dict[str, dict[str, Any]] = {}
-    seen: dict[AttrRef, str] = {}
+    builder = _Builder(where, patch)
     whole: set[str] = set()
-
-    def put(ref: AttrRef, attr: Attribute, key: str, value: Any) -> None:
-        if ref in seen:
-            raise _syntax(f"{where}: {key!r} and {seen[ref]!r} both name {ref}")
-        seen[ref] = key
-        lowered = ref.name.lower()
-        if ref.extension is None and lowered in ("id", "meta"):
-            if patch:  # RFC 7644 section 3.5.2: a PATCH may not target a read-only attribute
-                raise InvalidValueError(f"{where}: {key} is read-only", scim_type="mutability")
-            return
-        if ref.extension is None and lowered == "externalid":
-            if value is not None and not isinstance(value, str):
-                raise InvalidValueError(f"{where}: externalId must be a string")
-            out.external_id = (value,)
-            return
-        if ref.extension is None and lowered == "schemas":
-            if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-                raise _syntax(f"{where}: schemas is a list of schema URNs")
-            out.attrs["schemas"] = value
-            return
-        canonical = canonical_value(attr, value, where)
-        if ref.extension is None:
-            out.attrs[ref.name] = canonical
-        else:
-            extensions.setdefault(ref.extension, {})[ref.name] = canonical
-        out.written.add(ref)
-
     for key, value in doc.items():
         urn = schema.extension(key)
-        if urn is not None:
-            if not isinstance(value, dict):
-                raise _syntax(f"{where}: {key!r} holds the extension's attributes: an object")
-            if urn in whole:
-                raise _syntax(f"{where}: the extension {urn} is given twice")
-            whole.add(urn)
-            for sub_key, sub_value in value.items():
-                if sub_key.lower() == "schemas":
-                    continue  # some clients repeat it inside the extension: it says nothing there
-                resolved = schema.resolve(f"{urn}:{sub_key}")
-                if resolved is None:
-                    raise InvalidValueError(
-                        f"{where}: {urn} has no attribute {sub_key!r} (see /Schemas)"
-                    )
-                put(*resolved, sub_key, sub_value)
-            extensions.setdefault(urn, {})
+        if urn is None:
+            resolved = schema.resolve(key)
+            if resolved is None:
+                raise InvalidValueError(
+                    f"{where}: a {schema.name} has no attribute {key!r} (see /Schemas)"
+                )
+            builder.put(*resolved, key, value)
             continue
-        resolved = schema.resolve(key)
-        if resolved is None:
-            raise InvalidValueError(
-                f"{where}: a {schema.name} has no attribute {key!r} (see /Schemas)"
-            )
-        put(*resolved, key, value)
-    for urn, attrs in extensions.items():
-        out.attrs[urn] = attrs
-    return out
+        if not isinstance(value, dict):
+            raise _syntax(f"{where}: {key!r} holds the extension's attributes: an object")
+        if urn in whole:
+            raise _syntax(f"{where}: the extension {urn} is given twice")
+        whole.add(urn)
+        builder.extensions.setdefault(urn, {})
+        for sub_key, sub_value in value.items():
+            if sub_key.lower() == "schemas":
+                continue  # some clients repeat it inside the extension: it says nothing there
+            resolved = schema.resolve(f"{urn}:{sub_key}")
+            if resolved is None:
+                raise InvalidValueError(
+                    f"{where}: {urn} has no attribute {sub_key!r} (see /Schemas)"
+                )
+            builder.put(*resolved, sub_key, sub_value)
+    return builder.done()
+
+
+@dataclass
+class _Builder:
+    """A canonical resource being built: each attribute placed once, by its canonical name."""
+
+    where: str
+    patch: bool
+    out: CanonicalResource = field(default_factory=lambda: CanonicalResource({}))
+    extensions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seen: dict[AttrRef, str] = field(default_factory=dict)
+
+    def put(self, ref: AttrRef, attr: Attribute, key: str, value: Any) -> None:
+        where = self.where
+        if ref in self.seen:
+            raise _syntax(f"{where}: {key!r} and {self.seen[ref]!r} both name {ref}")
+        self.seen[ref] = key
+        common = ref.name.lower() if ref.extension is None else None
+        if common in ("id", "meta"):
+            if self.patch:  # RFC 7644 section 3.5.2: a PATCH may not target a read-only attribute
+                raise InvalidValueError(f"{where}: {key} is read-only", scim_type="mutability")
+        elif common == "externalid":
+            if value is not None and not isinstance(value, str):
+                raise InvalidValueError(f"{where}: externalId must be a string")
+            self.out.external_id = (value,)
+        elif common == "schemas":
+            if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+                raise _syntax(f"{where}: schemas is a list of schema URNs")
+            self.out.attrs["schemas"] = value
+        else:
+            canonical = canonical_value(attr, value, where)
+            if ref.extension is None:
+                self.out.attrs[ref.name] = canonical
+            else:
+                self.extensions.setdefault(ref.extension, {})[ref.name] = canonical
+            self.out.written.add(ref)
+
+    def done(self) -> CanonicalResource:
+        for urn, attrs in self.extensions.items():
+            self.out.attrs[urn] = attrs
+        return self.out
 
 
 # ---------------------------------------------------------------------------- paths

@@ -166,52 +166,64 @@ def parse_patch(body: Any) -> PatchRequest:
     operations: list[_Op] = []
     external_id: tuple[str | None] | None = None
     for n, raw in enumerate(raw_ops, start=1):
-        if not isinstance(raw, dict):
-            raise PatchError(f"operation {n} is not a JSON object")
-        op = str(raw.get("op", "")).lower()
-        if op not in _OPS:
-            raise PatchError(
-                f"operation {n}: {raw.get('op')!r} is not add, remove or replace", "invalidValue"
-            )
-        path_text = raw.get("path")
-        path: Path[Any] | None = None
-        if path_text is not None:
-            if not isinstance(path_text, str):
-                raise PatchError(f"operation {n}: path must be a string", "invalidPath")
-            try:
-                path = Path(path_text)
-            except (InvalidPathException, ValueError) as exc:
-                detail = getattr(exc, "detail", None) or str(exc)
-                raise PatchError(
-                    f"operation {n}: invalid path {path_text!r}: {detail}", "invalidPath"
-                ) from exc
-        if op == "remove" and (path is None or path.ast is None):
-            raise PatchError(f"operation {n}: remove needs a path", "noTarget")
-        if op != "remove" and "value" not in raw:
-            raise PatchError(f"operation {n}: {op} needs a value", "invalidValue")
-        value = raw.get("value")
-        if (
-            path is not None
-            and isinstance(path.ast, AttrPath)
-            and not path.ast.uri
-            and path.ast.sub_attr is None
-        ):
-            name = path.ast.attr.lower()
-            if name == "id":
-                raise PatchError(f"operation {n}: id is read-only", "mutability")
-            if name == "externalid":
-                if op != "remove" and not isinstance(value, str):
-                    raise PatchError(f"operation {n}: externalId must be a string", "invalidValue")
-                external_id = (None if op == "remove" else value,)
-                continue
-        if path is None and isinstance(value, dict):
-            key = next((k for k in value if k.lower() == "externalid"), None)
-            if key is not None:
-                external_id = (value[key],)
-                value = {k: v for k, v in value.items() if k != key}
-                raw = {**raw, "value": value}
-                if not value:
-                    continue
-        operations.append(_Op(op, path, value, raw))
+        op, value_external_id = _parse_op(n, raw)
+        if value_external_id is not None:
+            external_id = value_external_id
+        if op is not None:
+            operations.append(op)
     extra = {k: v for k, v in body.items() if k not in ("schemas",) and k.lower() != "operations"}
     return PatchRequest(operations, external_id, extra)
+
+
+def _parse_op(n: int, raw: Any) -> tuple[_Op | None, tuple[str | None] | None]:
+    """Operation ``n``, checked; and the externalId it sets for the caller ((value,), or None if
+    it sets none). The operation is None when all it does is set externalId."""
+    if not isinstance(raw, dict):
+        raise PatchError(f"operation {n} is not a JSON object")
+    op = str(raw.get("op", "")).lower()
+    if op not in _OPS:
+        raise PatchError(
+            f"operation {n}: {raw.get('op')!r} is not add, remove or replace", "invalidValue"
+        )
+    path = _parse_path(n, raw.get("path"))
+    if op == "remove" and (path is None or path.ast is None):
+        raise PatchError(f"operation {n}: remove needs a path", "noTarget")
+    if op != "remove" and "value" not in raw:
+        raise PatchError(f"operation {n}: {op} needs a value", "invalidValue")
+    value = raw.get("value")
+    if (
+        path is not None
+        and isinstance(path.ast, AttrPath)
+        and not path.ast.uri
+        and path.ast.sub_attr is None
+    ):
+        name = path.ast.attr.lower()
+        if name == "id":
+            raise PatchError(f"operation {n}: id is read-only", "mutability")
+        if name == "externalid":
+            if op != "remove" and not isinstance(value, str):
+                raise PatchError(f"operation {n}: externalId must be a string", "invalidValue")
+            return None, (None if op == "remove" else value,)
+    if path is None and isinstance(value, dict):
+        key = next((k for k in value if k.lower() == "externalid"), None)
+        if key is not None:
+            value = {k: v for k, v in value.items() if k != key}
+            found = (raw["value"][key],)
+            if not value:
+                return None, found
+            return _Op(op, path, value, {**raw, "value": value}), found
+    return _Op(op, path, value, raw), None
+
+
+def _parse_path(n: int, path_text: Any) -> Path[Any] | None:
+    if path_text is None:
+        return None
+    if not isinstance(path_text, str):
+        raise PatchError(f"operation {n}: path must be a string", "invalidPath")
+    try:
+        return Path(path_text)
+    except (InvalidPathException, ValueError) as exc:
+        detail = getattr(exc, "detail", None) or str(exc)
+        raise PatchError(
+            f"operation {n}: invalid path {path_text!r}: {detail}", "invalidPath"
+        ) from exc
