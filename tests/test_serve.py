@@ -59,16 +59,25 @@ def alive(pid: int) -> bool:
     return True
 
 
+def _data_dir(tmp_path: Path) -> Iterator[Path]:
+    """A data directory whose embedded PostgreSQL is stopped afterwards, whatever failed."""
+    directory = tmp_path / "broker-data"
+    yield directory
+    pid = postmaster_pid(directory)
+    if pid is not None and alive(pid):
+        os.kill(pid, signal.SIGQUIT)
+
+
 class Served:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *args: str, extra_env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.port = free_port()
-        self.env = environment(data_dir, self.port)
+        self.env = {**environment(data_dir, self.port), **(extra_env or {})}
         self.log = data_dir.parent / f"serve-{self.port}.log"
         self.started = time.monotonic()
         with self.log.open("w") as log:
             self.process = subprocess.Popen(
-                [*BROKER, "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+                [*BROKER, "serve", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
 
     @property
@@ -108,11 +117,7 @@ class Served:
 
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Iterator[Path]:
-    directory = tmp_path / "broker-data"
-    yield directory
-    pid = postmaster_pid(directory)
-    if pid is not None and alive(pid):  # never leave a server behind, whatever failed
-        os.kill(pid, signal.SIGQUIT)
+    yield from _data_dir(tmp_path)
 
 
 def test_serve_with_no_configuration_starts_shares_survives_a_restart_and_stops_on_sigterm(

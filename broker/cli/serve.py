@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import errno
+import functools
 import logging
+import os
+import sys
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -12,6 +18,7 @@ from broker import __version__
 from broker.app import create_app
 from broker.cli.common import pool
 from broker.config import Config
+from broker.errors import InvalidValueError
 from broker.logsafe import protect_handlers
 from broker.output import say
 
@@ -26,6 +33,14 @@ def register(commands: Commands) -> None:
     serve = commands.add_parser("serve", help="run the broker")
     serve.add_argument("--host", help="listen address (default from [server] host)")
     serve.add_argument("--port", type=int, help="listen port (default from [server] port)")
+    serve.add_argument(
+        "--workers",
+        default="1",
+        metavar="N|auto",
+        help="processes sharing the domain-facing port (SO_REUSEPORT); auto: one per core. "
+        "The first also runs the admin listener and the home poller (default 1)",
+    )
+    serve.add_argument("--secondary", action="store_true", help=argparse.SUPPRESS)
     serve.set_defaults(run=cmd_serve, asynchronous=False)
 
     migrate = commands.add_parser("migrate", help="apply pending database migrations")
@@ -37,31 +52,107 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         config.server.host = args.host
     if args.port is not None:
         config.server.port = args.port
+    workers = worker_count(args.workers)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     protect_handlers()  # no record, from any logger, writes a bearer token
-    if config.database.url is None:
+    if args.secondary:
+        # Another process of the same broker: the first one runs the admin listener and the
+        # home poller; this one serves domains and delivers.
+        config.server.admin_port = 0
+        config.propagation.home_poll_interval = 0
+    elif config.database.url is None:
         say(
             f"starting the embedded PostgreSQL in {config.database.data_dir} "
             "(the first start initialises it)"
         )
-    web.run_app(
-        create_app(config),
-        host=config.server.host,
-        port=config.server.port,
-        shutdown_timeout=config.server.shutdown_timeout,
-        print=lambda _: say(_ready_message(config)),
-        access_log=None,
-    )
+    app = create_app(config)
+    if workers > 1 and not args.secondary:
+        app.cleanup_ctx.append(
+            functools.partial(
+                _secondaries, config=config, count=workers - 1, config_file=args.config
+            )
+        )
+    try:
+        web.run_app(
+            app,
+            host=config.server.host,
+            port=config.server.port,
+            reuse_port=workers > 1 or args.secondary,
+            shutdown_timeout=config.server.shutdown_timeout,
+            print=lambda _: say(
+                f"broker process {os.getpid()} ready beside the first"
+                if args.secondary
+                else _ready_message(config, workers)
+            ),
+            access_log=None,
+        )
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            raise
+        say(
+            f"broker: cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}. "
+            "Stop what holds the port, or choose another with --port or [server] port "
+            "(BROKER_SERVER__PORT)"
+        )
+        return 2
     say("broker stopped")
     return 0
 
 
-def _ready_message(config: Config) -> str:
+def worker_count(text: str) -> int:
+    """``--workers``: a number of processes, or ``auto`` for one per core."""
+    if text == "auto":
+        return max(1, os.cpu_count() or 1)
+    if not text.isdigit() or int(text) < 1:
+        raise InvalidValueError(
+            f"--workers {text!r}: give a number of processes (1 or more) or auto"
+        )
+    return int(text)
+
+
+async def _secondaries(
+    app: web.Application, *, config: Config, count: int, config_file: str | None
+) -> AsyncIterator[None]:
+    """The other processes of ``--workers N``, started once this one is up (its database and
+    migrations ready), stopped with it. They share the port (SO_REUSEPORT) and the database."""
+    env = {
+        **os.environ,
+        "BROKER_SERVER__HOST": config.server.host,
+        "BROKER_SERVER__PORT": str(config.server.port),
+        "BROKER_DATA_DIR": str(config.database.data_dir),
+        **({"BROKER_CONFIG": config_file} if config_file else {}),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "broker.cli",
+        "serve",
+        "--secondary",
+        "--workers",
+        str(count + 1),
+    ]
+    processes = [await asyncio.create_subprocess_exec(*command, env=env) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for process in processes:
+            if process.returncode is None:
+                process.terminate()
+        for process in processes:
+            try:
+                await asyncio.wait_for(process.wait(), config.server.shutdown_timeout + 10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+def _ready_message(config: Config, workers: int = 1) -> str:
     """What ``broker serve`` says once it listens: where, and what it serves."""
+    processes = f", {workers} processes" if workers > 1 else ""
     return (
-        f"broker {__version__} ready: {config.public_url} (/healthz, /readyz"
+        f"broker {__version__} ready{processes}: {config.public_url} (/healthz, /readyz"
         + (", /scim/v2" if config.home.scim_url else "; set [home] scim_url to serve /scim/v2")
         + ")"
         + (
