@@ -17,7 +17,7 @@ from aiohttp import web
 from joserfc import jwt
 from joserfc.jwk import ECKey, KeySet
 
-from broker.app import DB_URL
+from broker.app import DB_URL, KEYS, WAITERS
 from broker.config import DEFAULT_ID_PATTERN, EventsConfig
 from broker.domains import DomainStore
 from broker.tokens import TokenStore
@@ -41,6 +41,7 @@ from tests.scim_support import (
     start_broker,
     unique,
 )
+from tests.waiting import until
 
 PROV = "urn:ietf:params:scim:event:prov:"
 EVENTS = EventsConfig(long_poll_max=3.0, key_refresh=0.05)
@@ -294,7 +295,8 @@ async def test_a_long_poll_returns_when_an_event_arrives_and_at_the_bound_when_n
     assert waited >= EVENTS.long_poll_max * 0.9, "an empty long poll waits for the bound"
 
     async def change_soon() -> None:
-        await asyncio.sleep(0.3)
+        # Once the poll waits for D's next SET (it registered to be woken), the change comes.
+        await until(lambda: "D" in broker.app[WAITERS]._waiting, "the poll waiting")
         await home_tool(broker, "POST", "/Users", new_user(unique("ev")))
 
     writer = asyncio.create_task(change_soon())
@@ -306,6 +308,10 @@ async def test_a_long_poll_returns_when_an_event_arrives_and_at_the_bound_when_n
     assert waited < EVENTS.long_poll_max * 0.9, "the poll answered when the event came"
 
 
+async def _signs_with(broker: Broker, kid: str) -> bool:
+    return (await broker.app[KEYS].current()).kid == kid
+
+
 async def test_sets_signed_before_and_after_a_key_rotation_verify(broker: Broker) -> None:
     await subscribe(broker, "D", "--delivery", "poll")
     await home_tool(broker, "POST", "/Users", new_user(unique("ev")))
@@ -313,7 +319,9 @@ async def test_sets_signed_before_and_after_a_key_rotation_verify(broker: Broker
     code, out = await cli(broker_db(broker), "keys", "rotate")
     assert code == 0, out
     new_kid = out.strip().splitlines()[-1]
-    await asyncio.sleep(EVENTS.key_refresh * 2)
+    await until(  # the broker looks for a new signing key every key_refresh seconds
+        lambda: _signs_with(broker, new_kid), "the broker signing with the rotated key"
+    )
     await home_tool(broker, "POST", "/Users", new_user(unique("ev")))
     _, both = await poll(broker, "D", returnImmediately=True)
     assert set(before["sets"]) < set(both["sets"])

@@ -29,6 +29,7 @@ from tests.propagation_support import (
     tenant,
 )
 from tests.scim_support import CORE_GROUP, Broker, Home, new_user, unique
+from tests.waiting import until
 
 # The seed's final tables drop a deleted alias's row: no retention here.
 SEED = FAST.model_copy(update={"retention": 0})
@@ -289,7 +290,7 @@ async def test_merging_an_entity_whose_create_is_still_pending_in_a_peer(
     await quiesce(broker)
     await front.close()
     loser = await person(broker, "Loser")
-    await asyncio.sleep(0.5)  # its create toward P2 was tried and failed: pending
+    await create_failed(broker, "P2", loser["id"])
     pending = await broker.pool.fetchval(
         "SELECT state FROM id_mappings WHERE domain_id = 'P2' AND internal_id = $1", loser["id"]
     )
@@ -350,12 +351,19 @@ async def test_a_delivery_for_a_loser_in_flight_finishes_before_its_alias_is_del
     )
     await wait_for(lambda: ("PATCH", f"/Users/{l2}") in deliveries(front, seen))
     await merge(broker, survivor["id"], loser["id"])
-    await asyncio.sleep(0.5)
+    # A later delivery toward P2 done proves the worker claimed after the merge: claims take
+    # the oldest ready deliveries first, so the alias's delete was not ready then.
+    probe = await person(broker, "Probe")
+    await delivered(broker, "P2", probe["id"])
     assert ("DELETE", f"/Users/{l2}") not in deliveries(front, seen), "waits for the PATCH"
     front.hold.set()
     await quiesce(broker)
-    assert deliveries(front, seen) == [("PATCH", f"/Users/{l2}"), ("DELETE", f"/Users/{l2}")]
-    assert [u["displayName"] for u in held(p2)["Users"]] == ["Survivor"]
+    assert deliveries(front, seen) == [
+        ("PATCH", f"/Users/{l2}"),
+        ("POST", "/Users"),  # the probe
+        ("DELETE", f"/Users/{l2}"),
+    ]
+    assert sorted(u["displayName"] for u in held(p2)["Users"]) == ["Probe", "Survivor"]
 
 
 async def test_two_merges_of_one_entity_at_once_are_serialised(
@@ -445,12 +453,33 @@ async def test_the_same_key_is_the_same_operation_and_bad_requests_change_nothin
     assert await table(broker, c["id"]) == rows_before
 
 
-async def wait_for(condition: Any, within: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not condition():
-        assert loop.time() < deadline, "the condition never held"
-        await asyncio.sleep(0.02)
+async def wait_for(condition: Any) -> None:
+    await until(condition, "the condition")
+
+
+async def create_failed(broker: Broker, domain: str, internal_id: str) -> None:
+    """Until the create of ``internal_id`` toward ``domain`` was tried and failed (pending)."""
+    await until(
+        lambda: broker.pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM outbox WHERE domain_id = $1 AND internal_id = $2 "
+            "AND state = 'pending' AND last_error IS NOT NULL)",
+            domain,
+            internal_id,
+        ),
+        f"a failed create of {internal_id} toward {domain}",
+    )
+
+
+async def delivered(broker: Broker, domain: str, internal_id: str) -> None:
+    """Until every delivery of ``internal_id`` toward ``domain`` is done."""
+    await until(
+        lambda: broker.pool.fetchval(
+            "SELECT bool_and(state = 'done') FROM outbox WHERE domain_id = $1 AND internal_id = $2",
+            domain,
+            internal_id,
+        ),
+        f"{internal_id} delivered to {domain}",
+    )
 
 
 async def test_the_cli_merges_splits_and_shows_progress_and_tables(
@@ -568,7 +597,15 @@ async def test_a_group_written_while_its_member_is_deleted_is_synced_again(
     status, _ = await home_tool(broker, "DELETE", f"/Users/{member['id']}")
     assert status == 204
     await wait_for(lambda: ("DELETE", f"/Users/{m2}") in deliveries(front, seen))
-    await asyncio.sleep(0.3)  # the member's row is retired, and no copy named it yet
+    # The member's row is retired, and no copy named it yet.
+    await until(
+        lambda: broker.pool.fetchval(
+            "SELECT NOT EXISTS (SELECT 1 FROM id_mappings WHERE domain_id = 'P2' "
+            "AND external_id = $1 AND state <> 'retired')",
+            m2,
+        ),
+        "the deleted member's row retired",
+    )
     front.hold.set()
     await quiesce(broker)
     assert held(p2)["Users"] == []
@@ -613,7 +650,7 @@ async def test_a_pending_create_handed_to_a_survivor_is_finished_as_its_account(
     await split(broker, source["id"], off["id"])  # held back: no account anywhere
     await front.close()
     loser = await person(broker, "Loser")
-    await asyncio.sleep(0.5)  # its create toward P2 was tried and failed: pending
+    await create_failed(broker, "P2", loser["id"])
     pending = await broker.pool.fetchval(
         "SELECT state FROM id_mappings WHERE domain_id = 'P2' AND internal_id = $1", loser["id"]
     )
@@ -674,14 +711,13 @@ async def test_a_group_sync_racing_a_membership_move_leaves_no_stale_member(
     assert [[m["value"] for m in g["members"]] for g in held(p2)["Groups"]] == [[b2]]
 
 
-async def wait_for_row(broker: Broker, kind: str, state: str, within: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not await broker.pool.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM outbox WHERE kind = $1 AND state = $2)", kind, state
-    ):
-        assert loop.time() < deadline, f"no {kind} delivery became {state}"
-        await asyncio.sleep(0.02)
+async def wait_for_row(broker: Broker, kind: str, state: str) -> None:
+    await until(
+        lambda: broker.pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM outbox WHERE kind = $1 AND state = $2)", kind, state
+        ),
+        f"a {kind} delivery {state}",
+    )
 
 
 async def test_a_split_taking_the_survivor_s_account_during_a_membership_move_resyncs_the_group(

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import AsyncIterator
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -30,6 +32,18 @@ from tests.propagation_support import (
     tenant,
 )
 from tests.scim_support import CORE_GROUP, Broker, Home, new_user, unique
+
+# What a merge or split writes and the worker, running meanwhile, does not: operations, their
+# outbox rows, merged entities.
+SNAPSHOT = """
+SELECT (SELECT count(*) FROM operations),
+       (SELECT count(*) FROM outbox WHERE operation_id IS NOT NULL),
+       (SELECT array_agg(row(internal_id, merged_into)::text ORDER BY internal_id)
+        FROM entities WHERE state = 'merged')
+"""
+
+# Over the seeds of a run: operations, refused ones, alias clean-ups completed.
+TOTALS: Counter[str] = Counter()
 
 _FIRST_SEED = int(os.environ.get("BROKER_PROPERTY_FIRST_SEED", "0"))
 SEEDS = range(_FIRST_SEED, _FIRST_SEED + int(os.environ.get("BROKER_PROPERTY_SEEDS", "4")))
@@ -61,7 +75,10 @@ class World:
         self.users: list[str] = []
         self.groups: list[str] = []
         self.gone: set[str] = set()  # deleted in home, or merged away
+        self.merged: list[str] = []
+        self.keys: list[tuple[str, str]] = []  # (kind, idempotency key) of operations done
         self.touched: set[str] = set()
+        self.counts: Counter[str] = Counter()
 
     def live_users(self) -> list[str]:
         return [u for u in self.users if u not in self.gone]
@@ -72,7 +89,7 @@ class World:
         if len(live) >= 2:
             choices += ["merge"] * 2 + ["delete"]
         if live:
-            choices += ["split"] * 2
+            choices += ["split"] * 2 + ["refused"] * 2
         action = rng.choice(choices)
         await getattr(self, action)()
         return action
@@ -122,14 +139,80 @@ class World:
     async def merge(self) -> None:
         live = self.live_users()
         picked = self.rng.sample(live, self.rng.randint(2, min(3, len(live))))
+        if self.front._runner is not None and self.rng.random() < 0.5:
+            # The peers are up: let them catch up first, so that both sides have accounts and
+            # the loser's becomes an alias whose clean-up (memberships, delete) runs to the end.
+            await quiesce(self.broker, within=60)
+        key = unique("m")
         status, op = await admin(
             self.broker,
             "POST",
             "/admin/merges",
-            {"survivor": picked[0], "losers": picked[1:], "idempotency_key": unique("m")},
+            {"survivor": picked[0], "losers": picked[1:], "idempotency_key": key},
         )
         assert status == 202, op
         self.gone.update(picked[1:])
+        self.merged.extend(picked[1:])
+        self.keys.append(("merge", key))
+        self.counts["operations"] += 1
+
+    async def refused(self) -> None:
+        """A request the broker must refuse, with no state change: a self-merge, a merged entity,
+        a user and a group, a row of another entity moved, an idempotency key reused."""
+        live, rng = self.live_users(), self.rng
+        someone = rng.choice(live)
+        flavours = ["self-merge"]
+        if self.merged:
+            flavours.append("merged")
+        if self.groups:
+            flavours.append("type")
+        others = await self.broker.pool.fetch(
+            "SELECT domain_id, external_id FROM id_mappings WHERE internal_id <> $1 "
+            "AND external_id IS NOT NULL",
+            someone,
+        )
+        if others:
+            flavours.append("foreign-row")
+        if self.keys:
+            flavours.append("key-reused")
+        flavour = rng.choice(flavours)
+        path = "/admin/merges"
+        body: dict[str, Any] = {"survivor": someone, "losers": [someone]}
+        expected = 400
+        if flavour == "merged":
+            path, body = "/admin/merges", {"survivor": someone, "losers": [rng.choice(self.merged)]}
+            expected = 409
+        elif flavour == "type":
+            path, body = "/admin/merges", {"survivor": someone, "losers": [rng.choice(self.groups)]}
+        elif flavour == "foreign-row":
+            row = rng.choice(others)
+            # Home makes the new entity (a refused split records nothing of it).
+            status, new = self.home.call("POST", "/Users", new_user(unique("s")))
+            assert status == 201
+            path = "/admin/splits"
+            body = {
+                "source": someone,
+                "new": [new["id"]],
+                "move": {row["domain_id"]: [row["external_id"]]},
+            }
+        elif flavour == "key-reused":  # a merge's key for a split, or a split's for a merge
+            kind, body["idempotency_key"] = rng.choice(self.keys)
+            if kind == "merge":
+                path, body["source"], body["new"] = "/admin/splits", someone, [str(uuid.uuid4())]
+                del body["survivor"], body["losers"]
+            expected = 409
+        body.setdefault("idempotency_key", unique("r"))
+        before = await self.broker.pool.fetchrow(SNAPSHOT)
+        status, error = await admin(self.broker, "POST", path, body)
+        assert status == expected, (flavour, body, error)
+        assert await self.broker.pool.fetchrow(SNAPSHOT) == before, f"{flavour} changed state"
+        if flavour == "foreign-row":
+            recorded = await self.broker.pool.fetchval(
+                "SELECT count(*) FROM entities WHERE internal_id = $1", body["new"][0]
+            )
+            assert recorded == 0, "a refused split records nothing of its new entity"
+        self.counts["refused"] += 1
+        self.counts["operations"] += 1
 
     async def split(self) -> None:
         source = self.rng.choice(self.live_users())
@@ -144,6 +227,7 @@ class World:
         for row in rows:
             if self.rng.random() < 0.3:
                 move.setdefault(row["domain_id"], []).append(row["external_id"])
+        key = unique("s")
         status, op = await admin(
             self.broker,
             "POST",
@@ -153,11 +237,13 @@ class World:
                 "new": [new["id"]],
                 "move": move,
                 "provision": self.rng.choice(["eager", "on_demand"]),
-                "idempotency_key": unique("s"),
+                "idempotency_key": key,
             },
         )
         assert status == 202, op
         self.users.append(new["id"])
+        self.keys.append(("split", key))
+        self.counts["operations"] += 1
 
     async def outage(self) -> None:
         if self.front._runner is None:
@@ -240,6 +326,20 @@ def actual_in(peer: Home) -> dict[str, dict[str, Any]]:
     return found
 
 
+@pytest.fixture(scope="module", autouse=True)
+def report_totals(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After the seeds: how many operations, how many refused, how many alias clean-ups ran to
+    the end (printed in pytest's summary)."""
+    yield
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and TOTALS:
+        reporter.write_line(
+            f"merge/split properties over seeds {SEEDS.start}-{SEEDS.stop - 1}: "
+            f"{TOTALS['operations']} merges and splits, {TOTALS['refused']} refused, "
+            f"{TOTALS['alias clean-ups completed']} alias clean-ups completed"
+        )
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 async def test_at_quiescence_every_peer_holds_each_live_entity_once(
     seed: int, federated: tuple[Broker, dict[str, Home], Gate], home: Home
@@ -255,6 +355,10 @@ async def test_at_quiescence_every_peer_holds_each_live_entity_once(
     )
     assert not dead, f"seed {seed} ({actions}): dead letters " + await explain_dead(
         broker, home, peers, dead
+    )
+    TOTALS.update(world.counts)
+    TOTALS["alias clean-ups completed"] += await broker.pool.fetchval(
+        "SELECT count(*) FROM outbox WHERE kind = 'delete_alias' AND state = 'done'"
     )
     internal = set(world.users) | set(world.groups)
     for name, peer in peers.items():

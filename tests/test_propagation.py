@@ -8,6 +8,7 @@ import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -39,6 +40,7 @@ from tests.propagation_support import (
     tenant,
 )
 from tests.scim_support import CORE_GROUP, Broker, Home, new_user, unique
+from tests.waiting import until
 
 
 @pytest.fixture
@@ -188,7 +190,14 @@ async def test_changes_made_in_home_directly_are_found_by_the_poller(
     assert found is not None and peer_user(p1, found)["displayName"] == "Carol C."
 
     broker.home.call("DELETE", f"/Users/{carol['id']}")
-    await asyncio.sleep(0.02)
+    await until(  # the sweep is due again
+        lambda: broker.app[POOL].fetchval(
+            "SELECT bool_and(coalesce(swept_at < now() - make_interval(secs => $1), true)) "
+            "FROM home_watermarks",
+            poller.sweep_interval,
+        ),
+        "a sweep due",
+    )
     assert await poller.poll_once() == 1, "the sweep finds the deletion"
     await quiesce(broker)
     assert await peer_id(broker, "P1", carol["id"]) is None
@@ -240,9 +249,13 @@ async def test_a_peer_that_was_down_gets_every_change_once_in_order(
                     f"/Users/{users[0]['id']}",
                     patch({"op": "replace", "path": "title", "value": f"v{n}"}),
                 )
-            await asyncio.sleep(1.0)
-            status, queue = await admin(broker, "GET", "/admin/domains/P1/queue")
-            assert status == 200
+
+            async def failing(broker: Broker = broker) -> dict[str, Any] | None:
+                status, queue = await admin(broker, "GET", "/admin/domains/P1/queue")
+                assert status == 200
+                return queue if queue["failing_since"] is not None else None
+
+            queue = await until(failing, "P1 seen failing")
             assert queue["depth"] >= 5 and queue["failing_since"] is not None
             await front.open()  # back
             await quiesce(broker)
@@ -345,11 +358,12 @@ async def test_a_peer_failing_too_long_is_quarantined_and_leaves_by_itself(
             await front.close()
             for _ in range(3):
                 await home_tool(broker, "POST", "/Users", new_user())
-            for _ in range(100):
+
+            async def quarantined(broker: Broker = broker) -> dict[str, Any] | None:
                 _, queue = await admin(broker, "GET", "/admin/domains/P1/queue")
-                if queue["quarantined"]:
-                    break
-                await asyncio.sleep(0.1)
+                return queue if queue["quarantined"] else None
+
+            queue = await until(quarantined, "P1 quarantined")
             assert queue["quarantined"]
             metrics = await admin_metrics(broker)
             assert 'broker_peer_quarantined{domain="P1"} 1.0' in metrics
@@ -395,11 +409,22 @@ async def test_a_crashed_workers_claims_return_after_the_lease(
         await record(conn, HomeWrite(written={other["id"]: "User"}))
         await conn.execute(
             "UPDATE outbox SET state = 'in_flight', claimed_by = 'dead-worker', "
-            "lease_until = now() + interval '1 second' WHERE internal_id = $1",
+            "lease_until = now() + interval '1 hour' WHERE internal_id = $1",
             other["id"],
         )
-    await asyncio.sleep(0.3)
+    # A later delivery toward P1 done proves the worker claimed since (oldest ready first).
+    status, probe = broker.home.call("POST", "/Users", new_user())
+    assert status == 201
+    async with pool.acquire() as conn, conn.transaction():
+        await record(conn, HomeWrite(written={probe["id"]: "User"}))
+    await until(lambda: peer_id(broker, "P1", probe["id"]), "the probe delivered to P1")
     assert await peer_id(broker, "P1", other["id"]) is None, "claimed by the dead worker"
+    # The lease runs out (an hour, in a moment).
+    await pool.execute(
+        "UPDATE outbox SET lease_until = now() - interval '1 second' "
+        "WHERE claimed_by = 'dead-worker' AND internal_id = $1",
+        other["id"],
+    )
     await quiesce(broker, within=15)
     found = await peer_id(broker, "P1", other["id"])
     assert found is not None and peer_user(p1, found)["userName"] == other["userName"]
@@ -424,10 +449,9 @@ async def test_a_suspending_peer_gets_active_false_first_and_the_delete_later(
         assert held_id is not None and peer_user(peer, held_id)["active"] is True
         status, _ = await home_tool(broker, "DELETE", f"/Users/{user['id']}")
         assert status == 204
-        for _ in range(100):
-            if peer_user(peer, held_id).get("active") is False:
-                break
-            await asyncio.sleep(0.05)
+        await until(
+            lambda held_id=held_id: peer_user(peer, held_id).get("active") is False, "suspended"
+        )
         assert peer_user(peer, held_id)["active"] is False, "suspended first"
         assert await peer_id(broker, "P1", user["id"]) == held_id, "still mapped while suspended"
         await quiesce(broker)
@@ -591,7 +615,12 @@ async def test_a_password_reaches_the_peer_from_the_write_sealed_and_erased_once
             )
             assert status == 201, user
             assert "password" not in user, "home does not return it: only the write has it"
-            await asyncio.sleep(0.3)
+            await until(  # a first attempt failed: the password waits
+                lambda broker=broker: broker.pool.fetchval(
+                    "SELECT bool_and(last_error IS NOT NULL AND state = 'pending') FROM outbox"
+                ),
+                "a failed first attempt",
+            )
             sealed = await broker.pool.fetch("SELECT sealed_values FROM outbox")
             assert [r["sealed_values"] is not None for r in sealed] == [True]
             assert first.encode() not in sealed[0]["sealed_values"], "sealed, not in clear"
@@ -710,11 +739,10 @@ async def test_concurrency_bounds_the_requests_at_the_peer_while_as_many_deliver
             users = [(await home_tool(broker, "POST", "/Users", new_user()))[1] for _ in range(9)]
             in_flight = _in_flight_counter(broker, "P1")
 
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 10
-            while await in_flight() < 4:
-                assert loop.time() < deadline, "two deliveries never got ready behind the two"
-                await asyncio.sleep(0.02)
+            await until(
+                lambda count=in_flight: _at_least(count, 4),
+                "two deliveries ready behind the two in flight",
+            )
             await asyncio.sleep(0.3)  # time for a third request to reach the peer, if one could
             assert [m for m, _, _ in front.forwarded] == ["POST", "POST"]
             assert await in_flight() == 4, "no more claimed until half of them have finished"
@@ -724,6 +752,10 @@ async def test_concurrency_bounds_the_requests_at_the_peer_while_as_many_deliver
                 u["userName"] for u in users
             )
             assert [m for m, _, _ in front.forwarded] == ["POST"] * 9
+
+
+async def _at_least(count: Callable[[], Awaitable[int]], floor: int) -> bool:
+    return await count() >= floor
 
 
 def _in_flight_counter(broker: Broker, domain: str) -> Callable[[], Awaitable[int]]:

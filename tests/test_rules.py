@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 
 from broker.mapping.rules import (
+    CopyDropped,
+    Handover,
+    IdentityNotice,
     MappingRow,
     MappingState,
     Origin,
@@ -301,3 +304,73 @@ def test_rule_errors_carry_a_scim_status_and_type() -> None:
         plan_merge("S", ["S"], [])
     assert caught.value.status == 400
     assert caught.value.scim_type == "invalidValue"
+
+
+# ---------------------------------------------------------------- the rest of the plan
+
+
+def test_seed_merge_plans_the_copy_drop_group_resync_and_notice_and_no_handover() -> None:
+    before = [
+        row("9caf78aac3d6", "D2", "ff487230b3a0"),
+        row("273d36e30d09", "D2", "41206cc97c8b"),
+    ]
+    plan = plan_merge("9caf78aac3d6", ["273d36e30d09"], before, push_domains={"D2"})
+    # The alias leaves the survivor's own account and what it last received as they are.
+    assert plan.copies_dropped == (CopyDropped("D2", "273d36e30d09", "273d36e30d09"),)
+    # The survivor keeps its account; the loser is merged, so nothing is created anew.
+    assert plan.handovers == ()
+    # The broker's groups naming the alias there are synced again, to name the survivor.
+    assert plan.regroup == (("D2", "41206cc97c8b"),)
+    assert plan.notices == (
+        IdentityNotice("merge", "D2", "41206cc97c8b", "9caf78aac3d6", "ff487230b3a0"),
+    )
+    assert plan.undo_creates == () and plan.syncs == () and plan.hold_back == {}
+
+
+def test_an_account_that_changes_hands_in_a_push_peer_is_handed_over_and_nowhere_else() -> None:
+    rows = [row("S", "D1", "s1"), row("L", "D2", "l2"), row("L", "D3", "l3")]
+    plan = plan_merge("S", ["L"], rows, push_domains={"D2"})
+    # Both rows move to S as primaries: S's copy goes and S's state is synced, after L's work.
+    assert set(plan.copies_dropped) == {CopyDropped("D2", "L", "S"), CopyDropped("D3", "L", "S")}
+    assert plan.handovers == (Handover("D2", "S", "L"),)  # D3 is not a push peer
+    assert plan.regroup == (("D2", "l2"), ("D3", "l3"))
+    assert {n.external_id: n.primary for n in plan.notices} == {"l2": "l2", "l3": "l3"}
+
+
+def test_a_cancelled_pending_create_of_a_push_peer_is_undone() -> None:
+    rows = [row("S", "D2", "s"), row("L", "D2", None), row("L", "D3", None)]
+    plan = plan_merge("S", ["L"], rows, push_domains={"D2"})
+    assert plan.undo_creates == (rows[1],)
+    assert plan.notices == ()  # a pending row names no ID a domain knows
+
+
+def test_split_moving_a_primary_hands_the_account_over_and_creates_the_source_anew() -> None:
+    rows = [row("S", "D2", "s")]
+    plan = plan_split("S", {"N": [("D2", "s")]}, rows, push_domains={"D2"})
+    assert plan.copies_dropped == (CopyDropped("D2", "S", "N"),)
+    # N takes the account over (synced to N's state after S's work); S, left without an account
+    # in D2, is created anew after N made the account its own.
+    assert plan.handovers == (Handover("D2", "N", "S"), Handover("D2", "S", "N"))
+    assert plan.regroup == (("D2", "s"),)
+    assert plan.notices == (IdentityNotice("split", "D2", "s", "N", "s", None),)
+    assert plan.hold_back == {"N": True}
+
+
+def test_split_reviving_the_sources_alias_hands_it_back_and_creates_nothing() -> None:
+    rows = [row("S", "D2", "s"), row("S", "D2", "l", primary=False, state=DELETION)]
+    plan = plan_split("S", {"N": [("D2", "s")]}, rows, push_domains={"D2"})
+    assert set(plan.handovers) == {Handover("D2", "N", "S"), Handover("D2", "S", "S")}
+    assert plan.notices == (IdentityNotice("split", "D2", "s", "N", "s", "l"),)
+
+
+def test_eager_split_syncs_the_new_entities_to_push_peers_that_never_knew_the_source() -> None:
+    rows = [row("S", "D2", "s")]
+    plan = plan_split(
+        "S", {"N1": [], "N2": []}, rows, push_domains={"D2", "D3", "D4"}, provision="eager"
+    )
+    assert plan.syncs == (("D3", "N1"), ("D3", "N2"), ("D4", "N1"), ("D4", "N2"))
+    assert plan.hold_back == {"N1": False, "N2": False}
+    assert [t.kind for t in plan.deliveries] == [TaskKind.PROVISION, TaskKind.PROVISION]
+    assert plan.cancels == ()
+    lazy = plan_split("S", {"N1": []}, rows, push_domains={"D2", "D3"})
+    assert lazy.syncs == () and lazy.hold_back == {"N1": True}

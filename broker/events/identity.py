@@ -6,47 +6,17 @@ RFC 9967 defines no such event; these carry the broker's own event URIs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any
 
 from broker.events.sets import envelope
-from broker.mapping.rules import MappingRow, RowChange
 
-__all__ = ["IDENTITY_EVENT_URIS", "identity_claims", "identity_notices"]
+__all__ = ["IDENTITY_EVENT_URIS", "identity_claims"]
 
 IDENTITY_EVENT_URIS = {
     "merge": "urn:scim-id-broker:event:merge",
     "split": "urn:scim-id-broker:event:split",
 }
-
-
-def identity_notices(
-    kind: Literal["merge", "split"],
-    changes: Iterable[RowChange],
-    rows_after: Sequence[MappingRow],
-    resource_type: str,
-) -> list[dict[str, Any]]:
-    """One notice per domain ID that a merge or split moved to another entity: the ID, the
-    entity it now denotes and that entity's primary ID in the domain, and (for a split) the
-    primary of the entity it left."""
-    primaries = {
-        (r.internal_id, r.domain): r.external_id for r in rows_after if r.primary and r.external_id
-    }
-    notices = []
-    for change in changes:
-        before, after = change.before, change.after
-        if after is None or before.external_id is None or after.internal_id == before.internal_id:
-            continue
-        document: dict[str, Any] = {
-            "domain": before.domain,
-            "resource_type": resource_type,
-            "id": before.external_id,
-            "primary": primaries.get((after.internal_id, before.domain)),
-        }
-        if kind == "split":
-            document["from"] = primaries.get((before.internal_id, before.domain))
-        notices.append({"internal_id": after.internal_id, "kind": kind, "document": document})
-    return notices
 
 
 def identity_claims(

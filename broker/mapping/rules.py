@@ -19,6 +19,13 @@ A split of S into S and N keeps S's rows on S; N has none and stays invisible to
 provisioned. Rows named by the split request move from S to N: the first one N gets in a domain
 becomes N's primary there (a pending delete is cancelled: this is how a merge is undone), any
 further one is an alias of N, as in a merge.
+
+A plan is the whole decision: besides the rows and the peer tasks, it says which accounts changed
+hands (a sync to the new owner's state, or a create anew for an entity left without one), whose
+copies at the peer no longer describe an account, which broker groups naming a moved ID are synced
+again, which pending creates are undone, which identity notices go to subscribed domains, and for
+a split which new entities are held back and which push peers get a sync of them. The store only
+writes what the plan says.
 """
 
 from __future__ import annotations
@@ -32,6 +39,10 @@ from typing import Literal
 from broker.errors import InvalidValueError
 
 __all__ = [
+    "CANCEL_KINDS",
+    "CopyDropped",
+    "Handover",
+    "IdentityNotice",
     "MappingRow",
     "MappingState",
     "Origin",
@@ -107,11 +118,74 @@ class RowChange:
 
 
 @dataclass(frozen=True)
+class Handover:
+    """A sync of ``internal_id`` toward push peer ``domain``, after what ``previous`` had under way
+    there: an account that changed hands is brought to its new owner's state, or an entity left
+    without an account (a split moved it away) is created anew."""
+
+    domain: str
+    internal_id: str
+    previous: str
+
+
+@dataclass(frozen=True)
+class CopyDropped:
+    """What ``domain`` last received of ``before`` and ``after`` no longer describes their
+    accounts (a row changed owner or primary flag): the next sync sends the whole resource."""
+
+    domain: str
+    before: str
+    after: str
+
+
+@dataclass(frozen=True)
+class IdentityNotice:
+    """A domain ID that now denotes another entity, for the domains that subscribe to merge and
+    split notices: the ID, the entity it denotes now, that entity's primary there, and (for a
+    split) the primary of the entity it left."""
+
+    kind: Literal["merge", "split"]
+    domain: str
+    external_id: str
+    internal_id: str
+    primary: str | None
+    split_from: str | None = None
+
+
+@dataclass(frozen=True)
 class Plan:
     changes: tuple[RowChange, ...] = ()
     tasks: tuple[PeerTask, ...] = ()
     merged: Mapping[str, str] = field(default_factory=dict)
     """For merges: loser -> survivor."""
+    undo_creates: tuple[MappingRow, ...] = ()
+    """Pending creates in push peers the plan removes: an earlier attempt may have made the
+    account with its answer lost, so each is looked up by its handle and deleted."""
+    copies_dropped: tuple[CopyDropped, ...] = ()
+    handovers: tuple[Handover, ...] = ()
+    regroup: tuple[tuple[str, str], ...] = ()
+    """(domain, external ID) of accounts that changed hands: the broker's groups there naming
+    them are synced again."""
+    notices: tuple[IdentityNotice, ...] = ()
+    hold_back: Mapping[str, bool] = field(default_factory=dict)
+    """For splits: new entity -> provisioned on first need (True) or eagerly (False)."""
+    syncs: tuple[tuple[str, str], ...] = ()
+    """For eager splits: (push domain, new entity) where the source had no row; nothing else
+    would tell those peers about an entity made in home directly."""
+
+    @property
+    def deliveries(self) -> tuple[PeerTask, ...]:
+        """The tasks that become outbox rows."""
+        return tuple(t for t in self.tasks if t.kind not in CANCEL_KINDS)
+
+    @property
+    def cancels(self) -> tuple[PeerTask, ...]:
+        """The tasks settled at once, by cancelling pending outbox rows."""
+        return tuple(t for t in self.tasks if t.kind in CANCEL_KINDS)
+
+
+CANCEL_KINDS = frozenset({TaskKind.CANCEL_CREATE, TaskKind.CANCEL_DELETE})
+"""Tasks the store settles itself, in the operation's transaction."""
 
 
 def _key(row: MappingRow) -> tuple[str, str | None, str]:
@@ -163,6 +237,107 @@ class _Builder:
             if new is None or new != self.before[key]
         )
         return Plan(changes, tuple(self.tasks), dict(merged or {}))
+
+
+def _complete(
+    kind: Literal["merge", "split"],
+    rows: Sequence[MappingRow],
+    plan: Plan,
+    push_domains: Collection[str],
+    *,
+    hold_back: Mapping[str, bool] | None = None,
+    syncs: tuple[tuple[str, str], ...] = (),
+) -> Plan:
+    """``plan`` (rows, tasks, merges) with what follows from its row changes for the peers."""
+    changes, merged = plan.changes, plan.merged
+    moved = [
+        c
+        for c in changes
+        if c.after is None
+        or (c.after.internal_id, c.after.primary) != (c.before.internal_id, c.before.primary)
+    ]
+    # The new owner's copy goes only where it takes the account over (an alias leaves the
+    # survivor's own account, and what it last received, as they are).
+    copies = tuple(
+        CopyDropped(
+            c.before.domain,
+            c.before.internal_id,
+            c.after.internal_id if c.after and c.after.primary else c.before.internal_id,
+        )
+        for c in moved
+    )
+    # An account that changed hands is brought to its new owner's state (a create still on its
+    # way for the previous owner is finished as the new owner's, after the previous owner's
+    # attempt); a live entity left without an account in a peer (a split moved it away) is
+    # created there anew, after its old account's new owner made it theirs (the values that must
+    # stay unique move off it first).
+    primaries_after = {
+        (c.after.internal_id, c.after.domain) for c in changes if c.after and c.after.primary
+    }
+    handovers: dict[tuple[str, str], Handover] = {}
+    candidates = [
+        Handover(c.after.domain, c.after.internal_id, c.before.internal_id)
+        for c in moved
+        if c.after
+        and c.after.primary
+        and c.after.state in (MappingState.ACTIVE, MappingState.PENDING_CREATE)
+    ] + [
+        Handover(
+            c.before.domain,
+            c.before.internal_id,
+            c.after.internal_id if c.after else c.before.internal_id,
+        )
+        for c in moved
+        if c.before.primary
+        and c.before.internal_id not in merged
+        and (c.before.internal_id, c.before.domain) not in primaries_after
+    ]
+    for handover in candidates:
+        if handover.domain in push_domains:
+            handovers.setdefault((handover.domain, handover.internal_id), handover)
+    regroup = tuple(
+        (c.before.domain, c.before.external_id)
+        for c in moved
+        if c.after and c.after.internal_id != c.before.internal_id and c.before.external_id
+    )
+    undo = tuple(
+        c.before
+        for c in changes
+        if c.after is None
+        and c.before.state is MappingState.PENDING_CREATE
+        and c.before.domain in push_domains
+    )
+    return dataclasses.replace(
+        plan,
+        undo_creates=undo,
+        copies_dropped=copies,
+        handovers=tuple(handovers.values()),
+        regroup=regroup,
+        notices=_notices(kind, changes, apply_plan(rows, plan)) if changes else (),
+        hold_back=dict(hold_back or {}),
+        syncs=syncs,
+    )
+
+
+def _notices(
+    kind: Literal["merge", "split"], changes: Iterable[RowChange], after: Iterable[MappingRow]
+) -> tuple[IdentityNotice, ...]:
+    """One notice per domain ID that the plan moved to another entity."""
+    primaries = {(r.internal_id, r.domain): r.external_id for r in after if r.primary}
+    return tuple(
+        IdentityNotice(
+            kind,
+            c.before.domain,
+            c.before.external_id,
+            c.after.internal_id,
+            primaries.get((c.after.internal_id, c.before.domain)),
+            primaries.get((c.before.internal_id, c.before.domain)) if kind == "split" else None,
+        )
+        for c in changes
+        if c.after is not None
+        and c.before.external_id is not None
+        and c.after.internal_id != c.before.internal_id
+    )
 
 
 def _by_entity(rows: Iterable[MappingRow], allowed: Collection[str]) -> dict[str, list[MappingRow]]:
@@ -254,20 +429,29 @@ def _check_ids(label: str, ids: Sequence[str], other: str) -> None:
         raise RuleError(f"{label}: {other} cannot be on both sides of the operation")
 
 
-def plan_merge(survivor: str, losers: Sequence[str], rows: Iterable[MappingRow]) -> Plan:
+def plan_merge(
+    survivor: str,
+    losers: Sequence[str],
+    rows: Iterable[MappingRow],
+    *,
+    push_domains: Collection[str] = (),
+) -> Plan:
     """Merge ``losers`` into ``survivor`` (a false negative found): the rows of the entities, changed.
 
-    ``rows`` are all current mapping rows of the survivor and the losers. An N-way merge applies
-    the rule to each loser in turn.
+    ``rows`` are all current mapping rows of the survivor and the losers; ``push_domains`` the
+    domains the broker provisions into (handovers and undone creates are theirs only). An N-way
+    merge applies the rule to each loser in turn.
     """
     _check_ids("merge losers", losers, survivor)
-    grouped = _by_entity(rows, [survivor, *losers])
+    loaded = list(rows)
+    grouped = _by_entity(loaded, [survivor, *losers])
     build = _Builder()
     survivor_rows = grouped[survivor]
     for loser in losers:
         for row in _primaries_first(grouped[loser]):
             _absorb(survivor_rows, row, survivor, build)
-    return build.plan(merged={loser: survivor for loser in losers})
+    plan = build.plan(merged={loser: survivor for loser in losers})
+    return _complete("merge", loaded, plan, push_domains)
 
 
 def plan_split(
@@ -284,11 +468,13 @@ def plan_split(
     rows that move from ``source`` to it; a new ID may move nothing. ``rows`` are all current rows
     of the source and the new entities. With ``provision="eager"``, every push domain that knew
     the source and where a new entity (or the source, after its primary moved) has no primary
-    gets a provisioning task; otherwise provisioning waits for first need.
+    gets a provisioning task, and every other push domain a sync of the new entities; otherwise
+    provisioning waits for first need.
     """
     new_ids = list(moves)
     _check_ids("split new entities", new_ids, source)
-    grouped = _by_entity(rows, [source, *new_ids])
+    loaded = list(rows)
+    grouped = _by_entity(loaded, [source, *new_ids])
     source_rows = grouped[source]
     known_domains = _domains(source_rows)
     by_name = {(r.domain, r.external_id): r for r in source_rows if r.external_id is not None}
@@ -330,4 +516,16 @@ def plan_split(
             for domain in known_domains:
                 if domain in push_domains and _primary(grouped[entity], domain) is None:
                     build.tasks.append(PeerTask(TaskKind.PROVISION, domain, entity))
-    return build.plan()
+    # Push peers that never knew the source (its create still to come) get a sync of the new
+    # entities when they are eager: nothing else would tell them about an entity made in home.
+    syncs = (
+        tuple(
+            (domain, new_id)
+            for domain in sorted(set(push_domains) - set(known_domains))
+            for new_id in new_ids
+        )
+        if provision == "eager"
+        else ()
+    )
+    hold_back = {new_id: provision == "on_demand" for new_id in new_ids}
+    return _complete("split", loaded, build.plan(), push_domains, hold_back=hold_back, syncs=syncs)

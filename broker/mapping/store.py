@@ -23,15 +23,15 @@ from broker.db import query
 if TYPE_CHECKING:
     from broker.db import Connection
 from broker.errors import ConflictError, InvalidValueError, NotFoundError
-from broker.events.identity import identity_notices
 from broker.mapping.cache import MappingCache
 from broker.mapping.rules import (
+    CANCEL_KINDS,
+    IdentityNotice,
     MappingRow,
     MappingState,
     Origin,
     PeerTask,
     Plan,
-    TaskKind,
     plan_merge,
     plan_split,
 )
@@ -48,9 +48,6 @@ __all__ = [
 
 # Seconds a look at whether any domain subscribes to events stands.
 _SUBSCRIBED_TTL = 2.0
-
-# Tasks the store settles itself, in the same transaction, by cancelling pending outbox rows.
-_CANCEL_KINDS = {TaskKind.CANCEL_CREATE, TaskKind.CANCEL_DELETE}
 
 
 def mint_id() -> str:
@@ -123,7 +120,7 @@ def _row(record: asyncpg.Record) -> MappingRow:
 def _progress(tasks: Iterable[PeerTask]) -> dict[str, Any]:
     progress: dict[str, Any] = {}
     for task in tasks:
-        if task.kind not in _CANCEL_KINDS:
+        if task.kind not in CANCEL_KINDS:
             entry = progress.setdefault(task.domain, {"state": "pending", "tasks": 0, "done": 0})
             entry["tasks"] += 1
     return progress
@@ -319,7 +316,8 @@ class MappingStore:
             _require_live(entities, [survivor, *losers])
             _require_same_type(entities, survivor, losers)
             rows = await _locked_rows(conn, [survivor, *losers])
-            return plan_merge(survivor, losers, rows)
+            push = {r["id"] for r in await conn.fetch(query("push_domains"))}
+            return plan_merge(survivor, losers, rows, push_domains=push)
 
         return await self._run("merge", request, idempotency_key, actor, [survivor, *losers], plan)
 
@@ -357,14 +355,6 @@ class MappingStore:
             _require_same_type(entities, source, new_ids)
             rows = await _locked_rows(conn, [source, *new_ids])
             push = {r["id"] for r in await conn.fetch(query("push_domains"))}
-            await conn.execute(query("hold_back"), new_ids, provision == "on_demand")
-            if provision == "eager":
-                # The rules provision into the push peers that knew the source; the others (its
-                # create still to come) get a sync: nothing else would tell them about an entity
-                # made in home directly.
-                knew = {r.domain for r in rows if r.internal_id == source}
-                for domain in sorted(push - knew):
-                    await conn.execute(query("enqueue_sync_to"), domain, new_ids, datetime.now(UTC))
             return plan_split(source, moves, rows, push_domains=push, provision=provision)
 
         return await self._run("split", request, idempotency_key, actor, [source, *new_ids], plan)
@@ -391,17 +381,7 @@ class MappingStore:
                 return await _replay(conn, kind, request, idempotency_key)
             entities = await _lock_entities(conn, involved)
             plan: Plan = await make_plan(conn, entities)
-            await _apply(conn, plan, op_id)
-            if plan.changes:
-                after = await conn.fetch(query("rows_of_entities"), involved)
-                notices = identity_notices(
-                    kind,
-                    plan.changes,
-                    [_row(r) for r in after],
-                    entities[involved[0]]["resource_type"],
-                )
-                if notices:
-                    await conn.execute(query("record_identity_notices"), notices)
+            await _apply(conn, plan, op_id, entities[involved[0]]["resource_type"])
             progress = _progress(plan.tasks)
             record = await conn.fetchrow(
                 query("finish_planning"), op_id, "propagating" if progress else "done", progress
@@ -483,8 +463,18 @@ def _task_payload(task: PeerTask) -> dict[str, Any]:
     return payload
 
 
-async def _apply(conn: Connection, plan: Plan, op_id: uuid.UUID) -> None:
-    """Write a plan: rows, entities, outbox rows and cancellations, on the caller's transaction."""
+async def _apply(conn: Connection, plan: Plan, op_id: uuid.UUID, resource_type: str) -> None:
+    """Write a plan, and nothing it does not say: entities held back and their syncs, rows,
+    copies, handovers, group resyncs, merges, outbox rows, cancellations and identity notices,
+    on the caller's transaction."""
+    for flag in (True, False):
+        held = [entity for entity, on_demand in plan.hold_back.items() if on_demand is flag]
+        if held:
+            await conn.execute(query("hold_back"), held, flag)
+    now = datetime.now(UTC)
+    for domain in dict.fromkeys(domain for domain, _ in plan.syncs):
+        entities = [entity for d, entity in plan.syncs if d == domain]
+        await conn.execute(query("enqueue_sync_to"), domain, entities, now)
     if plan.changes:
         ids, owners, primaries, states = [], [], [], []
         for change in plan.changes:
@@ -493,79 +483,34 @@ async def _apply(conn: Connection, plan: Plan, op_id: uuid.UUID) -> None:
             owners.append(change.after.internal_id if change.after else None)
             primaries.append(change.after.primary if change.after else None)
             states.append(change.after.state.value if change.after else None)
-        removed = [c.before.row_id for c in plan.changes if c.after is None]
-        if removed:
-            await conn.execute(query("undo_creates"), removed, op_id)
+        if plan.undo_creates:
+            await conn.execute(query("undo_creates"), [r.row_id for r in plan.undo_creates], op_id)
         await conn.execute(query("apply_row_changes"), ids, owners, primaries, states)
-        moved = [
-            c
-            for c in plan.changes
-            if c.after is None
-            or (c.after.internal_id, c.after.primary) != (c.before.internal_id, c.before.primary)
-        ]
-        if moved:
-            await conn.execute(
-                query("rows_moved"),
-                [c.before.domain for c in moved],
-                [c.before.internal_id for c in moved],
-                # The new owner's copy goes only where it takes the account over (an alias
-                # leaves the survivor's own account, and what it last received, as they are).
-                [
-                    c.after.internal_id if c.after and c.after.primary else c.before.internal_id
-                    for c in moved
-                ],
-            )
-            # An account that changed hands is brought to its new owner's state (a create still
-            # on its way for the previous owner is finished as the new owner's, after the
-            # previous owner's attempt); a live entity left without an account in a peer (a split
-            # moved it away) is created there anew.
-            primaries_after = {
-                (c.after.internal_id, c.after.domain)
-                for c in plan.changes
-                if c.after is not None and c.after.primary
-            }
-            needing = [
-                (c.after.domain, c.after.internal_id, c.before.internal_id)
-                for c in moved
-                if c.after
-                and c.after.primary
-                and c.after.state in (MappingState.ACTIVE, MappingState.PENDING_CREATE)
-            ] + [
-                # Created anew after its old account's new owner made it theirs (the values
-                # that must stay unique move off it first).
-                (
-                    c.before.domain,
-                    c.before.internal_id,
-                    c.after.internal_id if c.after else c.before.internal_id,
-                )
-                for c in moved
-                if c.before.primary
-                and c.before.internal_id not in plan.merged
-                and (c.before.internal_id, c.before.domain) not in primaries_after
-            ]
-            if needing:
-                await conn.execute(
-                    query("enqueue_handover"),
-                    [domain for domain, _, _ in needing],
-                    [entity for _, entity, _ in needing],
-                    [previous for _, _, previous in needing],
-                )
-            handed_over = [
-                c.before
-                for c in moved
-                if c.after and c.after.internal_id != c.before.internal_id and c.before.external_id
-            ]
-            if handed_over:
-                await conn.execute(
-                    query("resync_groups_naming"),
-                    [r.domain for r in handed_over],
-                    [r.external_id for r in handed_over],
-                )
+    if plan.copies_dropped:
+        await conn.execute(
+            query("rows_moved"),
+            [c.domain for c in plan.copies_dropped],
+            [c.before for c in plan.copies_dropped],
+            [c.after for c in plan.copies_dropped],
+        )
+    if plan.handovers:
+        await conn.execute(
+            query("enqueue_handover"),
+            [h.domain for h in plan.handovers],
+            [h.internal_id for h in plan.handovers],
+            [h.previous for h in plan.handovers],
+        )
+    if plan.regroup:
+        await conn.execute(
+            query("resync_groups_naming"),
+            [domain for domain, _ in plan.regroup],
+            [external_id for _, external_id in plan.regroup],
+        )
     if plan.merged:
         survivors = set(plan.merged.values())
         assert len(survivors) == 1, "one merge has one survivor"
         await conn.execute(query("mark_merged"), survivors.pop(), list(plan.merged))
-    deliveries = [t for t in plan.tasks if t.kind not in _CANCEL_KINDS]
+    deliveries = plan.deliveries
     if deliveries:
         await conn.execute(
             query("enqueue_tasks"),
@@ -575,7 +520,7 @@ async def _apply(conn: Connection, plan: Plan, op_id: uuid.UUID) -> None:
             [t.kind.value for t in deliveries],
             [_task_payload(t) for t in deliveries],
         )
-    cancels = [t for t in plan.tasks if t.kind in _CANCEL_KINDS]
+    cancels = plan.cancels
     if cancels:
         cancelled = await conn.fetch(
             query("cancel_tasks"),
@@ -588,6 +533,23 @@ async def _apply(conn: Connection, plan: Plan, op_id: uuid.UUID) -> None:
         for earlier in sorted({r["operation_id"] for r in cancelled} - {None}):
             await conn.execute(query("lock_operation"), earlier)
             await conn.execute(query("refresh_operation"), earlier)
+    if plan.notices:
+        await conn.execute(
+            query("record_identity_notices"), [_notice(n, resource_type) for n in plan.notices]
+        )
+
+
+def _notice(notice: IdentityNotice, resource_type: str) -> dict[str, Any]:
+    """A plan's identity notice as ``record_identity_notices`` stores it."""
+    document: dict[str, Any] = {
+        "domain": notice.domain,
+        "resource_type": resource_type,
+        "id": notice.external_id,
+        "primary": notice.primary,
+    }
+    if notice.kind == "split":
+        document["from"] = notice.split_from
+    return {"internal_id": notice.internal_id, "kind": notice.kind, "document": document}
 
 
 async def set_domain_external_ids(
