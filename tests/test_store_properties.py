@@ -19,6 +19,8 @@ from broker.db import create_pool, query
 from broker.errors import BrokerError
 from broker.mapping.rules import MappingState
 from broker.mapping.store import MappingStore, Operation
+from broker.propagation.journal import Journal
+from broker.propagation.writes import HomeWrite
 from tests.model import (
     DOMAINS,
     ENTITIES,
@@ -84,7 +86,7 @@ async def _apply(store: MappingStore, fed: Federation, op: Op) -> str | None:
         return "alias clean-up completed"
     if isinstance(op, Delete):
         fed.delete(op)
-        await store.record_write({}, origin=None, deleted=[op.entity])
+        await Journal(store.pool, None).record(HomeWrite.of_deletion([op.entity]))
         return None
     kind = type(op).__name__.lower()
     model: Refused | None = None
