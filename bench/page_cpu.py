@@ -79,7 +79,9 @@ def main() -> None:
     timings: list[int] = []
     for _ in range(args.repeat):
         once()
-    print(f"page CPU: {statistics.median(timings) / 1000:.0f} us per page (median of {args.repeat})")
+    print(
+        f"page CPU: {statistics.median(timings) / 1000:.0f} us per page (median of {args.repeat})"
+    )
 
 
 if __name__ == "__main__":

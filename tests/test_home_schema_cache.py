@@ -19,7 +19,11 @@ from broker.scim.schemas import DEFAULT_REFERENCES
 
 RESOURCE_TYPES = {
     "Resources": [
-        {"name": "User", "endpoint": "/Users", "schema": "urn:ietf:params:scim:schemas:core:2.0:User"}
+        {
+            "name": "User",
+            "endpoint": "/Users",
+            "schema": "urn:ietf:params:scim:schemas:core:2.0:User",
+        }
     ]
 }
 

@@ -28,7 +28,13 @@ from broker.scim.rewrite import (
 )
 from broker.scim.schemas import RefAttr, ReferenceMap
 
-__all__ = ["DomainView", "OutboundPage", "ids_in_resources", "resources_for_domain", "translate_page"]
+__all__ = [
+    "DomainView",
+    "OutboundPage",
+    "ids_in_resources",
+    "resources_for_domain",
+    "translate_page",
+]
 
 
 @dataclass(frozen=True)
@@ -182,14 +188,14 @@ class OutboundPage:
                         new = None if view is None else view.external_id
                         if new is None:
                             continue
-                        rewritten = dict(item)
-                        rewritten["value"] = new
-                        if ref_key is not None:
-                            if rtype is not None:
-                                rewritten[ref_key] = targets[rtype] + new
-                            else:  # a reference the broker cannot rebuild is not passed on
-                                del rewritten[ref_key]
-                        kept.append(rewritten)
+                        if ref_key is None:
+                            kept.append({**item, "value": new})
+                        elif rtype is not None:  # both keys are the item's: their places kept
+                            kept.append({**item, "value": new, ref_key: targets[rtype] + new})
+                        else:  # a reference the broker cannot rebuild is not passed on
+                            rewritten = {**item, "value": new}
+                            del rewritten[ref_key]
+                            kept.append(rewritten)
                     elif kind == _GENERAL:
                         general = rewrite_item(item, attr, translation, visit)
                         if general is not None:
@@ -351,4 +357,3 @@ def _meta_type(doc: Mapping[str, Any]) -> str | None:
     meta = doc.get("meta")
     value = meta.get("resourceType") if isinstance(meta, dict) else None
     return value if isinstance(value, str) else None
-

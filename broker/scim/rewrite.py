@@ -221,7 +221,9 @@ def _rewrite_item(item: Any, attr: RefAttr, ctx: _Context) -> Any | None:
     return out
 
 
-def rewrite_item(item: Any, attr: RefAttr, translation: Translation, visit: IdVisitor) -> Any | None:
+def rewrite_item(
+    item: Any, attr: RefAttr, translation: Translation, visit: IdVisitor
+) -> Any | None:
     """One value of a reference attribute rewritten as :func:`rewrite_document` rewrites it;
     None when what it names is missing."""
     t = translation
