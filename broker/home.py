@@ -3,6 +3,7 @@ and what the home's ``/Schemas`` and ``/ResourceTypes`` say (refreshed every few
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -224,7 +225,10 @@ class HomeClient:
             )
         except HomeUnavailable:
             if self._schema is not None:
-                return self._schema  # keep what we knew
+                # Keep what we knew, for another TTL: an unreadable home is not asked again
+                # on every request (issue 15).
+                self._schema = dataclasses.replace(self._schema, loaded_at=now)
+                return self._schema
             log.warning("home /Schemas unreadable: using the references RFC 7643 defines")
             attributes = SchemaIndex.default()
             # Kept like a good answer, so an unreachable home is not asked again per request.

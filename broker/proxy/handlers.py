@@ -48,7 +48,7 @@ from broker.scim.canonical import (
 )
 from broker.scim.filters import FilterIds
 from broker.scim.guard import IdShape, scrub
-from broker.scim.outbound import DomainView, ids_in_resources, resources_for_domain
+from broker.scim.outbound import translate_page
 from broker.scim.policy import (
     DomainPolicy,
     check_write,
@@ -275,7 +275,8 @@ class Proxy:
     ) -> list[dict[str, Any] | None]:
         """Home's resources as the caller sees them (None: invisible to it), one round-trip."""
         outward = self.inward(call.schema).reversed()
-        wanted = ids_in_resources(docs, outward, resource_type=resource_type)
+        page = translate_page(docs, outward, resource_type=resource_type)
+        wanted = page.wanted
         call.internal_ids.update(wanted)
         if call.policy.scope:
             wanted = await self.in_scope(call, wanted, docs, resource_type)
@@ -286,8 +287,7 @@ class Proxy:
             await self.store.provision_on_need(
                 call.domain.id, [i for i in wanted if i not in found]
             )
-        views = {i: DomainView(o.external_id, o.domain_external_id) for i, o in found.items()}
-        out = resources_for_domain(docs, views, outward, resource_type=resource_type)
+        out = page.render(found)
         # Versions sealed for this domain, timestamps coarsened for an unlinkable one.
         return [
             None

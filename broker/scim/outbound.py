@@ -2,17 +2,39 @@
 
 The shell asks the store once for every ID :func:`ids_in_resources` lists, then hands the answers
 to :func:`resources_for_domain`.
+
+:func:`translate_page` is the same in one walk (issue 15, the proxy's page path): it reads each
+document once, noting where every ID sits and what its ``$ref`` will be, and
+:meth:`OutboundPage.render` fills the answers in. It gives exactly what the two functions give
+(a property test compares them on generated documents); any value it has no fast answer for (a
+key spelled oddly, a reference that is a bare URI, a type home does not serve) is handed to the
+general functions of :mod:`broker.scim.rewrite`, one value at a time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from broker.scim.rewrite import InvisibleResource, Translation, collect_ids, rewrite_document
+from broker.scim.rewrite import (
+    InvisibleResource,
+    Translation,
+    collect_ids,
+    collect_item,
+    item_type,
+    rewrite_document,
+    rewrite_item,
+)
+from broker.scim.schemas import RefAttr, ReferenceMap
 
-__all__ = ["DomainView", "ids_in_resources", "resources_for_domain"]
+__all__ = [
+    "DomainView",
+    "OutboundPage",
+    "ids_in_resources",
+    "resources_for_domain",
+    "translate_page",
+]
 
 
 @dataclass(frozen=True)
@@ -21,6 +43,16 @@ class DomainView:
 
     external_id: str
     domain_external_id: str | None = None
+
+
+class View(Protocol):
+    """What :meth:`OutboundPage.render` reads of an answer (the store's ``Outbound`` is one)."""
+
+    @property
+    def external_id(self) -> str: ...
+
+    @property
+    def domain_external_id(self) -> str | None: ...
 
 
 def ids_in_resources(
@@ -42,7 +74,7 @@ def ids_in_resources(
 
 def resources_for_domain(
     docs: Sequence[Mapping[str, Any]],
-    views: Mapping[str, DomainView],
+    views: Mapping[str, View],
     translation: Translation,
     *,
     resource_type: str | None,
@@ -70,3 +102,258 @@ def resources_for_domain(
             new["externalId"] = view.domain_external_id
         out.append(new)
     return out
+
+
+# ------------------------------------------------------------------------- the one-walk page
+
+_FAST, _DROP, _GENERAL = 0, 1, 2
+
+# One value of a reference attribute: (kind, the value, its ID, its type, the key of its $ref).
+# _FAST: a dict with a string "value": rendered here; _DROP: a complex value that names nothing
+# (left out, as the general path leaves it out); _GENERAL: handed to rewrite_item.
+_Item = tuple[int, Any, str, str | None, str | None]
+
+
+@dataclass(frozen=True)
+class _Level:
+    """Where the IDs of one level of a document sit (the resource, or one extension of it)."""
+
+    edits: list[tuple[str, RefAttr, bool, list[_Item]]]
+    """(key, attribute, whether the value is a list, its values)."""
+    extensions: list[tuple[str, _Level]]
+
+
+_EMPTY = _Level([], [])
+_UNKNOWN: Any = object()
+
+
+@dataclass(frozen=True)
+class _Doc:
+    level: _Level
+    location: tuple[str, str] | None
+    """meta.location's (resource type, ID), where it names one of home's resources."""
+    external_id_keys: list[str]
+    """The keys spelling ``externalId`` (home's, never shown)."""
+
+
+_KeyInfo = tuple[bool, RefAttr | None, bool]
+"""Of a top-level key: whether it names an extension, its reference attribute, and whether it
+spells ``externalId``."""
+_TOP_KEYS: dict[int, tuple[ReferenceMap, dict[str, _KeyInfo]]] = {}
+
+
+def _top_keys(refs: ReferenceMap) -> dict[str, _KeyInfo]:
+    held = _TOP_KEYS.get(id(refs))
+    if held is None or held[0] is not refs:
+        if len(_TOP_KEYS) >= 16:  # one ReferenceMap per home schema load: a handful live
+            _TOP_KEYS.clear()
+        held = (refs, {})
+        _TOP_KEYS[id(refs)] = held
+    return held[1]
+
+
+@dataclass(frozen=True)
+class OutboundPage:
+    """Home's documents on their way to one domain: :attr:`wanted` lists every internal ID they
+    hold (with its type where it can be told) for the one round-trip to the store, and
+    :meth:`render` gives the documents as the domain sees them once it has the answers.
+
+    The same as :func:`ids_in_resources` then :func:`resources_for_domain`, in one walk."""
+
+    docs: Sequence[Mapping[str, Any]]
+    translation: Translation
+    resource_type: str | None
+    wanted: dict[str, str | None]
+    _plans: list[_Doc]
+    _targets: Mapping[str, str]
+
+    def render(self, views: Mapping[str, View]) -> list[dict[str, Any] | None]:
+        """Each document as the domain sees it (None: invisible to it), given the store's
+        answer for the :attr:`wanted` IDs it has a view of."""
+
+        def visit(internal: str, _rtype: str | None) -> str | None:
+            view = views.get(internal)
+            return None if view is None else view.external_id
+
+        targets = self._targets
+        translation = self.translation
+
+        def level(attrs: Mapping[str, Any], plan: _Level) -> dict[str, Any]:
+            out = dict(attrs)
+            for key, attr, is_list, items in plan.edits:
+                kept = []
+                for kind, item, internal, rtype, ref_key in items:
+                    if kind == _FAST:
+                        view = views.get(internal)
+                        new = None if view is None else view.external_id
+                        if new is None:
+                            continue
+                        if ref_key is None:
+                            kept.append({**item, "value": new})
+                        elif rtype is not None:  # both keys are the item's: their places kept
+                            kept.append({**item, "value": new, ref_key: targets[rtype] + new})
+                        else:  # a reference the broker cannot rebuild is not passed on
+                            rewritten = {**item, "value": new}
+                            del rewritten[ref_key]
+                            kept.append(rewritten)
+                    elif kind == _GENERAL:
+                        general = rewrite_item(item, attr, translation, visit)
+                        if general is not None:
+                            kept.append(general)
+                if is_list:
+                    out[key] = kept
+                elif kept:
+                    out[key] = kept[0]
+                else:
+                    del out[key]
+            for key, inner in plan.extensions:
+                out[key] = level(attrs[key], inner)
+            return out
+
+        rendered: list[dict[str, Any] | None] = []
+        for doc, plan in zip(self.docs, self._plans, strict=True):
+            new = level(doc, plan.level) if plan.level is not _EMPTY else dict(doc)
+            if "id" in doc:
+                own = doc["id"]
+                view = views.get(own) if isinstance(own, str) else None
+                new_id = None if view is None else view.external_id
+                if new_id is None:
+                    rendered.append(None)  # the resource itself does not exist for the domain
+                    continue
+                new["id"] = new_id
+            meta = doc.get("meta")
+            if isinstance(meta, dict) and "location" in meta:
+                shown_meta = dict(meta)
+                location = None
+                if plan.location is not None:
+                    rtype, internal = plan.location
+                    moved = visit(internal, rtype)
+                    if moved is not None:
+                        location = targets[rtype] + moved
+                if location is None:
+                    del shown_meta["location"]
+                else:
+                    shown_meta["location"] = location
+                new["meta"] = shown_meta
+            for key in plan.external_id_keys:
+                new.pop(key, None)
+            own_view = views.get(doc["id"]) if isinstance(doc.get("id"), str) else None
+            if own_view is not None and own_view.domain_external_id is not None:
+                new["externalId"] = own_view.domain_external_id
+            rendered.append(new)
+        return rendered
+
+
+def translate_page(
+    docs: Sequence[Mapping[str, Any]], translation: Translation, *, resource_type: str | None
+) -> OutboundPage:
+    """Every ID ``docs`` hold, found in one walk that notes where each sits (see
+    :class:`OutboundPage`). ``translation`` goes from home's base to the broker's."""
+    refs, endpoints = translation.refs, translation.endpoints
+    source_base = translation.source_base
+    target = translation.target_base.rstrip("/")
+    targets = {t: f"{target}{e}/" for t, e in endpoints.by_type.items()}
+    parse_uri = endpoints.parse_uri
+    top = _top_keys(refs)
+    wanted: dict[str, str | None] = {}
+
+    def add(resource_id: str, rtype: str | None) -> None:
+        if wanted.get(resource_id) is None:
+            wanted[resource_id] = rtype
+
+    # item_type reads only an item's "type" and "$ref": its answer is kept for the page (a
+    # page's references name the same few groups and managers over and over).
+    types: dict[tuple[int, str | None, str | None], str | None] = {}
+
+    def values_plan(values: Sequence[Any], attr: RefAttr) -> list[_Item]:
+        planned: list[_Item] = []
+        for item in values:
+            if attr.complex and type(item) is dict and "value" in item:
+                value = item["value"]
+                if not isinstance(value, str):
+                    planned.append((_DROP, item, "", None, None))
+                    continue
+                declared, ref = item.get("type"), item.get("$ref")
+                if (declared is None or type(declared) is str) and (
+                    ref is None or type(ref) is str
+                ):
+                    memo = (id(attr), declared, ref)
+                    rtype = types.get(memo, _UNKNOWN)
+                    if rtype is _UNKNOWN:
+                        rtype = types[memo] = item_type(item, attr, endpoints, source_base)
+                else:
+                    rtype = item_type(item, attr, endpoints, source_base)
+                ref_key = "$ref" if ref is not None or "$ref" in item else _ref_key(item)
+                if ref_key is None or rtype is None or rtype in targets:
+                    if wanted.get(value) is None:
+                        wanted[value] = rtype
+                    planned.append((_FAST, item, value, rtype, ref_key))
+                    continue
+            collect_item(item, attr, translation, add)
+            planned.append((_GENERAL, item, "", None, None))
+        return planned
+
+    def level_plan(attrs: Mapping[str, Any], extension: str | None) -> _Level:
+        edits: list[tuple[str, RefAttr, bool, list[_Item]]] = []
+        extensions: list[tuple[str, _Level]] = []
+        for key, value in attrs.items():
+            is_extension, attr = refs.classify(key, extension)
+            if is_extension and isinstance(value, dict):
+                extensions.append((key, level_plan(value, key)))
+                continue
+            if attr is None or value is None:
+                continue
+            if isinstance(value, list):
+                edits.append((key, attr, True, values_plan(value, attr)))
+            else:
+                edits.append((key, attr, False, values_plan((value,), attr)))
+        return _Level(edits, extensions) if edits or extensions else _EMPTY
+
+    plans: list[_Doc] = []
+    for doc in docs:
+        external_id_keys: list[str] = []
+        edits: list[tuple[str, RefAttr, bool, list[_Item]]] = []
+        extensions: list[tuple[str, _Level]] = []
+        for key, value in doc.items():
+            info = top.get(key)
+            if info is None:
+                is_extension, attr = refs.classify(key)
+                info = (is_extension, attr, key.lower() == "externalid")
+                if len(top) < 4096:  # home's keys: a few dozen; never an unbounded memo
+                    top[key] = info
+            if info[2]:
+                external_id_keys.append(key)
+            if info[0] and isinstance(value, dict):
+                extensions.append((key, level_plan(value, key)))
+                continue
+            attr = info[1]
+            if attr is None or value is None:
+                continue
+            if isinstance(value, list):
+                edits.append((key, attr, True, values_plan(value, attr)))
+            else:
+                edits.append((key, attr, False, values_plan((value,), attr)))
+        own = doc.get("id")
+        if isinstance(own, str):
+            add(own, resource_type or _meta_type(doc))
+        location = None
+        meta = doc.get("meta")
+        if isinstance(meta, dict):
+            uri = meta.get("location")
+            parsed = parse_uri(uri, source_base) if isinstance(uri, str) else None
+            if parsed is not None:
+                add(parsed[1], parsed[0])
+                location = parsed
+        level = _Level(edits, extensions) if edits or extensions else _EMPTY
+        plans.append(_Doc(level, location, external_id_keys))
+    return OutboundPage(docs, translation, resource_type, wanted, plans, targets)
+
+
+def _ref_key(item: Mapping[str, Any]) -> str | None:
+    return next((k for k in item if k.lower() == "$ref"), None)
+
+
+def _meta_type(doc: Mapping[str, Any]) -> str | None:
+    meta = doc.get("meta")
+    value = meta.get("resourceType") if isinstance(meta, dict) else None
+    return value if isinstance(value, str) else None

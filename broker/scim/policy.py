@@ -114,8 +114,11 @@ class DomainPolicy:
             return {k: v for k, v in doc.items() if k.lower() in _ALWAYS}
         out: dict[str, Any] = {}
         dropped: set[str] = set()
+        known = self._rules_for(schema)
         for key, value in doc.items():
-            rule = self._rule(schema, key)
+            rule = known.get(key)
+            if rule is None:
+                rule = self._rule(schema, key)
             if rule is True:
                 out[key] = value
             elif rule and isinstance(value, dict):  # an extension: its attributes one by one
@@ -132,11 +135,8 @@ class DomainPolicy:
         """Whether a key of home's resources is readable (True, False), or the URN of the
         extension whose attributes are judged one by one: decided once per schema and key, as
         the keys of home's resources repeat from one resource to the next."""
-        cache = self._rules.get(id(schema))
-        if cache is None or cache[0] is not schema:
-            cache = (schema, {})
-            self._rules[id(schema)] = cache
-        rule = cache[1].get(key)
+        rules = self._rules_for(schema)
+        rule = rules.get(key)
         if rule is None:
             urn = schema.extension(key)
             if urn is not None:
@@ -144,9 +144,16 @@ class DomainPolicy:
             else:
                 resolved = schema.resolve(key)
                 rule = resolved is not None and self.may_read(resolved[0], schema)
-            if len(cache[1]) < 4096:  # home's keys: a few dozen; never an unbounded memo
-                cache[1][key] = rule
+            if len(rules) < 4096:  # home's keys: a few dozen; never an unbounded memo
+                rules[key] = rule
         return rule
+
+    def _rules_for(self, schema: ResourceSchema) -> dict[str, bool | str]:
+        cache = self._rules.get(id(schema))
+        if cache is None or cache[0] is not schema:
+            cache = (schema, {})
+            self._rules[id(schema)] = cache
+        return cache[1]
 
 
 def check_write(policy: DomainPolicy, schema: ResourceSchema, refs: Iterable[AttrRef]) -> None:

@@ -30,7 +30,10 @@ __all__ = [
     "Translation",
     "UnknownReference",
     "collect_ids",
+    "collect_item",
+    "item_type",
     "rewrite_document",
+    "rewrite_item",
 ]
 
 Json = dict[str, Any]
@@ -50,10 +53,17 @@ class Endpoints:
 
     by_type: Mapping[str, str]
     _by_endpoint: Mapping[str, str] = field(init=False, repr=False, compare=False)
+    _exact: Mapping[str, str] = field(init=False, repr=False, compare=False)
+    """Each endpoint as spelled in :attr:`by_type` -> the type the lower-cased lookup gives it."""
+    _prefixes: dict[str, str | None] = field(init=False, repr=False, compare=False)
+    """A base -> ``{base without trailing /}/``, or None where the fast path does not apply."""
 
     def __post_init__(self) -> None:
         lowered = {e.strip("/").lower(): t for t, e in self.by_type.items()}
         object.__setattr__(self, "_by_endpoint", lowered)
+        exact = {e.strip("/"): lowered[e.strip("/").lower()] for e in self.by_type.values()}
+        object.__setattr__(self, "_exact", exact)
+        object.__setattr__(self, "_prefixes", {})
 
     @classmethod
     def default(cls) -> Endpoints:
@@ -77,6 +87,23 @@ class Endpoints:
         An absolute URI must share base's scheme and host (compared without case); a relative
         one, its path.
         """
+        # The fast path (issue 15): a URI that starts with base as written and names an endpoint
+        # as home spells it is answered from two dict look-ups; anything else takes the general
+        # path below, which gives the same answer for what the fast path accepts.
+        prefix = self._prefixes.get(base, "")
+        if prefix == "":
+            prefix = self._prefix(base)
+        if prefix is not None and uri.startswith(prefix):
+            endpoint, _, resource_id = uri[len(prefix) :].partition("/")
+            fast_type = self._exact.get(endpoint)
+            if (
+                fast_type is not None
+                and resource_id
+                and "/" not in resource_id
+                and "?" not in resource_id
+                and "#" not in resource_id
+            ):
+                return fast_type, resource_id
         base = base.rstrip("/")
         if "://" in uri:
             if uri[: len(base)].lower() != base.lower() or uri[len(base) : len(base) + 1] != "/":
@@ -92,6 +119,13 @@ class Endpoints:
             return None
         resource_type = self._by_endpoint.get(endpoint.lower())
         return (resource_type, resource_id) if resource_type is not None else None
+
+    def _prefix(self, base: str) -> str | None:
+        stripped = base.rstrip("/")
+        prefix = stripped + "/" if "://" in stripped else None
+        if len(self._prefixes) < 64:  # the bases of a deployment: a handful
+            self._prefixes[base] = prefix
+        return prefix
 
     def uri(self, base: str, resource_type: str, resource_id: str) -> str:
         return f"{base.rstrip('/')}{self.by_type[resource_type]}/{resource_id}"
@@ -131,7 +165,7 @@ def _key(item: Mapping[str, Any], name: str) -> str | None:
     return next((k for k in item if k.lower() == name), None)
 
 
-def _item_type(
+def item_type(
     item: Mapping[str, Any], attr: RefAttr, endpoints: Endpoints, base: str
 ) -> str | None:
     declared = item.get("type")
@@ -165,7 +199,7 @@ def _rewrite_item(item: Any, attr: RefAttr, ctx: _Context) -> Any | None:
     if not isinstance(item, dict):
         return None
     out = dict(item)
-    resource_type = _item_type(item, attr, ctx.endpoints, ctx.source_base)
+    resource_type = item_type(item, attr, ctx.endpoints, ctx.source_base)
     value_key = _key(item, "value")
     ref_key = _key(item, "$ref")
     if value_key is not None:
@@ -187,15 +221,26 @@ def _rewrite_item(item: Any, attr: RefAttr, ctx: _Context) -> Any | None:
     return out
 
 
+def rewrite_item(
+    item: Any, attr: RefAttr, translation: Translation, visit: IdVisitor
+) -> Any | None:
+    """One value of a reference attribute rewritten as :func:`rewrite_document` rewrites it;
+    None when what it names is missing."""
+    t = translation
+    return _rewrite_item(
+        item, attr, _Context(t.refs, t.endpoints, t.source_base, t.target_base, visit)
+    )
+
+
 def _rewrite_attributes(
     attrs: Json, ctx: _Context, extension: str | None, on_missing: Callable[[str, Any], None]
 ) -> Json:
     out: Json = {}
     for key, value in attrs.items():
-        if extension is None and ctx.refs.is_extension(key) and isinstance(value, dict):
+        is_extension, attr = ctx.refs.classify(key, extension)
+        if is_extension and isinstance(value, dict):
             out[key] = _rewrite_attributes(value, ctx, key, on_missing)
             continue
-        attr = ctx.refs.attribute(key, extension)
         if attr is None or value is None:
             out[key] = value
         elif isinstance(value, list):
@@ -267,6 +312,29 @@ def _meta_type(doc: Json) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def collect_item(
+    item: Any, attr: RefAttr, translation: Translation, add: Callable[[str, str | None], None]
+) -> None:
+    """The ID one value of a reference attribute holds, if any, given to ``add`` (with its
+    resource type where it can be told): what :func:`collect_ids` reads of each value."""
+    endpoints, source_base = translation.endpoints, translation.source_base
+    if not attr.complex:
+        uri = item
+    elif isinstance(item, dict):
+        value_key = _key(item, "value")
+        if value_key is not None:
+            if isinstance(item[value_key], str):
+                add(item[value_key], item_type(item, attr, endpoints, source_base))
+            return
+        ref_key = _key(item, "$ref")
+        uri = item[ref_key] if ref_key is not None else None
+    else:
+        return
+    parsed = endpoints.parse_uri(uri, source_base) if isinstance(uri, str) else None
+    if parsed is not None:
+        add(parsed[1], parsed[0])
+
+
 def collect_ids(
     doc: Json, translation: Translation, *, resource_type: str | None = None
 ) -> dict[str, str | None]:
@@ -288,23 +356,14 @@ def collect_ids(
 
     def walk(attrs: Mapping[str, Any], extension: str | None) -> None:
         for key, value in attrs.items():
-            if extension is None and isinstance(value, dict) and refs.is_extension(key):
+            is_extension, attr = refs.classify(key, extension)
+            if is_extension and isinstance(value, dict):
                 walk(value, key)
                 continue
-            attr = refs.attribute(key, extension)
             if attr is None or value is None:
                 continue
             for item in value if isinstance(value, list) else (value,):
-                if not attr.complex:
-                    add_uri(item)
-                elif isinstance(item, dict):
-                    value_key = _key(item, "value")
-                    if value_key is not None:
-                        if isinstance(item[value_key], str):
-                            add(item[value_key], _item_type(item, attr, endpoints, source_base))
-                    else:
-                        ref_key = _key(item, "$ref")
-                        add_uri(item[ref_key] if ref_key is not None else None)
+                collect_item(item, attr, translation, add)
 
     walk(doc, None)
     if isinstance(doc.get("id"), str):

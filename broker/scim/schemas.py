@@ -40,6 +40,9 @@ class ReferenceMap:
     # Unqualified names: core attributes, then extension ones (services commonly accept those
     # unqualified too, and an ID hiding there must not slip through).
     _unqualified: Mapping[str, RefAttr] = field(init=False, repr=False, compare=False)
+    _keys: dict[tuple[str, str | None], tuple[bool, RefAttr | None]] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         merged: dict[str, RefAttr] = {}
@@ -47,6 +50,20 @@ class ReferenceMap:
             for name, attr in attrs.items():
                 merged.setdefault(name, attr)
         object.__setattr__(self, "_unqualified", {**merged, **self.core})
+        object.__setattr__(self, "_keys", {})
+
+    def classify(self, key: str, extension: str | None = None) -> tuple[bool, RefAttr | None]:
+        """``(is_extension(key), attribute(key, extension))`` (the first always False inside an
+        extension), decided once per key: home's resources repeat the same few dozen keys."""
+        found = self._keys.get((key, extension))
+        if found is None:
+            found = (
+                extension is None and self.is_extension(key),
+                self.attribute(key, extension),
+            )
+            if len(self._keys) < 4096:  # never an unbounded memo, whatever home sends
+                self._keys[key, extension] = found
+        return found
 
     @classmethod
     def from_schemas(

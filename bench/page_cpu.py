@@ -1,0 +1,88 @@
+"""CPU per page of the proxy's outbound work, in-process (issue 15): the 100-user page of
+``bench/servers.py`` through what ``Proxy.outbound`` and ``Proxy.respond`` compute, without the
+network or the database (their answers are given): the IDs collected, the documents rewritten,
+``meta`` sealed, the read list, ``orjson.dumps`` and the leak guard's scan.
+
+    python bench/page_cpu.py [--repeat 300] [--read-list]
+
+Microseconds per page, the median of ``--repeat`` runs. A ratio to ``bench/run.py``'s numbers
+is not meant: this isolates the Python work the broker adds per page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from servers import USERS, user  # bench/ is on the path when this script runs
+
+from broker.scim.attributes import SchemaIndex
+from broker.scim.guard import IdShape, Scan, find_in_play
+from broker.scim.outbound import DomainView, translate_page
+from broker.scim.policy import DomainPolicy
+from broker.scim.rewrite import Endpoints, Translation
+from broker.scim.schemas import DEFAULT_REFERENCES
+from broker.scim.versions import VersionSealer, present_meta
+
+HOME = "http://127.0.0.1:9/v2"
+BROKER = "http://127.0.0.1:8/scim/v2"
+
+
+@dataclass(frozen=True)
+class Audience:
+    id: str = "D1"
+    unlinkable: bool = False
+    timestamp_precision: int = 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeat", type=int, default=300)
+    parser.add_argument("--read-list", action="store_true", help="the bench's scoped domain")
+    args = parser.parse_args()
+
+    page = orjson.dumps([user(u, "127.0.0.1:9") for u in USERS])
+    outward = Translation(DEFAULT_REFERENCES, Endpoints.default(), HOME, BROKER)
+    sealer = VersionSealer(bytes(64))
+    shape = IdShape("[0-9a-f]{32}")
+    attributes = SchemaIndex.default()
+    policy = DomainPolicy(
+        "S",
+        read=("userName", "displayName", "emails", "groups") if args.read_list else None,
+    )
+    audience = Audience()
+    schema = attributes.get("User")
+
+    def once() -> bytes:
+        docs: list[dict[str, Any]] = orjson.loads(page)  # the home's page, parsed (not timed)
+        start = time.perf_counter_ns()
+        translated = translate_page(docs, outward, resource_type="User")
+        views = {i: DomainView("x" + i[1:]) for i in translated.wanted}
+        out = translated.render(views)
+        shown = [
+            policy.readable(
+                present_meta(o, domain=audience, internal_id=str(d["id"]), sealer=sealer), schema
+            )
+            for o, d in zip(out, docs, strict=True)
+            if o is not None
+        ]
+        raw = orjson.dumps({"Resources": shown})
+        scan = Scan.of("body", raw.decode(), shape)
+        assert find_in_play([scan], translated.wanted, shape) is None
+        timings.append(time.perf_counter_ns() - start)
+        return raw
+
+    timings: list[int] = []
+    for _ in range(args.repeat):
+        once()
+    print(
+        f"page CPU: {statistics.median(timings) / 1000:.0f} us per page (median of {args.repeat})"
+    )
+
+
+if __name__ == "__main__":
+    main()
