@@ -139,16 +139,20 @@ async def listening(
         while True:
             try:
                 conn = await asyncpg.connect(url)
-                await conn.add_listener(channel, notified)
-                conn.add_termination_listener(lambda _conn: lost.set())
-                lost.clear()
-                on_up()
                 try:
-                    await lost.wait()
+                    await conn.add_listener(channel, notified)
+                    conn.add_termination_listener(lambda _conn: lost.set())
+                    lost.clear()
+                    on_up()
+                    try:
+                        await lost.wait()
+                    finally:
+                        on_down()
                 finally:
-                    on_down()
+                    # Closed on every way out, a cancel between connect and listen included (a
+                    # connection left to the garbage collector is a ResourceWarning).
                     if not conn.is_closed():
-                        await conn.close()
+                        conn.terminate()
             except (OSError, asyncpg.PostgresError) as exc:
                 log.warning(
                     "cannot listen on %s (%s); retrying in %ss", channel, exc, retry_seconds
