@@ -11,6 +11,7 @@ import asyncpg
 from broker.db import query
 from broker.errors import BrokerError, NotFoundError
 from broker.events.record import record_changes
+from broker.mapping.accounts import record_entities
 
 if TYPE_CHECKING:
     from broker.db import Connection
@@ -34,9 +35,7 @@ async def enqueue_changes(
     each carrying the write-only values the write set, ``sealed`` by entity; and the SETs the
     changes imply for the domains subscribed to events (``verb``, ``documents`` and the
     ``write_only`` attribute names describe the changes: see :func:`record_changes`)."""
-    subscribed = await conn.fetchval(
-        query("record_writes"), list(changed), list(changed.values()), list(deleted)
-    )
+    subscribed = await record_entities(conn, list(changed), list(changed.values()), deleted)
     if subscribed:
         await record_changes(
             conn,
