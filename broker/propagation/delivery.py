@@ -189,9 +189,12 @@ class PeerClients:
     """One SCIM client per peer over the worker's session, made again when the peer's URL or
     token changes; a peer's clients share its ``concurrency`` request slots."""
 
-    def __init__(self, session: aiohttp.ClientSession, concurrency: int) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, concurrency: int, *, monotonic: Clock
+    ) -> None:
         self.session = session
         self.concurrency = concurrency
+        self.monotonic = monotonic
         self._clients: dict[str, PeerClient] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
         """Per peer: its requests in flight from here (``concurrency`` at most)."""
@@ -202,7 +205,14 @@ class PeerClients:
         token = peer_credential(peer.credential_ref)
         if client is None or client.base_url != peer.scim_url.rstrip("/") or client.token != token:
             slots = self._slots.setdefault(peer.id, asyncio.Semaphore(self.concurrency))
-            client = PeerClient(self.session, peer.scim_url, token, domain=peer.id, slots=slots)
+            client = PeerClient(
+                self.session,
+                peer.scim_url,
+                token,
+                domain=peer.id,
+                slots=slots,
+                monotonic=self.monotonic,
+            )
             self._clients[peer.id] = client
         return client
 

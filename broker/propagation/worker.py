@@ -62,7 +62,9 @@ class Deliverer:
     ``clock`` (epoch seconds) and ``monotonic`` are the worker's only clocks, for tests to
     control: ``clock`` for what is compared with the database's time (when a row is due, how
     long a 409 is retried, when a suspended account is deleted), ``monotonic`` for intervals
-    here (lanes resting, a peer's health, home's reads shared, a drain's deadline)."""
+    here (lanes resting, a peer's health, home's reads shared, whether a peer takes PATCH, a
+    drain's deadline). A ``Retry-After`` given as an HTTP date is read against the real time
+    (``policy.retry_after_seconds``)."""
 
     def __init__(
         self,
@@ -102,7 +104,7 @@ class Deliverer:
         tools = Tools(
             pool,
             home,
-            PeerClients(session, self.settings.concurrency),
+            PeerClients(session, self.settings.concurrency, monotonic=monotonic),
             self.ledger,
             self.settings,
             clock,
