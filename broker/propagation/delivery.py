@@ -234,8 +234,3 @@ class Tools:
     def now(self) -> datetime:
         """The wall clock's time, as the database compares it."""
         return utc(self.clock)
-
-    async def endpoint_of(self, resource_type: str, default: str | None = None) -> str | None:
-        """Home's endpoint of a resource type (``default`` when it has none)."""
-        schema = await home_call(self.home.schema())
-        return schema.endpoints.by_type.get(resource_type, default)
