@@ -907,3 +907,33 @@ async def test_a_suspended_account_is_deleted_once_the_workers_clock_passes_susp
             await worker.drain()
             assert peer.call("GET", f"/Users/{held_id}")[0] == 404, "deleted after --suspend-for"
             assert await peer_id(broker, "P1", user["id"]) is None
+
+
+async def test_a_worker_cancelled_just_as_it_is_woken_stops(
+    db_url: str, home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel that arrives while the loop waits, just after something woke it, stops the loop
+    (``asyncio.wait_for`` of Python 3.11 returned the wake-up instead and dropped the cancel: the
+    broker's shutdown then waited for the worker for ever)."""
+    idle = FAST.model_copy(update={"enabled": False})
+    async for broker in federation(db_url, home, {}, monkeypatch, "", idle):
+        async with aiohttp.ClientSession() as session:
+            worker = Deliverer(
+                broker.app[POOL],
+                broker.app[HOME],
+                session,
+                id_pattern="[0-9a-f]{32}",
+                settings=WorkerSettings(idle_check=60),
+            )
+            running = asyncio.create_task(worker.run())
+            deadline = asyncio.get_running_loop().time() + 30
+            while not worker._wake._waiters:  # type: ignore[attr-defined]
+                assert asyncio.get_running_loop().time() < deadline, "the loop never waited"
+                await asyncio.sleep(0.01)
+            worker._wake.set()
+            running.cancel()
+            done, _ = await asyncio.wait({running}, timeout=10)
+            if not done:
+                running.cancel()
+            assert done == {running}, "the worker went on after it was cancelled"
+            assert running.cancelled()

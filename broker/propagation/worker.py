@@ -129,8 +129,10 @@ class Deliverer:
                         await self.claim_and_start()
                     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                         log.warning("delivery worker cannot reach the database: %s", exc)
+                    # Not wait_for: in Python 3.11 it drops a cancel that comes with a wake-up.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self.settings.idle_check)
+                        async with asyncio.timeout(self.settings.idle_check):
+                            await self._wake.wait()
             finally:
                 purging.cancel()
                 self.claims.close()
