@@ -857,7 +857,7 @@ async def test_a_409_is_retried_for_its_patience_on_the_workers_clock_then_dead(
             row = await broker.pool.fetchrow("SELECT state, last_error FROM outbox")
             assert row["state"] == "pending"
             assert row["last_error"]["conflict_since"] == first_refusal
-            clock.now += 300
+            clock.now += 301  # past the patience (300 s exactly is at float rounding's mercy)
             assert await _next_outcome(worker, outcomes) == "dead"
             row = await broker.pool.fetchrow("SELECT state, last_error FROM outbox")
             assert row["state"] == "dead" and row["last_error"]["status"] == 409
@@ -902,7 +902,7 @@ async def test_a_suspended_account_is_deleted_once_the_workers_clock_passes_susp
             await worker.drain()
             assert peer_user(peer, held_id)["active"] is False, "not yet on the worker's clock"
             assert await peer_id(broker, "P1", user["id"]) == held_id
-            clock.now += 1
+            clock.now += 2  # past suspend_for, clear of microsecond rounding
             await broker.pool.execute(an_hour_passes_in_the_database)
             await worker.drain()
             assert peer.call("GET", f"/Users/{held_id}")[0] == 404, "deleted after --suspend-for"
