@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 
@@ -17,6 +18,7 @@ from broker.app import DELIVERER, HOME, POOL
 from broker.db import query
 from broker.domains import DomainStore
 from broker.propagation.journal import record
+from broker.propagation.policy import Backoff
 from broker.propagation.poller import HomePoller
 from broker.propagation.worker import Deliverer, WorkerSettings
 from broker.propagation.writes import HomeWrite
@@ -844,3 +846,145 @@ async def test_one_read_of_home_serves_a_change_s_deliveries_to_every_peer(
                     assert held_id is not None and peer_user(peer, held_id)["title"] == f"t{n}"
             for peer in peers.values():
                 assert_no_internal_id(peer, {user["id"]})
+
+
+class _Clock:
+    """The worker's wall clock, moved by the test (it starts at the real time, so that what the
+    worker writes for the database is due when the database says so)."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC).timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _own_worker(
+    broker: Broker, session: aiohttp.ClientSession, clock: _Clock, **settings: Any
+) -> tuple[Deliverer, list[str]]:
+    """A worker of the test's (the broker runs none) on the test's clock, and its outcomes."""
+    outcomes: list[str] = []
+    worker = Deliverer(
+        broker.app[POOL],
+        broker.app[HOME],
+        session,
+        id_pattern="[0-9a-f]{32}",
+        settings=WorkerSettings(backoff=Backoff(0.01, 0.02), **settings),
+        observe=lambda _peer, outcome: outcomes.append(outcome),
+        clock=clock,
+    )
+    return worker, outcomes
+
+
+async def _next_outcome(worker: Deliverer, outcomes: list[str]) -> str:
+    """Claim until one more delivery has ended; how it ended."""
+    seen, deadline = len(outcomes), asyncio.get_running_loop().time() + 30
+    while len(outcomes) == seen:
+        assert asyncio.get_running_loop().time() < deadline, "no delivery ended"
+        await worker.claim_and_start()
+        await asyncio.sleep(0.01)
+    return outcomes[-1]
+
+
+async def test_a_409_is_retried_for_its_patience_on_the_workers_clock_then_dead(
+    db_url: str, home: Home, peer_server: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The patience runs from the first refusal, as the injected clock tells it: retried while
+    the clock stands still (however long the test takes), a dead letter once it moved past."""
+    peer = tenant(peer_server, "p1")
+    name = unique("taken")
+    assert peer.call("POST", "/Users", new_user(name, externalId="theirs"))[0] == 201
+    idle = FAST.model_copy(update={"enabled": False})
+    async for broker in federation(
+        db_url, home, {"P1": peer.url}, monkeypatch, peer_server.token, idle
+    ):
+        await home_tool(broker, "POST", "/Users", new_user(name))
+        clock = _Clock()
+        first_refusal = clock.now
+        async with aiohttp.ClientSession() as session:
+            worker, outcomes = await _own_worker(broker, session, clock, conflict_patience=300)
+            for _ in range(3):
+                assert await _next_outcome(worker, outcomes) == "retry"
+            row = await broker.pool.fetchrow("SELECT state, last_error FROM outbox")
+            assert row["state"] == "pending"
+            assert row["last_error"]["conflict_since"] == first_refusal
+            clock.now += 301  # past the patience (300 s exactly is at float rounding's mercy)
+            assert await _next_outcome(worker, outcomes) == "dead"
+            row = await broker.pool.fetchrow("SELECT state, last_error FROM outbox")
+            assert row["state"] == "dead" and row["last_error"]["status"] == 409
+            assert row["last_error"]["conflict_since"] == first_refusal
+
+
+async def test_a_suspended_account_is_deleted_once_the_workers_clock_passes_suspend_for(
+    db_url: str, home: Home, peer_server: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    peer = tenant(peer_server, "p1")
+    idle = FAST.model_copy(update={"enabled": False})
+    async for broker in federation(
+        db_url,
+        home,
+        {"P1": peer.url},
+        monkeypatch,
+        peer_server.token,
+        idle,
+        deprovision="suspend",
+        suspend_for=timedelta(hours=1),
+    ):
+        clock = _Clock()
+        _, user = await home_tool(broker, "POST", "/Users", new_user(active=True))
+        async with aiohttp.ClientSession() as session:
+            worker, _ = await _own_worker(broker, session, clock)
+            await worker.drain()
+            held_id = await peer_id(broker, "P1", user["id"])
+            assert held_id is not None
+            assert (await home_tool(broker, "DELETE", f"/Users/{user['id']}"))[0] == 204
+            await worker.drain()
+            assert peer_user(peer, held_id)["active"] is False, "suspended first"
+            due = await broker.pool.fetchval(
+                "SELECT next_attempt_at FROM outbox WHERE state = 'pending'"
+            )
+            assert due == datetime.fromtimestamp(clock.now, UTC) + timedelta(hours=1)
+            an_hour_passes_in_the_database = (
+                "UPDATE outbox SET next_attempt_at = now() WHERE state = 'pending'"
+            )
+
+            clock.now += 3599
+            await broker.pool.execute(an_hour_passes_in_the_database)
+            await worker.drain()
+            assert peer_user(peer, held_id)["active"] is False, "not yet on the worker's clock"
+            assert await peer_id(broker, "P1", user["id"]) == held_id
+            clock.now += 2  # past suspend_for, clear of microsecond rounding
+            await broker.pool.execute(an_hour_passes_in_the_database)
+            await worker.drain()
+            assert peer.call("GET", f"/Users/{held_id}")[0] == 404, "deleted after --suspend-for"
+            assert await peer_id(broker, "P1", user["id"]) is None
+
+
+async def test_a_worker_cancelled_just_as_it_is_woken_stops(
+    db_url: str, home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel that arrives while the loop waits, just after something woke it, stops the loop
+    (``asyncio.wait_for`` of Python 3.11 returned the wake-up instead and dropped the cancel: the
+    broker's shutdown then waited for the worker for ever)."""
+    idle = FAST.model_copy(update={"enabled": False})
+    async for broker in federation(db_url, home, {}, monkeypatch, "", idle):
+        async with aiohttp.ClientSession() as session:
+            worker = Deliverer(
+                broker.app[POOL],
+                broker.app[HOME],
+                session,
+                id_pattern="[0-9a-f]{32}",
+                settings=WorkerSettings(idle_check=60),
+            )
+            running = asyncio.create_task(worker.run())
+            deadline = asyncio.get_running_loop().time() + 30
+            while not worker._wake._waiters:  # type: ignore[attr-defined]
+                assert asyncio.get_running_loop().time() < deadline, "the loop never waited"
+                await asyncio.sleep(0.01)
+            worker._wake.set()
+            running.cancel()
+            done, _ = await asyncio.wait({running}, timeout=10)
+            if not done:
+                running.cancel()
+            assert done == {running}, "the worker went on after it was cancelled"
+            assert running.cancelled()

@@ -15,6 +15,7 @@ import asyncpg
 
 from broker.db import query
 from broker.events.record import record_changes
+from broker.mapping.accounts import record_entities
 from broker.mapping.store import set_domain_external_ids
 from broker.propagation.writes import HomeWrite
 from broker.secrets import SecretBox
@@ -38,9 +39,7 @@ async def record(
         raise RuntimeError("write-only values to deliver, but the journal has no key")
     sealed = {i: box().seal(v) for i, v in carrying.items()} if box is not None else {}
     changed, deleted = write.written, list(write.deleted)
-    subscribed = await conn.fetchval(
-        query("record_writes"), list(changed), list(changed.values()), deleted
-    )
+    subscribed = await record_entities(conn, list(changed), list(changed.values()), deleted)
     if subscribed:
         await record_changes(
             conn,

@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,8 +63,10 @@ class PeerClient:
         *,
         domain: str,
         slots: asyncio.Semaphore | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.session = session
+        self.monotonic = monotonic
         self.slots = slots
         """Bounds the requests in flight at the peer (shared by its clients), if given."""
         self.base_url = base_url.rstrip("/")
@@ -103,7 +105,7 @@ class PeerClient:
         return PeerAnswer(answer.status, answer.json_or_none(), answer.headers)
 
     async def supports_patch(self, ttl: float = 300.0) -> bool:
-        now = time.monotonic()
+        now = self.monotonic()
         if self._patch is not None and now - self._patch[1] < ttl:
             return self._patch[0]
         answer = await self.call("GET", "/ServiceProviderConfig")

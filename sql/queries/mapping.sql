@@ -1,4 +1,6 @@
--- Named queries of the identity map (broker/mapping/store.py). Parameters are always bound.
+-- Named queries of the identity map (broker/mapping/store.py, and broker/mapping/accounts.py for
+-- the writes a delivery or a recorded change makes on its caller's connection). Parameters are
+-- always bound. Every write to id_mappings and entities is here.
 
 -- name: resolve_request
 -- Everything a domain's request names, in one round-trip: its external IDs ($2) and the
@@ -147,3 +149,69 @@ RETURNING id
 -- Split-offs ($1) provisioned on first need ($2 true) or eagerly.
 UPDATE entities SET provision_on_demand = $2, updated_at = now()
 WHERE internal_id = ANY($1::text[])
+
+-- name: begin_create
+-- The pending row of a create in a peer, with its correlation handle; kept if it exists.
+-- Returns the handle only when the row is new (no earlier attempt can have reached the peer).
+-- The entity is share-locked first: a merge or split in progress on it (which may give it a
+-- primary here, or merge it away) finishes before; a merged or deleted entity gets no row.
+WITH live AS (
+    SELECT internal_id FROM entities WHERE internal_id = $1 AND state = 'active' FOR SHARE
+)
+INSERT INTO id_mappings (internal_id, domain_id, external_id, is_primary, origin, state,
+                         correlation_handle)
+SELECT $1, $2, NULL, true, 'peer', 'pending_create', $3 FROM live
+ON CONFLICT DO NOTHING
+RETURNING correlation_handle
+
+-- name: finish_create
+-- The create of correlation handle $1 in peer $2 succeeded with the peer's ID $3. Returns the
+-- entity the row belongs to now (a merge may have moved the pending row to its survivor), or
+-- nothing when the create is no longer wanted (a merge cancelled it).
+WITH finished AS (
+    UPDATE id_mappings SET external_id = $3, state = 'active', updated_at = now()
+    WHERE correlation_handle = $1 AND domain_id = $2 AND is_primary AND state = 'pending_create'
+    RETURNING internal_id
+)
+SELECT internal_id FROM finished
+UNION ALL
+-- Finished before (a replay): the account is mapped already.
+SELECT internal_id FROM id_mappings WHERE domain_id = $2 AND external_id = $3
+LIMIT 1
+
+-- name: retire_primary
+-- The peer no longer holds the entity: its row is retired (kept $3 seconds, so that late
+-- references still resolve), or dropped if the create never finished.
+WITH dropped AS (
+    DELETE FROM id_mappings
+    WHERE internal_id = $1 AND domain_id = $2 AND is_primary AND state = 'pending_create'
+)
+UPDATE id_mappings
+SET is_primary = false, state = 'retired', retire_after = now() + make_interval(secs => $3),
+    updated_at = now()
+WHERE internal_id = $1 AND domain_id = $2 AND is_primary AND state = 'active'
+
+-- name: retire_alias
+-- The peer deleted the alias ($2 in peer $1): its row is retired for $3 seconds (late
+-- references still resolve), or removed at once when the retention is 0.
+WITH removed AS (
+    DELETE FROM id_mappings
+    WHERE domain_id = $1 AND external_id = $2 AND state = 'deletion_required' AND $3 <= 0
+)
+UPDATE id_mappings
+SET state = 'retired', retire_after = now() + make_interval(secs => $3), updated_at = now()
+WHERE domain_id = $1 AND external_id = $2 AND state = 'deletion_required' AND $3 > 0
+
+-- name: record_writes
+-- Entities home now has (or no longer has, $3), recorded before their syncs are enqueued; and
+-- whether any domain subscribes to SETs (if none, the change is not recorded for them).
+WITH seen AS (
+    INSERT INTO entities (internal_id, resource_type)
+    SELECT * FROM unnest($1::text[], $2::text[])
+    ON CONFLICT (internal_id) DO UPDATE SET resource_type = EXCLUDED.resource_type
+    WHERE entities.resource_type = 'unknown' AND EXCLUDED.resource_type <> 'unknown'
+), gone AS (
+    UPDATE entities SET state = 'deleted', updated_at = now()
+    WHERE internal_id = ANY($3::text[]) AND state = 'active'
+)
+SELECT EXISTS (SELECT 1 FROM event_subscriptions)
