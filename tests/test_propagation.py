@@ -741,13 +741,16 @@ async def test_concurrency_bounds_the_requests_at_the_peer_while_as_many_deliver
             users = [(await home_tool(broker, "POST", "/Users", new_user()))[1] for _ in range(9)]
             in_flight = _in_flight_counter(broker, "P1")
 
+            # Up to twice the concurrency get ready; how many depends on how the creates fell
+            # into claims (one claim taking two leaves three under way, and the lane claims
+            # again only once half have finished), so more than two, never more than four.
             await until(
-                lambda count=in_flight: _at_least(count, 4),
-                "two deliveries ready behind the two in flight",
+                lambda count=in_flight: _at_least(count, 3),
+                "deliveries ready behind the two in flight",
             )
             await asyncio.sleep(0.3)  # time for a third request to reach the peer, if one could
             assert [m for m, _, _ in front.forwarded] == ["POST", "POST"]
-            assert await in_flight() == 4, "no more claimed until half of them have finished"
+            assert 3 <= await in_flight() <= 4, "no more claimed until half of them have finished"
             front.hold.set()
             await quiesce(broker)
             assert sorted(u["userName"] for u in held(peer)["Users"]) == sorted(

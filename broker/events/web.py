@@ -162,8 +162,11 @@ class Poll:
                     break
                 if await self.pool.fetchval(query("more_events"), domain, 0):
                     continue  # a whole batch was out of scope: the next one, at once
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancel that
+                # arrives as the waiter is woken, and the shutdown would wait for this poll.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(woken.wait(), min(left, self.RECHECK))
+                    async with asyncio.timeout(min(left, self.RECHECK)):
+                        await woken.wait()
         if sets:
             await self.pool.execute(query("events_sent"), domain, [s.id for s in sets])
         more = (

@@ -249,23 +249,41 @@ def translate_page(
 ) -> OutboundPage:
     """Every ID ``docs`` hold, found in one walk that notes where each sits (see
     :class:`OutboundPage`). ``translation`` goes from home's base to the broker's."""
-    refs, endpoints = translation.refs, translation.endpoints
-    source_base = translation.source_base
-    target = translation.target_base.rstrip("/")
-    targets = {t: f"{target}{e}/" for t, e in endpoints.by_type.items()}
-    parse_uri = endpoints.parse_uri
-    top = _top_keys(refs)
-    wanted: dict[str, str | None] = {}
+    planner = _Planner(translation)
+    plans = [planner.doc(doc, resource_type) for doc in docs]
+    return OutboundPage(docs, translation, resource_type, planner.wanted, plans, planner.targets)
 
-    def add(resource_id: str, rtype: str | None) -> None:
-        if wanted.get(resource_id) is None:
-            wanted[resource_id] = rtype
 
-    # item_type reads only an item's "type" and "$ref": its answer is kept for the page (a
-    # page's references name the same few groups and managers over and over).
-    types: dict[tuple[int, str | None, str | None], str | None] = {}
+class _Planner:
+    """The one walk of :func:`translate_page`: what each document holds, and where."""
 
-    def values_plan(values: Sequence[Any], attr: RefAttr) -> list[_Item]:
+    def __init__(self, translation: Translation) -> None:
+        self.translation = translation
+        self.refs, self.endpoints = translation.refs, translation.endpoints
+        self.source_base = translation.source_base
+        target = translation.target_base.rstrip("/")
+        self.targets = {t: f"{target}{e}/" for t, e in self.endpoints.by_type.items()}
+        self.top = _top_keys(self.refs)
+        self.wanted: dict[str, str | None] = {}
+        # item_type reads only an item's "type" and "$ref": its answer is kept for the page (a
+        # page's references name the same few groups and managers over and over).
+        self.types: dict[tuple[int, str | None, str | None], str | None] = {}
+
+    def add(self, resource_id: str, rtype: str | None) -> None:
+        if self.wanted.get(resource_id) is None:
+            self.wanted[resource_id] = rtype
+
+    def _type_of(self, item: dict[str, Any], attr: RefAttr) -> str | None:
+        declared, ref = item.get("type"), item.get("$ref")
+        if (declared is None or type(declared) is str) and (ref is None or type(ref) is str):
+            memo = (id(attr), declared, ref)
+            rtype = self.types.get(memo, _UNKNOWN)
+            if rtype is _UNKNOWN:
+                rtype = self.types[memo] = item_type(item, attr, self.endpoints, self.source_base)
+            return rtype  # type: ignore[no-any-return]
+        return item_type(item, attr, self.endpoints, self.source_base)
+
+    def values(self, values: Sequence[Any], attr: RefAttr) -> list[_Item]:
         planned: list[_Item] = []
         for item in values:
             if attr.complex and type(item) is dict and "value" in item:
@@ -273,80 +291,72 @@ def translate_page(
                 if not isinstance(value, str):
                     planned.append((_DROP, item, "", None, None))
                     continue
-                declared, ref = item.get("type"), item.get("$ref")
-                if (declared is None or type(declared) is str) and (
-                    ref is None or type(ref) is str
-                ):
-                    memo = (id(attr), declared, ref)
-                    rtype = types.get(memo, _UNKNOWN)
-                    if rtype is _UNKNOWN:
-                        rtype = types[memo] = item_type(item, attr, endpoints, source_base)
-                else:
-                    rtype = item_type(item, attr, endpoints, source_base)
-                ref_key = "$ref" if ref is not None or "$ref" in item else _ref_key(item)
-                if ref_key is None or rtype is None or rtype in targets:
-                    if wanted.get(value) is None:
-                        wanted[value] = rtype
+                rtype = self._type_of(item, attr)
+                ref_key = "$ref" if "$ref" in item else _ref_key(item)
+                if ref_key is None or rtype is None or rtype in self.targets:
+                    if self.wanted.get(value) is None:
+                        self.wanted[value] = rtype
                     planned.append((_FAST, item, value, rtype, ref_key))
                     continue
-            collect_item(item, attr, translation, add)
+            collect_item(item, attr, self.translation, self.add)
             planned.append((_GENERAL, item, "", None, None))
         return planned
 
-    def level_plan(attrs: Mapping[str, Any], extension: str | None) -> _Level:
+    def level(self, attrs: Mapping[str, Any], extension: str | None) -> _Level:
         edits: list[tuple[str, RefAttr, bool, list[_Item]]] = []
         extensions: list[tuple[str, _Level]] = []
         for key, value in attrs.items():
-            is_extension, attr = refs.classify(key, extension)
+            is_extension, attr = self.refs.classify(key, extension)
             if is_extension and isinstance(value, dict):
-                extensions.append((key, level_plan(value, key)))
-                continue
-            if attr is None or value is None:
-                continue
-            if isinstance(value, list):
-                edits.append((key, attr, True, values_plan(value, attr)))
-            else:
-                edits.append((key, attr, False, values_plan((value,), attr)))
+                extensions.append((key, self.level(value, key)))
+            elif attr is not None and value is not None:
+                self._edit(edits, key, attr, value)
         return _Level(edits, extensions) if edits or extensions else _EMPTY
 
-    plans: list[_Doc] = []
-    for doc in docs:
+    def _edit(
+        self,
+        edits: list[tuple[str, RefAttr, bool, list[_Item]]],
+        key: str,
+        attr: RefAttr,
+        value: Any,
+    ) -> None:
+        if isinstance(value, list):
+            edits.append((key, attr, True, self.values(value, attr)))
+        else:
+            edits.append((key, attr, False, self.values((value,), attr)))
+
+    def doc(self, doc: Mapping[str, Any], resource_type: str | None) -> _Doc:
         external_id_keys: list[str] = []
         edits: list[tuple[str, RefAttr, bool, list[_Item]]] = []
         extensions: list[tuple[str, _Level]] = []
         for key, value in doc.items():
-            info = top.get(key)
+            info = self.top.get(key)
             if info is None:
-                is_extension, attr = refs.classify(key)
+                is_extension, attr = self.refs.classify(key)
                 info = (is_extension, attr, key.lower() == "externalid")
-                if len(top) < 4096:  # home's keys: a few dozen; never an unbounded memo
-                    top[key] = info
+                if len(self.top) < 4096:  # home's keys: a few dozen; never an unbounded memo
+                    self.top[key] = info
             if info[2]:
                 external_id_keys.append(key)
             if info[0] and isinstance(value, dict):
-                extensions.append((key, level_plan(value, key)))
-                continue
-            attr = info[1]
-            if attr is None or value is None:
-                continue
-            if isinstance(value, list):
-                edits.append((key, attr, True, values_plan(value, attr)))
-            else:
-                edits.append((key, attr, False, values_plan((value,), attr)))
+                extensions.append((key, self.level(value, key)))
+            elif info[1] is not None and value is not None:
+                self._edit(edits, key, info[1], value)
         own = doc.get("id")
         if isinstance(own, str):
-            add(own, resource_type or _meta_type(doc))
+            self.add(own, resource_type or _meta_type(doc))
         location = None
         meta = doc.get("meta")
         if isinstance(meta, dict):
             uri = meta.get("location")
-            parsed = parse_uri(uri, source_base) if isinstance(uri, str) else None
+            parsed = (
+                self.endpoints.parse_uri(uri, self.source_base) if isinstance(uri, str) else None
+            )
             if parsed is not None:
-                add(parsed[1], parsed[0])
+                self.add(parsed[1], parsed[0])
                 location = parsed
         level = _Level(edits, extensions) if edits or extensions else _EMPTY
-        plans.append(_Doc(level, location, external_id_keys))
-    return OutboundPage(docs, translation, resource_type, wanted, plans, targets)
+        return _Doc(level, location, external_id_keys)
 
 
 def _ref_key(item: Mapping[str, Any]) -> str | None:
