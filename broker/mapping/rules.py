@@ -271,10 +271,44 @@ def _complete(
     # attempt); a live entity left without an account in a peer (a split moved it away) is
     # created there anew, after its old account's new owner made it theirs (the values that must
     # stay unique move off it first).
+    handovers = _handovers(moved, changes, merged, push_domains)
+    regroup = tuple(
+        (c.before.domain, c.before.external_id)
+        for c in moved
+        if c.after and c.after.internal_id != c.before.internal_id and c.before.external_id
+    )
+    undo = tuple(
+        c.before
+        for c in changes
+        if c.after is None
+        and c.before.state is MappingState.PENDING_CREATE
+        and c.before.domain in push_domains
+    )
+    return dataclasses.replace(
+        plan,
+        undo_creates=undo,
+        copies_dropped=copies,
+        handovers=handovers,
+        regroup=regroup,
+        notices=_notices(kind, changes, apply_plan(rows, plan)) if changes else (),
+        hold_back=dict(hold_back or {}),
+        syncs=syncs,
+    )
+
+
+def _handovers(
+    moved: Sequence[RowChange],
+    changes: Iterable[RowChange],
+    merged: Collection[str],
+    push_domains: Collection[str],
+) -> tuple[Handover, ...]:
+    """The push peers' accounts that change hands (each to be brought to its new owner's state),
+    and live entities left without an account in a push peer (to be created there anew), one per
+    (domain, entity), the first found kept."""
     primaries_after = {
         (c.after.internal_id, c.after.domain) for c in changes if c.after and c.after.primary
     }
-    handovers: dict[tuple[str, str], Handover] = {}
+    found: dict[tuple[str, str], Handover] = {}
     candidates = [
         Handover(c.after.domain, c.after.internal_id, c.before.internal_id)
         for c in moved
@@ -294,29 +328,8 @@ def _complete(
     ]
     for handover in candidates:
         if handover.domain in push_domains:
-            handovers.setdefault((handover.domain, handover.internal_id), handover)
-    regroup = tuple(
-        (c.before.domain, c.before.external_id)
-        for c in moved
-        if c.after and c.after.internal_id != c.before.internal_id and c.before.external_id
-    )
-    undo = tuple(
-        c.before
-        for c in changes
-        if c.after is None
-        and c.before.state is MappingState.PENDING_CREATE
-        and c.before.domain in push_domains
-    )
-    return dataclasses.replace(
-        plan,
-        undo_creates=undo,
-        copies_dropped=copies,
-        handovers=tuple(handovers.values()),
-        regroup=regroup,
-        notices=_notices(kind, changes, apply_plan(rows, plan)) if changes else (),
-        hold_back=dict(hold_back or {}),
-        syncs=syncs,
-    )
+            found.setdefault((handover.domain, handover.internal_id), handover)
+    return tuple(found.values())
 
 
 def _notices(
@@ -454,6 +467,28 @@ def plan_merge(
     return _complete("merge", loaded, plan, push_domains)
 
 
+def _check_moves(
+    source: str,
+    moves: Mapping[str, Sequence[tuple[str, str]]],
+    by_name: Mapping[tuple[str, str], MappingRow],
+) -> None:
+    """RuleError if a split moves a row twice, or a row that is not the source's."""
+    claimed: dict[tuple[str, str], str] = {}
+    for new_id, refs in moves.items():
+        for domain, external_id in refs:
+            if (domain, external_id) in claimed:
+                raise RuleError(
+                    f"split: {domain}:{external_id} is moved twice (to {claimed[domain, external_id]} "
+                    f"and {new_id}); name each row once"
+                )
+            if (domain, external_id) not in by_name:
+                raise RuleError(
+                    f"split: {domain}:{external_id} is not mapped to {source}; "
+                    f"list its rows with `broker mappings {source}`"
+                )
+            claimed[domain, external_id] = new_id
+
+
 def plan_split(
     source: str,
     moves: Mapping[str, Sequence[tuple[str, str]]],
@@ -478,21 +513,7 @@ def plan_split(
     source_rows = grouped[source]
     known_domains = _domains(source_rows)
     by_name = {(r.domain, r.external_id): r for r in source_rows if r.external_id is not None}
-    claimed: dict[tuple[str, str], str] = {}
-    for new_id, refs in moves.items():
-        for domain, external_id in refs:
-            if (domain, external_id) in claimed:
-                raise RuleError(
-                    f"split: {domain}:{external_id} is moved twice (to {claimed[domain, external_id]} "
-                    f"and {new_id}); name each row once"
-                )
-            if (domain, external_id) not in by_name:
-                raise RuleError(
-                    f"split: {domain}:{external_id} is not mapped to {source}; "
-                    f"list its rows with `broker mappings {source}`"
-                )
-            claimed[domain, external_id] = new_id
-
+    _check_moves(source, moves, by_name)
     build = _Builder()
     lost_primary: list[str] = []
     for new_id, refs in moves.items():
@@ -518,14 +539,7 @@ def plan_split(
                     build.tasks.append(PeerTask(TaskKind.PROVISION, domain, entity))
     # Push peers that never knew the source (its create still to come) get a sync of the new
     # entities when they are eager: nothing else would tell them about an entity made in home.
-    syncs = (
-        tuple(
-            (domain, new_id)
-            for domain in sorted(set(push_domains) - set(known_domains))
-            for new_id in new_ids
-        )
-        if provision == "eager"
-        else ()
-    )
+    unknown = sorted(set(push_domains) - set(known_domains)) if provision == "eager" else []
+    syncs = tuple((domain, new_id) for domain in unknown for new_id in new_ids)
     hold_back = {new_id: provision == "on_demand" for new_id in new_ids}
     return _complete("split", loaded, build.plan(), push_domains, hold_back=hold_back, syncs=syncs)

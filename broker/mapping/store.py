@@ -475,17 +475,7 @@ async def _apply(conn: Connection, plan: Plan, op_id: uuid.UUID, resource_type: 
     for domain in dict.fromkeys(domain for domain, _ in plan.syncs):
         entities = [entity for d, entity in plan.syncs if d == domain]
         await conn.execute(query("enqueue_sync_to"), domain, entities, now)
-    if plan.changes:
-        ids, owners, primaries, states = [], [], [], []
-        for change in plan.changes:
-            assert change.before.row_id is not None, "the store only plans over rows it loaded"
-            ids.append(change.before.row_id)
-            owners.append(change.after.internal_id if change.after else None)
-            primaries.append(change.after.primary if change.after else None)
-            states.append(change.after.state.value if change.after else None)
-        if plan.undo_creates:
-            await conn.execute(query("undo_creates"), [r.row_id for r in plan.undo_creates], op_id)
-        await conn.execute(query("apply_row_changes"), ids, owners, primaries, states)
+    await _apply_rows(conn, plan, op_id)
     if plan.copies_dropped:
         await conn.execute(
             query("rows_moved"),
@@ -520,6 +510,32 @@ async def _apply(conn: Connection, plan: Plan, op_id: uuid.UUID, resource_type: 
             [t.kind.value for t in deliveries],
             [_task_payload(t) for t in deliveries],
         )
+    await _cancel(conn, plan)
+    if plan.notices:
+        await conn.execute(
+            query("record_identity_notices"), [_notice(n, resource_type) for n in plan.notices]
+        )
+
+
+async def _apply_rows(conn: Connection, plan: Plan, op_id: uuid.UUID) -> None:
+    """The plan's row changes (creates still on their way undone first)."""
+    if not plan.changes:
+        return
+    ids, owners, primaries, states = [], [], [], []
+    for change in plan.changes:
+        assert change.before.row_id is not None, "the store only plans over rows it loaded"
+        ids.append(change.before.row_id)
+        owners.append(change.after.internal_id if change.after else None)
+        primaries.append(change.after.primary if change.after else None)
+        states.append(change.after.state.value if change.after else None)
+    if plan.undo_creates:
+        await conn.execute(query("undo_creates"), [r.row_id for r in plan.undo_creates], op_id)
+    await conn.execute(query("apply_row_changes"), ids, owners, primaries, states)
+
+
+async def _cancel(conn: Connection, plan: Plan) -> None:
+    """The deliveries the plan makes unwanted, cancelled; earlier operations whose clean-up is
+    no longer wanted show it in their progress."""
     cancels = plan.cancels
     if cancels:
         cancelled = await conn.fetch(
@@ -533,10 +549,6 @@ async def _apply(conn: Connection, plan: Plan, op_id: uuid.UUID, resource_type: 
         for earlier in sorted({r["operation_id"] for r in cancelled} - {None}):
             await conn.execute(query("lock_operation"), earlier)
             await conn.execute(query("refresh_operation"), earlier)
-    if plan.notices:
-        await conn.execute(
-            query("record_identity_notices"), [_notice(n, resource_type) for n in plan.notices]
-        )
 
 
 def _notice(notice: IdentityNotice, resource_type: str) -> dict[str, Any]:

@@ -170,78 +170,79 @@ class OutboundPage:
     def render(self, views: Mapping[str, View]) -> list[dict[str, Any] | None]:
         """Each document as the domain sees it (None: invisible to it), given the store's
         answer for the :attr:`wanted` IDs it has a view of."""
+        renderer = _Renderer(views, self._targets, self.translation)
+        return [renderer.doc(doc, plan) for doc, plan in zip(self.docs, self._plans, strict=True)]
 
-        def visit(internal: str, _rtype: str | None) -> str | None:
-            view = views.get(internal)
-            return None if view is None else view.external_id
 
-        targets = self._targets
-        translation = self.translation
+class _Renderer:
+    """:meth:`OutboundPage.render`'s walk: the plan applied with the store's answers."""
 
-        def level(attrs: Mapping[str, Any], plan: _Level) -> dict[str, Any]:
-            out = dict(attrs)
-            for key, attr, is_list, items in plan.edits:
-                kept = []
-                for kind, item, internal, rtype, ref_key in items:
-                    if kind == _FAST:
-                        view = views.get(internal)
-                        new = None if view is None else view.external_id
-                        if new is None:
-                            continue
-                        if ref_key is None:
-                            kept.append({**item, "value": new})
-                        elif rtype is not None:  # both keys are the item's: their places kept
-                            kept.append({**item, "value": new, ref_key: targets[rtype] + new})
-                        else:  # a reference the broker cannot rebuild is not passed on
-                            rewritten = {**item, "value": new}
-                            del rewritten[ref_key]
-                            kept.append(rewritten)
-                    elif kind == _GENERAL:
-                        general = rewrite_item(item, attr, translation, visit)
-                        if general is not None:
-                            kept.append(general)
-                if is_list:
-                    out[key] = kept
-                elif kept:
-                    out[key] = kept[0]
-                else:
-                    del out[key]
-            for key, inner in plan.extensions:
-                out[key] = level(attrs[key], inner)
-            return out
+    def __init__(
+        self, views: Mapping[str, View], targets: Mapping[str, str], translation: Translation
+    ) -> None:
+        self.views, self.targets, self.translation = views, targets, translation
 
-        rendered: list[dict[str, Any] | None] = []
-        for doc, plan in zip(self.docs, self._plans, strict=True):
-            new = level(doc, plan.level) if plan.level is not _EMPTY else dict(doc)
-            if "id" in doc:
-                own = doc["id"]
-                view = views.get(own) if isinstance(own, str) else None
-                new_id = None if view is None else view.external_id
-                if new_id is None:
-                    rendered.append(None)  # the resource itself does not exist for the domain
+    def visit(self, internal: str, _rtype: str | None) -> str | None:
+        view = self.views.get(internal)
+        return None if view is None else view.external_id
+
+    def items(self, attr: RefAttr, items: list[_Item]) -> list[Any]:
+        kept: list[Any] = []
+        for kind, item, internal, rtype, ref_key in items:
+            if kind == _FAST:
+                new = self.visit(internal, rtype)
+                if new is None:
                     continue
-                new["id"] = new_id
-            meta = doc.get("meta")
-            if isinstance(meta, dict) and "location" in meta:
-                shown_meta = dict(meta)
-                location = None
-                if plan.location is not None:
-                    rtype, internal = plan.location
-                    moved = visit(internal, rtype)
-                    if moved is not None:
-                        location = targets[rtype] + moved
-                if location is None:
-                    del shown_meta["location"]
-                else:
-                    shown_meta["location"] = location
-                new["meta"] = shown_meta
-            for key in plan.external_id_keys:
-                new.pop(key, None)
-            own_view = views.get(doc["id"]) if isinstance(doc.get("id"), str) else None
-            if own_view is not None and own_view.domain_external_id is not None:
-                new["externalId"] = own_view.domain_external_id
-            rendered.append(new)
-        return rendered
+                if ref_key is None:
+                    kept.append({**item, "value": new})
+                elif rtype is not None:  # both keys are the item's: their places kept
+                    kept.append({**item, "value": new, ref_key: self.targets[rtype] + new})
+                else:  # a reference the broker cannot rebuild is not passed on
+                    rewritten = {**item, "value": new}
+                    del rewritten[ref_key]
+                    kept.append(rewritten)
+            elif kind == _GENERAL:
+                general = rewrite_item(item, attr, self.translation, self.visit)
+                if general is not None:
+                    kept.append(general)
+        return kept
+
+    def level(self, attrs: Mapping[str, Any], plan: _Level) -> dict[str, Any]:
+        out = dict(attrs)
+        for key, attr, is_list, items in plan.edits:
+            kept = self.items(attr, items)
+            if is_list:
+                out[key] = kept
+            elif kept:
+                out[key] = kept[0]
+            else:
+                del out[key]
+        for key, inner in plan.extensions:
+            out[key] = self.level(attrs[key], inner)
+        return out
+
+    def doc(self, doc: Mapping[str, Any], plan: _Doc) -> dict[str, Any] | None:
+        new = self.level(doc, plan.level) if plan.level is not _EMPTY else dict(doc)
+        own = doc.get("id")
+        own_view = self.views.get(own) if isinstance(own, str) else None
+        if "id" in doc:
+            if own_view is None:
+                return None  # the resource itself does not exist for the domain
+            new["id"] = own_view.external_id
+        meta = doc.get("meta")
+        if isinstance(meta, dict) and "location" in meta:
+            shown_meta = dict(meta)
+            moved = self.visit(plan.location[1], plan.location[0]) if plan.location else None
+            if moved is None or plan.location is None:
+                del shown_meta["location"]
+            else:
+                shown_meta["location"] = self.targets[plan.location[0]] + moved
+            new["meta"] = shown_meta
+        for key in plan.external_id_keys:
+            new.pop(key, None)
+        if own_view is not None and own_view.domain_external_id is not None:
+            new["externalId"] = own_view.domain_external_id
+        return new
 
 
 def translate_page(
