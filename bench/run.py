@@ -3,7 +3,7 @@
 Each server is a process of its own; the load generator is wrk, outside every Python process.
 Results are ratios within the run, since this machine is shared and noisy.
 
-    python bench/run.py [--duration 10] [--connections 8] [--output docs/performance.md]
+    python bench/run.py [--duration 10] [--connections 8] [--workers N] [--output docs/performance.md]
 
 Needs wrk (Debian: apt-get install wrk) and the broker installed (pip install .).
 """
@@ -103,6 +103,9 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument(
+        "--workers", default="1", help="broker serve --workers (processes sharing the port)"
+    )
+    parser.add_argument(
         "--output", type=Path, help="write the results table into this markdown file"
     )
     args = parser.parse_args()
@@ -139,7 +142,7 @@ def main() -> int:
             [sys.executable, str(HERE / "servers.py"), "parse", str(parse_port), home_url],
             log=work / "parse.log",
         ),
-        process([*BROKER, "serve"], env=env, log=work / "broker.log"),
+        process([*BROKER, "serve", "--workers", args.workers], env=env, log=work / "broker.log"),
     ):
         wait_for(f"{home_url}/v2/Users")
         wait_for(f"http://127.0.0.1:{proxy_port}/v2/Users")
@@ -211,7 +214,7 @@ def main() -> int:
 def render(results: dict[tuple[str, str], Result], args: argparse.Namespace) -> str:
     lines = [
         f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
-        f"wrk -t1 -c{args.connections} -d{args.duration}s per row.",
+        f"wrk -t1 -c{args.connections} -d{args.duration}s per row, broker --workers {args.workers}.",
         "",
         "| case | target | req/s | p50 ms | p99 ms | non-2xx |",
         "|---|---|---|---|---|---|",
