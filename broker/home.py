@@ -15,17 +15,15 @@ import aiohttp
 import orjson
 
 from broker.errors import BrokerError
-from broker.http import Exchange, exchange, is_redirect
+from broker.http import Answer, exchange, is_redirect
 from broker.scim.attributes import ResourceSchema, SchemaIndex
 from broker.scim.rewrite import Endpoints
 from broker.scim.schemas import DEFAULT_REFERENCES, ReferenceMap
 from broker.scim.writeonly import DEFAULT_WRITE_ONLY
 
 __all__ = [
-    "Forwarded",
     "HomeClient",
     "HomeRefused",
-    "HomeResponse",
     "HomeSchema",
     "HomeUnavailable",
 ]
@@ -44,28 +42,9 @@ class HomeUnavailable(BrokerError):
 class HomeRefused(Exception):
     """Home answered a query the broker makes for itself with an error."""
 
-    def __init__(self, response: HomeResponse) -> None:
+    def __init__(self, response: Answer) -> None:
         super().__init__(f"home answered HTTP {response.status}")
         self.response = response
-
-
-@dataclass(frozen=True)
-class HomeResponse:
-    status: int
-    headers: Mapping[str, str]
-    body: Any
-    """Parsed JSON, or None when the home sent no body."""
-
-
-@dataclass(frozen=True)
-class Forwarded:
-    """Home's answer to a request forwarded as it came (the home-facing endpoint)."""
-
-    status: int
-    headers: Mapping[str, str]
-    raw: bytes
-    body: Any
-    content_type: str
 
 
 @dataclass(frozen=True)
@@ -110,7 +89,7 @@ class HomeClient:
         params: Mapping[str, str] | None = None,
         body: Any = None,
         headers: Mapping[str, str] | None = None,
-    ) -> HomeResponse:
+    ) -> Answer:
         """One call to home; HomeUnavailable when it cannot be reached or answers no JSON."""
         answer = await self._exchange(method, path, params=params, body=body, headers=headers)
         try:
@@ -120,19 +99,23 @@ class HomeClient:
                 "the home SCIM service answered something that is not JSON"
             ) from exc
         passed = {h: answer.headers[h] for h in PASSED_HEADERS if h in answer.headers}
-        return HomeResponse(answer.status, passed, parsed)
+        return Answer(answer.status, passed, parsed)
 
     async def forward(
         self, method: str, path: str, params: Mapping[str, str], data: bytes
-    ) -> Forwarded:
+    ) -> Answer:
         """A request passed to home as it came, with home's credential."""
         answer = await self._exchange(method, path, params=params, data=data)
         passed = {h: answer.headers[h] for h in PASSED_HEADERS if h in answer.headers}
-        return Forwarded(
-            answer.status, passed, answer.raw, answer.json_or_none(), answer.content_type
+        return Answer(
+            answer.status,
+            passed,
+            answer.json_or_none(),
+            raw=answer.raw,
+            content_type=answer.content_type,
         )
 
-    async def _exchange(self, method: str, path: str, **kwargs: Any) -> Exchange:
+    async def _exchange(self, method: str, path: str, **kwargs: Any) -> Answer:
         try:
             answer = await exchange(
                 self.session, method, self.base_url + path, auth=self._auth, **kwargs

@@ -20,7 +20,7 @@ import orjson
 __all__ = [
     "SCIM_JSON",
     "SET_TYPE",
-    "Exchange",
+    "Answer",
     "exchange",
     "is_redirect",
     "outbound_url_problem",
@@ -32,11 +32,15 @@ SET_TYPE = "application/secevent+jwt"
 
 
 @dataclass(frozen=True)
-class Exchange:
+class Answer:
+    """One HTTP answer, whoever gave it (home, a push peer, a SET receiver): the one type for it."""
+
     status: int
     headers: Mapping[str, str]
-    raw: bytes
-    content_type: str
+    body: Any = None
+    """The body parsed, where the receiver has parsed it (None: empty, not JSON, or not yet)."""
+    raw: bytes = b""
+    content_type: str = ""
 
     def json(self) -> Any:
         """The body parsed, None when empty; orjson.JSONDecodeError when it is not JSON."""
@@ -60,7 +64,7 @@ async def exchange(
     body: Any = None,
     data: bytes | None = None,
     headers: Mapping[str, str] | None = None,
-) -> Exchange:
+) -> Answer:
     """``body`` (serialised) or ``data`` (as it is) sent as SCIM JSON unless ``headers`` name
     another Content-Type; aiohttp.ClientError or TimeoutError when there is no answer. A
     redirect is never followed: the 3xx is the answer (:func:`is_redirect`)."""
@@ -74,7 +78,9 @@ async def exchange(
     ) as response:
         raw = await response.read()
         # The headers keep their case-insensitive lookup (a server may send "Etag").
-        return Exchange(response.status, response.headers, raw, response.content_type)
+        return Answer(
+            response.status, response.headers, raw=raw, content_type=response.content_type
+        )
 
 
 def is_redirect(status: int) -> bool:

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from broker.app import METRICS, POOL, PROXY
-from broker.home import HomeClient, HomeResponse
+from broker.home import HomeClient
+from broker.http import Answer
 from tests.conftest import QueryCounter
 from tests.scim_support import CORE_GROUP, ENTERPRISE, Broker, Home, new_user, start_broker, unique
 
@@ -132,7 +133,7 @@ class PlantingHome(HomeClient):
 
     planted: str = ""
 
-    async def request(self, method: str, path: str, **kwargs: Any) -> HomeResponse:
+    async def request(self, method: str, path: str, **kwargs: Any) -> Answer:
         response = await super().request(method, path, **kwargs)
         body = response.body
         if isinstance(body, dict) and isinstance(body.get("Resources"), list):
@@ -224,7 +225,7 @@ async def test_out_of_scope_users_are_absent_as_members_and_managers_too(
 class ErringHome(HomeClient):
     """The real home, except that its error details name internal IDs of an unusual shape."""
 
-    async def request(self, method: str, path: str, **kwargs: Any) -> HomeResponse:
+    async def request(self, method: str, path: str, **kwargs: Any) -> Answer:
         response = await super().request(method, path, **kwargs)
         if method == "PUT":
             internal = path.rsplit("/", 1)[1]
@@ -234,7 +235,7 @@ class ErringHome(HomeClient):
                 "scimType": "uniqueness",
                 "detail": f"clash on {internal} and {internal.upper()}!",
             }
-            return HomeResponse(409, {}, body)
+            return Answer(409, {}, body)
         return response
 
 
@@ -255,10 +256,10 @@ async def test_home_error_details_are_scrubbed_of_internal_ids(broker: Broker, h
 class EmptyHome(HomeClient):
     """The real home, except that reads of one resource answer 200 with no resource."""
 
-    async def request(self, method: str, path: str, **kwargs: Any) -> HomeResponse:
+    async def request(self, method: str, path: str, **kwargs: Any) -> Answer:
         response = await super().request(method, path, **kwargs)
         if method == "GET" and path.startswith("/Users/"):
-            return HomeResponse(200, {}, ["not", "a", "resource"])
+            return Answer(200, {}, ["not", "a", "resource"])
         return response
 
 

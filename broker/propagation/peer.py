@@ -9,15 +9,14 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
-from broker.http import exchange, is_redirect
+from broker.http import Answer, exchange, is_redirect
 from broker.propagation.policy import Failure, Verdict, judge
 
-__all__ = ["PeerAnswer", "PeerClient", "peer_credential"]
+__all__ = ["Answer", "PeerClient", "peer_credential"]
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +41,6 @@ def peer_credential(
             peer_fault=False,
         )
     return value
-
-
-@dataclass(frozen=True)
-class PeerAnswer:
-    status: int
-    body: Any
-    headers: Mapping[str, str]
 
 
 class PeerClient:
@@ -82,7 +74,7 @@ class PeerClient:
         *,
         body: Any = None,
         params: Mapping[str, str] | None = None,
-    ) -> PeerAnswer:
+    ) -> Answer:
         try:
             async with self.slots if self.slots is not None else contextlib.nullcontext():
                 answer = await exchange(
@@ -102,7 +94,7 @@ class PeerClient:
         if is_redirect(answer.status):
             # Never followed and never handed on: no caller may read a 3xx as a success.
             raise judge(answer.status, answer.json_or_none(), answer.headers, f"{method} {path}")
-        return PeerAnswer(answer.status, answer.json_or_none(), answer.headers)
+        return Answer(answer.status, answer.headers, answer.json_or_none())
 
     async def supports_patch(self, ttl: float = 300.0) -> bool:
         now = self.monotonic()

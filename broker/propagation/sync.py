@@ -19,6 +19,7 @@ import orjson
 
 from broker.db import query
 from broker.home import HomeSchema
+from broker.http import Answer
 from broker.mapping import accounts
 from broker.mapping.guard import LeakGuard
 from broker.mapping.store import mint_id
@@ -46,7 +47,7 @@ from broker.propagation.decisions import (
 )
 from broker.propagation.delivery import Claim, Later, Peer, Tools, copy_is_stale, home_call
 from broker.propagation.documents import PATCH_SCHEMA, peer_document
-from broker.propagation.peer import PeerAnswer, PeerClient
+from broker.propagation.peer import PeerClient
 from broker.propagation.policy import Failure, Verdict, judge
 from broker.scim.rewrite import Translation, collect_ids
 from broker.secrets import SealError, SecretBox
@@ -493,7 +494,7 @@ class Writes:
     # ------------------------------------------------------------------ conflicts
 
     async def _refused(
-        self, write: Write, answer: PeerAnswer, what: str, account: str | None
+        self, write: Write, answer: Answer, what: str, account: str | None
     ) -> NoReturn:
         """The peer refused the write: a 409 first frees the value if an account of the
         broker's holds it, and is retried for ``conflict_patience`` before it is dead."""

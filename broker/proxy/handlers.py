@@ -27,8 +27,8 @@ from aiohttp import web
 
 from broker.domains import Domain, DomainStore
 from broker.errors import BrokerError, InvalidValueError, NotFoundError
-from broker.home import HomeClient, HomeRefused, HomeResponse, HomeSchema
-from broker.http import SCIM_JSON
+from broker.home import HomeClient, HomeRefused, HomeSchema
+from broker.http import SCIM_JSON, Answer
 from broker.mapping.guard import LeakGuard
 from broker.mapping.store import MappingStore
 from broker.propagation.journal import Journal
@@ -296,7 +296,7 @@ class Proxy:
             for o, d in zip(out, docs, strict=True)
         ]
 
-    def etag(self, call: Call, response: HomeResponse, internal_id: str) -> dict[str, str]:
+    def etag(self, call: Call, response: Answer, internal_id: str) -> dict[str, str]:
         """Home's ETag header as the caller sees it: sealed for it and this resource."""
         etag = present_etag(
             response.headers.get("ETag"),
@@ -461,9 +461,7 @@ class Proxy:
             response.content_type = SCIM_JSON
         return response
 
-    def home_error(
-        self, call: Call, response: HomeResponse, replacements: dict[str, str]
-    ) -> BrokerError:
+    def home_error(self, call: Call, response: Answer, replacements: dict[str, str]) -> BrokerError:
         """An error from home, translated for the caller: status and scimType kept, detail scrubbed."""
         body = response.body if isinstance(response.body, dict) else {}
         if response.status == 404:
