@@ -36,6 +36,7 @@ from broker.propagation.poller import HomePoller
 from broker.propagation.receiver import HomeReceiver
 from broker.propagation.worker import Deliverer, WorkerSettings
 from broker.proxy.handlers import Proxy, route_guard
+from broker.proxy.routes import routes
 from broker.responses import MAX_BODY, scim_error_middleware
 from broker.scim.guard import IdShape
 from broker.scim.versions import VersionSealer
@@ -421,7 +422,7 @@ def create_app(config: Config) -> web.Application:
         app[PROXY] = proxy
         app.cleanup_ctx.append(_home)
         app.cleanup_ctx.append(_proxy)
-        app.router.add_routes(proxy.routes())
+        app.router.add_routes(routes(proxy))
         app[WAITERS] = EventWaiters()
         app.cleanup_ctx.append(_events)
         poll = Poll(

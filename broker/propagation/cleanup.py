@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 from broker.db import query
 from broker.mapping import accounts
 from broker.propagation.decisions import DELETED, follow_move, membership_move
-from broker.propagation.delivery import Claim, Later, Peer, Tools, copy_is_stale, home_call
+from broker.propagation.delivery import Claim, Later, Peer, copy_is_stale, home_call
 from broker.propagation.documents import PATCH_SCHEMA
 from broker.propagation.policy import Failure, Verdict, judge
+from broker.propagation.tools import Tools
 
 if TYPE_CHECKING:
     import asyncpg

@@ -15,13 +15,12 @@ import aiohttp
 import asyncpg
 
 from broker.db import query
-from broker.home import HomeClient, HomeRefused, HomeUnavailable
+from broker.home import HomeRefused, HomeUnavailable
 from broker.propagation.peer import PeerClient, peer_credential
 from broker.propagation.policy import Backoff, Failure, Verdict
 
 if TYPE_CHECKING:
     from broker.db import Connection
-    from broker.propagation.claims import Ledger
 
 __all__ = [
     "Claim",
@@ -29,7 +28,6 @@ __all__ = [
     "Later",
     "Peer",
     "PeerClients",
-    "Tools",
     "WorkerSettings",
     "copy_is_stale",
     "home_call",
@@ -215,22 +213,3 @@ class PeerClients:
             )
             self._clients[peer.id] = client
         return client
-
-
-@dataclass(frozen=True)
-class Tools:
-    """What the parts that deliver use: the database, home, the peers' clients, the ledger that
-    settles deliveries, the settings, and the clocks (``clock``: epoch seconds, for what is
-    compared with the database's time; ``monotonic``: for intervals here)."""
-
-    pool: asyncpg.Pool
-    home: HomeClient
-    clients: PeerClients
-    ledger: Ledger
-    settings: WorkerSettings
-    clock: Clock
-    monotonic: Clock
-
-    def now(self) -> datetime:
-        """The wall clock's time, as the database compares it."""
-        return utc(self.clock)

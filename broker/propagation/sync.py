@@ -45,10 +45,11 @@ from broker.propagation.decisions import (
     unique_value,
     users_to_scope,
 )
-from broker.propagation.delivery import Claim, Later, Peer, Tools, copy_is_stale, home_call
+from broker.propagation.delivery import Claim, Later, Peer, copy_is_stale, home_call
 from broker.propagation.documents import PATCH_SCHEMA, peer_document
 from broker.propagation.peer import PeerClient
 from broker.propagation.policy import Failure, Verdict, judge
+from broker.propagation.tools import Tools
 from broker.scim.rewrite import Translation, collect_ids
 from broker.secrets import SealError, SecretBox
 

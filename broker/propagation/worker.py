@@ -39,12 +39,12 @@ from broker.propagation.delivery import (
     Later,
     Peer,
     PeerClients,
-    Tools,
     WorkerSettings,
 )
 from broker.propagation.policy import Failure, Verdict
 from broker.propagation.pushed import SetPusher
 from broker.propagation.sync import Syncer
+from broker.propagation.tools import Tools
 from broker.scim.guard import IdShape
 from broker.secrets import SecretBox
 

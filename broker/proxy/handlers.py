@@ -164,30 +164,6 @@ class Proxy:
         self.audit = audit
         self.on_leak = on_leak
 
-    def routes(self) -> list[web.RouteDef]:
-        from broker.proxy import bulk, discovery, reads, writes
-
-        p = SCIM_PREFIX
-        serve = self.serve
-        return [
-            web.get(
-                p + "/ServiceProviderConfig", serve("scim:read", discovery.service_provider_config)
-            ),
-            web.get(p + "/Schemas", serve("scim:read", discovery.discovery)),
-            web.get(p + "/Schemas/{id}", serve("scim:read", discovery.discovery)),
-            web.get(p + "/ResourceTypes", serve("scim:read", discovery.discovery)),
-            web.get(p + "/ResourceTypes/{id}", serve("scim:read", discovery.discovery)),
-            web.post(p + "/Bulk", serve("scim:write", bulk.serve_bulk)),
-            web.post(p + "/.search", serve("scim:read", reads.search)),
-            web.get(p + "/{endpoint}", serve("scim:read", reads.list_resources)),
-            web.post(p + "/{endpoint}/.search", serve("scim:read", reads.search)),
-            web.post(p + "/{endpoint}", serve("scim:write", writes.create)),
-            web.get(p + "/{endpoint}/{id}", serve("scim:read", reads.get)),
-            web.put(p + "/{endpoint}/{id}", serve("scim:write", writes.replace)),
-            web.patch(p + "/{endpoint}/{id}", serve("scim:write", writes.patch)),
-            web.delete(p + "/{endpoint}/{id}", serve("scim:write", writes.delete)),
-        ]
-
     # ------------------------------------------------------------------ plumbing
 
     def serve(
