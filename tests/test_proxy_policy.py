@@ -114,6 +114,37 @@ async def test_the_write_list_refuses_other_attributes_and_changes_nothing(
     assert home.call("GET", f'/Users?filter=userName eq "{name}"')[1]["totalResults"] == 0
 
 
+async def test_a_put_by_a_write_listed_domain_changes_only_its_attributes_and_only_in_scope(
+    broker: Broker, home: Home
+) -> None:
+    """The PUT goes to home as the PATCH it amounts to, after one read that also holds the user
+    to the domain's scope: a user that has left the scope is 404 and stays as it is."""
+    tag = broker.tag  # type: ignore[attr-defined]
+    name = unique()
+    _, user = home.call("POST", "/Users", new_user(name, title=tag, nickName="keep"))
+    status, listed, _ = await broker.call(
+        "S", "GET", "/Users", params={"filter": f'userName eq "{name}"'}
+    )
+    assert status == 200, listed
+    mine = listed["Resources"][0]["id"]
+    put = new_user(name, title=tag, displayName="Changed")
+    status, body, _ = await broker.call("S", "PUT", f"/Users/{mine}", put)
+    assert status == 200, body
+    now = home.call("GET", f"/Users/{user['id']}")[1]
+    assert (now["displayName"], now["nickName"]) == ("Changed", "keep")
+    home.call(
+        "PATCH",
+        f"/Users/{user['id']}",
+        {
+            "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+            "Operations": [{"op": "replace", "path": "title", "value": "elsewhere"}],
+        },
+    )
+    status, body, _ = await broker.call("S", "PUT", f"/Users/{mine}", {**put, "title": "elsewhere"})
+    assert status == 404, body
+    assert home.call("GET", f"/Users/{user['id']}")[1]["displayName"] == "Changed"
+
+
 async def test_discovery_documents_point_at_the_broker_and_announce_what_it_supports(
     broker: Broker,
 ) -> None:

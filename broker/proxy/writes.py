@@ -5,6 +5,7 @@ store and answer."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -84,12 +85,11 @@ async def replace(proxy: Proxy, call: Call, request: web.Request) -> web.Respons
     if call.policy.write is not None:
         # A PUT replaces every attribute: one that may write only some changes those only,
         # as the PATCH they amount to (the others, a password included, stay as they are).
-        target = await proxy.target(call, request)
+        # One read of home: fetch holds the resource to the caller's scope (404 outside it).
+        target = await proxy.target(call, request, check_scope=False)
         current = await proxy.fetch(call, target, {})
         patch = put_as_patch(canonical, call.policy, resource, current)
-        return await _patch_flow(
-            proxy, call, request, target.resource_type, patch, canonical.external_id
-        )
+        return await _patch_flow(proxy, call, request, patch, canonical.external_id, target)
     target = await proxy.target(call, request)
     doc, _ = await proxy.inbound(call, canonical)
     if call.policy.scope and target.resource_type == "Group":
@@ -125,21 +125,31 @@ async def patch(proxy: Proxy, call: Call, request: web.Request) -> web.Response:
                     f"domain {call.domain.id} sees a scope of users: select members "
                     'by value only (members[value eq "..."])'
                 )
-    return await _patch_flow(proxy, call, request, resource_type, parse_patch(canonical.body), None)
+    return await _patch_flow(proxy, call, request, parse_patch(canonical.body), None)
 
 
 async def _patch_flow(
     proxy: Proxy,
     call: Call,
     request: web.Request,
-    resource_type: str,
     patch: PatchRequest,
     external_id: tuple[str | None] | None,
+    found: Target | None = None,
 ) -> web.Response:
+    """A PATCH (or a PUT as the PATCH it amounts to, whose resource ``found`` is already resolved
+    and held to the scope: then only the IDs its values name are resolved)."""
     schema = call.schema
     inward = proxy.inward(schema)
     named = patch.ids(inward)
-    target = await proxy.target(call, request, named)
+    if found is None:
+        target = await proxy.target(call, request, named)
+    else:
+        resolved, by_value = await proxy.resolve(call, named.ids, named.external_ids)
+        target = dataclasses.replace(
+            found,
+            resolved={**found.resolved, **resolved},
+            by_value={**found.by_value, **by_value},
+        )
     await proxy.references_in_scope(call, named.ids, target.resolved)
     external_id = patch.external_id if patch.external_id is not None else external_id
     resource: dict[str, Any] | None = None
@@ -173,7 +183,9 @@ async def _patch_flow(
         write_only = {}
     if patch.operations or external_id is not None:
         await _record(proxy, call, target, external_id, write_only, "patch", resource)
-    if patch.operations and status == 204 and external_id is None:
+    # A PUT always answers with the resource (RFC 7644 section 3.5.1), even when home's PATCH
+    # answered 204.
+    if patch.operations and status == 204 and external_id is None and found is None:
         etag = proxy.etag(call, response, target.internal_id)
         return await proxy.respond(call, 204, None, etag)
     if resource is None:
