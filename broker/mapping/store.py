@@ -569,5 +569,6 @@ async def set_domain_external_ids(
 ) -> None:
     """The externalId ``origin`` gave each entity (None: cleared), kept on its primary row in
     that domain (DESIGN section 3: shown back to that domain only), on ``conn``'s transaction."""
-    for internal_id, value in values.items():
-        await conn.execute(query("set_domain_external_id"), origin, internal_id, value)
+    await conn.executemany(
+        query("set_domain_external_id"), [(origin, i, value) for i, value in values.items()]
+    )
