@@ -10,7 +10,7 @@ import asyncpg
 from aiohttp import web
 
 from broker.console.context import CONSOLE, Console
-from broker.console.web import HERE, PAGES, PREFIX, console_middleware
+from broker.console.shell import HERE, PAGES, PREFIX, console_middleware
 from broker.home import HomeClient
 from broker.mapping.store import MappingStore
 

@@ -48,11 +48,9 @@ class Console:
 
 CONSOLE = web.AppKey("console", Console)
 
-SESSION_KEY = "broker.console.session"
+SESSION_KEY = web.RequestKey("console_session", Session)
 
 
 def session_of(request: web.Request) -> Session:
     """The request's session (the middleware admitted only requests that have one)."""
-    session = request.get(SESSION_KEY)
-    assert isinstance(session, Session), "the console middleware sets the session"
-    return session
+    return request[SESSION_KEY]

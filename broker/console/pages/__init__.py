@@ -12,7 +12,7 @@ from broker.console.pages import auth, deliveries, domains, operations
 from broker.console.pages.audit import audit
 from broker.console.pages.identity import identity
 from broker.console.pages.overview import overview
-from broker.console.web import Page
+from broker.console.shell import Page
 
 __all__ = ["PAGES_NOW", "setup_auth"]
 

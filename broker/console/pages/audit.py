@@ -7,7 +7,7 @@ from datetime import datetime
 from aiohttp import web
 
 from broker.console.context import CONSOLE
-from broker.console.web import render
+from broker.console.shell import render
 from broker.db import query
 from broker.errors import InvalidValueError
 

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from broker.console.context import CONSOLE, session_of
 from broker.console.core import COOKIE, cookie_options, csrf_ok
-from broker.console.web import PREFIX, message, render, safe_next
+from broker.console.shell import PREFIX, message, render, safe_next
 from broker.errors import BrokerError
 
 __all__ = ["setup"]
@@ -61,7 +61,7 @@ async def signin(request: web.Request) -> web.StreamResponse:
         COOKIE, session_id, **cookie_options(secure=console.secure, max_age=console.session_ttl)
     )
     response.del_cookie(PRE, path=PREFIX)
-    return response
+    raise response
 
 
 async def signout(request: web.Request) -> web.StreamResponse:
@@ -69,7 +69,7 @@ async def signout(request: web.Request) -> web.StreamResponse:
     await request.app[CONSOLE].sessions.end(request.cookies[COOKIE])
     response = web.HTTPSeeOther(f"{PREFIX}/signin")
     response.del_cookie(COOKIE, path=PREFIX)
-    return response
+    raise response
 
 
 def setup(app: web.Application) -> None:

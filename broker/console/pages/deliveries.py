@@ -9,7 +9,7 @@ from aiohttp import web
 
 from broker.console.context import CONSOLE, session_of
 from broker.console.core import delivery_reason
-from broker.console.web import PREFIX, render
+from broker.console.shell import PREFIX, render
 from broker.db import query
 from broker.errors import InvalidValueError, NotFoundError
 from broker.propagation.outbox import settle_dead_letter

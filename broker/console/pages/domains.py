@@ -6,7 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from broker.console.context import CONSOLE, session_of
-from broker.console.web import PREFIX, render
+from broker.console.shell import PREFIX, render
 from broker.errors import InvalidValueError, NotFoundError
 from broker.tokens import SCOPES, parse_duration
 

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from broker.console.context import CONSOLE, Console
 from broker.console.core import Lookup, parse_lookup, seed_table
-from broker.console.web import render
+from broker.console.shell import render
 from broker.db import query
 from broker.home import HomeUnavailable
 from broker.mapping.rules import MappingRow

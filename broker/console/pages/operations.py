@@ -13,7 +13,7 @@ from aiohttp import web
 
 from broker.console.context import CONSOLE, Console, session_of
 from broker.console.core import after_rows, plan_tasks, seed_table, split_moves_from_form
-from broker.console.web import PREFIX, render
+from broker.console.shell import PREFIX, render
 from broker.db import query
 from broker.errors import InvalidValueError, NotFoundError
 from broker.mapping.rules import Plan, RuleError, plan_merge, plan_split

@@ -6,7 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from broker.console.context import CONSOLE
-from broker.console.web import render
+from broker.console.shell import render
 from broker.db import query
 
 __all__ = ["overview"]
