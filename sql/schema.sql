@@ -61,9 +61,9 @@ CREATE TABLE domain_tokens (
 );
 CREATE INDEX domain_tokens_domain ON domain_tokens (domain_id);
 -- The admin scope is the operator's: only tokens of the home domain hold it (0010).
+-- 0018: console:read is the operator's too.
 CREATE FUNCTION broker_admin_scope_is_home() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    -- 0018: console:read is the operator's too.
     IF NEW.scopes && ARRAY['admin', 'console:read']
        AND NOT EXISTS (SELECT 1 FROM domains WHERE id = NEW.domain_id AND kind = 'home') THEN
         RAISE EXCEPTION 'only a token of the home domain may hold the admin or console:read scope'

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+from playwright.async_api import async_playwright, expect
 
 from tests.console_support import operator_token
 from tests.propagation_support import (
@@ -43,12 +44,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-async def test_an_operator_finds_merges_splits_and_retries_from_the_console(
-    db_url: str, home: Home, peer_server: Home, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from playwright.async_api import async_playwright, expect
-
+@pytest.fixture
+def shots() -> Path:
+    """The folder the screenshots go to (CI keeps it)."""
     SHOTS.mkdir(parents=True, exist_ok=True)
+    return SHOTS
+
+
+async def test_an_operator_finds_merges_splits_and_retries_from_the_console(
+    db_url: str, home: Home, peer_server: Home, monkeypatch: pytest.MonkeyPatch, shots: Path
+) -> None:
     p1, p2 = tenant(peer_server, "p1"), tenant(peer_server, "p2")
     async with gate(p2) as front:
         async for broker in federation(
@@ -56,7 +61,9 @@ async def test_an_operator_finds_merges_splits_and_retries_from_the_console(
         ):
             users = {}
             for name in ("jsmith", "johns"):
-                status, users[name] = await home_tool(broker, "POST", "/Users", new_user(unique(name)))
+                status, users[name] = await home_tool(
+                    broker, "POST", "/Users", new_user(unique(name))
+                )
                 assert status == 201
             await quiesce(broker)
             front.failures = [(403, {})]  # P2 refuses the next delivery: a dead letter
@@ -74,7 +81,7 @@ async def test_an_operator_finds_merges_splits_and_retries_from_the_console(
                 # Sign in: a page asked for without a session leads to the sign-in form.
                 await page.goto(f"{broker.admin_url}/console/deliveries")
                 await expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
-                await page.screenshot(path=SHOTS / "signin.png")
+                await page.screenshot(path=shots / "signin.png")
                 await page.get_by_label("Token").fill(await operator_token(broker))
                 await page.keyboard.press("Enter")
                 await expect(page.get_by_role("heading", name="Deliveries")).to_be_visible()
@@ -82,7 +89,7 @@ async def test_an_operator_finds_merges_splits_and_retries_from_the_console(
                 overview = page.locator("#live table")
                 await expect(overview).to_contain_text("P2")
                 await expect(overview.locator("tr", has_text="P2")).to_contain_text("push")
-                await page.screenshot(path=SHOTS / "overview.png", full_page=True)
+                await page.screenshot(path=shots / "overview.png", full_page=True)
 
                 # Find a user by a peer's external ID: the seed's table, internal ID included.
                 await page.get_by_role("link", name="Find").click()
@@ -91,7 +98,7 @@ async def test_an_operator_finds_merges_splits_and_retries_from_the_console(
                 table = page.locator("table.seed").first
                 await expect(table).to_contain_text(johns)
                 await expect(table.locator("tr", has_text=l2)).to_contain_text("true")
-                await page.screenshot(path=SHOTS / "identity.png", full_page=True)
+                await page.screenshot(path=shots / "identity.png", full_page=True)
 
                 # Merge it into jsmith from the identity page: dry run, confirm, watch.
                 await page.get_by_role("link", name="Merge this one into another").click()
@@ -100,12 +107,12 @@ async def test_an_operator_finds_merges_splits_and_retries_from_the_console(
                 after = page.locator("table.seed", has_text="The table after")
                 await expect(after.locator("tr", has_text=l2)).to_contain_text("deletion_required")
                 await expect(page.locator("ol.tasks")).to_contain_text(f"delete the account {l2}")
-                await page.screenshot(path=SHOTS / "merge-dry-run.png", full_page=True)
+                await page.screenshot(path=shots / "merge-dry-run.png", full_page=True)
                 await page.get_by_role("button", name="Confirm the merge").click()
                 await expect(page.locator("#op-state")).to_have_text("done")
                 for peer in ("P1", "P2"):
                     await expect(page.locator(f"tr[data-peer={peer}]")).to_contain_text("done")
-                await page.screenshot(path=SHOTS / "operation.png", full_page=True)
+                await page.screenshot(path=shots / "operation.png", full_page=True)
 
                 # Split it back: a new entity made in home, provisioned now into both peers.
                 status, again = home.call("POST", "/Users", new_user(unique("johns-again")))
@@ -116,7 +123,7 @@ async def test_an_operator_finds_merges_splits_and_retries_from_the_console(
                 await expect(page.locator("ol.tasks")).to_contain_text(
                     f"create an account for {again['id']}"
                 )
-                await page.screenshot(path=SHOTS / "split-dry-run.png", full_page=True)
+                await page.screenshot(path=shots / "split-dry-run.png", full_page=True)
                 await page.get_by_role("button", name="Confirm the split").click()
                 await expect(page.locator("#op-state")).to_have_text("done")
                 for peer in ("P1", "P2"):
@@ -129,7 +136,7 @@ async def test_an_operator_finds_merges_splits_and_retries_from_the_console(
                 await page.get_by_role("button", name="Show").click()
                 dead = page.locator("tbody tr", has_text=carol["id"])
                 await expect(dead).to_contain_text("HTTP 403")
-                await page.screenshot(path=SHOTS / "deliveries.png", full_page=True)
+                await page.screenshot(path=shots / "deliveries.png", full_page=True)
                 await dead.get_by_role("button", name=re.compile("^Retry")).click()
                 await expect(page.locator("p.ok")).to_contain_text("retry")
                 await quiesce(broker)
@@ -137,13 +144,13 @@ async def test_an_operator_finds_merges_splits_and_retries_from_the_console(
 
                 for name in ("Domains", "Audit"):
                     await page.get_by_role("link", name=name, exact=True).click()
-                    await page.screenshot(path=SHOTS / f"{name.lower()}.png", full_page=True)
+                    await page.screenshot(path=shots / f"{name.lower()}.png", full_page=True)
                 await expect(page.locator("table")).to_contain_text("delivery_retry")
 
                 # Narrow window: the navigation wraps, the tables scroll in place.
                 await page.set_viewport_size({"width": 420, "height": 800})
                 await page.get_by_role("link", name="Overview").click()
-                await page.screenshot(path=SHOTS / "overview-narrow.png", full_page=True)
+                await page.screenshot(path=shots / "overview-narrow.png", full_page=True)
 
                 # Sign out: the session opens nothing any more.
                 await page.get_by_role("button", name="Sign out").click()
