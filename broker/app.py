@@ -19,6 +19,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from broker import __version__
 from broker.admin.api import Admin, create_admin_app
 from broker.config import Config, ConfigError
+from broker.console import register_console
 from broker.db import create_pool, migrated_pool, migration_status, query
 from broker.domains import DomainStore, stored_url_problems
 from broker.errors import BrokerError
@@ -394,6 +395,13 @@ async def _admin(app: web.Application) -> AsyncIterator[None]:
                 issuer=events.home_issuer,
             )
         admin_app = create_admin_app(admin, receiver, metrics=functools.partial(metrics, app))
+        register_console(
+            admin_app,
+            app[POOL],
+            app[STORE],
+            app.get(HOME),
+            secure=app[CONFIG].public_url.startswith("https:"),
+        )
         runner = web.AppRunner(admin_app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, server.admin_host, server.admin_port)

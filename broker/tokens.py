@@ -27,16 +27,17 @@ __all__ = [
     "scope_problem",
 ]
 
-SCOPES = ("scim:read", "scim:write", "admin")
+SCOPES = ("scim:read", "scim:write", "admin", "console:read")
 DEFAULT_SCOPES = ("scim:read", "scim:write")
 TOKEN_PREFIX = "bkr_"
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-OPERATOR_SCOPES = frozenset({"admin"})
+OPERATOR_SCOPES = frozenset({"admin", "console:read"})
 """Scopes of the federation's operator, held only by tokens of the home domain: the admin API
-shows internal IDs (deliveries, operations) and changes the mapping (merge, split)."""
+shows internal IDs (deliveries, operations) and changes the mapping (merge, split); the
+console's read-only viewer (``console:read``) sees internal IDs too."""
 
 
 def scope_problem(domain_id: str, domain_kind: str, scopes: Sequence[str]) -> str | None:

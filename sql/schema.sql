@@ -61,11 +61,12 @@ CREATE TABLE domain_tokens (
 );
 CREATE INDEX domain_tokens_domain ON domain_tokens (domain_id);
 -- The admin scope is the operator's: only tokens of the home domain hold it (0010).
+-- 0018: console:read is the operator's too.
 CREATE FUNCTION broker_admin_scope_is_home() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF 'admin' = ANY (NEW.scopes)
+    IF NEW.scopes && ARRAY['admin', 'console:read']
        AND NOT EXISTS (SELECT 1 FROM domains WHERE id = NEW.domain_id AND kind = 'home') THEN
-        RAISE EXCEPTION 'only a token of the home domain may hold the admin scope'
+        RAISE EXCEPTION 'only a token of the home domain may hold the admin or console:read scope'
             USING ERRCODE = 'check_violation', CONSTRAINT = 'domain_tokens_admin_is_home';
     END IF;
     RETURN NEW;
@@ -320,3 +321,15 @@ CREATE TRIGGER security_events_added
     AFTER INSERT ON security_events
     REFERENCING NEW TABLE AS new_events
     FOR EACH STATEMENT EXECUTE FUNCTION broker_notify_events();
+
+-- The operator console's sign-in sessions (0018): the SHA-256 of the cookie's session ID.
+CREATE TABLE console_sessions (
+    id_hash     bytea PRIMARY KEY,
+    token_id    bigint NOT NULL REFERENCES domain_tokens (id) ON DELETE CASCADE,
+    actor       text NOT NULL,
+    csrf        text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    expires_at  timestamptz NOT NULL,
+    ended_at    timestamptz
+);
+CREATE INDEX console_sessions_token ON console_sessions (token_id);
