@@ -21,6 +21,7 @@ from broker.config import Config
 from broker.errors import InvalidValueError
 from broker.logsafe import protect_handlers
 from broker.output import say
+from broker.secrets import load_box
 
 if TYPE_CHECKING:
     from broker.cli.common import Commands
@@ -40,6 +41,11 @@ def register(commands: Commands) -> None:
         help="processes sharing the domain-facing port (SO_REUSEPORT); auto: one per core. "
         "The first also runs the admin listener and the home poller (default 1)",
     )
+    serve.add_argument(
+        "--debug",
+        action="store_true",
+        help="on a start-up error, show the traceback too (by default: one line and the fix)",
+    )
     serve.add_argument("--secondary", action="store_true", help=argparse.SUPPRESS)
     serve.set_defaults(run=cmd_serve, asynchronous=False)
 
@@ -57,6 +63,11 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     protect_handlers()  # no record, from any logger, writes a bearer token
+    if not args.debug:
+        # A start-up refused part way leaves asyncio to close what was starting, and it logs
+        # each with a traceback; the one line that names the fix says it all (--debug shows them).
+        logging.getLogger("asyncio").addFilter(_quiet_closing)
+    preflight(config)
     if args.secondary:
         # Another process of the same broker: the first one runs the admin listener and the
         # home poller; this one serves domains and delivers.
@@ -99,6 +110,22 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         return 2
     say("broker stopped")
     return 0
+
+
+def _quiet_closing(record: logging.LogRecord) -> bool:
+    return "closing of asynchronous generator" not in record.getMessage()
+
+
+def preflight(config: Config) -> None:
+    """What can be checked before anything starts, as ConfigError naming the key and the fix:
+    home's token, and the sealing key (with ``[database] url``, one must be configured)."""
+    config.home.bearer_token()
+    load_box(
+        config.propagation.secret_key_env,
+        config.database.data_dir,
+        key_file=config.propagation.secret_key_file,
+        database_url=config.database.url,
+    )
 
 
 def worker_count(text: str) -> int:
