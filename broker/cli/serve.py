@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import functools
 import logging
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -18,6 +20,7 @@ from broker import __version__
 from broker.app import create_app
 from broker.cli.common import pool
 from broker.config import Config
+from broker.credentials import forget_files
 from broker.errors import InvalidValueError
 from broker.logsafe import protect_handlers
 from broker.output import say
@@ -79,6 +82,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
             "(the first start initialises it)"
         )
     app = create_app(config)
+    app.on_startup.append(_reread_on_sighup)
     if workers > 1 and not args.secondary:
         app.cleanup_ctx.append(
             functools.partial(
@@ -110,6 +114,18 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         return 2
     say("broker stopped")
     return 0
+
+
+async def _reread_on_sighup(app: web.Application) -> None:
+    """SIGHUP: every peer's token file is read again at its next use (a changed file is read
+    again anyway; this covers a change its modification time does not show)."""
+
+    def reread() -> None:
+        forget_files()
+        say("SIGHUP: peers' token files will be read again")
+
+    with contextlib.suppress(NotImplementedError, AttributeError):  # no SIGHUP on Windows
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reread)
 
 
 def _quiet_closing(record: logging.LogRecord) -> bool:
