@@ -136,6 +136,8 @@ def preflight(config: Config) -> None:
     """What can be checked before anything starts, as ConfigError naming the key and the fix:
     home's token, and the sealing key (with ``[database] url``, one must be configured)."""
     config.home.bearer_token()
+    if config.database.url is None and not config.propagation.secret_key_env:
+        return  # a key made now in the data directory would stop initdb from making it
     load_box(
         config.propagation.secret_key_env,
         config.database.data_dir,
