@@ -20,7 +20,7 @@ from broker import __version__
 from broker.admin.api import Admin, create_admin_app
 from broker.config import Config, ConfigError
 from broker.console import register_console
-from broker.db import create_pool, migrated_pool, migration_status, query
+from broker.db import create_pool, listening, migrated_pool, migration_status, query
 from broker.domains import DomainStore, stored_url_problems
 from broker.errors import BrokerError
 from broker.events.keyring import KeyRing
@@ -41,7 +41,7 @@ from broker.proxy.routes import routes
 from broker.responses import MAX_BODY, scim_error_middleware
 from broker.scim.guard import IdShape
 from broker.scim.versions import VersionSealer
-from broker.secrets import SecretBox, load_box
+from broker.secrets import SecretBox, check_key, key_source, load_box
 from broker.tokens import TokenStore
 
 __all__ = [
@@ -170,14 +170,25 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         app[POOL] = pool
         app[DB_URL] = url
         cache = MappingCache(config.cache_entries)
-        secret_key_env = app[CONFIG].propagation.secret_key_env
-        box: Callable[[], SecretBox] = functools.cache(
-            lambda: load_box(secret_key_env, config.data_dir)
+        propagation = app[CONFIG].propagation
+        key = load_box(
+            propagation.secret_key_env,
+            config.data_dir,
+            key_file=propagation.secret_key_file,
+            database_url=config.url,
         )
+        # A missing key, or one that is not this database's, is found here, at start-up.
+        await check_key(
+            pool,
+            key,
+            key_source(propagation.secret_key_env, propagation.secret_key_file, config.data_dir),
+        )
+
+        def box() -> SecretBox:
+            return key
+
         app[BOX] = box
         app[SEALER] = VersionSealer(lambda: box().derive("version seal", 64))
-        if secret_key_env:
-            box()  # a missing key is a configuration error, found at start-up
         app[STORE] = MappingStore(pool, cache=cache)
         app[JOURNAL] = Journal(pool, box)
         app[GUARD] = LeakGuard(app[STORE], IdShape(app[CONFIG].home.id_pattern))
@@ -229,20 +240,57 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+class HomeReadiness:
+    """Home's answer to ``/readyz``'s question, asked at most every ``ttl`` seconds (a probe
+    that polls often does not load home)."""
+
+    def __init__(self, ttl: float = 5.0, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.monotonic = monotonic
+        self._last: tuple[float, str | None] | None = None
+
+    async def problem(self, home: HomeClient) -> str | None:
+        now = self.monotonic()
+        if self._last is not None and now - self._last[0] < self.ttl:
+            return self._last[1]
+        problem = await home.reachable()
+        self._last = (now, problem)
+        return problem
+
+
+READINESS = web.AppKey("readiness", HomeReadiness)
+
+
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: the database answers and every migration this broker knows is applied."""
+    """Readiness, with each check's status in the body: the database answers and every
+    migration this broker knows is applied; home serves SCIM with the broker's token (when a
+    home is configured). 503 while any fails; ``/healthz`` stays up meanwhile."""
+    checks = {"database": await _database_check(request.app)}
+    if HOME in request.app:
+        problem = await request.app[READINESS].problem(request.app[HOME])
+        checks["home"] = (
+            {"status": "ok"} if problem is None else {"status": "failing", "reason": problem}
+        )
+    ready = all(check["status"] == "ok" for check in checks.values())
+    body: dict[str, Any] = {"status": "ready" if ready else "unavailable", "checks": checks}
+    if not ready:
+        body["reason"] = "; ".join(
+            f"{name}: {check['reason']}" for name, check in checks.items() if "reason" in check
+        )
+        log.warning("not ready: %s", body["reason"])
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def _database_check(app: web.Application) -> dict[str, Any]:
     try:
-        async with request.app[POOL].acquire(timeout=2) as conn:
+        async with app[POOL].acquire(timeout=2) as conn:
             status = await migration_status(conn)
     except Exception as exc:  # any failure means "not ready"; say which
-        log.warning("not ready: %s", exc)
-        return web.json_response({"status": "unavailable", "reason": str(exc)}, status=503)
+        return {"status": "failing", "reason": f"the database does not answer: {exc}"}
     if status.pending:
         names = ", ".join(m.name for m in status.pending)
-        return web.json_response(
-            {"status": "unavailable", "reason": f"migrations not applied: {names}"}, status=503
-        )
-    return web.json_response({"status": "ready", "migrations": status.applied})
+        return {"status": "failing", "reason": f"migrations not applied: {names}"}
+    return {"status": "ok", "migrations": status.applied}
 
 
 async def metrics(app: web.Application, request: web.Request) -> web.Response:
@@ -310,6 +358,28 @@ async def _proxy(app: web.Application) -> AsyncIterator[None]:
         txn_key=functools.cache(lambda: app[BOX]().derive("set txn")),
     )
     yield
+
+
+POLL = web.AppKey("poll", Poll)
+
+
+async def _domain_changes(app: web.Application) -> AsyncIterator[None]:
+    """Every process drops what it cached of a domain (its settings, its tokens' verdicts) as
+    soon as the domain changes, in whichever process (channel ``broker_domains``, migration
+    0012): a disabled domain is refused at once, not after the caches' few seconds."""
+
+    def changed(domain: str) -> None:
+        if PROXY in app:
+            app[PROXY].domains.forget(domain)
+            app[PROXY].tokens.forget()
+        if POLL in app:
+            app[POLL].forget()
+
+    def lost() -> None:  # while nothing listens, a change may go unseen: drop everything
+        changed("")
+
+    async with listening(app[DB_URL], "broker_domains", changed, on_up=lost, on_down=lost):
+        yield
 
 
 async def _events(app: web.Application) -> AsyncIterator[None]:
@@ -423,6 +493,7 @@ def create_app(config: Config) -> web.Application:
     )
     app[CONFIG] = config
     app[METRICS] = Metrics()
+    app[READINESS] = HomeReadiness()
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_outbound_urls)
     if config.home.scim_url is not None:
@@ -440,7 +511,9 @@ def create_app(config: Config) -> web.Application:
             long_poll_max=config.events.long_poll_max,
             max_events=config.events.max_events,
         )
+        app[POLL] = poll
         app.router.add_post("/events/poll", poll.handle)
+        app.cleanup_ctx.append(_domain_changes)
         if config.propagation.enabled:
             app.cleanup_ctx.append(_propagation)
     app.router.add_get("/.well-known/jwks.json", jwks_handler(lambda: app[KEYS]))

@@ -164,9 +164,13 @@ class PropagationConfig(_Section):
     # Timeout of one call to a peer, in seconds.
     peer_timeout: float = Field(default=30.0, gt=0)
     # The variable holding the key that seals write-only values (passwords) waiting in the
-    # outbox: 32 random bytes, base64url. Unset: outbox.key in the data directory, created on
-    # first use. Every broker process sharing the database needs the same key.
+    # outbox and the SET signing keys: 32 random bytes, base64url. Unset (and no secret_key_file):
+    # outbox.key in the data directory, created on
+    # first use, only with the embedded PostgreSQL. Every broker process sharing the database
+    # needs the same key: a process with another one refuses to start.
     secret_key_env: str | None = None
+    # Or a file holding the key (made there, owner-only, when missing), shared by all processes.
+    secret_key_file: Path | None = None
 
 
 class EventsConfig(_Section):

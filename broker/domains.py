@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import asyncpg
 
 from broker.db import query
+
+if TYPE_CHECKING:
+    from broker.db import Connection
 from broker.errors import ConflictError, InvalidValueError, NotFoundError
 from broker.http import outbound_url_problem
 from broker.scim.policy import DomainPolicy
 
-__all__ = ["Domain", "DomainStore", "check_scim_url", "stored_url_problems"]
+__all__ = [
+    "Domain",
+    "DomainStore",
+    "DomainUpdate",
+    "check_scim_url",
+    "stored_url_problems",
+]
 
 
 def check_scim_url(domain_id: str, scim_url: str | None) -> None:
@@ -115,6 +125,109 @@ class Domain:
         return cls(**dict(record.items()))
 
 
+CLEARABLE = frozenset({"scim_url", "credential_ref", "scope_filter", "read", "write"})
+"""Settings an update may take away (``domain update --scope ''``; null in the admin API)."""
+
+
+@dataclass(frozen=True)
+class DomainUpdate:
+    """What ``domain update`` (or ``PATCH /admin/domains/{domain}``) changes: None leaves a
+    setting as it is; a name in ``clear`` takes it away (no URL, no credential, everything in
+    scope, every attribute readable or writable)."""
+
+    scim_url: str | None = None
+    credential_ref: str | None = None
+    push: bool | None = None
+    scope_filter: str | None = None
+    read: list[str] | None = None
+    write: list[str] | None = None
+    deprovision: Literal["delete", "suspend"] | None = None
+    suspend_for: timedelta | None = None
+    on_conflict: Literal["link", "dead_letter"] | None = None
+    unlinkable: bool | None = None
+    timestamp_precision: int | None = None
+    clear: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        unknown = self.clear - CLEARABLE
+        if unknown:
+            raise InvalidValueError(f"cannot clear {', '.join(sorted(unknown))}")
+        both = {f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+        both &= self.clear
+        if both:
+            raise InvalidValueError(f"{', '.join(sorted(both))}: given and cleared at once")
+
+    @property
+    def empty(self) -> bool:
+        return not self.clear and all(
+            getattr(self, f.name) is None for f in dataclasses.fields(self) if f.name != "clear"
+        )
+
+    def applied_to(self, domain: Domain) -> dict[str, Any]:
+        """The domain's settings after the update (pure), checked as ``add`` checks them."""
+        policy = dict(domain.attribute_policy)
+        for name in ("read", "write"):
+            value = getattr(self, name)
+            if name in self.clear:
+                policy.pop(name, None)
+            elif value is not None:
+                policy[name] = value
+        after: dict[str, Any] = {
+            "scim_url": domain.scim_url,
+            "credential_ref": domain.credential_ref,
+            "push": domain.push,
+            "scope_filter": domain.scope_filter,
+            "attribute_policy": policy,
+            "deprovision": domain.deprovision,
+            "suspend_for": domain.suspend_for,
+            "on_conflict": domain.on_conflict,
+            "unlinkable": domain.unlinkable,
+            "timestamp_precision": domain.timestamp_precision,
+        }
+        for name in after:
+            value = getattr(self, name, None)
+            if name in self.clear:
+                after[name] = None
+            elif value is not None:
+                after[name] = value
+        if after["timestamp_precision"] != 1 and not after["unlinkable"]:
+            raise InvalidValueError(
+                "a timestamp precision coarsens the timestamps of an unlinkable domain only: "
+                "add --unlinkable, or set --timestamp-precision 1"
+            )
+        if after["push"] and not after["scim_url"]:
+            raise InvalidValueError(_CHECK_MESSAGES["domains_push_needs_url"])
+        check_scim_url(domain.id, after["scim_url"])
+        return after
+
+
+def changes(before: Domain, after: Domain) -> dict[str, list[Any]]:
+    """The settings that differ, as [before, after] (for the audit log: references and
+    settings only, never a secret)."""
+    out = {}
+    for name in (
+        "scim_url",
+        "credential_ref",
+        "push",
+        "scope_filter",
+        "attribute_policy",
+        "deprovision",
+        "suspend_for",
+        "on_conflict",
+        "unlinkable",
+        "timestamp_precision",
+        "status",
+    ):
+        old, new = getattr(before, name), getattr(after, name)
+        if old != new:
+            out[name] = [_plain(old), _plain(new)]
+    return out
+
+
+def _plain(value: Any) -> Any:
+    return str(value) if isinstance(value, timedelta) else value
+
+
 class DomainStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
@@ -136,7 +249,9 @@ class DomainStore:
         on_conflict: Literal["link", "dead_letter"] = "dead_letter",
         unlinkable: bool = False,
         timestamp_precision: int = 1,
+        actor: str = "system",
     ) -> Domain:
+        """A new domain (or one removed with its mappings kept, back under its name), audited."""
         if timestamp_precision != 1 and not unlinkable:
             raise InvalidValueError(
                 "a timestamp precision coarsens the timestamps of an unlinkable domain only: "
@@ -149,21 +264,29 @@ class DomainStore:
         if write_attributes is not None:
             policy["write"] = write_attributes
         try:
-            record = await self.pool.fetchrow(
-                query("insert_domain"),
-                domain_id,
-                kind,
-                scim_url,
-                credential_ref,
-                push,
-                scope_filter,
-                policy,
-                deprovision,
-                suspend_for,
-                on_conflict,
-                unlinkable,
-                timestamp_precision,
-            )
+            async with self.pool.acquire() as conn, conn.transaction():
+                record = await conn.fetchrow(
+                    query("insert_domain"),
+                    domain_id,
+                    kind,
+                    scim_url,
+                    credential_ref,
+                    push,
+                    scope_filter,
+                    policy,
+                    deprovision,
+                    suspend_for,
+                    on_conflict,
+                    unlinkable,
+                    timestamp_precision,
+                )
+                if record is None:
+                    raise ConflictError(
+                        f"domain {domain_id} exists already: `broker domain show {domain_id}` "
+                        f"shows it, `broker domain update {domain_id} ...` changes it"
+                    )
+                added = Domain.from_record(record)
+                await conn.execute(query("audit"), actor, "domain.add", domain_id, _settings(added))
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "domains_one_home":
                 raise ConflictError("there is a home domain already; a federation has one") from exc
@@ -174,19 +297,81 @@ class DomainStore:
             raise InvalidValueError(
                 _CHECK_MESSAGES.get(exc.constraint_name or "", str(exc))
             ) from exc
-        assert record is not None
-        return Domain.from_record(record)
+        return added
 
-    async def set_scim_url(self, domain_id: str, scim_url: str) -> Domain:
+    async def set_scim_url(self, domain_id: str, scim_url: str, actor: str = "system") -> Domain:
         """The domain's SCIM base URL changed (the peer moved); checked as :meth:`add` checks it."""
-        check_scim_url(domain_id, scim_url)
-        record = await self.pool.fetchrow(query("update_domain_scim_url"), domain_id, scim_url)
+        return await self.update(domain_id, DomainUpdate(scim_url=scim_url), actor=actor)
+
+    async def update(self, domain_id: str, change: DomainUpdate, *, actor: str) -> Domain:
+        """The settings ``change`` gives, checked as :meth:`add` checks them, and audited."""
+        if change.empty:
+            raise InvalidValueError(
+                "nothing to change: give at least one option of `broker domain add`"
+            )
+        async with self.pool.acquire() as conn, conn.transaction():
+            before = await self._locked(conn, domain_id)
+            after = change.applied_to(before)
+            try:
+                record = await conn.fetchrow(query("update_domain"), domain_id, *after.values())
+            except asyncpg.CheckViolationError as exc:
+                raise InvalidValueError(
+                    _CHECK_MESSAGES.get(exc.constraint_name or "", str(exc))
+                ) from exc
+            assert record is not None
+            updated = Domain.from_record(record)
+            await conn.execute(
+                query("audit"), actor, "domain.update", domain_id, changes(before, updated)
+            )
+        self._cache.pop(domain_id, None)
+        return updated
+
+    async def set_enabled(
+        self, domain_id: str, enabled: bool, *, actor: str
+    ) -> tuple[Domain, bool]:
+        """Disable the domain (its tokens answer 403, its deliveries and SETs wait), or enable
+        it again (what waited is due at once); the domain, and whether anything changed."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            before = await self._locked(conn, domain_id)
+            if (before.status == "disabled") != enabled:
+                return before, False
+            record = await conn.fetchrow(
+                query("set_domain_status"), domain_id, "active" if enabled else "disabled"
+            )
+            assert record is not None
+            if enabled:
+                await conn.execute(query("release_domain_queue"), domain_id)
+            action = "domain.enable" if enabled else "domain.disable"
+            await conn.execute(
+                query("audit"),
+                actor,
+                action,
+                domain_id,
+                {"status": [before.status, record["status"]]},
+            )
+        self._cache.pop(domain_id, None)
+        return Domain.from_record(record), True
+
+    async def footprint(self, domain_id: str) -> dict[str, int]:
+        """What the domain has in the database, by kind of row (see ``domain remove``)."""
+        records = await self.pool.fetch(query("domain_footprint"), domain_id)
+        return {r["what"]: r["n"] for r in records}
+
+    @staticmethod
+    async def _locked(conn: Connection, domain_id: str) -> Domain:
+        record = await conn.fetchrow(query("domain_for_change"), domain_id)
         if record is None:
             raise NotFoundError(
                 f"there is no domain {domain_id}: `broker domain list` shows the domains"
             )
-        self._cache.pop(domain_id, None)
         return Domain.from_record(record)
+
+    def forget(self, domain_id: str = "") -> None:
+        """Drop what :meth:`cached` holds (of one domain, or all with ""): it changed elsewhere."""
+        if not domain_id:
+            self._cache.clear()
+        else:
+            self._cache.pop(domain_id, None)
 
     async def list(self) -> list[Domain]:
         return [Domain.from_record(r) for r in await self.pool.fetch(query("list_domains"))]
@@ -213,6 +398,26 @@ class DomainStore:
     async def mapping_counts(self, domain_id: str) -> dict[str, int]:
         records = await self.pool.fetch(query("domain_mapping_counts"), domain_id)
         return {r["state"]: r["n"] for r in records}
+
+
+def _settings(domain: Domain) -> dict[str, Any]:
+    """A domain's settings, for the audit log (references, never a secret)."""
+    return {
+        name: _plain(getattr(domain, name))
+        for name in (
+            "kind",
+            "scim_url",
+            "credential_ref",
+            "push",
+            "scope_filter",
+            "attribute_policy",
+            "deprovision",
+            "suspend_for",
+            "on_conflict",
+            "unlinkable",
+            "timestamp_precision",
+        )
+    }
 
 
 _CHECK_MESSAGES = {

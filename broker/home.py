@@ -26,6 +26,7 @@ __all__ = [
     "HomeRefused",
     "HomeSchema",
     "HomeUnavailable",
+    "readiness_problem",
 ]
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,16 @@ class HomeClient:
             raw=answer.raw,
             content_type=answer.content_type,
         )
+
+    async def reachable(self) -> str | None:
+        """Whether home serves SCIM with the broker's token (a GET of its
+        /ServiceProviderConfig, as ``/readyz`` asks): None when it does, else what is wrong and
+        what to check."""
+        try:
+            answer = await self._exchange("GET", "/ServiceProviderConfig")
+        except HomeUnavailable as exc:
+            return exc.detail
+        return readiness_problem(answer.status, answer.json_or_none())
 
     async def _exchange(self, method: str, path: str, **kwargs: Any) -> Answer:
         try:
@@ -223,6 +234,17 @@ class HomeClient:
                 schema_ids=_schema_ids([], attributes),
             )
         return self._schema
+
+
+def readiness_problem(status: int, body: Any) -> str | None:
+    """What home's answer to GET /ServiceProviderConfig says about its readiness (pure)."""
+    if status == 200 and isinstance(body, dict):
+        return None
+    if status in (401, 403):
+        return f"home refused the broker's token ({status}): check [home] token or token_env"
+    if status == 404:
+        return "home answers 404 at /ServiceProviderConfig: check [home] scim_url (the SCIM base)"
+    return f"home answered HTTP {status} to GET /ServiceProviderConfig, not a SCIM document"
 
 
 def _schema_ids(schemas: Sequence[Mapping[str, Any]], attributes: SchemaIndex) -> frozenset[str]:

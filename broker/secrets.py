@@ -2,9 +2,13 @@
 
 Home never returns them, so a password set through the broker is delivered from the write itself
 (RFC 7642 section 2.3.6). Between the write and the delivery it waits in the outbox sealed with
-AES-256-GCM, under a key kept outside the database: an operator's environment variable, or a file
-of the data directory that the broker creates on first use (readable by its owner only). Several
-broker processes sharing one database must share the key. Values are never logged.
+AES-256-GCM, under a key kept outside the database: an operator's environment variable
+(``[propagation] secret_key_env``), a key file (``[propagation] secret_key_file``, made on first
+use when missing), or, with the embedded PostgreSQL only, ``outbox.key`` in the data directory
+(made on first use). All files are readable by their owner only. Several broker processes sharing
+one database must share the key: its fingerprint (an HMAC-SHA256 subkey, never the key) is
+recorded in the database by the first process, and a process with another key refuses to start
+(:func:`check_key`). Values are never logged.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -24,8 +29,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from broker.config import ConfigError
+from broker.db import query
 
-__all__ = ["SealError", "SecretBox", "load_box"]
+__all__ = ["SealError", "SecretBox", "check_key", "key_source", "load_box"]
 
 _NONCE = 12
 _AAD = b"scim-id-broker outbox v1"
@@ -52,6 +58,11 @@ class SecretBox:
             self._key
         )
 
+    def fingerprint(self) -> str:
+        """What the database records of the key: a subkey for this purpose alone (HKDF, an
+        HMAC-SHA256 construction), from which the key cannot be found."""
+        return self.derive("key fingerprint").hex()
+
     def seal(self, values: Mapping[str, Any]) -> bytes:
         nonce = os.urandom(_NONCE)
         return nonce + self._aead.encrypt(nonce, orjson.dumps(dict(values)), _AAD)
@@ -69,24 +80,84 @@ class SecretBox:
         return values
 
 
-def load_box(key_env: str | None, data_dir: Path) -> SecretBox:
-    """The outbox key from the environment variable ``key_env``, or from ``outbox.key`` in the
-    data directory (created on first use)."""
+def load_box(
+    key_env: str | None,
+    data_dir: Path,
+    *,
+    key_file: Path | None = None,
+    database_url: str | None = None,
+) -> SecretBox:
+    """The key: from the variable ``key_env``; else from ``key_file`` (made when missing); else,
+    with the embedded PostgreSQL only, from ``outbox.key`` in the data directory (made on first
+    use). With a ``database_url`` and neither configured, ConfigError: a key made in this
+    process's data directory would differ from every other process's."""
     if key_env:
         encoded = os.environ.get(key_env)
         if not encoded:
             raise ConfigError(
                 f"[propagation] secret_key_env names {key_env}, which is not set: export it "
-                '(python -c "import secrets; print(secrets.token_urlsafe(32))" makes a key)'
+                "with the key every broker process shares "
+                '(python -c "import secrets; print(secrets.token_urlsafe(32))" makes a new one)'
             )
         return SecretBox(_decode(encoded, key_env))
+    if key_file is not None:
+        return SecretBox(_decode(_read_or_make(key_file), str(key_file)))
     path = data_dir / "outbox.key"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(secrets.token_urlsafe(32) + "\n")
-    return SecretBox(_decode(path.read_text().strip(), str(path)))
+    if database_url is not None and not path.exists():
+        raise ConfigError(
+            "[database] url is set but no key is: every broker process on that database needs "
+            "the same key. Set [propagation] secret_key_env (BROKER_PROPAGATION__SECRET_KEY_ENV) "
+            "to a variable holding it, or [propagation] secret_key_file "
+            "(BROKER_PROPAGATION__SECRET_KEY_FILE) to a file all processes read (made there if "
+            "missing)"
+        )
+    return SecretBox(_decode(_read_or_make(path), str(path)))
+
+
+def _read_or_make(path: Path) -> str:
+    """The key in ``path``, written there first (owner-only) when the file does not exist."""
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass  # another process made it first: read theirs
+            else:
+                with os.fdopen(fd, "w") as out:
+                    out.write(secrets.token_urlsafe(32) + "\n")
+        return path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(
+            f"the key file {path} cannot be read or made ({exc.strerror}): fix its directory's "
+            "permissions, or set [propagation] secret_key_file to another path"
+        ) from None
+
+
+async def check_key(pool: asyncpg.Pool, box: SecretBox, source: str) -> None:
+    """The first process records the key's fingerprint; any other with a different key is
+    refused with ConfigError (``source`` says where this process's key came from)."""
+    fingerprint = box.fingerprint()
+    stored = await pool.fetchval(query("claim_key_fingerprint"), fingerprint)
+    if stored is None:  # recorded meanwhile by a process that started at the same moment
+        stored = await pool.fetchval(query("key_fingerprint"))
+    if stored != fingerprint:
+        raise ConfigError(
+            f"the key from {source} is not the key of this database (fingerprint "
+            f"{fingerprint[:12]} here, {str(stored)[:12]} recorded): every broker process on "
+            "one database must use the same key. Give this one the others' key through "
+            "[propagation] secret_key_env or a key file they all share ([propagation] "
+            "secret_key_file)"
+        )
+
+
+def key_source(key_env: str | None, key_file: Path | None, data_dir: Path) -> str:
+    """Where :func:`load_box` takes the key from, in words for messages."""
+    if key_env:
+        return f"the variable {key_env} ([propagation] secret_key_env)"
+    if key_file is not None:
+        return f"the key file {key_file} ([propagation] secret_key_file)"
+    return f"{data_dir / 'outbox.key'} (the data directory)"
 
 
 def _decode(encoded: str, where: str) -> bytes:

@@ -188,6 +188,10 @@ class TokenStore:
         self._cache.clear()
         return TokenInfo.from_record(record)
 
+    def forget(self) -> None:
+        """Check every token afresh at its next use (its domain changed, perhaps elsewhere)."""
+        self._cache.clear()
+
     async def authenticate(self, authorization: str | None) -> Principal:
         """The principal behind an ``Authorization: Bearer ...`` header, or AuthenticationError."""
         if not authorization:
@@ -217,8 +221,12 @@ class TokenStore:
             raise AuthenticationError(
                 "the bearer token has expired: ask the broker's operator for a new one"
             )
-        if record["domain_status"] == "disabled":
-            raise AuthenticationError(f"domain {record['domain_id']} is disabled")
+        if record["domain_status"] in ("disabled", "removed"):
+            # Known, and refused: 403 (RFC 7644 section 3.12), not 401 (the token is right).
+            raise ForbiddenError(
+                f"domain {record['domain_id']} is {record['domain_status']}: its operator "
+                "disabled it at the broker; ask them to enable it again"
+            )
         return Principal(
             record["domain_id"],
             effective_scopes(record["scopes"], record["domain_kind"]),

@@ -20,6 +20,9 @@ import pytest
 from broker.db import EmbeddedPostgres, apply_migrations, create_pool
 
 TEMPLATE = f"broker_template_{uuid.uuid4().hex[:8]}"
+# The sealing key of the brokers the tests start on a database URL (which makes none of its own):
+# tests.scim_support.TEST_KEY_ENV names it.
+os.environ.setdefault("TEST_BROKER_KEY", "k" * 43)
 _counter = itertools.count()
 
 

@@ -282,7 +282,12 @@ async def cli(db_url: str, *args: str) -> tuple[int, str]:
         "-m",
         "broker.cli",
         *args,
-        env={**os.environ, "BROKER_DATABASE_URL": db_url},
+        # The brokers the tests start use this key (tests.scim_support.keyed); so does the CLI.
+        env={
+            "BROKER_PROPAGATION__SECRET_KEY_ENV": "TEST_BROKER_KEY",
+            **os.environ,
+            "BROKER_DATABASE_URL": db_url,
+        },
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )

@@ -435,7 +435,7 @@ async def start_broker(
         server=ServerConfig(
             port=port, public_url=f"http://127.0.0.1:{port}", admin_port=admin_port
         ),
-        propagation=propagation or PropagationConfig(enabled=False),
+        propagation=keyed(propagation or PropagationConfig(enabled=False)),
         database=DatabaseConfig(
             url=db_url, pool_min_size=1, pool_max_size=pool_size, cache_entries=cache_entries
         ),
@@ -461,6 +461,18 @@ async def start_broker(
             f"http://127.0.0.1:{port}/scim/v2",
             f"http://127.0.0.1:{admin_port}",
         )
+
+
+TEST_KEY_ENV = "TEST_BROKER_KEY"
+"""The variable holding the sealing key of the brokers tests start (set in conftest.py): with a
+database URL, a broker makes no key of its own."""
+
+
+def keyed(settings: PropagationConfig) -> PropagationConfig:
+    """``settings`` with the tests' key, unless they name one."""
+    if settings.secret_key_env or settings.secret_key_file:
+        return settings
+    return settings.model_copy(update={"secret_key_env": TEST_KEY_ENV})
 
 
 def unique(prefix: str = "u") -> str:

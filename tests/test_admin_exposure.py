@@ -138,7 +138,7 @@ async def test_a_client_hanging_up_mid_body_is_not_blamed_on_the_database(
         server=ServerConfig(admin_port=0),
         database=DatabaseConfig(url=db_url),
         home=HomeConfig(scim_url="http://127.0.0.1:9/scim/v2"),
-        propagation=PropagationConfig(enabled=False),
+        propagation=PropagationConfig(enabled=False, secret_key_env="TEST_BROKER_KEY"),
     )
     caplog.set_level(logging.DEBUG, logger="broker")
     said = asyncio.Event()

@@ -16,7 +16,12 @@ from tests.scim_support import _free_port
 
 @pytest.fixture
 async def client(db_url: str) -> AsyncIterator[TestClient[object, object]]:
-    app = create_app(Config(server=ServerConfig(admin_port=0), database=DatabaseConfig(url=db_url)))
+    config = Config(
+        server=ServerConfig(admin_port=0),
+        database=DatabaseConfig(url=db_url),
+        propagation=PropagationConfig(secret_key_env="TEST_BROKER_KEY"),
+    )
+    app = create_app(config)
     async with TestClient(TestServer(app)) as test_client:
         yield test_client
 
@@ -52,7 +57,7 @@ async def served(db_url: str) -> AsyncIterator[tuple[TestClient[object, object],
         server=ServerConfig(admin_port=admin_port),
         database=DatabaseConfig(url=db_url),
         home=HomeConfig(scim_url="http://127.0.0.1:9/scim/v2"),
-        propagation=PropagationConfig(enabled=False),
+        propagation=PropagationConfig(enabled=False, secret_key_env="TEST_BROKER_KEY"),
     )
     async with TestClient(TestServer(create_app(config))) as test_client:
         yield test_client, f"http://127.0.0.1:{admin_port}"

@@ -81,7 +81,7 @@ async def served(db_url: str) -> AsyncIterator[int]:
         server=ServerConfig(admin_port=0),
         database=DatabaseConfig(url=db_url),
         home=HomeConfig(scim_url="http://127.0.0.1:9/scim/v2"),
-        propagation=PropagationConfig(enabled=False),
+        propagation=PropagationConfig(enabled=False, secret_key_env="TEST_BROKER_KEY"),
     )
     runner = web.AppRunner(create_app(config), access_log=None)
     await runner.setup()

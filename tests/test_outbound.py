@@ -291,7 +291,7 @@ async def test_the_broker_does_not_start_with_a_bad_stored_url(db_url: str) -> N
         server=ServerConfig(admin_port=0),
         database=DatabaseConfig(url=db_url),
         home=HomeConfig(scim_url="http://127.0.0.1:9/scim/v2"),
-        propagation=PropagationConfig(enabled=False),
+        propagation=PropagationConfig(enabled=False, secret_key_env="TEST_BROKER_KEY"),
     )
     with pytest.raises(ConfigError) as caught:
         async with TestServer(create_app(config)):

@@ -57,13 +57,14 @@ async def test_revoked_expired_unknown_and_malformed_tokens_are_refused(tokens: 
         assert caught.value.status == 401
 
 
-async def test_a_token_for_a_disabled_domain_is_refused(
+async def test_a_token_for_a_disabled_domain_is_refused_as_forbidden_not_unknown(
     tokens: TokenStore, pool: asyncpg.Pool
 ) -> None:
     token, _ = await tokens.issue("D1")
     await pool.execute("UPDATE domains SET status = 'disabled'")
-    with pytest.raises(AuthenticationError, match="disabled"):
+    with pytest.raises(ForbiddenError, match="disabled") as caught:
         await tokens.authenticate(f"Bearer {token}")
+    assert caught.value.status == 403
 
 
 async def test_issuing_needs_a_known_domain_and_known_scopes(tokens: TokenStore) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -38,16 +39,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             config.database.data_dir = args.data_dir
         return _run(config, args)
     except (ConfigError, MigrationError) as exc:
+        _traceback_if_asked(args)
         say(f"broker: {exc}")
         return 2
     except BrokerError as exc:
         say(f"broker: {exc.detail}")
         return 1
     except (OSError, asyncpg.PostgresError) as exc:
+        _traceback_if_asked(args)
         say(_unreachable(config, exc))
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _traceback_if_asked(args: argparse.Namespace) -> None:
+    """``--debug`` (``broker serve``): the traceback before the one line."""
+    if getattr(args, "debug", False):
+        traceback.print_exc()
 
 
 def _run(config: Config, args: argparse.Namespace) -> int:

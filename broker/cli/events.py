@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import functools
 from typing import TYPE_CHECKING
 
 import asyncpg
 
-from broker.cli.common import actor, pool
+from broker.cli.common import actor, checked_box, pool
 from broker.config import Config
 from broker.db import query
 from broker.errors import InvalidValueError, NotFoundError
 from broker.events.keyring import KeyRing
 from broker.http import outbound_url_problem
 from broker.output import say, table
-from broker.secrets import load_box
 
 if TYPE_CHECKING:
     from broker.cli.common import Commands
@@ -188,10 +186,8 @@ async def _list(database: asyncpg.Pool) -> None:
 
 async def cmd_keys(config: Config, args: argparse.Namespace) -> int:
     async with pool(config) as database:
-        box = functools.cache(
-            lambda: load_box(config.propagation.secret_key_env, config.database.data_dir)
-        )
-        ring = KeyRing(database, box)
+        box = await checked_box(config, database)
+        ring = KeyRing(database, lambda: box)
         if args.keys_command == "rotate":
             key = await ring.rotate()
             say(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import functools
 import logging
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -18,9 +20,11 @@ from broker import __version__
 from broker.app import create_app
 from broker.cli.common import pool
 from broker.config import Config
+from broker.credentials import forget_files
 from broker.errors import InvalidValueError
 from broker.logsafe import protect_handlers
 from broker.output import say
+from broker.secrets import load_box
 
 if TYPE_CHECKING:
     from broker.cli.common import Commands
@@ -40,6 +44,11 @@ def register(commands: Commands) -> None:
         help="processes sharing the domain-facing port (SO_REUSEPORT); auto: one per core. "
         "The first also runs the admin listener and the home poller (default 1)",
     )
+    serve.add_argument(
+        "--debug",
+        action="store_true",
+        help="on a start-up error, show the traceback too (by default: one line and the fix)",
+    )
     serve.add_argument("--secondary", action="store_true", help=argparse.SUPPRESS)
     serve.set_defaults(run=cmd_serve, asynchronous=False)
 
@@ -57,6 +66,11 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     protect_handlers()  # no record, from any logger, writes a bearer token
+    if not args.debug:
+        # A start-up refused part way leaves asyncio to close what was starting, and it logs
+        # each with a traceback; the one line that names the fix says it all (--debug shows them).
+        logging.getLogger("asyncio").addFilter(_quiet_closing)
+    preflight(config)
     if args.secondary:
         # Another process of the same broker: the first one runs the admin listener and the
         # home poller; this one serves domains and delivers.
@@ -68,6 +82,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
             "(the first start initialises it)"
         )
     app = create_app(config)
+    app.on_startup.append(_reread_on_sighup)
     if workers > 1 and not args.secondary:
         app.cleanup_ctx.append(
             functools.partial(
@@ -99,6 +114,36 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         return 2
     say("broker stopped")
     return 0
+
+
+async def _reread_on_sighup(app: web.Application) -> None:
+    """SIGHUP: every peer's token file is read again at its next use (a changed file is read
+    again anyway; this covers a change its modification time does not show)."""
+
+    def reread() -> None:
+        forget_files()
+        say("SIGHUP: peers' token files will be read again")
+
+    with contextlib.suppress(NotImplementedError, AttributeError):  # no SIGHUP on Windows
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reread)
+
+
+def _quiet_closing(record: logging.LogRecord) -> bool:
+    return "closing of asynchronous generator" not in record.getMessage()
+
+
+def preflight(config: Config) -> None:
+    """What can be checked before anything starts, as ConfigError naming the key and the fix:
+    home's token, and the sealing key (with ``[database] url``, one must be configured)."""
+    config.home.bearer_token()
+    if config.database.url is None and not config.propagation.secret_key_env:
+        return  # a key made now in the data directory would stop initdb from making it
+    load_box(
+        config.propagation.secret_key_env,
+        config.database.data_dir,
+        key_file=config.propagation.secret_key_file,
+        database_url=config.database.url,
+    )
 
 
 def worker_count(text: str) -> int:

@@ -121,6 +121,11 @@ class Poll:
     def pool(self) -> asyncpg.Pool:
         return self._pool()
 
+    def forget(self) -> None:
+        """Check tokens afresh (a domain changed: disabled, removed)."""
+        if self._tokens is not None:
+            self._tokens.forget()
+
     @set_errors
     async def handle(self, request: web.Request) -> web.Response:
         if self._tokens is None:

@@ -6,13 +6,13 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
 
+from broker.credentials import CredentialProblem, read_credential
 from broker.http import Answer, exchange, is_redirect
 from broker.propagation.policy import Failure, Verdict, judge
 
@@ -24,23 +24,14 @@ log = logging.getLogger(__name__)
 def peer_credential(
     credential_ref: str | None, environ: Mapping[str, str] | None = None
 ) -> str | None:
-    """The bearer token a peer's ``credential_ref`` (``env:VAR``) points at."""
-    if not credential_ref:
-        return None
-    kind, _, name = credential_ref.partition(":")
-    if kind != "env":
-        raise Failure(
-            Verdict.PERMANENT,
-            f"credential reference {credential_ref!r} is not env:VAR; re-add the domain with --token-env",
-        )
-    value = (os.environ if environ is None else environ).get(name)
-    if not value:
-        raise Failure(
-            Verdict.TRANSIENT,
-            f"the peer's token variable {name} is not set in the broker's environment; export it",
-            peer_fault=False,
-        )
-    return value
+    """The bearer token a peer's ``credential_ref`` (``env:VAR`` or ``file:PATH``) points at,
+    read afresh when its file changed; a Failure saying what to do when it cannot be read."""
+    try:
+        return read_credential(credential_ref, environ)
+    except CredentialProblem as exc:
+        if exc.permanent:
+            raise Failure(Verdict.PERMANENT, str(exc)) from None
+        raise Failure(Verdict.TRANSIENT, str(exc), peer_fault=False) from None
 
 
 class PeerClient:

@@ -25,7 +25,7 @@ _TRANSIENT = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 _ADVICE = {
     400: "the peer rejected the request as invalid; check the attribute values and the peer's schema",
-    401: "the peer refused the broker's credential; check the variable named by the domain's --token-env",
+    401: "the peer refused the broker's credential; check its token (`broker domain show DOMAIN` names where it is kept: --token-env or --token-file) and `broker domain test DOMAIN`",
     403: "the peer does not allow the broker this operation; check the credential's permissions",
     404: "the peer has no such resource or endpoint; check the domain's --scim-url",
     409: "the peer holds a conflicting resource; resolve it there, or set the domain's on_conflict to link",

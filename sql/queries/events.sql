@@ -31,7 +31,8 @@ WITH incoming AS (
     FROM changes c
     JOIN entities e ON e.internal_id = c.internal_id
     JOIN event_subscriptions s ON e.resource_type = ANY (s.resource_types)
-    JOIN domains d ON d.id = s.domain_id AND d.status <> 'disabled'
+    -- A disabled domain's SETs wait for it (nothing is lost); a removed one gets none.
+    JOIN domains d ON d.id = s.domain_id AND d.status <> 'removed'
     WHERE s.domain_id IS DISTINCT FROM $2
       AND (s.attributes IS NULL
            OR c.kinds && ARRAY['create', 'delete', 'activate', 'deactivate']

@@ -215,3 +215,7 @@ WITH seen AS (
     WHERE internal_id = ANY($3::text[]) AND state = 'active'
 )
 SELECT EXISTS (SELECT 1 FROM event_subscriptions)
+
+-- name: drop_domain_mappings
+-- A domain removed without --keep-mappings: its external IDs name nothing any more.
+DELETE FROM id_mappings WHERE domain_id = $1

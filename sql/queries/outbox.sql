@@ -2,13 +2,14 @@
 
 -- name: enqueue_sync
 -- A sync of each entity ($1) toward every push peer except the one the change came from ($2).
+-- A disabled peer gets its syncs too: they wait until it is enabled (push_peers leaves it out).
 -- An entity that already has a pending sync toward a peer gets no second one (DO NOTHING takes
 -- no lock on it: concurrent writes of one entity do not queue behind each other).
 INSERT INTO outbox (domain_id, internal_id, kind)
 SELECT d.id, e.internal_id, 'sync'
 FROM domains d
 CROSS JOIN unnest($1::text[]) AS e(internal_id)
-WHERE d.kind = 'peer' AND d.push AND d.status <> 'disabled' AND d.id IS DISTINCT FROM $2
+WHERE d.kind = 'peer' AND d.push AND d.status <> 'removed' AND d.id IS DISTINCT FROM $2
 ORDER BY e.internal_id, d.id
 ON CONFLICT (domain_id, internal_id) WHERE state = 'pending' AND kind = 'sync' DO NOTHING
 
@@ -19,7 +20,7 @@ INSERT INTO outbox (domain_id, internal_id, kind, sealed_values)
 SELECT d.id, e.internal_id, 'sync', e.sealed
 FROM domains d
 CROSS JOIN unnest($1::text[], $3::bytea[]) AS e(internal_id, sealed)
-WHERE d.kind = 'peer' AND d.push AND d.status <> 'disabled' AND d.id IS DISTINCT FROM $2
+WHERE d.kind = 'peer' AND d.push AND d.status <> 'removed' AND d.id IS DISTINCT FROM $2
 ORDER BY e.internal_id, d.id
 ON CONFLICT (domain_id, internal_id) WHERE state = 'pending' AND kind = 'sync'
 DO UPDATE SET sealed_values = EXCLUDED.sealed_values, updated_at = now()
@@ -154,7 +155,7 @@ SELECT d.id, d.scim_url, d.credential_ref, d.scope_filter, d.attribute_policy, d
        s.endpoint AS events_endpoint, s.credential_ref AS events_credential
 FROM domains d
 LEFT JOIN event_subscriptions s ON s.domain_id = d.id AND s.delivery = 'push'
-WHERE d.kind = 'peer' AND (d.push OR s.endpoint IS NOT NULL) AND d.status <> 'disabled'
+WHERE d.kind = 'peer' AND (d.push OR s.endpoint IS NOT NULL) AND d.status NOT IN ('disabled', 'removed')
 ORDER BY d.id
 
 -- name: entity_for_delivery

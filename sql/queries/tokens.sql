@@ -27,4 +27,5 @@ WHERE id = $1 AND revoked_at IS NULL
 RETURNING id, domain_id, prefix, scopes, expires_at, revoked_at, last_used_at, created_at
 
 -- name: domain_kind
-SELECT kind FROM domains WHERE id = $1
+-- A domain that can hold tokens (not one removed with its mappings kept).
+SELECT kind FROM domains WHERE id = $1 AND status <> 'removed'

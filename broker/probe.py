@@ -1,0 +1,130 @@
+"""``broker domain test``: reach a peer's SCIM service with its credential and say what works.
+
+Three GETs, none carrying anything of the federation's (no ID, no body): ``/ServiceProviderConfig``
+(reachable, speaks SCIM, what it supports), ``/Schemas`` (it describes its resources) and
+``/Users?count=1&attributes=id`` (the broker's token is accepted where it must be: many
+services answer the first two to anyone). What each answer means is decided by the pure
+:func:`assess`; :func:`probe` makes the calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from broker.credentials import CredentialProblem, describe_ref, read_credential
+from broker.http import exchange, is_redirect
+
+__all__ = ["Check", "ProbeReport", "assess", "probe"]
+
+STEPS = (
+    ("service", "/ServiceProviderConfig", None),
+    ("schemas", "/Schemas", None),
+    ("auth", "/Users", {"count": "1", "attributes": "id"}),
+)
+"""(check, path, query) in the order they run."""
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    """credential, service (/ServiceProviderConfig), schemas (/Schemas) or auth."""
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class ProbeReport:
+    domain: str
+    url: str
+    checks: tuple[Check, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(check.ok for check in self.checks)
+
+    def lines(self) -> list[str]:
+        """What ``broker domain test`` prints: one line per check, then the verdict."""
+        out = [f"testing domain {self.domain} at {self.url}"]
+        out += [f"  {'ok  ' if c.ok else 'FAIL'} {c.name:<10} {c.detail}" for c in self.checks]
+        out.append(
+            f"domain {self.domain}: the broker can reach it and its credential works"
+            if self.ok
+            else f"domain {self.domain}: NOT usable as it is; fix what FAIL says, then "
+            f"`broker domain test {self.domain}` again"
+        )
+        return out
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "domain": self.domain,
+            "url": self.url,
+            "ok": self.ok,
+            "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in self.checks],
+        }
+
+
+_REFUSED = {
+    401: "the peer refused the broker's token (401): check the token and where it is kept "
+    "(--token-env or --token-file)",
+    403: "the peer accepted the token but forbids this (403): ask the peer for read and write "
+    "access to Users and Groups",
+    404: "nothing there (404): check --scim-url (the SCIM base, ending before /Users)",
+}
+
+
+def assess(name: str, status: int | None, body: Any, *, error: str = "") -> Check:
+    """What one answer says. ``status`` None: no answer (``error`` says why)."""
+    if status is None:
+        return Check(name, False, f"no answer: {error}; check --scim-url and the network")
+    if is_redirect(status):
+        return Check(
+            name, False, f"redirect ({status}), never followed: set --scim-url to where it points"
+        )
+    if status in _REFUSED:
+        return Check(name, False, _REFUSED[status])
+    if status != 200 or not isinstance(body, dict):
+        return Check(name, False, f"answered HTTP {status} without a SCIM document")
+    if name == "service":
+        return Check(name, True, "SCIM service found; supports " + _features(body))
+    if name == "schemas":
+        count = len(body.get("Resources") or [])
+        return Check(name, count > 0, f"{count} schemas described" if count else "no schemas")
+    return Check(name, True, "the peer accepts the broker's token")
+
+
+def _features(config: Mapping[str, Any]) -> str:
+    names = ("patch", "bulk", "filter", "etag")
+    supported = [n for n in names if isinstance(config.get(n), dict) and config[n].get("supported")]
+    return ", ".join(supported) if supported else "none of patch, bulk, filter, etag"
+
+
+async def probe(
+    session: aiohttp.ClientSession, domain: str, scim_url: str, credential_ref: str | None
+) -> ProbeReport:
+    """The checks against the peer at ``scim_url``, with the credential ``credential_ref``
+    points at (the calls go on without one when it cannot be read, to show what else works)."""
+    checks = []
+    try:
+        token = read_credential(credential_ref)
+        checks.append(
+            Check("credential", True, f"read from {describe_ref(credential_ref)}")
+            if token
+            else Check("credential", False, "none: give one with --token-env or --token-file")
+        )
+    except CredentialProblem as exc:
+        token = None
+        checks.append(Check("credential", False, str(exc)))
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    base = scim_url.rstrip("/")
+    for name, path, params in STEPS:
+        try:
+            answer = await exchange(session, "GET", base + path, auth=auth, params=params)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            checks.append(assess(name, None, None, error=type(exc).__name__))
+            continue
+        checks.append(assess(name, answer.status, answer.json_or_none()))
+    return ProbeReport(domain, scim_url, tuple(checks))
