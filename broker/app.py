@@ -26,6 +26,7 @@ from broker.events.keyring import KeyRing
 from broker.events.render import EventRenderer
 from broker.events.web import EventWaiters, Poll, jwks_handler
 from broker.home import HomeClient
+from broker.logs import access_log
 from broker.logsafe import protect_loggers
 from broker.mapping.cache import MappingCache, listen
 from broker.mapping.guard import LeakGuard
@@ -394,6 +395,7 @@ async def _admin(app: web.Application) -> AsyncIterator[None]:
                 issuer=events.home_issuer,
             )
         admin_app = create_admin_app(admin, receiver, metrics=functools.partial(metrics, app))
+        admin_app.middlewares.insert(0, access_log)  # its lines carry correlation IDs too
         runner = web.AppRunner(admin_app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, server.admin_host, server.admin_port)
@@ -411,7 +413,8 @@ def create_app(config: Config) -> web.Application:
     # made of an error, not the exception.
     protect_loggers()  # aiohttp logs a malformed request with its bytes: never a token
     app = web.Application(
-        middlewares=[_measure, scim_error_middleware, route_guard], client_max_size=MAX_BODY
+        middlewares=[access_log, _measure, scim_error_middleware, route_guard],
+        client_max_size=MAX_BODY,
     )
     app[CONFIG] = config
     app[METRICS] = Metrics()

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import errno
 import functools
-import logging
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -19,7 +18,7 @@ from broker.app import create_app
 from broker.cli.common import pool
 from broker.config import Config
 from broker.errors import InvalidValueError
-from broker.logsafe import protect_handlers
+from broker.logs import configure_logging
 from broker.output import say
 
 if TYPE_CHECKING:
@@ -53,10 +52,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     if args.port is not None:
         config.server.port = args.port
     workers = worker_count(args.workers)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    protect_handlers()  # no record, from any logger, writes a bearer token
+    configure_logging(config.log)  # [log] format and level; no record writes a bearer token
     if args.secondary:
         # Another process of the same broker: the first one runs the admin listener and the
         # home poller; this one serves domains and delivers.
