@@ -23,6 +23,7 @@ from broker.db import create_pool, migrated_pool, migration_status, query
 from broker.domains import DomainStore, stored_url_problems
 from broker.errors import BrokerError
 from broker.events.keyring import KeyRing
+from broker.events.purge import EventRetention, purging
 from broker.events.render import EventRenderer
 from broker.events.web import EventWaiters, Poll, jwks_handler
 from broker.home import HomeClient
@@ -318,6 +319,20 @@ async def _events(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _event_purge(app: web.Application) -> AsyncIterator[None]:
+    """Settled SETs and the home changes no SET names, purged after their retention."""
+    events = app[CONFIG].events
+    retention = EventRetention(events.acknowledged_retention, events.changes_retention)
+    task = asyncio.create_task(
+        purging(app[POOL], retention, events.purge_interval), name="SET purge"
+    )
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def _propagation(app: web.Application) -> AsyncIterator[None]:
     """Delivery to push peers, and the poller that finds changes made in home directly."""
     config = app[CONFIG].propagation
@@ -428,6 +443,7 @@ def create_app(config: Config) -> web.Application:
         app.router.add_routes(routes(proxy))
         app[WAITERS] = EventWaiters()
         app.cleanup_ctx.append(_events)
+        app.cleanup_ctx.append(_event_purge)
         poll = Poll(
             lambda: app[POOL],
             lambda: app[RENDERER],
