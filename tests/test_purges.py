@@ -41,7 +41,7 @@ async def _event(pool: asyncpg.Pool, change_id: int, state: str, settled_days: f
 
 
 async def _ids(pool: asyncpg.Pool, table: str) -> set[int]:
-    return {r["id"] for r in await pool.fetch(f"SELECT id FROM {table}")}  # noqa: S608
+    return {r["id"] for r in await pool.fetch(f"SELECT id FROM {table}")}
 
 
 async def _federation(pool: asyncpg.Pool) -> None:
