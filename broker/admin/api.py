@@ -19,6 +19,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
+from broker.admin import deadletters
 from broker.db import query
 from broker.domains import DomainStore
 from broker.errors import BrokerError, ForbiddenError, InvalidValueError, NotFoundError
@@ -376,6 +377,7 @@ def create_admin_app(
     app.router.add_get("/admin/operations", admin.operations)
     app.router.add_get("/admin/operations/{op}", admin.operation)
     app.router.add_route("*", HOME_PREFIX + "/{tail:.*}", admin.home_scim)
+    deadletters.register(app, admin.pool, admin.tokens)
     return app
 
 
