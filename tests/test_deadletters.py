@@ -51,7 +51,7 @@ def test_since_refuses_what_is_no_past_time_and_names_the_forms(text: str) -> No
 
 
 def test_a_bulk_action_needs_all_or_since_and_not_both() -> None:
-    with pytest.raises(InvalidValueError, match="--all .* or --since"):
+    with pytest.raises(InvalidValueError, match=r"--all .* or --since"):
         dead_letter_window(everything=False, since=None, now=NOW)
     with pytest.raises(InvalidValueError, match="not both"):
         dead_letter_window(everything=True, since="2h", now=NOW)
