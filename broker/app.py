@@ -24,9 +24,11 @@ from broker.db import create_pool, listening, migrated_pool, migration_status, q
 from broker.domains import DomainStore, stored_url_problems
 from broker.errors import BrokerError
 from broker.events.keyring import KeyRing
+from broker.events.purge import EventRetention, purging
 from broker.events.render import EventRenderer
 from broker.events.web import EventWaiters, Poll, jwks_handler
 from broker.home import HomeClient
+from broker.logs import access_log
 from broker.logsafe import protect_loggers
 from broker.mapping.cache import MappingCache, listen
 from broker.mapping.guard import LeakGuard
@@ -388,6 +390,20 @@ async def _events(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _event_purge(app: web.Application) -> AsyncIterator[None]:
+    """Settled SETs and the home changes no SET names, purged after their retention."""
+    events = app[CONFIG].events
+    retention = EventRetention(events.acknowledged_retention, events.changes_retention)
+    task = asyncio.create_task(
+        purging(app[POOL], retention, events.purge_interval), name="SET purge"
+    )
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def _propagation(app: web.Application) -> AsyncIterator[None]:
     """Delivery to push peers, and the poller that finds changes made in home directly."""
     config = app[CONFIG].propagation
@@ -472,6 +488,7 @@ async def _admin(app: web.Application) -> AsyncIterator[None]:
             app.get(HOME),
             secure=app[CONFIG].public_url.startswith("https:"),
         )
+        admin_app.middlewares.insert(0, access_log)  # its lines carry correlation IDs too
         runner = web.AppRunner(admin_app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, server.admin_host, server.admin_port)
@@ -489,7 +506,8 @@ def create_app(config: Config) -> web.Application:
     # made of an error, not the exception.
     protect_loggers()  # aiohttp logs a malformed request with its bytes: never a token
     app = web.Application(
-        middlewares=[_measure, scim_error_middleware, route_guard], client_max_size=MAX_BODY
+        middlewares=[access_log, _measure, scim_error_middleware, route_guard],
+        client_max_size=MAX_BODY,
     )
     app[CONFIG] = config
     app[METRICS] = Metrics()
@@ -504,6 +522,7 @@ def create_app(config: Config) -> web.Application:
         app.router.add_routes(routes(proxy))
         app[WAITERS] = EventWaiters()
         app.cleanup_ctx.append(_events)
+        app.cleanup_ctx.append(_event_purge)
         poll = Poll(
             lambda: app[POOL],
             lambda: app[RENDERER],

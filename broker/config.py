@@ -12,7 +12,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -25,6 +25,7 @@ __all__ = [
     "DatabaseConfig",
     "EventsConfig",
     "HomeConfig",
+    "LogConfig",
     "PropagationConfig",
     "ServerConfig",
     "load_config",
@@ -182,6 +183,13 @@ class EventsConfig(_Section):
     max_events: int = Field(default=1000, ge=1, le=10_000)
     # Seconds between looks for a key rotated by another process (the newest key signs).
     key_refresh: float = Field(default=10.0, gt=0)
+    # Seconds an acknowledged (or skipped) SET is kept before it is purged, and a recorded home
+    # change once no SET needs it (the last one of each entity stays: the next change is
+    # compared with it). 0 keeps them for ever.
+    acknowledged_retention: float = Field(default=7 * 86400.0, ge=0)
+    changes_retention: float = Field(default=30 * 86400.0, ge=0)
+    # Seconds between purges.
+    purge_interval: float = Field(default=600.0, gt=0)
     # The home's JWKS, to check the SETs the home pushes to {admin}/home/events (unset: that
     # receiver is off), and the issuer those SETs must carry (unset: any).
     home_jwks_url: str | None = None
@@ -198,12 +206,28 @@ class EventsConfig(_Section):
         return value
 
 
+class LogConfig(_Section):
+    """What ``broker serve`` writes to its standard error (broker/logs.py)."""
+
+    # text: one human line per record; json: one JSON object per line (for a log collector).
+    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # One line per HTTP request (method, path, status, duration, correlation ID), at info.
+    access: bool = True
+
+    @field_validator("format", "level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+
 class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     home: HomeConfig = Field(default_factory=HomeConfig)
     propagation: PropagationConfig = Field(default_factory=PropagationConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
 
     @property
     def public_url(self) -> str:

@@ -386,7 +386,7 @@ async def apply_migrations(
         await conn.execute(_BOOTSTRAP)
         status = await migration_status(conn, migrations)
         for migration in status.pending:
-            log.info("applying migration %s", migration.name)
+            log.debug("applying migration %s", migration.name)  # logged once applied
             async with conn.transaction():
                 await conn.execute(migration.sql)
                 await conn.execute(

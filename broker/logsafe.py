@@ -29,11 +29,19 @@ AIOHTTP_LOGGERS = (
 _SCHEME = re.compile(r"(?i)\b(bearer|basic|token)(\s+|%20)[^\s'\"\\,;]+")
 _HEADER = re.compile(r"(?i)\b(authorization\s*:\s*)(?!bearer\b|basic\b|token\b)[^\s'\"\\,;]+")
 _BROKER_TOKEN = re.compile(r"bkr_[A-Za-z0-9_\-]+")
+# A password (or secret) as a JSON member, a query parameter or a key=value pair: its value.
+# The name's length is bounded, so a long word never makes the search quadratic.
+_PASSWORD = re.compile(
+    r"(?i)((?:\\?[\"'])?\b\w{0,32}?(?:password|passwd|secret)\w{0,16}(?:\\?[\"'])?\s*[:=]\s*)"
+    r"(\"(?:[^\"\\]|\\.)*\"|\\\"(?:[^\"\\]|\\[^\"])*\\\"|'[^']*'|[^\s,;&}]+)"
+)
 MASK = "[redacted]"
 
 
 def redact(text: str) -> str:
-    """``text`` with every bearer (or basic) credential and every broker token masked."""
+    """``text`` with every bearer (or basic) credential, every broker token and every
+    password value masked."""
+    text = _PASSWORD.sub(lambda m: f"{m.group(1)}{MASK}", text)
     text = _SCHEME.sub(lambda m: f"{m.group(1)} {MASK}", text)
     text = _HEADER.sub(lambda m: f"{m.group(1)}{MASK}", text)
     return _BROKER_TOKEN.sub(f"bkr_{MASK}", text)

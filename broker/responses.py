@@ -7,7 +7,6 @@ so it lives below them all.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,6 +16,7 @@ from aiohttp import web
 
 from broker.errors import BrokerError
 from broker.http import SCIM_JSON
+from broker.logs import correlation_id
 
 __all__ = [
     "DATABASE_DOWN",
@@ -122,6 +122,6 @@ async def answer_errors(
             503, "the broker's database is unavailable; try again in a few seconds"
         )
     except Exception:
-        correlation = uuid.uuid4().hex[:12]
+        correlation = correlation_id()
         log.exception("internal error, correlation ID %s", correlation)
         return error_response(500, f"internal error in the broker (correlation ID {correlation})")

@@ -270,6 +270,7 @@ CREATE TABLE home_changes (
     at             timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX home_changes_by_entity ON home_changes (internal_id, id);
+CREATE INDEX home_changes_by_age ON home_changes (at);
 
 -- Keys the broker signs SETs with. The private key is sealed (AES-256-GCM, the outbox key);
 -- the newest key signs; an older one stays published while SETs it signed may be pending.
@@ -304,6 +305,9 @@ CREATE TABLE security_events (
 CREATE INDEX security_events_unsettled ON security_events (domain_id, id)
     WHERE state IN ('pending', 'sent');
 CREATE INDEX security_events_by_key ON security_events (kid) WHERE state IN ('pending', 'sent');
+CREATE INDEX security_events_settled ON security_events (settled_at)
+    WHERE state IN ('acknowledged', 'skipped');
+CREATE INDEX security_events_by_change ON security_events (change_id);
 
 -- Long polls wake when a domain has new events.
 CREATE FUNCTION broker_notify_events() RETURNS trigger LANGUAGE plpgsql AS $$

@@ -143,3 +143,25 @@ async def test_broker_serve_writes_no_token_to_its_log(db_url: str, tmp_path: Pa
     text = log.read_text()
     assert "Error handling request" in text, text
     assert "S3cretT0ken" not in text, text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"userName": "dave_%", "password": "hunter2 x"}',
+        "{'password': 'hunter2 x'}",
+        'b\'{\\"password\\": \\"hunter2 x\\"}\'',
+        '{"newPassword":"hunter2 x"}',
+        "POST /token client_secret=hunter2&grant_type=x",
+        '"password": "hunter2 \\" x"',
+    ],
+)
+def test_password_values_are_masked_and_the_rest_is_kept(text: str) -> None:
+    masked = redact(text)
+    assert "hunter2" not in masked and " x" not in masked.replace('x"', "")
+    assert "[redacted]" in masked
+
+
+def test_words_about_passwords_are_not_masked() -> None:
+    for text in ("the password is wrong", "[propagation] secret_key_env names KEY, not set"):
+        assert redact(text) == text

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from broker.db import load_migrations
+
 pytestmark = pytest.mark.slow
 
 BROKER = [sys.executable, "-m", "broker.cli"]
@@ -145,6 +147,8 @@ def test_serve_with_no_configuration_starts_shares_survives_a_restart_and_stops_
 
     assert served.terminate() == 0
     assert "broker stopped" in served.output
+    for migration in load_migrations():  # each migration logged once, when it is applied
+        assert served.output.count(migration.name) == 1, served.output
     deadline = time.monotonic() + 20
     while alive(server_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -157,6 +161,7 @@ def test_serve_with_no_configuration_starts_shares_survives_a_restart_and_stops_
     assert listed.returncode == 0, listed.stderr
     assert "| D2     | peer | push |" in listed.stdout
     assert again.terminate() == 0
+    assert "migration" not in again.output, "nothing to apply, nothing logged"
 
 
 def test_serve_refuses_to_start_when_an_applied_migration_changed(data_dir: Path) -> None:

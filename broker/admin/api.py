@@ -19,7 +19,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from broker.admin import domains
+from broker.admin import deadletters, domains
 from broker.db import query
 from broker.domains import DomainStore
 from broker.errors import BrokerError, ForbiddenError, InvalidValueError, NotFoundError
@@ -378,6 +378,7 @@ def create_admin_app(
     app.router.add_get("/admin/operations/{op}", admin.operation)
     app.router.add_route("*", HOME_PREFIX + "/{tail:.*}", admin.home_scim)
     domains.register(app, admin)
+    deadletters.register(app, admin.pool, admin.tokens)
     return app
 
 

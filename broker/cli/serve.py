@@ -22,7 +22,7 @@ from broker.cli.common import pool
 from broker.config import Config
 from broker.credentials import forget_files
 from broker.errors import InvalidValueError
-from broker.logsafe import protect_handlers
+from broker.logs import configure_logging
 from broker.output import say
 from broker.secrets import load_box
 
@@ -62,10 +62,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     if args.port is not None:
         config.server.port = args.port
     workers = worker_count(args.workers)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    protect_handlers()  # no record, from any logger, writes a bearer token
+    configure_logging(config.log)  # [log] format and level; no record writes a bearer token
     if not args.debug:
         # A start-up refused part way leaves asyncio to close what was starting, and it logs
         # each with a traceback; the one line that names the fix says it all (--debug shows them).

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +28,7 @@ from broker.domains import Domain, DomainStore
 from broker.errors import BrokerError, InvalidValueError, NotFoundError
 from broker.home import HomeClient, HomeRefused, HomeSchema
 from broker.http import SCIM_JSON, Answer
+from broker.logs import correlation_id
 from broker.mapping.guard import LeakGuard
 from broker.mapping.store import MappingStore
 from broker.propagation.journal import Journal
@@ -411,7 +411,7 @@ class Proxy:
         # held; the caller's own IDs are what it is meant to see.
         leak = await self.guard.check(parts, in_play=call.internal_ids)
         if leak is not None:
-            correlation = uuid.uuid4().hex[:12]
+            correlation = correlation_id()
             log.error(
                 "leak guard blocked a response to %s in %s: %s (correlation ID %s)",
                 call.domain.id,

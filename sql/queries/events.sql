@@ -194,3 +194,31 @@ SELECT ev.domain_id, ev.internal_id, 'set', jsonb_build_object('event', ev.id)
 FROM events ev JOIN event_subscriptions s ON s.domain_id = ev.domain_id
 WHERE s.delivery = 'push'
 ORDER BY ev.id
+
+-- name: purge_settled_events
+-- At most $2 SETs acknowledged (or skipped) more than $1 seconds ago, deleted. Pending, sent and
+-- failed ones stay, whatever their age: a domain has yet to take them, or a person to look.
+WITH old AS (
+    SELECT id FROM security_events
+    WHERE state IN ('acknowledged', 'skipped') AND settled_at < now() - make_interval(secs => $1)
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM security_events v USING old WHERE v.id = old.id
+
+-- name: purge_home_changes
+-- At most $2 home changes recorded more than $1 seconds ago that no SET names any more, deleted.
+-- The last change with a document of each entity stays: the next change is compared with it
+-- (previous_documents).
+WITH old AS (
+    SELECT c.id FROM home_changes c
+    WHERE c.at < now() - make_interval(secs => $1)
+      AND NOT EXISTS (SELECT 1 FROM security_events v WHERE v.change_id = c.id)
+      AND (c.document IS NULL OR c.kinds && ARRAY['merge', 'split']
+           OR EXISTS (SELECT 1 FROM home_changes n
+                      WHERE n.internal_id = c.internal_id AND n.id > c.id
+                        AND n.document IS NOT NULL AND NOT n.kinds && ARRAY['merge', 'split']))
+    LIMIT $2
+    FOR UPDATE OF c SKIP LOCKED
+)
+DELETE FROM home_changes c USING old WHERE c.id = old.id

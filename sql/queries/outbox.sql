@@ -440,3 +440,79 @@ WITH old AS (
     FOR UPDATE OF o SKIP LOCKED
 )
 DELETE FROM outbox o USING old WHERE o.id = old.id
+
+-- name: count_dead_letters
+-- The dead letters toward peer $1 that died at or after $2 (NULL: whenever) and no later than
+-- $3, and the database's clock (the $3 of the batches that settle them).
+SELECT count(*) AS dead, now() AS as_of
+FROM outbox
+WHERE domain_id = $1 AND state = 'dead'
+  AND ($2::timestamptz IS NULL OR updated_at >= $2) AND updated_at <= coalesce($3, now())
+
+-- name: retry_dead_letters
+-- At most $4 of the dead letters count_dead_letters counted ($1, $2, $3) queued again, due now,
+-- attempts counted afresh (a pushed SET the receiver refused is to be sent again); their ids. A
+-- letter that dies again meanwhile died after $3: it is not picked again. A sync delivers home's
+-- state when it runs, and an entity has one pending sync per peer: a dead sync of an entity that
+-- has one pending already (or a newer one in the batch) is superseded by it (cancelled, saying
+-- so, and whether a password it carried is lost).
+WITH picked AS (
+    SELECT id FROM outbox
+    WHERE domain_id = $1 AND state = 'dead'
+      AND ($2::timestamptz IS NULL OR updated_at >= $2) AND updated_at <= $3
+    ORDER BY id
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+), ranked AS (
+    SELECT o.id,
+           o.kind = 'sync' AND (
+               row_number() OVER (PARTITION BY o.internal_id, o.kind ORDER BY o.id DESC) > 1
+               OR EXISTS (SELECT 1 FROM outbox q
+                          WHERE q.domain_id = o.domain_id AND q.internal_id = o.internal_id
+                            AND q.kind = 'sync' AND q.state = 'pending')) AS superseded,
+           o.sealed_values IS NOT NULL AS sealed
+    FROM outbox o JOIN picked p ON p.id = o.id
+), retried AS (
+    UPDATE outbox o
+    SET state = CASE WHEN r.superseded THEN 'cancelled' ELSE 'pending' END,
+        attempts = CASE WHEN r.superseded THEN o.attempts ELSE 0 END,
+        next_attempt_at = now(), updated_at = now(),
+        sealed_values = CASE WHEN r.superseded THEN NULL ELSE o.sealed_values END,
+        last_error = CASE WHEN r.superseded
+                          THEN coalesce(o.last_error, '{}'::jsonb) || jsonb_build_object(
+                               'superseded', CASE WHEN r.sealed
+                                   THEN 'by a pending sync; the password it carried was not '
+                                        || 'delivered: set it again'
+                                   ELSE 'by a pending sync' END)
+                          ELSE o.last_error END
+    FROM ranked r
+    WHERE o.id = r.id
+    RETURNING o.id, o.kind, o.payload, o.domain_id, r.superseded, r.superseded AND r.sealed AS lost
+), resent AS (
+    UPDATE security_events v SET state = 'pending', error = NULL, settled_at = NULL
+    FROM retried r
+    WHERE r.kind = 'set' AND v.id = (r.payload ->> 'event')::bigint AND v.domain_id = r.domain_id
+      AND v.state = 'failed'
+)
+SELECT id, superseded, lost FROM retried ORDER BY id
+
+-- name: discard_dead_letters
+-- At most $4 of the dead letters count_dead_letters counted ($1, $2, $3) given up by $5 (kept,
+-- cancelled, their sealed values dropped); their ids.
+WITH picked AS (
+    SELECT id FROM outbox
+    WHERE domain_id = $1 AND state = 'dead'
+      AND ($2::timestamptz IS NULL OR updated_at >= $2) AND updated_at <= $3
+    ORDER BY id
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+), discarded AS (
+    UPDATE outbox o
+    SET state = 'cancelled', sealed_values = NULL, updated_at = now(),
+        last_error = coalesce(o.last_error, '{}'::jsonb)
+                     || jsonb_build_object('discarded_by', $5::text)
+    FROM picked p
+    WHERE o.id = p.id
+    RETURNING o.id
+)
+SELECT id FROM discarded ORDER BY id
