@@ -57,9 +57,19 @@ __all__ = [
     "PROXY",
     "SEALER",
     "STORE",
+    "ListenError",
     "Metrics",
     "create_app",
 ]
+
+
+class ListenError(OSError):
+    """A listener that could not bind: which address, and the setting that chooses it."""
+
+    def __init__(self, host: str, port: int, setting: str, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror)
+        self.host, self.port, self.setting = host, port, setting
+
 
 log = logging.getLogger(__name__)
 
@@ -492,7 +502,11 @@ async def _admin(app: web.Application) -> AsyncIterator[None]:
         runner = web.AppRunner(admin_app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, server.admin_host, server.admin_port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise ListenError(server.admin_host, server.admin_port, "admin_port", exc) from exc
         app[ADMIN_URL] = f"http://{server.admin_host}:{server.admin_port}"
         try:
             yield

@@ -34,7 +34,12 @@ def free_port() -> int:
 
 def environment(data_dir: Path, port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
-    env.update(BROKER_DATA_DIR=str(data_dir), BROKER_SERVER__PORT=str(port))
+    # The admin listener on a free port too: 8081 (its default) may be held on a shared machine.
+    env.update(
+        BROKER_DATA_DIR=str(data_dir),
+        BROKER_SERVER__PORT=str(port),
+        BROKER_SERVER__ADMIN_PORT=str(free_port()),
+    )
     return env
 
 

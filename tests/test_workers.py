@@ -129,6 +129,22 @@ def test_a_port_in_use_is_one_line_naming_the_port(data_dir: Path) -> None:
     assert "Traceback" not in served.output
 
 
+def test_an_admin_port_in_use_is_one_line_naming_that_port_and_its_setting(
+    data_dir: Path,
+) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        admin_port = holder.getsockname()[1]
+        served = Served(data_dir, extra_env={"BROKER_SERVER__ADMIN_PORT": str(admin_port)})
+        code = served.process.wait(timeout=120)
+    assert code == 2, served.output
+    assert f"cannot listen on 127.0.0.1:{admin_port}" in served.output
+    assert "[server] admin_port (BROKER_SERVER__ADMIN_PORT)" in served.output
+    assert f":{served.port}:" not in served.output  # not the domain-facing port it could bind
+    assert "Traceback" not in served.output
+
+
 def test_workers_must_be_a_number_or_auto(data_dir: Path) -> None:
     served = Served(data_dir, "--workers", "zero")
     assert served.process.wait(timeout=60) == 1

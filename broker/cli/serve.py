@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from broker import __version__
-from broker.app import create_app
+from broker.app import ListenError, create_app
 from broker.cli.common import pool
 from broker.config import Config
 from broker.credentials import forget_files
@@ -103,10 +103,15 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     except OSError as exc:
         if exc.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
             raise
+        if isinstance(exc, ListenError):  # the admin listener
+            host, port, setting = exc.host, exc.port, exc.setting
+            choose = f"[server] {setting} (BROKER_SERVER__{setting.upper()})"
+        else:
+            host, port = config.server.host, config.server.port
+            choose = "--port or [server] port (BROKER_SERVER__PORT)"
         say(
-            f"broker: cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}. "
-            "Stop what holds the port, or choose another with --port or [server] port "
-            "(BROKER_SERVER__PORT)"
+            f"broker: cannot listen on {host}:{port}: {exc.strerror}. "
+            f"Stop what holds the port, or choose another with {choose}"
         )
         return 2
     say("broker stopped")
