@@ -247,7 +247,7 @@ async def test_odd_domain_names_are_not_found_never_an_internal_error(
     assert await broker.app[POOL].fetchval("SELECT count(*) FROM domains") == 3
 
 
-async def test_a_peer_token_and_a_disabled_homes_token_reach_no_lifecycle_route(
+async def test_a_peer_token_and_a_disabled_domains_token_reach_no_lifecycle_route(
     broker: Broker,
 ) -> None:
     peer_token, _ = await TokenStore(broker.app[POOL]).issue("E")
