@@ -20,6 +20,7 @@ from broker import __version__
 from broker.admin.api import Admin, create_admin_app
 from broker.config import Config, ConfigError
 from broker.console import register_console
+from broker.credentials import reserved_secrets
 from broker.db import create_pool, listening, migrated_pool, migration_status, query
 from broker.domains import DomainStore, stored_url_problems
 from broker.errors import BrokerError
@@ -490,7 +491,12 @@ async def _admin(app: web.Application) -> AsyncIterator[None]:
                 jwks_url=events.home_jwks_url,
                 issuer=events.home_issuer,
             )
-        admin_app = create_admin_app(admin, receiver, metrics=functools.partial(metrics, app))
+        admin_app = create_admin_app(
+            admin,
+            receiver,
+            metrics=functools.partial(metrics, app),
+            reserved=reserved_secrets(app[CONFIG]),
+        )
         register_console(
             admin_app,
             app[POOL],

@@ -377,7 +377,12 @@ class DomainStore:
         return [Domain.from_record(r) for r in await self.pool.fetch(query("list_domains"))]
 
     async def get(self, domain_id: str) -> Domain:
-        record = await self.pool.fetchrow(query("domain_by_id"), domain_id)
+        # A NUL is in no domain's name, and PostgreSQL refuses to even compare one.
+        record = (
+            None
+            if "\x00" in domain_id
+            else await self.pool.fetchrow(query("domain_by_id"), domain_id)
+        )
         if record is None:
             raise NotFoundError(
                 f"there is no domain {domain_id}: `broker domain list` shows the domains"

@@ -21,6 +21,7 @@ __all__ = [
     "SCIM_JSON",
     "SET_TYPE",
     "Answer",
+    "AnswerTooLarge",
     "exchange",
     "is_redirect",
     "outbound_url_problem",
@@ -54,6 +55,26 @@ class Answer:
             return None
 
 
+class AnswerTooLarge(aiohttp.ClientError):
+    """The answer's body is longer than the caller's ``limit``: it was not read to its end."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the answer is larger than {limit} bytes")
+        self.limit = limit
+
+
+async def _bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, or AnswerTooLarge as soon as it is longer than ``limit`` (never read whole)."""
+    if response.content_length is not None and response.content_length > limit:
+        raise AnswerTooLarge(limit)
+    raw = bytearray()
+    async for chunk in response.content.iter_chunked(65536):
+        raw += chunk
+        if len(raw) > limit:
+            raise AnswerTooLarge(limit)
+    return bytes(raw)
+
+
 async def exchange(
     session: aiohttp.ClientSession,
     method: str,
@@ -64,10 +85,12 @@ async def exchange(
     body: Any = None,
     data: bytes | None = None,
     headers: Mapping[str, str] | None = None,
+    limit: int | None = None,
 ) -> Answer:
     """``body`` (serialised) or ``data`` (as it is) sent as SCIM JSON unless ``headers`` name
-    another Content-Type; aiohttp.ClientError or TimeoutError when there is no answer. A
-    redirect is never followed: the 3xx is the answer (:func:`is_redirect`)."""
+        another Content-Type; aiohttp.ClientError or TimeoutError when there is no answer. A
+        redirect is never followed: the 3xx is the answer (:func:`is_redirect`). With ``limit``, a body
+    longer than that many bytes is AnswerTooLarge (an aiohttp.ClientError)."""
     sent = {"Accept": SCIM_JSON, **auth, **(headers or {})}
     if body is not None:
         data = orjson.dumps(body)
@@ -76,7 +99,7 @@ async def exchange(
     async with session.request(
         method, url, params=params, data=data or None, headers=sent, allow_redirects=False
     ) as response:
-        raw = await response.read()
+        raw = await response.read() if limit is None else await _bounded(response, limit)
         # The headers keep their case-insensitive lookup (a server may send "Etag").
         return Answer(
             response.status, response.headers, raw=raw, content_type=response.content_type

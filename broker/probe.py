@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 
 from broker.credentials import CredentialProblem, describe_ref, read_credential
-from broker.http import exchange, is_redirect
+from broker.http import AnswerTooLarge, exchange, is_redirect
 
 __all__ = ["Check", "ProbeReport", "assess", "probe"]
 
@@ -26,6 +26,10 @@ STEPS = (
     ("auth", "/Users", {"count": "1", "attributes": "id"}),
 )
 """(check, path, query) in the order they run."""
+
+MAX_ANSWER = 1 << 20
+"""The longest answer a probe reads (1 MiB): a peer's configuration and schemas fit many times
+over; a longer one is refused unread, so a hostile peer cannot fill the broker's memory."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,19 @@ async def probe(
     base = scim_url.rstrip("/")
     for name, path, params in STEPS:
         try:
-            answer = await exchange(session, "GET", base + path, auth=auth, params=params)
+            answer = await exchange(
+                session, "GET", base + path, auth=auth, params=params, limit=MAX_ANSWER
+            )
+        except AnswerTooLarge:
+            checks.append(
+                Check(
+                    name,
+                    False,
+                    f"the answer is too large (over {MAX_ANSWER} bytes), left unread: a SCIM "
+                    "service answers this in a few kilobytes; check --scim-url",
+                )
+            )
+            continue
         except (aiohttp.ClientError, TimeoutError) as exc:
             checks.append(assess(name, None, None, error=type(exc).__name__))
             continue

@@ -32,6 +32,8 @@ DEFAULT_SCOPES = ("scim:read", "scim:write")
 TOKEN_PREFIX = "bkr_"
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_LONGEST = 36500 * 86400
+"""A duration longer than 100 years is refused (a longer one would overflow a date)."""
 
 
 OPERATOR_SCOPES = frozenset({"admin", "console:read"})
@@ -79,7 +81,12 @@ def parse_duration(text: str) -> timedelta:
         raise InvalidValueError(
             f"{text!r} is not a duration: write a number and a unit, for example 90d, 12h or 30m"
         )
-    return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+    seconds = int(match.group(1)) * _UNITS[match.group(2)]
+    if seconds > _LONGEST:
+        raise InvalidValueError(
+            f"{text!r} is longer than 100 years: write a shorter duration, for example 3650d"
+        )
+    return timedelta(seconds=seconds)
 
 
 @dataclass(frozen=True)

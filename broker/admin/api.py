@@ -20,6 +20,7 @@ import orjson
 from aiohttp import web
 
 from broker.admin import deadletters, domains
+from broker.credentials import NOTHING_RESERVED, Reserved
 from broker.db import query
 from broker.domains import DomainStore
 from broker.errors import BrokerError, ForbiddenError, InvalidValueError, NotFoundError
@@ -360,10 +361,12 @@ def create_admin_app(
     home_events: HomeReceiver | None = None,
     *,
     metrics: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None,
+    reserved: Reserved = NOTHING_RESERVED,
 ) -> web.Application:
     """The admin listener's application; with ``home_events``, the receiver of the SETs the
     home pushes at ``/home/events``; with ``metrics``, Prometheus' ``/metrics`` (operational,
-    so here and never on the port domains reach)."""
+    so here and never on the port domains reach); ``reserved``: the broker's own secrets, which
+    no domain's credential may name."""
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
     if metrics is not None:
         app.router.add_get("/metrics", metrics)
@@ -377,7 +380,7 @@ def create_admin_app(
     app.router.add_get("/admin/operations", admin.operations)
     app.router.add_get("/admin/operations/{op}", admin.operation)
     app.router.add_route("*", HOME_PREFIX + "/{tail:.*}", admin.home_scim)
-    domains.register(app, admin)
+    domains.register(app, admin, reserved)
     deadletters.register(app, admin.pool, admin.tokens)
     return app
 

@@ -18,11 +18,12 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from broker.credentials import credential_ref
+from broker.credentials import NOTHING_RESERVED, Reserved, credential_ref, reserved_problem
 from broker.domains import Domain, DomainStore, DomainUpdate
-from broker.errors import InvalidValueError
+from broker.errors import InvalidValueError, NotFoundError
 from broker.mapping.removal import remove_domain
 from broker.probe import ProbeReport, probe
+from broker.scim.filters import FilterError, parse_filter
 from broker.tokens import parse_duration
 
 if TYPE_CHECKING:
@@ -69,6 +70,8 @@ def update_from_json(body: Mapping[str, Any]) -> DomainUpdate:
         if value is None:
             clear.add(name)
         elif _well_typed(key, value):
+            if key == "scope":
+                _check_scope(value)
             fields[name] = value
         else:
             kind = "a list of attribute names" if key in _LISTS else "a non-empty string"
@@ -77,6 +80,13 @@ def update_from_json(body: Mapping[str, Any]) -> DomainUpdate:
         env, file = body.get("token_env"), body.get("token_file")
         if not all(v is None or (isinstance(v, str) and v) for v in (env, file)) or (env and file):
             raise InvalidValueError('give "token_env" or "token_file" (a string), or null for none')
+        if any(
+            isinstance(v, str) and any(ord(c) < 0x20 or c == "\x7f" for c in v) for v in (env, file)
+        ):
+            raise InvalidValueError(
+                '"token_env" and "token_file" hold no control character (a NUL, a newline): '
+                "name the variable or the file as it is"
+            )
         ref = credential_ref(env, file)
         if ref is None:
             clear.add("credential_ref")
@@ -84,6 +94,15 @@ def update_from_json(body: Mapping[str, Any]) -> DomainUpdate:
             fields["credential_ref"] = ref
     fields.update(_choices(body))
     return DomainUpdate(**fields, clear=frozenset(clear))
+
+
+def _check_scope(text: str) -> None:
+    """A scope is a SCIM filter: one that does not parse would break every request of the
+    domain later, so it is refused now."""
+    try:
+        parse_filter(text)
+    except FilterError as exc:
+        raise InvalidValueError(f'"scope" is not a SCIM filter ({exc.detail}); fix it') from None
 
 
 def _well_typed(key: str, value: Any) -> bool:
@@ -140,9 +159,10 @@ def domain_json(domain: Domain, footprint: Mapping[str, int] | None = None) -> d
 
 
 class DomainHandlers:
-    def __init__(self, admin: Admin) -> None:
+    def __init__(self, admin: Admin, reserved: Reserved) -> None:
         self.admin = admin
         self.domains: DomainStore = admin.domains
+        self.reserved = reserved
 
     async def list(self, request: web.Request) -> web.Response:
         await self.admin._admin(request)
@@ -150,7 +170,7 @@ class DomainHandlers:
 
     async def show(self, request: web.Request) -> web.Response:
         await self.admin._admin(request)
-        domain = await self.domains.get(request.match_info["domain"])
+        domain = await self.domains.get(_name(request))
         return web.json_response(domain_json(domain, await self.domains.footprint(domain.id)))
 
     async def update(self, request: web.Request) -> web.Response:
@@ -162,7 +182,10 @@ class DomainHandlers:
         if not isinstance(body, dict):
             raise InvalidValueError("the request body is a JSON object of settings")
         change = update_from_json(body)
-        domain = await self.domains.update(request.match_info["domain"], change, actor=actor)
+        problem = reserved_problem(change.credential_ref, self.reserved)
+        if problem is not None:
+            raise InvalidValueError(problem)
+        domain = await self.domains.update(_name(request), change, actor=actor)
         document = domain_json(domain)
         if domain.push and domain.scim_url:
             document["test"] = (await _probe(domain)).json()
@@ -172,7 +195,7 @@ class DomainHandlers:
         actor = await self.admin._admin(request)
         removal = await remove_domain(
             self.admin.pool,
-            request.match_info["domain"],
+            _name(request),
             keep_mappings=_flag(request, "keep_mappings"),
             force=_flag(request, "force"),
             actor=actor,
@@ -184,7 +207,7 @@ class DomainHandlers:
 
     async def act(self, request: web.Request) -> web.Response:
         actor = await self.admin._admin(request)
-        name, action = request.match_info["domain"], request.match_info["action"]
+        name, action = _name(request), request.match_info["action"]
         if action == "test":
             domain = await self.domains.get(name)
             if not domain.scim_url:
@@ -196,6 +219,15 @@ class DomainHandlers:
             return web.json_response(report.json())  # "ok": false says it failed
         domain, changed = await self.domains.set_enabled(name, action == "enable", actor=actor)
         return web.json_response({**domain_json(domain), "changed": changed})
+
+
+def _name(request: web.Request) -> str:
+    """The domain the path names; a name no domain can have (a NUL, which PostgreSQL cannot
+    even compare) is not found."""
+    name = request.match_info["domain"]
+    if "\x00" in name:
+        raise NotFoundError(f"there is no domain {name!r}: `broker domain list` shows the domains")
+    return name
 
 
 def _flag(request: web.Request, name: str) -> bool:
@@ -212,9 +244,10 @@ async def _probe(domain: Domain) -> ProbeReport:
         return await probe(session, domain.id, domain.scim_url, domain.credential_ref)
 
 
-def register(app: web.Application, admin: Admin) -> None:
-    """The lifecycle routes, on the admin listener."""
-    handlers = DomainHandlers(admin)
+def register(app: web.Application, admin: Admin, reserved: Reserved = NOTHING_RESERVED) -> None:
+    """The lifecycle routes, on the admin listener; ``reserved``: the broker's own secrets,
+    which no domain's credential may name (a peer would be sent them as its token)."""
+    handlers = DomainHandlers(admin, reserved)
     app.router.add_get("/admin/domains", handlers.list)
     app.router.add_get("/admin/domains/{domain}", handlers.show)
     app.router.add_patch("/admin/domains/{domain}", handlers.update)

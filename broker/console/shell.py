@@ -103,12 +103,14 @@ def message(
 
 
 def safe_next(value: str | None) -> str:
-    """Where to go after signing in: a console path only (never another site)."""
+    """Where to go after signing in: a console path only (never another site), with no control
+    character (a newline would make the redirect's header fail; browsers drop tabs)."""
     if (
         value
         and value.startswith(PREFIX + "/")
         and not value.startswith("//")
         and "\\" not in value
+        and not any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
     ):
         return value
     return PREFIX + "/"
