@@ -7,11 +7,13 @@ writes ``id_mappings`` or ``entities`` is in ``sql/queries/mapping.sql``."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 
 from broker.db import query
+from broker.errors import ConflictError
+from broker.mapping.fileformat import FIELDS, LineProblem, Record
 
 if TYPE_CHECKING:
     from broker.db import Connection
@@ -21,11 +23,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "begin_create",
+    "begin_import",
+    "commit_import",
     "finish_create",
+    "import_problems",
     "record_entities",
     "retire_alias",
     "retire_primary",
+    "stage_import",
 ]
+
+IMPORT_WORK_MEM = "256MB"
+"""Memory for an import's hash joins and aggregates (its transaction only)."""
 
 
 async def begin_create(db: Executor, internal_id: str, domain: str, handle: str) -> str | None:
@@ -70,3 +79,51 @@ async def record_entities(
         query("record_writes"), list(changed), list(resource_types), list(deleted)
     )
     return subscribed
+
+
+# ---------------------------------------------------------------------- import (broker mappings import)
+# The three steps run on one transaction of the caller's: stage, check, commit. Nothing is written
+# to id_mappings or entities unless every line passes.
+
+
+async def begin_import(conn: Connection) -> None:
+    """Make the transaction's staging table."""
+    await conn.execute(query("import_staging"))
+    await conn.execute(query("import_memory"), IMPORT_WORK_MEM)
+
+
+async def stage_import(conn: Connection, records: Sequence[Record]) -> None:
+    """Copy a batch of well-formed lines into the staging table, with COPY."""
+    await conn.copy_records_to_table(
+        "mapping_import",
+        records=records,
+        columns=("line", "internal_id", "domain_id", "external_id", "is_primary"),
+    )
+
+
+async def import_problems(conn: Connection, limit: int) -> tuple[list[LineProblem], int]:
+    """The staged lines that break an invariant of the mapping table: the first ``limit`` by
+    line, and how many there are in all. The entities the lines name that exist already are
+    share-locked first, so no merge, split or delete changes them before the import commits."""
+    await conn.execute(query("import_analyze"))
+    await conn.fetchval(query("import_lock_entities"))
+    records = await conn.fetch(query("import_problems"), limit)
+    total = records[0]["total"] if records else 0
+    return [LineProblem(r["line"], r["message"]) for r in records], total
+
+
+async def commit_import(conn: Connection, *, actor: str, source: dict[str, Any]) -> tuple[int, int]:
+    """Write the checked staged rows, the entities they name that are new, and the audit entry;
+    (rows, new entities). ConflictError: a row was written meanwhile by another process."""
+    try:
+        entities = await conn.execute(query("import_entities"))
+        rows = await conn.execute(query("import_rows"))
+    except asyncpg.UniqueViolationError as exc:
+        raise ConflictError(
+            f"the mapping table changed while importing ({exc.constraint_name}): nothing was "
+            "imported; run the import again, and it names the lines that now clash"
+        ) from exc
+    counts = int(rows.rsplit(" ", 1)[-1]), int(entities.rsplit(" ", 1)[-1])
+    details = source | {"rows": counts[0], "entities": counts[1], "columns": list(FIELDS)}
+    await conn.execute(query("audit"), actor, "mappings_import", None, details)
+    return counts

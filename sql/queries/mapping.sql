@@ -215,3 +215,111 @@ WITH seen AS (
     WHERE internal_id = ANY($3::text[]) AND state = 'active'
 )
 SELECT EXISTS (SELECT 1 FROM event_subscriptions)
+
+-- name: import_staging
+-- The staging table of a mapping import (broker mappings import): the file's well-formed lines,
+-- copied in with COPY, checked set-based, then written with one INSERT ... SELECT. Dropped with
+-- the transaction.
+CREATE TEMPORARY TABLE mapping_import (
+    line         bigint NOT NULL,
+    internal_id  text NOT NULL,
+    domain_id    text NOT NULL,
+    external_id  text NOT NULL,
+    is_primary   boolean NOT NULL
+) ON COMMIT DROP
+
+-- name: import_analyze
+-- Temporary tables are never analysed by autovacuum: the checks' plans need the counts.
+ANALYZE mapping_import
+
+-- name: import_memory
+-- Memory for the import's hash joins and aggregates, for this transaction only.
+SELECT set_config('work_mem', $1, true)
+
+-- name: import_lock_entities
+-- The entities the file names that exist already, share-locked in ID order (the order merges
+-- lock them in): no merge, split or delete changes them before the import commits.
+SELECT count(*) FROM (
+    SELECT 1 FROM entities
+    WHERE internal_id IN (SELECT internal_id FROM mapping_import)
+    ORDER BY internal_id
+    FOR SHARE
+) AS locked
+
+-- name: import_problems
+-- Every staged line that breaks an invariant of the mapping table, with what to do; the first
+-- $1 by line, each with the total count. Set-based: a handful of hash joins however long the file.
+WITH external_twice AS (
+    SELECT domain_id, external_id, min(line) AS first
+    FROM mapping_import GROUP BY domain_id, external_id HAVING count(*) > 1
+),
+primary_twice AS (
+    SELECT internal_id, domain_id, min(line) AS first
+    FROM mapping_import WHERE is_primary GROUP BY internal_id, domain_id HAVING count(*) > 1
+),
+problems AS (
+    SELECT s.line, format('domain %s is not known: add it first (broker domain add) or fix the line', s.domain_id) AS message
+    FROM mapping_import s LEFT JOIN domains d ON d.id = s.domain_id
+    WHERE d.id IS NULL
+    UNION ALL
+    SELECT s.line, format('%s is the home domain: its IDs are the internal IDs, so it has no mapping rows', s.domain_id)
+    FROM mapping_import s JOIN domains d ON d.id = s.domain_id AND d.kind = 'home'
+    UNION ALL
+    SELECT s.line, format('external ID %s in %s is also on line %s: an external ID denotes one entity', s.external_id, s.domain_id, t.first)
+    FROM mapping_import s JOIN external_twice t USING (domain_id, external_id)
+    WHERE s.line > t.first
+    UNION ALL
+    SELECT s.line, format('a second primary for %s in %s (the first is on line %s): mark all but one primary false', s.internal_id, s.domain_id, t.first)
+    FROM mapping_import s JOIN primary_twice t USING (internal_id, domain_id)
+    WHERE s.is_primary AND s.line > t.first
+    UNION ALL
+    SELECT s.line, format('external ID %s in %s is already in the mapping table: leave the line out', s.external_id, s.domain_id)
+    FROM mapping_import s JOIN id_mappings m USING (domain_id, external_id)
+    UNION ALL
+    SELECT s.line, format('%s already has a primary ID in %s: mark the line primary false, or leave it out', s.internal_id, s.domain_id)
+    FROM mapping_import s JOIN id_mappings m USING (internal_id, domain_id)
+    WHERE s.is_primary AND m.is_primary
+    UNION ALL
+    SELECT s.line, CASE e.state
+        WHEN 'merged' THEN format('%s was merged into %s: map %s instead', s.internal_id, e.merged_into, e.merged_into)
+        ELSE format('%s is %s in home: leave the line out', s.internal_id, e.state) END
+    FROM mapping_import s JOIN entities e USING (internal_id)
+    WHERE e.state <> 'active'
+    UNION ALL
+    SELECT s.line, format('external ID %s is an internal ID: a domain must never see one', s.external_id)
+    FROM mapping_import s
+    WHERE EXISTS (SELECT 1 FROM entities e WHERE e.internal_id = s.external_id)
+       OR EXISTS (SELECT 1 FROM mapping_import i WHERE i.internal_id = s.external_id)
+)
+SELECT line, message, count(*) OVER () AS total FROM problems ORDER BY line, message LIMIT $1
+
+-- name: import_entities
+-- The entities a checked import names that the broker has not seen: their type is learnt from
+-- home the first time a domain reads them ('unknown' until then, as resolve_outbound does).
+INSERT INTO entities (internal_id, resource_type)
+SELECT DISTINCT internal_id, 'unknown' FROM mapping_import
+ON CONFLICT (internal_id) DO NOTHING
+
+-- name: import_rows
+-- A checked import's rows. A push peer's IDs are the ones it assigned (origin peer), any other
+-- domain's were issued outside the broker and behave as minted ones (nothing to delete behind an
+-- alias). A non-primary line is an alias kept for good (retired, no retire_after): it resolves
+-- inbound and is never used outbound. Each row gets a random correlation handle (122 bits).
+-- Inserts are not announced on broker_mappings (0003): no notification per row, and no cache
+-- holds a miss.
+INSERT INTO id_mappings (internal_id, domain_id, external_id, is_primary, origin, state,
+                         correlation_handle)
+SELECT s.internal_id, s.domain_id, s.external_id, s.is_primary,
+       CASE WHEN d.push THEN 'peer' ELSE 'minted' END,
+       CASE WHEN s.is_primary THEN 'active' ELSE 'retired' END,
+       rtrim(translate(encode(uuid_send(gen_random_uuid()), 'base64'), '+/', '-_'), '=')
+FROM mapping_import s
+JOIN domains d ON d.id = s.domain_id
+
+-- name: export_mappings
+-- The mapping rows a file carries (broker mappings export): every row with an external ID of a
+-- live entity, of one domain ($1) or all (NULL). Read through a server-side cursor.
+SELECT m.internal_id, m.domain_id, m.external_id, m.is_primary
+FROM id_mappings m
+JOIN entities e ON e.internal_id = m.internal_id AND e.state = 'active'
+WHERE m.external_id IS NOT NULL AND ($1::text IS NULL OR m.domain_id = $1)
