@@ -19,6 +19,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
+from broker.admin import provision
 from broker.db import query
 from broker.domains import DomainStore
 from broker.errors import BrokerError, ForbiddenError, InvalidValueError, NotFoundError
@@ -210,6 +211,10 @@ class Admin:
         self.tokens = TokenStore(pool)
         self.domains = DomainStore(pool)
 
+    async def authorize(self, request: web.Request) -> str:
+        """The admin's domain, when the request carries a token with the ``admin`` scope."""
+        return await self._admin(request)
+
     async def _admin(self, request: web.Request) -> str:
         principal = await self.tokens.authenticate(request.headers.get("Authorization"))
         principal.require("admin")
@@ -376,6 +381,7 @@ def create_admin_app(
     app.router.add_get("/admin/operations", admin.operations)
     app.router.add_get("/admin/operations/{op}", admin.operation)
     app.router.add_route("*", HOME_PREFIX + "/{tail:.*}", admin.home_scim)
+    provision.register(app, admin)
     return app
 
 
