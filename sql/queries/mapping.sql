@@ -19,6 +19,30 @@ WHERE m.domain_id = $1 AND m.is_primary AND m.domain_external_id = ANY($3::text[
 UPDATE id_mappings SET domain_external_id = $3, updated_at = now()
 WHERE domain_id = $1 AND internal_id = $2 AND is_primary
 
+-- name: lookup_outbound
+-- (domain, internal IDs) -> primary external IDs, read only: the first step of every outbound
+-- translation. A merged entity is translated as its survivor. resource_type is NULL for an entity
+-- the broker has not seen, has_primary false where the domain has no primary row for it; those
+-- go on to resolve_outbound (mint) or record_seen_entities. Two index probes per ID.
+SELECT w.asked, coalesce(e.merged_into, w.asked) AS internal_id, e.resource_type,
+       m.external_id, m.domain_external_id, m.internal_id IS NOT NULL AS has_primary
+FROM unnest($2::text[]) AS w(asked)
+LEFT JOIN entities e ON e.internal_id = w.asked
+LEFT JOIN id_mappings m
+  ON m.internal_id = coalesce(e.merged_into, w.asked) AND m.domain_id = $1 AND m.is_primary
+
+-- name: record_seen_entities
+-- Entities ($1, with their types $2) a read found unseen, or seen with no type: recorded with
+-- an asynchronous commit (set_config(..., true) holds for this statement's own transaction).
+-- Losing the row in a crash loses nothing: the next read records it again, and any later
+-- synchronous commit that relies on it flushes it first.
+INSERT INTO entities (internal_id, resource_type)
+SELECT w.asked, w.resource_type
+FROM unnest($1::text[], $2::text[]) AS w(asked, resource_type)
+CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
+ON CONFLICT (internal_id) DO UPDATE SET resource_type = EXCLUDED.resource_type
+WHERE entities.resource_type = 'unknown' AND EXCLUDED.resource_type <> 'unknown'
+
 -- name: resolve_outbound
 -- (domain, internal IDs) -> primary external IDs, in one round-trip. A merged entity is translated
 -- as its survivor. Entities seen for the first time are recorded. Where $6 (mint) is true, an
