@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from broker.errors import ConflictError, NotFoundError
 from broker.mapping.cache import MappingCache, listen
 from broker.mapping.fileformat import (
     FileFormat,
@@ -199,6 +200,56 @@ async def test_a_good_file_loads_and_exports_back_byte_for_byte(
     assert sorted(out.getvalue().splitlines()) == sorted(text.splitlines())
     only = io.StringIO()
     assert await export_mappings(pool, only, domain="D2", file_format=file_format) == 3
+
+
+async def _definitions(pool: asyncpg.Pool) -> list[tuple[object, ...]]:
+    """Every index, constraint and trigger of id_mappings, as the catalog defines it."""
+    records = await pool.fetch(
+        "SELECT 'index', indexname, indexdef FROM pg_indexes WHERE tablename = 'id_mappings'"
+        " UNION ALL SELECT 'constraint', conname, pg_get_constraintdef(oid) FROM pg_constraint"
+        " WHERE conrelid = 'id_mappings'::regclass"
+        " UNION ALL SELECT 'trigger', tgname, pg_get_triggerdef(oid) FROM pg_trigger"
+        " WHERE tgrelid = 'id_mappings'::regclass AND NOT tgisinternal ORDER BY 1, 2"
+    )
+    return [tuple(r) for r in records]
+
+
+async def test_a_large_import_into_an_empty_table_builds_every_index_and_key_again(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    await _domains(pool)
+    definitions = await _definitions(pool)
+    assert len(definitions) > 8  # the primary key, unique keys, foreign keys, indexes, trigger
+    file = _write(tmp_path / "good.csv", GOOD)
+    report = await import_mappings(pool, file, actor="test", bulk_rows=5)
+    assert not report.refused, report.problems
+    assert (report.rows, report.bulk) == (5, True)
+    assert await _definitions(pool) == definitions
+    assert len(await _table(pool)) == 5
+    assert await pool.fetchval("SELECT details -> 'bulk' FROM audit_log") is True
+    # The keys are back and enforce: a second primary, an unknown entity, a duplicate.
+    store = MappingStore(pool)
+    with pytest.raises(ConflictError):
+        await store.add_mapping("u1", "D2", "p-again")
+    with pytest.raises(NotFoundError):
+        await store.add_mapping("nobody", "D2", "p-x")
+    # The table is not empty now: the next large file is inserted the ordinary way.
+    more = _write(tmp_path / "more.csv", "".join(f"v{i},D3,w{i},true\n" for i in range(6)))
+    again = await import_mappings(pool, more, actor="test", bulk_rows=5)
+    assert (again.rows, again.bulk) == (6, False)
+    assert await _definitions(pool) == definitions
+
+
+async def test_a_refused_large_import_leaves_the_table_and_its_definition(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    await _domains(pool)
+    definitions = await _definitions(pool)
+    file = _write(tmp_path / "bad.csv", GOOD + "u2,D2,p-3,true\n")  # a second primary
+    report = await import_mappings(pool, file, actor="test", bulk_rows=1)
+    assert report.refused and not report.bulk
+    assert await _definitions(pool) == definitions
+    assert await _table(pool) == []
 
 
 async def test_rows_that_clash_with_the_table_are_refused(

@@ -34,6 +34,10 @@ __all__ = [
 ]
 
 IMPORT_WORK_MEM = "256MB"
+IMPORT_BUILD_MEMORY = "512MB"
+"""Memory for each index build of an import's bulk path (its transaction only)."""
+BULK_LOCK_TIMEOUT = "5s"
+"""How long an import's bulk path waits for the mapping table's locks before it gives up."""
 """Memory for an import's hash joins and aggregates (its transaction only)."""
 
 
@@ -112,18 +116,52 @@ async def import_problems(conn: Connection, limit: int) -> tuple[list[LineProble
     return [LineProblem(r["line"], r["message"]) for r in records], total
 
 
-async def commit_import(conn: Connection, *, actor: str, source: dict[str, Any]) -> tuple[int, int]:
+async def commit_import(
+    conn: Connection, *, actor: str, source: dict[str, Any], bulk: bool = False
+) -> tuple[int, int, bool]:
     """Write the checked staged rows, the entities they name that are new, and the audit entry;
-    (rows, new entities). ConflictError: a row was written meanwhile by another process."""
+    (rows, new entities, whether by the bulk path). ConflictError: a row was written meanwhile by another process.
+
+    With ``bulk`` (a large file), the rows are loaded with the table's indexes and foreign keys
+    dropped and built again after, if the mapping table is empty and its locks are free within
+    :data:`BULK_LOCK_TIMEOUT`; otherwise they are inserted as usual. Either way in the caller's
+    transaction, so a failure leaves the table and its definition as they were."""
     try:
+        shed = bulk and await _take_bulk_path(conn)
+        if shed:
+            await conn.execute(query("import_shed_indexes"))
         entities = await conn.execute(query("import_entities"))
         rows = await conn.execute(query("import_rows"))
-    except asyncpg.UniqueViolationError as exc:
+        if shed:
+            await conn.execute(query("import_build_memory"), IMPORT_BUILD_MEMORY)
+            await conn.execute(query("import_build_indexes"))
+    except (asyncpg.UniqueViolationError, asyncpg.ForeignKeyViolationError) as exc:
         raise ConflictError(
             f"the mapping table changed while importing ({exc.constraint_name}): nothing was "
             "imported; run the import again, and it names the lines that now clash"
         ) from exc
     counts = int(rows.rsplit(" ", 1)[-1]), int(entities.rsplit(" ", 1)[-1])
     details = source | {"rows": counts[0], "entities": counts[1], "columns": list(FIELDS)}
+    details["bulk"] = shed
     await conn.execute(query("audit"), actor, "mappings_import", None, details)
-    return counts
+    return (*counts, shed)
+
+
+class _NotEmpty(Exception):
+    """Rolls the bulk path's savepoint (and its locks) back."""
+
+
+async def _take_bulk_path(conn: Connection) -> bool:
+    """Lock the mapping table exclusively if it is empty; False (nothing held) otherwise, or
+    when another session holds it longer than :data:`BULK_LOCK_TIMEOUT`."""
+    previous = await conn.fetchval(query("import_lock_timeout"), BULK_LOCK_TIMEOUT)
+    try:
+        async with conn.transaction():  # a savepoint: its rollback releases the locks
+            await conn.execute(query("import_bulk_lock"))
+            if not await conn.fetchval(query("import_table_empty")):
+                raise _NotEmpty
+    except (_NotEmpty, asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
+        return False
+    finally:
+        await conn.fetchval(query("import_lock_timeout"), previous)
+    return True

@@ -11,6 +11,7 @@ domain across the whole file) are set-based, in :mod:`broker.mapping.accounts`.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -86,30 +87,54 @@ def parse_lines(lines: Iterable[str], file_format: FileFormat) -> Iterator[Recor
     return _parse_jsonl(lines)
 
 
+_PLAIN_ID = r"((?!\s)[^\x00-\x1f\x7f,\"]{1,1024}(?<!\s))"
+_PLAIN_LINE = re.compile(
+    _PLAIN_ID + r",([A-Za-z0-9][A-Za-z0-9_.-]{0,62})," + _PLAIN_ID + r",(true|false)\r?\n?"
+)
+"""A line with no quote whose four fields are well formed as they stand: the common line, read
+with one match. Any other line goes through the csv module and the checks one by one, which
+name what is wrong with it (a line this matches would read the same way there)."""
+
+
 def _parse_csv(lines: Iterable[str]) -> Iterator[Record | LineProblem]:
-    reader = csv.reader(lines, strict=True)
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            yield LineProblem(reader.line_num, f"not CSV ({exc})")
-            continue
-        line = reader.line_num
-        if not row or (line == 1 and tuple(row) == FIELDS):
+    pending, first = "", 0
+    for number, text in enumerate(lines, start=1):
+        if not pending:
+            plain = _PLAIN_LINE.fullmatch(text)
+            if plain is not None:
+                internal, domain, external, flag = plain.groups()
+                yield Record(number, internal, domain, external, flag == "true")
+                continue
+            first = number
+        pending += text
+        if pending.count('"') % 2 == 0:  # the record ends here (a quoted field may span lines)
+            yield from _parse_csv_record(pending, first, number)
+            pending = ""
+    if pending:
+        yield from _parse_csv_record(pending, first, first + pending.count("\n"))
+
+
+def _parse_csv_record(text: str, first: int, last: int) -> Iterator[Record | LineProblem]:
+    """One record of the file (lines ``first`` to ``last``) that is not a plain line."""
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline=""), strict=True))
+    except csv.Error as exc:
+        yield LineProblem(last, f"not CSV ({exc})")
+        return
+    for row in rows:
+        if not row or (first == 1 and tuple(row) == FIELDS):
             continue
         if len(row) != 4:
             yield LineProblem(
-                line,
+                last,
                 f"{len(row)} fields, not 4 ({','.join(FIELDS)}): quote a value holding a comma",
             )
             continue
         flag = _FLAGS.get(row[3].strip().lower())
         if flag is None:
-            yield LineProblem(line, f"primary is {row[3]!r}: write true or false")
+            yield LineProblem(last, f"primary is {row[3]!r}: write true or false")
             continue
-        yield _checked(line, row[0], row[1], row[2], flag)
+        yield _checked(last, row[0], row[1], row[2], flag)
 
 
 def _parse_jsonl(lines: Iterable[str]) -> Iterator[Record | LineProblem]:

@@ -38,6 +38,10 @@ __all__ = ["ImportReport", "export_mappings", "import_mappings"]
 
 BATCH = 50_000
 """Lines copied into the staging table at a time (and between two progress reports)."""
+BULK_ROWS = 100_000
+"""From this many rows, an import into an empty mapping table takes the bulk path (indexes and
+foreign keys dropped, and built again after the load: see
+:func:`broker.mapping.accounts.commit_import`)."""
 
 
 @dataclass
@@ -56,6 +60,12 @@ class ImportReport:
     problem_count: int = 0
     """How many bad lines there are in all."""
     seconds: float = 0.0
+    staged: int = 0
+    """Well-formed lines copied into the staging table."""
+    bulk: bool = False
+    """Whether the rows were loaded by the bulk path."""
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds spent reading and staging the file, checking it, and writing the table."""
 
     @property
     def refused(self) -> bool:
@@ -74,6 +84,7 @@ async def import_mappings(
     limit: int = 100,
     progress: Callable[[int], None] = lambda lines: None,
     batch: int = BATCH,
+    bulk_rows: int = BULK_ROWS,
 ) -> ImportReport:
     """Load the mapping file ``path`` (CSV or JSON Lines) all or nothing; the report names the
     first ``limit`` bad lines, if any, and then nothing was written."""
@@ -88,14 +99,19 @@ async def import_mappings(
                     await _stage(
                         conn, parse_lines(file, report.file_format), report, limit, batch, progress
                     )
+                    report.phases["stage"] = time.monotonic() - started
                     found, count = await accounts.import_problems(conn, limit)
                     report.problems = sorted(report.problems + found)[:limit]
                     report.problem_count += count
+                    report.phases["check"] = time.monotonic() - started - report.phases["stage"]
                     if report.refused:
                         raise _Refused
                     source = {"file": path.name, "format": report.file_format.value}
-                    report.rows, report.entities = await accounts.commit_import(
-                        conn, actor=actor, source=source
+                    report.rows, report.entities, report.bulk = await accounts.commit_import(
+                        conn, actor=actor, source=source, bulk=report.staged >= bulk_rows
+                    )
+                    report.phases["write"] = (
+                        time.monotonic() - started - sum(report.phases.values())
                     )
             except _Refused:
                 pass
@@ -130,11 +146,13 @@ async def _stage(
         if len(pending) >= batch:
             report.lines = item.line
             await accounts.stage_import(conn, pending)
+            report.staged += len(pending)
             pending = []
             progress(report.lines)
     if pending:
         report.lines = pending[-1].line
         await accounts.stage_import(conn, pending)
+        report.staged += len(pending)
     progress(report.lines)
 
 

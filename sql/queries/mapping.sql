@@ -339,6 +339,69 @@ SELECT s.internal_id, s.domain_id, s.external_id, s.is_primary,
        rtrim(translate(encode(uuid_send(gen_random_uuid()), 'base64'), '+/', '-_'), '=')
 FROM mapping_import s
 JOIN domains d ON d.id = s.domain_id
+-- In index order: the heap ends up clustered by entity (an outbound page reads fewer pages), and
+-- each index insert lands near the last.
+ORDER BY s.internal_id, s.domain_id
+
+-- name: import_lock_timeout
+-- How long the bulk path of an import waits for its exclusive locks before it takes the ordinary
+-- path instead (this transaction only). Answers the setting it replaces, to be set back after.
+SELECT previous, set_config('lock_timeout', $1, true) AS now
+FROM (SELECT current_setting('lock_timeout') AS previous) AS before
+
+-- name: import_bulk_lock
+-- The bulk path of an import (a large file into an EMPTY mapping table): the mapping table and
+-- the two tables its foreign keys reference, locked against every reader and writer until the
+-- import commits. Taken in a savepoint; given up (rolled back) if the table is not empty.
+LOCK TABLE id_mappings, entities, domains IN ACCESS EXCLUSIVE MODE
+
+-- name: import_table_empty
+SELECT NOT EXISTS (SELECT 1 FROM id_mappings)
+
+-- name: import_shed_indexes
+-- The bulk path, step 1 (PostgreSQL's "Populating a Database": remove indexes and foreign keys,
+-- load, build them again): the definition of every unique constraint, foreign key and index of
+-- id_mappings but its primary key is kept in a temporary table, and then each is dropped. The
+-- rows were checked set-based before (import_problems), so every invariant holds when they are
+-- built again; building them by sorting costs far less than one index insert and two foreign-key
+-- probes per row. Read from the catalog, so a later migration's index is handled as well.
+DO $$
+DECLARE
+    d record;
+BEGIN
+    CREATE TEMPORARY TABLE mapping_import_rebuild ON COMMIT DROP AS
+    SELECT 1 AS step, format('ALTER TABLE id_mappings DROP CONSTRAINT %I', c.conname) AS shed,
+           format('ALTER TABLE id_mappings ADD CONSTRAINT %I %s', c.conname,
+                  pg_get_constraintdef(c.oid)) AS build
+    FROM pg_constraint c
+    WHERE c.conrelid = 'id_mappings'::regclass AND c.contype IN ('u', 'f')
+    UNION ALL
+    SELECT 0, format('DROP INDEX %s', i.indexrelid::regclass), pg_get_indexdef(i.indexrelid)
+    FROM pg_index i
+    WHERE i.indrelid = 'id_mappings'::regclass AND NOT i.indisprimary
+      AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid);
+    FOR d IN SELECT shed FROM mapping_import_rebuild ORDER BY step DESC LOOP
+        EXECUTE d.shed;
+    END LOOP;
+END
+$$
+
+-- name: import_build_memory
+-- Memory for each index build of the bulk path (this transaction only).
+SELECT set_config('maintenance_work_mem', $1, true)
+
+-- name: import_build_indexes
+-- The bulk path, last step: every index, unique constraint and foreign key shed before, built
+-- again as it was defined (a sort each; a foreign key is checked with one join).
+DO $$
+DECLARE
+    d record;
+BEGIN
+    FOR d IN SELECT build FROM mapping_import_rebuild ORDER BY step, build LOOP
+        EXECUTE d.build;
+    END LOOP;
+END
+$$
 
 -- name: export_mappings
 -- The mapping rows a file carries (broker mappings export): every row with an external ID of a
