@@ -6,6 +6,8 @@ writes ``id_mappings`` or ``entities`` is in ``sql/queries/mapping.sql``."""
 
 from __future__ import annotations
 
+import base64
+import secrets
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -97,12 +99,22 @@ async def begin_import(conn: Connection) -> None:
 
 
 async def stage_import(conn: Connection, records: Sequence[Record]) -> None:
-    """Copy a batch of well-formed lines into the staging table, with COPY."""
+    """Copy a batch of well-formed lines into the staging table, with COPY, each with the random
+    correlation handle its row will get."""
+    handles = ((h,) for h in correlation_handles(len(records)))
     await conn.copy_records_to_table(
         "mapping_import",
-        records=records,
-        columns=("line", "internal_id", "domain_id", "external_id", "is_primary"),
+        records=map(tuple.__add__, records, handles),
+        columns=("line", "internal_id", "domain_id", "external_id", "is_primary", "handle"),
     )
+
+
+def correlation_handles(count: int) -> list[str]:
+    """``count`` random correlation handles of 22 URL-safe base64 characters (132 bits), as long
+    as the ones the store mints, from one read of the random source and one encoding: an
+    order of magnitude cheaper per row than a random UUID drawn and encoded in SQL."""
+    raw = base64.urlsafe_b64encode(secrets.token_bytes(18 * count)).decode()
+    return [raw[i : i + 22] for i in range(0, len(raw), 24)]
 
 
 async def import_problems(conn: Connection, limit: int) -> tuple[list[LineProblem], int]:

@@ -249,7 +249,8 @@ CREATE TEMPORARY TABLE mapping_import (
     internal_id  text NOT NULL,
     domain_id    text NOT NULL,
     external_id  text NOT NULL,
-    is_primary   boolean NOT NULL
+    is_primary   boolean NOT NULL,
+    handle       text NOT NULL
 ) ON COMMIT DROP
 
 -- name: import_analyze
@@ -328,7 +329,8 @@ ON CONFLICT (internal_id) DO NOTHING
 -- A checked import's rows. A push peer's IDs are the ones it assigned (origin peer), any other
 -- domain's were issued outside the broker and behave as minted ones (nothing to delete behind an
 -- alias). A non-primary line is an alias kept for good (retired, no retire_after): it resolves
--- inbound and is never used outbound. Each row gets a random correlation handle (122 bits).
+-- inbound and is never used outbound. Each row gets the random correlation handle (132 bits) staged
+-- with it.
 -- Inserts are not announced on broker_mappings (0003): no notification per row, and no cache
 -- holds a miss.
 INSERT INTO id_mappings (internal_id, domain_id, external_id, is_primary, origin, state,
@@ -336,7 +338,7 @@ INSERT INTO id_mappings (internal_id, domain_id, external_id, is_primary, origin
 SELECT s.internal_id, s.domain_id, s.external_id, s.is_primary,
        CASE WHEN d.push THEN 'peer' ELSE 'minted' END,
        CASE WHEN s.is_primary THEN 'active' ELSE 'retired' END,
-       rtrim(translate(encode(uuid_send(gen_random_uuid()), 'base64'), '+/', '-_'), '=')
+       s.handle
 FROM mapping_import s
 JOIN domains d ON d.id = s.domain_id
 -- In index order: the heap ends up clustered by entity (an outbound page reads fewer pages), and
