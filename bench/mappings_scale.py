@@ -17,6 +17,7 @@ import asyncio
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -29,6 +30,43 @@ from broker.db import migrated_pool
 from broker.mapping.cache import MappingCache
 from broker.mapping.store import MappingStore
 from broker.mapping.transfer import import_mappings
+
+
+def server_cpu(data_dir: Path) -> float:
+    """CPU seconds the embedded server's processes (the postmaster's children: backends,
+    parallel workers, WAL writer, checkpointer...) have used so far; 0 with an outside server."""
+    try:
+        postmaster = (data_dir / "postmaster.pid").read_text().split()[0]
+    except OSError:
+        return 0.0
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if fields[1] == postmaster:  # a live child: utime + stime
+            ticks += int(fields[11]) + int(fields[12])
+        elif stat.parent.name == postmaster:  # itself, and the children it reaped (workers)
+            ticks += sum(int(f) for f in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class CpuClock:
+    """CPU seconds of this process and of the embedded server together: what a run costs,
+    whatever else the machine is doing (wall-clock times on a shared machine vary with load)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.start = self.now()
+
+    def now(self) -> float:
+        return time.process_time() + server_cpu(self.data_dir)
+
+    def lap(self) -> float:
+        now = self.now()
+        spent, self.start = now - self.start, now
+        return spent
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -106,6 +144,7 @@ async def run(args: argparse.Namespace) -> None:
             f"generated {rows:,} rows ({file.stat().st_size / 1e6:,.0f} MB) "
             f"in {time.monotonic() - started:.1f} s"
         )
+        cpu = CpuClock(work / "data")
         report = await import_mappings(
             pool,
             file,
@@ -124,20 +163,29 @@ async def run(args: argparse.Namespace) -> None:
             + ", ".join(f"{k} {v:.1f} s" for k, v in report.phases.items())
             + ")"
         )
+        spent = cpu.lap()
+        print(
+            f"  CPU: {spent:.1f} s (this process and the server): "
+            f"{report.rows / spent:,.0f} rows per CPU-second"
+        )
         await pool.execute("ANALYZE id_mappings; ANALYZE entities")
         cold = MappingStore(pool)  # its cache is off: every page is a query
         pages = [random.sample(entities, 100) for _ in range(args.pages)]
         # An imported entity's type is unknown until a domain first reads it: that first read
         # records it (one more statement). The second pass reads the same pages, all known.
+        cpu.lap()
         first = await timed_pages(cold, "P0", pages, inbound=False)
         print(f"outbound 100-ID page, cold, first read after the import: {summary(first)}")
         known = await timed_pages(cold, "P0", pages, inbound=False)
         print(f"outbound 100-ID page, cold, entities known:            {summary(known)}")
         inbound = await timed_pages(cold, "P0", pages, inbound=True)
         print(f"inbound  100-ID page, cold:                            {summary(inbound)}")
+        print(f"  CPU: {cpu.lap() / (3 * args.pages) * 1000:.2f} ms per page (mean of the three)")
         await cache_bound(pool, entities)
         size = await pool.fetchval("SELECT pg_total_relation_size('id_mappings')")
         print(f"id_mappings with its indexes: {size / 1e9:.2f} GB")
+    if not args.keep:
+        shutil.rmtree(work)  # the file and the server's data: gigabytes at 10M rows
 
 
 async def cache_bound(pool: asyncpg.Pool, entities: list[str]) -> None:
@@ -164,6 +212,7 @@ def main() -> None:
     parser.add_argument("--entities", type=int, default=100_000)
     parser.add_argument("--domains", type=int, default=10)
     parser.add_argument("--pages", type=int, default=2000)
+    parser.add_argument("--keep", action="store_true", help="keep the file and the data directory")
     parser.add_argument("--max-wal-size", default="8GB", help="for the benchmark's own server")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start")
