@@ -52,6 +52,7 @@ def test_the_commands_are_listed_in_their_usual_order() -> None:
         "merge",
         "split",
         "operations",
+        "provision",
         "events",
         "keys",
         "db",

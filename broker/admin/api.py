@@ -19,7 +19,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from broker.admin import deadletters, domains
+from broker.admin import deadletters, domains, provision
 from broker.credentials import NOTHING_RESERVED, Reserved
 from broker.db import query
 from broker.domains import DomainStore
@@ -212,6 +212,10 @@ class Admin:
         self.tokens = TokenStore(pool)
         self.domains = DomainStore(pool)
 
+    async def authorize(self, request: web.Request) -> str:
+        """The admin's domain, when the request carries a token with the ``admin`` scope."""
+        return await self._admin(request)
+
     async def _admin(self, request: web.Request) -> str:
         principal = await self.tokens.authenticate(request.headers.get("Authorization"))
         principal.require("admin")
@@ -382,6 +386,7 @@ def create_admin_app(
     app.router.add_route("*", HOME_PREFIX + "/{tail:.*}", admin.home_scim)
     domains.register(app, admin, reserved)
     deadletters.register(app, admin.pool, admin.tokens)
+    provision.register(app, admin)
     return app
 
 

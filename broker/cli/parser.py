@@ -14,13 +14,25 @@ from broker.cli import (
     events,
     mappings,
     operations,
+    provision,
     serve,
     tokens,
 )
 
 __all__ = ["build_parser"]
 
-GROUPS = (demo, serve, domains, tokens, deliveries, mappings, operations, events, database)
+GROUPS = (
+    demo,
+    serve,
+    domains,
+    tokens,
+    deliveries,
+    mappings,
+    operations,
+    provision,
+    events,
+    database,
+)
 """Each adds its commands with ``register(commands)``, in the order ``broker --help`` lists them."""
 
 

@@ -105,6 +105,25 @@ class Operation:
         return cls(**dict(record.items()), replayed=replayed)
 
 
+def _outbound_leftovers(
+    looked: Iterable[asyncpg.Record], entities: Mapping[str, str | None], *, mint: bool
+) -> tuple[set[str], set[str]]:
+    """What the read-only outbound lookup left for the writing statement: the asked IDs with no
+    primary row in the domain (when minting), and those to record (the broker has not seen the
+    entity, or has seen it with no type and the caller knows it)."""
+    to_mint: set[str] = set()
+    to_record: set[str] = set()
+    for r in looked:
+        asked, known_type = r["asked"], r["resource_type"]
+        if known_type is None or (
+            known_type == "unknown" and (entities[asked] or "unknown") != "unknown"
+        ):
+            to_record.add(asked)
+        if mint and not r["has_primary"]:
+            to_mint.add(asked)
+    return to_mint, to_record
+
+
 def _row(record: asyncpg.Record) -> MappingRow:
     return MappingRow(
         internal_id=record["internal_id"],
@@ -162,29 +181,59 @@ class MappingStore:
     async def translate_outbound(
         self, domain: str, entities: Mapping[str, str | None], *, mint: bool
     ) -> dict[str, Outbound]:
-        """Like :meth:`resolve_outbound`, with the externalId ``domain`` gave each entity."""
+        """Like :meth:`resolve_outbound`, with the externalId ``domain`` gave each entity.
+
+        A read-only lookup first (one indexed query, no write, no commit to wait for); the
+        writing statement only for the entities it left over: those to mint for, and those to
+        record (never seen, or seen with no type).
+        """
         found: dict[str, Outbound] = self.cache.get_outbound(domain, entities)  # type: ignore[assignment]
         asked = [i for i in entities if i not in found]
         if not asked:
             return found
+        generation = self.cache.generation
+        looked = await self.pool.fetch(query("lookup_outbound"), domain, asked)
+        to_mint, to_record = _outbound_leftovers(looked, entities, mint=mint)
+        answers = [
+            (r["asked"], r["internal_id"], Outbound(r["external_id"], r["domain_external_id"]))
+            for r in looked
+            if r["external_id"] is not None and r["asked"] not in to_mint
+        ]
+        if to_mint:
+            answers += await self._mint_outbound(domain, to_mint | to_record, entities)
+        elif to_record:
+            # Learning that an entity exists (or its type) is a hint that the next read learns
+            # again if a crash loses it: its commit does not wait for the disk (the statement
+            # sets synchronous_commit off for itself). Anything written later that relies on the
+            # row commits synchronously, which flushes this commit too.
+            await self.pool.execute(
+                query("record_seen_entities"),
+                list(to_record),
+                [entities[i] or "unknown" for i in to_record],
+            )
+        self.cache.put_outbound(generation, domain, answers)
+        return found | {asked_id: value for asked_id, _, value in answers}
+
+    async def _mint_outbound(
+        self, domain: str, asked_ids: set[str], entities: Mapping[str, str | None]
+    ) -> list[tuple[str, str, Outbound]]:
+        """The writing statement of :meth:`translate_outbound`: record and mint for ``asked_ids``."""
+        asked = sorted(asked_ids)
         if self.id_factory is mint_id:
             minted, handles = mint_ids(len(asked)), mint_ids(len(asked))
         else:
             minted = [self.id_factory() for _ in asked]
             handles = [self.id_factory() for _ in asked]
         types = [entities[i] or "unknown" for i in asked]
-        args = (domain, asked, types, minted, handles, mint)
-        generation = self.cache.generation
+        args = (domain, asked, types, minted, handles, True)
         records = await self.pool.fetch(query("resolve_outbound"), *args)
-        if mint and len(records) < len(asked):
+        if len(records) < len(asked):
             # A concurrent request minted for the same entity first; its row is committed now.
             records = await self.pool.fetch(query("resolve_outbound"), *args)
-        answers = [
+        return [
             (r["asked"], r["internal_id"], Outbound(r["external_id"], r["domain_external_id"]))
             for r in records
         ]
-        self.cache.put_outbound(generation, domain, answers)
-        return found | {asked_id: value for asked_id, _, value in answers}
 
     async def internal_ids_among(self, candidates: Collection[str]) -> set[str]:
         """Which of ``candidates`` (exact strings) are internal IDs the broker has recorded: the

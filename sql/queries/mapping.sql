@@ -19,6 +19,30 @@ WHERE m.domain_id = $1 AND m.is_primary AND m.domain_external_id = ANY($3::text[
 UPDATE id_mappings SET domain_external_id = $3, updated_at = now()
 WHERE domain_id = $1 AND internal_id = $2 AND is_primary
 
+-- name: lookup_outbound
+-- (domain, internal IDs) -> primary external IDs, read only: the first step of every outbound
+-- translation. A merged entity is translated as its survivor. resource_type is NULL for an entity
+-- the broker has not seen, has_primary false where the domain has no primary row for it; those
+-- go on to resolve_outbound (mint) or record_seen_entities. Two index probes per ID.
+SELECT w.asked, coalesce(e.merged_into, w.asked) AS internal_id, e.resource_type,
+       m.external_id, m.domain_external_id, m.internal_id IS NOT NULL AS has_primary
+FROM unnest($2::text[]) AS w(asked)
+LEFT JOIN entities e ON e.internal_id = w.asked
+LEFT JOIN id_mappings m
+  ON m.internal_id = coalesce(e.merged_into, w.asked) AND m.domain_id = $1 AND m.is_primary
+
+-- name: record_seen_entities
+-- Entities ($1, with their types $2) a read found unseen, or seen with no type: recorded with
+-- an asynchronous commit (set_config(..., true) holds for this statement's own transaction).
+-- Losing the row in a crash loses nothing: the next read records it again, and any later
+-- synchronous commit that relies on it flushes it first.
+INSERT INTO entities (internal_id, resource_type)
+SELECT w.asked, w.resource_type
+FROM unnest($1::text[], $2::text[]) AS w(asked, resource_type)
+CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
+ON CONFLICT (internal_id) DO UPDATE SET resource_type = EXCLUDED.resource_type
+WHERE entities.resource_type = 'unknown' AND EXCLUDED.resource_type <> 'unknown'
+
 -- name: resolve_outbound
 -- (domain, internal IDs) -> primary external IDs, in one round-trip. A merged entity is translated
 -- as its survivor. Entities seen for the first time are recorded. Where $6 (mint) is true, an
@@ -219,3 +243,176 @@ SELECT EXISTS (SELECT 1 FROM event_subscriptions)
 -- name: drop_domain_mappings
 -- A domain removed without --keep-mappings: its external IDs name nothing any more.
 DELETE FROM id_mappings WHERE domain_id = $1
+
+-- name: import_staging
+-- The staging table of a mapping import (broker mappings import): the file's well-formed lines,
+-- copied in with COPY, checked set-based, then written with one INSERT ... SELECT. Dropped with
+-- the transaction.
+CREATE TEMPORARY TABLE mapping_import (
+    line         bigint NOT NULL,
+    internal_id  text NOT NULL,
+    domain_id    text NOT NULL,
+    external_id  text NOT NULL,
+    is_primary   boolean NOT NULL,
+    handle       text NOT NULL
+) ON COMMIT DROP
+
+-- name: import_analyze
+-- Temporary tables are never analysed by autovacuum: the checks' plans need the counts.
+ANALYZE mapping_import
+
+-- name: import_memory
+-- Memory for the import's hash joins and aggregates, for this transaction only.
+SELECT set_config('work_mem', $1, true)
+
+-- name: import_lock_entities
+-- The entities the file names that exist already, share-locked in ID order (the order merges
+-- lock them in): no merge, split or delete changes them before the import commits.
+SELECT count(*) FROM (
+    SELECT 1 FROM entities
+    WHERE internal_id IN (SELECT internal_id FROM mapping_import)
+    ORDER BY internal_id
+    FOR SHARE
+) AS locked
+
+-- name: import_problems
+-- Every staged line that breaks an invariant of the mapping table, with what to do; the first
+-- $1 by line, each with the total count. Set-based: a handful of hash joins however long the file.
+WITH external_twice AS (
+    SELECT domain_id, external_id, min(line) AS first
+    FROM mapping_import GROUP BY domain_id, external_id HAVING count(*) > 1
+),
+primary_twice AS (
+    SELECT internal_id, domain_id, min(line) AS first
+    FROM mapping_import WHERE is_primary GROUP BY internal_id, domain_id HAVING count(*) > 1
+),
+problems AS (
+    SELECT s.line, format('domain %s is not known: add it first (broker domain add) or fix the line', s.domain_id) AS message
+    FROM mapping_import s LEFT JOIN domains d ON d.id = s.domain_id
+    WHERE d.id IS NULL
+    UNION ALL
+    SELECT s.line, format('%s is the home domain: its IDs are the internal IDs, so it has no mapping rows', s.domain_id)
+    FROM mapping_import s JOIN domains d ON d.id = s.domain_id AND d.kind = 'home'
+    UNION ALL
+    SELECT s.line, format('external ID %s in %s is also on line %s: an external ID denotes one entity', s.external_id, s.domain_id, t.first)
+    FROM mapping_import s JOIN external_twice t USING (domain_id, external_id)
+    WHERE s.line > t.first
+    UNION ALL
+    SELECT s.line, format('a second primary for %s in %s (the first is on line %s): mark all but one primary false', s.internal_id, s.domain_id, t.first)
+    FROM mapping_import s JOIN primary_twice t USING (internal_id, domain_id)
+    WHERE s.is_primary AND s.line > t.first
+    UNION ALL
+    SELECT s.line, format('external ID %s in %s is already in the mapping table: leave the line out', s.external_id, s.domain_id)
+    FROM mapping_import s JOIN id_mappings m USING (domain_id, external_id)
+    UNION ALL
+    SELECT s.line, format('%s already has a primary ID in %s: mark the line primary false, or leave it out', s.internal_id, s.domain_id)
+    FROM mapping_import s JOIN id_mappings m USING (internal_id, domain_id)
+    WHERE s.is_primary AND m.is_primary
+    UNION ALL
+    SELECT s.line, CASE e.state
+        WHEN 'merged' THEN format('%s was merged into %s: map %s instead', s.internal_id, e.merged_into, e.merged_into)
+        ELSE format('%s is %s in home: leave the line out', s.internal_id, e.state) END
+    FROM mapping_import s JOIN entities e USING (internal_id)
+    WHERE e.state <> 'active'
+    UNION ALL
+    SELECT s.line, format('external ID %s is an internal ID: a domain must never see one', s.external_id)
+    FROM mapping_import s
+    WHERE EXISTS (SELECT 1 FROM entities e WHERE e.internal_id = s.external_id)
+       OR EXISTS (SELECT 1 FROM mapping_import i WHERE i.internal_id = s.external_id)
+)
+SELECT line, message, count(*) OVER () AS total FROM problems ORDER BY line, message LIMIT $1
+
+-- name: import_entities
+-- The entities a checked import names that the broker has not seen: their type is learnt from
+-- home the first time a domain reads them ('unknown' until then, as resolve_outbound does).
+INSERT INTO entities (internal_id, resource_type)
+SELECT DISTINCT internal_id, 'unknown' FROM mapping_import
+ON CONFLICT (internal_id) DO NOTHING
+
+-- name: import_rows
+-- A checked import's rows. A push peer's IDs are the ones it assigned (origin peer), any other
+-- domain's were issued outside the broker and behave as minted ones (nothing to delete behind an
+-- alias). A non-primary line is an alias kept for good (retired, no retire_after): it resolves
+-- inbound and is never used outbound. Each row gets the random correlation handle (132 bits) staged
+-- with it.
+-- Inserts are not announced on broker_mappings (0003): no notification per row, and no cache
+-- holds a miss.
+INSERT INTO id_mappings (internal_id, domain_id, external_id, is_primary, origin, state,
+                         correlation_handle)
+SELECT s.internal_id, s.domain_id, s.external_id, s.is_primary,
+       CASE WHEN d.push THEN 'peer' ELSE 'minted' END,
+       CASE WHEN s.is_primary THEN 'active' ELSE 'retired' END,
+       s.handle
+FROM mapping_import s
+JOIN domains d ON d.id = s.domain_id
+-- In index order: the heap ends up clustered by entity (an outbound page reads fewer pages), and
+-- each index insert lands near the last.
+ORDER BY s.internal_id, s.domain_id
+
+-- name: import_lock_timeout
+-- How long the bulk path of an import waits for its exclusive locks before it takes the ordinary
+-- path instead (this transaction only). Answers the setting it replaces, to be set back after.
+SELECT previous, set_config('lock_timeout', $1, true) AS now
+FROM (SELECT current_setting('lock_timeout') AS previous) AS before
+
+-- name: import_bulk_lock
+-- The bulk path of an import (a large file into an EMPTY mapping table): the mapping table and
+-- the two tables its foreign keys reference, locked against every reader and writer until the
+-- import commits. Taken in a savepoint; given up (rolled back) if the table is not empty.
+LOCK TABLE id_mappings, entities, domains IN ACCESS EXCLUSIVE MODE
+
+-- name: import_table_empty
+SELECT NOT EXISTS (SELECT 1 FROM id_mappings)
+
+-- name: import_shed_indexes
+-- The bulk path, step 1 (PostgreSQL's "Populating a Database": remove indexes and foreign keys,
+-- load, build them again): the definition of every unique constraint, foreign key and index of
+-- id_mappings but its primary key is kept in a temporary table, and then each is dropped. The
+-- rows were checked set-based before (import_problems), so every invariant holds when they are
+-- built again; building them by sorting costs far less than one index insert and two foreign-key
+-- probes per row. Read from the catalog, so a later migration's index is handled as well.
+DO $$
+DECLARE
+    d record;
+BEGIN
+    CREATE TEMPORARY TABLE mapping_import_rebuild ON COMMIT DROP AS
+    SELECT 1 AS step, format('ALTER TABLE id_mappings DROP CONSTRAINT %I', c.conname) AS shed,
+           format('ALTER TABLE id_mappings ADD CONSTRAINT %I %s', c.conname,
+                  pg_get_constraintdef(c.oid)) AS build
+    FROM pg_constraint c
+    WHERE c.conrelid = 'id_mappings'::regclass AND c.contype IN ('u', 'f')
+    UNION ALL
+    SELECT 0, format('DROP INDEX %s', i.indexrelid::regclass), pg_get_indexdef(i.indexrelid)
+    FROM pg_index i
+    WHERE i.indrelid = 'id_mappings'::regclass AND NOT i.indisprimary
+      AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid);
+    FOR d IN SELECT shed FROM mapping_import_rebuild ORDER BY step DESC LOOP
+        EXECUTE d.shed;
+    END LOOP;
+END
+$$
+
+-- name: import_build_memory
+-- Memory for each index build of the bulk path (this transaction only).
+SELECT set_config('maintenance_work_mem', $1, true)
+
+-- name: import_build_indexes
+-- The bulk path, last step: every index, unique constraint and foreign key shed before, built
+-- again as it was defined (a sort each; a foreign key is checked with one join).
+DO $$
+DECLARE
+    d record;
+BEGIN
+    FOR d IN SELECT build FROM mapping_import_rebuild ORDER BY step, build LOOP
+        EXECUTE d.build;
+    END LOOP;
+END
+$$
+
+-- name: export_mappings
+-- The mapping rows a file carries (broker mappings export): every row with an external ID of a
+-- live entity, of one domain ($1) or all (NULL). Read through a server-side cursor.
+SELECT m.internal_id, m.domain_id, m.external_id, m.is_primary
+FROM id_mappings m
+JOIN entities e ON e.internal_id = m.internal_id AND e.state = 'active'
+WHERE m.external_id IS NOT NULL AND ($1::text IS NULL OR m.domain_id = $1)

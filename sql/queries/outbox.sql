@@ -516,3 +516,33 @@ WITH picked AS (
     RETURNING o.id
 )
 SELECT id FROM discarded ORDER BY id
+
+-- name: provision_target
+-- What provisioning entity $2 into peer $1 on demand starts from: the entity (NULL: unknown) and
+-- its account there, if any.
+SELECT e.state, e.merged_into, e.resource_type, m.external_id, m.state AS account_state
+FROM entities e
+LEFT JOIN id_mappings m ON m.internal_id = e.internal_id AND m.domain_id = $1 AND m.is_primary
+WHERE e.internal_id = $2
+
+-- name: enqueue_provision_now
+-- A provisioning of entity $2 into peer $1 now (RFC 7642 section 2.3.4): one that is on its way
+-- already serves, else a new one. Its outbox ID.
+WITH waiting AS (
+    SELECT id FROM outbox
+    WHERE domain_id = $1 AND internal_id = $2 AND kind = 'provision'
+      AND state IN ('pending', 'in_flight')
+    ORDER BY id LIMIT 1
+), added AS (
+    INSERT INTO outbox (domain_id, internal_id, kind)
+    SELECT $1, $2, 'provision' WHERE NOT EXISTS (SELECT 1 FROM waiting)
+    RETURNING id
+)
+SELECT id FROM waiting UNION ALL SELECT id FROM added
+
+-- name: provision_progress
+-- How provisioning delivery $3 of entity $2 into peer $1 stands: the account, the delivery.
+SELECT (SELECT external_id FROM id_mappings
+        WHERE domain_id = $1 AND internal_id = $2 AND is_primary AND state = 'active') AS external_id,
+       o.state, o.last_error
+FROM outbox o WHERE o.id = $3

@@ -1,0 +1,183 @@
+"""Loading an existing mapping from a file, all or nothing, and writing the mapping table out as
+one (``broker mappings import`` and ``export``).
+
+An import streams the file: each batch of well-formed lines goes into a staging table with COPY;
+the set-based checks of :func:`broker.mapping.accounts.import_problems` then find every line
+that breaks an invariant; only when none does is the table written, with one INSERT ... SELECT,
+in the same transaction. An export reads through a server-side cursor, so neither holds the
+file in memory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+import asyncpg
+
+from broker.db import query
+
+if TYPE_CHECKING:
+    from broker.db import Connection
+from broker.errors import InvalidValueError
+from broker.mapping import accounts
+from broker.mapping.fileformat import (
+    FileFormat,
+    LineProblem,
+    Record,
+    detect_format,
+    format_header,
+    format_row,
+    parse_lines,
+)
+
+__all__ = ["ImportReport", "export_mappings", "import_mappings"]
+
+BATCH = 50_000
+"""Lines copied into the staging table at a time (and between two progress reports)."""
+BULK_ROWS = 100_000
+"""From this many rows, an import into an empty mapping table takes the bulk path (indexes and
+foreign keys dropped, and built again after the load: see
+:func:`broker.mapping.accounts.commit_import`)."""
+
+
+@dataclass
+class ImportReport:
+    """What an import did, or why it did nothing."""
+
+    file_format: FileFormat
+    lines: int = 0
+    """Lines read (the last line's number)."""
+    rows: int = 0
+    """Mapping rows written (0 when refused)."""
+    entities: int = 0
+    """Entities the broker had not seen before."""
+    problems: list[LineProblem] = field(default_factory=list)
+    """The first bad lines, by line number."""
+    problem_count: int = 0
+    """How many bad lines there are in all."""
+    seconds: float = 0.0
+    staged: int = 0
+    """Well-formed lines copied into the staging table."""
+    bulk: bool = False
+    """Whether the rows were loaded by the bulk path."""
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds spent reading and staging the file, checking it, and writing the table."""
+
+    @property
+    def refused(self) -> bool:
+        return self.problem_count > 0
+
+
+class _Refused(Exception):
+    """Rolls the import's transaction back."""
+
+
+async def import_mappings(
+    pool: asyncpg.Pool,
+    path: Path,
+    *,
+    actor: str,
+    limit: int = 100,
+    progress: Callable[[int], None] = lambda lines: None,
+    batch: int = BATCH,
+    bulk_rows: int = BULK_ROWS,
+) -> ImportReport:
+    """Load the mapping file ``path`` (CSV or JSON Lines) all or nothing; the report names the
+    first ``limit`` bad lines, if any, and then nothing was written."""
+    started = time.monotonic()
+    try:
+        with path.open(encoding="utf-8", newline="") as file:
+            report = ImportReport(detect_format(path, file.read(4096)))
+            file.seek(0)
+            try:
+                async with pool.acquire() as conn, conn.transaction():
+                    await accounts.begin_import(conn)
+                    await _stage(
+                        conn, parse_lines(file, report.file_format), report, limit, batch, progress
+                    )
+                    report.phases["stage"] = time.monotonic() - started
+                    found, count = await accounts.import_problems(conn, limit)
+                    report.problems = sorted(report.problems + found)[:limit]
+                    report.problem_count += count
+                    report.phases["check"] = time.monotonic() - started - report.phases["stage"]
+                    if report.refused:
+                        raise _Refused
+                    source = {"file": path.name, "format": report.file_format.value}
+                    report.rows, report.entities, report.bulk = await accounts.commit_import(
+                        conn, actor=actor, source=source, bulk=report.staged >= bulk_rows
+                    )
+                    report.phases["write"] = (
+                        time.monotonic() - started - sum(report.phases.values())
+                    )
+            except _Refused:
+                pass
+    except UnicodeDecodeError as exc:
+        raise InvalidValueError(
+            f"{path} is not UTF-8 text (byte {exc.start}): save it as UTF-8 and import it again"
+        ) from exc
+    except FileNotFoundError as exc:
+        raise InvalidValueError(f"there is no file {path}: check the path") from exc
+    report.seconds = time.monotonic() - started
+    return report
+
+
+async def _stage(
+    conn: Connection,
+    items: Iterator[Record | LineProblem],
+    report: ImportReport,
+    limit: int,
+    batch: int,
+    progress: Callable[[int], None],
+) -> None:
+    """Copy the well-formed lines into the staging table a batch at a time; count the others."""
+    pending: list[Record] = []
+    for item in items:
+        if isinstance(item, LineProblem):
+            report.problem_count += 1
+            if len(report.problems) < limit:
+                report.problems.append(item)
+            report.lines = item.line
+            continue
+        pending.append(item)
+        if len(pending) >= batch:
+            report.lines = item.line
+            await accounts.stage_import(conn, pending)
+            report.staged += len(pending)
+            pending = []
+            progress(report.lines)
+    if pending:
+        report.lines = pending[-1].line
+        await accounts.stage_import(conn, pending)
+        report.staged += len(pending)
+    progress(report.lines)
+
+
+async def export_mappings(
+    pool: asyncpg.Pool,
+    out: TextIO,
+    *,
+    domain: str | None = None,
+    file_format: FileFormat = FileFormat.CSV,
+    progress: Callable[[int], None] = lambda rows: None,
+    every: int = BATCH,
+) -> int:
+    """Write the mapping rows of live entities (one domain's, or all) to ``out`` in the format
+    :func:`import_mappings` reads, streamed through a server-side cursor; how many rows."""
+    count = 0
+    out.write(format_header(file_format))
+    async with pool.acquire() as conn, conn.transaction(readonly=True):
+        async for r in conn.cursor(query("export_mappings"), domain, prefetch=10_000):
+            out.write(
+                format_row(
+                    file_format, r["internal_id"], r["domain_id"], r["external_id"], r["is_primary"]
+                )
+            )
+            count += 1
+            if count % every == 0:
+                progress(count)
+    progress(count)
+    return count
