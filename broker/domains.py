@@ -136,7 +136,9 @@ class DomainStore:
         on_conflict: Literal["link", "dead_letter"] = "dead_letter",
         unlinkable: bool = False,
         timestamp_precision: int = 1,
+        actor: str = "broker",
     ) -> Domain:
+        """A new domain, audited (``domain_add``) in the same transaction."""
         if timestamp_precision != 1 and not unlinkable:
             raise InvalidValueError(
                 "a timestamp precision coarsens the timestamps of an unlinkable domain only: "
@@ -149,21 +151,24 @@ class DomainStore:
         if write_attributes is not None:
             policy["write"] = write_attributes
         try:
-            record = await self.pool.fetchrow(
-                query("insert_domain"),
-                domain_id,
-                kind,
-                scim_url,
-                credential_ref,
-                push,
-                scope_filter,
-                policy,
-                deprovision,
-                suspend_for,
-                on_conflict,
-                unlinkable,
-                timestamp_precision,
-            )
+            async with self.pool.acquire() as conn, conn.transaction():
+                record = await conn.fetchrow(
+                    query("insert_domain"),
+                    domain_id,
+                    kind,
+                    scim_url,
+                    credential_ref,
+                    push,
+                    scope_filter,
+                    policy,
+                    deprovision,
+                    suspend_for,
+                    on_conflict,
+                    unlinkable,
+                    timestamp_precision,
+                )
+                assert record is not None
+                await conn.execute(query("audit"), actor, "domain_add", domain_id, _audited(record))
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "domains_one_home":
                 raise ConflictError("there is a home domain already; a federation has one") from exc
@@ -177,13 +182,18 @@ class DomainStore:
         assert record is not None
         return Domain.from_record(record)
 
-    async def set_scim_url(self, domain_id: str, scim_url: str) -> Domain:
-        """The domain's SCIM base URL changed (the peer moved); checked as :meth:`add` checks it."""
+    async def set_scim_url(self, domain_id: str, scim_url: str, *, actor: str = "broker") -> Domain:
+        """The domain's SCIM base URL changed (the peer moved); checked as :meth:`add` checks it,
+        and audited (``domain_update``) in the same transaction."""
         check_scim_url(domain_id, scim_url)
-        record = await self.pool.fetchrow(query("update_domain_scim_url"), domain_id, scim_url)
-        if record is None:
-            raise NotFoundError(
-                f"there is no domain {domain_id}: `broker domain list` shows the domains"
+        async with self.pool.acquire() as conn, conn.transaction():
+            record = await conn.fetchrow(query("update_domain_scim_url"), domain_id, scim_url)
+            if record is None:
+                raise NotFoundError(
+                    f"there is no domain {domain_id}: `broker domain list` shows the domains"
+                )
+            await conn.execute(
+                query("audit"), actor, "domain_update", domain_id, {"scim_url": scim_url}
             )
         self._cache.pop(domain_id, None)
         return Domain.from_record(record)
@@ -224,3 +234,14 @@ _CHECK_MESSAGES = {
         "a timestamp precision is a whole number of seconds from 1 to 86400 (one day)"
     ),
 }
+
+
+def _audited(record: asyncpg.Record) -> dict[str, Any]:
+    """A domain's settings as its audit entry records them (the credential's place, never a
+    secret: ``credential_ref`` names where it is kept)."""
+    skip = ("id", "created_at", "failing_since", "status")
+    return {
+        k: (v.total_seconds() if isinstance(v, timedelta) else v)
+        for k, v in record.items()
+        if k not in skip
+    }

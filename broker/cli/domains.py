@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from broker.cli.common import pool, split_list
+from broker.cli.common import actor, pool, split_list
 from broker.config import Config
 from broker.domains import Domain, DomainStore
 from broker.output import table
@@ -93,7 +93,7 @@ async def cmd_domain(config: Config, args: argparse.Namespace) -> int:
         if args.domain_command == "add":
             print("\n".join(_domain_lines(await _add(domains, args))))
         elif args.domain_command == "update":
-            domain = await domains.set_scim_url(args.domain, args.scim_url)
+            domain = await domains.set_scim_url(args.domain, args.scim_url, actor=actor())
             print("\n".join(_domain_lines(domain)))
         elif args.domain_command == "list":
             rows = [
@@ -124,6 +124,7 @@ async def _add(domains: DomainStore, args: argparse.Namespace) -> Domain:
         on_conflict=args.on_conflict.replace("-", "_"),
         unlinkable=args.unlinkable,
         timestamp_precision=args.timestamp_precision,
+        actor=actor(),
     )
 
 

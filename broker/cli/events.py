@@ -193,7 +193,7 @@ async def cmd_keys(config: Config, args: argparse.Namespace) -> int:
         )
         ring = KeyRing(database, box)
         if args.keys_command == "rotate":
-            key = await ring.rotate()
+            key = await ring.rotate(actor=actor())
             say(
                 f"key {key.kid} signs new SETs from now on (running brokers follow within "
                 f"{config.events.key_refresh:g} s); older keys stay in the JWKS while SETs "
