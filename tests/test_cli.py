@@ -54,6 +54,7 @@ def test_the_commands_are_listed_in_their_usual_order() -> None:
         "operations",
         "events",
         "keys",
+        "history",
         "audit",
     ]
 

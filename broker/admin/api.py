@@ -11,7 +11,7 @@ home-facing SCIM endpoint through which home's own tools write so that peers fol
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
@@ -19,6 +19,11 @@ import asyncpg
 import orjson
 from aiohttp import web
 
+from broker.admin import history
+from broker.admin.bodies import json_object as _json_object
+from broker.admin.bodies import split_moves
+from broker.admin.bodies import text as _text
+from broker.admin.bodies import texts as _texts
 from broker.db import query
 from broker.domains import DomainStore
 from broker.errors import BrokerError, ForbiddenError, InvalidValueError, NotFoundError
@@ -142,53 +147,6 @@ def operation_json(operation: Operation, request: web.Request | None = None) -> 
         "updated_at": _iso(operation.updated_at),
         "location": f"{request.scheme}://{request.host}{path}" if request else path,
     }
-
-
-def split_moves(new: Sequence[str], move: Any) -> dict[str, list[tuple[str, str]]]:
-    """A split's rows to move, by new entity. ``{"DOMAIN": [EXTERNAL_ID, ...]}`` moves the rows
-    to the first new entity; ``{"NEW_ID": {"DOMAIN": [EXTERNAL_ID, ...]}}`` names the entity."""
-    moves: dict[str, list[tuple[str, str]]] = {entity: [] for entity in new}
-    if not isinstance(move, Mapping):
-        raise InvalidValueError('"move" is an object: {"DOMAIN": ["EXTERNAL_ID", ...]}')
-    for key, value in move.items():
-        target, rows = (key, value) if key in moves else (new[0], {key: value})
-        if not isinstance(rows, Mapping):
-            raise InvalidValueError(
-                f'"move" of {key}: an object of domains to lists of external IDs'
-            )
-        for domain, external_ids in rows.items():
-            if not isinstance(external_ids, list) or not all(
-                isinstance(e, str) for e in external_ids
-            ):
-                raise InvalidValueError(
-                    f'"move" of {domain}: a list of that domain\'s external IDs'
-                )
-            moves[target].extend((domain, e) for e in external_ids)
-    return moves
-
-
-async def _json_object(request: web.Request) -> dict[str, Any]:
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        raise InvalidValueError("the request body is not JSON") from None
-    if not isinstance(body, dict):
-        raise InvalidValueError("the request body is a JSON object")
-    return body
-
-
-def _text(body: Mapping[str, Any], key: str) -> str:
-    value = body.get(key)
-    if not isinstance(value, str) or not value:
-        raise InvalidValueError(f'"{key}" is required: a non-empty string')
-    return value
-
-
-def _texts(body: Mapping[str, Any], key: str) -> list[str]:
-    value = body.get(key)
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise InvalidValueError(f'"{key}" is required: a non-empty list of internal IDs')
-    return value
 
 
 def _iso(moment: Any) -> str | None:
@@ -376,6 +334,7 @@ def create_admin_app(
     app.router.add_get("/admin/operations", admin.operations)
     app.router.add_get("/admin/operations/{op}", admin.operation)
     app.router.add_route("*", HOME_PREFIX + "/{tail:.*}", admin.home_scim)
+    history.register(app, pool=admin.pool, store=admin.store, tokens=admin.tokens)
     return app
 
 

@@ -12,6 +12,7 @@ from broker.cli import (
     demo,
     domains,
     events,
+    history,
     mappings,
     operations,
     serve,
@@ -20,7 +21,18 @@ from broker.cli import (
 
 __all__ = ["build_parser"]
 
-GROUPS = (demo, serve, domains, tokens, deliveries, mappings, operations, events, audit)
+GROUPS = (
+    demo,
+    serve,
+    domains,
+    tokens,
+    deliveries,
+    mappings,
+    operations,
+    events,
+    history,
+    audit,
+)
 """Each adds its commands with ``register(commands)``, in the order ``broker --help`` lists them."""
 
 
