@@ -15,7 +15,9 @@ ALTER TABLE audit_log
 CREATE TABLE audit_chain (
     singleton  boolean PRIMARY KEY DEFAULT true CONSTRAINT audit_chain_one_row CHECK (singleton),
     last_seq   bigint NOT NULL DEFAULT 0,
-    last_hash  bytea NOT NULL DEFAULT decode(repeat('00', 32), 'hex')
+    last_hash  bytea NOT NULL DEFAULT decode(repeat('00', 32), 'hex'),
+    -- The hash before the last (the last row's prev_hash): one UPDATE moves the head.
+    prev_hash  bytea
 );
 INSERT INTO audit_chain DEFAULT VALUES;
 
@@ -38,15 +40,15 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 CREATE FUNCTION broker_audit_chain() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    head audit_chain%ROWTYPE;
 BEGIN
-    SELECT * INTO STRICT head FROM audit_chain WHERE singleton FOR UPDATE;
-    NEW.seq := head.last_seq + 1;
-    NEW.prev_hash := head.last_hash;
-    NEW.hash := sha256(head.last_hash || broker_audit_canonical(
-        NEW.id, NEW.seq, NEW.at, NEW.actor, NEW.action, NEW.subject, NEW.details));
-    UPDATE audit_chain SET last_seq = NEW.seq, last_hash = NEW.hash WHERE singleton;
+    -- One statement locks the head and moves it (SET reads the row as it was).
+    UPDATE audit_chain
+    SET last_seq = last_seq + 1,
+        prev_hash = last_hash,
+        last_hash = sha256(last_hash || broker_audit_canonical(
+            NEW.id, last_seq + 1, NEW.at, NEW.actor, NEW.action, NEW.subject, NEW.details))
+    WHERE singleton
+    RETURNING last_seq, prev_hash, last_hash INTO STRICT NEW.seq, NEW.prev_hash, NEW.hash;
     RETURN NEW;
 END
 $$;
