@@ -281,6 +281,12 @@ async def test_a_dry_run_merge_shows_the_tables_and_tasks_and_changes_nothing(
         ("P2", l2, False),
     }
     assert [t["task"] for t in preview["tasks"]].count("delete_alias") == 2
+    for path, body in (
+        ("/admin/merges?dry_run=true", {"survivor": jsmith["id"], "losers": [johns["id"]]}),
+        ("/admin/merges", {"survivor": jsmith["id"], "losers": [johns["id"]], "dry_run": True}),
+    ):
+        status, same = await admin(broker, "POST", path, body, token=token)
+        assert status == 200 and same == preview
     assert await snapshot(broker.pool) == before
 
     # Refused as the merge itself would be, and still nothing changes.

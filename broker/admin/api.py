@@ -215,6 +215,8 @@ class Admin:
     async def merge(self, request: web.Request) -> web.Response:
         actor = await self._admin(request)
         body = await _json_object(request)
+        if history.dry_run(request, body):
+            return await history.merge_dry_run(self.store, body)
         survivor = _text(body, "survivor")
         losers = _texts(body, "losers")
         operation = await self.store.merge(
@@ -225,6 +227,8 @@ class Admin:
     async def split(self, request: web.Request) -> web.Response:
         actor = await self._admin(request)
         body = await _json_object(request)
+        if history.dry_run(request, body):
+            return await history.split_dry_run(self.store, body)
         source = _text(body, "source")
         new = _texts(body, "new")
         provision = body.get("provision", "on_demand")

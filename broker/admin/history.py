@@ -2,14 +2,16 @@
 
 - ``GET /admin/entities/{entity}/history[?since=T&limit=N]``: what ``broker history`` lists
   (``{entity}`` is an internal ID or ``DOMAIN:EXTERNAL_ID``).
-- ``POST /admin/merges/dry-run`` and ``POST /admin/splits/dry-run``: the body of ``POST
-  /admin/merges`` or ``/admin/splits``; the answer is the mapping table before and after and
-  each peer's tasks, and nothing changes (no idempotency key is needed).
+- ``POST /admin/merges/dry-run`` and ``POST /admin/splits/dry-run`` (or ``POST /admin/merges``
+  and ``/admin/splits`` with ``?dry_run=true`` or ``"dry_run": true`` in the body): the body of
+  a merge or split; the answer is the mapping table before and after and each peer's tasks, and
+  nothing changes (no idempotency key is needed).
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 from aiohttp import web
@@ -21,7 +23,7 @@ from broker.mapping.render import plan_json
 from broker.mapping.store import MappingStore, merge_planner, split_planner
 from broker.tokens import TokenStore
 
-__all__ = ["register"]
+__all__ = ["dry_run", "merge_dry_run", "register", "split_dry_run"]
 
 
 async def _authorize(tokens: TokenStore, request: web.Request) -> None:
@@ -49,6 +51,30 @@ def _limit(request: web.Request) -> int:
     return int(text)
 
 
+def dry_run(request: web.Request, body: dict[str, Any]) -> bool:
+    """Whether a merge or split request asks for a dry run: ``?dry_run=true`` or
+    ``"dry_run": true`` in the body."""
+    return request.query.get("dry_run", "").lower() in ("1", "true") or body.get("dry_run") is True
+
+
+async def merge_dry_run(store: MappingStore, body: dict[str, Any]) -> web.Response:
+    """A merge's body planned, nothing changed: the rows before and after, each peer's tasks."""
+    survivor, losers = text(body, "survivor"), texts(body, "losers")
+    preview = await store.preview([survivor, *losers], merge_planner(survivor, losers))
+    return web.json_response(plan_json(preview.before, preview.after, preview.plan))
+
+
+async def split_dry_run(store: MappingStore, body: dict[str, Any]) -> web.Response:
+    """A split's body planned, nothing changed (a split-off home created is not recorded)."""
+    source, new = text(body, "source"), texts(body, "new")
+    provision = body.get("provision", "on_demand")
+    if provision not in ("eager", "on_demand"):
+        raise InvalidValueError('"provision" is "eager" or "on_demand"')
+    moves = split_moves(new, body.get("move", {}))
+    preview = await store.preview([source, *moves], split_planner(source, moves, provision))
+    return web.json_response(plan_json(preview.before, preview.after, preview.plan))
+
+
 def register(
     app: web.Application, *, pool: asyncpg.Pool, store: MappingStore, tokens: TokenStore
 ) -> None:
@@ -66,21 +92,11 @@ def register(
 
     async def merge(request: web.Request) -> web.Response:
         await _authorize(tokens, request)
-        body = await json_object(request)
-        survivor, losers = text(body, "survivor"), texts(body, "losers")
-        preview = await store.preview([survivor, *losers], merge_planner(survivor, losers))
-        return web.json_response(plan_json(preview.before, preview.after, preview.plan))
+        return await merge_dry_run(store, await json_object(request))
 
     async def split(request: web.Request) -> web.Response:
         await _authorize(tokens, request)
-        body = await json_object(request)
-        source, new = text(body, "source"), texts(body, "new")
-        provision = body.get("provision", "on_demand")
-        if provision not in ("eager", "on_demand"):
-            raise InvalidValueError('"provision" is "eager" or "on_demand"')
-        moves = split_moves(new, body.get("move", {}))
-        preview = await store.preview([source, *moves], split_planner(source, moves, provision))
-        return web.json_response(plan_json(preview.before, preview.after, preview.plan))
+        return await split_dry_run(store, await json_object(request))
 
     app.router.add_get("/admin/entities/{entity}/history", history)
     app.router.add_post("/admin/merges/dry-run", merge)
