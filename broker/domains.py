@@ -179,7 +179,6 @@ class DomainStore:
             raise InvalidValueError(
                 _CHECK_MESSAGES.get(exc.constraint_name or "", str(exc))
             ) from exc
-        assert record is not None
         return Domain.from_record(record)
 
     async def set_scim_url(self, domain_id: str, scim_url: str, *, actor: str = "broker") -> Domain:
