@@ -448,6 +448,7 @@ async def _propagation(app: web.Application) -> AsyncIterator[None]:
                 quarantine_after=config.quarantine_after,
                 retention=config.retention,
                 done_retention=config.done_retention,
+                history_retention=config.history_retention,
                 conflict_patience=config.conflict_patience,
             ),
             observe=lambda peer, outcome: metrics.deliveries.labels(peer, outcome).inc(),

@@ -158,6 +158,9 @@ class PropagationConfig(_Section):
     # Seconds a finished delivery (done, cancelled) stays in the outbox before it is purged; the
     # deliveries of a merge or split that is not done stay with it. 0 keeps them for ever.
     done_retention: float = Field(default=7 * 86400.0, ge=0)
+    # Seconds each entity's history (`broker history`: writes, deliveries with the peer's answer,
+    # SETs, merges and splits) is kept, whatever the outbox purge removed. 0 keeps it for ever.
+    history_retention: float = Field(default=30 * 86400.0, ge=0)
     # Seconds between polls of home for changes made there directly (0: no polling), and
     # between sweeps that find resources deleted in home.
     home_poll_interval: float = Field(default=30.0, ge=0)

@@ -43,6 +43,7 @@ from broker import DEMO_INSTALL_HINT
 from broker.app import ADMIN_URL, POOL, STORE, create_app
 from broker.config import Config, DatabaseConfig, HomeConfig, PropagationConfig, ServerConfig
 from broker.domains import DomainStore
+from broker.mapping.render import mapping_table
 from broker.output import indent, say, table
 from broker.tokens import TokenStore
 
@@ -57,13 +58,6 @@ HOME_ID_PATTERN = "[0-9a-f]{32}"
 PEER_TOKEN_ENV = "SCIM_DEMO_PEER_TOKEN"
 READY_WITHIN = 30.0
 SETTLE_WITHIN = 30.0
-TABLE_HEADER = (
-    "Internal Entity ID",
-    "External Domain ID",
-    "External Entity ID",
-    "Primary flag",
-    "state",
-)
 
 
 class DemoError(Exception):
@@ -368,23 +362,13 @@ class Demo:
         order = {p.internal_id: i for i, p in enumerate(people)}
         rows = await self.app[STORE].rows_of(list(order))
         rows.sort(key=lambda r: (order[r.internal_id], r.domain, not r.primary, r.state.value))
-        cells = [
-            (
-                r.internal_id,
-                r.domain,
-                r.external_id or "(pending)",
-                str(r.primary).lower(),
-                r.state.value,
-            )
-            for r in rows
-        ]
         say(f"    The mapping table: {title}", stdout=True)
         say(
             "    (" + "; ".join(f"{p.label} is {p.internal_id} in home" for p in people) + ")",
             stdout=True,
         )
-        say(indent(table(TABLE_HEADER, cells) if cells else table(TABLE_HEADER, [])), stdout=True)
-        if not cells:
+        say(indent(mapping_table(rows)), stdout=True)
+        if not rows:
             say("    (no rows)", stdout=True)
 
     async def show_peers(self, *names: str) -> None:

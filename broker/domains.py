@@ -286,7 +286,7 @@ class DomainStore:
                         f"shows it, `broker domain update {domain_id} ...` changes it"
                     )
                 added = Domain.from_record(record)
-                await conn.execute(query("audit"), actor, "domain.add", domain_id, _settings(added))
+                await conn.execute(query("audit"), actor, "domain_add", domain_id, _settings(added))
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "domains_one_home":
                 raise ConflictError("there is a home domain already; a federation has one") from exc
@@ -321,7 +321,7 @@ class DomainStore:
             assert record is not None
             updated = Domain.from_record(record)
             await conn.execute(
-                query("audit"), actor, "domain.update", domain_id, changes(before, updated)
+                query("audit"), actor, "domain_update", domain_id, changes(before, updated)
             )
         self._cache.pop(domain_id, None)
         return updated
@@ -341,7 +341,7 @@ class DomainStore:
             assert record is not None
             if enabled:
                 await conn.execute(query("release_domain_queue"), domain_id)
-            action = "domain.enable" if enabled else "domain.disable"
+            action = "domain_enable" if enabled else "domain_disable"
             await conn.execute(
                 query("audit"),
                 actor,
@@ -434,3 +434,14 @@ _CHECK_MESSAGES = {
         "a timestamp precision is a whole number of seconds from 1 to 86400 (one day)"
     ),
 }
+
+
+def _audited(record: asyncpg.Record) -> dict[str, Any]:
+    """A domain's settings as its audit entry records them (the credential's place, never a
+    secret: ``credential_ref`` names where it is kept)."""
+    skip = ("id", "created_at", "failing_since", "status")
+    return {
+        k: (v.total_seconds() if isinstance(v, timedelta) else v)
+        for k, v in record.items()
+        if k not in skip
+    }

@@ -148,8 +148,10 @@ class TokenStore:
         *,
         scopes: list[str] | None = None,
         expires_in: timedelta | None = None,
+        actor: str = "broker",
     ) -> tuple[str, TokenInfo]:
-        """A new token for ``domain_id``: the token itself (shown once) and what is stored."""
+        """A new token for ``domain_id``: the token itself (shown once) and what is stored;
+        audited (``token_issue``, never the token) in the same transaction."""
         scopes = list(DEFAULT_SCOPES) if scopes is None else scopes
         kind = await self.pool.fetchval(query("domain_kind"), domain_id)
         if kind is None:
@@ -162,14 +164,27 @@ class TokenStore:
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         expires_at = self.clock() + expires_in if expires_in is not None else None
         try:
-            record = await self.pool.fetchrow(
-                query("insert_token"),
-                domain_id,
-                hash_token(token),
-                token[: len(TOKEN_PREFIX) + 6],
-                scopes,
-                expires_at,
-            )
+            async with self.pool.acquire() as conn, conn.transaction():
+                record = await conn.fetchrow(
+                    query("insert_token"),
+                    domain_id,
+                    hash_token(token),
+                    token[: len(TOKEN_PREFIX) + 6],
+                    scopes,
+                    expires_at,
+                )
+                assert record is not None
+                await conn.execute(
+                    query("audit"),
+                    actor,
+                    "token_issue",
+                    domain_id,
+                    {
+                        "token": record["id"],
+                        "scopes": scopes,
+                        "expires_at": expires_at.isoformat() if expires_at else None,
+                    },
+                )
         except asyncpg.ForeignKeyViolationError as exc:
             raise NotFoundError(
                 f"there is no domain {domain_id}: add it first with `broker domain add {domain_id}`"
@@ -186,11 +201,16 @@ class TokenStore:
             TokenInfo.from_record(r) for r in await self.pool.fetch(query("list_tokens"), domain_id)
         ]
 
-    async def revoke(self, token_id: int) -> TokenInfo:
-        record = await self.pool.fetchrow(query("revoke_token"), token_id)
-        if record is None:
-            raise NotFoundError(
-                f"there is no unrevoked token {token_id}: `broker token list` shows the tokens"
+    async def revoke(self, token_id: int, *, actor: str = "broker") -> TokenInfo:
+        """The token no longer authenticates; audited (``token_revoke``)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            record = await conn.fetchrow(query("revoke_token"), token_id)
+            if record is None:
+                raise NotFoundError(
+                    f"there is no unrevoked token {token_id}: `broker token list` shows the tokens"
+                )
+            await conn.execute(
+                query("audit"), actor, "token_revoke", record["domain_id"], {"token": token_id}
             )
         self._cache.clear()
         return TokenInfo.from_record(record)

@@ -192,14 +192,18 @@ CREATE TABLE home_watermarks (
     swept_at       timestamptz
 );
 
--- Append-only audit trail.
+-- Append-only audit trail, a hash chain (0013): each row's hash covers the one before it.
 CREATE TABLE audit_log (
     id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     at        timestamptz NOT NULL DEFAULT now(),
     actor     text NOT NULL,
     action    text NOT NULL,
     subject   text,
-    details   jsonb NOT NULL DEFAULT '{}'::jsonb
+    details   jsonb NOT NULL DEFAULT '{}'::jsonb,
+    -- Position in the chain, the previous row's hash, and sha256(prev_hash || canonical text).
+    seq       bigint NOT NULL CONSTRAINT audit_log_seq_unique UNIQUE,
+    prev_hash bytea NOT NULL,
+    hash      bytea NOT NULL
 );
 CREATE INDEX audit_log_subject ON audit_log (subject, id);
 CREATE INDEX id_mappings_domain_external_id ON id_mappings (domain_id, domain_external_id)
@@ -364,6 +368,83 @@ CREATE TABLE broker_key (
     fingerprint  text NOT NULL,
     created_at   timestamptz NOT NULL DEFAULT now()
 );
+
+-- The audit chain's head (0013): the last position and hash, so a deleted tail is detected.
+CREATE TABLE audit_chain (
+    singleton  boolean PRIMARY KEY DEFAULT true CONSTRAINT audit_chain_one_row CHECK (singleton),
+    last_seq   bigint NOT NULL DEFAULT 0,
+    last_hash  bytea NOT NULL DEFAULT decode(repeat('00', 32), 'hex'),
+    -- The hash before the last (the last row's prev_hash): one UPDATE moves the head.
+    prev_hash  bytea
+);
+INSERT INTO audit_chain DEFAULT VALUES;
+
+CREATE FUNCTION broker_audit_field(value text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN value IS NULL THEN '-' ELSE length(value) || ':' || value END
+$$;
+
+CREATE FUNCTION broker_audit_canonical(
+    id bigint, seq bigint, at timestamptz, actor text, action text, subject text, details jsonb
+) RETURNS bytea
+LANGUAGE sql STABLE AS $$
+    SELECT convert_to(
+        'audit/1'
+        || broker_audit_field(id::text) || broker_audit_field(seq::text)
+        || broker_audit_field(to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))
+        || broker_audit_field(actor) || broker_audit_field(action)
+        || broker_audit_field(subject) || broker_audit_field(details::text),
+        'UTF8')
+$$;
+
+CREATE FUNCTION broker_audit_chain() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- One statement locks the head and moves it (SET reads the row as it was).
+    UPDATE audit_chain
+    SET last_seq = last_seq + 1,
+        prev_hash = last_hash,
+        last_hash = sha256(last_hash || broker_audit_canonical(
+            NEW.id, last_seq + 1, NEW.at, NEW.actor, NEW.action, NEW.subject, NEW.details))
+    WHERE singleton
+    RETURNING last_seq, prev_hash, last_hash INTO STRICT NEW.seq, NEW.prev_hash, NEW.hash;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER audit_log_chain
+    BEFORE INSERT ON audit_log
+    FOR EACH ROW EXECUTE FUNCTION broker_audit_chain();
+
+CREATE FUNCTION broker_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'audit_log is append-only: its rows are never changed or deleted'
+        USING ERRCODE = 'insufficient_privilege';
+END
+$$;
+
+CREATE TRIGGER audit_log_append_only
+    BEFORE UPDATE OR DELETE ON audit_log
+    FOR EACH ROW EXECUTE FUNCTION broker_audit_append_only();
+CREATE TRIGGER audit_log_no_truncate
+    BEFORE TRUNCATE ON audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION broker_audit_append_only();
+
+-- What happened to each entity, kept [propagation] history_retention (independent of the
+-- outbox purge): writes (home's, through the journal), deliveries settled (with the peer's
+-- answer), SETs settled, merges and splits. Audit events are read from audit_log itself.
+CREATE TABLE entity_history (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at           timestamptz NOT NULL DEFAULT now(),
+    internal_id  text NOT NULL,
+    domain_id    text,
+    kind         text NOT NULL
+                 CONSTRAINT entity_history_kind_check
+                 CHECK (kind IN ('write', 'delivery', 'set', 'merge', 'split')),
+    status       text NOT NULL,
+    details      jsonb NOT NULL DEFAULT '{}'::jsonb
+);
+CREATE INDEX entity_history_by_entity ON entity_history (internal_id, at, id);
+CREATE INDEX entity_history_by_age ON entity_history (at);
 
 -- The operator console's sign-in sessions (0018): the SHA-256 of the cookie's session ID.
 CREATE TABLE console_sessions (

@@ -55,6 +55,8 @@ def test_the_commands_are_listed_in_their_usual_order() -> None:
         "provision",
         "events",
         "keys",
+        "history",
+        "audit",
         "db",
     ]
 

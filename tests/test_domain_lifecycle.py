@@ -114,7 +114,7 @@ async def test_a_disabled_domain_is_refused_with_403_and_its_deliveries_wait_unt
     audited = await running.pool.fetch(
         "SELECT action FROM audit_log WHERE subject = 'P1' ORDER BY id"
     )
-    assert [r["action"] for r in audited][-2:] == ["domain.disable", "domain.enable"]
+    assert [r["action"] for r in audited][-2:] == ["domain_disable", "domain_enable"]
 
 
 async def _pending_only(running: Broker) -> bool:
@@ -188,7 +188,7 @@ async def test_update_changes_any_setting_refuses_bad_input_and_changes_nothing_
     assert code == 0 and "(everything)" in out
     assert (
         await running.pool.fetchval(
-            "SELECT count(*) FROM audit_log WHERE subject = 'P1' AND action = 'domain.update'"
+            "SELECT count(*) FROM audit_log WHERE subject = 'P1' AND action = 'domain_update'"
         )
         == 3
     )

@@ -11,7 +11,7 @@ home-facing SCIM endpoint through which home's own tools write so that peers fol
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
@@ -19,7 +19,11 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from broker.admin import deadletters, domains, provision
+from broker.admin import deadletters, domains, history, provision
+from broker.admin.bodies import json_object as _json_object
+from broker.admin.bodies import split_moves
+from broker.admin.bodies import text as _text
+from broker.admin.bodies import texts as _texts
 from broker.credentials import NOTHING_RESERVED, Reserved
 from broker.db import query
 from broker.domains import DomainStore
@@ -146,53 +150,6 @@ def operation_json(operation: Operation, request: web.Request | None = None) -> 
     }
 
 
-def split_moves(new: Sequence[str], move: Any) -> dict[str, list[tuple[str, str]]]:
-    """A split's rows to move, by new entity. ``{"DOMAIN": [EXTERNAL_ID, ...]}`` moves the rows
-    to the first new entity; ``{"NEW_ID": {"DOMAIN": [EXTERNAL_ID, ...]}}`` names the entity."""
-    moves: dict[str, list[tuple[str, str]]] = {entity: [] for entity in new}
-    if not isinstance(move, Mapping):
-        raise InvalidValueError('"move" is an object: {"DOMAIN": ["EXTERNAL_ID", ...]}')
-    for key, value in move.items():
-        target, rows = (key, value) if key in moves else (new[0], {key: value})
-        if not isinstance(rows, Mapping):
-            raise InvalidValueError(
-                f'"move" of {key}: an object of domains to lists of external IDs'
-            )
-        for domain, external_ids in rows.items():
-            if not isinstance(external_ids, list) or not all(
-                isinstance(e, str) for e in external_ids
-            ):
-                raise InvalidValueError(
-                    f'"move" of {domain}: a list of that domain\'s external IDs'
-                )
-            moves[target].extend((domain, e) for e in external_ids)
-    return moves
-
-
-async def _json_object(request: web.Request) -> dict[str, Any]:
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        raise InvalidValueError("the request body is not JSON") from None
-    if not isinstance(body, dict):
-        raise InvalidValueError("the request body is a JSON object")
-    return body
-
-
-def _text(body: Mapping[str, Any], key: str) -> str:
-    value = body.get(key)
-    if not isinstance(value, str) or not value:
-        raise InvalidValueError(f'"{key}" is required: a non-empty string')
-    return value
-
-
-def _texts(body: Mapping[str, Any], key: str) -> list[str]:
-    value = body.get(key)
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise InvalidValueError(f'"{key}" is required: a non-empty list of internal IDs')
-    return value
-
-
 def _iso(moment: Any) -> str | None:
     return moment.isoformat() if moment is not None else None
 
@@ -263,6 +220,8 @@ class Admin:
     async def merge(self, request: web.Request) -> web.Response:
         actor = await self._admin(request)
         body = await _json_object(request)
+        if history.dry_run(request, body):
+            return await history.merge_dry_run(self.store, body)
         survivor = _text(body, "survivor")
         losers = _texts(body, "losers")
         operation = await self.store.merge(
@@ -273,6 +232,8 @@ class Admin:
     async def split(self, request: web.Request) -> web.Response:
         actor = await self._admin(request)
         body = await _json_object(request)
+        if history.dry_run(request, body):
+            return await history.split_dry_run(self.store, body)
         source = _text(body, "source")
         new = _texts(body, "new")
         provision = body.get("provision", "on_demand")
@@ -387,6 +348,7 @@ def create_admin_app(
     domains.register(app, admin, reserved)
     deadletters.register(app, admin.pool, admin.tokens)
     provision.register(app, admin)
+    history.register(app, pool=admin.pool, store=admin.store, tokens=admin.tokens)
     return app
 
 

@@ -3,8 +3,8 @@ wrong into a message on stderr and an exit status (1: the command was refused; 2
 or database; 130: interrupted).
 
 Each command group is a module of this package (``serve``, ``domains``, ``tokens``,
-``deliveries``, ``mappings``, ``operations``, ``events``, ``demo``); ``parser`` gathers them and
-``output`` is what they all print with.
+``deliveries``, ``mappings``, ``operations``, ``events``, ``history``, ``audit``, ``demo``);
+``parser`` gathers them and ``output`` is what they all print with.
 """
 
 from __future__ import annotations

@@ -189,7 +189,7 @@ async def cmd_keys(config: Config, args: argparse.Namespace) -> int:
         box = await checked_box(config, database)
         ring = KeyRing(database, lambda: box)
         if args.keys_command == "rotate":
-            key = await ring.rotate()
+            key = await ring.rotate(actor=actor())
             say(
                 f"key {key.kid} signs new SETs from now on (running brokers follow within "
                 f"{config.events.key_refresh:g} s); older keys stay in the JWKS while SETs "

@@ -10,9 +10,10 @@ from broker.cli import transfer
 from broker.cli.common import pool
 from broker.config import Config
 from broker.domains import DomainStore
+from broker.mapping.render import mapping_table
 from broker.mapping.rules import MappingRow
 from broker.mapping.store import MappingStore
-from broker.output import say, table
+from broker.output import say
 
 if TYPE_CHECKING:
     from broker.cli.common import Commands
@@ -56,19 +57,5 @@ async def cmd_mappings(config: Config, args: argparse.Namespace) -> int:
         if not rows:
             say(f"no mapping rows for {args.id}")
             return 1
-        print(
-            table(
-                ("internal ID", "domain", "external ID", "primary", "state"),
-                [
-                    (
-                        r.internal_id,
-                        r.domain,
-                        r.external_id or "(pending)",
-                        str(r.primary).lower(),
-                        r.state.value,
-                    )
-                    for r in rows
-                ],
-            )
-        )
+        print(mapping_table(rows))
     return 0

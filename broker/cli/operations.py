@@ -16,16 +16,24 @@ from broker.cli.common import actor, pool
 from broker.config import Config
 from broker.db import query
 from broker.errors import BrokerError
-from broker.mapping.store import MappingStore, Operation
+from broker.mapping.render import TASK_HEADER, mapping_table, peer_tasks
+from broker.mapping.store import (
+    MappingStore,
+    Operation,
+    Preview,
+    merge_planner,
+    split_planner,
+)
 from broker.output import say, table, when
 
 if TYPE_CHECKING:
     from broker.cli.common import Commands
 
-__all__ = ["cmd_merge", "cmd_operations", "cmd_split", "moves", "register"]
+__all__ = ["cmd_merge", "cmd_operations", "cmd_split", "dry_run_text", "moves", "register"]
 
 KEY_HELP = "makes a retry of this command the same operation (default: a new random key)"
 WAIT_HELP = "show progress until the peers have followed (needs `broker serve` running)"
+DRY_RUN_HELP = "print the mapping table before and after and each peer's tasks; change nothing"
 HINT_AFTER = 30.0
 """Seconds without progress before ``--wait`` asks whether ``broker serve`` runs."""
 
@@ -39,6 +47,7 @@ def register(commands: Commands) -> None:
     merge.add_argument("losers", nargs="+", metavar="LOSER")
     merge.add_argument("--idempotency-key", default=None, help=KEY_HELP)
     merge.add_argument("--wait", action="store_true", help=WAIT_HELP)
+    merge.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
     merge.set_defaults(run=cmd_merge, asynchronous=True)
     _register_split(commands)
     operations = commands.add_parser(
@@ -71,6 +80,7 @@ def _register_split(commands: Commands) -> None:
     )
     split.add_argument("--idempotency-key", default=None, help=KEY_HELP)
     split.add_argument("--wait", action="store_true", help=WAIT_HELP)
+    split.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
     split.set_defaults(run=cmd_split, asynchronous=True)
 
 
@@ -94,6 +104,13 @@ def moves(new: Sequence[str], specs: Sequence[str]) -> dict[str, list[tuple[str,
 
 async def cmd_merge(config: Config, args: argparse.Namespace) -> int:
     async with pool(config) as database:
+        if args.dry_run:
+            involved = [args.survivor, *args.losers]
+            preview = await MappingStore(database).preview(
+                involved, merge_planner(args.survivor, args.losers)
+            )
+            print(dry_run_text("merge", preview))
+            return 0
         operation = await MappingStore(database).merge(
             args.survivor, args.losers, idempotency_key=args.idempotency_key, actor=actor()
         )
@@ -101,10 +118,17 @@ async def cmd_merge(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_split(config: Config, args: argparse.Namespace) -> int:
+    moved = moves(args.new, args.move)
     async with pool(config) as database:
+        if args.dry_run:
+            preview = await MappingStore(database).preview(
+                [args.source, *moved], split_planner(args.source, moved, args.provision)
+            )
+            print(dry_run_text("split", preview))
+            return 0
         operation = await MappingStore(database).split(
             args.source,
-            moves(args.new, args.move),
+            moved,
             idempotency_key=args.idempotency_key,
             actor=actor(),
             provision=args.provision,
@@ -168,6 +192,25 @@ async def _follow(
         await asyncio.sleep(0.5)
         operation = await store.operation(operation.id)
     return 1 if operation.state == "failed" else 0
+
+
+def dry_run_text(kind: str, preview: Preview) -> str:
+    """A dry run as seed 002 draws it: the table before, after, and each peer's tasks."""
+    tasks = peer_tasks(preview.plan)
+    return "\n".join(
+        [
+            f"dry run of the {kind}: nothing was changed",
+            "",
+            "The mapping table now:",
+            mapping_table(preview.before),
+            "",
+            f"The mapping table after the {kind}:",
+            mapping_table(preview.after),
+            "",
+            "What each peer will get:",
+            table(TASK_HEADER, tasks) if tasks else "(no peer has anything to do)",
+        ]
+    )
 
 
 def _announce(operation: Operation) -> None:

@@ -7,11 +7,13 @@ from pathlib import Path
 
 from broker import __version__
 from broker.cli import (
+    audit,
     database,
     deliveries,
     demo,
     domains,
     events,
+    history,
     mappings,
     operations,
     provision,
@@ -31,6 +33,8 @@ GROUPS = (
     operations,
     provision,
     events,
+    history,
+    audit,
     database,
 )
 """Each adds its commands with ``register(commands)``, in the order ``broker --help`` lists them."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from broker.cli.common import pool, split_list
+from broker.cli.common import actor, pool, split_list
 from broker.config import Config
 from broker.output import say, table, when
 from broker.tokens import TokenStore, parse_duration
@@ -45,7 +45,7 @@ async def cmd_token(config: Config, args: argparse.Namespace) -> int:
         elif args.token_command == "list":
             await _list(tokens, args.domain)
         else:
-            info = await tokens.revoke(args.id)
+            info = await tokens.revoke(args.id, actor=actor())
             say(f"token {info.id} of {info.domain_id} revoked (takes effect within seconds)")
     return 0
 
@@ -56,6 +56,7 @@ async def _issue(tokens: TokenStore, args: argparse.Namespace) -> None:
         args.domain,
         scopes=split_list(args.scopes),
         expires_in=parse_duration(args.expires_in) if args.expires_in else None,
+        actor=actor(),
     )
     expiry = info.expires_at.isoformat(timespec="seconds") if info.expires_at else "never"
     say(

@@ -57,13 +57,15 @@ class KeyRing:
         self._loaded_at = time.monotonic()
         return self._current
 
-    async def rotate(self) -> SigningKey:
-        """A new key, which signs from now on; the others stay published while they must."""
+    async def rotate(self, *, actor: str = "broker") -> SigningKey:
+        """A new key, which signs from now on; the others stay published while they must.
+        Audited (``signing_key_add``, the key's ``kid``)."""
         key = generate_key()
         sealed = self.box().seal({"pem": key.private_pem.decode()})
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(query("lock_signing_keys"))
             await conn.execute(query("add_signing_key"), key.kid, sealed, key.public_jwk())
+            await conn.execute(query("audit"), actor, "signing_key_add", None, {"kid": key.kid})
         self._current, self._loaded_at = key, time.monotonic()
         return key
 

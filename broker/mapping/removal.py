@@ -87,7 +87,7 @@ async def remove_domain(
         await conn.execute(
             query("audit"),
             actor,
-            "domain.remove",
+            "domain_remove",
             domain,
             {"keep_mappings": keep_mappings, "force": force, "rows": footprint},
         )

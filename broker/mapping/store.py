@@ -11,7 +11,7 @@ import base64
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -32,6 +32,7 @@ from broker.mapping.rules import (
     Origin,
     PeerTask,
     Plan,
+    apply_plan,
     plan_merge,
     plan_split,
 )
@@ -42,8 +43,12 @@ __all__ = [
     "MappingStore",
     "Operation",
     "Outbound",
+    "Planner",
+    "Preview",
     "UnknownEntity",
+    "merge_planner",
     "mint_id",
+    "split_planner",
 ]
 
 # Seconds a look at whether any domain subscribes to events stands.
@@ -360,14 +365,7 @@ class MappingStore:
     ) -> Operation:
         """Merge ``losers`` into ``survivor`` now; peers follow through the outbox."""
         request = {"survivor": survivor, "losers": list(losers)}
-
-        async def plan(conn: Connection, entities: dict[str, asyncpg.Record]) -> Plan:
-            _require_live(entities, [survivor, *losers])
-            _require_same_type(entities, survivor, losers)
-            rows = await _locked_rows(conn, [survivor, *losers])
-            push = {r["id"] for r in await conn.fetch(query("push_domains"))}
-            return plan_merge(survivor, losers, rows, push_domains=push)
-
+        plan = merge_planner(survivor, losers)
         return await self._run("merge", request, idempotency_key, actor, [survivor, *losers], plan)
 
     async def split(
@@ -389,24 +387,23 @@ class MappingStore:
             "move": {new: [list(ref) for ref in refs] for new, refs in moves.items()},
             "provision": provision,
         }
-        new_ids = list(moves)
+        plan = split_planner(source, moves, provision)
+        return await self._run("split", request, idempotency_key, actor, [source, *moves], plan)
 
-        async def plan(conn: Connection, entities: dict[str, asyncpg.Record]) -> Plan:
-            _require_live(entities, [source])
-            unseen = [new for new in new_ids if new not in entities]
-            if unseen:
-                resource_type = entities[source]["resource_type"]
-                await conn.execute(
-                    query("register_entities"), unseen, [resource_type] * len(unseen)
-                )
-                entities.update(await _lock_entities(conn, unseen))
-            _require_live(entities, new_ids)
-            _require_same_type(entities, source, new_ids)
-            rows = await _locked_rows(conn, [source, *new_ids])
-            push = {r["id"] for r in await conn.fetch(query("push_domains"))}
-            return plan_split(source, moves, rows, push_domains=push, provision=provision)
-
-        return await self._run("split", request, idempotency_key, actor, [source, *new_ids], plan)
+    async def preview(self, involved: list[str], make_plan: Planner) -> Preview:
+        """A dry run: the plan of a merge (:func:`merge_planner`) or split
+        (:func:`split_planner`) of ``involved`` and the rows before and after, refused as the
+        operation would be; the transaction is rolled back, so nothing changes."""
+        async with self.pool.acquire() as conn:
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                entities = await _lock_entities(conn, involved)
+                plan = await make_plan(conn, entities)
+                rows = await _locked_rows(conn, involved)
+            finally:
+                await transaction.rollback()
+        return Preview(before=rows, after=apply_plan(rows, plan), plan=plan)
 
     async def _run(
         self,
@@ -415,7 +412,7 @@ class MappingStore:
         idempotency_key: str,
         actor: str,
         involved: list[str],
-        make_plan: Callable[[Connection, dict[str, asyncpg.Record]], Any],
+        make_plan: Planner,
     ) -> Operation:
         if not idempotency_key:
             raise InvalidValueError(
@@ -447,10 +444,77 @@ class MappingStore:
                     "tasks": [_task_payload(t) | {"kind": t.kind.value} for t in plan.tasks],
                 },
             )
+            await conn.execute(
+                query("history_operation"),
+                kind,
+                op_id,
+                request,
+                involved,
+                _roles(kind, len(involved)),
+                len(plan.changes),
+            )
             assert record is not None, "the operation was claimed in this transaction"
         # Committed: this process forgets at once what it cached (others hear from the trigger).
         self.cache.clear()
         return Operation.from_record(record)
+
+
+Planner = Callable[["Connection", dict[str, asyncpg.Record]], Awaitable[Plan]]
+"""Checks the locked entities and returns the plan (it may record split-offs not seen yet)."""
+
+
+@dataclass(frozen=True)
+class Preview:
+    """What a merge or split would do: the mapping rows of the entities before and after, and
+    the plan (its ``tasks`` are what each peer would be asked)."""
+
+    before: list[MappingRow]
+    after: list[MappingRow]
+    plan: Plan
+
+
+def merge_planner(survivor: str, losers: Sequence[str]) -> Planner:
+    """The planning step of a merge of ``losers`` into ``survivor``."""
+
+    async def plan(conn: Connection, entities: dict[str, asyncpg.Record]) -> Plan:
+        _require_live(entities, [survivor, *losers])
+        _require_same_type(entities, survivor, losers)
+        rows = await _locked_rows(conn, [survivor, *losers])
+        push = {r["id"] for r in await conn.fetch(query("push_domains"))}
+        return plan_merge(survivor, losers, rows, push_domains=push)
+
+    return plan
+
+
+def split_planner(
+    source: str,
+    moves: Mapping[str, Sequence[tuple[str, str]]],
+    provision: Literal["eager", "on_demand"],
+) -> Planner:
+    """The planning step of a split of ``source`` (new entities not seen yet are recorded)."""
+    new_ids = list(moves)
+
+    async def plan(conn: Connection, entities: dict[str, asyncpg.Record]) -> Plan:
+        _require_live(entities, [source])
+        unseen = [new for new in new_ids if new not in entities]
+        if unseen:
+            resource_type = entities[source]["resource_type"]
+            await conn.execute(query("register_entities"), unseen, [resource_type] * len(unseen))
+            entities.update(await _lock_entities(conn, unseen))
+        _require_live(entities, new_ids)
+        _require_same_type(entities, source, new_ids)
+        rows = await _locked_rows(conn, [source, *new_ids])
+        push = {r["id"] for r in await conn.fetch(query("push_domains"))}
+        return plan_split(source, moves, rows, push_domains=push, provision=provision)
+
+    return plan
+
+
+def _roles(kind: str, involved: int) -> list[str]:
+    """What each entity involved was: the first is the survivor (or the source)."""
+    if kind == "merge":
+        return ["survivor"] + ["loser"] * (involved - 1)
+    return ["source"] + ["new"] * (involved - 1)
 
 
 async def _replay(conn: Connection, kind: str, request: dict[str, Any], key: str) -> Operation:

@@ -129,24 +129,31 @@ class Claimer:
                 log.warning("the outbox purge cannot reach the database: %s", exc)
 
     async def purge(self, batch: int = 5000) -> int:
-        """Delete finished deliveries older than ``done_retention``, a batch per statement so
-        that no transaction holds many rows; returns how many went."""
-        if self.settings.done_retention <= 0:
-            return 0
-        purged = 0
-        while True:
-            status = await self.pool.execute(
-                query("purge_finished"), self.settings.done_retention, batch
+        """Delete finished deliveries older than ``done_retention``, and entity history older
+        than ``history_retention`` (each on its own clock), a batch per statement so that no
+        transaction holds many rows; returns how many deliveries went."""
+        history = await self._purge("purge_history", self.settings.history_retention, batch)
+        if history:
+            log.info(
+                "purged %d history rows older than %gs", history, self.settings.history_retention
             )
-            deleted = int(status.split()[-1])
-            purged += deleted
-            if deleted < batch:
-                break
+        purged = await self._purge("purge_finished", self.settings.done_retention, batch)
         if purged:
             log.info(
                 "purged %d finished deliveries older than %gs", purged, self.settings.done_retention
             )
         return purged
+
+    async def _purge(self, statement: str, retention: float, batch: int) -> int:
+        if retention <= 0:
+            return 0
+        purged = 0
+        while True:
+            status = await self.pool.execute(query(statement), retention, batch)
+            deleted = int(status.split()[-1])
+            purged += deleted
+            if deleted < batch:
+                return purged
 
 
 class Ledger:

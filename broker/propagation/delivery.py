@@ -57,6 +57,8 @@ class WorkerSettings:
     retention: float = 30 * 86400.0
     done_retention: float = 7 * 86400.0
     """Seconds a finished delivery is kept before the purge deletes it (0: kept for ever)."""
+    history_retention: float = 30 * 86400.0
+    """Seconds each entity's history is kept, independent of the outbox (0: kept for ever)."""
     purge_every: float = 600.0
     """Seconds between purges of finished deliveries."""
     idle_check: float = 1.0

@@ -2,8 +2,8 @@
 
 On the caller's transaction, so that a write and everything it implies commit together or not at
 all: the externalId values the writing domain gave, the entities home wrote or deleted, the syncs
-toward every push peer but the writer (carrying the write-only values, sealed), and the changes the
-SETs will report to the domains subscribed to events.
+toward every push peer but the writer (carrying the write-only values, sealed), the changes the
+SETs will report to the domains subscribed to events, and a row in each entity's history.
 """
 
 from __future__ import annotations
@@ -51,6 +51,13 @@ async def record(
             write_only={i: list(v) for i, v in carrying.items()},
         )
     entities = list(dict.fromkeys([*changed, *deleted]))
+    gone = set(deleted)
+    await conn.execute(
+        query("history_writes"),
+        entities,
+        ["delete" if i in gone else write.verbs.get(i, "changed") for i in entities],
+        write.origin,
+    )
     plain = [i for i in entities if i not in sealed]
     if plain:
         await conn.execute(query("enqueue_sync"), plain, write.origin)

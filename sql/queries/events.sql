@@ -71,9 +71,14 @@ WITH signed AS (
     UPDATE security_events v SET token = t.token, kid = $4
     FROM unnest($2::bigint[], $3::text[]) AS t (id, token)
     WHERE v.id = t.id AND v.domain_id = $1 AND v.token IS NULL
+), skipped AS (
+    UPDATE security_events SET state = 'skipped', settled_at = now()
+    WHERE domain_id = $1 AND id = ANY ($5::bigint[]) AND state = 'pending'
+    RETURNING id, domain_id, internal_id, jti
 )
-UPDATE security_events SET state = 'skipped', settled_at = now()
-WHERE domain_id = $1 AND id = ANY ($5::bigint[]) AND state = 'pending'
+INSERT INTO entity_history (internal_id, domain_id, kind, status, details)
+SELECT internal_id, domain_id, 'set', 'skipped', jsonb_build_object('event', id, 'jti', jti)
+FROM skipped
 
 -- name: events_sent
 UPDATE security_events SET state = 'sent', sent_at = coalesce(sent_at, now())
@@ -81,21 +86,44 @@ WHERE domain_id = $1 AND id = ANY ($2::bigint[]) AND state = 'pending'
 
 -- name: events_acknowledged
 -- The domain acknowledged these SETs (by jti): they never return.
-UPDATE security_events SET state = 'acknowledged', settled_at = now()
-WHERE domain_id = $1 AND jti = ANY ($2::text[]) AND state IN ('pending', 'sent')
-RETURNING jti
+-- Each goes into its entity's history (in the same statement).
+WITH acknowledged AS (
+    UPDATE security_events SET state = 'acknowledged', settled_at = now()
+    WHERE domain_id = $1 AND jti = ANY ($2::text[]) AND state IN ('pending', 'sent')
+    RETURNING id, domain_id, internal_id, jti
+), history AS (
+    INSERT INTO entity_history (internal_id, domain_id, kind, status, details)
+    SELECT internal_id, domain_id, 'set', 'acknowledged', jsonb_build_object('event', id, 'jti', jti)
+    FROM acknowledged
+)
+SELECT jti FROM acknowledged
 
 -- name: events_refused
 -- The domain reported an error for these SETs ($2: [{jti, err, description}]): kept with it.
-UPDATE security_events v SET state = 'failed', settled_at = now(),
-    error = jsonb_build_object('err', x.err, 'description', x.description)
-FROM jsonb_to_recordset($2::jsonb) AS x (jti text, err text, description text)
-WHERE v.domain_id = $1 AND v.jti = x.jti AND v.state IN ('pending', 'sent')
-RETURNING v.jti
+WITH refused AS (
+    UPDATE security_events v SET state = 'failed', settled_at = now(),
+        error = jsonb_build_object('err', x.err, 'description', x.description)
+    FROM jsonb_to_recordset($2::jsonb) AS x (jti text, err text, description text)
+    WHERE v.domain_id = $1 AND v.jti = x.jti AND v.state IN ('pending', 'sent')
+    RETURNING v.id, v.domain_id, v.internal_id, v.jti, v.error
+), history AS (
+    INSERT INTO entity_history (internal_id, domain_id, kind, status, details)
+    SELECT internal_id, domain_id, 'set', 'failed',
+           jsonb_build_object('event', id, 'jti', jti, 'answer', error)
+    FROM refused
+)
+SELECT jti FROM refused
 
 -- name: event_failed
-UPDATE security_events SET state = 'failed', settled_at = now(), error = $3
-WHERE domain_id = $1 AND id = $2 AND state IN ('pending', 'sent')
+WITH failed AS (
+    UPDATE security_events SET state = 'failed', settled_at = now(), error = $3
+    WHERE domain_id = $1 AND id = $2 AND state IN ('pending', 'sent')
+    RETURNING id, domain_id, internal_id, jti, error
+)
+INSERT INTO entity_history (internal_id, domain_id, kind, status, details)
+SELECT internal_id, domain_id, 'set', 'failed',
+       jsonb_build_object('event', id, 'jti', jti, 'answer', error)
+FROM failed
 
 -- name: more_events
 SELECT EXISTS (

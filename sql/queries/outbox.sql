@@ -84,11 +84,19 @@ RETURNING o.id, o.domain_id, o.internal_id, o.attempts, o.sealed_values, o.kind,
           o.operation_id, o.last_error
 
 -- name: delivery_done
--- Delivered: write-only values are erased.
-UPDATE outbox
-SET state = 'done', attempts = attempts + 1, lease_until = NULL, last_error = NULL,
-    sealed_values = NULL, updated_at = now()
-WHERE id = $1 AND claimed_by = $2 AND state = 'in_flight'
+-- Delivered: write-only values are erased; the entity's history keeps it (one row, same statement).
+WITH settled AS (
+    UPDATE outbox
+    SET state = 'done', attempts = attempts + 1, lease_until = NULL, last_error = NULL,
+        sealed_values = NULL, updated_at = now()
+    WHERE id = $1 AND claimed_by = $2 AND state = 'in_flight'
+    RETURNING id, domain_id, internal_id, kind, attempts, operation_id
+)
+INSERT INTO entity_history (internal_id, domain_id, kind, status, details)
+SELECT internal_id, domain_id, 'delivery', 'done',
+       jsonb_build_object('delivery', id, 'task', kind, 'attempts', attempts,
+                          'operation', operation_id)
+FROM settled
 
 -- name: delivery_later
 -- Back to pending, due at $3 ($4: count it as an attempt). A newer pending sync of the same
@@ -102,20 +110,38 @@ WITH folded AS (
       AND f.domain_id = o.domain_id AND f.internal_id = o.internal_id AND f.id <> o.id
       AND before.id = f.id
     RETURNING f.id, before.sealed_values
+), settled AS (
+    UPDATE outbox
+    SET state = 'pending', attempts = attempts + CASE WHEN $4::boolean THEN 1 ELSE 0 END,
+        next_attempt_at = $3, lease_until = NULL, last_error = $5, updated_at = now(),
+        sealed_values = coalesce(
+            (SELECT sealed_values FROM folded WHERE sealed_values IS NOT NULL
+             ORDER BY id DESC LIMIT 1),
+            sealed_values)
+    WHERE id = $1 AND claimed_by = $2 AND state = 'in_flight'
+    RETURNING id, domain_id, internal_id, kind, attempts, operation_id, last_error
 )
-UPDATE outbox
-SET state = 'pending', attempts = attempts + CASE WHEN $4::boolean THEN 1 ELSE 0 END,
-    next_attempt_at = $3, lease_until = NULL, last_error = $5, updated_at = now(),
-    sealed_values = coalesce(
-        (SELECT sealed_values FROM folded WHERE sealed_values IS NOT NULL ORDER BY id DESC LIMIT 1),
-        sealed_values)
-WHERE id = $1 AND claimed_by = $2 AND state = 'in_flight'
+-- A failed attempt (counted, $4) goes into the entity's history with the peer's answer; a
+-- delivery only waiting (for its dependencies) does not.
+INSERT INTO entity_history (internal_id, domain_id, kind, status, details)
+SELECT internal_id, domain_id, 'delivery', 'retry',
+       jsonb_build_object('delivery', id, 'task', kind, 'attempts', attempts,
+                          'operation', operation_id, 'answer', last_error, 'due', $3::timestamptz)
+FROM settled WHERE $4::boolean
 
 -- name: delivery_dead
-UPDATE outbox
-SET state = 'dead', attempts = attempts + 1, lease_until = NULL, last_error = $3,
-    updated_at = now()
-WHERE id = $1 AND claimed_by = $2 AND state = 'in_flight'
+WITH settled AS (
+    UPDATE outbox
+    SET state = 'dead', attempts = attempts + 1, lease_until = NULL, last_error = $3,
+        updated_at = now()
+    WHERE id = $1 AND claimed_by = $2 AND state = 'in_flight'
+    RETURNING id, domain_id, internal_id, kind, attempts, operation_id, last_error
+)
+INSERT INTO entity_history (internal_id, domain_id, kind, status, details)
+SELECT internal_id, domain_id, 'delivery', 'dead',
+       jsonb_build_object('delivery', id, 'task', kind, 'attempts', attempts,
+                          'operation', operation_id, 'answer', last_error)
+FROM settled
 
 -- name: domain_delivered
 -- A delivery succeeded: the peer is healthy. Returns whether it recovers from a failure that
