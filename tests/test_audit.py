@@ -338,7 +338,9 @@ async def test_domain_token_and_key_changes_are_audited(pool: asyncpg.Pool) -> N
     ]
     details = [r["details"] for r in await pool.fetch("SELECT details FROM audit_log ORDER BY seq")]
     assert details[1]["scim_url"] == "https://p1.example.org/scim/v2"
-    assert details[2] == {"scim_url": "https://p1.example.net/scim/v2"}
+    assert details[2] == {  # what changed: before and after
+        "scim_url": ["https://p1.example.org/scim/v2", "https://p1.example.net/scim/v2"]
+    }
     assert details[3]["token"] == info.id and details[4] == {"token": info.id}
     assert details[5] == {"kid": key.kid}
     assert token not in json.dumps(details)  # the token itself is never written down

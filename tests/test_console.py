@@ -79,7 +79,8 @@ async def test_a_new_token_is_shown_once_and_its_issue_is_audited_with_the_conso
                 assert response.status == 200
                 assert new not in await response.text(), path
     row = await broker.app[POOL].fetchrow(
-        "SELECT actor, details FROM audit_log WHERE action = 'token_issue'"
+        "SELECT actor, details FROM audit_log WHERE action = 'token_issue' AND subject = 'D' "
+        "ORDER BY seq DESC LIMIT 1"
     )
     assert row["actor"].startswith("H token ")
     assert new not in str(row["details"])

@@ -44,11 +44,11 @@ async def issue(request: web.Request) -> web.Response:
         raise InvalidValueError("pick the domain the token is for")
     scopes = [str(s) for s in form.getall("scopes", [])] or None
     expires = str(form.get("expires") or "").strip()
-    token, info = await console.tokens.issue(
-        domain, scopes=scopes, expires_in=parse_duration(expires) if expires else None
-    )
-    await console.audit(
-        session, "token_issue", domain, {"token_id": info.id, "scopes": info.scopes}
+    token, _ = await console.tokens.issue(  # audited (token_issue) in the same transaction
+        domain,
+        scopes=scopes,
+        expires_in=parse_duration(expires) if expires else None,
+        actor=session.actor,
     )
     return await _page(request, issued=token, status=201)
 
@@ -61,8 +61,7 @@ async def revoke(request: web.Request) -> web.StreamResponse:
         token_id = int(request.match_info["id"])
     except ValueError:
         raise NotFoundError("a token ID is a number") from None
-    info = await console.tokens.revoke(token_id)
-    await console.audit(session, "token_revoke", info.domain_id, {"token_id": token_id})
+    await console.tokens.revoke(token_id, actor=session.actor)  # audited (token_revoke)
     raise web.HTTPSeeOther(f"{PREFIX}/domains?done=revoked-{token_id}")
 
 
