@@ -156,6 +156,7 @@ DB_URL = web.AppKey("db_url", str)
 HOME = web.AppKey("home", HomeClient)
 DELIVERER = web.AppKey("deliverer", Deliverer)
 ADMIN_URL = web.AppKey("admin_url", str)
+ADMIN = web.AppKey("admin", Admin)
 STORE = web.AppKey("store", MappingStore)
 GUARD = web.AppKey("guard", LeakGuard)
 """The leak guard, for everything bound to a domain or a peer (its exact lookup shares the
@@ -335,7 +336,12 @@ async def _home(app: web.Application) -> AsyncIterator[None]:
     timeout = aiohttp.ClientTimeout(total=config.home.timeout)
     connector = aiohttp.TCPConnector(limit=100)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        app[HOME] = HomeClient(session, config.home.scim_url, config.home.bearer_token())
+        app[HOME] = HomeClient(
+            session,
+            config.home.scim_url,
+            config.home.bearer_token(),
+            limit=config.home.max_answer_bytes,
+        )
         yield
 
 
@@ -384,9 +390,12 @@ async def _domain_changes(app: web.Application) -> AsyncIterator[None]:
     def changed(domain: str) -> None:
         if PROXY in app:
             app[PROXY].domains.forget(domain)
-            app[PROXY].tokens.forget()
+            app[PROXY].tokens.forget(domain)
         if POLL in app:
-            app[POLL].forget()
+            app[POLL].forget(domain)
+        if ADMIN in app:  # the admin API, the console's dead letters, home's pushed SETs
+            app[ADMIN].domains.forget(domain)
+            app[ADMIN].tokens.forget(domain)
 
     def lost() -> None:  # while nothing listens, a change may go unseen: drop everything
         changed("")
@@ -450,6 +459,7 @@ async def _propagation(app: web.Application) -> AsyncIterator[None]:
                 done_retention=config.done_retention,
                 history_retention=config.history_retention,
                 conflict_patience=config.conflict_patience,
+                max_answer=config.peer_max_answer_bytes,
             ),
             observe=lambda peer, outcome: metrics.deliveries.labels(peer, outcome).inc(),
             events=lambda: app[RENDERER],
@@ -477,6 +487,7 @@ async def _admin(app: web.Application) -> AsyncIterator[None]:
     """The admin listener, on its own address, for as long as the main application runs."""
     server = app[CONFIG].server
     admin = Admin(app[POOL], app[STORE], app.get(HOME), app[JOURNAL])
+    app[ADMIN] = admin
     events = app[CONFIG].events
     async with contextlib.AsyncExitStack() as stack:
         receiver = None

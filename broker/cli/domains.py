@@ -11,7 +11,7 @@ import asyncpg
 
 from broker.cli.common import actor, pool, split_list
 from broker.config import Config
-from broker.credentials import credential_ref, describe_ref
+from broker.credentials import Reserved, credential_ref, describe_ref, reserved_secrets
 from broker.domains import Domain, DomainStore, DomainUpdate
 from broker.errors import InvalidValueError
 from broker.mapping.removal import remove_domain
@@ -64,7 +64,11 @@ def register(commands: Commands) -> None:
 
 def _add_arguments(parser: argparse.ArgumentParser, *, update: bool) -> None:
     """The name, how the broker reaches the domain, and what it may see (add and update)."""
-    parser.add_argument("domain", help="the domain's name: letters, digits, '.', '_', '-'")
+    parser.add_argument(
+        "domain",
+        help="the domain's name: 1 to 63 letters, digits, '.', '_', '-' (no '..'), starting "
+        "with a letter or digit",
+    )
     if not update:
         parser.add_argument("--home", action="store_true", help="this is the home domain")
     parser.add_argument("--scim-url", help="the domain's SCIM base URL (needed with --push)")
@@ -131,7 +135,12 @@ async def cmd_domain(config: Config, args: argparse.Namespace) -> int:
         domains = DomainStore(database)
         command = args.domain_command
         if command in ("add", "update"):
-            domain = await (_add(domains, args) if command == "add" else _update(domains, args))
+            reserved = reserved_secrets(config)
+            domain = await (
+                _add(domains, args, reserved)
+                if command == "add"
+                else _update(domains, args, reserved)
+            )
             print("\n".join(_domain_lines(domain)))
             if domain.push and domain.scim_url:
                 report = await _test(domain)
@@ -157,7 +166,8 @@ async def cmd_domain(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _add(domains: DomainStore, args: argparse.Namespace) -> Domain:
+async def _add(domains: DomainStore, args: argparse.Namespace, reserved: Reserved) -> Domain:
+    """The domain ``add`` registers, checked as the admin API checks a domain's settings."""
     return await domains.add(
         args.domain,
         kind="home" if args.home else "peer",
@@ -173,6 +183,7 @@ async def _add(domains: DomainStore, args: argparse.Namespace) -> Domain:
         unlinkable=args.unlinkable,
         timestamp_precision=args.timestamp_precision,
         actor=actor(),
+        reserved=reserved,
     )
 
 
@@ -209,8 +220,8 @@ def update_of(args: argparse.Namespace) -> DomainUpdate:
     )
 
 
-async def _update(domains: DomainStore, args: argparse.Namespace) -> Domain:
-    return await domains.update(args.domain, update_of(args), actor=actor())
+async def _update(domains: DomainStore, args: argparse.Namespace, reserved: Reserved) -> Domain:
+    return await domains.update(args.domain, update_of(args), actor=actor(), reserved=reserved)
 
 
 async def _show(domains: DomainStore, name: str) -> None:

@@ -16,7 +16,7 @@ import asyncpg
 
 from broker.db import query
 from broker.home import HomeRefused, HomeUnavailable
-from broker.propagation.peer import PeerClient, peer_credential
+from broker.propagation.peer import MAX_ANSWER, PeerClient, peer_credential
 from broker.propagation.policy import Backoff, Failure, Verdict
 
 if TYPE_CHECKING:
@@ -69,6 +69,9 @@ class WorkerSettings:
     """Seconds a write refused with 409 (a value that must be unique is taken) is retried before
     it is a dead letter: the value may sit on an account changing hands (a split gave it to
     another entity, whose rename is on its way, or a delete is queued behind an outage)."""
+    max_answer: int = MAX_ANSWER
+    """The longest answer read from a peer or a SET receiver, in bytes; a longer one is left
+    unread and the delivery fails (``policy.too_large``)."""
 
 
 @dataclass(frozen=True)
@@ -190,9 +193,15 @@ class PeerClients:
     token changes; a peer's clients share its ``concurrency`` request slots."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, concurrency: int, *, monotonic: Clock
+        self,
+        session: aiohttp.ClientSession,
+        concurrency: int,
+        *,
+        monotonic: Clock,
+        limit: int = MAX_ANSWER,
     ) -> None:
         self.session = session
+        self.limit = limit
         self.concurrency = concurrency
         self.monotonic = monotonic
         self._clients: dict[str, PeerClient] = {}
@@ -212,6 +221,7 @@ class PeerClients:
                 domain=peer.id,
                 slots=slots,
                 monotonic=self.monotonic,
+                limit=self.limit,
             )
             self._clients[peer.id] = client
         return client

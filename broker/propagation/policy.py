@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-__all__ = ["Backoff", "Failure", "Verdict", "judge", "retry_after_seconds"]
+__all__ = ["Backoff", "Failure", "Verdict", "judge", "retry_after_seconds", "too_large"]
 
 
 class Verdict(enum.Enum):
@@ -85,6 +85,28 @@ def judge(status: int, body: Any, headers: Mapping[str, str], what: str) -> Fail
         status,
         error,
         retry_after_seconds(headers.get("Retry-After")),
+    )
+
+
+def too_large(status: int, limit: int, headers: Mapping[str, str], what: str) -> Failure:
+    """The failure an answer to ``what`` longer than ``limit`` bytes is (left unread). A status
+    that may pass by itself (5xx, 429) is retried as that status is; any other is a dead letter:
+    a peer answering one request with that much is broken or hostile, and asking again gets the
+    same (a write it answered so may have been made: a retry of a create may then meet 409)."""
+    if status in _TRANSIENT or status >= 500:
+        return Failure(
+            Verdict.TRANSIENT,
+            f"{what}: HTTP {status} with an answer over {limit} bytes, left unread; retrying",
+            status,
+            None,
+            retry_after_seconds(headers.get("Retry-After")),
+        )
+    return Failure(
+        Verdict.PERMANENT,
+        f"{what}: HTTP {status} with an answer over {limit} bytes, left unread (a SCIM answer "
+        "to one request is far smaller): check the peer, or raise [propagation] "
+        "peer_max_answer_bytes if its answers really are that large, then retry the dead letter",
+        status,
     )
 
 

@@ -104,7 +104,12 @@ class Deliverer:
         tools = Tools(
             pool,
             home,
-            PeerClients(session, self.settings.concurrency, monotonic=monotonic),
+            PeerClients(
+                session,
+                self.settings.concurrency,
+                monotonic=monotonic,
+                limit=self.settings.max_answer,
+            ),
             self.ledger,
             self.settings,
             clock,
@@ -113,7 +118,7 @@ class Deliverer:
         guard = guard or LeakGuard(MappingStore(pool), IdShape(id_pattern))
         self.syncs = Syncer(tools, guard=guard, box=box)
         self.cleanup = Cleanup(tools)
-        self.sets = SetPusher(pool, session, events)
+        self.sets = SetPusher(pool, session, events, limit=self.settings.max_answer)
 
     # ------------------------------------------------------------------ the loop
 
