@@ -265,8 +265,9 @@ async def broker(db_url: str, home: Home) -> AsyncIterator[Broker]:
 
 
 async def test_disabling_a_domain_elsewhere_refuses_its_cached_tokens_at_once(
-    broker: Broker, db_url: str
+    broker: Broker, db_url: str, home: Home
 ) -> None:
+    home.call("POST", "/Users", new_user())  # what the domains read holds a home ID
     operator, _ = await TokenStore(broker.pool).issue("H", scopes=["admin"])
     # The verdicts are cached for an hour here: only the change's notice can drop them.
     broker.app[PROXY].tokens.cache_seconds = 3600
@@ -296,6 +297,6 @@ async def test_disabling_a_domain_elsewhere_refuses_its_cached_tokens_at_once(
     status, body, _ = await broker.call("D", "GET", "/Users")
     assert status == 200, body
     assert (
-        await broker.pool.fetchval("SELECT count(*) FROM audit_log WHERE action = 'domain.disable'")
+        await broker.pool.fetchval("SELECT count(*) FROM audit_log WHERE action = 'domain_disable'")
         == 2
     )
