@@ -217,30 +217,37 @@ _TAG = re.compile(r'\s*((?:[Ww]/)?(?:"[^"]*"|[^,"\s]*))\s*(?:,|\Z)')
 
 
 def present_meta(
-    doc: Mapping[str, Any], *, domain: Audience, internal_id: str, sealer: VersionSealer
+    doc: Mapping[str, Any],
+    *,
+    domain: Audience,
+    internal_id: str,
+    sealer: VersionSealer,
+    in_place: bool = False,
 ) -> dict[str, Any]:
     """A resource's ``meta`` as ``domain`` is to see it: ``version`` sealed for the domain and
     the resource, ``created`` and ``lastModified`` coarsened when the domain is unlinkable.
 
     For every outgoing resource, after translation and before the read list; the rest of the
-    document is returned as it is (a shallow copy, ``meta`` a new object)."""
-    out = dict(doc)
-    for key, meta in doc.items():
-        if key.lower() != "meta" or not isinstance(meta, Mapping):
+    document is returned as it is (a shallow copy, ``meta`` a new object; with ``in_place``, a
+    document that belongs to this one call, ``doc`` itself, its ``meta`` changed where it lies)."""
+    out: dict[str, Any] = doc if in_place and type(doc) is dict else dict(doc)
+    for key in [k for k in doc if len(k) == 4 and k.lower() == "meta"]:
+        meta = doc[key]
+        if not isinstance(meta, Mapping):
             continue
-        shown = dict(meta)
-        for name, value in meta.items():
-            if name.lower() == "version":
-                sealed = present_etag(
-                    value if isinstance(value, str) else None,
-                    domain=domain.id,
-                    internal_id=internal_id,
-                    sealer=sealer,
-                )
-                if sealed is None:
-                    del shown[name]  # not a version the broker can seal: not shown raw either
-                else:
-                    shown[name] = sealed
+        shown = meta if in_place and type(meta) is dict else dict(meta)
+        for name in [n for n in meta if len(n) == 7 and n.lower() == "version"]:
+            value = meta[name]
+            sealed = present_etag(
+                value if isinstance(value, str) else None,
+                domain=domain.id,
+                internal_id=internal_id,
+                sealer=sealer,
+            )
+            if sealed is None:
+                del shown[name]  # not a version the broker can seal: not shown raw either
+            else:
+                shown[name] = sealed
         out[key] = shown
     if domain.unlinkable:
         out = coarsen_meta(out, domain.timestamp_precision)
