@@ -368,7 +368,7 @@ class _Planner:
             held = (tuple(matter), external_id_keys)
             if len(self.shapes) < 256:  # never an unbounded memo, whatever home sends
                 self.shapes[keys] = held
-        return held  # type: ignore[no-any-return]
+        return held
 
     def doc(self, doc: Mapping[str, Any], resource_type: str | None) -> _Doc:
         shape, external_id_keys = self.shape(doc)
