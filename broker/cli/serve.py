@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import errno
 import functools
+import gc
 import logging
 import os
 import sys
@@ -25,7 +26,7 @@ from broker.output import say
 if TYPE_CHECKING:
     from broker.cli.common import Commands
 
-__all__ = ["cmd_migrate", "cmd_serve", "register"]
+__all__ = ["GC_THRESHOLDS", "cmd_migrate", "cmd_serve", "register", "settle_memory"]
 
 
 def register(commands: Commands) -> None:
@@ -68,6 +69,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
             "(the first start initialises it)"
         )
     app = create_app(config)
+    app.on_startup.append(settle_memory)
     if workers > 1 and not args.secondary:
         app.cleanup_ctx.append(
             functools.partial(
@@ -99,6 +101,25 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         return 2
     say("broker stopped")
     return 0
+
+
+GC_THRESHOLDS = (20_000, 20, 20)
+"""The cyclic garbage collector's thresholds while serving (CPython's default: 700, 10, 10)."""
+
+
+async def settle_memory(_app: web.Application) -> None:
+    """Once the application has started: what it holds for its lifetime (modules, schemas, the
+    pools) is moved out of the collector's sight (``gc.freeze``), and the first generation
+    collects after 20,000 net allocations instead of 700.
+
+    A page of 100 users parses into about 6,000 objects that live for one request; with the
+    defaults they set off several collections per page, some of them full ones that walk every
+    object of the process: about 250 us of CPU per page request (measured with gc.callbacks,
+    issue 15), 45 us with the freeze alone, none with both. Reference cycles are still
+    collected: they add to the count until it reaches the threshold."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def worker_count(text: str) -> int:
