@@ -417,8 +417,11 @@ class Proxy:
     ) -> web.Response:
         """Step 5: the response a domain gets, after the leak guard (errors too)."""
         raw = orjson.dumps(body) if body is not None else b""
-        text = raw.decode()
-        parts = [("body", text), *((f"header {k}", v) for k, v in (headers or {}).items())]
+        # The guard reads the very bytes the domain is sent.
+        parts: list[tuple[str, str | bytes]] = [
+            ("body", raw),
+            *((f"header {k}", v) for k, v in (headers or {}).items()),
+        ]
         # The IDs in play are those the translation asked about, never anything the request
         # held; the caller's own IDs are what it is meant to see.
         leak = await self.guard.check(parts, in_play=call.internal_ids)
