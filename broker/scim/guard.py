@@ -104,16 +104,16 @@ def lookup_keys(tokens: Iterable[str]) -> set[str]:
 
 def unescape_json(text: str) -> str:
     """``text`` with JSON escapes of ASCII characters (``\\u0064``, also doubly escaped) undone."""
-    # A literal search first: a page's sealed versions put backslashes (escaped quotes) in every
-    # body, and the regular expression costs more than the search.
-    if "\\u00" not in text or _ESCAPED.search(text) is None:
+    # One character is found with memchr; then the expression, whose literal first character
+    # makes it fast (faster than a search for the five characters "\\u00" amid hex digits).
+    if "\\" not in text or _ESCAPED.search(text) is None:
         return text
     return _ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text)
 
 
 def _unescape_json_bytes(data: bytes) -> bytes:
     """:func:`unescape_json` of UTF-8 bytes (the escapes undone are ASCII)."""
-    if b"\\u00" not in data or _ESCAPED_BYTES.search(data) is None:
+    if b"\\" not in data or _ESCAPED_BYTES.search(data) is None:
         return data
     return _ESCAPE_BYTES.sub(lambda m: bytes([int(m.group(1), 16)]), data)
 

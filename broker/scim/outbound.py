@@ -118,6 +118,7 @@ _Edit = tuple[str | None, str, RefAttr, bool, list[_Item], bool]
 attribute; whether the value is a list; its values; whether every value is _FAST)."""
 
 _UNKNOWN: Any = object()
+_GENERAL_VALUE: Any = object()
 
 
 class _Doc(NamedTuple):
@@ -193,6 +194,8 @@ class _Renderer:
     ) -> None:
         self.views, self.targets, self.translation = views, targets, translation
         self.in_place = in_place
+        self.external = {internal: view.external_id for internal, view in views.items()}
+        """Each internal ID -> the domain's ID for it, read once for the page."""
 
     def visit(self, internal: str, _rtype: str | None) -> str | None:
         view = self.views.get(internal)
@@ -201,13 +204,12 @@ class _Renderer:
     def fast(self, items: list[_Item]) -> list[Any]:
         """Values that are all _FAST: each rewritten where it lies (or a copy), those naming
         nothing the domain can see left out."""
-        views, targets, in_place = self.views, self.targets, self.in_place
+        external, targets, in_place = self.external, self.targets, self.in_place
         kept: list[Any] = []
         for _, item, internal, rtype, ref_key in items:
-            view = views.get(internal)
-            if view is None:
+            new = external.get(internal)
+            if new is None:
                 continue
-            new = view.external_id
             shown = item if in_place else dict(item)
             shown["value"] = new
             if ref_key is not None:
@@ -294,7 +296,8 @@ class _Planner:
         self.wanted: dict[str, str | None] = {}
         # item_type reads only an item's "type" and "$ref": its answer is kept for the page (a
         # page's references name the same few groups and managers over and over).
-        self.types: dict[int, dict[tuple[str | None, str | None], str | None]] = {}
+        self.types: dict[int, dict[Any, str | None]] = {}
+        self.by_ref: dict[int, dict[str, str | None]] = {}
 
     def add(self, resource_id: str, rtype: str | None) -> None:
         if self.wanted.get(resource_id) is None:
@@ -304,36 +307,68 @@ class _Planner:
         """The plan of each value, and whether all are _FAST."""
         planned: list[_Item] = []
         all_fast = True
-        wanted, targets = self.wanted, self.targets
+        wanted = self.wanted
         types = self.types.get(id(attr))
         if types is None:
             types = self.types[id(attr)] = {}
+        by_ref = self.by_ref.get(id(attr))
+        if by_ref is None:
+            by_ref = self.by_ref[id(attr)] = {}
+        complex_values = attr.complex
         for item in values:
-            if attr.complex and type(item) is dict and "value" in item:
-                value = item["value"]
-                if not isinstance(value, str):
-                    planned.append((_DROP, item, "", None, None))
-                    all_fast = False
-                    continue
-                declared, ref = item.get("type"), item.get("$ref")
-                if (declared is None or type(declared) is str) and (
-                    ref is None or type(ref) is str
-                ):
-                    rtype = types.get((declared, ref), _UNKNOWN)
+            # The common value first ({"value": ID, "$ref": URI, ...}, no "type"): its type and
+            # whether it is rendered here are known from its $ref, once per page.
+            if complex_values and type(item) is dict and "type" not in item:
+                value, ref = item.get("value"), item.get("$ref")
+                if type(value) is str and type(ref) is str:
+                    rtype = by_ref.get(ref, _UNKNOWN)
                     if rtype is _UNKNOWN:
-                        rtype = types[declared, ref] = self._type_of(item, attr)
-                else:
-                    rtype = self._type_of(item, attr)
-                ref_key = "$ref" if "$ref" in item else _ref_key(item)
-                if ref_key is None or rtype is None or rtype in targets:
-                    if wanted.get(value) is None:
-                        wanted[value] = rtype
-                    planned.append((_FAST, item, value, rtype, ref_key))
-                    continue
-            collect_item(item, attr, self.translation, self.add)
-            planned.append((_GENERAL, item, "", None, None))
-            all_fast = False
+                        rtype = by_ref[ref] = self._fast_type(item, attr, types)
+                    if rtype is not _GENERAL_VALUE:
+                        if wanted.get(value) is None:
+                            wanted[value] = rtype
+                        planned.append((_FAST, item, value, rtype, "$ref"))
+                        continue
+            if not self._value(item, attr, types, planned):
+                all_fast = False
         return planned, all_fast
+
+    def _fast_type(
+        self, item: dict[str, Any], attr: RefAttr, types: dict[Any, str | None]
+    ) -> str | None:
+        """The type of a value that has a string "$ref" and no "type", or _GENERAL_VALUE where
+        :meth:`_value` would hand it to the general functions."""
+        planned: list[_Item] = []
+        self._value(item, attr, types, planned)
+        kind, _, _, rtype, _ = planned[0]
+        return rtype if kind == _FAST else _GENERAL_VALUE
+
+    def _value(
+        self, item: Any, attr: RefAttr, types: dict[Any, str | None], planned: list[_Item]
+    ) -> bool:
+        """The plan of one value, whatever it is, appended to ``planned``; whether it is
+        _FAST."""
+        if attr.complex and type(item) is dict and "value" in item:
+            value = item["value"]
+            if not isinstance(value, str):
+                planned.append((_DROP, item, "", None, None))
+                return False
+            declared, ref = item.get("type"), item.get("$ref")
+            if (declared is None or type(declared) is str) and (ref is None or type(ref) is str):
+                rtype = types.get((declared, ref), _UNKNOWN)
+                if rtype is _UNKNOWN:
+                    rtype = types[declared, ref] = self._type_of(item, attr)
+            else:
+                rtype = self._type_of(item, attr)
+            ref_key = "$ref" if "$ref" in item else _ref_key(item)
+            if ref_key is None or rtype is None or rtype in self.targets:
+                if self.wanted.get(value) is None:
+                    self.wanted[value] = rtype
+                planned.append((_FAST, item, value, rtype, ref_key))
+                return True
+        collect_item(item, attr, self.translation, self.add)
+        planned.append((_GENERAL, item, "", None, None))
+        return False
 
     def _type_of(self, item: dict[str, Any], attr: RefAttr) -> str | None:
         return item_type(item, attr, self.endpoints, self.source_base)
