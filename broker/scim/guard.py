@@ -240,6 +240,7 @@ class IdShape:
         shapes = [bare, _HEX32, _DASHED] if self.hex_uuid else [bare]
         self.shapes = _Shapes(shapes)
         self._fixed = [re.compile(s, re.IGNORECASE | re.ASCII) for s in shapes if _fixed_width(s)]
+        self._classified: dict[str, tuple[str, bool]] = {}
 
     def tokens(self, text: str | bytes) -> set[str]:
         """Every string in the home's ID shape in ``text`` (a str, or UTF-8 bytes), as written:
@@ -262,6 +263,18 @@ class IdShape:
     def candidates(self, text: str) -> set[str]:
         """The canonical forms (:func:`forms`) of every token in ``text``."""
         return {form for token in self.tokens(text) for form in forms(token)}
+
+    def classify(self, internal: str) -> tuple[str, bool]:
+        """An internal ID in play, lowered, and whether :meth:`covers` it; kept for the IDs
+        seen recently (a page names the same hundred IDs request after request)."""
+        held = self._classified.get(internal)
+        if held is None:
+            lowered = internal.lower()
+            held = (lowered, bool(lowered) and self.covers(lowered))
+            if len(self._classified) >= 65536:  # never an unbounded memo
+                self._classified.clear()
+            self._classified[internal] = held
+        return held
 
     def covers(self, value: str) -> bool:
         """Whether every occurrence of ``value`` in a text is sure to be among its tokens (the
@@ -327,10 +340,10 @@ def find_in_play(scans: Iterable[Scan], in_play: Collection[str], shape: IdShape
     covered: set[str] = set()
     others: set[str] = set()
     for internal in in_play:
-        lowered = internal.lower()
+        lowered, is_covered = shape.classify(internal)
         if not lowered:
             continue
-        if shape.covers(lowered):
+        if is_covered:
             # Any rendering of it in a part is a token there, whose forms include this one.
             covered.add(lowered)
         else:

@@ -231,12 +231,12 @@ def present_meta(
     document is returned as it is (a shallow copy, ``meta`` a new object; with ``in_place``, a
     document that belongs to this one call, ``doc`` itself, its ``meta`` changed where it lies)."""
     out: dict[str, Any] = doc if in_place and type(doc) is dict else dict(doc)
-    for key in [k for k in doc if len(k) == 4 and k.lower() == "meta"]:
+    for key in _spelled(doc, "meta"):
         meta = doc[key]
-        if not isinstance(meta, Mapping):
+        if type(meta) is not dict and not isinstance(meta, Mapping):  # (the ABC check is slow)
             continue
         shown = meta if in_place and type(meta) is dict else dict(meta)
-        for name in [n for n in meta if len(n) == 7 and n.lower() == "version"]:
+        for name in _spelled(meta, "version"):
             value = meta[name]
             sealed = present_etag(
                 value if isinstance(value, str) else None,
@@ -252,6 +252,22 @@ def present_meta(
     if domain.unlinkable:
         out = coarsen_meta(out, domain.timestamp_precision)
     return out
+
+
+_SPELLED: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
+
+
+def _spelled(attrs: Mapping[str, Any], name: str) -> tuple[str, ...]:
+    """The keys of ``attrs`` that spell ``name`` (lower case) in any case, found once per key
+    sequence: home's resources repeat theirs (issue 15: a page's 100 documents share one)."""
+    keys = tuple(attrs)
+    found = _SPELLED.get((name, keys))
+    if found is None:
+        found = tuple(k for k in keys if k.lower() == name)
+        if len(_SPELLED) >= 1024:  # never an unbounded memo, whatever home sends
+            _SPELLED.clear()
+        _SPELLED[name, keys] = found
+    return found
 
 
 _TIMESTAMPS = frozenset({"created", "lastmodified"})
