@@ -298,6 +298,7 @@ class _Planner:
         # page's references name the same few groups and managers over and over).
         self.types: dict[int, dict[Any, str | None]] = {}
         self.by_ref: dict[int, dict[str, str | None]] = {}
+        self.own_prefixes: dict[str, str | None] = {}
 
     def add(self, resource_id: str, rtype: str | None) -> None:
         if self.wanted.get(resource_id) is None:
@@ -405,6 +406,40 @@ class _Planner:
                 self.shapes[keys] = held
         return held
 
+    def own_location(self, uri: str, own: Any, own_type: str | None) -> tuple[str, str] | None:
+        """``meta.location`` read without parsing where it is what home writes: its base, the
+        endpoint of the document's own type as home spells it, and the document's own ID
+        (what :meth:`Endpoints.parse_uri` answers for it); None for anything else."""
+        if own_type is None or type(own) is not str or "/" in own or "?" in own or "#" in own:
+            return None
+        prefix = self.own_prefixes.get(own_type, _UNKNOWN)
+        if prefix is _UNKNOWN:
+            prefix = self.own_prefixes[own_type] = self._own_prefix(own_type)
+        if prefix is not None and own and uri == prefix + own:
+            return own_type, own
+        return None
+
+    def _own_prefix(self, resource_type: str) -> str | None:
+        """``{home's base}/{endpoint}/`` for a type, where parse_uri's fast path reads such a
+        URI as (that type, the rest); None otherwise."""
+        endpoint = self.endpoints.by_type.get(resource_type)
+        if endpoint is None:
+            return None
+        sample = "x"
+        base = self.source_base.rstrip("/")
+        if "://" not in base:
+            return None
+        prefix = f"{base}/{endpoint.strip('/')}/"
+        return (
+            prefix
+            if self.endpoints.parse_uri(prefix + sample, self.source_base)
+            == (
+                resource_type,
+                sample,
+            )
+            else None
+        )
+
     def doc(self, doc: Mapping[str, Any], resource_type: str | None) -> _Doc:
         shape, external_id_keys = self.shape(doc)
         edits: list[_Edit] = []
@@ -418,19 +453,30 @@ class _Planner:
                     extensions.append(key)
             elif attr is not None and value is not None:
                 self._edit(edits, None, key, attr, value)
+        wanted = self.wanted
         own = doc.get("id")
+        own_type = None
         if isinstance(own, str):
-            self.add(own, resource_type or _meta_type(doc))
+            own_type = resource_type or _meta_type(doc)
+            if wanted.get(own) is None:
+                wanted[own] = own_type
         location = None
         meta = doc.get("meta")
         if isinstance(meta, dict):
             uri = meta.get("location")
-            parsed = (
-                self.endpoints.parse_uri(uri, self.source_base) if isinstance(uri, str) else None
-            )
-            if parsed is not None:
-                self.add(parsed[1], parsed[0])
-                location = parsed
+            if type(uri) is str:
+                parsed = self.own_location(uri, own, own_type)
+                if parsed is None:
+                    parsed = self.endpoints.parse_uri(uri, self.source_base)
+                if parsed is not None:
+                    if wanted.get(parsed[1]) is None:
+                        wanted[parsed[1]] = parsed[0]
+                    location = parsed
+            elif isinstance(uri, str):
+                parsed = self.endpoints.parse_uri(uri, self.source_base)
+                if parsed is not None:
+                    self.add(parsed[1], parsed[0])
+                    location = parsed
         if not edits and location is None and not external_id_keys:
             return _NO_EDITS
         return _Doc(edits, extensions, location, external_id_keys)
