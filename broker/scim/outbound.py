@@ -246,7 +246,7 @@ class _Renderer:
         if isinstance(meta, dict) and "location" in meta:
             shown_meta = meta if self.in_place else dict(meta)
             location = plan.location
-            moved = self.visit(location[1], location[0]) if location else None
+            moved = self.external.get(location[1]) if location else None
             if moved is None or location is None:
                 del shown_meta["location"]
             else:
@@ -259,12 +259,12 @@ class _Renderer:
         return new
 
     def edits(self, new: dict[str, Any], plan: _Doc) -> None:
-        containers: dict[str | None, dict[str, Any]] = {None: new}
+        containers: dict[str | None, dict[str, Any]] = {}
         for key in plan.extensions:
             containers[key] = new[key] = new[key] if self.in_place else dict(new[key])
         for where, key, attr, is_list, items, all_fast in plan.edits:
             kept = self.fast(items) if all_fast else self.items(attr, items)
-            container = containers[where]
+            container = new if where is None else containers[where]
             if is_list:
                 container[key] = kept
             elif kept:
