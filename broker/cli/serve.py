@@ -112,9 +112,9 @@ async def settle_memory(_app: web.Application) -> None:
     pools) is moved out of the collector's sight (``gc.freeze``), and the first generation
     collects after 20,000 net allocations instead of 700.
 
-    A page of 100 users parses into about 6,000 objects that live for one request; with the
-    defaults they set off several collections per page, some of them full ones that walk every
-    object of the process: about 250 us of CPU per page request (measured with gc.callbacks,
+    A page of 100 users allocates a few thousand container objects (the parsed page's dicts and
+    lists, the plan's tuples) that live for one request; with the defaults they set off several
+    collections per page, some of them full ones that walk every object of the process: about 250 us of CPU per page request (measured with gc.callbacks,
     issue 15), 45 us with the freeze alone, none with both. Reference cycles are still
     collected: they add to the count until it reaches the threshold."""
     gc.collect()

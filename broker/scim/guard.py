@@ -271,7 +271,7 @@ class IdShape:
         if held is None:
             lowered = internal.lower()
             held = (lowered, bool(lowered) and self.covers(lowered))
-            if len(self._classified) >= 65536:  # never an unbounded memo
+            if len(self._classified) >= 16384:  # never an unbounded memo (about 2 MB at most)
                 self._classified.clear()
             self._classified[internal] = held
         return held
