@@ -113,6 +113,34 @@ async def direct(
         return time.perf_counter() - started
 
 
+def postgres_pids(data_dir: Path) -> list[int]:
+    """The embedded PostgreSQL's processes (its postmaster and backends), found with psutil
+    (optional); none with BROKER_DATABASE_URL or without psutil."""
+    try:
+        import psutil  # optional: not a dependency of the project
+    except ImportError:
+        return []
+    pids: list[int] = []
+    for candidate in psutil.process_iter(["name", "cmdline"]):
+        cmdline = " ".join(candidate.info["cmdline"] or [])
+        if candidate.info["name"] == "postgres" and str(data_dir.resolve()) in cmdline:
+            pids += [candidate.pid, *(c.pid for c in candidate.children(recursive=True))]
+    return pids
+
+
+def postgres_cpu(pids: list[int]) -> dict[int, float]:
+    """CPU seconds each of the processes ``pids`` used so far (user and system)."""
+    used: dict[int, float] = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        used[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return used
+
+
 async def through_broker(
     db_url: str | None,
     data_dir: Path,
@@ -121,7 +149,8 @@ async def through_broker(
     peer_urls: list[str],
     home_ids: list[str],
     concurrency: int,
-) -> float:
+) -> tuple[float, float, float]:
+    """Seconds to drain, and the CPU seconds the broker (this process) and PostgreSQL used."""
     os.environ["BENCH_PEER_TOKEN"] = token
     async with migrated_pool(db_url, data_dir, max_size=concurrency * len(peer_urls) + 4) as (
         pool,
@@ -146,12 +175,17 @@ async def through_broker(
             )
             async with pool.acquire() as conn, conn.transaction():
                 await record(conn, HomeWrite(written=dict.fromkeys(home_ids, "User")))
+            # Backends the pool opens during the drain count in full.
+            pg_before, cpu_before = postgres_cpu(postgres_pids(data_dir)), time.process_time()
             started = time.perf_counter()
             await worker.drain(within=3600)
             elapsed = time.perf_counter() - started
+            broker_cpu = time.process_time() - cpu_before
+            pg_after = postgres_cpu(postgres_pids(data_dir))
+            pg_cpu = sum(used - pg_before.get(pid, 0.0) for pid, used in pg_after.items())
             left = await pool.fetchval("SELECT count(*) FROM outbox WHERE state <> 'done'")
             assert left == 0, f"{left} deliveries did not finish"
-            return elapsed
+            return elapsed, broker_cpu, pg_cpu
 
 
 def main() -> int:
@@ -166,6 +200,7 @@ def main() -> int:
         help="home and peers: scim2-server processes, or the fast in-memory bench/store.py",
     )
     args = parser.parse_args()
+    load = os.getloadavg()
     token = secrets.token_hex(8)
     memory = args.servers == "memory"
     rows = []
@@ -195,7 +230,7 @@ def main() -> int:
                     args.concurrency,
                 )
             )
-            broker_s = asyncio.run(
+            broker_s, broker_cpu, pg_cpu = asyncio.run(
                 through_broker(
                     os.environ.get("BROKER_DATABASE_URL"),
                     Path(tmp) / "pg",
@@ -207,14 +242,20 @@ def main() -> int:
                 )
             )
             total = args.users * count
-            rows.append((count, total / direct_s, total / broker_s))
+            rows.append(
+                (count, total / direct_s, total / broker_s, broker_cpu / total, pg_cpu / total)
+            )
     print(
         f"{args.users} users, concurrency {args.concurrency} per peer, home and peers: {args.servers}"
     )
-    print("| peers | direct POSTs/s | broker deliveries/s | broker / direct |")
-    print("|---|---|---|---|")
-    for count, d, b in rows:
-        print(f"| {count} | {d:.0f} | {b:.0f} | {b / d:.0%} |")
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in load)}")
+    print(
+        "| peers | direct POSTs/s | broker deliveries/s | broker / direct "
+        "| broker CPU us/delivery | PostgreSQL CPU us/delivery |"
+    )
+    print("|---|---|---|---|---|---|")
+    for count, d, b, bc, pc in rows:
+        print(f"| {count} | {d:.0f} | {b:.0f} | {b / d:.0%} | {bc * 1e6:.0f} | {pc * 1e6:.0f} |")
     return 0
 
 

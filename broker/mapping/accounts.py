@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "begin_create",
     "finish_create",
+    "finish_creates",
     "record_entities",
     "retire_alias",
     "retire_primary",
@@ -43,6 +44,19 @@ async def finish_create(conn: Connection, handle: str, domain: str, external_id:
     another entity."""
     owner: str | None = await conn.fetchval(query("finish_create"), handle, domain, external_id)
     return owner
+
+
+async def finish_creates(
+    conn: Connection, creates: Sequence[tuple[str, str, str]]
+) -> list[str | None]:
+    """``finish_create`` for several creates (handle, domain, external ID) in one statement: the
+    owner of each, in order. UniqueViolationError: one of the accounts is mapped already to
+    another entity (nothing of the statement is written then)."""
+    if not creates:
+        return []
+    handles, domains, external_ids = (list(column) for column in zip(*creates, strict=True))
+    rows = await conn.fetch(query("finish_creates"), handles, domains, external_ids)
+    return [row["owner"] for row in rows]
 
 
 async def retire_primary(db: Executor, internal_id: str, domain: str, retention: float) -> None:

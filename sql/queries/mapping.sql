@@ -179,6 +179,29 @@ UNION ALL
 SELECT internal_id FROM id_mappings WHERE domain_id = $2 AND external_id = $3
 LIMIT 1
 
+-- name: finish_creates
+-- finish_create for several creates at once (correlation handles $1[i] in peers $2[i], with the
+-- peer's IDs $3[i]): for each, in order, the entity its row belongs to now, or NULL when the
+-- create is no longer wanted.
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY
+        AS i(handle, domain_id, external_id, n)
+), finished AS (
+    UPDATE id_mappings m SET external_id = i.external_id, state = 'active', updated_at = now()
+    FROM input i
+    WHERE m.correlation_handle = i.handle AND m.domain_id = i.domain_id AND m.is_primary
+      AND m.state = 'pending_create'
+    RETURNING i.n, m.internal_id
+)
+SELECT i.n, coalesce(
+    f.internal_id,
+    -- Finished before (a replay): the account is mapped already.
+    (SELECT x.internal_id FROM id_mappings x
+     WHERE x.domain_id = i.domain_id AND x.external_id = i.external_id LIMIT 1)) AS owner
+FROM input i
+LEFT JOIN finished f ON f.n = i.n
+ORDER BY i.n
+
 -- name: retire_primary
 -- The peer no longer holds the entity: its row is retired (kept $3 seconds, so that late
 -- references still resolve), or dropped if the create never finished.
