@@ -90,6 +90,13 @@ class Recorder:
             self._writing = asyncio.create_task(self._write_all())
         return await asyncio.shield(record.result)
 
+    async def finished(self) -> None:
+        """Until the batch being written (and those waiting) are written: what a stopping
+        worker awaits, so that no transaction is left half-way when its pool closes."""
+        writing = self._writing
+        if writing is not None:
+            await asyncio.gather(writing, return_exceptions=True)
+
     async def _write_all(self) -> None:
         try:
             while self._waiting:
