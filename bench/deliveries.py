@@ -183,6 +183,12 @@ async def through_broker(
             broker_cpu = time.process_time() - cpu_before
             pg_after = postgres_cpu(postgres_pids(data_dir))
             pg_cpu = sum(used - pg_before.get(pid, 0.0) for pid, used in pg_after.items())
+            recorder = getattr(worker.syncs.writes, "recorder", None)  # absent before batching
+            if recorder is not None and recorder.batches:
+                print(
+                    f"recorded in batches: {recorder.recorded} deliveries in {recorder.batches} "
+                    f"transactions ({recorder.recorded / recorder.batches:.1f} each)"
+                )
             left = await pool.fetchval("SELECT count(*) FROM outbox WHERE state <> 'done'")
             assert left == 0, f"{left} deliveries did not finish"
             return elapsed, broker_cpu, pg_cpu

@@ -81,6 +81,10 @@ class Recorder:
         self.ledger = ledger
         self._waiting: list[Record] = []
         self._writing: asyncio.Task[None] | None = None
+        self.batches = 0
+        """Transactions written so far (with ``recorded``: how well deliveries batch)."""
+        self.recorded = 0
+        """Deliveries recorded in them."""
 
     async def record(self, record: Record) -> Any:
         """Record the delivery with the others finishing now; what ``alone`` would return (for
@@ -120,6 +124,8 @@ class Recorder:
             if not isinstance(exc, Exception):
                 raise
             return
+        self.batches += 1
+        self.recorded += len(batch)
         for record, result in zip(batch, results, strict=True):
             record.result.set_result(result)
 
