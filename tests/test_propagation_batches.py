@@ -2,19 +2,21 @@
 transaction for the mapping rows, the copies and the settles of all of them, each exactly what it
 would have recorded alone; a batch that fails in PostgreSQL is recorded one by one, so that one
 delivery's failure stays its own. Against the real PostgreSQL, through the worker's own ``Writes``
-(no peer is called: recording is what happens after the peer answered)."""
+(no peer is called: recording is what happens after the peer answered). And the claim, which
+must stay a look-up by key under any plan PostgreSQL picks for it."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import asyncpg
 import pytest
 
+from broker.db import query
 from broker.domains import DomainStore
 from broker.mapping import accounts
 from broker.propagation.claims import Ledger
@@ -199,3 +201,31 @@ async def test_updates_recorded_together_drop_a_copy_that_changed_on_the_way_and
     )
     for _, _, delivery in updates:
         assert await pool.fetchval("SELECT state FROM outbox WHERE id = $1", delivery) == "done"
+
+
+async def test_the_claim_s_generic_plan_updates_its_rows_by_key_not_by_reading_the_whole_outbox(
+    p1: tuple[asyncpg.Pool, QueryCounter],
+) -> None:
+    """After five runs a prepared statement may use a generic plan, which does not know the
+    claim's LIMIT: the rows claimed must still be found by their key, however many finished
+    rows the outbox holds."""
+    pool, _ = p1
+    ids = [uuid.uuid4().hex for _ in range(2000)]
+    async with pool.acquire() as conn, conn.transaction():
+        await accounts.record_entities(conn, ids, ["User"] * len(ids))
+        await conn.execute(
+            "INSERT INTO outbox (domain_id, internal_id, kind, state) "
+            "SELECT 'P1', i, 'sync', 'done' FROM unnest($1::text[]) AS i",
+            ids,
+        )
+        await conn.execute(query("enqueue_sync_to"), "P1", ids, datetime.now(UTC))
+    await pool.execute("ANALYZE outbox, entities, id_mappings, peer_copies")
+    async with pool.acquire() as conn:
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        await conn.execute(f"PREPARE claim(text, text, int, float8) AS {query('claim_deliveries')}")
+        plan = "\n".join(
+            r[0] for r in await conn.fetch("EXPLAIN EXECUTE claim('P1', 'w', 8, 60.0)")
+        )
+        await conn.execute("DEALLOCATE claim")
+        await conn.execute("RESET plan_cache_mode")
+    assert "Seq Scan on outbox" not in plan, plan

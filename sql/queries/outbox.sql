@@ -74,11 +74,13 @@ WITH ready AS (
     LIMIT $3
     FOR UPDATE OF o SKIP LOCKED
 ), claimed AS (
+    -- By primary key, never a join: a generic plan (the prepared statement's, after five runs)
+    -- does not know LIMIT $3, and then hash-joined the whole outbox (finished rows included)
+    -- on every claim.
     UPDATE outbox o
     SET state = 'in_flight', claimed_by = $2, lease_until = now() + make_interval(secs => $4),
         updated_at = now()
-    FROM ready
-    WHERE o.id = ready.id
+    WHERE o.id = ANY (ARRAY(SELECT id FROM ready))
     RETURNING o.id, o.domain_id, o.internal_id, o.attempts, o.sealed_values, o.kind, o.payload,
               o.operation_id, o.last_error
 )
