@@ -25,13 +25,15 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 
-from broker.db import migrated_pool
+from broker.db import init_connection, migrated_pool
 from broker.domains import DomainStore
 from broker.home import HomeClient
 from broker.propagation.journal import record
@@ -141,6 +143,31 @@ def postgres_cpu(pids: list[int]) -> dict[int, float]:
     return used
 
 
+@asynccontextmanager
+async def counted_pool(
+    url: str, size: int, statements: list[str] | None
+) -> AsyncIterator[asyncpg.Pool | None]:
+    """With ``statements``, a pool like the broker's whose connections append every statement
+    they send to it (asyncpg's query logger); None without."""
+    if statements is None:
+        yield None
+        return
+
+    async def init(conn: asyncpg.Connection) -> None:
+        await init_connection(conn)
+        conn.add_query_logger(lambda logged: statements.append(logged.query))
+
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=size, init=init, reset=_no_reset)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+async def _no_reset(_conn: asyncpg.Connection) -> None:
+    """As the broker's pools: nothing to reset on release."""
+
+
 async def through_broker(
     db_url: str | None,
     data_dir: Path,
@@ -149,12 +176,16 @@ async def through_broker(
     peer_urls: list[str],
     home_ids: list[str],
     concurrency: int,
+    statements: list[str] | None = None,
 ) -> tuple[float, float, float]:
     """Seconds to drain, and the CPU seconds the broker (this process) and PostgreSQL used."""
     os.environ["BENCH_PEER_TOKEN"] = token
-    async with migrated_pool(db_url, data_dir, max_size=concurrency * len(peer_urls) + 4) as (
-        pool,
-        _url,
+    async with (
+        migrated_pool(db_url, data_dir, max_size=concurrency * len(peer_urls) + 4) as (
+            pool,
+            url,
+        ),
+        counted_pool(url, concurrency * len(peer_urls) + 4, statements) as worker_pool,
     ):
         await pool.execute(
             "TRUNCATE outbox, peer_copies, id_mappings, entities, domain_tokens, domains CASCADE"
@@ -167,7 +198,7 @@ async def through_broker(
         async with aiohttp.ClientSession() as session:
             home = HomeClient(session, home_url, token)
             worker = Deliverer(
-                pool,
+                worker_pool or pool,
                 home,
                 session,
                 id_pattern="[0-9a-f]{32}",
@@ -184,10 +215,11 @@ async def through_broker(
             pg_after = postgres_cpu(postgres_pids(data_dir))
             pg_cpu = sum(used - pg_before.get(pid, 0.0) for pid, used in pg_after.items())
             recorder = getattr(worker.syncs.writes, "recorder", None)  # absent before batching
-            if recorder is not None and recorder.batches:
+            if recorder is not None and recorder.batcher.batches:
+                done, batches = recorder.batcher.items, recorder.batcher.batches
                 print(
-                    f"recorded in batches: {recorder.recorded} deliveries in {recorder.batches} "
-                    f"transactions ({recorder.recorded / recorder.batches:.1f} each)"
+                    f"recorded in batches: {done} deliveries in {batches} transactions "
+                    f"({done / batches:.1f} each)"
                 )
             left = await pool.fetchval("SELECT count(*) FROM outbox WHERE state <> 'done'")
             assert left == 0, f"{left} deliveries did not finish"
@@ -204,6 +236,12 @@ def main() -> int:
         choices=["scim2-server", "memory"],
         default="scim2-server",
         help="home and peers: scim2-server processes, or the fast in-memory bench/store.py",
+    )
+    parser.add_argument(
+        "--count-statements",
+        action="store_true",
+        help="count the worker's statements and transactions per delivery (asyncpg's query "
+        "logger: a little more broker CPU)",
     )
     args = parser.parse_args()
     load = os.getloadavg()
@@ -236,6 +274,7 @@ def main() -> int:
                     args.concurrency,
                 )
             )
+            statements: list[str] | None = [] if args.count_statements else None
             broker_s, broker_cpu, pg_cpu = asyncio.run(
                 through_broker(
                     os.environ.get("BROKER_DATABASE_URL"),
@@ -245,9 +284,19 @@ def main() -> int:
                     [f"{h}/broker-{tenant}/v2" for h in peer_hosts[:count]],
                     home_ids,
                     args.concurrency,
+                    statements,
                 )
             )
             total = args.users * count
+            if statements is not None:
+                begins = sum(1 for q in statements if q.lstrip().upper().startswith("BEGIN"))
+                print(
+                    f"{count} peers: {len(statements) / total:.2f} statements and "
+                    f"{begins / total:.2f} explicit transactions per delivery"
+                )
+                kinds = Counter(q.strip().splitlines()[0][:70] for q in statements)
+                for kind, n in kinds.most_common(8):
+                    print(f"  {n / total:.3f} per delivery: {kind}")
             rows.append(
                 (count, total / direct_s, total / broker_s, broker_cpu / total, pg_cpu / total)
             )

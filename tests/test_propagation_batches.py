@@ -22,7 +22,7 @@ from broker.mapping import accounts
 from broker.propagation.claims import Ledger
 from broker.propagation.delivery import Claim, Peer, PeerClients, WorkerSettings
 from broker.propagation.policy import Failure, Verdict
-from broker.propagation.sync import Write, Writes
+from broker.propagation.sync import Syncer, Write, Writes
 from broker.propagation.tools import Tools
 from tests.conftest import QueryCounter
 
@@ -229,3 +229,32 @@ async def test_the_claim_s_generic_plan_updates_its_rows_by_key_not_by_reading_t
         await conn.execute("DEALLOCATE claim")
         await conn.execute("RESET plan_cache_mode")
     assert "Seq Scan on outbox" not in plan, plan
+
+
+async def test_creates_begun_together_write_their_pending_rows_in_one_statement(
+    p1: tuple[asyncpg.Pool, QueryCounter],
+) -> None:
+    pool, counter = p1
+    writes = _writes(pool)
+    syncer = Syncer(writes.tools, guard=cast(Any, None))
+    ids = [uuid.uuid4().hex for _ in range(3)]
+    async with pool.acquire() as conn, conn.transaction():
+        await accounts.record_entities(conn, ids, ["User"] * 3)
+    counter.queries.clear()
+    begun = await asyncio.gather(*(syncer._begin_create(PEER, i) for i in ids))
+    inserts = [q for q in counter.queries if "INSERT INTO id_mappings" in q]
+    assert len(inserts) == 1, counter.queries
+    assert all(first for _, first in begun)
+    for internal_id, (handle, _) in zip(ids, begun, strict=True):
+        row = await pool.fetchrow(
+            "SELECT correlation_handle, state, external_id FROM id_mappings "
+            "WHERE internal_id = $1 AND domain_id = 'P1' AND is_primary",
+            internal_id,
+        )
+        assert (row["correlation_handle"], row["state"], row["external_id"]) == (
+            handle,
+            "pending_create",
+            None,
+        )
+    # A later attempt finds the row: the same handle, and not the first attempt.
+    assert await syncer._begin_create(PEER, ids[0]) == (begun[0][0], False)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "begin_create",
+    "begin_creates",
     "finish_create",
     "finish_creates",
     "record_entities",
@@ -35,6 +36,16 @@ async def begin_create(db: Executor, internal_id: str, domain: str, handle: str)
     None when one exists already (or the entity is merged or deleted)."""
     fresh: str | None = await db.fetchval(query("begin_create"), internal_id, domain, handle)
     return fresh
+
+
+async def begin_creates(db: Executor, creates: Sequence[tuple[str, str, str]]) -> set[str]:
+    """``begin_create`` for several creates (internal ID, domain, handle) in one statement: the
+    handles whose rows are new."""
+    if not creates:
+        return set()
+    internal_ids, domains, handles = (list(column) for column in zip(*creates, strict=True))
+    rows = await db.fetch(query("begin_creates"), internal_ids, domains, handles)
+    return {row["correlation_handle"] for row in rows}
 
 
 async def finish_create(conn: Connection, handle: str, domain: str, external_id: str) -> str | None:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import asyncpg
 import orjson
@@ -31,7 +31,10 @@ if TYPE_CHECKING:
     from broker.db import Connection
     from broker.propagation.claims import Ledger
 
-__all__ = ["Record", "Recorder", "batchable"]
+__all__ = ["Batcher", "Record", "Recorder", "batchable"]
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +63,10 @@ class Record:
     """The create linked to the peer's own account (settled even if the create was cancelled)."""
     version: int | None = None
     """An update's copy version (None: there was no copy)."""
-    result: asyncio.Future[Any] = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.result = asyncio.get_running_loop().create_future()
+
+async def _record_alone(record: Record) -> Any:
+    return await record.alone()
 
 
 def batchable(claim: Claim, views: Mapping[str, str]) -> bool:
@@ -72,27 +75,36 @@ def batchable(claim: Claim, views: Mapping[str, str]) -> bool:
     return not views and claim.operation_id is None
 
 
-class Recorder:
-    """Collects finished deliveries and records them in batches, one transaction each; one batch
-    is written at a time, and the deliveries finishing meanwhile make the next."""
+class Batcher(Generic[T, R]):
+    """Items submitted while a batch is being written make the next batch: ``together`` writes a
+    batch (its results in order); if it fails in PostgreSQL, nothing of it was written and
+    ``alone`` writes each item by itself, so that one item's failure stays its own. One batch is
+    written at a time."""
 
-    def __init__(self, pool: asyncpg.Pool, ledger: Ledger) -> None:
-        self.pool = pool
-        self.ledger = ledger
-        self._waiting: list[Record] = []
+    def __init__(
+        self,
+        together: Callable[[list[T]], Awaitable[list[R]]],
+        alone: Callable[[T], Awaitable[R]],
+        *,
+        what: str,
+    ) -> None:
+        self.together = together
+        self.alone = alone
+        self.what = what
+        self._waiting: list[tuple[T, asyncio.Future[R]]] = []
         self._writing: asyncio.Task[None] | None = None
         self.batches = 0
-        """Transactions written so far (with ``recorded``: how well deliveries batch)."""
-        self.recorded = 0
-        """Deliveries recorded in them."""
+        """Batches written together so far (with ``items``: how well they batch)."""
+        self.items = 0
+        """Items written in them."""
 
-    async def record(self, record: Record) -> Any:
-        """Record the delivery with the others finishing now; what ``alone`` would return (for
-        a create: the entity the account belongs to, None when a merge cancelled it)."""
-        self._waiting.append(record)
+    async def submit(self, item: T) -> R:
+        """Write ``item`` with the others submitted now; what ``alone`` would return."""
+        result: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, result))
         if self._writing is None:
             self._writing = asyncio.create_task(self._write_all())
-        return await asyncio.shield(record.result)
+        return await asyncio.shield(result)
 
     async def finished(self) -> None:
         """Until the batch being written (and those waiting) are written: what a stopping
@@ -109,33 +121,53 @@ class Recorder:
         finally:
             self._writing = None
 
-    async def _write(self, batch: list[Record]) -> None:
+    async def _write(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:
-            results = await self._in_one_transaction(batch)
+            results = await self.together([item for item, _ in batch])
         except asyncpg.PostgresError as exc:
-            log.info("%d deliveries recorded one by one: %s", len(batch), type(exc).__name__)
-            await asyncio.gather(*(self._alone(record) for record in batch))
+            log.info("%d %s written one by one: %s", len(batch), self.what, type(exc).__name__)
+            await asyncio.gather(*(self._alone(item, result) for item, result in batch))
             return
         except BaseException as exc:
-            for record in batch:
-                if not record.result.done():
-                    record.result.set_exception(exc)
-                    record.result.exception()  # retrieved: its delivery raises it
+            for _, result in batch:
+                if not result.done():
+                    result.set_exception(exc)
+                    result.exception()  # retrieved: its submitter raises it
             if not isinstance(exc, Exception):
                 raise
             return
         self.batches += 1
-        self.recorded += len(batch)
-        for record, result in zip(batch, results, strict=True):
-            record.result.set_result(result)
+        self.items += len(batch)
+        for (_, result), value in zip(batch, results, strict=True):
+            result.set_result(value)
 
-    @staticmethod
-    async def _alone(record: Record) -> None:
+    async def _alone(self, item: T, result: asyncio.Future[R]) -> None:
         try:
-            record.result.set_result(await record.alone())
+            result.set_result(await self.alone(item))
         except Exception as exc:
-            record.result.set_exception(exc)
-            record.result.exception()
+            result.set_exception(exc)
+            result.exception()
+
+
+class Recorder:
+    """Collects finished deliveries and records them in batches, one transaction each; one batch
+    is written at a time, and the deliveries finishing meanwhile make the next."""
+
+    def __init__(self, pool: asyncpg.Pool, ledger: Ledger) -> None:
+        self.pool = pool
+        self.ledger = ledger
+        self.batcher: Batcher[Record, Any] = Batcher(
+            self._in_one_transaction, _record_alone, what="deliveries recorded"
+        )
+
+    async def record(self, record: Record) -> Any:
+        """Record the delivery with the others finishing now; what ``alone`` would return (for
+        a create: the entity the account belongs to, None when a merge cancelled it)."""
+        return await self.batcher.submit(record)
+
+    async def finished(self) -> None:
+        """See ``Batcher.finished``."""
+        await self.batcher.finished()
 
     async def _in_one_transaction(self, batch: list[Record]) -> list[Any]:
         creates = [r for r in batch if r.created]

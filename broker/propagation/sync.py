@@ -49,7 +49,7 @@ from broker.propagation.delivery import Claim, Later, Peer, copy_is_stale, home_
 from broker.propagation.documents import PATCH_SCHEMA, peer_document
 from broker.propagation.peer import PeerClient
 from broker.propagation.policy import Failure, Verdict, judge
-from broker.propagation.records import Record, Recorder, batchable
+from broker.propagation.records import Batcher, Record, Recorder, batchable
 from broker.propagation.tools import Tools
 from broker.scim.rewrite import Translation, collect_ids
 from broker.secrets import SealError, SecretBox
@@ -168,6 +168,10 @@ class Syncer:
         self.reads = HomeReads(tools)
         self.writes = Writes(tools)
         self.deprovisions = Deprovisions(tools)
+        self.starts: Batcher[tuple[str, str, str], str | None] = Batcher(
+            self._begin_together, self._begin_alone, what="creates begun"
+        )
+        """Creates begun together write their pending rows in one statement."""
 
     async def sync(self, peer: Peer, claim: Claim) -> None:
         """Make the peer's copy of the entity match home's current state."""
@@ -314,7 +318,7 @@ class Syncer:
 
     async def _begin_create(self, peer: Peer, internal_id: str) -> tuple[str, bool]:
         """The create's correlation handle, and whether this is its first attempt."""
-        fresh = await accounts.begin_create(self.pool, internal_id, peer.id, mint_id())
+        fresh = await self.starts.submit((internal_id, peer.id, mint_id()))
         if fresh is not None:
             return fresh, True
         row = await self.pool.fetchrow(query("pending_handle"), internal_id, peer.id)
@@ -323,6 +327,13 @@ class Syncer:
             raise Later(0, "the entity's primary in the peer changed meanwhile: looking again")
         handle: str = row["correlation_handle"]
         return handle, False
+
+    async def _begin_together(self, creates: list[tuple[str, str, str]]) -> list[str | None]:
+        fresh = await accounts.begin_creates(self.pool, creates)
+        return [handle if handle in fresh else None for _, _, handle in creates]
+
+    async def _begin_alone(self, create: tuple[str, str, str]) -> str | None:
+        return await accounts.begin_create(self.pool, *create)
 
 
 class Writes:

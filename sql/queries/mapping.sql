@@ -164,6 +164,23 @@ SELECT $1, $2, NULL, true, 'peer', 'pending_create', $3 FROM live
 ON CONFLICT DO NOTHING
 RETURNING correlation_handle
 
+-- name: begin_creates
+-- begin_create for several creates at once (entities $1[i] in peers $2[i], handles $3[i]): the
+-- handles of the rows that are new. The entities are share-locked first, in order.
+WITH live AS (
+    SELECT internal_id FROM entities
+    WHERE internal_id = ANY($1::text[]) AND state = 'active'
+    ORDER BY internal_id
+    FOR SHARE
+)
+INSERT INTO id_mappings (internal_id, domain_id, external_id, is_primary, origin, state,
+                         correlation_handle)
+SELECT i.internal_id, i.domain_id, NULL, true, 'peer', 'pending_create', i.handle
+FROM unnest($1::text[], $2::text[], $3::text[]) AS i(internal_id, domain_id, handle)
+JOIN live ON live.internal_id = i.internal_id
+ON CONFLICT DO NOTHING
+RETURNING correlation_handle
+
 -- name: finish_create
 -- The create of correlation handle $1 in peer $2 succeeded with the peer's ID $3. Returns the
 -- entity the row belongs to now (a merge may have moved the pending row to its survivor), or
