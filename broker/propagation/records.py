@@ -7,13 +7,14 @@ each is what ``Writes`` records alone: the entities are share-locked first (one 
 order), then the creates are finished, the copies saved and the deliveries settled, one statement
 each for the whole batch. Only the plain case is batched: a delivery that names other entities
 (whose references must be checked), or that belongs to a merge or a split (whose operation row is
-locked after), records alone. If the batch fails in PostgreSQL (an account mapped to another
-entity already, say), nothing of it was written, and each delivery records alone, as before, so
-that one delivery's failure is its own."""
+locked after), records alone. If the batch fails (an account mapped to another entity already,
+say: then nothing of it was written), each delivery records alone, as before, so that one
+delivery's failure is its own; every one of these writes can be made twice."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -63,6 +64,15 @@ class Record:
     """The create linked to the peer's own account (settled even if the create was cancelled)."""
     version: int | None = None
     """An update's copy version (None: there was no copy)."""
+
+
+def _json(document: Mapping[str, Any]) -> str:
+    """The document as JSON text for a jsonb column (orjson; what it cannot encode, such as an
+    integer past 64 bits, the standard library does, as the connection's codec would)."""
+    try:
+        return orjson.dumps(document).decode()
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return json.dumps(document)
 
 
 async def _record_alone(record: Record) -> Any:
@@ -124,7 +134,11 @@ class Batcher(Generic[T, R]):
     async def _write(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:
             results = await self.together([item for item, _ in batch])
-        except asyncpg.PostgresError as exc:
+        except Exception as exc:
+            # Whatever failed (a constraint, a value that cannot be encoded, the connection),
+            # each item is written by itself: its own failure is its own, and every write here
+            # can be made again (a finished create is found by its account, a copy by its
+            # version, a settle by its state).
             log.info("%d %s written one by one: %s", len(batch), self.what, type(exc).__name__)
             await asyncio.gather(*(self._alone(item, result) for item, result in batch))
             return
@@ -133,9 +147,7 @@ class Batcher(Generic[T, R]):
                 if not result.done():
                     result.set_exception(exc)
                     result.exception()  # retrieved: its submitter raises it
-            if not isinstance(exc, Exception):
-                raise
-            return
+            raise
         self.batches += 1
         self.items += len(batch)
         for (_, result), value in zip(batch, results, strict=True):
@@ -200,7 +212,7 @@ class Recorder:
                 query("save_copies"),
                 [r.peer_id for r in kept],
                 [owners[id(r)] for r in kept],
-                [orjson.dumps(r.desired).decode() for r in kept],
+                [_json(r.desired) for r in kept],
             )
         return owners
 
@@ -213,7 +225,7 @@ class Recorder:
             query("save_copies_of"),
             [r.peer_id for r in updates],
             [r.claim.internal_id for r in updates],
-            [orjson.dumps(r.desired).decode() for r in updates],
+            [_json(r.desired) for r in updates],
             [r.account for r in updates],
             [r.version for r in updates],
         )
