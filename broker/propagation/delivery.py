@@ -127,6 +127,9 @@ class Claim:
     """When (monotonic) the claim came back: every write the delivery stands for was in home
     before then (a write folds into a sync only while it waits). Unknown (the default): no
     earlier read of home is fresh enough, and the delivery reads its own."""
+    entity: Mapping[str, Any] | None = None
+    """What ``entity_for_delivery`` reads (the entity, its primary row in the peer, the peer's
+    copy), read with the claim itself; None: not read (the delivery reads it)."""
 
     @classmethod
     def from_record(cls, record: asyncpg.Record, claimed_at: float) -> Claim:
@@ -140,7 +143,34 @@ class Claim:
             record["operation_id"],
             (record["last_error"] or {}).get("conflict_since"),
             claimed_at,
+            _entity(record),
         )
+
+
+_ENTITY_COLUMNS = (
+    "internal_id",
+    "resource_type",
+    "merged_into",
+    "provision_on_demand",
+    "known_here",
+    "external_id",
+    "mapping_state",
+    "correlation_handle",
+    "copy",
+    "copy_version",
+    "suspended_at",
+)
+
+
+def _entity(record: asyncpg.Record) -> dict[str, Any] | None:
+    """The columns of ``entity_for_delivery`` a claim read with its row, if it read them (None
+    also when the entity is not recorded)."""
+    keys = record.keys()
+    if "entity_state" not in keys or record["resource_type"] is None:
+        return None
+    entity = {column: record[column] for column in _ENTITY_COLUMNS}
+    entity["state"] = record["entity_state"]
+    return entity
 
 
 class Later(Exception):

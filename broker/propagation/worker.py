@@ -144,6 +144,8 @@ class Deliverer:
                 for task in self._tasks:
                     task.cancel()
                 await asyncio.gather(purging, *self._tasks, return_exceptions=True)
+                await self.syncs.starts.finished()
+                await self.syncs.writes.recorder.finished()
 
     @contextlib.asynccontextmanager
     async def _listening(self, url: str | None) -> AsyncIterator[None]:
