@@ -163,6 +163,14 @@ class PropagationConfig(_Section):
     sweep_interval: float = Field(default=600.0, gt=0)
     # Timeout of one call to a peer, in seconds.
     peer_timeout: float = Field(default=30.0, gt=0)
+    # Reconciliation and initial sync (docs/reconciliation.md): the most accounts one run may
+    # deprovision without `--confirm-deletions N` (unset: 5% of the peer's accounts or 500,
+    # whichever is smaller); the peer's accounts read per page and pages a second; whether the
+    # serving broker gives a push domain added to it home's entities in its scope.
+    deletion_threshold: int | None = Field(default=None, ge=0)
+    reconcile_page_size: int = Field(default=100, ge=1, le=1000)
+    reconcile_rate: float = Field(default=10.0, ge=0)
+    initial_sync: bool = True
     # The variable holding the key that seals write-only values (passwords) waiting in the
     # outbox: 32 random bytes, base64url. Unset: outbox.key in the data directory, created on
     # first use. Every broker process sharing the database needs the same key.

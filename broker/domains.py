@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -209,6 +210,17 @@ class DomainStore:
         domain = await self.get(domain_id)
         self._cache[domain_id] = (now, domain)
         return domain
+
+    async def set_correlate(self, domain_id: str, attributes: Sequence[str]) -> None:
+        """How reconciliation recognises an existing account of the domain as a home entity's:
+        ``attributes`` (in the peer's terms) compared case-insensitively (docs/reconciliation.md)."""
+        if (
+            await self.pool.fetchval(query("set_domain_correlate"), domain_id, list(attributes))
+            is None
+        ):
+            raise NotFoundError(
+                f"there is no domain {domain_id}: `broker domain list` shows the domains"
+            )
 
     async def mapping_counts(self, domain_id: str) -> dict[str, int]:
         records = await self.pool.fetch(query("domain_mapping_counts"), domain_id)

@@ -127,7 +127,7 @@ CREATE INDEX id_mappings_by_entity ON id_mappings (internal_id, domain_id);
 -- Merge and split operations: a status resource, idempotent by a client-supplied key.
 CREATE TABLE operations (
     id               uuid PRIMARY KEY,
-    kind             text NOT NULL CONSTRAINT operations_kind_check CHECK (kind IN ('merge', 'split')),
+    kind             text NOT NULL CONSTRAINT operations_kind_check CHECK (kind IN ('merge', 'split', 'reconcile')),
     idempotency_key  text NOT NULL CONSTRAINT operations_idempotency_key_unique UNIQUE,
     request          jsonb NOT NULL,
     state            text NOT NULL DEFAULT 'pending'
@@ -144,7 +144,8 @@ CREATE TABLE operations (
 CREATE TABLE outbox (
     id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     domain_id        text NOT NULL REFERENCES domains (id),
-    internal_id      text NOT NULL REFERENCES entities (internal_id),
+    -- NULL only for an orphan account a reconciliation deprovisions (0015).
+    internal_id      text REFERENCES entities (internal_id),
     operation_id     uuid REFERENCES operations (id),
     kind             text NOT NULL,
     payload          jsonb NOT NULL DEFAULT '{}'::jsonb,
@@ -320,3 +321,59 @@ CREATE TRIGGER security_events_added
     AFTER INSERT ON security_events
     REFERENCING NEW TABLE AS new_events
     FOR EACH STATEMENT EXECUTE FUNCTION broker_notify_events();
+
+-- Reconciliation (0015, docs/reconciliation.md).
+-- How an existing peer account is recognised as a home entity's: attributes (in the peer's
+-- terms) compared case-insensitively, for example {userName, emails.value}.
+ALTER TABLE domains ADD COLUMN correlate text[] NOT NULL DEFAULT ARRAY['userName'];
+-- Initial sync of a push domain: needed (the serving broker starts it), running, done, failed.
+ALTER TABLE domains ADD COLUMN initial_sync text DEFAULT 'needed'
+    CONSTRAINT domains_initial_sync_check CHECK (initial_sync IN ('needed', 'running', 'done', 'failed'));
+
+-- One run: its options, where it is (phase, resource type, the peer's next startIndex), the
+-- peer's size, and the counts per situation once classified.
+CREATE TABLE reconciliations (
+    id             uuid PRIMARY KEY REFERENCES operations (id),
+    domain_id      text NOT NULL REFERENCES domains (id) ON DELETE CASCADE,
+    dry_run        boolean NOT NULL,
+    initial_sync   boolean NOT NULL DEFAULT false,
+    options        jsonb NOT NULL,
+    phase          text NOT NULL DEFAULT 'peer'
+                   CONSTRAINT reconciliations_phase_check
+                   CHECK (phase IN ('peer', 'home', 'actions', 'done', 'stopped', 'failed')),
+    resource_type  text NOT NULL DEFAULT 'User',
+    cursor         integer NOT NULL DEFAULT 1,
+    peer_total     integer NOT NULL DEFAULT 0,
+    counts         jsonb NOT NULL DEFAULT '{}'::jsonb,
+    reason         text,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    updated_at     timestamptz NOT NULL DEFAULT now()
+);
+-- At most one unfinished run per domain: a second start resumes it.
+CREATE UNIQUE INDEX reconciliations_one_running ON reconciliations (domain_id)
+    WHERE phase IN ('peer', 'home', 'actions');
+
+-- What the run found: a peer account (external_id) or a home entity the peer lacks (internal_id
+-- only), its situation, the action the run's options give it, and whether that was taken.
+CREATE TABLE reconciliation_items (
+    run_id         uuid NOT NULL REFERENCES reconciliations (id) ON DELETE CASCADE,
+    seq            bigint GENERATED ALWAYS AS IDENTITY,
+    resource_type  text NOT NULL,
+    situation      text NOT NULL
+                   CONSTRAINT reconciliation_items_situation_check
+                   CHECK (situation IN ('linked', 'drifted', 'missing', 'unlinked', 'disputed',
+                                        'unmatched', 'deleted', 'out_of_scope')),
+    external_id    text,
+    internal_id    text,
+    action         text NOT NULL DEFAULT 'report',
+    detail         jsonb NOT NULL DEFAULT '{}'::jsonb,
+    done           boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (run_id, seq)
+);
+-- A page read again after a crash records nothing twice.
+CREATE UNIQUE INDEX reconciliation_items_account ON reconciliation_items (run_id, resource_type, external_id)
+    WHERE external_id IS NOT NULL;
+CREATE UNIQUE INDEX reconciliation_items_entity ON reconciliation_items (run_id, internal_id)
+    WHERE external_id IS NULL;
+CREATE INDEX reconciliation_items_claimed ON reconciliation_items (run_id, internal_id)
+    WHERE internal_id IS NOT NULL;

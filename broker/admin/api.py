@@ -19,6 +19,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
+from broker.admin import reconcile
 from broker.db import query
 from broker.domains import DomainStore
 from broker.errors import BrokerError, ForbiddenError, InvalidValueError, NotFoundError
@@ -32,6 +33,7 @@ from broker.scim.rewrite import Endpoints
 from broker.tokens import TokenStore
 
 if TYPE_CHECKING:
+    from broker.admin.reconcile import ReconcilerFactory
     from broker.propagation.receiver import HomeReceiver
 
 __all__ = [
@@ -359,6 +361,7 @@ def create_admin_app(
     home_events: HomeReceiver | None = None,
     *,
     metrics: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None,
+    reconcilers: ReconcilerFactory | None = None,
 ) -> web.Application:
     """The admin listener's application; with ``home_events``, the receiver of the SETs the
     home pushes at ``/home/events``; with ``metrics``, Prometheus' ``/metrics`` (operational,
@@ -376,6 +379,8 @@ def create_admin_app(
     app.router.add_get("/admin/operations", admin.operations)
     app.router.add_get("/admin/operations/{op}", admin.operation)
     app.router.add_route("*", HOME_PREFIX + "/{tail:.*}", admin.home_scim)
+    if reconcilers is not None:
+        reconcile.register(app, admin, reconcilers)
     return app
 
 

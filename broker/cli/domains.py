@@ -6,8 +6,10 @@ import argparse
 from typing import TYPE_CHECKING
 
 from broker.cli.common import pool, split_list
+from broker.cli.reconcile import correlate_rule, sync_lines
 from broker.config import Config
 from broker.domains import Domain, DomainStore
+from broker.errors import BrokerError
 from broker.output import table
 from broker.tokens import parse_duration
 
@@ -25,11 +27,16 @@ def register(commands: Commands) -> None:
     add = actions.add_parser("add", help="register a domain")
     _add_arguments(add)
     _push_arguments(add)
-    update = actions.add_parser("update", help="change a domain's SCIM base URL")
+    update = actions.add_parser("update", help="change a domain's SCIM base URL or correlation")
     update.add_argument("domain")
-    update.add_argument(
-        "--scim-url", required=True, help="the domain's SCIM base URL, http(s)://HOST/PATH"
-    )
+    update.add_argument("--scim-url", help="the domain's SCIM base URL, http(s)://HOST/PATH")
+    for parser in (add, update):
+        parser.add_argument(
+            "--correlate",
+            metavar="ATTR[,ATTR]",
+            help="how reconciliation recognises a peer's existing account as a home entity's: "
+            "attributes compared case-insensitively (default userName)",
+        )
     actions.add_parser("list", help="list the domains")
     show = actions.add_parser("show", help="show one domain")
     show.add_argument("domain")
@@ -90,11 +97,23 @@ def _push_arguments(add: argparse.ArgumentParser) -> None:
 async def cmd_domain(config: Config, args: argparse.Namespace) -> int:
     async with pool(config) as database:
         domains = DomainStore(database)
+        rule = correlate_rule(args.correlate) if getattr(args, "correlate", None) else None
         if args.domain_command == "add":
-            print("\n".join(_domain_lines(await _add(domains, args))))
+            domain = await _add(domains, args)
+            if rule is not None:
+                await domains.set_correlate(domain.id, rule)
+            print("\n".join([*_domain_lines(domain), *await sync_lines(database, domain.id)]))
         elif args.domain_command == "update":
-            domain = await domains.set_scim_url(args.domain, args.scim_url)
-            print("\n".join(_domain_lines(domain)))
+            if args.scim_url is None and rule is None:
+                raise BrokerError("domain update: give --scim-url URL or --correlate ATTR[,ATTR]")
+            if rule is not None:
+                await domains.set_correlate(args.domain, rule)
+            domain = await (
+                domains.set_scim_url(args.domain, args.scim_url)
+                if args.scim_url is not None
+                else domains.get(args.domain)
+            )
+            print("\n".join([*_domain_lines(domain), *await sync_lines(database, domain.id)]))
         elif args.domain_command == "list":
             rows = [
                 (d.id, d.kind, "push" if d.push else "-", d.status, d.scim_url or "-")
@@ -105,7 +124,8 @@ async def cmd_domain(config: Config, args: argparse.Namespace) -> int:
             domain = await domains.get(args.domain)
             counts = await domains.mapping_counts(domain.id)
             summary = ", ".join(f"{n} {state}" for state, n in counts.items()) or "none"
-            print("\n".join([*_domain_lines(domain), f"mappings:    {summary}"]))
+            lines = [*_domain_lines(domain), *await sync_lines(database, domain.id)]
+            print("\n".join([*lines, f"mappings:    {summary}"]))
     return 0
 
 

@@ -6,11 +6,21 @@ import argparse
 from pathlib import Path
 
 from broker import __version__
-from broker.cli import deliveries, demo, domains, events, mappings, operations, serve, tokens
+from broker.cli import (
+    deliveries,
+    demo,
+    domains,
+    events,
+    mappings,
+    operations,
+    reconcile,
+    serve,
+    tokens,
+)
 
 __all__ = ["build_parser"]
 
-GROUPS = (demo, serve, domains, tokens, deliveries, mappings, operations, events)
+GROUPS = (demo, serve, domains, tokens, deliveries, mappings, operations, reconcile, events)
 """Each adds its commands with ``register(commands)``, in the order ``broker --help`` lists them."""
 
 

@@ -215,3 +215,20 @@ WITH seen AS (
     WHERE internal_id = ANY($3::text[]) AND state = 'active'
 )
 SELECT EXISTS (SELECT 1 FROM event_subscriptions)
+
+-- name: link_accounts
+-- Existing accounts of peer $1 ($3) found by reconciliation to be entities' ($2, of resource
+-- types $4): each the entity's primary there, peer-assigned, with a fresh correlation handle
+-- ($5). An entity that got a primary meanwhile (a create under way) keeps it. Returns the
+-- entities linked.
+WITH seen AS (
+    INSERT INTO entities (internal_id, resource_type)
+    SELECT * FROM unnest($2::text[], $4::text[])
+    ON CONFLICT (internal_id) DO NOTHING
+)
+INSERT INTO id_mappings (internal_id, domain_id, external_id, is_primary, origin, state,
+                         correlation_handle)
+SELECT a.internal_id, $1, a.external_id, true, 'peer', 'active', a.handle
+FROM unnest($2::text[], $3::text[], $5::text[]) AS a(internal_id, external_id, handle)
+ON CONFLICT DO NOTHING
+RETURNING internal_id
