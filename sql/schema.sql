@@ -377,3 +377,6 @@ CREATE UNIQUE INDEX reconciliation_items_entity ON reconciliation_items (run_id,
     WHERE external_id IS NULL;
 CREATE INDEX reconciliation_items_claimed ON reconciliation_items (run_id, internal_id)
     WHERE internal_id IS NOT NULL;
+-- Entities an account disputed between several of them might be (never "missing").
+CREATE INDEX reconciliation_items_candidates ON reconciliation_items
+    USING gin ((detail -> 'candidates')) WHERE detail ? 'candidates';

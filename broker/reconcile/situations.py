@@ -79,6 +79,11 @@ _IGNORED = frozenset({"id", "meta", "schemas", "externalid", "groups", "password
 """Never compared: the peer's own (id, meta), the broker's handle, read-only or write-only."""
 
 
+_CASE_INSENSITIVE = frozenset({"username"})
+"""Compared regardless of case (RFC 7643 section 4.1.1: userName is not caseExact; a peer may
+store it lower-cased)."""
+
+
 def parse_correlate(value: str) -> tuple[str, ...]:
     """``userName,emails.value`` as the rule's attributes; ValueError naming the fix."""
     names = tuple(dict.fromkeys(part.strip() for part in value.split(",") if part.strip()))
@@ -225,6 +230,9 @@ def differences(desired: Mapping[str, Any], account: Mapping[str, Any]) -> list[
                 continue
             if want_n != have_n:
                 changed.append(key)
+        elif key.lower() in _CASE_INSENSITIVE and isinstance(want, str):
+            if not isinstance(have, str) or have.lower() != want.lower():
+                changed.append(key)
         elif _normal(have, want) != _normal(want, want):
             changed.append(key)
     return sorted(changed)
@@ -305,7 +313,7 @@ def _unmapped_item(
             "disputed",
             account_id,
             None,
-            {"reason": f"{len(found)} home entities match", "candidates": len(found)},
+            {"reason": f"{len(found)} home entities match", "candidates": found},
         )
     internal_id = found[0]
     candidate = page.candidates.get(internal_id, Candidate(internal_id, in_scope=False))

@@ -91,6 +91,9 @@ WHERE NOT EXISTS (SELECT 1 FROM id_mappings m
                   WHERE m.domain_id = $2 AND m.internal_id = w.internal_id AND m.is_primary)
   AND NOT EXISTS (SELECT 1 FROM reconciliation_items i
                   WHERE i.run_id = $1 AND i.internal_id = w.internal_id)
+  -- nor any account disputed between several entities (it might be this one's)
+  AND NOT EXISTS (SELECT 1 FROM reconciliation_items i
+                  WHERE i.run_id = $1 AND i.detail -> 'candidates' ? w.internal_id)
 
 -- name: item_counts
 SELECT situation, action, count(*) AS n, count(*) FILTER (WHERE done) AS done
