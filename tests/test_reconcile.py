@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -14,7 +15,9 @@ import pytest
 from broker.app import POOL
 from broker.mapping.store import MappingStore
 from tests.propagation_support import (
+    FAST,
     admin,
+    admin_metrics,
     assert_no_internal_id,
     cli,
     federation,
@@ -23,7 +26,7 @@ from tests.propagation_support import (
     quiesce,
     tenant,
 )
-from tests.scim_support import Broker, Home, new_user
+from tests.scim_support import CORE_GROUP, Broker, Home, new_user
 from tests.waiting import until
 
 IN = "staff"
@@ -219,3 +222,95 @@ async def test_the_admin_api_starts_a_dry_run_and_reads_its_report(
         ("unlinked", account["id"])
     ]
     assert await broker.app[POOL].fetchval("SELECT count(*) FROM id_mappings") == 0
+
+
+def fill(server: Home, endpoint: str, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Create ``bodies`` at ``endpoint``, several at a time."""
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda body: post(server, endpoint, body), bodies))
+
+
+def listed(server: Home, endpoint: str) -> list[dict[str, Any]]:
+    status, body = server.call("GET", f"{endpoint}?count=5000")
+    assert status == 200, body
+    resources: list[dict[str, Any]] = body.get("Resources", [])
+    assert body["totalResults"] == len(resources)
+    return resources
+
+
+async def test_initial_sync_brings_a_thousand_users_and_fifty_groups_into_a_new_peer_once(
+    db_url: str, peer_server: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home, peer = tenant(peer_server, "home"), tenant(peer_server, "peer")
+    users = fill(home, "/Users", [new_user(f"person{n:04d}") for n in range(1000)])
+    groups = fill(
+        home,
+        "/Groups",
+        [
+            {
+                "schemas": [CORE_GROUP],
+                "displayName": f"team{g:02d}",
+                "members": [{"value": u["id"]} for u in users[g * 20 : g * 20 + 20]],
+            }
+            for g in range(50)
+        ],
+    )
+    # Accounts the peer holds already: linked, not duplicated.
+    existing = {user(peer, f"PERSON{n:04d}")["id"] for n in range(0, 1000, 100)}
+    existing.add(post(peer, "/Groups", {"schemas": [CORE_GROUP], "displayName": "team07"})["id"])
+    settings = FAST.model_copy(update={"initial_sync": True})
+    brokers = federation(db_url, home, {"P": peer.url}, monkeypatch, peer_server.token, settings)
+    broker = await anext(brokers)
+    try:
+        pool = broker.app[POOL]
+
+        async def synced() -> bool:
+            state = await pool.fetchval("SELECT initial_sync FROM domains WHERE id = 'P'")
+            assert state != "failed"
+            return bool(state == "done")
+
+        await until(synced, "the initial sync ran")
+        await quiesce(broker, within=300)
+        metrics = await admin_metrics(broker)
+        assert 'broker_initial_sync_entities{count="arrived",domain="P"} 1050.0' in metrics
+    finally:
+        await brokers.aclose()
+
+    peer_users, peer_groups = listed(peer, "/Users"), listed(peer, "/Groups")
+    assert sorted(u["userName"].lower() for u in peer_users) == sorted(u["userName"] for u in users)
+    assert sorted(g["displayName"] for g in peer_groups) == sorted(g["displayName"] for g in groups)
+    assert existing <= {r["id"] for r in peer_users + peer_groups}
+    user_ids = {u["id"] for u in peer_users}
+    for group in peer_groups:
+        members = {m["value"] for m in group.get("members", [])}
+        assert len(members) == 20 and members <= user_ids, group["displayName"]
+    assert_no_internal_id(peer, {u["id"] for u in users} | {g["id"] for g in groups})
+    status, shown = await cli(db_url, "domain", "show", "P")
+    assert status == 0 and "initial sync: done (1050/1050 in the peer)" in shown, shown
+
+
+async def test_broker_sync_restarts_a_push_domains_initial_sync_and_refuses_other_domains(
+    world: tuple[Broker, Home, Home], db_url: str
+) -> None:
+    broker, home, peer = world
+    made = user(home, "late", title=IN)
+    user(home, "elsewhere", title="contractor")
+    status, out = await cli(db_url, "sync", "P", "--now")
+    assert status == 0, out
+    await quiesce(broker)
+    assert [u["userName"] for u in held(peer)["Users"]] == ["late"]
+    assert_no_internal_id(peer, {made["id"]})
+    status, out = await cli(db_url, "sync", "P")
+    assert status == 0 and "broker domain show P" in out, out
+    assert (
+        await broker.app[POOL].fetchval("SELECT initial_sync FROM domains WHERE id = 'P'")
+        == "needed"
+    )
+
+    before = await snapshot(broker, peer)
+    for args in (("sync", "D"), ("reconcile", "D"), ("reconcile", "P", "--only", "bogus")):
+        status, out = await cli(db_url, *args)
+        assert status == 1 and "broker:" in out, (args, out)
+    status, out = await cli(db_url, "domain", "update", "P", "--correlate", "password")
+    assert status == 1 and "--correlate" in out, out
+    assert await snapshot(broker, peer) == before

@@ -31,6 +31,10 @@ from broker.scim.rewrite import Translation, collect_ids
 __all__ = ["Lookups", "Pace", "home_page", "peer_page"]
 
 Json = dict[str, Any]
+NOT_IN_PEER = "(not in the peer yet)"
+"""What a reference to an entity the peer holds no account of reads as, in the document the
+peer's account is compared with: never equal to what the peer holds, so the account is drifted
+and its sync (after its references are created) makes it name them. Never sent anywhere."""
 _CHUNK = 50
 """IDs or values per search sent to home."""
 
@@ -230,7 +234,7 @@ class Lookups:
             else peer_document(
                 doc,
                 self.translation,
-                lambda i, _t: views.get(i),
+                lambda i, _t: views.get(i, NOT_IN_PEER),
                 resource_type=resource_type,
                 correlation_handle="",
                 readable=self.readable,
