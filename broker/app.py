@@ -377,6 +377,7 @@ async def _propagation(app: web.Application) -> AsyncIterator[None]:
                 app[HOME],
                 interval=config.home_poll_interval,
                 sweep_interval=config.sweep_interval,
+                deletion_threshold=config.deletion_threshold,
             )
             tasks.append(asyncio.create_task(poller.run(), name="home poller"))
         if config.initial_sync:

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from broker.app import POOL
+from broker.app import HOME, POOL
 from broker.mapping.store import MappingStore
+from broker.propagation.poller import HomePoller
 from tests.propagation_support import (
     FAST,
     admin,
@@ -314,3 +315,37 @@ async def test_broker_sync_restarts_a_push_domains_initial_sync_and_refuses_othe
     status, out = await cli(db_url, "domain", "update", "P", "--correlate", "password")
     assert status == 1 and "--correlate" in out, out
     assert await snapshot(broker, peer) == before
+
+
+async def test_a_sweep_that_finds_too_many_deletions_holds_them_until_a_person_confirms(
+    world: tuple[Broker, Home, Home], db_url: str
+) -> None:
+    broker, home, peer = world
+    made = [user(home, f"leaver{n}", title=IN) for n in range(4)]
+    status, out = await cli(db_url, "sync", "P", "--now")
+    assert status == 0, out
+    await quiesce(broker)
+    assert len(held(peer)["Users"]) == 4
+    poller = HomePoller(broker.app[POOL], broker.app[HOME], interval=1, sweep_interval=0.01)
+    await poller.poll_once()  # the first poll sets the watermark
+    for u in made[:2]:  # half of them: more than max(1, 5%)
+        assert home.call("DELETE", f"/Users/{u['id']}")[0] == 204
+
+    async def swept() -> bool:
+        await poller.poll_once()
+        return bool(
+            await broker.app[POOL].fetchval(
+                "SELECT count(*) FROM audit_log WHERE action = 'sweep.held'"
+            )
+        )
+
+    await until(swept, "the sweep held the deletions")
+    await quiesce(broker)
+    assert len(held(peer)["Users"]) == 4, "a held sweep deleted accounts"
+
+    status, report, out = await reconcile(
+        db_url, "--on-deleted", "deprovision", "--confirm-deletions", "2"
+    )
+    assert status == 0 and report["counts"]["situations"]["deleted"] == 2, out
+    await quiesce(broker)
+    assert sorted(u["userName"] for u in held(peer)["Users"]) == ["leaver2", "leaver3"]

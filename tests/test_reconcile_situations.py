@@ -201,6 +201,7 @@ def test_only_and_the_actions_decide_what_a_run_does() -> None:
 
 def test_the_deletion_threshold_is_five_percent_or_500_whichever_is_smaller() -> None:
     assert deletion_limit(20, None) == 1
+    assert deletion_limit(3, None) == 1  # never below one: a small federation's one deletion
     assert deletion_limit(100_000, None) == 500
     assert deletion_limit(20, 7) == 7
     problem = deletion_problem(2, 20, limit=1, confirmed=0, command="broker reconcile P")

@@ -22,6 +22,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker.propagation.policy import deletion_limit
+
 __all__ = [
     "ACTIONS",
     "DEFAULT_ACTIONS",
@@ -336,15 +338,6 @@ def _unmapped_item(
     desired = page.desired.get(internal_id)
     drift = differences(desired, account) if desired is not None else []
     return Item(rt, "unlinked", account_id, internal_id, {"attributes": drift} if drift else {})
-
-
-def deletion_limit(peer_accounts: int, configured: int | None) -> int:
-    """The most deprovisionings one run may make without a person's confirmation: the
-    configured ``[propagation] deletion_threshold``, else 5% of the peer's accounts or 500,
-    whichever is smaller (Microsoft Entra's accidental-deletion threshold)."""
-    if configured is not None:
-        return configured
-    return min(peer_accounts * 5 // 100, 500)
 
 
 def deletion_problem(
