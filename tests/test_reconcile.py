@@ -10,11 +10,16 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import aiohttp
 import pytest
 
 from broker.app import HOME, POOL
+from broker.errors import BrokerError
 from broker.mapping.store import MappingStore
+from broker.propagation.peer import PeerClient
 from broker.propagation.poller import HomePoller
+from broker.reconcile.runner import Reconciler
+from broker.reconcile.situations import Options
 from tests.propagation_support import (
     FAST,
     admin,
@@ -22,6 +27,7 @@ from tests.propagation_support import (
     assert_no_internal_id,
     cli,
     federation,
+    gate,
     held,
     home_ids,
     quiesce,
@@ -349,3 +355,48 @@ async def test_a_sweep_that_finds_too_many_deletions_holds_them_until_a_person_c
     assert status == 0 and report["counts"]["situations"]["deleted"] == 2, out
     await quiesce(broker)
     assert sorted(u["userName"] for u in held(peer)["Users"]) == ["leaver2", "leaver3"]
+
+
+async def test_a_run_a_failing_peer_stopped_resumes_from_the_page_it_reached(
+    world: tuple[Broker, Home, Home],
+) -> None:
+    broker, home, peer = world
+    pool = broker.app[POOL]
+    for n in range(7):
+        user(home, f"resume{n}", title=IN)
+        user(peer, f"resume{n}")
+    async with gate(peer) as front, aiohttp.ClientSession() as session:
+        lines: list[str] = []
+
+        def progress(line: str) -> None:
+            lines.append(line)
+            if len(lines) == 2:  # after the second page: the peer fails
+                front.failures.append((503, {}))
+
+        reconciler = Reconciler(
+            pool,
+            broker.app[HOME],
+            PeerClient(session, front.url, peer.token, domain="P"),
+            domain="P",
+            scope=f'title eq "{IN}"',
+            readable=None,
+            page_size=2,
+            rate=0,
+            progress=progress,
+        )
+        run = await reconciler.start(Options(dry_run=True), actor="test")
+        with pytest.raises(BrokerError, match="HTTP 503"):
+            await reconciler.run(run)
+        front.forwarded.clear()
+        resumed = await reconciler.start(Options(dry_run=True), actor="test")
+        assert (resumed.id, resumed.phase, resumed.cursor) == (run.id, "peer", 5)
+        report = await reconciler.run(resumed)
+    reads = [path for method, path, _ in front.forwarded if method == "GET" and path == "/Users"]
+    assert len(reads) == 2, "the resumed run read again what it had recorded"
+    assert report.counts["situations"]["unlinked"] == 7
+    assert (
+        await pool.fetchval(
+            "SELECT count(DISTINCT external_id) FROM reconciliation_items WHERE run_id = $1", run.id
+        )
+        == 7
+    )
