@@ -176,6 +176,8 @@ async def test_a_peer_that_exists_already_is_reconciled_situation_by_situation(
 
     status, listing = await cli(db_url, "operations")
     assert status == 0 and listing.count("reconcile") == 3, listing
+    status, shown = await cli(db_url, "operations", report["id"])
+    assert status == 0 and "P: done: 1 deleted, 1 drifted, 1 missing, 3 disputed, 1 unlinked" in shown, shown
 
 
 async def test_the_deletion_threshold_stops_a_run_that_would_delete_a_tenth_of_a_peer(
