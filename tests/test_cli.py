@@ -52,6 +52,8 @@ def test_the_commands_are_listed_in_their_usual_order() -> None:
         "merge",
         "split",
         "operations",
+        "reconcile",
+        "sync",
         "events",
         "keys",
     ]
