@@ -371,7 +371,7 @@ CREATE TABLE reconciliation_items (
     PRIMARY KEY (run_id, seq)
 );
 -- A page read again after a crash records nothing twice.
-CREATE UNIQUE INDEX reconciliation_items_account ON reconciliation_items (run_id, resource_type, external_id)
+CREATE UNIQUE INDEX reconciliation_items_account ON reconciliation_items (run_id, external_id, resource_type)
     WHERE external_id IS NOT NULL;
 CREATE UNIQUE INDEX reconciliation_items_entity ON reconciliation_items (run_id, internal_id)
     WHERE external_id IS NULL;
@@ -379,4 +379,4 @@ CREATE INDEX reconciliation_items_claimed ON reconciliation_items (run_id, inter
     WHERE internal_id IS NOT NULL;
 -- Entities an account disputed between several of them might be (never "missing").
 CREATE INDEX reconciliation_items_candidates ON reconciliation_items
-    USING gin ((detail -> 'candidates')) WHERE detail ? 'candidates';
+    USING gin ((detail -> 'candidates'));

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from broker.app import HOME, POOL
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ConflictError
 from broker.mapping.store import MappingStore
 from broker.propagation.peer import PeerClient
 from broker.propagation.poller import HomePoller
@@ -177,7 +177,9 @@ async def test_a_peer_that_exists_already_is_reconciled_situation_by_situation(
     status, listing = await cli(db_url, "operations")
     assert status == 0 and listing.count("reconcile") == 3, listing
     status, shown = await cli(db_url, "operations", report["id"])
-    assert status == 0 and "P: done: 1 deleted, 1 drifted, 1 missing, 3 disputed, 1 unlinked" in shown, shown
+    assert (
+        status == 0 and "P: done: 1 deleted, 1 drifted, 1 missing, 3 disputed, 1 unlinked" in shown
+    ), shown
 
 
 async def test_the_deletion_threshold_stops_a_run_that_would_delete_a_tenth_of_a_peer(
@@ -389,10 +391,17 @@ async def test_a_run_a_failing_peer_stopped_resumes_from_the_page_it_reached(
         run = await reconciler.start(Options(dry_run=True), actor="test")
         with pytest.raises(BrokerError, match="HTTP 503"):
             await reconciler.run(run)
+        with pytest.raises(ConflictError, match="--fresh"):
+            await reconciler.start(Options(), actor="test")  # a real run never resumes a dry one
         front.forwarded.clear()
         resumed = await reconciler.start(Options(dry_run=True), actor="test")
         assert (resumed.id, resumed.phase, resumed.cursor) == (run.id, "peer", 5)
         report = await reconciler.run(resumed)
+    assert_no_internal_id(peer, home_ids(home))
+    sent = json.dumps(front.forwarded)
+    assert not [i for i in home_ids(home) if i in sent], (
+        "a request to the peer named an internal ID"
+    )
     reads = [path for method, path, _ in front.forwarded if method == "GET" and path == "/Users"]
     assert len(reads) == 2, "the resumed run read again what it had recorded"
     assert report.counts["situations"]["unlinked"] == 7

@@ -87,16 +87,21 @@ class InitialSync:
             await asyncio.sleep(self.interval)
 
     async def once(self) -> bool:
-        """Run one domain's initial sync if one is needed; whether one was."""
+        """Run one domain's initial sync if one is needed (and no other process runs it);
+        whether one was."""
         async with self.pool.acquire() as conn:
-            domain_id = await conn.fetchval(query("claim_initial_sync"), LOCK_CLASS)
-            if domain_id is None:
-                return False
-            try:
-                await self._sync(conn, domain_id)
-            finally:
-                await conn.fetchval(query("release_initial_sync"), LOCK_CLASS, domain_id)
-        return True
+            for record in await conn.fetch(query("initial_syncs_wanted")):
+                domain_id = record["id"]
+                if not await conn.fetchval(query("lock_initial_sync"), LOCK_CLASS, domain_id):
+                    continue
+                try:
+                    state = await conn.fetchval(query("initial_sync_state"), domain_id)
+                    if state in ("needed", "running"):
+                        await self._sync(conn, domain_id)
+                        return True
+                finally:
+                    await conn.fetchval(query("release_initial_sync"), LOCK_CLASS, domain_id)
+        return False
 
     async def _sync(self, conn: Connection, domain_id: str) -> None:
         await conn.execute(query("set_initial_sync"), domain_id, "running")

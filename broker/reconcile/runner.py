@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 
 from broker.db import query
-from broker.errors import BrokerError, ConflictError
+from broker.errors import ConflictError
 from broker.home import HomeClient, HomeSchema
 from broker.propagation.peer import PeerClient
 from broker.reconcile.actions import take_actions
@@ -141,6 +141,13 @@ class Reconciler:
         record = await self.pool.fetchrow(query("unfinished_reconciliation"), self.domain)
         if record is not None and not fresh:
             run = Run.from_record(record)
+            if run.options != options or run.initial_sync != initial_sync:
+                # A dry run never resumes a real one, nor the other way round.
+                raise ConflictError(
+                    f"{self.domain} has an unfinished run {run.id} with other options "
+                    f"({'initial sync' if run.initial_sync else _described(run.options)}): run "
+                    "with the same options to resume it, or add --fresh to start over"
+                )
             self.progress(
                 f"resuming run {run.id} of {self.domain} ({run.phase}, {run.resource_type}s from "
                 f"{run.cursor}); --fresh starts over"
@@ -350,9 +357,12 @@ def _moved(run: Run, phase: str, resource_type: str, cursor: int) -> Run:
     )
 
 
-def unknown_domain(domain: str) -> BrokerError:
-    return BrokerError(
-        f"{domain} is not a push peer with a SCIM URL: `broker domain list` shows the domains; "
-        "reconciliation reads a peer the broker provisions into",
-        status=400,
-    )
+def _described(options: Options) -> str:
+    """The options as the command line gives them."""
+    words = ["--dry-run"] if options.dry_run else []
+    words += [f"--on-{s} {a}" for s, a in sorted(options.actions.items())]
+    if options.only is not None:
+        words.append("--only " + ",".join(sorted(options.only)))
+    if options.confirm_deletions:
+        words.append(f"--confirm-deletions {options.confirm_deletions}")
+    return " ".join(words)

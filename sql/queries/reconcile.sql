@@ -133,13 +133,19 @@ ORDER BY a.n
 -- name: drop_copies
 DELETE FROM peer_copies WHERE domain_id = $1 AND internal_id = ANY($2::text[])
 
--- name: claim_initial_sync
--- A push domain whose initial sync is needed (or was under way in a process that stopped),
--- not being run by another process ($1: the advisory lock's class).
+-- name: initial_syncs_wanted
+-- Push domains whose initial sync is needed, or was under way in a process that stopped.
 SELECT id FROM domains
 WHERE kind = 'peer' AND push AND status <> 'disabled' AND initial_sync IN ('needed', 'running')
-  AND pg_try_advisory_lock($1, hashtext(id))
-ORDER BY id LIMIT 1
+ORDER BY id
+
+-- name: lock_initial_sync
+-- Whether this session now holds domain $2's initial sync ($1: the advisory lock's class), and
+-- the sync is still wanted (another process may have finished it meanwhile).
+SELECT pg_try_advisory_lock($1, hashtext($2))
+
+-- name: initial_sync_state
+SELECT initial_sync FROM domains WHERE id = $1
 
 -- name: release_initial_sync
 SELECT pg_advisory_unlock($1, hashtext($2))
