@@ -209,6 +209,7 @@ def test_the_deletion_threshold_is_five_percent_or_500_whichever_is_smaller() ->
     assert deletion_problem(2, 20, limit=1, confirmed=2, command="c") is None
     assert deletion_problem(3, 20, limit=1, confirmed=2, command="c") is not None
     assert deletion_problem(1, 20, limit=1, confirmed=0, command="c") is None
+    assert deletion_problem(2, 0, limit=1, confirmed=0, command="c") is not None
 
 
 names = st.text(alphabet="abcXYZ", min_size=1, max_size=3)

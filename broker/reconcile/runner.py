@@ -329,6 +329,10 @@ class Reconciler:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(query("finish_reconciliation"), run.id, phase, counts, reason)
             await conn.execute(query("finish_planning"), run.id, state, progress)
+            details = {"run": str(run.id), "state": phase, "counts": counts, "reason": reason}
+            await conn.execute(
+                query("audit"), "broker:reconcile", "reconcile.finish", self.domain, details
+            )
         return Report(run.id, self.domain, phase, run.dry_run, counts, reason)
 
 

@@ -348,9 +348,13 @@ def deletion_problem(
     run never covers a larger one."""
     if deprovisions <= limit or confirmed == deprovisions:
         return None
-    share = f" ({deprovisions * 100 // peer_accounts}% of its {peer_accounts} accounts)"
+    share = (
+        f" ({deprovisions * 100 // peer_accounts}% of its {peer_accounts} accounts)"
+        if peer_accounts
+        else ""
+    )
     return (
-        f"the run would deprovision {deprovisions} accounts{share if peer_accounts else ''}, "
+        f"the run would deprovision {deprovisions} accounts{share}, "
         f"more than the deletion threshold ({limit}); nothing was deleted. Check the plan with "
         f"`{command} --dry-run`, then confirm with `{command} --confirm-deletions {deprovisions}`"
     )
