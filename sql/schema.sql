@@ -338,9 +338,9 @@ CREATE TABLE reconciliations (
     dry_run        boolean NOT NULL,
     initial_sync   boolean NOT NULL DEFAULT false,
     options        jsonb NOT NULL,
-    phase          text NOT NULL DEFAULT 'peer'
+    phase          text NOT NULL DEFAULT 'index'
                    CONSTRAINT reconciliations_phase_check
-                   CHECK (phase IN ('peer', 'home', 'actions', 'done', 'stopped', 'failed')),
+                   CHECK (phase IN ('index', 'peer', 'home', 'actions', 'done', 'stopped', 'failed')),
     resource_type  text NOT NULL DEFAULT 'User',
     cursor         integer NOT NULL DEFAULT 1,
     peer_total     integer NOT NULL DEFAULT 0,
@@ -351,7 +351,22 @@ CREATE TABLE reconciliations (
 );
 -- At most one unfinished run per domain: a second start resumes it.
 CREATE UNIQUE INDEX reconciliations_one_running ON reconciliations (domain_id)
-    WHERE phase IN ('peer', 'home', 'actions');
+    WHERE phase IN ('index', 'peer', 'home', 'actions');
+
+-- Home's entities as the run read them, a page at a time (so that a peer's accounts are
+-- matched by an indexed query, not a search of home each): the correlation keys
+-- ("attribute=value", lower-cased), whether the domain's scope admits the entity, and home's
+-- resource. Removed when the run ends.
+CREATE TABLE reconciliation_home (
+    run_id         uuid NOT NULL REFERENCES reconciliations (id) ON DELETE CASCADE,
+    internal_id    text NOT NULL,
+    resource_type  text NOT NULL,
+    in_scope       boolean NOT NULL,
+    keys           text[] NOT NULL,
+    document       jsonb NOT NULL,
+    PRIMARY KEY (run_id, internal_id)
+);
+CREATE INDEX reconciliation_home_keys ON reconciliation_home USING gin (keys);
 
 -- What the run found: a peer account (external_id) or a home entity the peer lacks (internal_id
 -- only), its situation, the action the run's options give it, and whether that was taken.

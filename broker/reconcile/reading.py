@@ -6,9 +6,9 @@ correlation rule finds). Nothing here writes; memory is bounded by a page."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +16,7 @@ import asyncpg
 
 from broker.db import query
 from broker.errors import BrokerError
-from broker.home import SEARCH_SCHEMA, HomeClient, HomeSchema
+from broker.home import SEARCH_SCHEMA, HomeClient
 from broker.propagation.documents import peer_document
 from broker.propagation.peer import PeerClient
 from broker.reconcile.situations import (
@@ -28,15 +28,13 @@ from broker.reconcile.situations import (
 )
 from broker.scim.rewrite import Translation, collect_ids
 
-__all__ = ["Lookups", "Pace", "home_page", "peer_page"]
+__all__ = ["Lookups", "Pace", "home_keys", "home_search", "peer_page"]
 
 Json = dict[str, Any]
 NOT_IN_PEER = "(not in the peer yet)"
 """What a reference to an entity the peer holds no account of reads as, in the document the
 peer's account is compared with: never equal to what the peer holds, so the account is drifted
 and its sync (after its references are created) makes it name them. Never sent anywhere."""
-_CHUNK = 50
-"""IDs or values per search sent to home."""
 
 
 class Pace:
@@ -108,53 +106,56 @@ async def home_search(
     return resources, total if isinstance(total, int) else len(resources)
 
 
-async def home_page(
-    home: HomeClient, endpoint: str, scope: str | None, start: int, count: int
-) -> tuple[list[str], int]:
-    """IDs of one page of home's entities in ``scope`` at ``endpoint``."""
-    found, total = await home_search(
-        home, endpoint, scope, start=start, count=count, attributes=["id"]
-    )
-    return [r["id"] for r in found if isinstance(r.get("id"), str)], total
+def home_keys(doc: Mapping[str, Any], correlate: Sequence[str]) -> list[str]:
+    """The entity's correlation keys as the run's copy of home indexes them."""
+    return [
+        f"{attribute}={value}" for attribute, value in sorted(correlation_values(doc, correlate))
+    ]
 
 
 @dataclass(frozen=True)
 class Lookups:
-    """The batched lookups behind one page of a peer's accounts."""
+    """The batched lookups behind one page of a peer's accounts: the mapping rows, and the run's
+    copy of home (read a page at a time before the peer: one indexed query finds a page's
+    candidates, where a search of home for each would cost home a scan of its users)."""
 
     pool: asyncpg.Pool
-    home: HomeClient
-    schema: HomeSchema
+    run_id: uuid.UUID
     translation: Translation
     domain: str
-    scope: str | None
     readable: Sequence[str] | None
     correlate: Sequence[str]
 
     async def page(self, resource_type: str, accounts: Sequence[Json]) -> Page:
-        endpoint = self.schema.endpoints.by_type.get(resource_type, f"/{resource_type}s")
         ids = [a["id"] for a in accounts if isinstance(a.get("id"), str)]
         mapped = {
             r["external_id"]: Mapped(r["internal_id"], r["is_primary"], r["entity_state"])
             for r in await self.pool.fetch(query("reconcile_mapped"), self.domain, ids)
         }
         correlate = self.correlate if resource_type == "User" else GROUP_CORRELATE
-        unmapped = [a for a in accounts if a.get("id") not in mapped]
-        docs, matches = await self._matches(endpoint, unmapped, correlate)
-        wanted = [m.internal_id for m in mapped.values() if m.primary] + [
-            i for i in docs if i not in {m.internal_id for m in mapped.values()}
-        ]
-        docs.update(await self._by_id(endpoint, [i for i in wanted if i not in docs]))
-        within = await self._within(endpoint, resource_type, list(docs))
-        accounts_of = await self._primaries(
-            list(dict.fromkeys(i for ids in matches.values() for i in ids))
+        wanted: set[tuple[str, str]] = set()
+        for account in accounts:
+            if account.get("id") not in mapped:
+                wanted |= correlation_values(account, correlate)
+        keys = sorted(f"{a}={v}" for a, v in wanted)
+        found = await self.pool.fetch(query("home_by_keys"), self.run_id, keys)
+        primaries = [m.internal_id for m in mapped.values() if m.primary]
+        found += await self.pool.fetch(query("home_by_id"), self.run_id, primaries)
+        docs = {r["internal_id"]: r["document"] for r in found}
+        within = {r["internal_id"] for r in found if r["in_scope"]}
+        matches: dict[tuple[str, str], list[str]] = {}
+        for r in found:
+            for key in set(r["keys"]) & set(keys):
+                attribute, _, value = key.partition("=")
+                ids_of = matches.setdefault((attribute, value), [])
+                if r["internal_id"] not in ids_of:
+                    ids_of.append(r["internal_id"])
+        named = list(dict.fromkeys(i for ids_ in matches.values() for i in ids_))
+        accounts_of = await self._primaries(named)
+        candidates = {i: Candidate(i, i in within, accounts_of.get(i)) for i in named}
+        desired = await self._desired(
+            resource_type, {i: docs.get(i) for i in dict.fromkeys([*primaries, *named])}
         )
-        candidates = {
-            i: Candidate(i, i in within, accounts_of.get(i))
-            for ids in matches.values()
-            for i in ids
-        }
-        desired = await self._desired(resource_type, {i: docs.get(i) for i in wanted})
         return Page(
             resource_type,
             accounts,
@@ -165,47 +166,6 @@ class Lookups:
             matches,
             candidates,
         )
-
-    async def _matches(
-        self, endpoint: str, accounts: Sequence[Json], correlate: Sequence[str]
-    ) -> tuple[dict[str, Json], dict[tuple[str, str], list[str]]]:
-        """Home's entities holding the accounts' correlation values, and which values each holds."""
-        docs: dict[str, Json] = {}
-        wanted: set[tuple[str, str]] = set()
-        raw: dict[str, set[str]] = {}
-        for account in accounts:
-            for attribute, value in _raw_values(account, correlate):
-                raw.setdefault(attribute, set()).add(value)
-                wanted.add((attribute.lower(), value.strip().lower()))
-        for attribute, values in raw.items():
-            ordered = sorted(values)
-            for start in range(0, len(ordered), _CHUNK):
-                chunk = ordered[start : start + _CHUNK]
-                named = " or ".join(f"{attribute} eq {json.dumps(v)}" for v in chunk)
-                found, _ = await home_search(
-                    home=self.home, endpoint=endpoint, filter_=named, count=10 * len(chunk)
-                )
-                docs.update({d["id"]: d for d in found if isinstance(d.get("id"), str)})
-        matches: dict[tuple[str, str], list[str]] = {}
-        for internal_id, doc in docs.items():
-            for key in correlation_values(doc, correlate) & wanted:
-                matches.setdefault(key, []).append(internal_id)
-        return docs, matches
-
-    async def _by_id(self, endpoint: str, ids: Sequence[str]) -> dict[str, Json]:
-        found: dict[str, Json] = {}
-        for start in range(0, len(ids), _CHUNK):
-            chunk = ids[start : start + _CHUNK]
-            named = " or ".join(f"id eq {json.dumps(i)}" for i in chunk)
-            docs, _ = await home_search(self.home, endpoint, named, count=len(chunk))
-            found.update({d["id"]: d for d in docs if isinstance(d.get("id"), str)})
-        return found
-
-    async def _within(self, endpoint: str, resource_type: str, ids: list[str]) -> set[str]:
-        """Which of ``ids`` the domain's scope admits (it bounds users; groups are all seen)."""
-        if not self.scope or resource_type != "User" or not ids:
-            return set(ids)
-        return await self.home.ids_within(endpoint, ids, self.scope)
 
     async def _primaries(self, ids: list[str]) -> dict[str, str]:
         """Entity -> its primary in the domain (an account, or a create under way)."""
@@ -241,18 +201,3 @@ class Lookups:
             )
             for internal_id, doc in docs.items()
         }
-
-
-def _raw_values(account: Mapping[str, Any], attributes: Iterable[str]) -> list[tuple[str, str]]:
-    """(attribute as the rule names it, value as the account holds it)."""
-    lowered = {k.lower(): v for k, v in account.items()}
-    found = []
-    for attribute in attributes:
-        name, _, sub = attribute.lower().partition(".")
-        value = lowered.get(name)
-        for v in value if isinstance(value, list) else [value]:
-            if sub:
-                v = {k.lower(): x for k, x in v.items()}.get(sub) if isinstance(v, dict) else None
-            if isinstance(v, str) and v.strip():
-                found.append((attribute, v))
-    return found

@@ -27,8 +27,9 @@ from broker.errors import ConflictError
 from broker.home import HomeClient, HomeSchema
 from broker.propagation.peer import PeerClient
 from broker.reconcile.actions import take_actions
-from broker.reconcile.reading import Lookups, Pace, home_page, peer_page
+from broker.reconcile.reading import Lookups, Pace, home_keys, home_search, peer_page
 from broker.reconcile.situations import (
+    GROUP_CORRELATE,
     SITUATIONS,
     Item,
     Options,
@@ -41,6 +42,9 @@ from broker.scim.rewrite import Translation
 __all__ = ["RESOURCE_TYPES", "Reconciler", "Report", "Run"]
 
 log = logging.getLogger(__name__)
+
+HOME_PAGE = 200
+"""Home's resources read per page into the run's copy."""
 
 RESOURCE_TYPES = ("User", "Group")
 """Read in this order: users before the groups that name them."""
@@ -183,7 +187,7 @@ class Reconciler:
                 f"another run of {self.domain} started meanwhile: `broker operations` shows it"
             ) from exc
         return Run(
-            run_id, self.domain, options.dry_run, initial_sync, options, "peer", "User", 1, 0
+            run_id, self.domain, options.dry_run, initial_sync, options, "index", "User", 1, 0
         )
 
     # ------------------------------------------------------------------ running
@@ -194,10 +198,12 @@ class Reconciler:
         translation = Translation(
             schema.refs, schema.endpoints, self.home.base_url, self.client.base_url
         )
+        if run.phase == "index":
+            run = await self._index_pass(run, schema)
         if run.phase == "peer":
             run = await self._peer_pass(run, schema, translation)
         if run.phase == "home":
-            run = await self._home_pass(run, schema)
+            run = await self._home_pass(run)
         record = await self.pool.fetchrow(query("reconciliation_by_id"), run.id)
         problem = None
         if not run.dry_run:
@@ -207,23 +213,65 @@ class Reconciler:
                 self.progress(f"{self.domain}: {done} actions taken (through the outbox)")
         return await self._finish(run, "stopped" if problem else "done", problem)
 
-    async def _lookups(self, schema: HomeSchema, translation: Translation) -> Lookups:
+    async def _correlate(self) -> list[str]:
         record = await self.pool.fetchrow(query("domain_correlate"), self.domain)
-        correlate = list(record["correlate"]) if record is not None else ["userName"]
-        return Lookups(
-            self.pool,
-            self.home,
-            schema,
-            translation,
-            self.domain,
-            self.scope,
-            self.readable,
-            correlate,
-        )
+        return list(record["correlate"]) if record is not None else ["userName"]
+
+    async def _index_pass(self, run: Run, schema: HomeSchema) -> Run:
+        """Home's users and groups into the run's copy, a page at a time, then which users the
+        domain's scope admits (a second listing, with the scope as its filter)."""
+        correlate = await self._correlate()
+        steps = ["User", "User:scope", "Group"] if self.scope else ["User", "Group"]
+        cursor = run.cursor
+        for step in steps[steps.index(run.resource_type) if run.resource_type in steps else 0 :]:
+            resource_type, _, scoped = step.partition(":")
+            endpoint = schema.endpoints.by_type.get(resource_type, f"/{resource_type}s")
+            keys_of = correlate if resource_type == "User" else list(GROUP_CORRELATE)
+            while True:
+                docs, total = await home_search(
+                    self.home,
+                    endpoint,
+                    self.scope if scoped else None,
+                    start=cursor,
+                    count=HOME_PAGE,
+                    attributes=["id"] if scoped else None,
+                )
+                ids = [d["id"] for d in docs if isinstance(d.get("id"), str)]
+                async with self.pool.acquire() as conn, conn.transaction():
+                    if scoped:
+                        await conn.execute(query("home_in_scope"), run.id, ids)
+                    else:
+                        await conn.execute(
+                            query("record_home"),
+                            run.id,
+                            resource_type,
+                            not self.scope or resource_type != "User",
+                            ids,
+                            [
+                                "\x1f".join(home_keys(d, keys_of))
+                                for d in docs
+                                if d.get("id") in ids
+                            ],
+                            [d for d in docs if d.get("id") in ids],
+                        )
+                    cursor += len(docs)
+                    await conn.execute(
+                        query("advance_reconciliation"), run.id, "index", step, cursor, 0
+                    )
+                self.progress(
+                    f"{self.domain}: home {step.lower()}s read {min(cursor - 1, total)}/{total}"
+                )
+                if not docs or cursor > total:
+                    break
+            cursor = 1
+        await self._advance(run.id, "peer", "User", 1)
+        return _moved(run, "peer", "User", 1)
 
     async def _peer_pass(self, run: Run, schema: HomeSchema, translation: Translation) -> Run:
         """Every account of the peer, a page at a time, from where the run is."""
-        lookups = await self._lookups(schema, translation)
+        lookups = Lookups(
+            self.pool, run.id, translation, self.domain, self.readable, await self._correlate()
+        )
         types = RESOURCE_TYPES[RESOURCE_TYPES.index(run.resource_type) :]
         cursor = run.cursor
         for resource_type in types:
@@ -244,39 +292,14 @@ class Reconciler:
         await self._advance(run.id, "home", "User", 1)
         return _moved(run, "home", "User", 1)
 
-    async def _home_pass(self, run: Run, schema: HomeSchema) -> Run:
+    async def _home_pass(self, run: Run) -> Run:
         """What the peer lacks: mapped entities it never showed, and home's entities in the
-        domain's scope with no account there."""
+        domain's scope with no account there (two statements over the run's copy of home)."""
         action = run.options.action("missing")
         await self.pool.execute(
             query("missing_mapped"), run.id, self.domain, action, list(RESOURCE_TYPES)
         )
-        types = RESOURCE_TYPES[RESOURCE_TYPES.index(run.resource_type) :]
-        cursor = run.cursor
-        for resource_type in types:
-            endpoint = schema.endpoints.by_type.get(resource_type, f"/{resource_type}s")
-            scope = self.scope if resource_type == "User" else None
-            while True:
-                ids, total = await home_page(self.home, endpoint, scope, cursor, 500)
-                lacking = await self.pool.fetch(query("unprovisioned"), run.id, self.domain, ids)
-                items = [
-                    Item(
-                        resource_type,
-                        "missing",
-                        None,
-                        r["internal_id"],
-                        {"reason": "not in the peer"},
-                    )
-                    for r in lacking
-                ]
-                cursor += len(ids)
-                await self._record(run, items, "home", resource_type, cursor, 0)
-                self.progress(
-                    f"{self.domain}: home {resource_type.lower()}s read {min(cursor - 1, total)}/{total}"
-                )
-                if not ids or cursor > total:
-                    break
-            cursor = 1
+        await self.pool.execute(query("unprovisioned"), run.id, self.domain, action)
         await self._advance(run.id, "actions", "User", 1)
         return _moved(run, "actions", "User", 1)
 
@@ -328,6 +351,7 @@ class Reconciler:
         progress = {self.domain: {"state": phase, "counts": counts, "reason": reason}}
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(query("finish_reconciliation"), run.id, phase, counts, reason)
+            await conn.execute(query("forget_home"), run.id)
             await conn.execute(query("finish_planning"), run.id, state, progress)
             details = {"run": str(run.id), "state": phase, "counts": counts, "reason": reason}
             await conn.execute(

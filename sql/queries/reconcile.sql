@@ -22,7 +22,7 @@ VALUES ($1, $2, $3, $4, $5)
 -- name: unfinished_reconciliation
 SELECT id, domain_id, dry_run, initial_sync, options, phase, resource_type, cursor, peer_total,
        counts, reason, created_at, updated_at
-FROM reconciliations WHERE domain_id = $1 AND phase IN ('peer', 'home', 'actions')
+FROM reconciliations WHERE domain_id = $1 AND phase IN ('index', 'peer', 'home', 'actions')
 
 -- name: reconciliation_by_id
 SELECT id, domain_id, dry_run, initial_sync, options, phase, resource_type, cursor, peer_total,
@@ -38,7 +38,7 @@ ORDER BY domain_id, created_at DESC
 
 -- name: abandon_reconciliation
 UPDATE reconciliations SET phase = 'failed', reason = $2, updated_at = now()
-WHERE id = $1 AND phase IN ('peer', 'home', 'actions')
+WHERE id = $1 AND phase IN ('index', 'peer', 'home', 'actions')
 
 -- name: advance_reconciliation
 -- Where the run is: written with the page's items, so a run resumed after a crash reads on
@@ -82,18 +82,49 @@ WHERE m.domain_id = $2 AND m.is_primary AND m.state = 'active'
                   WHERE i.run_id = $1 AND i.external_id = m.external_id)
 ON CONFLICT DO NOTHING
 
+-- name: record_home
+-- A page of home's entities (the run's copy, removed when it ends); each entity's keys joined
+-- by the unit separator (U+001F).
+INSERT INTO reconciliation_home (run_id, internal_id, resource_type, in_scope, keys, document)
+SELECT $1, h.internal_id, $2, $3, coalesce(string_to_array(nullif(h.keys, ''), E'\x1f'), '{}'),
+       h.document
+FROM unnest($4::text[], $5::text[], $6::jsonb[]) AS h(internal_id, keys, document)
+ON CONFLICT (run_id, internal_id) DO NOTHING
+
+-- name: home_in_scope
+-- Of the run's copy of home, entities $2 are within the domain's scope.
+UPDATE reconciliation_home SET in_scope = true
+WHERE run_id = $1 AND internal_id = ANY($2::text[])
+
+-- name: home_by_keys
+-- The run's home entities holding any of the correlation keys $2.
+SELECT internal_id, in_scope, keys, document FROM reconciliation_home
+WHERE run_id = $1 AND keys && $2::text[]
+
+-- name: home_by_id
+SELECT internal_id, in_scope, keys, document FROM reconciliation_home
+WHERE run_id = $1 AND internal_id = ANY($2::text[])
+
 -- name: unprovisioned
--- Of home's entities $3 (in peer $2's scope), those with no primary there and no account of the
--- run claiming them: the peer lacks them.
-SELECT w.internal_id
-FROM unnest($3::text[]) AS w(internal_id)
-WHERE NOT EXISTS (SELECT 1 FROM id_mappings m
-                  WHERE m.domain_id = $2 AND m.internal_id = w.internal_id AND m.is_primary)
+-- Home's entities in peer $2's scope with no primary there and no account of the run claiming
+-- them (nor disputed between them and others): the peer lacks them. Users before groups.
+INSERT INTO reconciliation_items (run_id, resource_type, situation, external_id, internal_id,
+                                  action, detail)
+SELECT $1, h.resource_type, 'missing', NULL, h.internal_id, $3,
+       jsonb_build_object('reason', 'not in the peer')
+FROM reconciliation_home h
+WHERE h.run_id = $1 AND h.in_scope
+  AND NOT EXISTS (SELECT 1 FROM id_mappings m
+                  WHERE m.domain_id = $2 AND m.internal_id = h.internal_id AND m.is_primary)
   AND NOT EXISTS (SELECT 1 FROM reconciliation_items i
-                  WHERE i.run_id = $1 AND i.internal_id = w.internal_id)
-  -- nor any account disputed between several entities (it might be this one's)
+                  WHERE i.run_id = $1 AND i.internal_id = h.internal_id)
   AND NOT EXISTS (SELECT 1 FROM reconciliation_items i
-                  WHERE i.run_id = $1 AND i.detail -> 'candidates' ? w.internal_id)
+                  WHERE i.run_id = $1 AND i.detail -> 'candidates' ? h.internal_id)
+ORDER BY h.resource_type <> 'User', h.internal_id
+ON CONFLICT DO NOTHING
+
+-- name: forget_home
+DELETE FROM reconciliation_home WHERE run_id = $1
 
 -- name: item_counts
 SELECT situation, action, count(*) AS n, count(*) FILTER (WHERE done) AS done
