@@ -165,6 +165,7 @@ class Reconciler:
                     await conn.execute(
                         query("abandon_reconciliation"), record["id"], "abandoned by --fresh"
                     )
+                    await conn.execute(query("forget_home"), record["id"])
                 await conn.execute(
                     query("claim_operation"),
                     run_id,
