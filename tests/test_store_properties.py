@@ -41,8 +41,8 @@ from tests.model import (
 
 RESET = (
     "TRUNCATE audit_log, security_events, home_changes, event_subscriptions, outbox, operations, "
-    "reconciliation_items, reconciliations, peer_copies, home_watermarks, id_mappings, entities, "
-    "domain_tokens, domains",
+    "reconciliation_items, reconciliation_home, reconciliations, peer_copies, home_watermarks, "
+    "id_mappings, entities, domain_tokens, domains",
     """INSERT INTO domains (id, kind, push, scim_url)
     SELECT d, 'peer', d = ANY($1::text[]), CASE WHEN d = ANY($1::text[]) THEN 'http://peer/' END
     FROM unnest($2::text[]) AS d""",
