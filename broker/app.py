@@ -18,11 +18,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from broker import __version__
 from broker.admin.api import Admin, create_admin_app
-from broker.config import Config, ConfigError
+from broker.config import Config, ConfigError, PropagationConfig
 from broker.console import register_console
 from broker.credentials import reserved_secrets
 from broker.db import create_pool, listening, migrated_pool, migration_status, query
-from broker.domains import DomainStore, stored_url_problems
+from broker.domains import Domain, DomainStore, stored_url_problems
 from broker.errors import BrokerError
 from broker.events.keyring import KeyRing
 from broker.events.purge import EventRetention, purging
@@ -41,6 +41,9 @@ from broker.propagation.receiver import HomeReceiver
 from broker.propagation.worker import Deliverer, WorkerSettings
 from broker.proxy.handlers import Proxy, route_guard
 from broker.proxy.routes import routes
+from broker.reconcile.initial import InitialSync
+from broker.reconcile.runner import Reconciler
+from broker.reconcile.session import make_reconciler
 from broker.responses import MAX_BODY, scim_error_middleware
 from broker.scim.guard import IdShape
 from broker.scim.versions import VersionSealer
@@ -140,6 +143,13 @@ class Metrics:
             "broker_peer_quarantined",
             "1 while a peer is quarantined.",
             ["domain"],
+            registry=self.registry,
+        )
+        self.initial_sync = Gauge(
+            "broker_initial_sync_entities",
+            "A push domain's initial sync: entities to bring over (wanted), and in the peer now "
+            "(arrived).",
+            ["domain", "count"],
             registry=self.registry,
         )
         self.security_events = Gauge(
@@ -318,6 +328,9 @@ async def metrics(app: web.Application, request: web.Request) -> web.Response:
         app_metrics.queue_age.labels(record["id"]).set(float(record["oldest_age_seconds"]))
         app_metrics.dead_letters.labels(record["id"]).set(record["dead"])
         app_metrics.quarantined.labels(record["id"]).set(1 if record["quarantined"] else 0)
+    for record in await pool.fetch(query("initial_sync_progress"), None):
+        app_metrics.initial_sync.labels(record["id"], "wanted").set(record["wanted"])
+        app_metrics.initial_sync.labels(record["id"], "arrived").set(record["arrived"])
     app_metrics.security_events.clear()  # a state with nothing left in it reads 0, not stale
     for record in await pool.fetch(query("unsettled_event_stats")):
         app_metrics.security_events.labels(record["domain_id"], record["state"]).set(
@@ -473,8 +486,12 @@ async def _propagation(app: web.Application) -> AsyncIterator[None]:
                 app[HOME],
                 interval=config.home_poll_interval,
                 sweep_interval=config.sweep_interval,
+                deletion_threshold=config.deletion_threshold,
             )
             tasks.append(asyncio.create_task(poller.run(), name="home poller"))
+        if config.initial_sync:
+            initial = InitialSync(app[POOL], app[HOME], session, config)
+            tasks.append(asyncio.create_task(initial.run(), name="initial sync"))
         try:
             yield
         finally:
@@ -503,11 +520,22 @@ async def _admin(app: web.Application) -> AsyncIterator[None]:
                 jwks_url=events.home_jwks_url,
                 issuer=events.home_issuer,
             )
+        reconcilers = None
+        if HOME in app:
+            peers = await stack.enter_async_context(
+                aiohttp.ClientSession(
+                    timeout=aiohttp.ClientTimeout(total=app[CONFIG].propagation.peer_timeout)
+                )
+            )
+            reconcilers = functools.partial(
+                _reconciler, app[POOL], app[HOME], peers, app[CONFIG].propagation
+            )
         admin_app = create_admin_app(
             admin,
             receiver,
             metrics=functools.partial(metrics, app),
             reserved=reserved_secrets(app[CONFIG]),
+            reconcilers=reconcilers,
         )
         register_console(
             admin_app,
@@ -530,6 +558,18 @@ async def _admin(app: web.Application) -> AsyncIterator[None]:
             yield
         finally:
             await runner.cleanup()
+
+
+def _reconciler(
+    pool: asyncpg.Pool,
+    home: HomeClient,
+    session: aiohttp.ClientSession,
+    settings: PropagationConfig,
+    domain: Domain,
+    progress: Callable[[str], None],
+) -> Reconciler:
+    """A reconciler of ``domain`` for the admin API, with the serving broker's clients."""
+    return make_reconciler(pool, home, session, domain, settings, progress=progress)
 
 
 def create_app(config: Config) -> web.Application:

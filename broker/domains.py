@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -473,6 +474,24 @@ class DomainStore:
         domain = await self.get(domain_id)
         self._cache[domain_id] = (now, domain)
         return domain
+
+    async def set_correlate(
+        self, domain_id: str, attributes: Sequence[str], *, actor: str = "system"
+    ) -> None:
+        """How reconciliation recognises an existing account of the domain as a home entity's:
+        ``attributes`` (in the peer's terms) compared case-insensitively (docs/reconciliation.md);
+        audited (``domain_update``) in the same transaction."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if (
+                await conn.fetchval(query("set_domain_correlate"), domain_id, list(attributes))
+                is None
+            ):
+                raise NotFoundError(
+                    f"there is no domain {domain_id}: `broker domain list` shows the domains"
+                )
+            await conn.execute(
+                query("audit"), actor, "domain_update", domain_id, {"correlate": list(attributes)}
+            )
 
     async def mapping_counts(self, domain_id: str) -> dict[str, int]:
         records = await self.pool.fetch(query("domain_mapping_counts"), domain_id)

@@ -31,7 +31,9 @@ __all__ = [
     "finish_create",
     "finish_creates",
     "import_problems",
+    "link_accounts",
     "record_entities",
+    "register_entities",
     "retire_alias",
     "retire_primary",
     "stage_import",
@@ -202,3 +204,32 @@ async def _take_bulk_path(conn: Connection) -> bool:
     finally:
         await conn.fetchval(query("import_lock_timeout"), previous)
     return True
+
+
+async def link_accounts(
+    conn: Connection,
+    domain: str,
+    links: Sequence[tuple[str, str, str]],
+    handles: Sequence[str],
+) -> set[str]:
+    """Existing accounts of peer ``domain`` that reconciliation found to be entities' (each
+    (internal ID, resource type, the peer's ID), with a fresh correlation handle): each becomes
+    the entity's peer-assigned primary there. The entities linked; one that got a primary
+    meanwhile (a create under way) keeps it and is left out."""
+    records = await conn.fetch(
+        query("link_accounts"),
+        domain,
+        [internal_id for internal_id, _, _ in links],
+        [external_id for _, _, external_id in links],
+        [resource_type for _, resource_type, _ in links],
+        list(handles),
+    )
+    return {r["internal_id"] for r in records}
+
+
+async def register_entities(
+    conn: Connection, internal_ids: Sequence[str], resource_types: Sequence[str]
+) -> None:
+    """Entities home has (``internal_ids``, aligned with ``resource_types``), recorded before
+    their syncs are enqueued; ones recorded already are left as they are."""
+    await conn.execute(query("register_entities"), list(internal_ids), list(resource_types))

@@ -117,7 +117,7 @@ class Claim:
     """Write-only values (a password) the write set, to deliver with home's state."""
     kind: str = "sync"
     """sync (or provision: the same, for a split-off), move_memberships, delete_alias,
-    undo_create, set."""
+    undo_create, delete_orphan (an account of no entity: ``internal_id`` is empty), set."""
     payload: Mapping[str, Any] = field(default_factory=dict)
     operation_id: uuid.UUID | None = None
     """The merge or split the delivery belongs to, whose progress it updates."""
@@ -135,7 +135,7 @@ class Claim:
     def from_record(cls, record: asyncpg.Record, claimed_at: float) -> Claim:
         return cls(
             record["id"],
-            record["internal_id"],
+            record["internal_id"] or "",  # none: an orphan account (delete_orphan)
             record["attempts"],
             record["sealed_values"],
             record["kind"],

@@ -10,7 +10,15 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-__all__ = ["Backoff", "Failure", "Verdict", "judge", "retry_after_seconds", "too_large"]
+__all__ = [
+    "Backoff",
+    "Failure",
+    "Verdict",
+    "deletion_limit",
+    "judge",
+    "retry_after_seconds",
+    "too_large",
+]
 
 
 class Verdict(enum.Enum):
@@ -151,3 +159,13 @@ class Backoff:
         if retry_after is not None:
             wait = max(wait, min(retry_after, max(self.ceiling, self.quarantine)))
         return wait
+
+
+def deletion_limit(accounts: int, configured: int | None) -> int:
+    """The most deprovisionings one reconciliation, sweep or initial sync may make without a
+    person's confirmation: the configured ``[propagation] deletion_threshold``, else 5% of the
+    accounts or 500, whichever is smaller (Microsoft Entra's accidental-deletion threshold), and
+    never less than one, so that a single deletion in a small federation is not held."""
+    if configured is not None:
+        return configured
+    return max(1, min(accounts * 5 // 100, 500))

@@ -243,6 +243,8 @@ class Deliverer:
             await self.cleanup.delete_alias(peer, claim)
         elif claim.kind == "undo_create":
             await self.cleanup.undo_create(peer, claim)
+        elif claim.kind == "delete_orphan":
+            await self.cleanup.delete_orphan(peer, claim)
         elif claim.kind == "set":
             await self.sets.push(peer, claim)
         else:

@@ -456,3 +456,20 @@ SELECT m.internal_id, m.domain_id, m.external_id, m.is_primary
 FROM id_mappings m
 JOIN entities e ON e.internal_id = m.internal_id AND e.state = 'active'
 WHERE m.external_id IS NOT NULL AND ($1::text IS NULL OR m.domain_id = $1)
+
+-- name: link_accounts
+-- Existing accounts of peer $1 ($3) found by reconciliation to be entities' ($2, of resource
+-- types $4): each the entity's primary there, peer-assigned, with a fresh correlation handle
+-- ($5). An entity that got a primary meanwhile (a create under way) keeps it. Returns the
+-- entities linked.
+WITH seen AS (
+    INSERT INTO entities (internal_id, resource_type)
+    SELECT * FROM unnest($2::text[], $4::text[])
+    ON CONFLICT (internal_id) DO NOTHING
+)
+INSERT INTO id_mappings (internal_id, domain_id, external_id, is_primary, origin, state,
+                         correlation_handle)
+SELECT a.internal_id, $1, a.external_id, true, 'peer', 'active', a.handle
+FROM unnest($2::text[], $3::text[], $5::text[]) AS a(internal_id, external_id, handle)
+ON CONFLICT DO NOTHING
+RETURNING internal_id
