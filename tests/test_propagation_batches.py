@@ -123,6 +123,14 @@ async def test_creates_finishing_together_are_recorded_and_settled_in_one_transa
         state = await pool.fetchval("SELECT state FROM outbox WHERE id = $1", delivery)
         assert state == "done"
         assert delivery in writes.ledger.settled
+        # Each delivery of the batch is in its entity's history, as a delivery settled alone is.
+        history = await pool.fetchval(
+            "SELECT status FROM entity_history WHERE internal_id = $1 AND kind = 'delivery' "
+            "AND (details ->> 'delivery')::bigint = $2",
+            internal_id,
+            delivery,
+        )
+        assert history == "done"
 
 
 async def test_a_create_whose_account_is_mapped_already_fails_alone_and_the_others_are_recorded(

@@ -120,13 +120,24 @@ SELECT internal_id, domain_id, 'delivery', 'done',
        jsonb_build_object('delivery', id, 'task', kind, 'attempts', attempts,
                           'operation', operation_id)
 FROM settled
+WHERE internal_id IS NOT NULL  -- an orphan's deletion (delete_orphan) is no entity's
 
 -- name: deliveries_done
--- Several deliveries ($1) claimed by worker $2 delivered at once (see delivery_done).
-UPDATE outbox
-SET state = 'done', attempts = attempts + 1, lease_until = NULL, last_error = NULL,
-    sealed_values = NULL, updated_at = now()
-WHERE id = ANY($1::bigint[]) AND claimed_by = $2 AND state = 'in_flight'
+-- Several deliveries ($1) claimed by worker $2 delivered at once (see delivery_done), each in its
+-- entity's history (same statement).
+WITH settled AS (
+    UPDATE outbox
+    SET state = 'done', attempts = attempts + 1, lease_until = NULL, last_error = NULL,
+        sealed_values = NULL, updated_at = now()
+    WHERE id = ANY($1::bigint[]) AND claimed_by = $2 AND state = 'in_flight'
+    RETURNING id, domain_id, internal_id, kind, attempts, operation_id
+)
+INSERT INTO entity_history (internal_id, domain_id, kind, status, details)
+SELECT internal_id, domain_id, 'delivery', 'done',
+       jsonb_build_object('delivery', id, 'task', kind, 'attempts', attempts,
+                          'operation', operation_id)
+FROM settled
+WHERE internal_id IS NOT NULL  -- an orphan's deletion (delete_orphan) is no entity's
 
 -- name: delivery_later
 -- Back to pending, due at $3 ($4: count it as an attempt). A newer pending sync of the same
@@ -157,7 +168,7 @@ INSERT INTO entity_history (internal_id, domain_id, kind, status, details)
 SELECT internal_id, domain_id, 'delivery', 'retry',
        jsonb_build_object('delivery', id, 'task', kind, 'attempts', attempts,
                           'operation', operation_id, 'answer', last_error, 'due', $3::timestamptz)
-FROM settled WHERE $4::boolean
+FROM settled WHERE $4::boolean AND internal_id IS NOT NULL
 
 -- name: delivery_dead
 WITH settled AS (
@@ -172,6 +183,7 @@ SELECT internal_id, domain_id, 'delivery', 'dead',
        jsonb_build_object('delivery', id, 'task', kind, 'attempts', attempts,
                           'operation', operation_id, 'answer', last_error)
 FROM settled
+WHERE internal_id IS NOT NULL
 
 -- name: domain_delivered
 -- A delivery succeeded: the peer is healthy. Returns whether it recovers from a failure that
