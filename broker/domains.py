@@ -323,23 +323,28 @@ class DomainStore:
             policy["read"] = read_attributes
         if write_attributes is not None:
             policy["write"] = write_attributes
+        return await self._insert(
+            actor,
+            domain_id,
+            kind,
+            scim_url,
+            credential_ref,
+            push,
+            scope_filter,
+            policy,
+            deprovision,
+            suspend_for,
+            on_conflict,
+            unlinkable,
+            timestamp_precision,
+        )
+
+    async def _insert(self, actor: str, domain_id: str, *settings: Any) -> Domain:
+        """The checked domain written (``insert_domain``'s parameters after the name) and
+        audited in one transaction; the database's refusals as errors saying what to do."""
         try:
             async with self.pool.acquire() as conn, conn.transaction():
-                record = await conn.fetchrow(
-                    query("insert_domain"),
-                    domain_id,
-                    kind,
-                    scim_url,
-                    credential_ref,
-                    push,
-                    scope_filter,
-                    policy,
-                    deprovision,
-                    suspend_for,
-                    on_conflict,
-                    unlinkable,
-                    timestamp_precision,
-                )
+                record = await conn.fetchrow(query("insert_domain"), domain_id, *settings)
                 if record is None:
                     raise ConflictError(
                         f"domain {domain_id} exists already: `broker domain show {domain_id}` "
