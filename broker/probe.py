@@ -38,6 +38,14 @@ class Check:
     """credential, service (/ServiceProviderConfig), schemas (/Schemas) or auth."""
     ok: bool
     detail: str
+    waits: bool = False
+    """A failure that makes no delivery a dead letter: one a delivery retries by itself (no
+    answer, a 5xx, a token file not there yet), or one deliveries do not meet (no schemas
+    described); any other (401, 403, 404, a redirect) makes the peer's deliveries dead letters."""
+
+
+# Answers a delivery retries by itself (as broker/propagation/policy.py judges them).
+_PASSING = frozenset({408, 425, 429})
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,16 @@ class ProbeReport:
     @property
     def ok(self) -> bool:
         return all(check.ok for check in self.checks)
+
+    @property
+    def deliveries_wait(self) -> bool:
+        """Whether the peer's deliveries wait (and retry) while it fails so, rather than
+        become dead letters: its credential cannot be read yet (nothing is sent), or every
+        failure is one a delivery retries."""
+        failed = [check for check in self.checks if not check.ok]
+        if any(check.name == "credential" and check.waits for check in failed):
+            return True
+        return all(check.waits for check in failed)
 
     def lines(self) -> list[str]:
         """What ``broker domain test`` prints: one line per check, then the verdict."""
@@ -83,7 +101,9 @@ _REFUSED = {
 def assess(name: str, status: int | None, body: Any, *, error: str = "") -> Check:
     """What one answer says. ``status`` None: no answer (``error`` says why)."""
     if status is None:
-        return Check(name, False, f"no answer: {error}; check --scim-url and the network")
+        return Check(
+            name, False, f"no answer: {error}; check --scim-url and the network", waits=True
+        )
     if is_redirect(status):
         return Check(
             name, False, f"redirect ({status}), never followed: set --scim-url to where it points"
@@ -91,12 +111,15 @@ def assess(name: str, status: int | None, body: Any, *, error: str = "") -> Chec
     if status in _REFUSED:
         return Check(name, False, _REFUSED[status])
     if status != 200 or not isinstance(body, dict):
-        return Check(name, False, f"answered HTTP {status} without a SCIM document")
+        waits = status >= 500 or status in _PASSING
+        return Check(name, False, f"answered HTTP {status} without a SCIM document", waits)
     if name == "service":
         return Check(name, True, "SCIM service found; supports " + _features(body))
     if name == "schemas":
         count = len(body.get("Resources") or [])
-        return Check(name, count > 0, f"{count} schemas described" if count else "no schemas")
+        # No schemas described hinders no delivery (they write the core schema's attributes).
+        described = f"{count} schemas described" if count else "no schemas"
+        return Check(name, count > 0, described, waits=True)
     return Check(name, True, "the peer accepts the broker's token")
 
 
@@ -121,7 +144,7 @@ async def probe(
         )
     except CredentialProblem as exc:
         token = None
-        checks.append(Check("credential", False, str(exc)))
+        checks.append(Check("credential", False, str(exc), waits=not exc.permanent))
     auth = {"Authorization": f"Bearer {token}"} if token else {}
     base = scim_url.rstrip("/")
     for name, path, params in STEPS:

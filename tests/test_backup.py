@@ -27,8 +27,13 @@ EVENTS = {"urn:ietf:params:SCIM:event:prov:patch:full": {"data": {}}}
 
 
 def _broker(data_dir: Path, *args: str | Path) -> str:
-    """``broker --data-dir DIR ARGS`` as docs/operations.md runs it; its output."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    """``broker --data-dir DIR ARGS`` as docs/operations.md runs it (from a service or a
+    container's shell: no XDG_RUNTIME_DIR); its output."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("BROKER_") and k != "XDG_RUNTIME_DIR"
+    }
     done = subprocess.run(
         [sys.executable, "-m", "broker.cli", "--data-dir", str(data_dir), *map(str, args)],
         capture_output=True,
@@ -68,7 +73,8 @@ async def test_pg_dump_and_the_key_restored_into_a_fresh_data_directory_bring_th
     delivery, kid = await _populate(source)
 
     # The backup: the database, with the embedded server's own pg_dump, and the key.
-    _broker(source, "db", "run", "pg_dump", "--no-owner", "--file", dump)
+    said = _broker(source, "db", "run", "pg_dump", "--no-owner", "--file", dump)
+    assert said == f"using the embedded PostgreSQL in {source}\n", said  # no Python warning
     assert "CREATE TABLE public.id_mappings" in dump.read_text()
     backup_key = tmp_path / "outbox.key.backup"
     shutil.copy2(source / "outbox.key", backup_key)

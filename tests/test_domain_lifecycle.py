@@ -13,12 +13,13 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from broker.admin.domains import update_from_json
 from broker.app import create_app
+from broker.cli.domains import saved_warning
 from broker.config import Config, DatabaseConfig, HomeConfig, PropagationConfig, ServerConfig
 from broker.domains import DomainUpdate
 from broker.errors import ConflictError, InvalidValueError
 from broker.home import readiness_problem
 from broker.mapping.removal import plan_removal
-from broker.probe import assess
+from broker.probe import Check, ProbeReport, assess
 from tests.propagation_support import (
     admin,
     assert_no_internal_id,
@@ -61,6 +62,29 @@ def test_what_a_peer_and_home_answer_means() -> None:
     assert "404" in assess("service", 404, None).detail
     assert assess("service", 200, {"patch": {"supported": True}}).detail.endswith("patch")
     assert not assess("schemas", None, None, error="ClientConnectorError").ok
+
+
+def test_the_warning_of_a_failed_test_says_whether_deliveries_wait_or_die() -> None:
+    """A peer that is not up yet makes deliveries wait; one that refuses the token (401) makes
+    them dead letters at once, to retry by hand (the README said they all wait and retry)."""
+    ok = Check("credential", True, "read from --token-file /t")
+
+    def report(*checks: Check) -> ProbeReport:
+        return ProbeReport("hr", "https://hr.example/scim/v2", (ok, *checks))
+
+    down = report(assess("service", None, None, error="ClientConnectorError"))
+    assert down.deliveries_wait and "wait and retry" in saved_warning("hr", down)
+    busy = report(assess("service", 503, None), assess("auth", 429, None))
+    assert busy.deliveries_wait
+    refused = report(assess("service", 200, {}), assess("auth", 401, None))
+    assert not refused.deliveries_wait
+    warning = saved_warning("hr", refused)
+    assert "dead letter" in warning and "broker deliveries retry --domain hr --all" in warning
+    assert not report(assess("service", 404, None)).deliveries_wait
+    no_file = ProbeReport(
+        "hr", "u", (Check("credential", False, "no file", waits=True), assess("auth", 401, None))
+    )
+    assert no_file.deliveries_wait  # nothing is sent without the token: they wait for the file
     assert readiness_problem(200, {"schemas": []}) is None
     problem = readiness_problem(404, None)
     assert problem is not None and "[home] scim_url" in problem
@@ -203,6 +227,7 @@ async def test_a_token_file_is_read_again_when_it_changes_and_test_says_what_wor
     code, out = await cli(db_url, "domain", "update", "P1", "--token-file", str(token_file))
     assert code == 0, out
     assert "FAIL auth" in out and "warning" in out  # saved, with the test's warning
+    assert "broker deliveries retry --domain P1 --all" in out  # what a 401 leaves: dead letters
     code, out = await cli(db_url, "domain", "test", "P1")
     assert code == 1 and "FAIL auth" in out
 

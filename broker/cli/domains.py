@@ -23,7 +23,7 @@ from broker.tokens import parse_duration
 if TYPE_CHECKING:
     from broker.cli.common import Commands
 
-__all__ = ["cmd_domain", "register", "update_of"]
+__all__ = ["cmd_domain", "register", "saved_warning", "update_of"]
 
 
 def register(commands: Commands) -> None:
@@ -157,10 +157,7 @@ async def cmd_domain(config: Config, args: argparse.Namespace) -> int:
             if domain.push and domain.scim_url:
                 report = await _test(domain)
                 if not report.ok:
-                    say(
-                        f"broker: warning: domain {domain.id} is saved, but the test failed: "
-                        "its deliveries wait until what FAIL says is fixed"
-                    )
+                    say(saved_warning(domain.id, report))
         elif command == "list":
             rows = [
                 (d.id, d.kind, "push" if d.push else "-", d.status, d.scim_url or "-")
@@ -277,6 +274,21 @@ async def _remove(database: asyncpg.Pool, args: argparse.Namespace) -> None:
     )
     print(f"domain {removal.domain} removed:")
     print("\n".join(f"  {line}" for line in removal.effects))
+
+
+def saved_warning(domain: str, report: ProbeReport) -> str:
+    """What ``add`` or ``update`` says of a push domain saved with a failing test: whether its
+    deliveries wait, or become dead letters to retry once it is fixed."""
+    if report.deliveries_wait:
+        return (
+            f"broker: warning: domain {domain} is saved, but the test failed: its deliveries "
+            f"wait and retry until what FAIL says is fixed (`broker domain test {domain}`)"
+        )
+    return (
+        f"broker: warning: domain {domain} is saved, but the test failed: what it refuses "
+        f"becomes a dead letter; fix what FAIL says, check with `broker domain test {domain}`, "
+        f"then `broker deliveries retry --domain {domain} --all`"
+    )
 
 
 async def _test(domain: Domain) -> ProbeReport:
