@@ -10,6 +10,7 @@ import asyncpg
 from aiohttp import web
 
 from broker.console.sessions import Session, SessionStore
+from broker.credentials import NOTHING_RESERVED, Reserved
 from broker.db import query
 from broker.domains import DomainStore
 from broker.home import HomeClient
@@ -30,6 +31,8 @@ class Console:
     secure: bool
     """Whether the cookie is ``Secure`` (the broker's public URL is https)."""
     session_ttl: timedelta = timedelta(hours=8)
+    reserved: Reserved = NOTHING_RESERVED
+    """The broker's own secrets, which no domain's credential may name."""
     tokens: TokenStore = field(init=False)
     domains: DomainStore = field(init=False)
     sessions: SessionStore = field(init=False)
