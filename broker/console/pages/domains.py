@@ -187,6 +187,7 @@ def setup(app: web.Application) -> None:
     app.router.add_post("/domains", add)
     app.router.add_post("/domains/tokens", issue)
     app.router.add_post("/domains/tokens/{id}/revoke", revoke)
-    app.router.add_get("/domains/{domain}", show)
-    app.router.add_post("/domains/{domain}", update)
-    app.router.add_post(r"/domains/{domain}/{action:disable|enable|test}", act)
+    one = r"/domains/{domain:(?!tokens$)[^/]+}"  # /domains/tokens is the tokens' form
+    app.router.add_get(one, show)
+    app.router.add_post(one, update)
+    app.router.add_post(one + r"/{action:disable|enable|test}", act)
