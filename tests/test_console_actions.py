@@ -90,6 +90,15 @@ async def test_an_identity_shows_its_history_and_each_peers_account_asked_by_its
     assert "write" in history and "delivery" in history
     assert_no_internal_id(p1, {internal})
 
+    # A hostile peer's redirect is shown, never followed.
+    front.failures = [(302, {"Location": "http://127.0.0.1:9/elsewhere"})]
+    async with client() as http:
+        await sign_in(http, broker, await operator_token(broker, ["console:read"]))
+        async with http.get(f"{broker.admin_url}/console/identity?q={internal}") as response:
+            page = await response.text()
+    p2_account = _text(page.split('data-peer="P2"')[1].split("</details>")[0])
+    assert "HTTP 302" in p2_account and "never followed" in p2_account
+
 
 async def test_the_merge_dry_run_is_the_stores_and_shows_what_the_cli_prints(
     fed: tuple[Broker, Gate, Home], db_url: str
@@ -227,9 +236,14 @@ async def test_domains_are_added_changed_disabled_enabled_and_tested_with_the_ap
             f"{url}/N1", data={**_fields(page), "csrf": csrf, "scope": 'userName sw "a"'}
         ) as response:
             assert response.status == 200
-        assert await pool.fetchval("SELECT scope_filter FROM domains WHERE id = 'N1'") == (
-            'userName sw "a"'
-        )
+        scope = "SELECT scope_filter FROM domains WHERE id = 'N1'"
+        assert await pool.fetchval(scope) == 'userName sw "a"'
+        for bad in ({"scope": "userName eq"}, {"token_env": "BROKER_HOME_TOKEN"}):
+            async with http.post(
+                f"{url}/N1", data={**_fields(page), "csrf": csrf, **bad}
+            ) as response:
+                assert response.status == 400, bad
+        assert await pool.fetchval(scope) == 'userName sw "a"', "a refused change changes nothing"
         for action, status in (("disable", "disabled"), ("enable", "active")):
             async with http.post(f"{url}/N1/{action}", data={"csrf": csrf}) as response:
                 assert f'id="domain-status">{status}<' in await response.text()
