@@ -25,13 +25,15 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 
-from broker.db import migrated_pool
+from broker.db import init_connection, migrated_pool
 from broker.domains import DomainStore
 from broker.home import HomeClient
 from broker.propagation.journal import record
@@ -113,6 +115,59 @@ async def direct(
         return time.perf_counter() - started
 
 
+def postgres_pids(data_dir: Path) -> list[int]:
+    """The embedded PostgreSQL's processes (its postmaster and backends), found with psutil
+    (optional); none with BROKER_DATABASE_URL or without psutil."""
+    try:
+        import psutil  # optional: not a dependency of the project
+    except ImportError:
+        return []
+    pids: list[int] = []
+    for candidate in psutil.process_iter(["name", "cmdline"]):
+        cmdline = " ".join(candidate.info["cmdline"] or [])
+        if candidate.info["name"] == "postgres" and str(data_dir.resolve()) in cmdline:
+            pids += [candidate.pid, *(c.pid for c in candidate.children(recursive=True))]
+    return pids
+
+
+def postgres_cpu(pids: list[int]) -> dict[int, float]:
+    """CPU seconds each of the processes ``pids`` used so far (user and system)."""
+    used: dict[int, float] = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        used[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return used
+
+
+@asynccontextmanager
+async def counted_pool(
+    url: str, size: int, statements: list[str] | None
+) -> AsyncIterator[asyncpg.Pool | None]:
+    """With ``statements``, a pool like the broker's whose connections append every statement
+    they send to it (asyncpg's query logger); None without."""
+    if statements is None:
+        yield None
+        return
+
+    async def init(conn: asyncpg.Connection) -> None:
+        await init_connection(conn)
+        conn.add_query_logger(lambda logged: statements.append(logged.query))
+
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=size, init=init, reset=_no_reset)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+async def _no_reset(_conn: asyncpg.Connection) -> None:
+    """As the broker's pools: nothing to reset on release."""
+
+
 async def through_broker(
     db_url: str | None,
     data_dir: Path,
@@ -121,11 +176,16 @@ async def through_broker(
     peer_urls: list[str],
     home_ids: list[str],
     concurrency: int,
-) -> float:
+    statements: list[str] | None = None,
+) -> tuple[float, float, float]:
+    """Seconds to drain, and the CPU seconds the broker (this process) and PostgreSQL used."""
     os.environ["BENCH_PEER_TOKEN"] = token
-    async with migrated_pool(db_url, data_dir, max_size=concurrency * len(peer_urls) + 4) as (
-        pool,
-        _url,
+    async with (
+        migrated_pool(db_url, data_dir, max_size=concurrency * len(peer_urls) + 4) as (
+            pool,
+            url,
+        ),
+        counted_pool(url, concurrency * len(peer_urls) + 4, statements) as worker_pool,
     ):
         await pool.execute(
             "TRUNCATE outbox, peer_copies, id_mappings, entities, domain_tokens, domains CASCADE"
@@ -138,7 +198,7 @@ async def through_broker(
         async with aiohttp.ClientSession() as session:
             home = HomeClient(session, home_url, token)
             worker = Deliverer(
-                pool,
+                worker_pool or pool,
                 home,
                 session,
                 id_pattern="[0-9a-f]{32}",
@@ -146,12 +206,24 @@ async def through_broker(
             )
             async with pool.acquire() as conn, conn.transaction():
                 await record(conn, HomeWrite(written=dict.fromkeys(home_ids, "User")))
+            # Backends the pool opens during the drain count in full.
+            pg_before, cpu_before = postgres_cpu(postgres_pids(data_dir)), time.process_time()
             started = time.perf_counter()
             await worker.drain(within=3600)
             elapsed = time.perf_counter() - started
+            broker_cpu = time.process_time() - cpu_before
+            pg_after = postgres_cpu(postgres_pids(data_dir))
+            pg_cpu = sum(used - pg_before.get(pid, 0.0) for pid, used in pg_after.items())
+            recorder = getattr(worker.syncs.writes, "recorder", None)  # absent before batching
+            if recorder is not None and recorder.batcher.batches:
+                done, batches = recorder.batcher.items, recorder.batcher.batches
+                print(
+                    f"recorded in batches: {done} deliveries in {batches} transactions "
+                    f"({done / batches:.1f} each)"
+                )
             left = await pool.fetchval("SELECT count(*) FROM outbox WHERE state <> 'done'")
             assert left == 0, f"{left} deliveries did not finish"
-            return elapsed
+            return elapsed, broker_cpu, pg_cpu
 
 
 def main() -> int:
@@ -165,7 +237,14 @@ def main() -> int:
         default="scim2-server",
         help="home and peers: scim2-server processes, or the fast in-memory bench/store.py",
     )
+    parser.add_argument(
+        "--count-statements",
+        action="store_true",
+        help="count the worker's statements and transactions per delivery (asyncpg's query "
+        "logger: a little more broker CPU)",
+    )
     args = parser.parse_args()
+    load = os.getloadavg()
     token = secrets.token_hex(8)
     memory = args.servers == "memory"
     rows = []
@@ -195,7 +274,8 @@ def main() -> int:
                     args.concurrency,
                 )
             )
-            broker_s = asyncio.run(
+            statements: list[str] | None = [] if args.count_statements else None
+            broker_s, broker_cpu, pg_cpu = asyncio.run(
                 through_broker(
                     os.environ.get("BROKER_DATABASE_URL"),
                     Path(tmp) / "pg",
@@ -204,17 +284,33 @@ def main() -> int:
                     [f"{h}/broker-{tenant}/v2" for h in peer_hosts[:count]],
                     home_ids,
                     args.concurrency,
+                    statements,
                 )
             )
             total = args.users * count
-            rows.append((count, total / direct_s, total / broker_s))
+            if statements is not None:
+                begins = sum(1 for q in statements if q.lstrip().upper().startswith("BEGIN"))
+                print(
+                    f"{count} peers: {len(statements) / total:.2f} statements and "
+                    f"{begins / total:.2f} explicit transactions per delivery"
+                )
+                kinds = Counter(q.strip().splitlines()[0][:70] for q in statements)
+                for kind, n in kinds.most_common(8):
+                    print(f"  {n / total:.3f} per delivery: {kind}")
+            rows.append(
+                (count, total / direct_s, total / broker_s, broker_cpu / total, pg_cpu / total)
+            )
     print(
         f"{args.users} users, concurrency {args.concurrency} per peer, home and peers: {args.servers}"
     )
-    print("| peers | direct POSTs/s | broker deliveries/s | broker / direct |")
-    print("|---|---|---|---|")
-    for count, d, b in rows:
-        print(f"| {count} | {d:.0f} | {b:.0f} | {b / d:.0%} |")
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in load)}")
+    print(
+        "| peers | direct POSTs/s | broker deliveries/s | broker / direct "
+        "| broker CPU us/delivery | PostgreSQL CPU us/delivery |"
+    )
+    print("|---|---|---|---|---|---|")
+    for count, d, b, bc, pc in rows:
+        print(f"| {count} | {d:.0f} | {b:.0f} | {b / d:.0%} | {bc * 1e6:.0f} | {pc * 1e6:.0f} |")
     return 0
 
 

@@ -5,6 +5,8 @@ Results are ratios within the run, since this machine is shared and noisy.
 
     python bench/run.py [--duration 10] [--connections 8] [--workers N] [--output docs/performance.md]
 
+Each row also gives the server's CPU per request (user + system, from /proc, all its processes).
+
 Needs wrk (Debian: apt-get install wrk) and the broker installed (pip install .).
 """
 
@@ -39,7 +41,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(url: str, headers: dict[str, str] | None = None, timeout: float = 60) -> None:
+def wait_for(url: str, headers: dict[str, str] | None = None, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -74,6 +76,31 @@ class Result:
     p50_ms: float
     p99_ms: float
     errors: int
+    requests: int = 0
+    cpu_us: float = float("nan")
+    """CPU (user + system) the server's processes used per request during the measurement."""
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds used so far by ``pid`` and every process under it (``broker serve
+    --workers N`` forks its workers): from /proc, read by the benchmark, outside the servers."""
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            total += cpu_seconds(current)
+            with open(f"/proc/{current}/task/{current}/children") as children:
+                todo += [int(c) for c in children.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
 
 
 def _ms(text: str) -> float:
@@ -93,7 +120,8 @@ def wrk(url: str, *, duration: int, connections: int, headers: dict[str, str]) -
     p50 = _ms(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     errors_match = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return Result(rps, p50, p99, int(errors_match.group(1)) if errors_match else 0)
+    count = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return Result(rps, p50, p99, int(errors_match.group(1)) if errors_match else 0, count)
 
 
 def main() -> int:
@@ -133,16 +161,18 @@ def main() -> int:
         process(
             [sys.executable, str(HERE / "servers.py"), "home", str(home_port)],
             log=work / "home.log",
-        ),
+        ) as home,
         process(
             [sys.executable, str(HERE / "servers.py"), "proxy", str(proxy_port), home_url],
             log=work / "proxy.log",
-        ),
+        ) as bare,
         process(
             [sys.executable, str(HERE / "servers.py"), "parse", str(parse_port), home_url],
             log=work / "parse.log",
-        ),
-        process([*BROKER, "serve", "--workers", args.workers], env=env, log=work / "broker.log"),
+        ) as parse,
+        process(
+            [*BROKER, "serve", "--workers", args.workers], env=env, log=work / "broker.log"
+        ) as broker,
     ):
         wait_for(f"{home_url}/v2/Users")
         wait_for(f"http://127.0.0.1:{proxy_port}/v2/Users")
@@ -182,24 +212,27 @@ def main() -> int:
             urllib.request.Request(f"{broker_base}/Users", headers=scoped_auth)
         ) as r:
             scoped_first = json.loads(r.read())["Resources"][0]["id"]
+        # Each target with the process whose CPU per request is counted (the home's own CPU
+        # is not counted for the proxies; the broker's workers are counted with it).
         targets = {
-            "direct": (f"{home_url}/v2", USERS[0], {}),
-            "bare proxy": (f"http://127.0.0.1:{proxy_port}/v2", USERS[0], {}),
-            "parse-only proxy": (f"http://127.0.0.1:{parse_port}/v2", USERS[0], {}),
-            "broker": (broker_base, first, auth),
-            "broker, scope + read list": (broker_base, scoped_first, scoped_auth),
+            "direct": (f"{home_url}/v2", USERS[0], {}, home.pid),
+            "bare proxy": (f"http://127.0.0.1:{proxy_port}/v2", USERS[0], {}, bare.pid),
+            "parse-only proxy": (f"http://127.0.0.1:{parse_port}/v2", USERS[0], {}, parse.pid),
+            "broker": (broker_base, first, auth, broker.pid),
+            "broker, scope + read list": (broker_base, scoped_first, scoped_auth, broker.pid),
         }
         results: dict[tuple[str, str], Result] = {}
         for case, path in (("GET one user", "/Users/{id}"), ("GET 100-user page", "/Users")):
-            for name, (base, user_id, headers) in targets.items():
+            for name, (base, user_id, headers, pid) in targets.items():
                 url = base + path.format(id=user_id)
                 wrk(url, duration=2, connections=args.connections, headers=headers)  # warm-up
-                results[case, name] = wrk(
-                    url, duration=args.duration, connections=args.connections, headers=headers
-                )
-                r = results[case, name]
+                before = tree_cpu(pid)
+                r = wrk(url, duration=args.duration, connections=args.connections, headers=headers)
+                r.cpu_us = (tree_cpu(pid) - before) / max(r.requests, 1) * 1e6
+                results[case, name] = r
                 print(
-                    f"bench: {case:18} {name:26} {r.rps:8.0f} req/s  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms  errors {r.errors}",
+                    f"bench: {case:18} {name:26} {r.rps:8.0f} req/s  p50 {r.p50_ms:6.2f} ms  "
+                    f"p99 {r.p99_ms:6.2f} ms  CPU {r.cpu_us:5.0f} us/req  errors {r.errors}",
                     file=sys.stderr,
                 )
 
@@ -216,12 +249,13 @@ def render(results: dict[tuple[str, str], Result], args: argparse.Namespace) -> 
         f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
         f"wrk -t1 -c{args.connections} -d{args.duration}s per row, broker --workers {args.workers}.",
         "",
-        "| case | target | req/s | p50 ms | p99 ms | non-2xx |",
-        "|---|---|---|---|---|---|",
+        "| case | target | req/s | p50 ms | p99 ms | CPU us/req | non-2xx |",
+        "|---|---|---|---|---|---|---|",
     ]
     for (case, name), r in results.items():
         lines.append(
-            f"| {case} | {name} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors} |"
+            f"| {case} | {name} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
+            f"| {r.cpu_us:.0f} | {r.errors} |"
         )
     lines += [
         "",

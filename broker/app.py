@@ -18,11 +18,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from broker import __version__
 from broker.admin.api import Admin, create_admin_app
-from broker.config import Config, ConfigError
+from broker.config import Config, ConfigError, PropagationConfig
 from broker.console import register_console
 from broker.credentials import reserved_secrets
 from broker.db import create_pool, listening, migrated_pool, migration_status, query
-from broker.domains import DomainStore, stored_url_problems
+from broker.domains import Domain, DomainStore, stored_url_problems
 from broker.errors import BrokerError
 from broker.events.keyring import KeyRing
 from broker.events.purge import EventRetention, purging
@@ -41,6 +41,9 @@ from broker.propagation.receiver import HomeReceiver
 from broker.propagation.worker import Deliverer, WorkerSettings
 from broker.proxy.handlers import Proxy, route_guard
 from broker.proxy.routes import routes
+from broker.reconcile.initial import InitialSync
+from broker.reconcile.runner import Reconciler
+from broker.reconcile.session import make_reconciler
 from broker.responses import MAX_BODY, scim_error_middleware
 from broker.scim.guard import IdShape
 from broker.scim.versions import VersionSealer
@@ -142,6 +145,13 @@ class Metrics:
             ["domain"],
             registry=self.registry,
         )
+        self.initial_sync = Gauge(
+            "broker_initial_sync_entities",
+            "A push domain's initial sync: entities to bring over (wanted), and in the peer now "
+            "(arrived).",
+            ["domain", "count"],
+            registry=self.registry,
+        )
         self.security_events = Gauge(
             "broker_security_events",
             "SETs waiting for each domain: pending (not yet sent), sent (not acknowledged).",
@@ -156,6 +166,7 @@ DB_URL = web.AppKey("db_url", str)
 HOME = web.AppKey("home", HomeClient)
 DELIVERER = web.AppKey("deliverer", Deliverer)
 ADMIN_URL = web.AppKey("admin_url", str)
+ADMIN = web.AppKey("admin", Admin)
 STORE = web.AppKey("store", MappingStore)
 GUARD = web.AppKey("guard", LeakGuard)
 """The leak guard, for everything bound to a domain or a peer (its exact lookup shares the
@@ -317,6 +328,9 @@ async def metrics(app: web.Application, request: web.Request) -> web.Response:
         app_metrics.queue_age.labels(record["id"]).set(float(record["oldest_age_seconds"]))
         app_metrics.dead_letters.labels(record["id"]).set(record["dead"])
         app_metrics.quarantined.labels(record["id"]).set(1 if record["quarantined"] else 0)
+    for record in await pool.fetch(query("initial_sync_progress"), None):
+        app_metrics.initial_sync.labels(record["id"], "wanted").set(record["wanted"])
+        app_metrics.initial_sync.labels(record["id"], "arrived").set(record["arrived"])
     app_metrics.security_events.clear()  # a state with nothing left in it reads 0, not stale
     for record in await pool.fetch(query("unsettled_event_stats")):
         app_metrics.security_events.labels(record["domain_id"], record["state"]).set(
@@ -335,7 +349,12 @@ async def _home(app: web.Application) -> AsyncIterator[None]:
     timeout = aiohttp.ClientTimeout(total=config.home.timeout)
     connector = aiohttp.TCPConnector(limit=100)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        app[HOME] = HomeClient(session, config.home.scim_url, config.home.bearer_token())
+        app[HOME] = HomeClient(
+            session,
+            config.home.scim_url,
+            config.home.bearer_token(),
+            limit=config.home.max_answer_bytes,
+        )
         yield
 
 
@@ -384,9 +403,12 @@ async def _domain_changes(app: web.Application) -> AsyncIterator[None]:
     def changed(domain: str) -> None:
         if PROXY in app:
             app[PROXY].domains.forget(domain)
-            app[PROXY].tokens.forget()
+            app[PROXY].tokens.forget(domain)
         if POLL in app:
-            app[POLL].forget()
+            app[POLL].forget(domain)
+        if ADMIN in app:  # the admin API, the console's dead letters, home's pushed SETs
+            app[ADMIN].domains.forget(domain)
+            app[ADMIN].tokens.forget(domain)
 
     def lost() -> None:  # while nothing listens, a change may go unseen: drop everything
         changed("")
@@ -450,6 +472,7 @@ async def _propagation(app: web.Application) -> AsyncIterator[None]:
                 done_retention=config.done_retention,
                 history_retention=config.history_retention,
                 conflict_patience=config.conflict_patience,
+                max_answer=config.peer_max_answer_bytes,
             ),
             observe=lambda peer, outcome: metrics.deliveries.labels(peer, outcome).inc(),
             events=lambda: app[RENDERER],
@@ -463,8 +486,12 @@ async def _propagation(app: web.Application) -> AsyncIterator[None]:
                 app[HOME],
                 interval=config.home_poll_interval,
                 sweep_interval=config.sweep_interval,
+                deletion_threshold=config.deletion_threshold,
             )
             tasks.append(asyncio.create_task(poller.run(), name="home poller"))
+        if config.initial_sync:
+            initial = InitialSync(app[POOL], app[HOME], session, config)
+            tasks.append(asyncio.create_task(initial.run(), name="initial sync"))
         try:
             yield
         finally:
@@ -477,6 +504,7 @@ async def _admin(app: web.Application) -> AsyncIterator[None]:
     """The admin listener, on its own address, for as long as the main application runs."""
     server = app[CONFIG].server
     admin = Admin(app[POOL], app[STORE], app.get(HOME), app[JOURNAL])
+    app[ADMIN] = admin
     events = app[CONFIG].events
     async with contextlib.AsyncExitStack() as stack:
         receiver = None
@@ -492,11 +520,22 @@ async def _admin(app: web.Application) -> AsyncIterator[None]:
                 jwks_url=events.home_jwks_url,
                 issuer=events.home_issuer,
             )
+        reconcilers = None
+        if HOME in app:
+            peers = await stack.enter_async_context(
+                aiohttp.ClientSession(
+                    timeout=aiohttp.ClientTimeout(total=app[CONFIG].propagation.peer_timeout)
+                )
+            )
+            reconcilers = functools.partial(
+                _reconciler, app[POOL], app[HOME], peers, app[CONFIG].propagation
+            )
         admin_app = create_admin_app(
             admin,
             receiver,
             metrics=functools.partial(metrics, app),
             reserved=reserved_secrets(app[CONFIG]),
+            reconcilers=reconcilers,
         )
         register_console(
             admin_app,
@@ -520,6 +559,18 @@ async def _admin(app: web.Application) -> AsyncIterator[None]:
             yield
         finally:
             await runner.cleanup()
+
+
+def _reconciler(
+    pool: asyncpg.Pool,
+    home: HomeClient,
+    session: aiohttp.ClientSession,
+    settings: PropagationConfig,
+    domain: Domain,
+    progress: Callable[[str], None],
+) -> Reconciler:
+    """A reconciler of ``domain`` for the admin API, with the serving broker's clients."""
+    return make_reconciler(pool, home, session, domain, settings, progress=progress)
 
 
 def create_app(config: Config) -> web.Application:

@@ -99,6 +99,9 @@ class HomeConfig(_Section):
     # A regular expression matching the shape of the home's IDs; the leak guard looks for it.
     id_pattern: str = DEFAULT_ID_PATTERN
     timeout: float = Field(default=30.0, gt=0)
+    # The longest answer read from home, in bytes (a page of a search, a resource); a longer
+    # one is left unread and the request fails (502): raise it, or ask home for smaller pages.
+    max_answer_bytes: int = Field(default=16 << 20, ge=65536)
 
     @field_validator("scim_url")
     @classmethod
@@ -167,6 +170,17 @@ class PropagationConfig(_Section):
     sweep_interval: float = Field(default=600.0, gt=0)
     # Timeout of one call to a peer, in seconds.
     peer_timeout: float = Field(default=30.0, gt=0)
+    # The longest answer read from a push peer (to one write or read) or a SET receiver, in
+    # bytes; a longer one is left unread and the delivery fails (docs/propagation.md).
+    peer_max_answer_bytes: int = Field(default=1 << 20, ge=65536)
+    # Reconciliation and initial sync (docs/reconciliation.md): the most accounts one run may
+    # deprovision without `--confirm-deletions N` (unset: 5% of the peer's accounts or 500,
+    # whichever is smaller); the peer's accounts read per page and pages a second; whether the
+    # serving broker gives a push domain added to it home's entities in its scope.
+    deletion_threshold: int | None = Field(default=None, ge=0)
+    reconcile_page_size: int = Field(default=100, ge=1, le=1000)
+    reconcile_rate: float = Field(default=10.0, ge=0)
+    initial_sync: bool = True
     # The variable holding the key that seals write-only values (passwords) waiting in the
     # outbox and the SET signing keys: 32 random bytes, base64url. Unset (and no secret_key_file):
     # outbox.key in the data directory, created on

@@ -774,6 +774,8 @@ def _broker_config(directory: Path, home: Service) -> Config:
             quarantine_retry=0.5,
             lease=10,
             retention=0,
+            # The peers are added before home holds anything: nothing to bring over.
+            initial_sync=False,
         ),
     )
 

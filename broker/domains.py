@@ -6,28 +6,81 @@ import dataclasses
 import functools
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 import asyncpg
 
+from broker.credentials import NOTHING_RESERVED, Reserved, reserved_problem
 from broker.db import query
 
 if TYPE_CHECKING:
     from broker.db import Connection
 from broker.errors import ConflictError, InvalidValueError, NotFoundError
 from broker.http import outbound_url_problem
+from broker.scim.filters import FilterError, parse_filter
 from broker.scim.policy import DomainPolicy
 
 __all__ = [
+    "NAME_RULE",
     "Domain",
     "DomainStore",
     "DomainUpdate",
     "check_domain_name",
     "check_scim_url",
+    "name_problem",
+    "settings_problem",
     "stored_url_problems",
 ]
+
+NAME_RULE = (
+    "a domain name is 1 to 63 letters, digits, '.', '_' or '-', starts with a letter or digit "
+    "and has no '..'"
+)
+"""The rule a new domain's name follows: it appears in URLs, SET audiences, logs and the
+console. Names stored before the rule (``..`` inside) keep working; only new ones are refused."""
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` may not be a new domain's name (pure), or None when it may."""
+    if _NAME.fullmatch(name) is None or ".." in name:
+        shown = name if name.isprintable() and len(name) <= 80 else repr(name[:80])
+        return f"{shown} is not a domain name: {NAME_RULE}; choose another"
+    return None
+
+
+def settings_problem(
+    credential_ref: str | None, scope_filter: str | None, reserved: Reserved
+) -> str | None:
+    """What is wrong with a domain's new credential reference or scope filter (the same check
+    for ``broker domain add|update`` and ``PATCH /admin/domains/{domain}``), or None: the
+    credential may not be one of the broker's own secrets (a peer would be sent it as its
+    token; symlinks followed), and the scope is a SCIM filter (RFC 7644 section 3.4.2.2), since
+    one that does not parse would break every request of the domain later."""
+    problem = reserved_problem(credential_ref, reserved)
+    if problem is not None:
+        return problem
+    if scope_filter is not None:
+        try:
+            parse_filter(scope_filter)
+        except FilterError as exc:
+            return (
+                f"the scope {scope_filter!r} is not a SCIM filter ({exc.detail}): write one "
+                'such as userName sw "a" (RFC 7644 section 3.4.2.2)'
+            )
+    return None
+
+
+def _check_settings(
+    credential_ref: str | None, scope_filter: str | None, reserved: Reserved
+) -> None:
+    problem = settings_problem(credential_ref, scope_filter, reserved)
+    if problem is not None:
+        raise InvalidValueError(problem)
 
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -263,8 +316,14 @@ class DomainStore:
         unlinkable: bool = False,
         timestamp_precision: int = 1,
         actor: str = "system",
+        reserved: Reserved = NOTHING_RESERVED,
     ) -> Domain:
-        """A new domain (or one removed with its mappings kept, back under its name), audited."""
+        """A new domain (or one removed with its mappings kept, back under its name), audited;
+        ``reserved``: the broker's own secrets, which its credential may not name."""
+        problem = name_problem(domain_id)
+        if problem is not None and not await self._stored(domain_id):
+            raise InvalidValueError(problem)
+        _check_settings(credential_ref, scope_filter, reserved)
         if timestamp_precision != 1 and not unlinkable:
             raise InvalidValueError(
                 "a timestamp precision coarsens the timestamps of an unlinkable domain only: "
@@ -317,12 +376,20 @@ class DomainStore:
         """The domain's SCIM base URL changed (the peer moved); checked as :meth:`add` checks it."""
         return await self.update(domain_id, DomainUpdate(scim_url=scim_url), actor=actor)
 
-    async def update(self, domain_id: str, change: DomainUpdate, *, actor: str) -> Domain:
+    async def update(
+        self,
+        domain_id: str,
+        change: DomainUpdate,
+        *,
+        actor: str,
+        reserved: Reserved = NOTHING_RESERVED,
+    ) -> Domain:
         """The settings ``change`` gives, checked as :meth:`add` checks them, and audited."""
         if change.empty:
             raise InvalidValueError(
                 "nothing to change: give at least one option of `broker domain add`"
             )
+        _check_settings(change.credential_ref, change.scope_filter, reserved)
         async with self.pool.acquire() as conn, conn.transaction():
             before = await self._locked(conn, domain_id)
             after = change.applied_to(before)
@@ -365,6 +432,13 @@ class DomainStore:
             )
         self._cache.pop(domain_id, None)
         return Domain.from_record(record), True
+
+    async def _stored(self, domain_id: str) -> bool:
+        """Whether ``domain_id`` is in the database (stored before the naming rule): a removed
+        one added again gets its mappings back; any other is told that it exists already."""
+        if "\x00" in domain_id:
+            return False
+        return await self.pool.fetchrow(query("domain_by_id"), domain_id) is not None
 
     async def footprint(self, domain_id: str) -> dict[str, int]:
         """What the domain has in the database, by kind of row (see ``domain remove``)."""
@@ -413,6 +487,24 @@ class DomainStore:
         domain = await self.get(domain_id)
         self._cache[domain_id] = (now, domain)
         return domain
+
+    async def set_correlate(
+        self, domain_id: str, attributes: Sequence[str], *, actor: str = "system"
+    ) -> None:
+        """How reconciliation recognises an existing account of the domain as a home entity's:
+        ``attributes`` (in the peer's terms) compared case-insensitively (docs/reconciliation.md);
+        audited (``domain_update``) in the same transaction."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if (
+                await conn.fetchval(query("set_domain_correlate"), domain_id, list(attributes))
+                is None
+            ):
+                raise NotFoundError(
+                    f"there is no domain {domain_id}: `broker domain list` shows the domains"
+                )
+            await conn.execute(
+                query("audit"), actor, "domain_update", domain_id, {"correlate": list(attributes)}
+            )
 
     async def mapping_counts(self, domain_id: str) -> dict[str, int]:
         records = await self.pool.fetch(query("domain_mapping_counts"), domain_id)

@@ -1,6 +1,7 @@
 """A domain's settings as a request gives them (a JSON object: the admin API's PATCH, the
-console's forms), checked the one way every caller checks them: the types, the scope filter
-parsed as SCIM, the credential's reference free of control characters. Pure."""
+console's forms), read the one way every caller reads them: the types, the choices, the
+credential's reference free of control characters. Pure. The scope filter and the credential's
+place are checked by ``DomainStore.add`` and ``update`` (``settings_problem``), for the CLI too."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ from typing import Any
 from broker.credentials import credential_ref
 from broker.domains import DomainUpdate
 from broker.errors import InvalidValueError
-from broker.scim.filters import FilterError, parse_filter
 from broker.tokens import parse_duration
 
-__all__ = ["KNOWN", "check_scope", "update_from_json"]
+__all__ = ["KNOWN", "update_from_json"]
 
 _FLAGS = ("push", "unlinkable")
 _TEXTS = {"scim_url": "scim_url", "scope": "scope_filter"}
@@ -52,8 +52,6 @@ def update_from_json(body: Mapping[str, Any]) -> DomainUpdate:
         if value is None:
             clear.add(name)
         elif _well_typed(key, value):
-            if key == "scope":
-                check_scope(value)
             fields[name] = value
         else:
             kind = "a list of attribute names" if key in _LISTS else "a non-empty string"
@@ -76,15 +74,6 @@ def update_from_json(body: Mapping[str, Any]) -> DomainUpdate:
             fields["credential_ref"] = ref
     fields.update(_choices(body))
     return DomainUpdate(**fields, clear=frozenset(clear))
-
-
-def check_scope(text: str) -> None:
-    """InvalidValueError unless ``text`` parses as a SCIM filter. A scope is a SCIM filter: one that does not parse would break every request of the
-    domain later, so it is refused now."""
-    try:
-        parse_filter(text)
-    except FilterError as exc:
-        raise InvalidValueError(f'"scope" is not a SCIM filter ({exc.detail}); fix it') from None
 
 
 def _well_typed(key: str, value: Any) -> bool:

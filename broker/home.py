@@ -15,13 +15,14 @@ import aiohttp
 import orjson
 
 from broker.errors import BrokerError
-from broker.http import Answer, exchange, is_redirect
+from broker.http import Answer, AnswerTooLarge, exchange, is_redirect
 from broker.scim.attributes import ResourceSchema, SchemaIndex
 from broker.scim.rewrite import Endpoints
 from broker.scim.schemas import DEFAULT_REFERENCES, ReferenceMap
 from broker.scim.writeonly import DEFAULT_WRITE_ONLY
 
 __all__ = [
+    "MAX_ANSWER",
     "HomeClient",
     "HomeRefused",
     "HomeSchema",
@@ -34,6 +35,8 @@ SEARCH_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:SearchRequest"
 # Response headers the proxy reads (ETag is passed on; Location only tells that home created
 # something); everything else stays here.
 PASSED_HEADERS = ("ETag", "Location")
+MAX_ANSWER = 16 << 20
+"""The longest answer read from home by default ([home] max_answer_bytes): a page of a search."""
 
 
 class HomeUnavailable(BrokerError):
@@ -75,8 +78,11 @@ class HomeClient:
         token: str | None,
         *,
         schema_ttl: float = 300.0,
+        limit: int = MAX_ANSWER,
     ) -> None:
         self.session = session
+        self.limit = limit
+        """The longest answer read; a longer one is left unread (HomeUnavailable)."""
         self.base_url = base_url.rstrip("/")
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self.schema_ttl = schema_ttl
@@ -129,8 +135,27 @@ class HomeClient:
     async def _exchange(self, method: str, path: str, **kwargs: Any) -> Answer:
         try:
             answer = await exchange(
-                self.session, method, self.base_url + path, auth=self._auth, **kwargs
+                self.session,
+                method,
+                self.base_url + path,
+                auth=self._auth,
+                limit=self.limit,
+                **kwargs,
             )
+        except AnswerTooLarge as exc:
+            log.warning(
+                "home answered %s %s (HTTP %d) with more than %d bytes, left unread: raise "
+                "[home] max_answer_bytes, or have home serve smaller pages",
+                method,
+                path,
+                exc.status,
+                exc.limit,
+            )
+            raise HomeUnavailable(
+                f"the home SCIM service answered with more than {exc.limit} bytes, which the "
+                "broker does not read; ask for fewer resources at once (count), or the "
+                "operator raises [home] max_answer_bytes"
+            ) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("home unreachable: %s %s: %r", method, path, exc)
             raise HomeUnavailable("the home SCIM service did not answer; try again later") from exc

@@ -56,22 +56,27 @@ class Answer:
 
 
 class AnswerTooLarge(aiohttp.ClientError):
-    """The answer's body is longer than the caller's ``limit``: it was not read to its end."""
+    """The answer's body is longer than the caller's ``limit``: it was not read to its end.
+    ``status`` and ``headers`` are the answer's (its status line came before the body)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(
+        self, limit: int, status: int = 0, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(f"the answer is larger than {limit} bytes")
         self.limit = limit
+        self.status = status
+        self.headers: Mapping[str, str] = headers if headers is not None else {}
 
 
 async def _bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
     """The body, or AnswerTooLarge as soon as it is longer than ``limit`` (never read whole)."""
     if response.content_length is not None and response.content_length > limit:
-        raise AnswerTooLarge(limit)
+        raise AnswerTooLarge(limit, response.status, response.headers)
     raw = bytearray()
     async for chunk in response.content.iter_chunked(65536):
         raw += chunk
         if len(raw) > limit:
-            raise AnswerTooLarge(limit)
+            raise AnswerTooLarge(limit, response.status, response.headers)
     return bytes(raw)
 
 

@@ -128,7 +128,8 @@ class Principal:
 
 class TokenStore:
     """Issues and checks tokens. Checks are cached for ``cache_seconds``: a revocation takes
-    effect within that time in every broker process."""
+    effect within that time in every broker process; a domain disabled or removed takes effect
+    at once, since every process drops its tokens' verdicts when told (:meth:`forget`)."""
 
     def __init__(
         self,
@@ -215,9 +216,16 @@ class TokenStore:
         self._cache.clear()
         return TokenInfo.from_record(record)
 
-    def forget(self) -> None:
-        """Check every token afresh at its next use (its domain changed, perhaps elsewhere)."""
-        self._cache.clear()
+    def forget(self, domain_id: str = "") -> None:
+        """Check the tokens of ``domain_id`` (every token with "") afresh at their next use: the
+        domain changed (disabled, removed), perhaps in another process (``broker_domains``)."""
+        if not domain_id:
+            self._cache.clear()
+            return
+        for digest in [
+            d for d, (_, r) in self._cache.items() if r is not None and r["domain_id"] == domain_id
+        ]:
+            self._cache.pop(digest, None)
 
     async def authenticate(self, authorization: str | None) -> Principal:
         """The principal behind an ``Authorization: Bearer ...`` header, or AuthenticationError."""

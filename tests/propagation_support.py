@@ -193,6 +193,8 @@ FAST = PropagationConfig(
     quarantine_retry=0.3,
     lease=5,
     conflict_patience=0.5,
+    # Home is shared by the session's tests: a new peer gets none of it unless a test asks.
+    initial_sync=False,
 )
 
 

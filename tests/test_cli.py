@@ -53,6 +53,8 @@ def test_the_commands_are_listed_in_their_usual_order() -> None:
         "split",
         "operations",
         "provision",
+        "reconcile",
+        "sync",
         "events",
         "keys",
         "history",

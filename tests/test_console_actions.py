@@ -217,7 +217,7 @@ async def test_domains_are_added_changed_disabled_enabled_and_tested_with_the_ap
                 "domain": "N1",
                 "token_env": "BROKER_HOME_TOKEN",
             },
-            '"scope" is not a SCIM filter': {"domain": "N1", "scope": "userName eq"},
+            "is not a SCIM filter": {"domain": "N1", "scope": "userName eq"},
         }
         for said, form in refusals.items():
             async with http.post(url, data={"csrf": csrf, **form}) as response:

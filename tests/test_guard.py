@@ -171,10 +171,11 @@ def test_an_id_is_found_whatever_its_neighbours_case_and_rendering(
     if escaped:
         rendered = _escaped(rendered)
     text = json.dumps({"title": "?"}).replace("?", before + rendered + after)
-    scan = Scan.of("body", text, shape)
-    assert internal in scan.candidates
-    assert find_in_play([scan], {internal}, shape) is not None
-    assert lookup_keys(scan.tokens) & lookup_keys([internal])
+    for written in (text, text.encode()):  # as a str, and as the bytes a response is sent as
+        scan = Scan.of("body", written, shape)
+        assert internal in scan.candidates
+        assert find_in_play([scan], {internal}, shape) is not None
+        assert lookup_keys(scan.tokens) & lookup_keys([internal])
 
 
 texts = st.text(alphabet=st.sampled_from('0123456789abcdefABCDEFxX-_ é\\u"{}'), max_size=300)
@@ -189,6 +190,24 @@ def test_the_prefiltered_scan_finds_exactly_what_the_slow_scan_finds(
     slow.shapes.fast = False
     assert fast.shapes.fast
     assert fast.tokens(text) == slow.tokens(text)
+    data = text.encode()  # the bytes a response is written from: the same tokens, both ways
+    assert fast.tokens(data) == slow.tokens(data) == slow.tokens(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts, st.sets(st.sampled_from(["é" + "a" * 31, "x" * 4, "\\u0041", "Ab-" * 3])))
+def test_a_scan_of_the_bytes_is_the_scan_of_the_text(text: str, others: set[str]) -> None:
+    """What the guard finds in the bytes a response is sent as is what it finds in the text:
+    the tokens, their forms, and internal IDs in play of any shape (also behind escapes)."""
+    text = text + "".join(sorted(others))
+    as_text, as_bytes = Scan.of("body", text, SHAPE), Scan.of("body", text.encode(), SHAPE)
+    assert as_bytes.tokens == as_text.tokens
+    assert as_bytes.candidates == as_text.candidates
+    assert as_bytes.texts == as_text.texts
+    for value in others:
+        assert (find_in_play([as_bytes], {value}, SHAPE) is None) == (
+            find_in_play([as_text], {value}, SHAPE) is None
+        )
 
 
 @settings(max_examples=200, deadline=None)

@@ -146,6 +146,8 @@ def base_environment(db_url: str, home: Home, peer_token: str) -> dict[str, str]
         BROKER_PROPAGATION__QUARANTINE_AFTER="60",
         BROKER_PROPAGATION__QUARANTINE_RETRY="0.3",
         BROKER_PROPAGATION__HOME_POLL_INTERVAL="0",
+        # Home is shared by the session's tests: the peers get none of it unless written here.
+        BROKER_PROPAGATION__INITIAL_SYNC="false",
         PEER_TOKEN=peer_token,
     )
     return env

@@ -41,8 +41,9 @@ from tests.model import (
 
 RESET = (
     # Not audit_log: it is append-only (0013), and nothing here reads it.
-    "TRUNCATE console_sessions, entity_history, security_events, home_changes, event_subscriptions, outbox, "
-    "operations, peer_copies, home_watermarks, id_mappings, entities, domain_tokens, domains",
+    "TRUNCATE console_sessions, entity_history, security_events, home_changes, "
+    "event_subscriptions, outbox, operations, reconciliation_items, reconciliation_home, "
+    "reconciliations, peer_copies, home_watermarks, id_mappings, entities, domain_tokens, domains",
     """INSERT INTO domains (id, kind, push, scim_url)
     SELECT d, 'peer', d = ANY($1::text[]), CASE WHEN d = ANY($1::text[]) THEN 'http://peer/' END
     FROM unnest($2::text[]) AS d""",

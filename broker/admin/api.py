@@ -19,7 +19,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from broker.admin import deadletters, domains, history, provision
+from broker.admin import deadletters, domains, history, provision, reconcile
 from broker.admin.bodies import json_object as _json_object
 from broker.admin.bodies import split_moves
 from broker.admin.bodies import text as _text
@@ -38,6 +38,7 @@ from broker.scim.rewrite import Endpoints
 from broker.tokens import TokenStore
 
 if TYPE_CHECKING:
+    from broker.admin.reconcile import ReconcilerFactory
     from broker.propagation.receiver import HomeReceiver
 
 __all__ = [
@@ -327,6 +328,7 @@ def create_admin_app(
     *,
     metrics: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None,
     reserved: Reserved = NOTHING_RESERVED,
+    reconcilers: ReconcilerFactory | None = None,
 ) -> web.Application:
     """The admin listener's application; with ``home_events``, the receiver of the SETs the
     home pushes at ``/home/events``; with ``metrics``, Prometheus' ``/metrics`` (operational,
@@ -349,6 +351,8 @@ def create_admin_app(
     deadletters.register(app, admin.pool, admin.tokens)
     provision.register(app, admin)
     history.register(app, pool=admin.pool, store=admin.store, tokens=admin.tokens)
+    if reconcilers is not None:
+        reconcile.register(app, admin, reconcilers)
     return app
 
 

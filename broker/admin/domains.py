@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from broker.credentials import NOTHING_RESERVED, Reserved, reserved_problem
+from broker.credentials import NOTHING_RESERVED, Reserved
 from broker.domains import Domain, DomainStore
 from broker.domainsettings import update_from_json
 from broker.errors import InvalidValueError, NotFoundError
@@ -80,10 +80,10 @@ class DomainHandlers:
         if not isinstance(body, dict):
             raise InvalidValueError("the request body is a JSON object of settings")
         change = update_from_json(body)
-        problem = reserved_problem(change.credential_ref, self.reserved)
-        if problem is not None:
-            raise InvalidValueError(problem)
-        domain = await self.domains.update(_name(request), change, actor=actor)
+        # The credential and the scope are checked by the store, as for `broker domain update`.
+        domain = await self.domains.update(
+            _name(request), change, actor=actor, reserved=self.reserved
+        )
         document = domain_json(domain)
         if domain.push and domain.scim_url:
             document["test"] = (await probe_domain(domain)).json()

@@ -143,7 +143,7 @@ async def _list(database: asyncpg.Pool, args: argparse.Namespace) -> None:
         (
             str(r["id"]),
             r["domain_id"],
-            r["internal_id"],
+            r["internal_id"] or "(an orphan account)",
             r["kind"],
             r["state"],
             str(r["attempts"]),

@@ -10,8 +10,9 @@ import aiohttp
 import asyncpg
 
 from broker.cli.common import actor, pool, split_list
+from broker.cli.reconcile import correlate_rule, sync_lines
 from broker.config import Config
-from broker.credentials import credential_ref, describe_ref
+from broker.credentials import Reserved, credential_ref, describe_ref, reserved_secrets
 from broker.domains import Domain, DomainStore, DomainUpdate
 from broker.errors import InvalidValueError
 from broker.mapping.removal import remove_domain
@@ -42,6 +43,13 @@ def register(commands: Commands) -> None:
     )
     _add_arguments(update, update=True)
     _push_arguments(update, update=True)
+    for parser in (add, update):
+        parser.add_argument(
+            "--correlate",
+            metavar="ATTR[,ATTR]",
+            help="how reconciliation recognises a peer's existing account as a home entity's: "
+            "attributes compared case-insensitively (default userName)",
+        )
     actions.add_parser("list", help="list the domains")
     for name, text in (
         ("show", "show one domain: settings, state, and its rows"),
@@ -64,7 +72,11 @@ def register(commands: Commands) -> None:
 
 def _add_arguments(parser: argparse.ArgumentParser, *, update: bool) -> None:
     """The name, how the broker reaches the domain, and what it may see (add and update)."""
-    parser.add_argument("domain", help="the domain's name: letters, digits, '.', '_', '-'")
+    parser.add_argument(
+        "domain",
+        help="the domain's name: 1 to 63 letters, digits, '.', '_', '-' (no '..'), starting "
+        "with a letter or digit",
+    )
     if not update:
         parser.add_argument("--home", action="store_true", help="this is the home domain")
     parser.add_argument("--scim-url", help="the domain's SCIM base URL (needed with --push)")
@@ -131,8 +143,17 @@ async def cmd_domain(config: Config, args: argparse.Namespace) -> int:
         domains = DomainStore(database)
         command = args.domain_command
         if command in ("add", "update"):
-            domain = await (_add(domains, args) if command == "add" else _update(domains, args))
-            print("\n".join(_domain_lines(domain)))
+            reserved = reserved_secrets(config)
+            rule = correlate_rule(args.correlate) if args.correlate else None
+            if command == "add":
+                domain = await _add(domains, args, reserved)
+            elif rule is not None and update_of(args).empty:
+                domain = await domains.get(args.domain)  # the correlation rule alone
+            else:
+                domain = await _update(domains, args, reserved)
+            if rule is not None:
+                await domains.set_correlate(domain.id, rule, actor=actor())
+            print("\n".join([*_domain_lines(domain), *await sync_lines(database, domain.id)]))
             if domain.push and domain.scim_url:
                 report = await _test(domain)
                 if not report.ok:
@@ -147,7 +168,7 @@ async def cmd_domain(config: Config, args: argparse.Namespace) -> int:
             ]
             print(table(("domain", "kind", "push", "status", "scim url"), rows))
         elif command == "show":
-            await _show(domains, args.domain)
+            await _show(database, domains, args.domain)
         elif command in ("disable", "enable"):
             await _switch(domains, args.domain, command == "enable")
         elif command == "remove":
@@ -157,7 +178,8 @@ async def cmd_domain(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _add(domains: DomainStore, args: argparse.Namespace) -> Domain:
+async def _add(domains: DomainStore, args: argparse.Namespace, reserved: Reserved) -> Domain:
+    """The domain ``add`` registers, checked as the admin API checks a domain's settings."""
     return await domains.add(
         args.domain,
         kind="home" if args.home else "peer",
@@ -173,6 +195,7 @@ async def _add(domains: DomainStore, args: argparse.Namespace) -> Domain:
         unlinkable=args.unlinkable,
         timestamp_precision=args.timestamp_precision,
         actor=actor(),
+        reserved=reserved,
     )
 
 
@@ -209,11 +232,11 @@ def update_of(args: argparse.Namespace) -> DomainUpdate:
     )
 
 
-async def _update(domains: DomainStore, args: argparse.Namespace) -> Domain:
-    return await domains.update(args.domain, update_of(args), actor=actor())
+async def _update(domains: DomainStore, args: argparse.Namespace, reserved: Reserved) -> Domain:
+    return await domains.update(args.domain, update_of(args), actor=actor(), reserved=reserved)
 
 
-async def _show(domains: DomainStore, name: str) -> None:
+async def _show(database: asyncpg.Pool, domains: DomainStore, name: str) -> None:
     domain = await domains.get(name)
     counts = await domains.mapping_counts(domain.id)
     footprint = await domains.footprint(domain.id)
@@ -221,7 +244,12 @@ async def _show(domains: DomainStore, name: str) -> None:
     rows = ", ".join(f"{n} {what}" for what, n in footprint.items() if n and what != "mappings")
     print(
         "\n".join(
-            [*_domain_lines(domain), f"mappings:    {summary}", f"rows:        {rows or 'none'}"]
+            [
+                *_domain_lines(domain),
+                *await sync_lines(database, domain.id),
+                f"mappings:    {summary}",
+                f"rows:        {rows or 'none'}",
+            ]
         )
     )
 

@@ -51,7 +51,8 @@ def register(commands: Commands) -> None:
     merge.set_defaults(run=cmd_merge, asynchronous=True)
     _register_split(commands)
     operations = commands.add_parser(
-        "operations", help="merges and splits: recent ones, or one with its progress per peer"
+        "operations",
+        help="merges, splits and reconciliations: recent ones, or one with its progress per peer",
     )
     operations.add_argument("id", nargs="?", metavar="OPERATION")
     operations.add_argument("--limit", type=int, default=20)
@@ -224,6 +225,8 @@ def _announce(operation: Operation) -> None:
 
 
 def _progress_table(operation: Operation) -> str:
+    if operation.kind == "reconcile":
+        return _reconcile_table(operation)
     rows = [
         (
             domain,
@@ -237,3 +240,19 @@ def _progress_table(operation: Operation) -> str:
     if not rows:
         return head + " (no peer has anything to do)"
     return head + "\n" + table(("domain", "state", "tasks done", "reason"), rows)
+
+
+def _reconcile_table(operation: Operation) -> str:
+    """A reconciliation: its counts per situation once it ran, and why it stopped if it did
+    (``broker reconcile --json`` and the admin API give its items)."""
+    head = f"reconcile {operation.id}: {operation.state}"
+    lines = [head]
+    for domain, p in sorted(operation.progress.items()):
+        counts = p.get("counts", {}).get("situations", {})
+        found = ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "nothing"
+        lines.append(f"{domain}: {p.get('state', '-')}: {found}")
+        if p.get("reason"):
+            lines.append(f"  {p['reason']}")
+    if len(lines) == 1:
+        lines[0] += " (under way)"
+    return "\n".join(lines)

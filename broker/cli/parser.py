@@ -17,6 +17,7 @@ from broker.cli import (
     mappings,
     operations,
     provision,
+    reconcile,
     serve,
     tokens,
 )
@@ -32,6 +33,7 @@ GROUPS = (
     mappings,
     operations,
     provision,
+    reconcile,
     events,
     history,
     audit,

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import errno
 import functools
+import gc
 import logging
 import os
 import signal
@@ -29,7 +30,7 @@ from broker.secrets import load_box
 if TYPE_CHECKING:
     from broker.cli.common import Commands
 
-__all__ = ["cmd_migrate", "cmd_serve", "register"]
+__all__ = ["GC_THRESHOLDS", "cmd_migrate", "cmd_serve", "register", "settle_memory"]
 
 
 def register(commands: Commands) -> None:
@@ -80,6 +81,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         )
     app = create_app(config)
     app.on_startup.append(_reread_on_sighup)
+    app.on_startup.append(settle_memory)
     if workers > 1 and not args.secondary:
         app.cleanup_ctx.append(
             functools.partial(
@@ -146,6 +148,25 @@ def preflight(config: Config) -> None:
         key_file=config.propagation.secret_key_file,
         database_url=config.database.url,
     )
+
+
+GC_THRESHOLDS = (20_000, 20, 20)
+"""The cyclic garbage collector's thresholds while serving (CPython's default: 700, 10, 10)."""
+
+
+async def settle_memory(_app: web.Application) -> None:
+    """Once the application has started: what it holds for its lifetime (modules, schemas, the
+    pools) is moved out of the collector's sight (``gc.freeze``), and the first generation
+    collects after 20,000 net allocations instead of 700.
+
+    A page of 100 users allocates a few thousand container objects (the parsed page's dicts and
+    lists, the plan's tuples) that live for one request; with the defaults they set off several
+    collections per page, some of them full ones that walk every object of the process: about 250 us of CPU per page request (measured with gc.callbacks,
+    issue 15), 45 us with the freeze alone, none with both. Reference cycles are still
+    collected: they add to the count until it reaches the threshold."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def worker_count(text: str) -> int:

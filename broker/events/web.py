@@ -121,10 +121,11 @@ class Poll:
     def pool(self) -> asyncpg.Pool:
         return self._pool()
 
-    def forget(self) -> None:
-        """Check tokens afresh (a domain changed: disabled, removed)."""
+    def forget(self, domain_id: str = "") -> None:
+        """Check the tokens of ``domain_id`` (all with "") afresh: it changed (disabled,
+        removed)."""
         if self._tokens is not None:
-            self._tokens.forget()
+            self._tokens.forget(domain_id)
 
     @set_errors
     async def handle(self, request: web.Request) -> web.Response:

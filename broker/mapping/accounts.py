@@ -25,11 +25,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "begin_create",
+    "begin_creates",
     "begin_import",
     "commit_import",
     "finish_create",
+    "finish_creates",
     "import_problems",
+    "link_accounts",
     "record_entities",
+    "register_entities",
     "retire_alias",
     "retire_primary",
     "stage_import",
@@ -51,6 +55,16 @@ async def begin_create(db: Executor, internal_id: str, domain: str, handle: str)
     return fresh
 
 
+async def begin_creates(db: Executor, creates: Sequence[tuple[str, str, str]]) -> set[str]:
+    """``begin_create`` for several creates (internal ID, domain, handle) in one statement: the
+    handles whose rows are new."""
+    if not creates:
+        return set()
+    internal_ids, domains, handles = (list(column) for column in zip(*creates, strict=True))
+    rows = await db.fetch(query("begin_creates"), internal_ids, domains, handles)
+    return {row["correlation_handle"] for row in rows}
+
+
 async def finish_create(conn: Connection, handle: str, domain: str, external_id: str) -> str | None:
     """The create of ``handle`` in peer ``domain`` succeeded as ``external_id``: the entity the
     row belongs to now (a merge may have moved it to its survivor), or None when the create is no
@@ -58,6 +72,19 @@ async def finish_create(conn: Connection, handle: str, domain: str, external_id:
     another entity."""
     owner: str | None = await conn.fetchval(query("finish_create"), handle, domain, external_id)
     return owner
+
+
+async def finish_creates(
+    conn: Connection, creates: Sequence[tuple[str, str, str]]
+) -> list[str | None]:
+    """``finish_create`` for several creates (handle, domain, external ID) in one statement: the
+    owner of each, in order. UniqueViolationError: one of the accounts is mapped already to
+    another entity (nothing of the statement is written then)."""
+    if not creates:
+        return []
+    handles, domains, external_ids = (list(column) for column in zip(*creates, strict=True))
+    rows = await conn.fetch(query("finish_creates"), handles, domains, external_ids)
+    return [row["owner"] for row in rows]
 
 
 async def retire_primary(db: Executor, internal_id: str, domain: str, retention: float) -> None:
@@ -177,3 +204,32 @@ async def _take_bulk_path(conn: Connection) -> bool:
     finally:
         await conn.fetchval(query("import_lock_timeout"), previous)
     return True
+
+
+async def link_accounts(
+    conn: Connection,
+    domain: str,
+    links: Sequence[tuple[str, str, str]],
+    handles: Sequence[str],
+) -> set[str]:
+    """Existing accounts of peer ``domain`` that reconciliation found to be entities' (each
+    (internal ID, resource type, the peer's ID), with a fresh correlation handle): each becomes
+    the entity's peer-assigned primary there. The entities linked; one that got a primary
+    meanwhile (a create under way) keeps it and is left out."""
+    records = await conn.fetch(
+        query("link_accounts"),
+        domain,
+        [internal_id for internal_id, _, _ in links],
+        [external_id for _, _, external_id in links],
+        [resource_type for _, resource_type, _ in links],
+        list(handles),
+    )
+    return {r["internal_id"] for r in records}
+
+
+async def register_entities(
+    conn: Connection, internal_ids: Sequence[str], resource_types: Sequence[str]
+) -> None:
+    """Entities home has (``internal_ids``, aligned with ``resource_types``), recorded before
+    their syncs are enqueued; ones recorded already are left as they are."""
+    await conn.execute(query("register_entities"), list(internal_ids), list(resource_types))

@@ -41,9 +41,10 @@ class LeakGuard:
         self.id_shape = id_shape
 
     async def check(
-        self, parts: Sequence[tuple[str, str]], *, in_play: Collection[str]
+        self, parts: Sequence[tuple[str, str | bytes]], *, in_play: Collection[str]
     ) -> Leak | None:
-        """The first leak in ``parts`` ((where, text) pairs: the body, each header), or None.
+        """The first leak in ``parts`` ((where, text) pairs: the body, each header; a text is a
+        str or the UTF-8 bytes it is sent as), or None.
 
         ``in_play``: the internal IDs of the message's context (those its translation asked
         about); never anything taken from the request.
@@ -52,7 +53,11 @@ class LeakGuard:
         return found[0] if found else None
 
     async def leaks(
-        self, parts: Sequence[tuple[str, str]], *, in_play: Collection[str], first: bool = False
+        self,
+        parts: Sequence[tuple[str, str | bytes]],
+        *,
+        in_play: Collection[str],
+        first: bool = False,
     ) -> list[Leak]:
         """Every part of ``parts`` that leaks (with ``first``, only the first found), in one
         lookup at most however many parts."""

@@ -91,10 +91,10 @@ class Outbound:
 
 @dataclass(frozen=True)
 class Operation:
-    """A merge or split as the status resource shows it."""
+    """A merge, split or reconciliation as the status resource shows it."""
 
     id: uuid.UUID
-    kind: Literal["merge", "split"]
+    kind: Literal["merge", "split", "reconcile"]
     idempotency_key: str
     request: dict[str, Any]
     state: str

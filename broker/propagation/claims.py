@@ -262,6 +262,19 @@ class Ledger:
             await self.settle_on(conn, claim, "delivery_done")
             self.settled.add(claim.id)
 
+    async def done_all(self, conn: Connection, claims: list[Claim]) -> None:
+        """Settle several deliveries as done in the caller's transaction (one statement); none
+        belongs to a merge or split (see ``done_with``)."""
+        assert all(claim.operation_id is None for claim in claims)
+        if not claims:
+            return
+        await conn.execute(query("deliveries_done"), [c.id for c in claims], self.worker_id)
+        self.settled.update(c.id for c in claims)
+
+    def now(self) -> datetime:
+        """The wall clock's time, as the database compares it."""
+        return utc(self.clock)
+
     async def settle_on(self, conn: Connection, claim: Claim, statement: str, *args: Any) -> None:
         if claim.operation_id is not None:
             # Settles of one operation's deliveries queue here, so each progress is computed

@@ -24,7 +24,8 @@ __all__ = ["Cleanup"]
 
 
 class Cleanup:
-    """The deliveries of kinds ``move_memberships``, ``delete_alias`` and ``undo_create``."""
+    """The deliveries of kinds ``move_memberships``, ``delete_alias``, ``undo_create`` and
+    ``delete_orphan``."""
 
     def __init__(self, tools: Tools) -> None:
         self.tools = tools
@@ -145,3 +146,18 @@ class Cleanup:
             answer = await client.call("DELETE", f"{endpoint}/{made}")
             if answer.status not in DELETED:
                 raise judge(answer.status, answer.body, answer.headers, f"DELETE {endpoint}/...")
+
+    async def delete_orphan(self, peer: Peer, claim: Claim) -> None:
+        """An orphan account a reconciliation deprovisions (``--on-unmatched deprovision``):
+        DELETEd unless it became some entity's account meanwhile (a link, a create's answer)."""
+        account = claim.payload.get("external_id")
+        if not isinstance(account, str):
+            raise Failure(Verdict.PERMANENT, "the task names no account", peer_fault=False)
+        if await self.pool.fetchval(query("mapped_account"), peer.id, account):
+            return
+        schema = await home_call(self.home.schema())
+        resource_type = str(claim.payload.get("resource_type") or "User")
+        endpoint = schema.endpoints.by_type.get(resource_type, f"/{resource_type}s")
+        answer = await self.tools.clients(peer).call("DELETE", f"{endpoint}/{account}")
+        if answer.status not in DELETED:
+            raise judge(answer.status, answer.body, answer.headers, f"DELETE {endpoint}/...")

@@ -16,7 +16,7 @@ import asyncpg
 
 from broker.db import query
 from broker.home import HomeRefused, HomeUnavailable
-from broker.propagation.peer import PeerClient, peer_credential
+from broker.propagation.peer import MAX_ANSWER, PeerClient, peer_credential
 from broker.propagation.policy import Backoff, Failure, Verdict
 
 if TYPE_CHECKING:
@@ -69,6 +69,9 @@ class WorkerSettings:
     """Seconds a write refused with 409 (a value that must be unique is taken) is retried before
     it is a dead letter: the value may sit on an account changing hands (a split gave it to
     another entity, whose rename is on its way, or a delete is queued behind an outage)."""
+    max_answer: int = MAX_ANSWER
+    """The longest answer read from a peer or a SET receiver, in bytes; a longer one is left
+    unread and the delivery fails (``policy.too_large``)."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,7 @@ class Claim:
     """Write-only values (a password) the write set, to deliver with home's state."""
     kind: str = "sync"
     """sync (or provision: the same, for a split-off), move_memberships, delete_alias,
-    undo_create, set."""
+    undo_create, delete_orphan (an account of no entity: ``internal_id`` is empty), set."""
     payload: Mapping[str, Any] = field(default_factory=dict)
     operation_id: uuid.UUID | None = None
     """The merge or split the delivery belongs to, whose progress it updates."""
@@ -124,12 +127,15 @@ class Claim:
     """When (monotonic) the claim came back: every write the delivery stands for was in home
     before then (a write folds into a sync only while it waits). Unknown (the default): no
     earlier read of home is fresh enough, and the delivery reads its own."""
+    entity: Mapping[str, Any] | None = None
+    """What ``entity_for_delivery`` reads (the entity, its primary row in the peer, the peer's
+    copy), read with the claim itself; None: not read (the delivery reads it)."""
 
     @classmethod
     def from_record(cls, record: asyncpg.Record, claimed_at: float) -> Claim:
         return cls(
             record["id"],
-            record["internal_id"],
+            record["internal_id"] or "",  # none: an orphan account (delete_orphan)
             record["attempts"],
             record["sealed_values"],
             record["kind"],
@@ -137,7 +143,34 @@ class Claim:
             record["operation_id"],
             (record["last_error"] or {}).get("conflict_since"),
             claimed_at,
+            _entity(record),
         )
+
+
+_ENTITY_COLUMNS = (
+    "internal_id",
+    "resource_type",
+    "merged_into",
+    "provision_on_demand",
+    "known_here",
+    "external_id",
+    "mapping_state",
+    "correlation_handle",
+    "copy",
+    "copy_version",
+    "suspended_at",
+)
+
+
+def _entity(record: asyncpg.Record) -> dict[str, Any] | None:
+    """The columns of ``entity_for_delivery`` a claim read with its row, if it read them (None
+    also when the entity is not recorded)."""
+    keys = record.keys()
+    if "entity_state" not in keys or record["resource_type"] is None:
+        return None
+    entity = {column: record[column] for column in _ENTITY_COLUMNS}
+    entity["state"] = record["entity_state"]
+    return entity
 
 
 class Later(Exception):
@@ -190,9 +223,15 @@ class PeerClients:
     token changes; a peer's clients share its ``concurrency`` request slots."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, concurrency: int, *, monotonic: Clock
+        self,
+        session: aiohttp.ClientSession,
+        concurrency: int,
+        *,
+        monotonic: Clock,
+        limit: int = MAX_ANSWER,
     ) -> None:
         self.session = session
+        self.limit = limit
         self.concurrency = concurrency
         self.monotonic = monotonic
         self._clients: dict[str, PeerClient] = {}
@@ -212,6 +251,7 @@ class PeerClients:
                 domain=peer.id,
                 slots=slots,
                 monotonic=self.monotonic,
+                limit=self.limit,
             )
             self._clients[peer.id] = client
         return client

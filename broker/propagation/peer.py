@@ -13,10 +13,13 @@ from typing import Any
 import aiohttp
 
 from broker.credentials import CredentialProblem, read_credential
-from broker.http import Answer, exchange, is_redirect
-from broker.propagation.policy import Failure, Verdict, judge
+from broker.http import Answer, AnswerTooLarge, exchange, is_redirect
+from broker.propagation.policy import Failure, Verdict, judge, too_large
 
-__all__ = ["Answer", "PeerClient", "peer_credential"]
+__all__ = ["MAX_ANSWER", "Answer", "PeerClient", "peer_credential"]
+
+MAX_ANSWER = 1 << 20
+"""The longest answer read from a peer by default ([propagation] peer_max_answer_bytes)."""
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +50,11 @@ class PeerClient:
         domain: str,
         slots: asyncio.Semaphore | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        limit: int = MAX_ANSWER,
     ) -> None:
         self.session = session
+        self.limit = limit
+        """The longest answer read; a longer one is a Failure (:func:`too_large`), left unread."""
         self.monotonic = monotonic
         self.slots = slots
         """Bounds the requests in flight at the peer (shared by its clients), if given."""
@@ -75,7 +81,10 @@ class PeerClient:
                     auth=self._auth,
                     params=params,
                     body=body,
+                    limit=self.limit,
                 )
+        except AnswerTooLarge as exc:
+            raise too_large(exc.status, exc.limit, exc.headers, f"{method} {path}") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise Failure(
                 Verdict.TRANSIENT,

@@ -10,7 +10,15 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-__all__ = ["Backoff", "Failure", "Verdict", "judge", "retry_after_seconds"]
+__all__ = [
+    "Backoff",
+    "Failure",
+    "Verdict",
+    "deletion_limit",
+    "judge",
+    "retry_after_seconds",
+    "too_large",
+]
 
 
 class Verdict(enum.Enum):
@@ -88,6 +96,28 @@ def judge(status: int, body: Any, headers: Mapping[str, str], what: str) -> Fail
     )
 
 
+def too_large(status: int, limit: int, headers: Mapping[str, str], what: str) -> Failure:
+    """The failure an answer to ``what`` longer than ``limit`` bytes is (left unread). A status
+    that may pass by itself (5xx, 429) is retried as that status is; any other is a dead letter:
+    a peer answering one request with that much is broken or hostile, and asking again gets the
+    same (a write it answered so may have been made: a retry of a create may then meet 409)."""
+    if status in _TRANSIENT or status >= 500:
+        return Failure(
+            Verdict.TRANSIENT,
+            f"{what}: HTTP {status} with an answer over {limit} bytes, left unread; retrying",
+            status,
+            None,
+            retry_after_seconds(headers.get("Retry-After")),
+        )
+    return Failure(
+        Verdict.PERMANENT,
+        f"{what}: HTTP {status} with an answer over {limit} bytes, left unread (a SCIM answer "
+        "to one request is far smaller): check the peer, or raise [propagation] "
+        "peer_max_answer_bytes if its answers really are that large, then retry the dead letter",
+        status,
+    )
+
+
 def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
     """``Retry-After`` as seconds from now: delay-seconds or an HTTP-date (RFC 9110 10.2.3)."""
     if not value:
@@ -129,3 +159,13 @@ class Backoff:
         if retry_after is not None:
             wait = max(wait, min(retry_after, max(self.ceiling, self.quarantine)))
         return wait
+
+
+def deletion_limit(accounts: int, configured: int | None) -> int:
+    """The most deprovisionings one reconciliation, sweep or initial sync may make without a
+    person's confirmation: the configured ``[propagation] deletion_threshold``, else 5% of the
+    accounts or 500, whichever is smaller (Microsoft Entra's accidental-deletion threshold), and
+    never less than one, so that a single deletion in a small federation is not held."""
+    if configured is not None:
+        return configured
+    return max(1, min(accounts * 5 // 100, 500))

@@ -15,6 +15,7 @@ import asyncpg
 from broker.db import query
 from broker.home import HomeClient, HomeUnavailable
 from broker.propagation.journal import record
+from broker.propagation.policy import deletion_limit
 from broker.propagation.writes import HomeWrite
 
 __all__ = ["HomePoller"]
@@ -31,7 +32,10 @@ class HomePoller:
         interval: float,
         sweep_interval: float,
         page_size: int = 200,
+        deletion_threshold: int | None = None,
     ) -> None:
+        self.deletion_threshold = deletion_threshold
+        """Deletions one sweep may pass on (None: ``policy.deletion_limit``'s default)."""
         self.pool = pool
         self.home = home
         self.interval = interval
@@ -144,13 +148,44 @@ class HomePoller:
             for r in await self.pool.fetch(query("live_entities"), resource_type, now)
         ]
         gone = [i for i in known if i not in live]
+        limit = deletion_limit(len(known), self.deletion_threshold)
+        held = len(gone) > limit
         async with self.pool.acquire() as conn, conn.transaction():
-            if gone:
+            if held:
+                await conn.execute(
+                    query("audit"), *_held(resource_type, len(gone), len(known), limit)
+                )
+            elif gone:
                 await record(conn, HomeWrite.of_deletion(gone))
             await conn.execute(query("swept"), resource_type)
+        if held:
+            log.warning(
+                "home sweep: %s", _held(resource_type, len(gone), len(known), limit)[3]["reason"]
+            )
+            return 0
         if gone:
             log.info("home sweep: %d %s deleted in home", len(gone), resource_type)
         return len(gone)
+
+
+def _held(
+    resource_type: str, gone: int, known: int, limit: int
+) -> tuple[str, str, str, dict[str, Any]]:
+    """The audit entry of a sweep that found more deletions than the threshold and held them."""
+    reason = (
+        f"{gone} of {known} {resource_type} entities are gone from home, more than the deletion "
+        f"threshold ({limit}): their accounts in push peers are kept. If home meant it, run "
+        f"`broker reconcile PEER --on-deleted deprovision --confirm-deletions N` for each push "
+        f"peer (its --dry-run shows N), or raise [propagation] deletion_threshold"
+    )
+    details = {
+        "resource_type": resource_type,
+        "gone": gone,
+        "known": known,
+        "limit": limit,
+        "reason": reason,
+    }
+    return "broker:sweep", "sweep.held", resource_type, details
 
 
 def _last_modified(resource: dict[str, Any]) -> str | None:

@@ -10,11 +10,11 @@ import asyncpg
 
 from broker.db import query
 from broker.events.render import EventRenderer
-from broker.http import SET_TYPE, exchange
+from broker.http import SET_TYPE, AnswerTooLarge, exchange
 from broker.propagation.decisions import SetRefused, set_answer
 from broker.propagation.delivery import Claim, Peer
-from broker.propagation.peer import peer_credential
-from broker.propagation.policy import Failure, Verdict, judge
+from broker.propagation.peer import MAX_ANSWER, peer_credential
+from broker.propagation.policy import Failure, Verdict, judge, too_large
 
 __all__ = ["SetPusher"]
 
@@ -27,10 +27,14 @@ class SetPusher:
         pool: asyncpg.Pool,
         session: aiohttp.ClientSession,
         events: Callable[[], EventRenderer] | None,
+        *,
+        limit: int = MAX_ANSWER,
     ) -> None:
         self.pool = pool
         self.session = session
         self.events = events
+        self.limit = limit
+        """The longest answer read from a receiver (RFC 8935 section 2.2's answers are tiny)."""
 
     async def push(self, peer: Peer, claim: Claim) -> None:
         """One SET to the domain's receiver (RFC 8935): 202 is delivered; a 400 with an error
@@ -57,7 +61,10 @@ class SetPusher:
                 auth={"Authorization": f"Bearer {token}"} if token else {},
                 data=event.token.encode(),
                 headers={"Content-Type": SET_TYPE, "Accept": "application/json"},
+                limit=self.limit,
             )
+        except AnswerTooLarge as exc:
+            raise too_large(exc.status, exc.limit, exc.headers, what) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise Failure(
                 Verdict.TRANSIENT,

@@ -17,7 +17,7 @@ from broker.domains import DomainStore
 from broker.events.keys import SetError, verify_set
 from broker.events.web import set_error, set_errors
 from broker.home import HomeClient
-from broker.http import SET_TYPE
+from broker.http import SET_TYPE, exchange
 from broker.propagation.journal import record
 from broker.propagation.writes import HomeWrite
 from broker.tokens import TokenStore
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 # RFC 9967 event URIs end in the kind, possibly followed by :notice or :full.
 _KINDS = ("create", "put", "patch", "delete", "activate", "deactivate")
+MAX_JWKS = 1 << 20
+"""The longest JWKS read from home (a few keys take a few kilobytes)."""
 
 
 class HomeReceiver:
@@ -96,10 +98,17 @@ class HomeReceiver:
         if not refresh and self._jwks is not None and now - self._jwks[0] < self.JWKS_TTL:
             return self._jwks[1]
         try:
-            async with self.session.get(self.jwks_url, allow_redirects=False) as answer:
-                if answer.status != 200:
-                    raise SetError("invalid_key", f"the home's JWKS answered HTTP {answer.status}")
-                key_set: dict[str, Any] = orjson.loads(await answer.read())
+            answer = await exchange(
+                self.session,
+                "GET",
+                self.jwks_url,
+                auth={},
+                headers={"Accept": "application/json"},
+                limit=MAX_JWKS,
+            )
+            if answer.status != 200:
+                raise SetError("invalid_key", f"the home's JWKS answered HTTP {answer.status}")
+            key_set: dict[str, Any] = answer.json()
         except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
             raise SetError("invalid_key", f"the home's JWKS could not be read: {exc}") from exc
         self._jwks = (now, key_set)

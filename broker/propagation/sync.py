@@ -49,6 +49,7 @@ from broker.propagation.delivery import Claim, Later, Peer, copy_is_stale, home_
 from broker.propagation.documents import PATCH_SCHEMA, peer_document
 from broker.propagation.peer import PeerClient
 from broker.propagation.policy import Failure, Verdict, judge
+from broker.propagation.records import Batcher, Record, Recorder, batchable
 from broker.propagation.tools import Tools
 from broker.scim.rewrite import Translation, collect_ids
 from broker.secrets import SealError, SecretBox
@@ -167,11 +168,18 @@ class Syncer:
         self.reads = HomeReads(tools)
         self.writes = Writes(tools)
         self.deprovisions = Deprovisions(tools)
+        self.starts: Batcher[tuple[str, str, str], str | None] = Batcher(
+            self._begin_together, self._begin_alone, what="creates begun"
+        )
+        """Creates begun together write their pending rows in one statement."""
 
     async def sync(self, peer: Peer, claim: Claim) -> None:
         """Make the peer's copy of the entity match home's current state."""
         client = self.tools.clients(peer)
-        entity = await self.pool.fetchrow(query("entity_for_delivery"), peer.id, claim.internal_id)
+        entity: Mapping[str, Any] | None = claim.entity
+        if entity is None:
+            row = await self.pool.fetchrow(query("entity_for_delivery"), peer.id, claim.internal_id)
+            entity = dict(row) if row is not None else None
         assert entity is not None, "outbox rows reference entities"
         if sync_skipped(
             kind=claim.kind,
@@ -214,7 +222,7 @@ class Syncer:
             await self.writes.update(write, entity)
 
     async def _home_state(
-        self, peer: Peer, claim: Claim, entity: asyncpg.Record, endpoint: str | None
+        self, peer: Peer, claim: Claim, entity: Mapping[str, Any], endpoint: str | None
     ) -> dict[str, Any] | None:
         """Home's resource as the peer may see it: None when home has it no more, or it is out
         of the peer's scope."""
@@ -310,7 +318,7 @@ class Syncer:
 
     async def _begin_create(self, peer: Peer, internal_id: str) -> tuple[str, bool]:
         """The create's correlation handle, and whether this is its first attempt."""
-        fresh = await accounts.begin_create(self.pool, internal_id, peer.id, mint_id())
+        fresh = await self.starts.submit((internal_id, peer.id, mint_id()))
         if fresh is not None:
             return fresh, True
         row = await self.pool.fetchrow(query("pending_handle"), internal_id, peer.id)
@@ -319,6 +327,13 @@ class Syncer:
             raise Later(0, "the entity's primary in the peer changed meanwhile: looking again")
         handle: str = row["correlation_handle"]
         return handle, False
+
+    async def _begin_together(self, creates: list[tuple[str, str, str]]) -> list[str | None]:
+        fresh = await accounts.begin_creates(self.pool, creates)
+        return [handle if handle in fresh else None for _, _, handle in creates]
+
+    async def _begin_alone(self, create: tuple[str, str, str]) -> str | None:
+        return await accounts.begin_create(self.pool, *create)
 
 
 class Writes:
@@ -330,6 +345,7 @@ class Writes:
         self.pool = tools.pool
         self.settings = tools.settings
         self.ledger = tools.ledger
+        self.recorder = Recorder(tools.pool, tools.ledger)
 
     # ------------------------------------------------------------------ create
 
@@ -403,7 +419,26 @@ class Writes:
 
     async def _record_create(self, write: Write, peer_id: str, linked: bool) -> str | None:
         """The account is the entity's primary now, with its copy; the entity it belongs to
-        (None: a merge cancelled the create)."""
+        (None: a merge cancelled the create). Recorded with the other deliveries finishing now
+        when it can be (``records``)."""
+        if not batchable(write.claim, write.views):
+            return await self._record_create_alone(write, peer_id, linked)
+        owner: str | None = await self.recorder.record(
+            Record(
+                write.peer.id,
+                write.claim,
+                write.desired,
+                lambda: self._record_create_alone(write, peer_id, linked),
+                created=True,
+                account=peer_id,
+                handle=write.handle,
+                linked=linked,
+            )
+        )
+        return owner
+
+    async def _record_create_alone(self, write: Write, peer_id: str, linked: bool) -> str | None:
+        """``_record_create`` in a transaction of its own."""
         peer, claim = write.peer, write.claim
         try:
             async with self.pool.acquire() as conn, conn.transaction():
@@ -434,7 +469,7 @@ class Writes:
 
     # ------------------------------------------------------------------ update
 
-    async def update(self, write: Write, entity: asyncpg.Record) -> None:
+    async def update(self, write: Write, entity: Mapping[str, Any]) -> None:
         """Bring the account to home's state: the smallest PATCH from what the peer last
         received, or a PUT; a peer that lost the account has it created again."""
         peer, client, endpoint = write.peer, write.client, write.endpoint
@@ -467,7 +502,25 @@ class Writes:
             await self._refused(write, answer, what, peer_id)
         await self._record_update(write, entity)
 
-    async def _record_update(self, write: Write, entity: asyncpg.Record) -> None:
+    async def _record_update(self, write: Write, entity: Mapping[str, Any]) -> None:
+        """What the peer holds now recorded as its copy, and the delivery settled, with the
+        other deliveries finishing now when it can be (``records``)."""
+        if not batchable(write.claim, write.views):
+            await self._record_update_alone(write, entity)
+            return
+        await self.recorder.record(
+            Record(
+                write.peer.id,
+                write.claim,
+                write.desired,
+                lambda: self._record_update_alone(write, entity),
+                created=False,
+                account=entity["external_id"],
+                version=entity["copy_version"],
+            )
+        )
+
+    async def _record_update_alone(self, write: Write, entity: Mapping[str, Any]) -> None:
         peer, internal_id = write.peer, write.claim.internal_id
         async with self.pool.acquire() as conn, conn.transaction():
             stale = await copy_is_stale(conn, peer.id, internal_id, write.views)
@@ -555,7 +608,7 @@ class Deprovisions:
         peer: Peer,
         client: PeerClient,
         claim: Claim,
-        entity: asyncpg.Record,
+        entity: Mapping[str, Any],
         endpoint: str | None,
     ) -> None:
         now = self.tools.now()

@@ -104,7 +104,12 @@ class Deliverer:
         tools = Tools(
             pool,
             home,
-            PeerClients(session, self.settings.concurrency, monotonic=monotonic),
+            PeerClients(
+                session,
+                self.settings.concurrency,
+                monotonic=monotonic,
+                limit=self.settings.max_answer,
+            ),
             self.ledger,
             self.settings,
             clock,
@@ -113,7 +118,7 @@ class Deliverer:
         guard = guard or LeakGuard(MappingStore(pool), IdShape(id_pattern))
         self.syncs = Syncer(tools, guard=guard, box=box)
         self.cleanup = Cleanup(tools)
-        self.sets = SetPusher(pool, session, events)
+        self.sets = SetPusher(pool, session, events, limit=self.settings.max_answer)
 
     # ------------------------------------------------------------------ the loop
 
@@ -139,6 +144,8 @@ class Deliverer:
                 for task in self._tasks:
                     task.cancel()
                 await asyncio.gather(purging, *self._tasks, return_exceptions=True)
+                await self.syncs.starts.finished()
+                await self.syncs.writes.recorder.finished()
 
     @contextlib.asynccontextmanager
     async def _listening(self, url: str | None) -> AsyncIterator[None]:
@@ -236,6 +243,8 @@ class Deliverer:
             await self.cleanup.delete_alias(peer, claim)
         elif claim.kind == "undo_create":
             await self.cleanup.undo_create(peer, claim)
+        elif claim.kind == "delete_orphan":
+            await self.cleanup.delete_orphan(peer, claim)
         elif claim.kind == "set":
             await self.sets.push(peer, claim)
         else:

@@ -238,18 +238,27 @@ class Proxy:
         return target
 
     async def visible(
-        self, call: Call, resource: dict[str, Any], resource_type: str
+        self, call: Call, resource: dict[str, Any], resource_type: str, *, owned: bool = False
     ) -> dict[str, Any]:
-        """One home resource as the caller sees it (404 if it cannot see it)."""
-        (out,) = await self.outbound(call, [resource], resource_type)
+        """One home resource as the caller sees it (404 if it cannot see it); ``owned``: see
+        :meth:`outbound`."""
+        (out,) = await self.outbound(call, [resource], resource_type, owned=owned)
         if out is None:
             raise NotFoundError(NOT_FOUND)
         return out
 
     async def outbound(
-        self, call: Call, docs: list[dict[str, Any]], resource_type: str | None
+        self,
+        call: Call,
+        docs: list[dict[str, Any]],
+        resource_type: str | None,
+        *,
+        owned: bool = False,
     ) -> list[dict[str, Any] | None]:
-        """Home's resources as the caller sees them (None: invisible to it), one round-trip."""
+        """Home's resources as the caller sees them (None: invisible to it), one round-trip.
+
+        ``owned``: ``docs`` were parsed for this call and nothing reads them after: they are
+        rewritten in place (issue 15) instead of copied."""
         outward = self.inward(call.schema).reversed()
         page = translate_page(docs, outward, resource_type=resource_type)
         wanted = page.wanted
@@ -263,13 +272,16 @@ class Proxy:
             await self.store.provision_on_need(
                 call.domain.id, [i for i in wanted if i not in found]
             )
-        out = page.render(found)
+        internal_ids = [str(d["id"]) for d in docs]  # before a rewrite in place
+        out = page.render(found, in_place=owned)
         # Versions sealed for this domain, timestamps coarsened for an unlinkable one.
         return [
             None
             if o is None
-            else present_meta(o, domain=call.domain, internal_id=str(d["id"]), sealer=self.sealer)
-            for o, d in zip(out, docs, strict=True)
+            else present_meta(
+                o, domain=call.domain, internal_id=i, sealer=self.sealer, in_place=owned
+            )
+            for o, i in zip(out, internal_ids, strict=True)
         ]
 
     def etag(self, call: Call, response: Answer, internal_id: str) -> dict[str, str]:
@@ -405,8 +417,11 @@ class Proxy:
     ) -> web.Response:
         """Step 5: the response a domain gets, after the leak guard (errors too)."""
         raw = orjson.dumps(body) if body is not None else b""
-        text = raw.decode()
-        parts = [("body", text), *((f"header {k}", v) for k, v in (headers or {}).items())]
+        # The guard reads the very bytes the domain is sent.
+        parts: list[tuple[str, str | bytes]] = [
+            ("body", raw),
+            *((f"header {k}", v) for k, v in (headers or {}).items()),
+        ]
         # The IDs in play are those the translation asked about, never anything the request
         # held; the caller's own IDs are what it is meant to see.
         leak = await self.guard.check(parts, in_play=call.internal_ids)

@@ -38,7 +38,7 @@ async def get(proxy: Proxy, call: Call, request: web.Request) -> web.Response:
             etag = proxy.etag(call, response, target.internal_id)
             return await proxy.respond(call, 304, None, etag)
     resource = await proxy.fetch(call, target, params)
-    out = await proxy.visible(call, resource, target.resource_type)
+    out = await proxy.visible(call, resource, target.resource_type, owned=True)
     readable = proxy.readable(call, out, target.resource_type)
     return await proxy.respond(call, 200, readable, etag_of(out))
 
@@ -91,8 +91,12 @@ async def _search_home(
     if response.status != 200 or not isinstance(response.body, dict):
         raise proxy.home_error(call, response, {})
     resources = [r for r in response.body.get("Resources", []) if isinstance(r, dict)]
-    translated = await proxy.outbound(call, resources, resource_type)
-    visible = [proxy.readable(call, r, resource_type) for r in translated if r is not None]
+    # Home's page was parsed for this request and nothing reads it after: rewritten in place.
+    translated = await proxy.outbound(call, resources, resource_type, owned=True)
+    if call.policy.read is None:  # every attribute readable: nothing to decide per document
+        visible = [r for r in translated if r is not None]
+    else:
+        visible = [proxy.readable(call, r, resource_type) for r in translated if r is not None]
     hidden = len(resources) - len(visible)
     total = response.body.get("totalResults", len(visible))
     start = response.body.get("startIndex", 1)

@@ -49,6 +49,8 @@ _SAMPLE = "0123456789abcdef0123456789abcdef"
 # A JSON escape of an ASCII character (any number of backslashes: a doubly escaped one too).
 _ESCAPE = re.compile(r"\\+u00([0-7][0-9a-fA-F])")
 _ESCAPED = re.compile(r"\\u00[0-7][0-9a-fA-F]")  # the same, found fast (no leading repeat)
+_ESCAPE_BYTES = re.compile(_ESCAPE.pattern.encode())
+_ESCAPED_BYTES = re.compile(_ESCAPED.pattern.encode())
 
 
 def _dashed(hex32: str) -> str:
@@ -102,9 +104,18 @@ def lookup_keys(tokens: Iterable[str]) -> set[str]:
 
 def unescape_json(text: str) -> str:
     """``text`` with JSON escapes of ASCII characters (``\\u0064``, also doubly escaped) undone."""
+    # One character is found with memchr; then the expression, whose literal first character
+    # makes it fast (faster than a search for the five characters "\\u00" amid hex digits).
     if "\\" not in text or _ESCAPED.search(text) is None:
         return text
     return _ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text)
+
+
+def _unescape_json_bytes(data: bytes) -> bytes:
+    """:func:`unescape_json` of UTF-8 bytes (the escapes undone are ASCII)."""
+    if b"\\" not in data or _ESCAPED_BYTES.search(data) is None:
+        return data
+    return _ESCAPE_BYTES.sub(lambda m: bytes([int(m.group(1), 16)]), data)
 
 
 # ---------------------------------------------------------------------------- the alphabet
@@ -185,8 +196,11 @@ class _Shapes:
             self.needle = b"x" * min(width for _, width in filter(None, known))
             self.run = re.compile(b"x+")
 
-    def tokens(self, text: str) -> Iterator[str]:
+    def tokens(self, text: str | bytes) -> Iterator[str]:
+        """``text``: a str, or UTF-8 bytes (what a response is written from)."""
         if not self.fast:
+            if isinstance(text, bytes):
+                text = text.decode("utf-8", "surrogatepass")
             for pattern in self.everywhere:
                 for match in pattern.finditer(text):
                     if match.group(1):
@@ -194,7 +208,7 @@ class _Shapes:
             return
         # Matches lie within runs of the shapes' alphabet: marked with one byte, such runs are
         # found by a search for a literal, and only they are tried.
-        data = text.encode("utf-8", "surrogatepass")
+        data = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
         marked = data.translate(self.table)
         at = marked.find(self.needle)
         while at >= 0:
@@ -226,12 +240,14 @@ class IdShape:
         shapes = [bare, _HEX32, _DASHED] if self.hex_uuid else [bare]
         self.shapes = _Shapes(shapes)
         self._fixed = [re.compile(s, re.IGNORECASE | re.ASCII) for s in shapes if _fixed_width(s)]
+        self._classified: dict[str, tuple[str, bool]] = {}
 
-    def tokens(self, text: str) -> set[str]:
-        """Every string in the home's ID shape in ``text``, as written: whatever its case, however
-        it is glued to its neighbours, every window of a longer run, also behind JSON escapes."""
+    def tokens(self, text: str | bytes) -> set[str]:
+        """Every string in the home's ID shape in ``text`` (a str, or UTF-8 bytes), as written:
+        whatever its case, however it is glued to its neighbours, every window of a longer run,
+        also behind JSON escapes."""
         found = set(self.shapes.tokens(text))
-        unescaped = unescape_json(text)
+        unescaped = _unescape_json_bytes(text) if isinstance(text, bytes) else unescape_json(text)
         if unescaped is not text:
             found.update(self.shapes.tokens(unescaped))
         return found
@@ -247,6 +263,18 @@ class IdShape:
     def candidates(self, text: str) -> set[str]:
         """The canonical forms (:func:`forms`) of every token in ``text``."""
         return {form for token in self.tokens(text) for form in forms(token)}
+
+    def classify(self, internal: str) -> tuple[str, bool]:
+        """An internal ID in play, lowered, and whether :meth:`covers` it; kept for the IDs
+        seen recently (a page names the same hundred IDs request after request)."""
+        held = self._classified.get(internal)
+        if held is None:
+            lowered = internal.lower()
+            held = (lowered, bool(lowered) and self.covers(lowered))
+            if len(self._classified) >= 16384:  # never an unbounded memo (about 2 MB at most)
+                self._classified.clear()
+            self._classified[internal] = held
+        return held
 
     def covers(self, value: str) -> bool:
         """Whether every occurrence of ``value`` in a text is sure to be among its tokens (the
@@ -282,14 +310,15 @@ class Scan:
     """One part of a domain-bound message, read once: what the guard needs of it."""
 
     where: str
-    text: str
+    text: str | bytes
+    """The part, as a str or as the UTF-8 bytes it is sent as."""
     tokens: frozenset[str]
     """Strings in the home's ID shape, as written (for the exact lookup)."""
     candidates: frozenset[str]
     """Their canonical forms."""
 
     @classmethod
-    def of(cls, where: str, text: str, shape: IdShape) -> Scan:
+    def of(cls, where: str, text: str | bytes, shape: IdShape) -> Scan:
         tokens = frozenset(shape.tokens(text))
         return cls(where, text, tokens, frozenset(f for t in tokens for f in forms(t)))
 
@@ -297,7 +326,10 @@ class Scan:
     def texts(self) -> tuple[str, ...]:
         """The part in lower case, as written and with JSON escapes undone (for the search of an
         internal ID in play that is not in the home's shape); made only when needed."""
-        lowered = self.text.lower()
+        text = self.text
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "surrogatepass")
+        lowered = text.lower()
         unescaped = unescape_json(lowered)
         return (lowered,) if unescaped is lowered else (lowered, unescaped)
 
@@ -308,10 +340,10 @@ def find_in_play(scans: Iterable[Scan], in_play: Collection[str], shape: IdShape
     covered: set[str] = set()
     others: set[str] = set()
     for internal in in_play:
-        lowered = internal.lower()
+        lowered, is_covered = shape.classify(internal)
         if not lowered:
             continue
-        if shape.covers(lowered):
+        if is_covered:
             # Any rendering of it in a part is a token there, whose forms include this one.
             covered.add(lowered)
         else:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from broker.scim.rewrite import (
     InvisibleResource,
@@ -113,43 +113,45 @@ _FAST, _DROP, _GENERAL = 0, 1, 2
 # (left out, as the general path leaves it out); _GENERAL: handed to rewrite_item.
 _Item = tuple[int, Any, str, str | None, str | None]
 
+_Edit = tuple[str | None, str, RefAttr, bool, list[_Item], bool]
+"""One reference attribute to rewrite: (the extension it sits in, None at the top; its key; the
+attribute; whether the value is a list; its values; whether every value is _FAST)."""
 
-@dataclass(frozen=True)
-class _Level:
-    """Where the IDs of one level of a document sit (the resource, or one extension of it)."""
-
-    edits: list[tuple[str, RefAttr, bool, list[_Item]]]
-    """(key, attribute, whether the value is a list, its values)."""
-    extensions: list[tuple[str, _Level]]
-
-
-_EMPTY = _Level([], [])
 _UNKNOWN: Any = object()
+_GENERAL_VALUE: Any = object()
 
 
-@dataclass(frozen=True)
-class _Doc:
-    level: _Level
+class _Doc(NamedTuple):
+    """What one document holds, and where (a tuple: one is made per document of a page)."""
+
+    edits: list[_Edit]
+    extensions: list[str]
+    """The keys of the extensions that hold an edit (copied, unless rendered in place)."""
     location: tuple[str, str] | None
     """meta.location's (resource type, ID), where it names one of home's resources."""
     external_id_keys: list[str]
     """The keys spelling ``externalId`` (home's, never shown)."""
 
 
+_NO_EDITS = _Doc([], [], None, [])
+
 _KeyInfo = tuple[bool, RefAttr | None, bool]
 """Of a top-level key: whether it names an extension, its reference attribute, and whether it
 spells ``externalId``."""
-_TOP_KEYS: dict[int, tuple[ReferenceMap, dict[str, _KeyInfo]]] = {}
+_Shape = tuple[tuple[str, bool, RefAttr | None], ...]
+"""Of a document's key sequence: the keys that matter (an extension, a reference attribute),
+with what they are; the documents of a page share their key sequence."""
+_TOP_KEYS: dict[int, tuple[ReferenceMap, dict[str, _KeyInfo], dict[tuple[str, ...], Any]]] = {}
 
 
-def _top_keys(refs: ReferenceMap) -> dict[str, _KeyInfo]:
+def _top_keys(refs: ReferenceMap) -> tuple[dict[str, _KeyInfo], dict[tuple[str, ...], Any]]:
     held = _TOP_KEYS.get(id(refs))
     if held is None or held[0] is not refs:
         if len(_TOP_KEYS) >= 16:  # one ReferenceMap per home schema load: a handful live
             _TOP_KEYS.clear()
-        held = (refs, {})
+        held = (refs, {}, {})
         _TOP_KEYS[id(refs)] = held
-    return held[1]
+    return held[1], held[2]
 
 
 @dataclass(frozen=True)
@@ -167,10 +169,16 @@ class OutboundPage:
     _plans: list[_Doc]
     _targets: Mapping[str, str]
 
-    def render(self, views: Mapping[str, View]) -> list[dict[str, Any] | None]:
+    def render(
+        self, views: Mapping[str, View], *, in_place: bool = False
+    ) -> list[dict[str, Any] | None]:
         """Each document as the domain sees it (None: invisible to it), given the store's
-        answer for the :attr:`wanted` IDs it has a view of."""
-        renderer = _Renderer(views, self._targets, self.translation)
+        answer for the :attr:`wanted` IDs it has a view of.
+
+        ``in_place``: the documents belong to this one call (parsed for it, read by nothing
+        after): they are rewritten where they lie, with no copy; otherwise they are left as
+        they are and the rewritten parts are copies."""
+        renderer = _Renderer(views, self._targets, self.translation, in_place)
         return [renderer.doc(doc, plan) for doc, plan in zip(self.docs, self._plans, strict=True)]
 
 
@@ -178,71 +186,91 @@ class _Renderer:
     """:meth:`OutboundPage.render`'s walk: the plan applied with the store's answers."""
 
     def __init__(
-        self, views: Mapping[str, View], targets: Mapping[str, str], translation: Translation
+        self,
+        views: Mapping[str, View],
+        targets: Mapping[str, str],
+        translation: Translation,
+        in_place: bool,
     ) -> None:
         self.views, self.targets, self.translation = views, targets, translation
+        self.in_place = in_place
+        self.external = {internal: view.external_id for internal, view in views.items()}
+        """Each internal ID -> the domain's ID for it, read once for the page."""
 
     def visit(self, internal: str, _rtype: str | None) -> str | None:
         view = self.views.get(internal)
         return None if view is None else view.external_id
 
+    def fast(self, items: list[_Item]) -> list[Any]:
+        """Values that are all _FAST: each rewritten where it lies (or a copy), those naming
+        nothing the domain can see left out."""
+        external, targets, in_place = self.external, self.targets, self.in_place
+        kept: list[Any] = []
+        for _, item, internal, rtype, ref_key in items:
+            new = external.get(internal)
+            if new is None:
+                continue
+            shown = item if in_place else dict(item)
+            shown["value"] = new
+            if ref_key is not None:
+                if rtype is not None:  # both keys are the item's: their places kept
+                    shown[ref_key] = targets[rtype] + new
+                else:  # a reference the broker cannot rebuild is not passed on
+                    del shown[ref_key]
+            kept.append(shown)
+        return kept
+
     def items(self, attr: RefAttr, items: list[_Item]) -> list[Any]:
         kept: list[Any] = []
-        for kind, item, internal, rtype, ref_key in items:
+        for planned in items:
+            kind, item = planned[0], planned[1]
             if kind == _FAST:
-                new = self.visit(internal, rtype)
-                if new is None:
-                    continue
-                if ref_key is None:
-                    kept.append({**item, "value": new})
-                elif rtype is not None:  # both keys are the item's: their places kept
-                    kept.append({**item, "value": new, ref_key: self.targets[rtype] + new})
-                else:  # a reference the broker cannot rebuild is not passed on
-                    rewritten = {**item, "value": new}
-                    del rewritten[ref_key]
-                    kept.append(rewritten)
+                kept += self.fast([planned])
             elif kind == _GENERAL:
                 general = rewrite_item(item, attr, self.translation, self.visit)
                 if general is not None:
                     kept.append(general)
         return kept
 
-    def level(self, attrs: Mapping[str, Any], plan: _Level) -> dict[str, Any]:
-        out = dict(attrs)
-        for key, attr, is_list, items in plan.edits:
-            kept = self.items(attr, items)
-            if is_list:
-                out[key] = kept
-            elif kept:
-                out[key] = kept[0]
-            else:
-                del out[key]
-        for key, inner in plan.extensions:
-            out[key] = self.level(attrs[key], inner)
-        return out
-
     def doc(self, doc: Mapping[str, Any], plan: _Doc) -> dict[str, Any] | None:
-        new = self.level(doc, plan.level) if plan.level is not _EMPTY else dict(doc)
         own = doc.get("id")
+        new: dict[str, Any] = doc if self.in_place else dict(doc)  # type: ignore[assignment]
+        if plan is not _NO_EDITS:
+            self.edits(new, plan)
         own_view = self.views.get(own) if isinstance(own, str) else None
-        if "id" in doc:
-            if own_view is None:
-                return None  # the resource itself does not exist for the domain
+        if own_view is None and "id" in doc:
+            return None  # the resource itself does not exist for the domain
+        if own_view is not None:
             new["id"] = own_view.external_id
         meta = doc.get("meta")
         if isinstance(meta, dict) and "location" in meta:
-            shown_meta = dict(meta)
-            moved = self.visit(plan.location[1], plan.location[0]) if plan.location else None
-            if moved is None or plan.location is None:
+            shown_meta = meta if self.in_place else dict(meta)
+            location = plan.location
+            moved = self.external.get(location[1]) if location else None
+            if moved is None or location is None:
                 del shown_meta["location"]
             else:
-                shown_meta["location"] = self.targets[plan.location[0]] + moved
+                shown_meta["location"] = self.targets[location[0]] + moved
             new["meta"] = shown_meta
         for key in plan.external_id_keys:
             new.pop(key, None)
         if own_view is not None and own_view.domain_external_id is not None:
             new["externalId"] = own_view.domain_external_id
         return new
+
+    def edits(self, new: dict[str, Any], plan: _Doc) -> None:
+        containers: dict[str | None, dict[str, Any]] = {}
+        for key in plan.extensions:
+            containers[key] = new[key] = new[key] if self.in_place else dict(new[key])
+        for where, key, attr, is_list, items, all_fast in plan.edits:
+            kept = self.fast(items) if all_fast else self.items(attr, items)
+            container = new if where is None else containers[where]
+            if is_list:
+                container[key] = kept
+            elif kept:
+                container[key] = kept[0]
+            else:
+                del container[key]
 
 
 def translate_page(
@@ -264,100 +292,194 @@ class _Planner:
         self.source_base = translation.source_base
         target = translation.target_base.rstrip("/")
         self.targets = {t: f"{target}{e}/" for t, e in self.endpoints.by_type.items()}
-        self.top = _top_keys(self.refs)
+        self.top, self.shapes = _top_keys(self.refs)
         self.wanted: dict[str, str | None] = {}
         # item_type reads only an item's "type" and "$ref": its answer is kept for the page (a
         # page's references name the same few groups and managers over and over).
-        self.types: dict[tuple[int, str | None, str | None], str | None] = {}
+        self.types: dict[int, dict[Any, str | None]] = {}
+        self.by_ref: dict[int, dict[str, str | None]] = {}
+        self.own_prefixes: dict[str, str | None] = {}
 
     def add(self, resource_id: str, rtype: str | None) -> None:
         if self.wanted.get(resource_id) is None:
             self.wanted[resource_id] = rtype
 
+    def values(self, values: Sequence[Any], attr: RefAttr) -> tuple[list[_Item], bool]:
+        """The plan of each value, and whether all are _FAST."""
+        planned: list[_Item] = []
+        all_fast = True
+        wanted = self.wanted
+        types = self.types.get(id(attr))
+        if types is None:
+            types = self.types[id(attr)] = {}
+        by_ref = self.by_ref.get(id(attr))
+        if by_ref is None:
+            by_ref = self.by_ref[id(attr)] = {}
+        complex_values = attr.complex
+        for item in values:
+            # The common value first ({"value": ID, "$ref": URI, ...}, no "type"): its type and
+            # whether it is rendered here are known from its $ref, once per page.
+            if complex_values and type(item) is dict and "type" not in item:
+                value, ref = item.get("value"), item.get("$ref")
+                if type(value) is str and type(ref) is str:
+                    rtype = by_ref.get(ref, _UNKNOWN)
+                    if rtype is _UNKNOWN:
+                        rtype = by_ref[ref] = self._fast_type(item, attr, types)
+                    if rtype is not _GENERAL_VALUE:
+                        if wanted.get(value) is None:
+                            wanted[value] = rtype
+                        planned.append((_FAST, item, value, rtype, "$ref"))
+                        continue
+            if not self._value(item, attr, types, planned):
+                all_fast = False
+        return planned, all_fast
+
+    def _fast_type(
+        self, item: dict[str, Any], attr: RefAttr, types: dict[Any, str | None]
+    ) -> str | None:
+        """The type of a value that has a string "$ref" and no "type", or _GENERAL_VALUE where
+        :meth:`_value` would hand it to the general functions."""
+        planned: list[_Item] = []
+        self._value(item, attr, types, planned)
+        kind, _, _, rtype, _ = planned[0]
+        return rtype if kind == _FAST else _GENERAL_VALUE
+
+    def _value(
+        self, item: Any, attr: RefAttr, types: dict[Any, str | None], planned: list[_Item]
+    ) -> bool:
+        """The plan of one value, whatever it is, appended to ``planned``; whether it is
+        _FAST."""
+        if attr.complex and type(item) is dict and "value" in item:
+            value = item["value"]
+            if not isinstance(value, str):
+                planned.append((_DROP, item, "", None, None))
+                return False
+            declared, ref = item.get("type"), item.get("$ref")
+            if (declared is None or type(declared) is str) and (ref is None or type(ref) is str):
+                rtype = types.get((declared, ref), _UNKNOWN)
+                if rtype is _UNKNOWN:
+                    rtype = types[declared, ref] = self._type_of(item, attr)
+            else:
+                rtype = self._type_of(item, attr)
+            ref_key = "$ref" if "$ref" in item else _ref_key(item)
+            if ref_key is None or rtype is None or rtype in self.targets:
+                if self.wanted.get(value) is None:
+                    self.wanted[value] = rtype
+                planned.append((_FAST, item, value, rtype, ref_key))
+                return True
+        collect_item(item, attr, self.translation, self.add)
+        planned.append((_GENERAL, item, "", None, None))
+        return False
+
     def _type_of(self, item: dict[str, Any], attr: RefAttr) -> str | None:
-        declared, ref = item.get("type"), item.get("$ref")
-        if (declared is None or type(declared) is str) and (ref is None or type(ref) is str):
-            memo = (id(attr), declared, ref)
-            rtype = self.types.get(memo, _UNKNOWN)
-            if rtype is _UNKNOWN:
-                rtype = self.types[memo] = item_type(item, attr, self.endpoints, self.source_base)
-            return rtype  # type: ignore[no-any-return]
         return item_type(item, attr, self.endpoints, self.source_base)
 
-    def values(self, values: Sequence[Any], attr: RefAttr) -> list[_Item]:
-        planned: list[_Item] = []
-        for item in values:
-            if attr.complex and type(item) is dict and "value" in item:
-                value = item["value"]
-                if not isinstance(value, str):
-                    planned.append((_DROP, item, "", None, None))
-                    continue
-                rtype = self._type_of(item, attr)
-                ref_key = "$ref" if "$ref" in item else _ref_key(item)
-                if ref_key is None or rtype is None or rtype in self.targets:
-                    if self.wanted.get(value) is None:
-                        self.wanted[value] = rtype
-                    planned.append((_FAST, item, value, rtype, ref_key))
-                    continue
-            collect_item(item, attr, self.translation, self.add)
-            planned.append((_GENERAL, item, "", None, None))
-        return planned
-
-    def level(self, attrs: Mapping[str, Any], extension: str | None) -> _Level:
-        edits: list[tuple[str, RefAttr, bool, list[_Item]]] = []
-        extensions: list[tuple[str, _Level]] = []
+    def level(self, edits: list[_Edit], attrs: Mapping[str, Any], extension: str | None) -> None:
         for key, value in attrs.items():
-            is_extension, attr = self.refs.classify(key, extension)
-            if is_extension and isinstance(value, dict):
-                extensions.append((key, self.level(value, key)))
-            elif attr is not None and value is not None:
-                self._edit(edits, key, attr, value)
-        return _Level(edits, extensions) if edits or extensions else _EMPTY
+            _, attr = self.refs.classify(key, extension)
+            if attr is not None and value is not None:
+                self._edit(edits, extension, key, attr, value)
 
     def _edit(
-        self,
-        edits: list[tuple[str, RefAttr, bool, list[_Item]]],
-        key: str,
-        attr: RefAttr,
-        value: Any,
+        self, edits: list[_Edit], where: str | None, key: str, attr: RefAttr, value: Any
     ) -> None:
-        if isinstance(value, list):
-            edits.append((key, attr, True, self.values(value, attr)))
-        else:
-            edits.append((key, attr, False, self.values((value,), attr)))
+        is_list = isinstance(value, list)
+        items, all_fast = self.values(value if is_list else (value,), attr)
+        edits.append((where, key, attr, is_list, items, all_fast))
+
+    def shape(self, doc: Mapping[str, Any]) -> tuple[_Shape, list[str]]:
+        """What the keys of ``doc`` are: decided once per key sequence, as a page's documents
+        share theirs."""
+        keys = tuple(doc)
+        held = self.shapes.get(keys)
+        if held is None:
+            matter: list[tuple[str, bool, RefAttr | None]] = []
+            external_id_keys: list[str] = []
+            for key in keys:
+                is_extension, attr = self.refs.classify(key)
+                if is_extension or attr is not None:
+                    matter.append((key, is_extension, attr))
+                if key.lower() == "externalid":
+                    external_id_keys.append(key)
+            held = (tuple(matter), external_id_keys)
+            if len(self.shapes) < 256:  # never an unbounded memo, whatever home sends
+                self.shapes[keys] = held
+        return held
+
+    def own_location(self, uri: str, own: Any, own_type: str | None) -> tuple[str, str] | None:
+        """``meta.location`` read without parsing where it is what home writes: its base, the
+        endpoint of the document's own type as home spells it, and the document's own ID
+        (what :meth:`Endpoints.parse_uri` answers for it); None for anything else."""
+        if own_type is None or type(own) is not str or "/" in own or "?" in own or "#" in own:
+            return None
+        prefix = self.own_prefixes.get(own_type, _UNKNOWN)
+        if prefix is _UNKNOWN:
+            prefix = self.own_prefixes[own_type] = self._own_prefix(own_type)
+        if prefix is not None and own and uri == prefix + own:
+            return own_type, own
+        return None
+
+    def _own_prefix(self, resource_type: str) -> str | None:
+        """``{home's base}/{endpoint}/`` for a type, where parse_uri's fast path reads such a
+        URI as (that type, the rest); None otherwise."""
+        endpoint = self.endpoints.by_type.get(resource_type)
+        if endpoint is None:
+            return None
+        sample = "x"
+        base = self.source_base.rstrip("/")
+        if "://" not in base:
+            return None
+        prefix = f"{base}/{endpoint.strip('/')}/"
+        return (
+            prefix
+            if self.endpoints.parse_uri(prefix + sample, self.source_base)
+            == (
+                resource_type,
+                sample,
+            )
+            else None
+        )
 
     def doc(self, doc: Mapping[str, Any], resource_type: str | None) -> _Doc:
-        external_id_keys: list[str] = []
-        edits: list[tuple[str, RefAttr, bool, list[_Item]]] = []
-        extensions: list[tuple[str, _Level]] = []
-        for key, value in doc.items():
-            info = self.top.get(key)
-            if info is None:
-                is_extension, attr = self.refs.classify(key)
-                info = (is_extension, attr, key.lower() == "externalid")
-                if len(self.top) < 4096:  # home's keys: a few dozen; never an unbounded memo
-                    self.top[key] = info
-            if info[2]:
-                external_id_keys.append(key)
-            if info[0] and isinstance(value, dict):
-                extensions.append((key, self.level(value, key)))
-            elif info[1] is not None and value is not None:
-                self._edit(edits, key, info[1], value)
+        shape, external_id_keys = self.shape(doc)
+        edits: list[_Edit] = []
+        extensions: list[str] = []
+        for key, is_extension, attr in shape:
+            value = doc[key]
+            if is_extension and isinstance(value, dict):
+                before = len(edits)
+                self.level(edits, value, key)
+                if len(edits) > before:
+                    extensions.append(key)
+            elif attr is not None and value is not None:
+                self._edit(edits, None, key, attr, value)
+        wanted = self.wanted
         own = doc.get("id")
+        own_type = None
         if isinstance(own, str):
-            self.add(own, resource_type or _meta_type(doc))
+            own_type = resource_type or _meta_type(doc)
+            if wanted.get(own) is None:
+                wanted[own] = own_type
         location = None
         meta = doc.get("meta")
         if isinstance(meta, dict):
             uri = meta.get("location")
-            parsed = (
-                self.endpoints.parse_uri(uri, self.source_base) if isinstance(uri, str) else None
-            )
-            if parsed is not None:
-                self.add(parsed[1], parsed[0])
-                location = parsed
-        level = _Level(edits, extensions) if edits or extensions else _EMPTY
-        return _Doc(level, location, external_id_keys)
+            if type(uri) is str:
+                parsed = self.own_location(uri, own, own_type)
+                if parsed is None:
+                    parsed = self.endpoints.parse_uri(uri, self.source_base)
+                if parsed is not None:
+                    if wanted.get(parsed[1]) is None:
+                        wanted[parsed[1]] = parsed[0]
+                    location = parsed
+            elif isinstance(uri, str):
+                parsed = self.endpoints.parse_uri(uri, self.source_base)
+                if parsed is not None:
+                    self.add(parsed[1], parsed[0])
+                    location = parsed
+        if not edits and location is None and not external_id_keys:
+            return _NO_EDITS
+        return _Doc(edits, extensions, location, external_id_keys)
 
 
 def _ref_key(item: Mapping[str, Any]) -> str | None:

@@ -217,34 +217,57 @@ _TAG = re.compile(r'\s*((?:[Ww]/)?(?:"[^"]*"|[^,"\s]*))\s*(?:,|\Z)')
 
 
 def present_meta(
-    doc: Mapping[str, Any], *, domain: Audience, internal_id: str, sealer: VersionSealer
+    doc: Mapping[str, Any],
+    *,
+    domain: Audience,
+    internal_id: str,
+    sealer: VersionSealer,
+    in_place: bool = False,
 ) -> dict[str, Any]:
     """A resource's ``meta`` as ``domain`` is to see it: ``version`` sealed for the domain and
     the resource, ``created`` and ``lastModified`` coarsened when the domain is unlinkable.
 
     For every outgoing resource, after translation and before the read list; the rest of the
-    document is returned as it is (a shallow copy, ``meta`` a new object)."""
-    out = dict(doc)
-    for key, meta in doc.items():
-        if key.lower() != "meta" or not isinstance(meta, Mapping):
+    document is returned as it is (a shallow copy, ``meta`` a new object; with ``in_place``, a
+    document that belongs to this one call, ``doc`` itself, its ``meta`` changed where it lies)."""
+    out: dict[str, Any] = doc if in_place and type(doc) is dict else dict(doc)
+    for key in _spelled(doc, "meta"):
+        meta = doc[key]
+        if type(meta) is not dict and not isinstance(meta, Mapping):  # (the ABC check is slow)
             continue
-        shown = dict(meta)
-        for name, value in meta.items():
-            if name.lower() == "version":
-                sealed = present_etag(
-                    value if isinstance(value, str) else None,
-                    domain=domain.id,
-                    internal_id=internal_id,
-                    sealer=sealer,
-                )
-                if sealed is None:
-                    del shown[name]  # not a version the broker can seal: not shown raw either
-                else:
-                    shown[name] = sealed
+        shown = meta if in_place and type(meta) is dict else dict(meta)
+        for name in _spelled(meta, "version"):
+            value = meta[name]
+            sealed = present_etag(
+                value if isinstance(value, str) else None,
+                domain=domain.id,
+                internal_id=internal_id,
+                sealer=sealer,
+            )
+            if sealed is None:
+                del shown[name]  # not a version the broker can seal: not shown raw either
+            else:
+                shown[name] = sealed
         out[key] = shown
     if domain.unlinkable:
         out = coarsen_meta(out, domain.timestamp_precision)
     return out
+
+
+_SPELLED: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
+
+
+def _spelled(attrs: Mapping[str, Any], name: str) -> tuple[str, ...]:
+    """The keys of ``attrs`` that spell ``name`` (lower case) in any case, found once per key
+    sequence: home's resources repeat theirs (issue 15: a page's 100 documents share one)."""
+    keys = tuple(attrs)
+    found = _SPELLED.get((name, keys))
+    if found is None:
+        found = tuple(k for k in keys if k.lower() == name)
+        if len(_SPELLED) >= 1024:  # never an unbounded memo, whatever home sends
+            _SPELLED.clear()
+        _SPELLED[name, keys] = found
+    return found
 
 
 _TIMESTAMPS = frozenset({"created", "lastmodified"})

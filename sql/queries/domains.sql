@@ -112,3 +112,7 @@ SELECT id AS domain_id, 'scim_url' AS kind, scim_url AS url FROM domains WHERE s
 UNION ALL
 SELECT domain_id, 'events_endpoint', endpoint FROM event_subscriptions WHERE endpoint IS NOT NULL
 ORDER BY 1, 2
+
+-- name: set_domain_correlate
+-- The domain's correlation rule (reconciliation, 0015): attributes compared case-insensitively.
+UPDATE domains SET correlate = $2, updated_at = now() WHERE id = $1 RETURNING id

@@ -188,6 +188,23 @@ SELECT $1, $2, NULL, true, 'peer', 'pending_create', $3 FROM live
 ON CONFLICT DO NOTHING
 RETURNING correlation_handle
 
+-- name: begin_creates
+-- begin_create for several creates at once (entities $1[i] in peers $2[i], handles $3[i]): the
+-- handles of the rows that are new. The entities are share-locked first, in order.
+WITH live AS (
+    SELECT internal_id FROM entities
+    WHERE internal_id = ANY($1::text[]) AND state = 'active'
+    ORDER BY internal_id
+    FOR SHARE
+)
+INSERT INTO id_mappings (internal_id, domain_id, external_id, is_primary, origin, state,
+                         correlation_handle)
+SELECT i.internal_id, i.domain_id, NULL, true, 'peer', 'pending_create', i.handle
+FROM unnest($1::text[], $2::text[], $3::text[]) AS i(internal_id, domain_id, handle)
+JOIN live ON live.internal_id = i.internal_id
+ON CONFLICT DO NOTHING
+RETURNING correlation_handle
+
 -- name: finish_create
 -- The create of correlation handle $1 in peer $2 succeeded with the peer's ID $3. Returns the
 -- entity the row belongs to now (a merge may have moved the pending row to its survivor), or
@@ -202,6 +219,29 @@ UNION ALL
 -- Finished before (a replay): the account is mapped already.
 SELECT internal_id FROM id_mappings WHERE domain_id = $2 AND external_id = $3
 LIMIT 1
+
+-- name: finish_creates
+-- finish_create for several creates at once (correlation handles $1[i] in peers $2[i], with the
+-- peer's IDs $3[i]): for each, in order, the entity its row belongs to now, or NULL when the
+-- create is no longer wanted.
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY
+        AS i(handle, domain_id, external_id, n)
+), finished AS (
+    UPDATE id_mappings m SET external_id = i.external_id, state = 'active', updated_at = now()
+    FROM input i
+    WHERE m.correlation_handle = i.handle AND m.domain_id = i.domain_id AND m.is_primary
+      AND m.state = 'pending_create'
+    RETURNING i.n, m.internal_id
+)
+SELECT i.n, coalesce(
+    f.internal_id,
+    -- Finished before (a replay): the account is mapped already.
+    (SELECT x.internal_id FROM id_mappings x
+     WHERE x.domain_id = i.domain_id AND x.external_id = i.external_id LIMIT 1)) AS owner
+FROM input i
+LEFT JOIN finished f ON f.n = i.n
+ORDER BY i.n
 
 -- name: retire_primary
 -- The peer no longer holds the entity: its row is retired (kept $3 seconds, so that late
@@ -416,3 +456,20 @@ SELECT m.internal_id, m.domain_id, m.external_id, m.is_primary
 FROM id_mappings m
 JOIN entities e ON e.internal_id = m.internal_id AND e.state = 'active'
 WHERE m.external_id IS NOT NULL AND ($1::text IS NULL OR m.domain_id = $1)
+
+-- name: link_accounts
+-- Existing accounts of peer $1 ($3) found by reconciliation to be entities' ($2, of resource
+-- types $4): each the entity's primary there, peer-assigned, with a fresh correlation handle
+-- ($5). An entity that got a primary meanwhile (a create under way) keeps it. Returns the
+-- entities linked.
+WITH seen AS (
+    INSERT INTO entities (internal_id, resource_type)
+    SELECT * FROM unnest($2::text[], $4::text[])
+    ON CONFLICT (internal_id) DO NOTHING
+)
+INSERT INTO id_mappings (internal_id, domain_id, external_id, is_primary, origin, state,
+                         correlation_handle)
+SELECT a.internal_id, $1, a.external_id, true, 'peer', 'active', a.handle
+FROM unnest($2::text[], $3::text[], $5::text[]) AS a(internal_id, external_id, handle)
+ON CONFLICT DO NOTHING
+RETURNING internal_id

@@ -65,23 +65,46 @@ WITH ready AS (
             AND e.state IN ('pending', 'in_flight')
       ))
       -- An account handed over to this entity: what its previous owner had under way there
-      -- lands first, so it cannot overwrite the new owner's state.
+      -- lands first, so it cannot overwrite the new owner's state. Probed by entity from the
+      -- (nearly always empty) list: a scan of every earlier row of the peer made each claim
+      -- cost as much as the queue's length.
       AND NOT EXISTS (
-          SELECT 1 FROM outbox e
-          WHERE e.domain_id = o.domain_id AND e.id < o.id AND e.state IN ('pending', 'in_flight')
-            AND e.internal_id IN (SELECT jsonb_array_elements_text(o.payload -> 'after'))
+          SELECT 1
+          FROM jsonb_array_elements_text(o.payload -> 'after') AS a(internal_id)
+          WHERE EXISTS (
+              SELECT 1 FROM outbox e
+              WHERE e.domain_id = o.domain_id AND e.internal_id = a.internal_id
+                AND e.id < o.id AND e.state IN ('pending', 'in_flight')
+              OFFSET 0
+          )
       )
     ORDER BY o.id
     LIMIT $3
     FOR UPDATE OF o SKIP LOCKED
+), claimed AS (
+    -- By primary key, never a join: a generic plan (the prepared statement's, after five runs)
+    -- does not know LIMIT $3, and then hash-joined the whole outbox (finished rows included)
+    -- on every claim.
+    UPDATE outbox o
+    SET state = 'in_flight', claimed_by = $2, lease_until = now() + make_interval(secs => $4),
+        updated_at = now()
+    WHERE o.id = ANY (ARRAY(SELECT id FROM ready))
+    RETURNING o.id, o.domain_id, o.internal_id, o.attempts, o.sealed_values, o.kind, o.payload,
+              o.operation_id, o.last_error
 )
-UPDATE outbox o
-SET state = 'in_flight', claimed_by = $2, lease_until = now() + make_interval(secs => $4),
-    updated_at = now()
-FROM ready
-WHERE o.id = ready.id
-RETURNING o.id, o.domain_id, o.internal_id, o.attempts, o.sealed_values, o.kind, o.payload,
-          o.operation_id, o.last_error
+-- With each claim, what entity_for_delivery would read right after it (one statement for the
+-- claim's rows instead of one each): the entity (NULL for a kind that names none), its primary
+-- row in the peer and what the peer last received.
+SELECT c.*, e.resource_type, e.state AS entity_state, e.merged_into, e.provision_on_demand,
+       EXISTS (SELECT 1 FROM id_mappings k WHERE k.internal_id = c.internal_id AND k.domain_id = $1)
+           AS known_here,
+       m.external_id, m.state AS mapping_state, m.correlation_handle,
+       p.document AS copy, p.xmin AS copy_version, p.suspended_at
+FROM claimed c
+LEFT JOIN entities e ON e.internal_id = c.internal_id
+LEFT JOIN id_mappings m ON m.internal_id = c.internal_id AND m.domain_id = $1 AND m.is_primary
+LEFT JOIN peer_copies p ON p.internal_id = c.internal_id AND p.domain_id = $1
+ORDER BY c.id
 
 -- name: delivery_done
 -- Delivered: write-only values are erased; the entity's history keeps it (one row, same statement).
@@ -97,6 +120,13 @@ SELECT internal_id, domain_id, 'delivery', 'done',
        jsonb_build_object('delivery', id, 'task', kind, 'attempts', attempts,
                           'operation', operation_id)
 FROM settled
+
+-- name: deliveries_done
+-- Several deliveries ($1) claimed by worker $2 delivered at once (see delivery_done).
+UPDATE outbox
+SET state = 'done', attempts = attempts + 1, lease_until = NULL, last_error = NULL,
+    sealed_values = NULL, updated_at = now()
+WHERE id = ANY($1::bigint[]) AND claimed_by = $2 AND state = 'in_flight'
 
 -- name: delivery_later
 -- Back to pending, due at $3 ($4: count it as an attempt). A newer pending sync of the same
@@ -255,6 +285,49 @@ WITH mine AS (
 )
 SELECT NOT (SELECT held FROM mine) OR EXISTS (SELECT 1 FROM updated)
        OR EXISTS (SELECT 1 FROM inserted)
+
+-- name: save_copies
+-- What several accounts just created received (peers $1[i], entities $2[i], documents $3[i],
+-- JSON text), as save_copy records one.
+INSERT INTO peer_copies (domain_id, internal_id, document, suspended_at)
+SELECT i.domain_id, i.internal_id, i.document::jsonb, NULL
+FROM unnest($1::text[], $2::text[], $3::text[]) AS i(domain_id, internal_id, document)
+ON CONFLICT (domain_id, internal_id)
+DO UPDATE SET document = EXCLUDED.document, suspended_at = NULL, updated_at = now()
+
+-- name: save_copies_of
+-- save_copy_of for several deliveries at once (peers $1[i], entities $2[i], documents $3[i] as
+-- JSON text, accounts $4[i], copy versions $5[i]): the entities (peer, entity) whose copy was
+-- NOT recorded because it changed meanwhile. The (peer, entity) pairs are distinct (one delivery
+-- of an entity to a peer is under way at a time).
+WITH input AS (
+    SELECT i.*, EXISTS (SELECT 1 FROM id_mappings m
+                        WHERE m.domain_id = i.domain_id AND m.internal_id = i.internal_id
+                          AND m.external_id = i.external_id AND m.is_primary) AS held
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::xid[])
+        AS i(domain_id, internal_id, document, external_id, version)
+), updated AS (
+    UPDATE peer_copies c
+    SET document = i.document::jsonb, suspended_at = NULL, updated_at = now()
+    FROM input i
+    WHERE c.domain_id = i.domain_id AND c.internal_id = i.internal_id AND c.xmin = i.version
+      AND i.held
+    RETURNING c.domain_id, c.internal_id
+), inserted AS (
+    INSERT INTO peer_copies (domain_id, internal_id, document, suspended_at)
+    SELECT i.domain_id, i.internal_id, i.document::jsonb, NULL
+    FROM input i
+    WHERE i.version IS NULL AND i.held
+    ON CONFLICT (domain_id, internal_id) DO NOTHING
+    RETURNING domain_id, internal_id
+)
+SELECT i.domain_id, i.internal_id
+FROM input i
+WHERE i.held
+  AND NOT EXISTS (SELECT 1 FROM updated u
+                  WHERE u.domain_id = i.domain_id AND u.internal_id = i.internal_id)
+  AND NOT EXISTS (SELECT 1 FROM inserted n
+                  WHERE n.domain_id = i.domain_id AND n.internal_id = i.internal_id)
 
 -- name: drop_copy
 DELETE FROM peer_copies WHERE domain_id = $1 AND internal_id = $2

@@ -1,22 +1,20 @@
 """Domains: the list, their tokens; add a domain, change its settings, disable or enable it,
 test the connection (the probe's report shown); issue a token (shown once, on the answer to the
 form that made it, never again) and revoke one. Every change goes through ``DomainStore`` with
-the admin API's own checks (``broker.domainsettings``: types and the scope filter parsed;
-``reserved_problem``: no broker secret as a peer's credential; the name rule), audited with the
-console user's token name. A read-only session sees the pages, never the forms."""
+the admin API's own checks (``broker.domainsettings`` reads the form's settings; the store
+parses the scope filter, refuses a broker secret as a peer's credential, and keeps the name
+rule), audited with the console user's token name. A read-only session sees the pages, never the forms."""
 
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 
 from aiohttp import web
 
-from broker.console.context import CONSOLE, Console, session_of
+from broker.console.context import CONSOLE, session_of
 from broker.console.forms import FIELDS, add_body, domain_form, update_body
 from broker.console.shell import PREFIX, render
-from broker.credentials import reserved_problem
-from broker.domains import Domain, DomainUpdate, check_domain_name
+from broker.domains import Domain, check_domain_name
 from broker.domainsettings import update_from_json
 from broker.errors import InvalidValueError, NotFoundError
 from broker.probe import ProbeReport, probe_domain
@@ -79,15 +77,6 @@ async def show(request: web.Request) -> web.Response:
     return await _domain_page(request, domain)
 
 
-def _checked(console: Console, body: dict[str, Any]) -> DomainUpdate:
-    """The form's body checked as the admin API checks a PATCH, and its credential as well."""
-    change = update_from_json(body)
-    problem = reserved_problem(change.credential_ref, console.reserved)
-    if problem is not None:
-        raise InvalidValueError(problem)
-    return change
-
-
 async def _tested(domain: Domain) -> ProbeReport | None:
     """A push domain's connection tested after a change, as ``domain add|update`` do."""
     return await probe_domain(domain) if domain.push and domain.scim_url else None
@@ -100,7 +89,7 @@ async def add(request: web.Request) -> web.Response:
     form = await request.post()
     name = str(form.get("domain") or "").strip()
     check_domain_name(name)
-    change = _checked(console, add_body({k: str(v) for k, v in form.items()}))
+    change = update_from_json(add_body({k: str(v) for k, v in form.items()}))
     domain = await console.domains.add(  # audited (domain_add) in the same transaction
         name,
         scim_url=change.scim_url,
@@ -114,6 +103,7 @@ async def add(request: web.Request) -> web.Response:
         on_conflict=change.on_conflict or "dead_letter",
         unlinkable=bool(change.unlinkable),
         actor=session.actor,
+        reserved=console.reserved,  # the store checks the credential and the scope
     )
     report = await _tested(domain)
     return await _domain_page(request, domain, report=report, done="added", status=201)
@@ -128,8 +118,9 @@ async def update(request: web.Request) -> web.Response:
     body = update_body({k: str(v) for k, v in form.items()}, domain_form(current))
     if not body:
         raise InvalidValueError("nothing changed: edit a setting, then save")
-    change = _checked(console, body)
-    domain = await console.domains.update(current.id, change, actor=session.actor)  # audited
+    domain = await console.domains.update(  # checked and audited by the store
+        current.id, update_from_json(body), actor=session.actor, reserved=console.reserved
+    )
     report = await _tested(domain)
     return await _domain_page(request, domain, report=report, done="saved")
 

@@ -1,0 +1,260 @@
+"""Deliveries that finish together are recorded together (``broker/propagation/records.py``): one
+transaction for the mapping rows, the copies and the settles of all of them, each exactly what it
+would have recorded alone; a batch that fails in PostgreSQL is recorded one by one, so that one
+delivery's failure stays its own. Against the real PostgreSQL, through the worker's own ``Writes``
+(no peer is called: recording is what happens after the peer answered). And the claim, which
+must stay a look-up by key under any plan PostgreSQL picks for it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+import asyncpg
+import pytest
+
+from broker.db import query
+from broker.domains import DomainStore
+from broker.mapping import accounts
+from broker.propagation.claims import Ledger
+from broker.propagation.delivery import Claim, Peer, PeerClients, WorkerSettings
+from broker.propagation.policy import Failure, Verdict
+from broker.propagation.sync import Syncer, Write, Writes
+from broker.propagation.tools import Tools
+from tests.conftest import QueryCounter
+
+WORKER = "w-test"
+PEER = Peer(
+    id="P1",
+    scim_url="http://127.0.0.1:9/v2",
+    credential_ref=None,
+    scope_filter=None,
+    readable=None,
+    status="active",
+    deprovision="delete",
+    suspend_for=timedelta(days=30),
+    on_conflict="dead-letter",
+)
+
+
+def _writes(pool: asyncpg.Pool) -> Writes:
+    settings = WorkerSettings()
+    ledger = Ledger(
+        pool,
+        settings,
+        WORKER,
+        clock=time.time,
+        monotonic=time.monotonic,
+        forget_peers=lambda: None,
+    )
+    # Recording never calls home or the peer.
+    tools = Tools(
+        pool, cast(Any, None), cast(PeerClients, None), ledger, settings, time.time, time.monotonic
+    )
+    return Writes(tools)
+
+
+async def _entity_with_pending_create(pool: asyncpg.Pool) -> tuple[str, str, int]:
+    """An entity with a create begun in P1 and its delivery claimed: (internal ID, handle,
+    delivery)."""
+    internal_id = uuid.uuid4().hex
+    async with pool.acquire() as conn, conn.transaction():
+        await accounts.record_entities(conn, [internal_id], ["User"])
+    handle = await accounts.begin_create(pool, internal_id, "P1", f"h-{uuid.uuid4().hex[:12]}")
+    assert handle is not None
+    delivery: int = await pool.fetchval(
+        "INSERT INTO outbox (domain_id, internal_id, kind, state, claimed_by, lease_until) "
+        "VALUES ('P1', $1, 'sync', 'in_flight', $2, now() + interval '1 minute') RETURNING id",
+        internal_id,
+        WORKER,
+    )
+    return internal_id, handle, delivery
+
+
+def _write(internal_id: str, handle: str, delivery: int, **desired: Any) -> Write:
+    return Write(
+        PEER,
+        cast(Any, None),
+        Claim(delivery, internal_id, 0, None),
+        "/Users",
+        "User",
+        {"userName": f"u-{internal_id[:8]}", "externalId": handle, **desired},
+        {},
+        {},
+    )
+
+
+@pytest.fixture
+async def p1(counted_pool: tuple[asyncpg.Pool, QueryCounter]) -> tuple[asyncpg.Pool, QueryCounter]:
+    pool, counter = counted_pool
+    await DomainStore(pool).add("P1", scim_url=PEER.scim_url, push=True)
+    return pool, counter
+
+
+async def test_creates_finishing_together_are_recorded_and_settled_in_one_transaction(
+    p1: tuple[asyncpg.Pool, QueryCounter],
+) -> None:
+    pool, counter = p1
+    writes = _writes(pool)
+    made = [await _entity_with_pending_create(pool) for _ in range(3)]
+    counter.queries.clear()
+    owners = await asyncio.gather(
+        *(
+            writes._record_create(_write(i, h, d), f"acct-{n}", False)
+            for n, (i, h, d) in enumerate(made)
+        )
+    )
+    assert owners == [i for i, _, _ in made]
+    begins = [q for q in counter.queries if q.strip().upper().startswith("BEGIN")]
+    assert len(begins) == 1, counter.queries
+    for n, (internal_id, handle, delivery) in enumerate(made):
+        row = await pool.fetchrow(
+            "SELECT external_id, state FROM id_mappings WHERE correlation_handle = $1", handle
+        )
+        assert (row["external_id"], row["state"]) == (f"acct-{n}", "active")
+        copy = await pool.fetchval(
+            "SELECT document FROM peer_copies WHERE domain_id = 'P1' AND internal_id = $1",
+            internal_id,
+        )
+        assert copy == {"userName": f"u-{internal_id[:8]}", "externalId": handle}
+        state = await pool.fetchval("SELECT state FROM outbox WHERE id = $1", delivery)
+        assert state == "done"
+        assert delivery in writes.ledger.settled
+
+
+async def test_a_create_whose_account_is_mapped_already_fails_alone_and_the_others_are_recorded(
+    p1: tuple[asyncpg.Pool, QueryCounter],
+) -> None:
+    pool, _ = p1
+    writes = _writes(pool)
+    first, clash, other = [await _entity_with_pending_create(pool) for _ in range(3)]
+    await writes._record_create(_write(*first), "taken", False)
+    outcomes = await asyncio.gather(
+        writes._record_create(_write(*clash), "taken", False),
+        writes._record_create(_write(*other), "free", False),
+        return_exceptions=True,
+    )
+    failure, owner = outcomes
+    assert isinstance(failure, Failure) and failure.verdict is Verdict.PERMANENT
+    assert "already mapped to another entity" in failure.reason
+    assert owner == other[0]
+    # The clash wrote nothing: its create is still pending and its delivery in flight.
+    assert await pool.fetchval(
+        "SELECT state FROM id_mappings WHERE correlation_handle = $1", clash[1]
+    ) == ("pending_create")
+    assert await pool.fetchval("SELECT state FROM outbox WHERE id = $1", clash[2]) == "in_flight"
+    assert await pool.fetchval("SELECT state FROM outbox WHERE id = $1", other[2]) == "done"
+    assert await pool.fetchval(
+        "SELECT external_id FROM id_mappings WHERE correlation_handle = $1", other[1]
+    ) == ("free")
+
+
+async def test_updates_recorded_together_drop_a_copy_that_changed_on_the_way_and_sync_again(
+    p1: tuple[asyncpg.Pool, QueryCounter],
+) -> None:
+    pool, counter = p1
+    writes = _writes(pool)
+    made = [await _entity_with_pending_create(pool) for _ in range(2)]
+    for n, (i, h, d) in enumerate(made):
+        await writes._record_create(_write(i, h, d), f"acct-{n}", False)
+    entities = []
+    for internal_id, _, _ in made:
+        entities.append(
+            dict(
+                await pool.fetchrow(
+                    "SELECT m.external_id, c.xmin AS copy_version FROM id_mappings m "
+                    "JOIN peer_copies c USING (domain_id, internal_id) "
+                    "WHERE m.domain_id = 'P1' AND m.internal_id = $1",
+                    internal_id,
+                )
+            )
+        )
+    # Something else wrote to the second account's copy while the update was on its way.
+    await pool.execute(
+        "UPDATE peer_copies SET document = '{\"moved\": true}' WHERE internal_id = $1", made[1][0]
+    )
+    updates = []
+    for (internal_id, handle, _), entity in zip(made, entities, strict=True):
+        delivery = await pool.fetchval(
+            "INSERT INTO outbox (domain_id, internal_id, kind, state, claimed_by, lease_until) "
+            "VALUES ('P1', $1, 'sync', 'in_flight', $2, now() + interval '1 minute') "
+            "RETURNING id",
+            internal_id,
+            WORKER,
+        )
+        updates.append((_write(internal_id, handle, delivery, title="new"), entity, delivery))
+    counter.queries.clear()
+    await asyncio.gather(*(writes._record_update(w, e) for w, e, _ in updates))
+    assert len([q for q in counter.queries if q.strip().upper().startswith("BEGIN")]) == 1
+    kept = await pool.fetchval(
+        "SELECT document FROM peer_copies WHERE internal_id = $1", made[0][0]
+    )
+    assert kept["title"] == "new"
+    assert not await pool.fetchval(
+        "SELECT count(*) FROM peer_copies WHERE internal_id = $1", made[1][0]
+    )
+    assert await pool.fetchval(
+        "SELECT count(*) FROM outbox WHERE internal_id = $1 AND state = 'pending'", made[1][0]
+    )
+    for _, _, delivery in updates:
+        assert await pool.fetchval("SELECT state FROM outbox WHERE id = $1", delivery) == "done"
+
+
+async def test_the_claim_s_generic_plan_updates_its_rows_by_key_not_by_reading_the_whole_outbox(
+    p1: tuple[asyncpg.Pool, QueryCounter],
+) -> None:
+    """After five runs a prepared statement may use a generic plan, which does not know the
+    claim's LIMIT: the rows claimed must still be found by their key, however many finished
+    rows the outbox holds."""
+    pool, _ = p1
+    ids = [uuid.uuid4().hex for _ in range(2000)]
+    async with pool.acquire() as conn, conn.transaction():
+        await accounts.record_entities(conn, ids, ["User"] * len(ids))
+        await conn.execute(
+            "INSERT INTO outbox (domain_id, internal_id, kind, state) "
+            "SELECT 'P1', i, 'sync', 'done' FROM unnest($1::text[]) AS i",
+            ids,
+        )
+        await conn.execute(query("enqueue_sync_to"), "P1", ids, datetime.now(UTC))
+    await pool.execute("ANALYZE outbox, entities, id_mappings, peer_copies")
+    async with pool.acquire() as conn:
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        await conn.execute(f"PREPARE claim(text, text, int, float8) AS {query('claim_deliveries')}")
+        plan = "\n".join(
+            r[0] for r in await conn.fetch("EXPLAIN EXECUTE claim('P1', 'w', 8, 60.0)")
+        )
+        await conn.execute("DEALLOCATE claim")
+        await conn.execute("RESET plan_cache_mode")
+    assert "Seq Scan on outbox" not in plan, plan
+
+
+async def test_creates_begun_together_write_their_pending_rows_in_one_statement(
+    p1: tuple[asyncpg.Pool, QueryCounter],
+) -> None:
+    pool, counter = p1
+    writes = _writes(pool)
+    syncer = Syncer(writes.tools, guard=cast(Any, None))
+    ids = [uuid.uuid4().hex for _ in range(3)]
+    async with pool.acquire() as conn, conn.transaction():
+        await accounts.record_entities(conn, ids, ["User"] * 3)
+    counter.queries.clear()
+    begun = await asyncio.gather(*(syncer._begin_create(PEER, i) for i in ids))
+    inserts = [q for q in counter.queries if "INSERT INTO id_mappings" in q]
+    assert len(inserts) == 1, counter.queries
+    assert all(first for _, first in begun)
+    for internal_id, (handle, _) in zip(ids, begun, strict=True):
+        row = await pool.fetchrow(
+            "SELECT correlation_handle, state, external_id FROM id_mappings "
+            "WHERE internal_id = $1 AND domain_id = 'P1' AND is_primary",
+            internal_id,
+        )
+        assert (row["correlation_handle"], row["state"], row["external_id"]) == (
+            handle,
+            "pending_create",
+            None,
+        )
+    # A later attempt finds the row: the same handle, and not the first attempt.
+    assert await syncer._begin_create(PEER, ids[0]) == (begun[0][0], False)
