@@ -24,6 +24,7 @@ from tests.propagation_support import (
     cli,
     federation,
     gate,
+    held,
     home_ids,
     home_tool,
     peer_id,
@@ -31,6 +32,7 @@ from tests.propagation_support import (
     tenant,
 )
 from tests.scim_support import Broker, Home, new_user, unique
+from tests.waiting import until
 
 
 @pytest.fixture
@@ -272,3 +274,71 @@ def _fields(page: str) -> dict[str, str]:
     for name, body in re.findall(r'<select id="\w+" name="(\w+)">(.*?)</select>', form):
         out[name] = re.findall(r"<option selected>([^<]*)</option>", body)[0]
     return {k: html.unescape(v) for k, v in out.items()}
+
+
+@pytest.fixture
+async def world(
+    db_url: str, peer_server: Home, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[Broker, Home, Home]]:
+    """A home of the test's own and a push peer P that holds accounts already."""
+    home, peer = tenant(peer_server, "home"), tenant(peer_server, "peer")
+    async for broker in federation(db_url, home, {"P": peer.url}, monkeypatch, peer_server.token):
+        yield broker, home, peer
+
+
+def _made(server: Home, name: str) -> str:
+    status, made = server.call("POST", "/Users", new_user(name))
+    assert status == 201, made
+    return str(made["id"])
+
+
+async def _finished(broker: Broker, run: str) -> str:
+    async def phase() -> str | None:
+        found = await broker.app[POOL].fetchval(
+            "SELECT phase FROM reconciliations WHERE id = $1::uuid", run
+        )
+        return found if found in ("done", "stopped", "failed") else None
+
+    return await until(phase, f"reconciliation {run} ends")
+
+
+async def test_a_reconciliation_dry_run_shows_each_situations_accounts_then_is_applied(
+    world: tuple[Broker, Home, Home],
+) -> None:
+    broker, home, peer = world
+    alice, bob = _made(home, "alice"), _made(home, "bob")  # home's, unknown to the broker
+    alice_there, stray = _made(peer, "ALICE"), _made(peer, "stray")
+    url = f"{broker.admin_url}/console/reconcile"
+    async with client() as http:
+        viewer = await sign_in(http, broker, await operator_token(broker, ["console:read"]))
+        async with http.post(url, data={"csrf": viewer, "domain": "P"}) as response:
+            assert response.status == 403
+    assert await broker.app[POOL].fetchval("SELECT count(*) FROM reconciliations") == 0
+    async with client() as http:
+        csrf = await sign_in(http, broker, await operator_token(broker))
+        async with http.post(url, data={"csrf": csrf, "domain": "P", "mode": "dry"}) as response:
+            run = str(response.url).rsplit("/", 1)[1]
+        assert await _finished(broker, run) == "done"
+        async with http.get(f"{url}/{run}") as response:
+            page = await response.text()
+        counts = dict(re.findall(r'<tr data-situation="(\w+)">.*?<td>(\d+)</td>', page))
+        assert (counts["unlinked"], counts["unmatched"], counts["missing"]) == ("1", "1", "1")
+        unmatched = page.split('id="s-unmatched"')[1].split("</section>")[0]
+        assert stray in unmatched and alice_there not in unmatched
+        missing = page.split('id="s-missing"')[1].split("</section>")[0]
+        assert bob in missing
+        assert await peer_id(broker, "P", alice) is None, "a dry run links nothing"
+
+        apply = page.split('action="/console/reconcile" class="inline">')[1].split("</form>")[0]
+        fields = dict(re.findall(r'name="(\w+)" value="([^"]*)"', apply))
+        assert fields["mode"] == "apply" and fields["on_unmatched"] == "report"
+        async with http.post(url, data={**fields, "csrf": csrf}) as response:
+            applied = str(response.url).rsplit("/", 1)[1]
+        assert applied != run and await _finished(broker, applied) == "done"
+    await quiesce(broker)
+    assert await peer_id(broker, "P", alice) == alice_there, "linked, not duplicated"
+    assert await peer_id(broker, "P", bob) is not None, "created"
+    assert {u["id"] for u in held(peer)["Users"]} >= {alice_there, stray}
+    starts = await _audited(broker, "reconcile.start")
+    assert len(starts) == 2 and all(str(s["actor"]).startswith("H token ") for s in starts)
+    assert_no_internal_id(peer, home_ids(home))
