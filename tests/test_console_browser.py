@@ -142,6 +142,15 @@ async def test_an_operator_finds_merges_splits_and_retries_from_the_console(
                 await quiesce(broker)
                 assert await peer_id(broker, "P2", carol["id"]) is not None
 
+                # Run a reconciliation dry run of P1: counts per situation, then the accounts.
+                await page.get_by_role("link", name="Reconciliation").click()
+                await page.get_by_label("Peer").select_option("P1")
+                await page.get_by_role("button", name="Dry run").click()
+                await expect(page.locator("#recon-state")).to_have_text("done")
+                linked = page.locator("tr[data-situation=linked] td").first
+                await expect(linked).not_to_have_text("0")  # the accounts the broker made
+                await page.screenshot(path=shots / "reconcile.png", full_page=True)
+
                 for name in ("Domains", "Audit"):
                     await page.get_by_role("link", name=name, exact=True).click()
                     await page.screenshot(path=shots / f"{name.lower()}.png", full_page=True)
