@@ -88,8 +88,8 @@ async def test_an_identity_shows_its_history_and_each_peers_account_asked_by_its
     assert sorted(accounts) == ["P1", "P2"]
     p2_account = page.split('data-peer="P2"')[1].split("</details>")[0]
     assert "HTTP 200" in p2_account and f'"id": "{l2}"' in html.unescape(p2_account)
-    history = page.split('<table class="history">')[1].split("</table>")[0]
-    assert "write" in history and "delivery" in history
+    history = _text(page.split('<table class="history">')[1].split("</table>")[0])
+    assert f"{internal} write \u2013 create" in history  # home's create, from broker history
     assert_no_internal_id(p1, {internal})
 
     # A hostile peer's redirect is shown, never followed.
