@@ -543,6 +543,8 @@ async def _admin(app: web.Application) -> AsyncIterator[None]:
             app[STORE],
             app.get(HOME),
             secure=app[CONFIG].public_url.startswith("https:"),
+            reserved=reserved_secrets(app[CONFIG]),
+            reconcilers=reconcilers,
         )
         admin_app.middlewares.insert(0, access_log)  # its lines carry correlation IDs too
         runner = web.AppRunner(admin_app, access_log=None)

@@ -28,6 +28,7 @@ __all__ = [
     "Domain",
     "DomainStore",
     "DomainUpdate",
+    "check_domain_name",
     "check_scim_url",
     "name_problem",
     "settings_problem",
@@ -80,6 +81,17 @@ def _check_settings(
     problem = settings_problem(credential_ref, scope_filter, reserved)
     if problem is not None:
         raise InvalidValueError(problem)
+
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+"""A domain's name, as the ``domains_id_format`` constraint has it (migration 0001)."""
+
+
+def check_domain_name(domain_id: str) -> None:
+    """InvalidValueError unless ``domain_id`` is a name a domain may have (checked before the
+    database sees it: a NUL would not even reach the constraint)."""
+    if not NAME.fullmatch(domain_id):
+        raise InvalidValueError(f"{domain_id!r}: {_CHECK_MESSAGES['domains_id_format']}")
 
 
 def check_scim_url(domain_id: str, scim_url: str | None) -> None:
@@ -317,6 +329,7 @@ class DomainStore:
                 "a timestamp precision coarsens the timestamps of an unlinkable domain only: "
                 "add --unlinkable, or leave --timestamp-precision out"
             )
+        check_domain_name(domain_id)
         check_scim_url(domain_id, scim_url)
         policy: dict[str, Any] = {}
         if read_attributes is not None:

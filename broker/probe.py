@@ -11,14 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from broker.credentials import CredentialProblem, describe_ref, read_credential
+from broker.errors import InvalidValueError
 from broker.http import AnswerTooLarge, exchange, is_redirect
 
-__all__ = ["Check", "ProbeReport", "assess", "probe"]
+if TYPE_CHECKING:
+    from broker.domains import Domain
+
+__all__ = ["Check", "ProbeReport", "assess", "probe", "probe_domain"]
 
 STEPS = (
     ("service", "/ServiceProviderConfig", None),
@@ -167,3 +171,16 @@ async def probe(
             continue
         checks.append(assess(name, answer.status, answer.json_or_none()))
     return ProbeReport(domain, scim_url, tuple(checks))
+
+
+async def probe_domain(domain: Domain, seconds: float = 15.0) -> ProbeReport:
+    """:func:`probe` of a stored domain over a session of its own (the admin API's and the
+    console's test); InvalidValueError when the domain has no SCIM URL to test."""
+    if not domain.scim_url:
+        raise InvalidValueError(
+            f"domain {domain.id} has no SCIM URL: nothing to test (it calls the broker; "
+            "the broker does not call it)"
+        )
+    limit = aiohttp.ClientTimeout(total=seconds)
+    async with aiohttp.ClientSession(timeout=limit) as session:
+        return await probe(session, domain.id, domain.scim_url, domain.credential_ref)

@@ -106,7 +106,8 @@ async def test_an_operator_finds_merges_splits_and_retries_from_the_console(
                 await page.get_by_role("button", name="Dry run").click()
                 after = page.locator("table.seed", has_text="The table after")
                 await expect(after.locator("tr", has_text=l2)).to_contain_text("deletion_required")
-                await expect(page.locator("ol.tasks")).to_contain_text(f"delete the account {l2}")
+                task = page.locator("table.tasks tr[data-peer=P2]", has_text="delete_alias")
+                await expect(task).to_contain_text(f"external ID {l2}")  # as --dry-run prints
                 await page.screenshot(path=shots / "merge-dry-run.png", full_page=True)
                 await page.get_by_role("button", name="Confirm the merge").click()
                 await expect(page.locator("#op-state")).to_have_text("done")
@@ -120,9 +121,8 @@ async def test_an_operator_finds_merges_splits_and_retries_from_the_console(
                 await page.goto(f"{broker.admin_url}/console/split?source={jsmith}")
                 await page.get_by_label("New entity").fill(again["id"])
                 await page.get_by_role("button", name="Dry run").click()
-                await expect(page.locator("ol.tasks")).to_contain_text(
-                    f"create an account for {again['id']}"
-                )
+                provision = page.locator("table.tasks tr[data-peer=P2]", has_text="provision")
+                await expect(provision).to_contain_text(again["id"])
                 await page.screenshot(path=shots / "split-dry-run.png", full_page=True)
                 await page.get_by_role("button", name="Confirm the split").click()
                 await expect(page.locator("#op-state")).to_have_text("done")
@@ -141,6 +141,15 @@ async def test_an_operator_finds_merges_splits_and_retries_from_the_console(
                 await expect(page.locator("p.ok")).to_contain_text("retry")
                 await quiesce(broker)
                 assert await peer_id(broker, "P2", carol["id"]) is not None
+
+                # Run a reconciliation dry run of P1: counts per situation, then the accounts.
+                await page.get_by_role("link", name="Reconciliation").click()
+                await page.get_by_label("Peer").select_option("P1")
+                await page.get_by_role("button", name="Dry run").click()
+                await expect(page.locator("#recon-state")).to_have_text("done")
+                linked = page.locator("tr[data-situation=linked] td").first
+                await expect(linked).not_to_have_text("0")  # the accounts the broker made
+                await page.screenshot(path=shots / "reconcile.png", full_page=True)
 
                 for name in ("Domains", "Audit"):
                     await page.get_by_role("link", name=name, exact=True).click()

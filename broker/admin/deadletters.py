@@ -17,9 +17,10 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from broker.errors import BrokerError, InvalidValueError
+from broker.errors import InvalidValueError
 from broker.propagation.outbox import (
     DeadLetters,
+    check_expected,
     count_dead_letters,
     dead_letter_window,
     settle_dead_letters,
@@ -65,12 +66,7 @@ class DeadLetterRoutes:
             raise InvalidValueError('"expected" is the count the caller confirmed: a number')
         window = dead_letter_window(everything=everything, since=since, now=datetime.now(UTC))
         letters = await count_dead_letters(self.pool, request.match_info["domain"], window)
-        if expected is not None and expected != letters.count:
-            raise BrokerError(
-                f"{letters.count} dead letters match now, not the {expected} confirmed: "
-                "count them again (GET this path without the action) and confirm that",
-                status=409,
-            )
+        check_expected(letters, expected, "count them again (GET this path without the action)")
         action: Literal["retry", "discard"] = (
             "retry" if request.match_info["action"] == "retry" else "discard"
         )

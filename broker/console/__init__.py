@@ -9,8 +9,9 @@ from datetime import timedelta
 import asyncpg
 from aiohttp import web
 
-from broker.console.context import CONSOLE, Console
+from broker.console.context import CONSOLE, Console, ReconcilerFactory
 from broker.console.shell import HERE, PAGES, PREFIX, console_middleware
+from broker.credentials import NOTHING_RESERVED, Reserved
 from broker.home import HomeClient
 from broker.mapping.store import MappingStore
 
@@ -25,13 +26,23 @@ def register_console(
     *,
     secure: bool,
     session_ttl: timedelta = timedelta(hours=8),
+    reserved: Reserved = NOTHING_RESERVED,
+    reconcilers: ReconcilerFactory | None = None,
 ) -> None:
     """Mount the console on the admin listener's application at ``/console/``; ``secure``:
-    the session cookie is sent over TLS only (the broker's public URL is https)."""
+    the session cookie is sent over TLS only (the broker's public URL is https); ``reserved``:
+    the broker's own secrets, which no domain's credential may name; ``reconcilers``: makes a
+    reconciler of a push peer (None: no home, no reconciliation)."""
     from broker.console.pages import PAGES_NOW, setup_auth
 
     app = web.Application(middlewares=[console_middleware])
-    app[CONSOLE] = Console(pool, store, home, secure, session_ttl)
+    console = Console(pool, store, home, secure, session_ttl, reserved, reconcilers)
+    app[CONSOLE] = console
+
+    async def close(_app: web.Application) -> None:
+        await console.close()
+
+    app.on_cleanup.append(close)
     if not PAGES:
         PAGES.extend(PAGES_NOW)
     for page in PAGES:

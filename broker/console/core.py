@@ -5,24 +5,22 @@ from __future__ import annotations
 
 import hmac
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from broker.mapping.rules import MappingRow, Plan, apply_plan
+from broker.mapping.rules import MappingRow
 
 __all__ = [
     "COOKIE",
     "Lookup",
     "TableRow",
-    "after_rows",
     "age",
     "cookie_options",
     "csrf_ok",
     "delivery_reason",
     "parse_lookup",
-    "plan_tasks",
     "seed_table",
     "split_moves_from_form",
 ]
@@ -126,37 +124,6 @@ def _line(row: MappingRow, change: Literal["", "added", "removed", "changed"]) -
         row.state.value,
         change,
     )
-
-
-def plan_tasks(plan: Plan) -> list[dict[str, str]]:
-    """Each peer's task in a plan, in order, in words: what the worker will ask of which peer."""
-    out = []
-    for task in plan.tasks:
-        what = {
-            "move_memberships": f"move group memberships from {task.external_id} to "
-            f"{task.target_external_id}",
-            "delete_alias": f"delete the account {task.external_id} (now an alias)",
-            "provision": f"create an account for {task.internal_id}",
-            "cancel_create": f"cancel the pending create of {task.internal_id}",
-            "cancel_delete": f"cancel the pending delete of {task.external_id}",
-        }.get(task.kind.value, task.kind.value)
-        out.append({"domain": task.domain, "kind": task.kind.value, "what": what})
-    for handover in plan.handovers:
-        out.append(
-            {
-                "domain": handover.domain,
-                "kind": "sync",
-                "what": f"sync {handover.internal_id} after what {handover.previous} had under way",
-            }
-        )
-    for domain, entity in plan.syncs:
-        out.append({"domain": domain, "kind": "sync", "what": f"sync {entity}"})
-    return out
-
-
-def after_rows(rows: Sequence[MappingRow], plan: Plan) -> list[MappingRow]:
-    """The table once the plan is applied (the rules' own ``apply_plan``)."""
-    return apply_plan(rows, plan)
 
 
 def split_moves_from_form(new_id: str, picked: Iterable[str]) -> dict[str, list[tuple[str, str]]]:

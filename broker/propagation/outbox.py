@@ -19,6 +19,7 @@ from broker.since import parse_since
 __all__ = [
     "DeadLetters",
     "Settled",
+    "check_expected",
     "count_dead_letters",
     "dead_letter_window",
     "settle_dead_letter",
@@ -66,6 +67,17 @@ def dead_letter_window(*, everything: bool, since: str | None, now: datetime) ->
             "(those that died since T, for example 2h or 2026-12-05T10:00:00Z)"
         )
     return None
+
+
+def check_expected(letters: DeadLetters, expected: int | None, recount: str) -> None:
+    """The ``expected`` guard of a bulk action: refused (409) when the dead letters counted now
+    are not the number the operator confirmed; ``recount`` says how to count them again."""
+    if expected is not None and expected != letters.count:
+        raise BrokerError(
+            f"{letters.count} dead letters match now, not the {expected} confirmed: "
+            f"{recount} and confirm that",
+            status=409,
+        )
 
 
 async def count_dead_letters(

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from broker.console.pages import auth, deliveries, domains, operations
+from broker.console.pages import auth, deliveries, domains, operations, reconcile
 from broker.console.pages.audit import audit
 from broker.console.pages.identity import identity
 from broker.console.pages.overview import overview
@@ -32,6 +32,7 @@ PAGES_NOW = (
     Page("merge", "Merge and split", "/merge", operations.setup, order=30),
     Page("operations", "Operations", "/operations", lambda app: None, order=35),
     Page("deliveries", "Deliveries", "/deliveries", deliveries.setup, order=40),
+    Page("reconcile", "Reconciliation", "/reconcile", reconcile.setup, order=45),
     Page("domains", "Domains", "/domains", domains.setup, order=50),
     Page("audit", "Audit", "/audit", _get("/audit", audit), order=60),
 )

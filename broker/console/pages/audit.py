@@ -1,4 +1,6 @@
-"""Audit: the log, newest first, filtered by actor, action, subject and time."""
+"""Audit: the log, newest first, filtered by actor, action, subject and time; and on request
+(``?verify=1``) the hash chain verified from its first row to its head, as
+``broker audit verify`` does it (``broker.auditlog.verify_database``)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ from datetime import datetime
 
 from aiohttp import web
 
+from broker.auditlog import verify_database
 from broker.console.context import CONSOLE
 from broker.console.shell import render
 from broker.db import query
@@ -38,6 +41,16 @@ async def audit(request: web.Request) -> web.Response:
         200,
     )
     actions = [r["action"] for r in await pool.fetch(query("console_audit_actions"))]
+    verified = None
+    if request.query.get("verify"):
+        held, broken = await verify_database(pool)
+        verified = {"rows": held, "broken": broken}
     return render(
-        request, "audit.html", page="audit", rows=records, filters=filters, actions=actions
+        request,
+        "audit.html",
+        page="audit",
+        rows=records,
+        filters=filters,
+        actions=actions,
+        verified=verified,
     )

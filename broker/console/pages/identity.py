@@ -1,5 +1,7 @@
 """Find an identity by internal ID, ``DOMAIN:EXTERNAL_ID``, userName or email (the last two
-asked of home), and draw its mapping rows as seed 002 draws the table."""
+asked of home), and draw its mapping rows as seed 002 draws the table; with one entity found,
+its history (``broker.history``, what ``broker history`` lists) and the account each peer holds
+(asked of the peer by its own external ID: ``broker.console.peers``)."""
 
 from __future__ import annotations
 
@@ -10,14 +12,18 @@ from aiohttp import web
 
 from broker.console.context import CONSOLE, Console
 from broker.console.core import Lookup, parse_lookup, seed_table
+from broker.console.peers import peer_accounts
 from broker.console.shell import render
 from broker.db import query
+from broker.history import entity_history
 from broker.home import HomeUnavailable
 from broker.mapping.rules import MappingRow
 
 __all__ = ["identity"]
 
 _LIMIT = 20
+_HISTORY = 200
+"""The newest events of the history shown."""
 
 
 async def _home_matches(console: Console, lookup: Lookup) -> list[str]:
@@ -76,7 +82,18 @@ async def _candidates(console: Console, lookup: Lookup) -> tuple[list[str], str 
         return [], exc.detail
 
 
-async def _describe(console: Console, internal_id: str) -> dict[str, Any] | None:
+async def _endpoint(console: Console, resource_type: str) -> str | None:
+    if console.home is None:
+        return None
+    try:
+        return (await console.home.schema()).endpoints.by_type.get(resource_type)
+    except HomeUnavailable:
+        return None
+
+
+async def _describe(console: Console, internal_id: str, *, whole: bool) -> dict[str, Any] | None:
+    """The entity's rows, what home holds and its operations; ``whole``: its history and the
+    peers' accounts too (only one entity found: each peer is asked)."""
     entity = await console.pool.fetchrow(query("console_entity"), internal_id)
     if entity is None:
         return None
@@ -86,12 +103,22 @@ async def _describe(console: Console, internal_id: str) -> dict[str, Any] | None
     except HomeUnavailable:
         held = None
     operations = await console.pool.fetch(query("console_operations_of"), internal_id)
-    return {
+    described: dict[str, Any] = {
         "entity": dict(entity),
         "table": seed_table(rows),
         "home": held,
         "operations": [dict(o) for o in operations],
+        "history": None,
+        "accounts": None,
     }
+    if whole:
+        history = await entity_history(console.pool, internal_id, limit=_HISTORY)
+        described["history"] = history.events
+        kind = entity["resource_type"]
+        described["accounts"] = await peer_accounts(
+            await console.domains.list(), rows, await _endpoint(console, kind), kind
+        )
+    return described
 
 
 async def identity(request: web.Request) -> web.Response:
@@ -104,7 +131,7 @@ async def identity(request: web.Request) -> web.Response:
     if lookup is not None:
         ids, note = await _candidates(console, lookup)
         for internal_id in ids[:_LIMIT]:
-            described = await _describe(console, internal_id)
+            described = await _describe(console, internal_id, whole=len(ids) == 1)
             if described is not None:
                 found.append(described)
     return render(

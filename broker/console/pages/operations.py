@@ -1,5 +1,6 @@
 """Merge and split: pick the entities, see the dry run (the table before and after, each peer's
-task, computed by the pure rules without writing), confirm, then watch each peer's progress
+task: the mapping store's own dry run, the planning code the operation runs, in a transaction
+rolled back, so the page shows exactly what ``broker merge|split --dry-run`` prints), confirm, then watch each peer's progress
 until the operation is done. The confirmation carries the idempotency key made for the dry run,
 so a form sent twice makes one operation."""
 
@@ -12,12 +13,12 @@ from typing import Any, Literal
 from aiohttp import web
 
 from broker.console.context import CONSOLE, Console, session_of
-from broker.console.core import after_rows, plan_tasks, seed_table, split_moves_from_form
+from broker.console.core import seed_table, split_moves_from_form
 from broker.console.shell import PREFIX, render
 from broker.db import query
 from broker.errors import InvalidValueError, NotFoundError
-from broker.mapping.rules import Plan, RuleError, plan_merge, plan_split
-from broker.mapping.store import Operation
+from broker.mapping.render import TASK_HEADER, peer_tasks
+from broker.mapping.store import Operation, Preview, merge_planner, split_planner
 
 __all__ = ["setup"]
 
@@ -53,10 +54,6 @@ async def _check_entities(console: Console, ids: list[str]) -> None:
             )
 
 
-async def _push(console: Console) -> set[str]:
-    return {r["id"] for r in await console.pool.fetch(query("push_domains"))}
-
-
 async def merge_form(request: web.Request) -> web.Response:
     return render(
         request,
@@ -76,27 +73,25 @@ async def merge_preview(request: web.Request) -> web.Response:
     if not losers:
         raise InvalidValueError("name at least one entity to merge into the survivor")
     await _check_entities(console, [survivor, *losers])
-    rows = await console.store.rows_of([survivor, *losers])
-    try:
-        plan = plan_merge(survivor, losers, rows, push_domains=await _push(console))
-    except RuleError as exc:
-        raise InvalidValueError(exc.detail) from exc
+    preview = await console.store.preview([survivor, *losers], merge_planner(survivor, losers))
     return render(
         request,
         "merge.html",
         page="merge",
         survivor=survivor,
         losers=" ".join(losers),
-        preview=_preview(rows, plan),
+        preview=_preview(preview),
         key=f"console-{uuid.uuid4()}",
     )
 
 
-def _preview(rows: Any, plan: Plan) -> dict[str, Any]:
+def _preview(preview: Preview) -> dict[str, Any]:
+    """The store's dry run drawn as the CLI draws it: both tables, then each peer's tasks."""
     return {
-        "before": seed_table(rows),
-        "after": seed_table(after_rows(rows, plan), rows),
-        "tasks": plan_tasks(plan),
+        "before": seed_table(preview.before),
+        "after": seed_table(preview.after, preview.before),
+        "header": TASK_HEADER,
+        "tasks": peer_tasks(preview.plan),
     }
 
 
@@ -167,13 +162,7 @@ async def split_preview(request: web.Request) -> web.Response:
     await _check_entities(console, [source])
     await _check_in_home(console, source, new)
     moves = split_moves_from_form(new, picked)
-    rows = await console.store.rows_of([source, new])
-    try:
-        plan = plan_split(
-            source, moves, rows, push_domains=await _push(console), provision=provision
-        )
-    except RuleError as exc:
-        raise InvalidValueError(exc.detail) from exc
+    preview = await console.store.preview([source, new], split_planner(source, moves, provision))
     return render(
         request,
         "split.html",
@@ -183,7 +172,7 @@ async def split_preview(request: web.Request) -> web.Response:
         new=new,
         picked=picked,
         provision=provision,
-        preview=_preview(rows, plan),
+        preview=_preview(preview),
         key=f"console-{uuid.uuid4()}",
     )
 
