@@ -90,6 +90,7 @@ async def test_an_identity_shows_its_history_and_each_peers_account_asked_by_its
     assert "HTTP 200" in p2_account and f'"id": "{l2}"' in html.unescape(p2_account)
     history = _text(page.split('<table class="history">')[1].split("</table>")[0])
     assert f"{internal} write \u2013 create" in history  # home's create, from broker history
+    assert "delivery" in history  # and its deliveries to the peers (settled in a batch or not)
     assert_no_internal_id(p1, {internal})
 
     # A hostile peer's redirect is shown, never followed.
