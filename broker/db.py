@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import asyncpg
+import orjson
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -83,11 +84,22 @@ def query(name: str) -> str:
 # --------------------------------------------------------------------------- connections
 
 
+def encode_json(value: Any) -> str:
+    """``value`` as JSON text for PostgreSQL: by orjson (several times faster than ``json``), and
+    by ``json`` whatever orjson refuses (an integer beyond 64 bits), so nothing encodes
+    differently in meaning. Decoding stays ``json.loads``: orjson reads such an integer as a
+    float, silently."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return json.dumps(value)
+
+
 async def init_connection(conn: Connection) -> None:
     """Per-connection set-up: jsonb and json travel as Python objects."""
     for type_name in ("jsonb", "json"):
         await conn.set_type_codec(
-            type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+            type_name, encoder=encode_json, decoder=json.loads, schema="pg_catalog"
         )
 
 

@@ -23,7 +23,7 @@ from broker.secrets import SecretBox
 if TYPE_CHECKING:
     from broker.db import Connection
 
-__all__ = ["Journal", "record"]
+__all__ = ["Journal", "record", "record_alone"]
 
 
 async def record(
@@ -71,8 +71,38 @@ async def record(
         )
 
 
+async def record_alone(
+    conn: Connection, write: HomeWrite, *, box: Callable[[], SecretBox] | None = None
+) -> bool:
+    """Record ``write`` in one statement (its own transaction), as :func:`record` would, when
+    it sets no externalId and no domain subscribes to SETs; False, with nothing written, when
+    it cannot (the caller then uses :func:`record` in a transaction)."""
+    if write.external_ids:
+        return False
+    carrying = {i: v for i, v in write.write_only.items() if v}
+    if carrying and box is None:
+        raise RuntimeError("write-only values to deliver, but the journal has no key")
+    sealed = {i: box().seal(v) for i, v in carrying.items()} if box is not None else {}
+    changed, deleted = write.written, list(write.deleted)
+    entities = list(dict.fromkeys([*changed, *deleted]))
+    gone = set(deleted)
+    done: bool = await conn.fetchval(
+        query("journal_write"),
+        list(changed),
+        list(changed.values()),
+        deleted,
+        entities,
+        ["delete" if i in gone else write.verbs.get(i, "changed") for i in entities],
+        [sealed.get(i) for i in entities],
+        write.origin,
+    )
+    return done
+
+
 class Journal:
-    """:func:`record` in a transaction of its own, for writes that have none yet."""
+    """:func:`record` in a transaction of its own, for writes that have none yet: one statement
+    when nothing but the entities, their history and the syncs is to be written
+    (:func:`record_alone`), a transaction otherwise."""
 
     def __init__(self, pool: asyncpg.Pool, box: Callable[[], SecretBox] | None) -> None:
         self.pool = pool
@@ -81,5 +111,8 @@ class Journal:
     async def record(self, write: HomeWrite) -> None:
         if not write:
             return
-        async with self.pool.acquire() as conn, conn.transaction():
-            await record(conn, write, box=self.box)
+        async with self.pool.acquire() as conn:
+            if await record_alone(conn, write, box=self.box):
+                return
+            async with conn.transaction():
+                await record(conn, write, box=self.box)
