@@ -176,8 +176,8 @@ class MappingStore:
     ) -> dict[str, str]:
         """Internal IDs (-> resource type) -> the primary external IDs ``domain`` knows them by.
 
-        One query however many IDs. With ``mint``, entities the domain has no ID for get a
-        pairwise minted one; without (a push peer's IDs are the ones it assigned), they are absent
+        One read however many IDs, and one writing statement for the IDs it left over. With
+        ``mint``, entities the domain has no ID for get a pairwise minted one; without (a push peer's IDs are the ones it assigned), they are absent
         from the answer and the caller provisions them.
         """
         translated = await self.translate_outbound(domain, entities, mint=mint)
