@@ -317,7 +317,8 @@ SELECT count(*) FROM (
 
 -- name: import_problems
 -- Every staged line that breaks an invariant of the mapping table, with what to do; the first
--- $1 by line, each with the total count. Set-based: a handful of hash joins however long the file.
+-- $1 by line, each with the total count. Set-based: a handful of hash joins however long the file
+-- (at 10M lines in 86 s, load 4: each duplicate check about 30 s, spilling past work_mem).
 WITH external_twice AS (
     SELECT domain_id, external_id, min(line) AS first
     FROM mapping_import GROUP BY domain_id, external_id HAVING count(*) > 1
@@ -357,8 +358,11 @@ problems AS (
     UNION ALL
     SELECT s.line, format('external ID %s is an internal ID: a domain must never see one', s.external_id)
     FROM mapping_import s
-    WHERE EXISTS (SELECT 1 FROM entities e WHERE e.internal_id = s.external_id)
-       OR EXISTS (SELECT 1 FROM mapping_import i WHERE i.internal_id = s.external_id)
+    -- One hash semi-join. Not two EXISTS joined by OR: the planner cannot make an OR of
+    -- EXISTS a join, and once the staging table's IDs no longer fit work_mem as a hashed
+    -- subplan (about 10M lines), it scanned the staging table once per line.
+    WHERE s.external_id IN (SELECT internal_id FROM entities
+                            UNION ALL SELECT internal_id FROM mapping_import)
 )
 SELECT line, message, count(*) OVER () AS total FROM problems ORDER BY line, message LIMIT $1
 
