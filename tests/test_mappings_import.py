@@ -228,6 +228,7 @@ async def test_a_large_import_into_an_empty_table_builds_every_index_and_key_aga
     report = await import_mappings(pool, file, actor="test", bulk_rows=5)
     assert not report.refused, report.problems
     assert (report.rows, report.bulk) == (5, True)
+    assert sorted(report.write_steps) == ["entities", "indexes", "rows"]
     assert await _definitions(pool) == definitions
     assert len(await _table(pool)) == 5
     assert await pool.fetchval("SELECT details -> 'bulk' FROM audit_log") is True
@@ -241,6 +242,7 @@ async def test_a_large_import_into_an_empty_table_builds_every_index_and_key_aga
     more = _write(tmp_path / "more.csv", "".join(f"v{i},D3,w{i},true\n" for i in range(6)))
     again = await import_mappings(pool, more, actor="test", bulk_rows=5)
     assert (again.rows, again.bulk) == (6, False)
+    assert sorted(again.write_steps) == ["entities", "rows"]
     assert await _definitions(pool) == definitions
 
 

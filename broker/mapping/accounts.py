@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import base64
 import secrets
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
@@ -182,7 +183,12 @@ def merge_problems(
 
 
 async def commit_import(
-    conn: Connection, *, actor: str, source: dict[str, Any], bulk: bool = False
+    conn: Connection,
+    *,
+    actor: str,
+    source: dict[str, Any],
+    bulk: bool = False,
+    timings: dict[str, float] | None = None,
 ) -> tuple[int, int] | None:
     """Write the checked staged rows, the entities they name that are new, and the audit entry:
     (rows, new entities). ConflictError: a row was written meanwhile by another process.
@@ -191,21 +197,23 @@ async def commit_import(
     with the table's indexes and foreign keys dropped, and built again after, in a savepoint.
     The duplicate checks were left to the unique indexes' builds then: when one fails, the
     savepoint is rolled back, the table and its definition are as they were, and the answer is
-    None (run :func:`import_duplicates` to name the lines)."""
+    None (run :func:`import_duplicates` to name the lines). ``timings`` gets the seconds each
+    step took (entities, rows, indexes)."""
+    clock = _Steps(timings if timings is not None else {})
     try:
         if bulk:
             try:
                 async with conn.transaction():  # a savepoint: a failed build undoes it all
                     await conn.execute(query("import_shed_indexes"))
-                    entities = await conn.execute(query("import_entities"))
-                    rows = await conn.execute(query("import_rows"))
+                    entities = await clock.run("entities", conn.execute(query("import_entities")))
+                    rows = await clock.run("rows", conn.execute(query("import_rows")))
                     await conn.execute(query("import_build_memory"), IMPORT_BUILD_MEMORY)
-                    await conn.execute(query("import_build_indexes"))
+                    await clock.run("indexes", conn.execute(query("import_build_indexes")))
             except asyncpg.UniqueViolationError:
                 return None
         else:
-            entities = await conn.execute(query("import_entities"))
-            rows = await conn.execute(query("import_rows"))
+            entities = await clock.run("entities", conn.execute(query("import_entities")))
+            rows = await clock.run("rows", conn.execute(query("import_rows")))
     except (asyncpg.UniqueViolationError, asyncpg.ForeignKeyViolationError) as exc:
         raise ConflictError(
             f"the mapping table changed while importing ({exc.constraint_name}): nothing was "
@@ -216,6 +224,20 @@ async def commit_import(
     details["bulk"] = bulk
     await conn.execute(query("audit"), actor, "mappings_import", None, details)
     return counts
+
+
+class _Steps:
+    """Seconds per named step, into ``timings``."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+
+    async def run(self, name: str, step: Awaitable[str]) -> str:
+        started = time.monotonic()
+        try:
+            return await step
+        finally:
+            self.timings[name] = time.monotonic() - started
 
 
 class _NotEmpty(Exception):

@@ -66,6 +66,9 @@ class ImportReport:
     """Whether the rows were loaded by the bulk path."""
     phases: dict[str, float] = field(default_factory=dict)
     """Seconds spent reading and staging the file, checking it, and writing the table."""
+    write_steps: dict[str, float] = field(default_factory=dict)
+    """Seconds the write's steps took: the new entities, the rows, and (bulk path) the indexes
+    and foreign keys built again."""
 
     @property
     def refused(self) -> bool:
@@ -136,7 +139,9 @@ async def _check_and_write(
     report.phases["check"] = time.monotonic() - checked
     written = None
     if not report.refused:
-        written = await accounts.commit_import(conn, actor=actor, source=source, bulk=bulk)
+        written = await accounts.commit_import(
+            conn, actor=actor, source=source, bulk=bulk, timings=report.write_steps
+        )
     if written is None:  # refused, or the bulk path's unique index builds found duplicates
         if bulk:
             duplicates = await accounts.import_duplicates(conn, limit)
