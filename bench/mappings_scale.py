@@ -161,6 +161,8 @@ async def run(args: argparse.Namespace) -> None:
             f"{report.seconds:.1f} s: {report.rows / report.seconds:,.0f} rows/s "
             f"({'bulk path' if report.bulk else 'inserted'}; "
             + ", ".join(f"{k} {v:.1f} s" for k, v in report.phases.items())
+            + "; the write: "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in report.write_steps.items())
             + ")"
         )
         spent = cpu.lap()

@@ -14,7 +14,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from broker.db import query
 from broker.errors import ConflictError, NotFoundError
+from broker.mapping import accounts
 from broker.mapping.cache import MappingCache, listen
 from broker.mapping.fileformat import (
     FileFormat,
@@ -26,7 +28,7 @@ from broker.mapping.fileformat import (
     parse_lines,
 )
 from broker.mapping.store import MappingStore
-from broker.mapping.transfer import export_mappings, import_mappings
+from broker.mapping.transfer import BULK_ROWS, export_mappings, import_mappings
 from tests.waiting import until
 
 # ---------------------------------------------------------------------- the file format (pure)
@@ -124,8 +126,9 @@ GOOD = (
 )
 
 
+@pytest.mark.parametrize("bulk_rows", [BULK_ROWS, 1], ids=["ordinary", "bulk"])
 async def test_a_file_with_a_second_primary_a_duplicate_and_a_malformed_line_is_refused_whole(
-    pool: asyncpg.Pool, tmp_path: Path
+    pool: asyncpg.Pool, tmp_path: Path, bulk_rows: int
 ) -> None:
     await _domains(pool)
     file = _write(
@@ -139,7 +142,8 @@ async def test_a_file_with_a_second_primary_a_duplicate_and_a_malformed_line_is_
         + "u7,H,h-7,true\n"  # line 12: the home domain
         + "u8,D3,u2,true\n",  # line 13: an external ID that is an internal ID
     )
-    report = await import_mappings(pool, file, actor="test")
+    # The bulk path (a large file into an empty table) names the same lines.
+    report = await import_mappings(pool, file, actor="test", bulk_rows=bulk_rows)
     assert report.refused
     assert [p.line for p in report.problems] == [8, 9, 10, 11, 12, 13]
     messages = {p.line: p.message for p in report.problems}
@@ -224,6 +228,7 @@ async def test_a_large_import_into_an_empty_table_builds_every_index_and_key_aga
     report = await import_mappings(pool, file, actor="test", bulk_rows=5)
     assert not report.refused, report.problems
     assert (report.rows, report.bulk) == (5, True)
+    assert sorted(report.write_steps) == ["entities", "indexes", "rows"]
     assert await _definitions(pool) == definitions
     assert len(await _table(pool)) == 5
     assert await pool.fetchval("SELECT details -> 'bulk' FROM audit_log") is True
@@ -237,6 +242,7 @@ async def test_a_large_import_into_an_empty_table_builds_every_index_and_key_aga
     more = _write(tmp_path / "more.csv", "".join(f"v{i},D3,w{i},true\n" for i in range(6)))
     again = await import_mappings(pool, more, actor="test", bulk_rows=5)
     assert (again.rows, again.bulk) == (6, False)
+    assert sorted(again.write_steps) == ["entities", "rows"]
     assert await _definitions(pool) == definitions
 
 
@@ -245,9 +251,20 @@ async def test_a_refused_large_import_leaves_the_table_and_its_definition(
 ) -> None:
     await _domains(pool)
     definitions = await _definitions(pool)
-    file = _write(tmp_path / "bad.csv", GOOD + "u2,D2,p-3,true\n")  # a second primary
+    # Only duplicates: the bulk path leaves them to its unique index builds, which fail, and
+    # then names them.
+    file = _write(
+        tmp_path / "bad.csv",
+        GOOD
+        + "u2,D2,p-3,true\n"  # line 7: a second primary
+        + "u9,D2,p-1,true\n",  # line 8: p-1 is u1's in D2
+    )
     report = await import_mappings(pool, file, actor="test", bulk_rows=1)
-    assert report.refused and not report.bulk
+    assert report.refused and not report.bulk and report.rows == 0
+    assert [p.line for p in report.problems] == [7, 8] and report.problem_count == 2
+    assert "a second primary for u2 in D2 (the first is on line 5)" in report.problems[0].message
+    assert "external ID p-1 in D2 is also on line 2" in report.problems[1].message
+    assert await pool.fetchval("SELECT count(*) FROM entities") == 0
     assert await _definitions(pool) == definitions
     assert await _table(pool) == []
 
@@ -346,3 +363,18 @@ async def test_the_command_names_each_bad_line_and_exports_what_it_imported(
     assert sorted(out.read_text(encoding="utf-8").splitlines()) == sorted(GOOD.splitlines())
     unknown = _broker(db_url, "mappings", "export", "--domain", "NOPE")
     assert unknown.returncode == 1 and "there is no domain NOPE" in unknown.stderr
+
+
+async def test_the_checks_run_no_subplan_per_staged_line(pool: asyncpg.Pool) -> None:
+    """Every check is a join: no subplan is run per staged line. An OR of two EXISTS was one, and
+    at 10M lines, once its hashed form no longer fit work_mem, it scanned the staging table once
+    per line (the check never finished)."""
+    await _domains(pool)
+    async with pool.acquire() as conn, conn.transaction():
+        await accounts.begin_import(conn)
+        await accounts.stage_import(conn, [Record(1, "u1", "D2", "p-1", True)])
+        await conn.execute(query("import_analyze"))
+        for name in ("import_problems", "import_duplicates"):
+            plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + query(name), 100))
+            assert "SubPlan" not in plan, plan
+            assert "mapping_import" in plan

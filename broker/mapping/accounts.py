@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import base64
 import secrets
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
@@ -30,13 +31,16 @@ __all__ = [
     "commit_import",
     "finish_create",
     "finish_creates",
+    "import_duplicates",
     "import_problems",
     "link_accounts",
+    "merge_problems",
     "record_entities",
     "register_entities",
     "retire_alias",
     "retire_primary",
     "stage_import",
+    "take_bulk_path",
 ]
 
 IMPORT_WORK_MEM = "256MB"
@@ -144,36 +148,72 @@ def correlation_handles(count: int) -> list[str]:
     return [raw[i : i + 22] for i in range(0, len(raw), 24)]
 
 
-async def import_problems(conn: Connection, limit: int) -> tuple[list[LineProblem], int]:
+async def import_problems(
+    conn: Connection, limit: int, *, duplicates: bool = True
+) -> tuple[list[LineProblem], int]:
     """The staged lines that break an invariant of the mapping table: the first ``limit`` by
-    line, and how many there are in all. The entities the lines name that exist already are
+    line, and how many there are in all; without ``duplicates``, all but the two duplicate
+    checks (see :func:`import_duplicates`). The entities the lines name that exist already are
     share-locked first, so no merge, split or delete changes them before the import commits."""
     await conn.execute(query("import_analyze"))
     await conn.fetchval(query("import_lock_entities"))
-    records = await conn.fetch(query("import_problems"), limit)
+    found = await _problems(conn, "import_problems", limit)
+    if duplicates:
+        found = merge_problems(found, await import_duplicates(conn, limit), limit)
+    return found
+
+
+async def import_duplicates(conn: Connection, limit: int) -> tuple[list[LineProblem], int]:
+    """The staged lines that repeat an external ID in its domain or a primary of an entity in a
+    domain: the first ``limit`` by line, and how many there are in all."""
+    return await _problems(conn, "import_duplicates", limit)
+
+
+async def _problems(conn: Connection, name: str, limit: int) -> tuple[list[LineProblem], int]:
+    records = await conn.fetch(query(name), limit)
     total = records[0]["total"] if records else 0
     return [LineProblem(r["line"], r["message"]) for r in records], total
 
 
-async def commit_import(
-    conn: Connection, *, actor: str, source: dict[str, Any], bulk: bool = False
-) -> tuple[int, int, bool]:
-    """Write the checked staged rows, the entities they name that are new, and the audit entry;
-    (rows, new entities, whether by the bulk path). ConflictError: a row was written meanwhile by another process.
+def merge_problems(
+    a: tuple[list[LineProblem], int], b: tuple[list[LineProblem], int], limit: int
+) -> tuple[list[LineProblem], int]:
+    """Two checks' findings as one: the first ``limit`` by line, and the total."""
+    return sorted(a[0] + b[0])[:limit], a[1] + b[1]
 
-    With ``bulk`` (a large file), the rows are loaded with the table's indexes and foreign keys
-    dropped and built again after, if the mapping table is empty and its locks are free within
-    :data:`BULK_LOCK_TIMEOUT`; otherwise they are inserted as usual. Either way in the caller's
-    transaction, so a failure leaves the table and its definition as they were."""
+
+async def commit_import(
+    conn: Connection,
+    *,
+    actor: str,
+    source: dict[str, Any],
+    bulk: bool = False,
+    timings: dict[str, float] | None = None,
+) -> tuple[int, int] | None:
+    """Write the checked staged rows, the entities they name that are new, and the audit entry:
+    (rows, new entities). ConflictError: a row was written meanwhile by another process.
+
+    With ``bulk`` (the table locked and empty by :func:`take_bulk_path`), the rows are loaded
+    with the table's indexes and foreign keys dropped, and built again after, in a savepoint.
+    The duplicate checks were left to the unique indexes' builds then: when one fails, the
+    savepoint is rolled back, the table and its definition are as they were, and the answer is
+    None (run :func:`import_duplicates` to name the lines). ``timings`` gets the seconds each
+    step took (entities, rows, indexes)."""
+    clock = _Steps(timings if timings is not None else {})
     try:
-        shed = bulk and await _take_bulk_path(conn)
-        if shed:
-            await conn.execute(query("import_shed_indexes"))
-        entities = await conn.execute(query("import_entities"))
-        rows = await conn.execute(query("import_rows"))
-        if shed:
-            await conn.execute(query("import_build_memory"), IMPORT_BUILD_MEMORY)
-            await conn.execute(query("import_build_indexes"))
+        if bulk:
+            try:
+                async with conn.transaction():  # a savepoint: a failed build undoes it all
+                    await conn.execute(query("import_shed_indexes"))
+                    entities = await clock.run("entities", conn.execute(query("import_entities")))
+                    rows = await clock.run("rows", conn.execute(query("import_rows")))
+                    await conn.execute(query("import_build_memory"), IMPORT_BUILD_MEMORY)
+                    await clock.run("indexes", conn.execute(query("import_build_indexes")))
+            except asyncpg.UniqueViolationError:
+                return None
+        else:
+            entities = await clock.run("entities", conn.execute(query("import_entities")))
+            rows = await clock.run("rows", conn.execute(query("import_rows")))
     except (asyncpg.UniqueViolationError, asyncpg.ForeignKeyViolationError) as exc:
         raise ConflictError(
             f"the mapping table changed while importing ({exc.constraint_name}): nothing was "
@@ -181,17 +221,31 @@ async def commit_import(
         ) from exc
     counts = int(rows.rsplit(" ", 1)[-1]), int(entities.rsplit(" ", 1)[-1])
     details = source | {"rows": counts[0], "entities": counts[1], "columns": list(FIELDS)}
-    details["bulk"] = shed
+    details["bulk"] = bulk
     await conn.execute(query("audit"), actor, "mappings_import", None, details)
-    return (*counts, shed)
+    return counts
+
+
+class _Steps:
+    """Seconds per named step, into ``timings``."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+
+    async def run(self, name: str, step: Awaitable[str]) -> str:
+        started = time.monotonic()
+        try:
+            return await step
+        finally:
+            self.timings[name] = time.monotonic() - started
 
 
 class _NotEmpty(Exception):
     """Rolls the bulk path's savepoint (and its locks) back."""
 
 
-async def _take_bulk_path(conn: Connection) -> bool:
-    """Lock the mapping table exclusively if it is empty; False (nothing held) otherwise, or
+async def take_bulk_path(conn: Connection) -> bool:
+    """Lock the mapping table exclusively if it is empty (for the bulk path of an import); False (nothing held) otherwise, or
     when another session holds it longer than :data:`BULK_LOCK_TIMEOUT`."""
     previous = await conn.fetchval(query("import_lock_timeout"), BULK_LOCK_TIMEOUT)
     try:

@@ -22,7 +22,7 @@ from broker.db import query
 
 if TYPE_CHECKING:
     from broker.db import Connection
-from broker.errors import InvalidValueError
+from broker.errors import ConflictError, InvalidValueError
 from broker.mapping import accounts
 from broker.mapping.fileformat import (
     FileFormat,
@@ -66,6 +66,9 @@ class ImportReport:
     """Whether the rows were loaded by the bulk path."""
     phases: dict[str, float] = field(default_factory=dict)
     """Seconds spent reading and staging the file, checking it, and writing the table."""
+    write_steps: dict[str, float] = field(default_factory=dict)
+    """Seconds the write's steps took: the new entities, the rows, and (bulk path) the indexes
+    and foreign keys built again."""
 
     @property
     def refused(self) -> bool:
@@ -100,18 +103,9 @@ async def import_mappings(
                         conn, parse_lines(file, report.file_format), report, limit, batch, progress
                     )
                     report.phases["stage"] = time.monotonic() - started
-                    found, count = await accounts.import_problems(conn, limit)
-                    report.problems = sorted(report.problems + found)[:limit]
-                    report.problem_count += count
-                    report.phases["check"] = time.monotonic() - started - report.phases["stage"]
-                    if report.refused:
-                        raise _Refused
                     source = {"file": path.name, "format": report.file_format.value}
-                    report.rows, report.entities, report.bulk = await accounts.commit_import(
-                        conn, actor=actor, source=source, bulk=report.staged >= bulk_rows
-                    )
-                    report.phases["write"] = (
-                        time.monotonic() - started - sum(report.phases.values())
+                    await _check_and_write(
+                        conn, report, limit, actor, source, large=report.staged >= bulk_rows
                     )
             except _Refused:
                 pass
@@ -123,6 +117,43 @@ async def import_mappings(
         raise InvalidValueError(f"there is no file {path}: check the path") from exc
     report.seconds = time.monotonic() - started
     return report
+
+
+async def _check_and_write(
+    conn: Connection,
+    report: ImportReport,
+    limit: int,
+    actor: str,
+    source: dict[str, str],
+    *,
+    large: bool,
+) -> None:
+    """Check the staged lines and, if none is bad, write them; _Refused otherwise. A large file
+    into an empty table takes the bulk path, whose unique index builds do the duplicate checks:
+    only when one fails are the duplicates looked for, to name them."""
+    checked = time.monotonic()
+    bulk = large and await accounts.take_bulk_path(conn)
+    found = await accounts.import_problems(conn, limit, duplicates=not bulk)
+    found = accounts.merge_problems((report.problems, report.problem_count), found, limit)
+    report.problems, report.problem_count = found
+    report.phases["check"] = time.monotonic() - checked
+    written = None
+    if not report.refused:
+        written = await accounts.commit_import(
+            conn, actor=actor, source=source, bulk=bulk, timings=report.write_steps
+        )
+    if written is None:  # refused, or the bulk path's unique index builds found duplicates
+        if bulk:
+            duplicates = await accounts.import_duplicates(conn, limit)
+            report.problems, report.problem_count = accounts.merge_problems(
+                (report.problems, report.problem_count), duplicates, limit
+            )
+        if not report.refused:  # a unique violation no duplicate explains: a clash of handles
+            raise ConflictError("two rows drew the same correlation handle: import the file again")
+        raise _Refused
+    report.rows, report.entities = written
+    report.bulk = bulk
+    report.phases["write"] = time.monotonic() - checked - report.phases["check"]
 
 
 async def _stage(

@@ -316,31 +316,17 @@ SELECT count(*) FROM (
 ) AS locked
 
 -- name: import_problems
--- Every staged line that breaks an invariant of the mapping table, with what to do; the first
--- $1 by line, each with the total count. Set-based: a handful of hash joins however long the file.
-WITH external_twice AS (
-    SELECT domain_id, external_id, min(line) AS first
-    FROM mapping_import GROUP BY domain_id, external_id HAVING count(*) > 1
-),
-primary_twice AS (
-    SELECT internal_id, domain_id, min(line) AS first
-    FROM mapping_import WHERE is_primary GROUP BY internal_id, domain_id HAVING count(*) > 1
-),
-problems AS (
+-- Every staged line that breaks an invariant of the mapping table but the two duplicate checks
+-- (import_duplicates), with what to do; the first $1 by line, each with the total count.
+-- Set-based: a handful of hash joins however long the file (at 10M lines a scan of the staging
+-- table each, a few seconds).
+WITH problems AS (
     SELECT s.line, format('domain %s is not known: add it first (broker domain add) or fix the line', s.domain_id) AS message
     FROM mapping_import s LEFT JOIN domains d ON d.id = s.domain_id
     WHERE d.id IS NULL
     UNION ALL
     SELECT s.line, format('%s is the home domain: its IDs are the internal IDs, so it has no mapping rows', s.domain_id)
     FROM mapping_import s JOIN domains d ON d.id = s.domain_id AND d.kind = 'home'
-    UNION ALL
-    SELECT s.line, format('external ID %s in %s is also on line %s: an external ID denotes one entity', s.external_id, s.domain_id, t.first)
-    FROM mapping_import s JOIN external_twice t USING (domain_id, external_id)
-    WHERE s.line > t.first
-    UNION ALL
-    SELECT s.line, format('a second primary for %s in %s (the first is on line %s): mark all but one primary false', s.internal_id, s.domain_id, t.first)
-    FROM mapping_import s JOIN primary_twice t USING (internal_id, domain_id)
-    WHERE s.is_primary AND s.line > t.first
     UNION ALL
     SELECT s.line, format('external ID %s in %s is already in the mapping table: leave the line out', s.external_id, s.domain_id)
     FROM mapping_import s JOIN id_mappings m USING (domain_id, external_id)
@@ -357,8 +343,36 @@ problems AS (
     UNION ALL
     SELECT s.line, format('external ID %s is an internal ID: a domain must never see one', s.external_id)
     FROM mapping_import s
-    WHERE EXISTS (SELECT 1 FROM entities e WHERE e.internal_id = s.external_id)
-       OR EXISTS (SELECT 1 FROM mapping_import i WHERE i.internal_id = s.external_id)
+    -- One hash semi-join. Not two EXISTS joined by OR: the planner cannot make an OR of
+    -- EXISTS a join, and once the staging table's IDs no longer fit work_mem as a hashed
+    -- subplan (about 10M lines), it scanned the staging table once per line.
+    WHERE s.external_id IN (SELECT internal_id FROM entities
+                            UNION ALL SELECT internal_id FROM mapping_import)
+)
+SELECT line, message, count(*) OVER () AS total FROM problems ORDER BY line, message LIMIT $1
+
+-- name: import_duplicates
+-- The staged lines that repeat an earlier line's external ID in its domain, or give an entity a
+-- second primary in a domain; the first $1 by line, each with the total count. Two aggregates
+-- over the whole file: at 10M lines they spill past work_mem and take about 30 s each (load 4).
+-- The bulk path skips them: the unique indexes it builds find the same duplicates, and only
+-- then is this run, to name the lines.
+WITH external_twice AS (
+    SELECT domain_id, external_id, min(line) AS first
+    FROM mapping_import GROUP BY domain_id, external_id HAVING count(*) > 1
+),
+primary_twice AS (
+    SELECT internal_id, domain_id, min(line) AS first
+    FROM mapping_import WHERE is_primary GROUP BY internal_id, domain_id HAVING count(*) > 1
+),
+problems AS (
+    SELECT s.line, format('external ID %s in %s is also on line %s: an external ID denotes one entity', s.external_id, s.domain_id, t.first) AS message
+    FROM mapping_import s JOIN external_twice t USING (domain_id, external_id)
+    WHERE s.line > t.first
+    UNION ALL
+    SELECT s.line, format('a second primary for %s in %s (the first is on line %s): mark all but one primary false', s.internal_id, s.domain_id, t.first)
+    FROM mapping_import s JOIN primary_twice t USING (internal_id, domain_id)
+    WHERE s.is_primary AND s.line > t.first
 )
 SELECT line, message, count(*) OVER () AS total FROM problems ORDER BY line, message LIMIT $1
 
