@@ -917,7 +917,12 @@ class Restarted:
     """A user home's tools tried to create while PostgreSQL was down."""
 
 
-CHANNELS = ['LISTEN "broker_events"', 'LISTEN "broker_mappings"', 'LISTEN "broker_outbox"']
+CHANNELS = [
+    'LISTEN "broker_domains"',
+    'LISTEN "broker_events"',
+    'LISTEN "broker_mappings"',
+    'LISTEN "broker_outbox"',
+]
 
 
 async def listened_channels(url: str) -> list[str]:
@@ -1047,8 +1052,8 @@ async def test_postgresql_restarted_under_a_running_broker_it_reconnects_and_car
 async def test_after_a_postgresql_restart_the_broker_listens_for_notifications_again(
     restarted: Restarted,
 ) -> None:
-    """The mapping cache's, the delivery worker's and the long polls' LISTEN connections come
-    back."""
+    """The mapping cache's, the delivery worker's, the long polls' and the domain caches' LISTEN
+    connections come back."""
     assert restarted.listening_before == CHANNELS
 
     async def listens() -> bool:
