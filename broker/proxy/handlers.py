@@ -63,7 +63,7 @@ from broker.scim.versions import (
 )
 from broker.tokens import TokenStore
 
-__all__ = ["Proxy", "route_guard"]
+__all__ = ["Proxy", "route_guard", "route_refusal"]
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +83,25 @@ _DISCOVERY = {"serviceproviderconfig", "schemas", "resourcetypes", "bulk"}
 _ACCEPTED_TYPES = {"application/scim+json", "application/json"}
 
 
-@web.middleware
-async def route_guard(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Step 1: a path under /scim/v2 that smuggles a path or a query never reaches a handler."""
+def route_refusal(request: web.BaseRequest) -> web.Response | None:
+    """Step 1: the SCIM error for a path under /scim/v2 that smuggles a path or a query (it
+    never reaches a handler); None for any other request."""
     if request.path.startswith(SCIM_PREFIX) or request.raw_path.startswith(SCIM_PREFIX):
         try:
             path_segments(request.raw_path)
         except BrokerError as exc:
             return error_response(exc.status, exc.detail, exc.scim_type)
-    return await handler(request)
+    return None
+
+
+@web.middleware
+async def route_guard(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Step 1 as a middleware of its own (the broker's application runs :func:`route_refusal`
+    inside its one middleware, ``broker.app``)."""
+    refusal = route_refusal(request)
+    return refusal if refusal is not None else await handler(request)
 
 
 @dataclass(frozen=True)
