@@ -147,6 +147,7 @@ class Proxy:
         self.base = public_base.rstrip("/") + SCIM_PREFIX
         self.id_pattern = IdShape(id_pattern)
         self.domain_cache_seconds = domain_cache_seconds
+        self._held_translations: tuple[HomeSchema, Translation, Translation] | None = None
 
     def configure(
         self,
@@ -267,7 +268,7 @@ class Proxy:
 
         ``owned``: ``docs`` were parsed for this call and nothing reads them after: they are
         rewritten in place (issue 15) instead of copied."""
-        outward = self.inward(call.schema).reversed()
+        outward = self.outward(call.schema)
         page = translate_page(docs, outward, resource_type=resource_type)
         wanted = page.wanted
         call.internal_ids.update(wanted)
@@ -327,7 +328,20 @@ class Proxy:
 
     def inward(self, schema: HomeSchema) -> Translation:
         """Rewriting from the caller's view (the broker's base) to home's."""
-        return Translation(schema.refs, schema.endpoints, self.base, self.home.base_url)
+        return self._translations(schema)[0]
+
+    def outward(self, schema: HomeSchema) -> Translation:
+        """Rewriting from home's view to the caller's (the broker's base)."""
+        return self._translations(schema)[1]
+
+    def _translations(self, schema: HomeSchema) -> tuple[Translation, Translation]:
+        """Both directions for ``schema``, made once per schema load (issue 15), not per
+        request: a Translation is frozen."""
+        held = self._held_translations
+        if held is None or held[0] is not schema:
+            inward = Translation(schema.refs, schema.endpoints, self.base, self.home.base_url)
+            held = self._held_translations = (schema, inward, inward.reversed())
+        return held[1], held[2]
 
     def readable(
         self, call: Call, doc: dict[str, Any], resource_type: str | None
@@ -453,12 +467,10 @@ class Proxy:
                 "the broker withheld a response that would have exposed an internal identifier "
                 f"(correlation ID {correlation}); the operator has been told",
             )
-        response = web.Response(
-            status=status, body=raw if body is not None else None, headers=dict(headers or {})
-        )
+        sent = dict(headers) if headers else {}
         if body is not None:
-            response.content_type = SCIM_JSON
-        return response
+            sent["Content-Type"] = SCIM_JSON  # as the content_type setter writes it, unparsed
+        return web.Response(status=status, body=raw if body is not None else None, headers=sent)
 
     def home_error(self, call: Call, response: Answer, replacements: dict[str, str]) -> BrokerError:
         """An error from home, translated for the caller: status and scimType kept, detail scrubbed."""
