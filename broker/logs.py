@@ -122,6 +122,11 @@ def configure_logging(config: LogConfig, stream: IO[str] | None = None) -> loggi
     root.addHandler(handler)
     root.setLevel(config.level.upper())
     _ACCESS.disabled = not config.access
+    # No format here prints a record's process or process name (the JSON one leaves every
+    # standard attribute out): not reading them saves a getpid() and a lookup per record, about
+    # 3 of the access line's microseconds (issue 15).
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     return handler
 
 
