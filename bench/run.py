@@ -153,6 +153,8 @@ def main() -> int:
     env.update(
         BROKER_DATA_DIR=str(work / "data"),
         BROKER_SERVER__PORT=str(broker_port),
+        # Not the default admin port: another broker on the machine may hold it.
+        BROKER_SERVER__ADMIN_PORT=str(free_port()),
         BROKER_HOME__SCIM_URL=f"{home_url}/v2",
         BROKER_DATABASE__POOL_MAX_SIZE="10",
     )

@@ -83,12 +83,29 @@ def home_app() -> web.Application:
         )
         return web.Response(body=body, content_type="application/scim+json")
 
+    async def service_provider_config(request: web.Request) -> web.Response:
+        # What the broker's /readyz asks home for (bench/run.py waits for it).
+        return web.json_response(
+            {
+                "schemas": ["urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"],
+                "patch": {"supported": False},
+                "bulk": {"supported": False, "maxOperations": 0, "maxPayloadSize": 0},
+                "filter": {"supported": False, "maxResults": 0},
+                "changePassword": {"supported": False},
+                "sort": {"supported": False},
+                "etag": {"supported": False},
+                "authenticationSchemes": [],
+            },
+            content_type="application/scim+json",
+        )
+
     async def not_here(request: web.Request) -> web.Response:
         return web.json_response({"status": "404"}, status=404)
 
     app = web.Application()
     app.router.add_get(BASE + "/Users/{id}", one)
     app.router.add_get(BASE + "/Users", page)
+    app.router.add_get(BASE + "/ServiceProviderConfig", service_provider_config)
     app.router.add_get(BASE + "/{tail:.*}", not_here)
     return app
 

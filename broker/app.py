@@ -39,12 +39,12 @@ from broker.propagation.policy import Backoff
 from broker.propagation.poller import HomePoller
 from broker.propagation.receiver import HomeReceiver
 from broker.propagation.worker import Deliverer, WorkerSettings
-from broker.proxy.handlers import Proxy, route_guard
+from broker.proxy.handlers import Proxy, route_refusal
 from broker.proxy.routes import routes
 from broker.reconcile.initial import InitialSync
 from broker.reconcile.runner import Reconciler
 from broker.reconcile.session import make_reconciler
-from broker.responses import MAX_BODY, scim_error_middleware
+from broker.responses import MAX_BODY, SCIM_PREFIX, answer_errors
 from broker.scim.guard import IdShape
 from broker.scim.versions import VersionSealer
 from broker.secrets import SecretBox, check_key, key_source, load_box
@@ -112,6 +112,23 @@ class Metrics:
             "broker_build_info", "The broker's version.", ["version"], registry=self.registry
         )
         self.info.labels(__version__).set(1)
+        # Each (route, method, status)'s counter and each route's histogram, looked up once:
+        # ``labels()`` takes a lock and builds its key on every call (issue 15).
+        self._served: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def served(self, route: str, method: str, status: int, seconds: float) -> None:
+        """One HTTP request served: counted by route, method and status, timed by route."""
+        key = (route, method, status)
+        children = self._served.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(route, method, str(status)),
+                self.latency.labels(route),
+            )
+            if len(self._served) < 4096:  # methods and statuses are few; never unbounded
+                self._served[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def _propagation_metrics(self) -> None:
         """The outbox, the push peers and the SETs waiting for domains."""
@@ -236,16 +253,23 @@ async def _outbound_urls(app: web.Application) -> AsyncIterator[None]:
 
 
 @web.middleware
-async def _measure(  # outermost: it counts the status the client got, errors answered included
+async def _measure(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    metrics = request.app[METRICS]
+    """Inside the access log, around everything else, in one middleware (each layer costs a
+    call per request, issue 15): the metrics, counting the status the client got, errors
+    answered included; under /scim/v2 the route guard (step 1, ``route_refusal``) and every
+    failure answered as a SCIM error (``answer_errors``), in that order."""
     info = request.match_info.route.resource
     route = info.canonical if info is not None else "unmatched"
     started = time.perf_counter()
     status = 500  # what aiohttp answers for an exception nothing turned into a response
     try:
-        response = await handler(request)
+        if request.path.startswith(SCIM_PREFIX):
+            response = await answer_errors(request, handler, before=route_refusal)
+        else:
+            refusal = route_refusal(request)
+            response = refusal if refusal is not None else await handler(request)
         status = response.status
         return response
     except web.HTTPException as exc:
@@ -255,8 +279,7 @@ async def _measure(  # outermost: it counts the status the client got, errors an
         status = exc.status
         raise
     finally:
-        metrics.requests.labels(route, request.method, str(status)).inc()
-        metrics.latency.labels(route).observe(time.perf_counter() - started)
+        request.app[METRICS].served(route, request.method, status, time.perf_counter() - started)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -576,11 +599,11 @@ def _reconciler(
 
 def create_app(config: Config) -> web.Application:
     """The broker's application; production and tests build the same one."""
-    # _measure comes first (outermost), so that it sees the response scim_error_middleware
-    # made of an error, not the exception.
+    # The access log is outermost; _measure holds the metrics, the SCIM errors and the route
+    # guard, so that it counts the response made of an error, not the exception.
     protect_loggers()  # aiohttp logs a malformed request with its bytes: never a token
     app = web.Application(
-        middlewares=[access_log, _measure, scim_error_middleware, route_guard],
+        middlewares=[access_log, _measure],
         client_max_size=MAX_BODY,
     )
     app[CONFIG] = config

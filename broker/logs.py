@@ -15,9 +15,9 @@ from __future__ import annotations
 import contextvars
 import datetime
 import logging
+import os
 import sys
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import IO, Any
 
@@ -53,7 +53,8 @@ _ACCESS = logging.getLogger(ACCESS_LOGGER)
 
 
 def _new_id() -> str:
-    return uuid.uuid4().hex[:16]
+    # 64 random bits from the kernel, as uuid4's first 16 hex digits were, without the UUID.
+    return os.urandom(8).hex()
 
 
 def correlation_id() -> str:
@@ -121,6 +122,11 @@ def configure_logging(config: LogConfig, stream: IO[str] | None = None) -> loggi
     root.addHandler(handler)
     root.setLevel(config.level.upper())
     _ACCESS.disabled = not config.access
+    # No format here prints a record's process or process name (the JSON one leaves every
+    # standard attribute out): not reading them saves a getpid() and a lookup per record, about
+    # 3 of the access line's microseconds (issue 15).
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     return handler
 
 
@@ -146,17 +152,30 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
         exc.headers[REQUEST_ID_HEADER] = _CURRENT.get() or ""
         raise
     finally:
-        _ACCESS.info(
-            "%s %s %d",
-            request.method,
-            request.path,
-            status,
-            extra={
-                "method": request.method,
-                "path": request.path,
-                "status": status,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-                "remote": request.remote or "-",
-            },
-        )
+        if _ACCESS.isEnabledFor(logging.INFO):  # no record at all when the access log is off
+            _access_line(request, status, time.perf_counter() - started)
         _CURRENT.reset(token)
+
+
+def _access_line(request: web.BaseRequest, status: int, seconds: float) -> None:
+    """The access line, handled as ``_ACCESS.info`` would, less its look for the caller's
+    file and line (about 3 us, and no format prints them)."""
+    method, path = request.method, request.path
+    record = _ACCESS.makeRecord(
+        ACCESS_LOGGER,
+        logging.INFO,
+        __file__,
+        0,
+        "%s %s %d",
+        (method, path, status),
+        None,
+        "access_log",
+        {
+            "method": method,
+            "path": path,
+            "status": status,
+            "duration_ms": round(seconds * 1000, 3),
+            "remote": request.remote or "-",
+        },
+    )
+    _ACCESS.handle(record)

@@ -16,7 +16,15 @@ import traceback
 
 from aiohttp.http_exceptions import HttpProcessingError
 
-__all__ = ["AIOHTTP_LOGGERS", "RedactingFilter", "protect_handlers", "protect_loggers", "redact"]
+__all__ = [
+    "AIOHTTP_LOGGERS",
+    "RedactingFilter",
+    "mask_all",
+    "may_hold_secret",
+    "protect_handlers",
+    "protect_loggers",
+    "redact",
+]
 
 AIOHTTP_LOGGERS = (
     "aiohttp.access",
@@ -38,9 +46,29 @@ _PASSWORD = re.compile(
 MASK = "[redacted]"
 
 
+_KEYWORDS = ("bearer", "basic", "token", "authorization", "passw", "secret", "bkr_")
+"""A literal that every match of the expressions above holds (case aside): text holding none of
+them has nothing to mask. Only for ASCII text: case-insensitive matching also pairs ASCII
+letters with a few others (U+0130, U+0131, U+017F, U+212A)."""
+
+
+def may_hold_secret(text: str) -> bool:
+    """Whether :func:`redact` could change ``text`` (False only when it surely would not): the
+    four expressions cost about 10 us on an access line; this check well under one."""
+    if not text.isascii():
+        return True
+    lowered = text.lower()
+    return any(keyword in lowered for keyword in _KEYWORDS)
+
+
 def redact(text: str) -> str:
     """``text`` with every bearer (or basic) credential, every broker token and every
     password value masked."""
+    return mask_all(text) if may_hold_secret(text) else text
+
+
+def mask_all(text: str) -> str:
+    """:func:`redact` without its quick check: every expression run over ``text``."""
     text = _PASSWORD.sub(lambda m: f"{m.group(1)}{MASK}", text)
     text = _SCHEME.sub(lambda m: f"{m.group(1)} {MASK}", text)
     text = _HEADER.sub(lambda m: f"{m.group(1)}{MASK}", text)

@@ -91,10 +91,19 @@ def client_gone(request: web.BaseRequest, exc: BaseException) -> bool:
 
 
 async def answer_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    request: web.Request,
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    *,
+    before: Callable[[web.Request], web.Response | None] | None = None,
 ) -> web.StreamResponse:
-    """``handler``'s response, or its failure as an RFC 7644 section 3.12 error document."""
+    """``handler``'s response, or its failure as an RFC 7644 section 3.12 error document.
+    ``before``: a check whose response, if it gives one, is answered instead of calling
+    ``handler`` (its failures answered the same way)."""
     try:
+        if before is not None:
+            refusal = before(request)
+            if refusal is not None:
+                return refusal
         return await handler(request)
     except BrokerError as exc:
         return error_response(exc.status, exc.detail, exc.scim_type)

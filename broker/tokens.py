@@ -142,6 +142,9 @@ class TokenStore:
         self.cache_seconds = cache_seconds
         self.clock = clock
         self._cache: dict[bytes, tuple[float, asyncpg.Record | None]] = {}
+        # The principal each cached row was judged to be, with the row and its expiry: a hit
+        # checks only the expiry again (issue 15); a row read again is judged again.
+        self._verdicts: dict[bytes, tuple[asyncpg.Record, datetime | None, Principal]] = {}
 
     async def issue(
         self,
@@ -214,6 +217,7 @@ class TokenStore:
                 query("audit"), actor, "token_revoke", record["domain_id"], {"token": token_id}
             )
         self._cache.clear()
+        self._verdicts.clear()
         return TokenInfo.from_record(record)
 
     def forget(self, domain_id: str = "") -> None:
@@ -221,11 +225,13 @@ class TokenStore:
         domain changed (disabled, removed), perhaps in another process (``broker_domains``)."""
         if not domain_id:
             self._cache.clear()
+            self._verdicts.clear()
             return
         for digest in [
             d for d, (_, r) in self._cache.items() if r is not None and r["domain_id"] == domain_id
         ]:
             self._cache.pop(digest, None)
+            self._verdicts.pop(digest, None)
 
     async def authenticate(self, authorization: str | None) -> Principal:
         """The principal behind an ``Authorization: Bearer ...`` header, or AuthenticationError."""
@@ -239,13 +245,32 @@ class TokenStore:
         cached = self._cache.get(digest)
         if cached is not None and now - cached[0] < self.cache_seconds:
             record = cached[1]
+            verdict = self._verdicts.get(digest)
+            if verdict is not None and verdict[0] is record:
+                # The same stored row already judged: only its expiry moves with the clock.
+                expires_at = verdict[1]
+                if expires_at is not None and expires_at <= self.clock():
+                    raise AuthenticationError(
+                        "the bearer token has expired: ask the broker's operator for a new one"
+                    )
+                return verdict[2]
         else:
             record = await self.pool.fetchrow(query("token_by_hash"), digest)
             if record is not None:
                 await self.pool.execute(query("touch_token"), record["id"])
             if len(self._cache) > 10_000:
                 self._cache.clear()
+                self._verdicts.clear()
             self._cache[digest] = (now, record)
+        principal = self._judge(record)
+        if record is not None:
+            if len(self._verdicts) > 10_000:
+                self._verdicts.clear()
+            self._verdicts[digest] = (record, record["expires_at"], principal)
+        return principal
+
+    def _judge(self, record: asyncpg.Record | None) -> Principal:
+        """The principal a stored token row stands for, or why it authenticates no one."""
         if record is None:
             raise AuthenticationError("the bearer token is not known to this broker")
         if record["revoked_at"] is not None:

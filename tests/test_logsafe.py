@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from hypothesis import given
+from hypothesis import strategies as st
 
 from broker.app import create_app
 from broker.config import Config, DatabaseConfig, HomeConfig, PropagationConfig, ServerConfig
-from broker.logsafe import redact
+from broker.logsafe import mask_all, may_hold_secret, redact
 from tests.scim_support import _free_port
 
 TOKEN = "bkr_S3cretT0kenNeverLogged"
@@ -165,3 +167,50 @@ def test_password_values_are_masked_and_the_rest_is_kept(text: str) -> None:
 def test_words_about_passwords_are_not_masked() -> None:
     for text in ("the password is wrong", "[propagation] secret_key_env names KEY, not set"):
         assert redact(text) == text
+
+
+# Case-insensitive matching pairs these with ASCII letters of the keywords (dotted and dotless
+# i, long s, Kelvin sign): the quick check must not skip a text that holds them.
+_ODD_LETTERS = "\u0130\u0131\u017f\u212a"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Authorization: Bearer abc",
+        "GET /scim/v2/Users/x 200",
+        "Aut\u0125orization: x",
+        "Author\u0131zation: hunter2",  # dotless i: the expression still matches
+        "pa\u017fsword=hunter2",  # long s
+        "to\u212aen hunter2",  # Kelvin sign
+        "BEARER hunter2",
+        "bkr_abc",
+        "SeCrEt: x",
+        "",
+    ],
+)
+def test_the_quick_check_skips_only_text_the_expressions_leave_alone(text: str) -> None:
+    assert redact(text) == mask_all(text)
+    if mask_all(text) != text:
+        assert may_hold_secret(text)
+
+
+@given(
+    st.text(
+        alphabet=st.sampled_from(
+            [*"bearsictoknuhzwdp_BEARSICTOKNUHZWDP :=\"' %20/", *_ODD_LETTERS, "\u00e9"]
+        ),
+        max_size=40,
+    )
+    | st.builds(
+        lambda a, k, b: a + k + b,
+        st.text(max_size=5),
+        st.sampled_from(
+            ["bearer ", "Basic ", "TOKEN ", "authorization:", "passwd=", "Secret:", "bkr_"]
+        ),
+        st.text(max_size=10),
+    )
+)
+def test_redact_is_the_expressions_whatever_the_text(text: str) -> None:
+    """The quick check (issue 15) changes nothing: what the four expressions mask is masked."""
+    assert redact(text) == mask_all(text)

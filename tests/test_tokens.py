@@ -87,6 +87,33 @@ async def test_expiry_follows_the_injected_clock(pool: asyncpg.Pool) -> None:
         await store.authenticate(f"Bearer {token}")
 
 
+async def test_a_cached_verdict_still_expires_with_the_clock(pool: asyncpg.Pool) -> None:
+    """The verdict cache (issue 15) keeps the principal, never the expiry's answer."""
+    await pool.execute("INSERT INTO domains (id, kind) VALUES ('D1', 'peer')")
+    now = [datetime(2030, 1, 1, tzinfo=UTC)]
+    store = TokenStore(pool, cache_seconds=3600, clock=lambda: now[0])
+    token, _ = await store.issue("D1", expires_in=parse_duration("1h"))
+    first = await store.authenticate(f"Bearer {token}")
+    assert await store.authenticate(f"Bearer {token}") is first  # the cached verdict
+    now[0] += timedelta(hours=2)
+    with pytest.raises(AuthenticationError, match="expired"):
+        await store.authenticate(f"Bearer {token}")
+
+
+async def test_a_cached_verdict_is_judged_again_once_its_domain_changes(
+    pool: asyncpg.Pool,
+) -> None:
+    await pool.execute("INSERT INTO domains (id, kind) VALUES ('D1', 'peer')")
+    store = TokenStore(pool, cache_seconds=3600)
+    token, _ = await store.issue("D1")
+    await store.authenticate(f"Bearer {token}")
+    await pool.execute("UPDATE domains SET status = 'disabled' WHERE id = 'D1'")
+    await store.authenticate(f"Bearer {token}")  # still cached: the change is not told yet
+    store.forget("D1")  # what the broker_domains notification does
+    with pytest.raises(ForbiddenError, match="disabled"):
+        await store.authenticate(f"Bearer {token}")
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"), [("90d", 90 * 86400), ("12h", 43200), ("30m", 1800), ("2w", 1209600)]
 )

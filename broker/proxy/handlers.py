@@ -63,7 +63,7 @@ from broker.scim.versions import (
 )
 from broker.tokens import TokenStore
 
-__all__ = ["Proxy", "route_guard"]
+__all__ = ["Proxy", "route_guard", "route_refusal"]
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +83,25 @@ _DISCOVERY = {"serviceproviderconfig", "schemas", "resourcetypes", "bulk"}
 _ACCEPTED_TYPES = {"application/scim+json", "application/json"}
 
 
-@web.middleware
-async def route_guard(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Step 1: a path under /scim/v2 that smuggles a path or a query never reaches a handler."""
+def route_refusal(request: web.BaseRequest) -> web.Response | None:
+    """Step 1: the SCIM error for a path under /scim/v2 that smuggles a path or a query (it
+    never reaches a handler); None for any other request."""
     if request.path.startswith(SCIM_PREFIX) or request.raw_path.startswith(SCIM_PREFIX):
         try:
             path_segments(request.raw_path)
         except BrokerError as exc:
             return error_response(exc.status, exc.detail, exc.scim_type)
-    return await handler(request)
+    return None
+
+
+@web.middleware
+async def route_guard(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Step 1 as a middleware of its own (the broker's application runs :func:`route_refusal`
+    inside its one middleware, ``broker.app``)."""
+    refusal = route_refusal(request)
+    return refusal if refusal is not None else await handler(request)
 
 
 @dataclass(frozen=True)
@@ -139,6 +147,7 @@ class Proxy:
         self.base = public_base.rstrip("/") + SCIM_PREFIX
         self.id_pattern = IdShape(id_pattern)
         self.domain_cache_seconds = domain_cache_seconds
+        self._held_translations: tuple[HomeSchema, Translation, Translation] | None = None
 
     def configure(
         self,
@@ -259,7 +268,7 @@ class Proxy:
 
         ``owned``: ``docs`` were parsed for this call and nothing reads them after: they are
         rewritten in place (issue 15) instead of copied."""
-        outward = self.inward(call.schema).reversed()
+        outward = self.outward(call.schema)
         page = translate_page(docs, outward, resource_type=resource_type)
         wanted = page.wanted
         call.internal_ids.update(wanted)
@@ -319,7 +328,20 @@ class Proxy:
 
     def inward(self, schema: HomeSchema) -> Translation:
         """Rewriting from the caller's view (the broker's base) to home's."""
-        return Translation(schema.refs, schema.endpoints, self.base, self.home.base_url)
+        return self._translations(schema)[0]
+
+    def outward(self, schema: HomeSchema) -> Translation:
+        """Rewriting from home's view to the caller's (the broker's base)."""
+        return self._translations(schema)[1]
+
+    def _translations(self, schema: HomeSchema) -> tuple[Translation, Translation]:
+        """Both directions for ``schema``, made once per schema load (issue 15), not per
+        request: a Translation is frozen."""
+        held = self._held_translations
+        if held is None or held[0] is not schema:
+            inward = Translation(schema.refs, schema.endpoints, self.base, self.home.base_url)
+            held = self._held_translations = (schema, inward, inward.reversed())
+        return held[1], held[2]
 
     def readable(
         self, call: Call, doc: dict[str, Any], resource_type: str | None
@@ -445,12 +467,10 @@ class Proxy:
                 "the broker withheld a response that would have exposed an internal identifier "
                 f"(correlation ID {correlation}); the operator has been told",
             )
-        response = web.Response(
-            status=status, body=raw if body is not None else None, headers=dict(headers or {})
-        )
+        sent = dict(headers) if headers else {}
         if body is not None:
-            response.content_type = SCIM_JSON
-        return response
+            sent["Content-Type"] = SCIM_JSON  # as the content_type setter writes it, unparsed
+        return web.Response(status=status, body=raw if body is not None else None, headers=sent)
 
     def home_error(self, call: Call, response: Answer, replacements: dict[str, str]) -> BrokerError:
         """An error from home, translated for the caller: status and scimType kept, detail scrubbed."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 from broker.scim.rewrite import (
+    Endpoints,
     InvisibleResource,
     Translation,
     collect_ids,
@@ -152,6 +153,27 @@ def _top_keys(refs: ReferenceMap) -> tuple[dict[str, _KeyInfo], dict[tuple[str, 
         held = (refs, {}, {})
         _TOP_KEYS[id(refs)] = held
     return held[1], held[2]
+
+
+_MEMO_SIZE = 16_384
+"""Values kept per reference attribute in :func:`_type_memos`' memos."""
+_Memos = tuple[dict[int, dict[Any, str | None]], dict[int, dict[str, str | None]]]
+_TYPE_MEMOS: dict[tuple[int, int, str], tuple[ReferenceMap, Endpoints, _Memos]] = {}
+
+
+def _type_memos(translation: Translation) -> _Memos:
+    """The item types already told (by attribute: by ("type", "$ref"), and by "$ref" for a value
+    with no "type") for the references, endpoints and home base of ``translation``: what
+    :func:`item_type` answers depends on nothing else (the targets' keys are the endpoints')."""
+    refs, endpoints = translation.refs, translation.endpoints
+    key = (id(refs), id(endpoints), translation.source_base)
+    held = _TYPE_MEMOS.get(key)
+    if held is None or held[0] is not refs or held[1] is not endpoints:
+        if len(_TYPE_MEMOS) >= 16:  # one pair per home schema load: a handful live
+            _TYPE_MEMOS.clear()
+        held = (refs, endpoints, ({}, {}))
+        _TYPE_MEMOS[key] = held
+    return held[2]
 
 
 @dataclass(frozen=True)
@@ -294,10 +316,10 @@ class _Planner:
         self.targets = {t: f"{target}{e}/" for t, e in self.endpoints.by_type.items()}
         self.top, self.shapes = _top_keys(self.refs)
         self.wanted: dict[str, str | None] = {}
-        # item_type reads only an item's "type" and "$ref": its answer is kept for the page (a
-        # page's references name the same few groups and managers over and over).
-        self.types: dict[int, dict[Any, str | None]] = {}
-        self.by_ref: dict[int, dict[str, str | None]] = {}
+        # item_type reads only an item's "type" and "$ref": its answer is kept from page to
+        # page, and from one document to the next (issue 15: a GET of one user names the same
+        # few groups as the requests before it), for these references and this home base.
+        self.types, self.by_ref = _type_memos(translation)
         self.own_prefixes: dict[str, str | None] = {}
 
     def add(self, resource_id: str, rtype: str | None) -> None:
@@ -324,6 +346,8 @@ class _Planner:
                 if type(value) is str and type(ref) is str:
                     rtype = by_ref.get(ref, _UNKNOWN)
                     if rtype is _UNKNOWN:
+                        if len(by_ref) >= _MEMO_SIZE:  # whatever home sends, never unbounded
+                            by_ref.clear()
                         rtype = by_ref[ref] = self._fast_type(item, attr, types)
                     if rtype is not _GENERAL_VALUE:
                         if wanted.get(value) is None:
@@ -358,6 +382,8 @@ class _Planner:
             if (declared is None or type(declared) is str) and (ref is None or type(ref) is str):
                 rtype = types.get((declared, ref), _UNKNOWN)
                 if rtype is _UNKNOWN:
+                    if len(types) >= _MEMO_SIZE:
+                        types.clear()
                     rtype = types[declared, ref] = self._type_of(item, attr)
             else:
                 rtype = self._type_of(item, attr)
