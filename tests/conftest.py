@@ -135,7 +135,10 @@ async def counted_pool(db_url: str) -> AsyncIterator[tuple[asyncpg.Pool, QueryCo
         await pool.close()
 
 
-from tests.propagation_support import peer_server  # noqa: E402,F401  (peers' SCIM server)
+from tests.propagation_support import (  # noqa: E402,F401  (peers' and own homes' servers)
+    homes_server,
+    peer_server,
+)
 from tests.scim_support import (  # noqa: E402,F401
     home,  # the session's real home SCIM server
     no_home_id_reaches_a_domain,  # autouse: a leak fails the test that caused it

@@ -32,6 +32,15 @@ def peer_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Home]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def homes_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Home]:
+    """Another scim2-server process, whose tenants are homes of a test's own. Never a tenant of
+    the peer server as a home: the leak recorder tells home by its origin, and would take every
+    ID the peers assign for a home ID from then on."""
+    with scim_server(tmp_path_factory.mktemp("homes"), "--dynamic-tenants", base="") as server:
+        yield server
+
+
 def tenant(server: Home, name: str) -> Home:
     """A fresh, empty peer: a new tenant of the peer server."""
     return Home(f"{server.url}/{name}-{uuid.uuid4().hex[:8]}/v2", server.token)

@@ -279,10 +279,10 @@ def _fields(page: str) -> dict[str, str]:
 
 @pytest.fixture
 async def world(
-    db_url: str, peer_server: Home, monkeypatch: pytest.MonkeyPatch
+    db_url: str, peer_server: Home, homes_server: Home, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[tuple[Broker, Home, Home]]:
     """A home of the test's own and a push peer P that holds accounts already."""
-    home, peer = tenant(peer_server, "home"), tenant(peer_server, "peer")
+    home, peer = tenant(homes_server, "home"), tenant(peer_server, "peer")
     async for broker in federation(db_url, home, {"P": peer.url}, monkeypatch, peer_server.token):
         yield broker, home, peer
 

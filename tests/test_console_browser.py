@@ -1,6 +1,6 @@
 """The console in a real browser: Playwright drives Debian's headless Chromium against a real
 federation (a home and two push peers, scim2-server processes). One federation, one walk through
-the pages an operator uses, with a screenshot of each page (``$BROKER_SCREENSHOTS``, default
+the pages an operator uses, with a screenshot of each page (``$CONSOLE_SCREENSHOTS``, default
 ``build/screenshots/``)."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-SHOTS = Path(os.environ.get("BROKER_SCREENSHOTS", "build/screenshots"))
+SHOTS = Path(os.environ.get("CONSOLE_SCREENSHOTS", "build/screenshots"))
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(),

@@ -42,11 +42,11 @@ IN = "staff"
 
 @pytest.fixture
 async def world(
-    db_url: str, peer_server: Home, monkeypatch: pytest.MonkeyPatch
+    db_url: str, peer_server: Home, homes_server: Home, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[tuple[Broker, Home, Home]]:
     """A home of the test's own, an empty push peer P scoped to title "staff", and the broker
     delivering to it; the CLI reaches the same home."""
-    home, peer = tenant(peer_server, "home"), tenant(peer_server, "peer")
+    home, peer = tenant(homes_server, "home"), tenant(peer_server, "peer")
     monkeypatch.setenv("BROKER_HOME__SCIM_URL", home.url)
     monkeypatch.setenv("BROKER_HOME__TOKEN", home.token)
     async for broker in federation(
@@ -250,9 +250,9 @@ def listed(server: Home, endpoint: str) -> list[dict[str, Any]]:
 
 
 async def test_initial_sync_brings_a_thousand_users_and_fifty_groups_into_a_new_peer_once(
-    db_url: str, peer_server: Home, monkeypatch: pytest.MonkeyPatch
+    db_url: str, peer_server: Home, homes_server: Home, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    home, peer = tenant(peer_server, "home"), tenant(peer_server, "peer")
+    home, peer = tenant(homes_server, "home"), tenant(peer_server, "peer")
     users = fill(home, "/Users", [new_user(f"person{n:04d}") for n in range(1000)])
     groups = fill(
         home,

@@ -33,6 +33,7 @@ __all__ = [
     "finish_creates",
     "import_duplicates",
     "import_problems",
+    "journal_write",
     "link_accounts",
     "merge_problems",
     "record_entities",
@@ -287,3 +288,11 @@ async def register_entities(
     """Entities home has (``internal_ids``, aligned with ``resource_types``), recorded before
     their syncs are enqueued; ones recorded already are left as they are."""
     await conn.execute(query("register_entities"), list(internal_ids), list(resource_types))
+
+
+async def journal_write(db: Executor, *args: object) -> bool:
+    """A home write recorded in one statement (``journal_write``: the entities, their history
+    and the syncs toward the peers; see :func:`broker.propagation.journal.record_alone`); False,
+    with nothing written, when a domain subscribes to SETs."""
+    done: bool = await db.fetchval(query("journal_write"), *args)
+    return done

@@ -15,7 +15,7 @@ import asyncpg
 
 from broker.db import query
 from broker.events.record import record_changes
-from broker.mapping.accounts import record_entities
+from broker.mapping.accounts import journal_write, record_entities
 from broker.mapping.store import set_domain_external_ids
 from broker.propagation.writes import HomeWrite
 from broker.secrets import SecretBox
@@ -86,8 +86,8 @@ async def record_alone(
     changed, deleted = write.written, list(write.deleted)
     entities = list(dict.fromkeys([*changed, *deleted]))
     gone = set(deleted)
-    done: bool = await conn.fetchval(
-        query("journal_write"),
+    return await journal_write(
+        conn,
         list(changed),
         list(changed.values()),
         deleted,
@@ -96,7 +96,6 @@ async def record_alone(
         [sealed.get(i) for i in entities],
         write.origin,
     )
-    return done
 
 
 class Journal:

@@ -487,3 +487,54 @@ SELECT a.internal_id, $1, a.external_id, true, 'peer', 'active', a.handle
 FROM unnest($2::text[], $3::text[], $5::text[]) AS a(internal_id, external_id, handle)
 ON CONFLICT DO NOTHING
 RETURNING internal_id
+
+-- name: journal_write
+-- A write home took, recorded in one statement when no domain subscribes to SETs (the common
+-- case; its own transaction then): what record_writes, history_writes, enqueue_sync and
+-- enqueue_sync_sealed do, in that order's effect. $1/$2: entities home now has and their types;
+-- $3: entities it no longer has; $4: every entity the write touched, in order, with how ($5) and
+-- its sealed write-only values ($6, NULL for none); $7: the writing domain (NULL: home itself).
+-- If some domain subscribes, nothing is written and the answer is false: the caller records the
+-- write in a transaction of its own (the SETs need the previous documents first).
+WITH quiet AS (
+    SELECT NOT EXISTS (SELECT 1 FROM event_subscriptions) AS ok
+), seen AS (
+    INSERT INTO entities (internal_id, resource_type)
+    SELECT w.internal_id, w.resource_type
+    FROM unnest($1::text[], $2::text[]) AS w (internal_id, resource_type), quiet
+    WHERE quiet.ok
+    ON CONFLICT (internal_id) DO UPDATE SET resource_type = EXCLUDED.resource_type
+    WHERE entities.resource_type = 'unknown' AND EXCLUDED.resource_type <> 'unknown'
+), gone AS (
+    UPDATE entities SET state = 'deleted', updated_at = now()
+    FROM quiet
+    WHERE quiet.ok AND internal_id = ANY($3::text[]) AND state = 'active'
+), history AS (
+    INSERT INTO entity_history (internal_id, domain_id, kind, status)
+    SELECT w.internal_id, $7, 'write', w.how
+    FROM unnest($4::text[], $5::text[]) AS w (internal_id, how), quiet
+    WHERE quiet.ok
+), touched AS (
+    SELECT w.internal_id, w.sealed
+    FROM unnest($4::text[], $6::bytea[]) AS w (internal_id, sealed), quiet
+    WHERE quiet.ok
+), plain AS (
+    -- DO NOTHING takes no lock on a waiting sync (see enqueue_sync).
+    INSERT INTO outbox (domain_id, internal_id, kind)
+    SELECT d.id, t.internal_id, 'sync'
+    FROM domains d CROSS JOIN touched t
+    WHERE t.sealed IS NULL
+      AND d.kind = 'peer' AND d.push AND d.status <> 'removed' AND d.id IS DISTINCT FROM $7
+    ORDER BY t.internal_id, d.id
+    ON CONFLICT (domain_id, internal_id) WHERE state = 'pending' AND kind = 'sync' DO NOTHING
+), carrying AS (
+    INSERT INTO outbox (domain_id, internal_id, kind, sealed_values)
+    SELECT d.id, t.internal_id, 'sync', t.sealed
+    FROM domains d CROSS JOIN touched t
+    WHERE t.sealed IS NOT NULL
+      AND d.kind = 'peer' AND d.push AND d.status <> 'removed' AND d.id IS DISTINCT FROM $7
+    ORDER BY t.internal_id, d.id
+    ON CONFLICT (domain_id, internal_id) WHERE state = 'pending' AND kind = 'sync'
+    DO UPDATE SET sealed_values = EXCLUDED.sealed_values, updated_at = now()
+)
+SELECT ok FROM quiet
