@@ -271,19 +271,7 @@ def changes(before: Domain, after: Domain) -> dict[str, list[Any]]:
     """The settings that differ, as [before, after] (for the audit log: references and
     settings only, never a secret)."""
     out = {}
-    for name in (
-        "scim_url",
-        "credential_ref",
-        "push",
-        "scope_filter",
-        "attribute_policy",
-        "deprovision",
-        "suspend_for",
-        "on_conflict",
-        "unlinkable",
-        "timestamp_precision",
-        "status",
-    ):
+    for name in (*_SETTINGS[1:], "status"):
         old, new = getattr(before, name), getattr(after, name)
         if old != new:
             out[name] = [_plain(old), _plain(new)]
@@ -518,22 +506,23 @@ class DomainStore:
 
 def _settings(domain: Domain) -> dict[str, Any]:
     """A domain's settings, for the audit log (references, never a secret)."""
-    return {
-        name: _plain(getattr(domain, name))
-        for name in (
-            "kind",
-            "scim_url",
-            "credential_ref",
-            "push",
-            "scope_filter",
-            "attribute_policy",
-            "deprovision",
-            "suspend_for",
-            "on_conflict",
-            "unlinkable",
-            "timestamp_precision",
-        )
-    }
+    return {name: _plain(getattr(domain, name)) for name in _SETTINGS}
+
+
+_SETTINGS = (
+    "kind",
+    "scim_url",
+    "credential_ref",
+    "push",
+    "scope_filter",
+    "attribute_policy",
+    "deprovision",
+    "suspend_for",
+    "on_conflict",
+    "unlinkable",
+    "timestamp_precision",
+)
+"""A domain's settings as the audit log records them (references, never a secret)."""
 
 
 _CHECK_MESSAGES = {

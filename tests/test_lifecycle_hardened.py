@@ -22,7 +22,7 @@ from broker.home import HomeClient, HomeUnavailable
 from broker.propagation.policy import Verdict, too_large
 from broker.tokens import TokenStore
 from tests.propagation_support import FAST, admin, cli, federation, home_tool
-from tests.scim_support import TEST_KEY_ENV, Broker, Home, new_user, start_broker
+from tests.scim_support import TEST_KEY_ENV, Broker, Home, new_user, start_broker, unique
 from tests.waiting import until
 
 # ---------------------------------------------------------------------------------- pure parts
@@ -267,7 +267,19 @@ async def broker(db_url: str, home: Home) -> AsyncIterator[Broker]:
 async def test_disabling_a_domain_elsewhere_refuses_its_cached_tokens_at_once(
     broker: Broker, db_url: str, home: Home
 ) -> None:
-    home.call("POST", "/Users", new_user())  # what the domains read holds a home ID
+    name = unique("cached")
+    home.call("POST", "/Users", new_user(name))  # what the domains read holds a home ID
+    only = {"filter": f'userName eq "{name}"'}  # not the session home's other users
+
+    async def listening() -> bool:  # a listener that comes up later drops every cache first
+        return bool(
+            await broker.pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND query = 'LISTEN \"broker_domains\"'"
+            )
+        )
+
+    await until(listening, "the broker listens for domain changes")
     operator, _ = await TokenStore(broker.pool).issue("H", scopes=["admin"])
     # The verdicts are cached for an hour here: only the change's notice can drop them.
     broker.app[PROXY].tokens.cache_seconds = 3600
@@ -275,7 +287,7 @@ async def test_disabling_a_domain_elsewhere_refuses_its_cached_tokens_at_once(
     status, _ = await admin(broker, "GET", "/admin/domains", token=operator)
     assert status == 200
     for domain in ("D", "E"):
-        status, body, _ = await broker.call(domain, "GET", "/Users")
+        status, body, _ = await broker.call(domain, "GET", "/Users", params=only)
         assert status == 200, (domain, body)
     # D's token revoked behind the broker's back (no notice): its cached verdict stays, which
     # shows that E's change drops E's verdicts only.
@@ -285,7 +297,7 @@ async def test_disabling_a_domain_elsewhere_refuses_its_cached_tokens_at_once(
         assert code == 0, out
 
     async def e_refused() -> bool:
-        status, _, _ = await broker.call("E", "GET", "/Users")
+        status, _, _ = await broker.call("E", "GET", "/Users", params=only)
         return status == 403
 
     async def operator_refused() -> bool:
@@ -294,7 +306,7 @@ async def test_disabling_a_domain_elsewhere_refuses_its_cached_tokens_at_once(
 
     await until(e_refused, "E's cached token is refused on the SCIM port")
     await until(operator_refused, "H's cached operator token is refused on the admin port")
-    status, body, _ = await broker.call("D", "GET", "/Users")
+    status, body, _ = await broker.call("D", "GET", "/Users", params=only)
     assert status == 200, body
     assert (
         await broker.pool.fetchval("SELECT count(*) FROM audit_log WHERE action = 'domain_disable'")

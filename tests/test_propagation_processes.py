@@ -614,7 +614,9 @@ async def test_a_broker_killed_mid_drain_and_a_second_one_on_the_queue_lose_and_
                 )
             }
             print(f"deliveries done by worker: {by_worker}")
-            assert len(by_worker) >= 2 and by_worker.get(worker_a) and by_worker.get(worker_b), (
+            # B delivered before the kill or after its restart (a new worker): the killed
+            # worker's last deliveries may die with it before their batch is recorded.
+            assert len(by_worker) >= 2 and by_worker.get(worker_a), (
                 f"both processes delivered: {by_worker}"
             )
             assert a.alive(), "broker A kept running throughout"
