@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Claimer", "Lane", "Ledger"]
 
+DONE = "deliveries_done"
+"""The statement that settles deliveries as done (with their entities' history rows)."""
+
 log = logging.getLogger(__name__)
 
 
@@ -183,7 +186,7 @@ class Ledger:
     async def succeeded(self, peer: Peer, claim: Claim, lane: Lane) -> str:
         """The delivery is done; the peer is healthy (told at most once a second)."""
         if claim.id not in self.settled:
-            await self.settle(claim, "delivery_done")
+            await self.settle(claim, DONE)
         now = self.monotonic()
         if not health_due(now=now, healthy_at=lane.healthy_at):
             return "done"  # the database heard so less than a second ago, and nothing failed since
@@ -259,7 +262,7 @@ class Ledger:
         did (one commit instead of two). A merge's or split's delivery settles on its own,
         after, since its operation's row is locked only after what the record locks."""
         if claim.operation_id is None:
-            await self.settle_on(conn, claim, "delivery_done")
+            await self.settle_on(conn, claim, DONE)
             self.settled.add(claim.id)
 
     async def done_all(self, conn: Connection, claims: list[Claim]) -> None:
@@ -268,7 +271,7 @@ class Ledger:
         assert all(claim.operation_id is None for claim in claims)
         if not claims:
             return
-        await conn.execute(query("deliveries_done"), [c.id for c in claims], self.worker_id)
+        await conn.execute(query(DONE), [c.id for c in claims], self.worker_id)
         self.settled.update(c.id for c in claims)
 
     def now(self) -> datetime:
@@ -280,7 +283,9 @@ class Ledger:
             # Settles of one operation's deliveries queue here, so each progress is computed
             # from what the others committed (a later statement sees them).
             await conn.execute(query("lock_operation"), claim.operation_id)
-        await conn.execute(query(statement), claim.id, self.worker_id, *args)
+        # Done is one statement for one delivery or several (an array of IDs).
+        first = [claim.id] if statement == DONE else claim.id
+        await conn.execute(query(statement), first, self.worker_id, *args)
         if claim.operation_id is not None:
             await conn.execute(query("refresh_operation"), claim.operation_id)
 

@@ -106,25 +106,9 @@ LEFT JOIN id_mappings m ON m.internal_id = c.internal_id AND m.domain_id = $1 AN
 LEFT JOIN peer_copies p ON p.internal_id = c.internal_id AND p.domain_id = $1
 ORDER BY c.id
 
--- name: delivery_done
--- Delivered: write-only values are erased; the entity's history keeps it (one row, same statement).
-WITH settled AS (
-    UPDATE outbox
-    SET state = 'done', attempts = attempts + 1, lease_until = NULL, last_error = NULL,
-        sealed_values = NULL, updated_at = now()
-    WHERE id = $1 AND claimed_by = $2 AND state = 'in_flight'
-    RETURNING id, domain_id, internal_id, kind, attempts, operation_id
-)
-INSERT INTO entity_history (internal_id, domain_id, kind, status, details)
-SELECT internal_id, domain_id, 'delivery', 'done',
-       jsonb_build_object('delivery', id, 'task', kind, 'attempts', attempts,
-                          'operation', operation_id)
-FROM settled
-WHERE internal_id IS NOT NULL  -- an orphan's deletion (delete_orphan) is no entity's
-
 -- name: deliveries_done
--- Several deliveries ($1) claimed by worker $2 delivered at once (see delivery_done), each in its
--- entity's history (same statement).
+-- Deliveries ($1, one or several) claimed by worker $2 delivered: write-only values are erased;
+-- each entity's history keeps it (same statement).
 WITH settled AS (
     UPDATE outbox
     SET state = 'done', attempts = attempts + 1, lease_until = NULL, last_error = NULL,
