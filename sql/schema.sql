@@ -79,12 +79,12 @@ CREATE TRIGGER domain_tokens_admin_is_home
 
 -- Internal entities: the home's resources, named by the home's IDs (the internal IDs).
 CREATE TABLE entities (
-    internal_id    text PRIMARY KEY,
+    internal_id    text COLLATE "C" PRIMARY KEY,
     resource_type  text NOT NULL,
     state          text NOT NULL DEFAULT 'active'
                    CONSTRAINT entities_state_check CHECK (state IN ('active', 'merged', 'deleted')),
     -- For a merged entity, the survivor it lives on in (always a live entity: merges re-point).
-    merged_into    text REFERENCES entities (internal_id),
+    merged_into    text COLLATE "C" REFERENCES entities (internal_id),
     created_at     timestamptz NOT NULL DEFAULT now(),
     updated_at     timestamptz NOT NULL DEFAULT now(),
     -- A split-off held back from push peers until something needs it there (0006).
@@ -97,10 +97,11 @@ CREATE INDEX entities_merged_into ON entities (merged_into) WHERE merged_into IS
 -- The mapping table: internal ID <-> (domain, external ID, primary flag, state).
 CREATE TABLE id_mappings (
     id                  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    internal_id         text NOT NULL REFERENCES entities (internal_id),
-    domain_id           text NOT NULL REFERENCES domains (id),
+    -- IDs compare as bytes (0020): opaque, only ever compared for equality.
+    internal_id         text COLLATE "C" NOT NULL REFERENCES entities (internal_id),
+    domain_id           text COLLATE "C" NOT NULL REFERENCES domains (id),
     -- NULL only while a create in a push peer is pending (the peer has not assigned it yet).
-    external_id         text,
+    external_id         text COLLATE "C",
     is_primary          boolean NOT NULL,
     -- peer: assigned by a push peer on create; minted: an opaque pairwise ID the broker issued.
     origin              text NOT NULL CONSTRAINT id_mappings_origin_check CHECK (origin IN ('peer', 'minted')),
@@ -108,9 +109,9 @@ CREATE TABLE id_mappings (
                         CONSTRAINT id_mappings_state_check
                         CHECK (state IN ('active', 'pending_create', 'deletion_required', 'retired')),
     -- The domain's own externalId for this entity: shown back to this domain only.
-    domain_external_id  text,
+    domain_external_id  text COLLATE "C",
     -- Pairwise opaque correlation value sent as externalId when provisioning into a peer.
-    correlation_handle  text NOT NULL,
+    correlation_handle  text COLLATE "C" NOT NULL,
     -- For retired aliases: when the row may be removed.
     retire_after        timestamptz,
     created_at          timestamptz NOT NULL DEFAULT now(),
@@ -120,10 +121,12 @@ CREATE TABLE id_mappings (
     CONSTRAINT id_mappings_external_id_present CHECK ((external_id IS NULL) = (state = 'pending_create')),
     CONSTRAINT id_mappings_alias_state CHECK (is_primary = (state IN ('active', 'pending_create')))
 );
--- At most one primary row per (entity, domain): outbound translation is unambiguous.
-CREATE UNIQUE INDEX id_mappings_one_primary ON id_mappings (internal_id, domain_id) WHERE is_primary;
--- Outbound lookups and merges read by entity; inbound lookups use the unique (domain_id, external_id).
-CREATE INDEX id_mappings_by_entity ON id_mappings (internal_id, domain_id);
+-- At most one primary row per (entity, domain): outbound translation is unambiguous. An alias's
+-- third key is NULL, and NULLs never clash (0020: one index where there were two). Outbound
+-- lookups and merges read by entity through its first two columns; inbound lookups use the
+-- unique (domain_id, external_id).
+CREATE UNIQUE INDEX id_mappings_one_primary
+    ON id_mappings (internal_id, domain_id, (nullif(is_primary, false)));
 
 -- Merge and split operations: a status resource, idempotent by a client-supplied key.
 CREATE TABLE operations (
