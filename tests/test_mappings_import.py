@@ -372,7 +372,7 @@ async def test_the_checks_run_no_subplan_per_staged_line(pool: asyncpg.Pool) -> 
     await _domains(pool)
     async with pool.acquire() as conn, conn.transaction():
         await accounts.begin_import(conn)
-        await accounts.stage_import(conn, [Record(1, "u1", "D2", "p-1", True)])
+        await accounts.stage_import(conn, [[Record(1, "u1", "D2", "p-1", True)]])
         await conn.execute(query("import_analyze"))
         for name in ("import_problems", "import_duplicates"):
             plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + query(name), 100))

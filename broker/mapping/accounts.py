@@ -7,14 +7,15 @@ writes ``id_mappings`` or ``entities`` is in ``sql/queries/mapping.sql``."""
 from __future__ import annotations
 
 import base64
+import itertools
 import secrets
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 
-from broker.db import query
+from broker.db import machine_memory, query
 from broker.errors import ConflictError
 from broker.mapping.fileformat import FIELDS, LineProblem, Record
 
@@ -32,21 +33,40 @@ __all__ = [
     "finish_create",
     "finish_creates",
     "import_duplicates",
+    "import_memory",
     "import_problems",
     "journal_write",
     "link_accounts",
     "merge_problems",
     "record_entities",
     "register_entities",
+    "reserve_staging_memory",
     "retire_alias",
     "retire_primary",
     "stage_import",
     "take_bulk_path",
 ]
 
-IMPORT_WORK_MEM = "256MB"
-IMPORT_BUILD_MEMORY = "512MB"
-"""Memory for each index build of an import's bulk path (its transaction only)."""
+
+def import_memory(memory: int) -> dict[str, str]:
+    """The memory an import asks for, on a machine with ``memory`` bytes (the embedded server
+    shares it): ``work_mem`` for the checks' hash joins (a 32nd, 64 MB to 1 GB),
+    ``maintenance_work_mem`` for each index build of the bulk path (an eighth, 256 MB to 2 GB:
+    at 10 million rows a build then sorts in memory) and ``temp_buffers`` for the staging table
+    (an eighth, 64 MB to 3 GB: 10 million staged lines take about 1.3 GB, which the default 8 MB
+    makes a round trip through files for every scan). Each holds for the import only."""
+
+    def share(part: int, low: int, high: int) -> str:
+        return f"{min(max(memory // part >> 20, low), high)}MB"
+
+    return {
+        "work_mem": share(32, 64, 1024),
+        "maintenance_work_mem": share(8, 256, 2048),
+        "temp_buffers": share(8, 64, 3072),
+    }
+
+
+IMPORT_MEMORY = import_memory(machine_memory())
 BULK_LOCK_TIMEOUT = "5s"
 """How long an import's bulk path waits for the mapping table's locks before it gives up."""
 """Memory for an import's hash joins and aggregates (its transaction only)."""
@@ -124,21 +144,39 @@ async def record_entities(
 # to id_mappings or entities unless every line passes.
 
 
+async def reserve_staging_memory(conn: Connection) -> bool:
+    """Give this session the staging table's ``temp_buffers``, outside any transaction; False
+    when the session has used a temporary table already (PostgreSQL then refuses the change, and
+    the import runs with what the session has). The buffers stay the session's: close it after
+    the import."""
+    try:
+        await conn.execute(query("import_temp_buffers"), IMPORT_MEMORY["temp_buffers"])
+    except asyncpg.PostgresError:
+        return False
+    return True
+
+
 async def begin_import(conn: Connection) -> None:
     """Make the transaction's staging table."""
     await conn.execute(query("import_staging"))
-    await conn.execute(query("import_memory"), IMPORT_WORK_MEM)
+    await conn.execute(query("import_memory"), IMPORT_MEMORY["work_mem"])
 
 
-async def stage_import(conn: Connection, records: Sequence[Record]) -> None:
-    """Copy a batch of well-formed lines into the staging table, with COPY, each with the random
-    correlation handle its row will get."""
-    handles = ((h,) for h in correlation_handles(len(records)))
+async def stage_import(conn: Connection, batches: Iterable[Sequence[Record]]) -> None:
+    """Copy the well-formed lines into the staging table with one COPY, each with the random
+    correlation handle its row will get (drawn a batch at a time). ``batches`` is read as COPY
+    asks for rows: asyncpg sends a buffer whenever one is full, so a lazy ``batches`` is parsed
+    while the server stores what came before."""
     await conn.copy_records_to_table(
         "mapping_import",
-        records=map(tuple.__add__, records, handles),
+        records=itertools.chain.from_iterable(map(_with_handles, batches)),
         columns=("line", "internal_id", "domain_id", "external_id", "is_primary", "handle"),
     )
+
+
+def _with_handles(records: Sequence[Record]) -> list[tuple[object, ...]]:
+    handles = ((h,) for h in correlation_handles(len(records)))
+    return list(map(tuple.__add__, records, handles))
 
 
 def correlation_handles(count: int) -> list[str]:
@@ -205,10 +243,13 @@ async def commit_import(
         if bulk:
             try:
                 async with conn.transaction():  # a savepoint: a failed build undoes it all
+                    await conn.execute(query("import_truncate"))
                     await conn.execute(query("import_shed_indexes"))
                     entities = await clock.run("entities", conn.execute(query("import_entities")))
                     rows = await clock.run("rows", conn.execute(query("import_rows")))
-                    await conn.execute(query("import_build_memory"), IMPORT_BUILD_MEMORY)
+                    await conn.execute(
+                        query("import_build_memory"), IMPORT_MEMORY["maintenance_work_mem"]
+                    )
                     await clock.run("indexes", conn.execute(query("import_build_indexes")))
             except asyncpg.UniqueViolationError:
                 return None

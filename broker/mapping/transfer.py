@@ -1,7 +1,8 @@
 """Loading an existing mapping from a file, all or nothing, and writing the mapping table out as
 one (``broker mappings import`` and ``export``).
 
-An import streams the file: each batch of well-formed lines goes into a staging table with COPY;
+An import streams the file: its well-formed lines go into a staging table with one COPY, fed a
+batch at a time (the server stores one batch while the next is parsed);
 the set-based checks of :func:`broker.mapping.accounts.import_problems` then find every line
 that breaks an invariant; only when none does is the table written, with one INSERT ... SELECT,
 in the same transaction. An export reads through a server-side cursor, so neither holds the
@@ -96,19 +97,15 @@ async def import_mappings(
         with path.open(encoding="utf-8", newline="") as file:
             report = ImportReport(detect_format(path, file.read(4096)))
             file.seek(0)
-            try:
-                async with pool.acquire() as conn, conn.transaction():
-                    await accounts.begin_import(conn)
-                    await _stage(
-                        conn, parse_lines(file, report.file_format), report, limit, batch, progress
-                    )
-                    report.phases["stage"] = time.monotonic() - started
-                    source = {"file": path.name, "format": report.file_format.value}
-                    await _check_and_write(
-                        conn, report, limit, actor, source, large=report.staged >= bulk_rows
-                    )
-            except _Refused:
-                pass
+            source = {"file": path.name, "format": report.file_format.value}
+            async with pool.acquire() as conn:
+                reserved = await accounts.reserve_staging_memory(conn)
+                try:
+                    steps = _Import(conn, report, limit, actor, source, progress)
+                    await steps.run(parse_lines(file, report.file_format), batch, bulk_rows)
+                finally:
+                    if reserved:  # the session's staging buffers go back: it is closed
+                        await pool.expire_connections()
     except UnicodeDecodeError as exc:
         raise InvalidValueError(
             f"{path} is not UTF-8 text (byte {exc.start}): save it as UTF-8 and import it again"
@@ -117,6 +114,36 @@ async def import_mappings(
         raise InvalidValueError(f"there is no file {path}: check the path") from exc
     report.seconds = time.monotonic() - started
     return report
+
+
+@dataclass
+class _Import:
+    """One import's transaction: stage, check, write (or refuse)."""
+
+    conn: Connection
+    report: ImportReport
+    limit: int
+    actor: str
+    source: dict[str, str]
+    progress: Callable[[int], None]
+
+    async def run(self, items: Iterator[Record | LineProblem], batch: int, bulk_rows: int) -> None:
+        started = time.monotonic()
+        try:
+            async with self.conn.transaction():
+                await accounts.begin_import(self.conn)
+                await _stage(self.conn, items, self.report, self.limit, batch, self.progress)
+                self.report.phases["stage"] = time.monotonic() - started
+                await _check_and_write(
+                    self.conn,
+                    self.report,
+                    self.limit,
+                    self.actor,
+                    self.source,
+                    large=self.report.staged >= bulk_rows,
+                )
+        except _Refused:
+            pass
 
 
 async def _check_and_write(
@@ -164,7 +191,22 @@ async def _stage(
     batch: int,
     progress: Callable[[int], None],
 ) -> None:
-    """Copy the well-formed lines into the staging table a batch at a time; count the others."""
+    """Copy the well-formed lines into the staging table, with one COPY fed a batch at a time;
+    count the others. The batches are parsed as COPY asks for rows, so the server stores one
+    buffer while the next is parsed here."""
+    await accounts.stage_import(conn, _batches(items, report, limit, batch, progress))
+    progress(report.lines)
+
+
+def _batches(
+    items: Iterator[Record | LineProblem],
+    report: ImportReport,
+    limit: int,
+    batch: int,
+    progress: Callable[[int], None],
+) -> Iterator[list[Record]]:
+    """The well-formed lines, ``batch`` at a time; each bad one counted (and the first ``limit``
+    kept) in ``report``."""
     pending: list[Record] = []
     for item in items:
         if isinstance(item, LineProblem):
@@ -176,15 +218,14 @@ async def _stage(
         pending.append(item)
         if len(pending) >= batch:
             report.lines = item.line
-            await accounts.stage_import(conn, pending)
             report.staged += len(pending)
+            yield pending
             pending = []
             progress(report.lines)
     if pending:
         report.lines = pending[-1].line
-        await accounts.stage_import(conn, pending)
         report.staged += len(pending)
-    progress(report.lines)
+        yield pending
 
 
 async def export_mappings(

@@ -288,18 +288,24 @@ DELETE FROM id_mappings WHERE domain_id = $1
 -- The staging table of a mapping import (broker mappings import): the file's well-formed lines,
 -- copied in with COPY, checked set-based, then written with one INSERT ... SELECT. Dropped with
 -- the transaction.
+-- Its IDs compare as bytes, as the mapping table's do (0020).
 CREATE TEMPORARY TABLE mapping_import (
     line         bigint NOT NULL,
-    internal_id  text NOT NULL,
-    domain_id    text NOT NULL,
-    external_id  text NOT NULL,
+    internal_id  text COLLATE "C" NOT NULL,
+    domain_id    text COLLATE "C" NOT NULL,
+    external_id  text COLLATE "C" NOT NULL,
     is_primary   boolean NOT NULL,
-    handle       text NOT NULL
+    handle       text COLLATE "C" NOT NULL
 ) ON COMMIT DROP
 
 -- name: import_analyze
 -- Temporary tables are never analysed by autovacuum: the checks' plans need the counts.
 ANALYZE mapping_import
+
+-- name: import_temp_buffers
+-- The import's session keeps its staging table in memory (temp_buffers: this session, set before
+-- it touches any temporary table; the import closes the session after).
+SELECT set_config('temp_buffers', $1, false)
 
 -- name: import_memory
 -- Memory for the import's hash joins and aggregates, for this transaction only.
@@ -399,9 +405,6 @@ SELECT s.internal_id, s.domain_id, s.external_id, s.is_primary,
        s.handle
 FROM mapping_import s
 JOIN domains d ON d.id = s.domain_id
--- In index order: the heap ends up clustered by entity (an outbound page reads fewer pages), and
--- each index insert lands near the last.
-ORDER BY s.internal_id, s.domain_id
 
 -- name: import_lock_timeout
 -- How long the bulk path of an import waits for its exclusive locks before it takes the ordinary
@@ -445,6 +448,14 @@ BEGIN
     END LOOP;
 END
 $$
+
+-- name: import_truncate
+-- The bulk path, after its lock and its check that the table is empty: the empty table truncated
+-- in the import's transaction gets a new file. With wal_level = minimal (the embedded server's),
+-- PostgreSQL then writes the rows and the index builds without the write-ahead log, and syncs
+-- the files at commit instead; a rollback leaves the old, empty file. Nothing references
+-- id_mappings, so nothing else is truncated.
+TRUNCATE id_mappings
 
 -- name: import_build_memory
 -- Memory for each index build of the bulk path (this transaction only).
