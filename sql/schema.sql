@@ -116,8 +116,9 @@ CREATE TABLE id_mappings (
     retire_after        timestamptz,
     created_at          timestamptz NOT NULL DEFAULT now(),
     updated_at          timestamptz NOT NULL DEFAULT now(),
-    CONSTRAINT id_mappings_external_id_unique UNIQUE (domain_id, external_id),
-    CONSTRAINT id_mappings_correlation_unique UNIQUE (domain_id, correlation_handle),
+    -- The ID first, the domain second (0021): an index build sorts on the first key.
+    CONSTRAINT id_mappings_external_id_unique UNIQUE (external_id, domain_id),
+    CONSTRAINT id_mappings_correlation_unique UNIQUE (correlation_handle, domain_id),
     CONSTRAINT id_mappings_external_id_present CHECK ((external_id IS NULL) = (state = 'pending_create')),
     CONSTRAINT id_mappings_alias_state CHECK (is_primary = (state IN ('active', 'pending_create')))
 );
