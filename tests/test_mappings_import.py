@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.db import query
+from broker.db import create_pool, query
 from broker.errors import ConflictError, NotFoundError
 from broker.mapping import accounts
 from broker.mapping.cache import MappingCache, listen
@@ -378,3 +378,46 @@ async def test_the_checks_run_no_subplan_per_staged_line(pool: asyncpg.Pool) -> 
             plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + query(name), 100))
             assert "SubPlan" not in plan, plan
             assert "mapping_import" in plan
+
+
+def test_an_import_asks_for_memory_in_proportion_to_the_machine() -> None:
+    small, large = accounts.import_memory(2 << 30), accounts.import_memory(64 << 30)
+    assert small == {"work_mem": "64MB", "maintenance_work_mem": "256MB", "temp_buffers": "256MB"}
+    assert large == {
+        "work_mem": "1024MB",
+        "maintenance_work_mem": "2048MB",
+        "temp_buffers": "3072MB",
+    }
+    assert accounts.import_memory(0)["temp_buffers"] == "64MB"  # memory unknown: the floor
+
+
+async def test_the_bulk_path_writes_the_rows_without_the_write_ahead_log(
+    db_url: str, tmp_path: Path
+) -> None:
+    # The embedded server runs wal_level = minimal; the bulk path truncates the empty table in its
+    # transaction, so its rows and index builds go to new files, synced at commit, not to the WAL.
+    # (Files under wal_skip_threshold, 2 MB, are WAL-logged whole at commit instead: 0 here, so
+    # that this small file shows what a large one does.)
+    pool = await create_pool(db_url, settings={"wal_skip_threshold": "0"})
+    try:
+        if await pool.fetchval("SHOW wal_level") != "minimal":
+            pytest.skip(
+                "the test server does not run wal_level = minimal (BROKER_TEST_DATABASE_URL)"
+            )
+        await _domains(pool)
+        lines = "".join(
+            f"e{i:05d},D2,x{i:05d},true\ne{i:05d},D3,y{i:05d},true\n" for i in range(20_000)
+        )
+        file = _write(tmp_path / "big.csv", lines)
+        before = await pool.fetchval("SELECT pg_current_wal_insert_lsn()::text")
+        report = await import_mappings(pool, file, actor="test", bulk_rows=1_000)
+        assert (report.rows, report.bulk) == (40_000, True), report.problems
+        wal = await pool.fetchval(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1::text::pg_lsn)", before
+        )
+        table = await pool.fetchval("SELECT pg_total_relation_size('id_mappings')")
+    finally:
+        await pool.close()
+    # The 20,000 new entities are WAL-logged (that table is not empty); the 40,000 mapping rows
+    # and their indexes are not: the WAL is a fraction of what they take.
+    assert wal < table / 2, (wal, table)
