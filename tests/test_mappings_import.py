@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from broker.db import create_pool, query
 from broker.errors import ConflictError, NotFoundError
 from broker.mapping import accounts
+from broker.mapping.bulkload import RowLines
 from broker.mapping.cache import MappingCache, listen
 from broker.mapping.fileformat import (
     FileFormat,
@@ -228,7 +229,8 @@ async def test_a_large_import_into_an_empty_table_builds_every_index_and_key_aga
     report = await import_mappings(pool, file, actor="test", bulk_rows=5)
     assert not report.refused, report.problems
     assert (report.rows, report.bulk) == (5, True)
-    assert sorted(report.write_steps) == ["entities", "indexes", "rows"]
+    # The rows went straight into the table while the file was read: no step of their own.
+    assert sorted(report.write_steps) == ["entities", "indexes"]
     assert await _definitions(pool) == definitions
     assert len(await _table(pool)) == 5
     assert await pool.fetchval("SELECT details -> 'bulk' FROM audit_log") is True
@@ -374,8 +376,9 @@ async def test_the_checks_run_no_subplan_per_staged_line(pool: asyncpg.Pool) -> 
         await accounts.begin_import(conn)
         await accounts.stage_import(conn, [[Record(1, "u1", "D2", "p-1", True)]])
         await conn.execute(query("import_analyze"))
-        for name in ("import_problems", "import_duplicates"):
-            plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + query(name), 100))
+        checks = [("import_problems", 100, False), ("import_duplicates", 100)]
+        for name, *args in checks:
+            plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + query(name), *args))
             assert "SubPlan" not in plan, plan
             assert "mapping_import" in plan
 
@@ -421,3 +424,13 @@ async def test_the_bulk_path_writes_the_rows_without_the_write_ahead_log(
     # The 20,000 new entities are WAL-logged (that table is not empty); the 40,000 mapping rows
     # and their indexes are not: the WAL is a fraction of what they take.
     assert wal < table / 2, (wal, table)
+
+
+def test_the_bulk_path_turns_row_numbers_back_into_line_numbers() -> None:
+    # Rows 1..6 came from lines 2-3, 5, 9-11 (a blank line 4, a bad record on lines 6-8).
+    lines = RowLines()
+    lines.add([Record(n, "u", "D2", f"x{n}", True) for n in (2, 3, 5)])
+    lines.add([Record(n, "u", "D2", f"x{n}", True) for n in (9, 10, 11)])
+    assert [lines.line(row) for row in range(1, 7)] == [2, 3, 5, 9, 10, 11]
+    found = ([LineProblem(4, "a"), LineProblem(6, "b")], 2)
+    assert lines.lines(found) == ([LineProblem(9, "a"), LineProblem(11, "b")], 2)

@@ -10,7 +10,7 @@ import base64
 import itertools
 import secrets
 import time
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
@@ -38,6 +38,7 @@ __all__ = [
     "journal_write",
     "link_accounts",
     "merge_problems",
+    "push_domains",
     "record_entities",
     "register_entities",
     "reserve_staging_memory",
@@ -188,28 +189,41 @@ def correlation_handles(count: int) -> list[str]:
 
 
 async def import_problems(
-    conn: Connection, limit: int, *, duplicates: bool = True
+    conn: Connection, limit: int, *, duplicates: bool = True, bulk: bool = False
 ) -> tuple[list[LineProblem], int]:
     """The staged lines that break an invariant of the mapping table: the first ``limit`` by
     line, and how many there are in all; without ``duplicates``, all but the two duplicate
     checks (see :func:`import_duplicates`). The entities the lines name that exist already are
-    share-locked first, so no merge, split or delete changes them before the import commits."""
-    await conn.execute(query("import_analyze"))
-    await conn.fetchval(query("import_lock_entities"))
-    found = await _problems(conn, "import_problems", limit)
+    share-locked first, so no merge, split or delete changes them before the import commits.
+    With ``bulk`` the lines are the rows of the emptied table (:mod:`broker.mapping.bulkload`),
+    whose lock covers the entities already."""
+    if bulk:
+        await conn.execute(query("import_analyze_table"))
+    else:
+        await conn.execute(query("import_analyze"))
+        await conn.fetchval(query("import_lock_entities"))
+    records = await conn.fetch(query("import_problems"), limit, bulk)
+    found = _found(records)
     if duplicates:
         found = merge_problems(found, await import_duplicates(conn, limit), limit)
     return found
 
 
-async def import_duplicates(conn: Connection, limit: int) -> tuple[list[LineProblem], int]:
+async def import_duplicates(
+    conn: Connection, limit: int, line: Callable[[int], int] = int
+) -> tuple[list[LineProblem], int]:
     """The staged lines that repeat an external ID in its domain or a primary of an entity in a
-    domain: the first ``limit`` by line, and how many there are in all."""
-    return await _problems(conn, "import_duplicates", limit)
+    domain: the first ``limit`` by line, and how many there are in all. ``line`` turns the
+    staged numbers into the file's (the bulk path numbers its rows)."""
+    records = await conn.fetch(query("import_duplicates"), limit)
+    total = records[0]["total"] if records else 0
+    problems = [
+        LineProblem(line(r["line"]), f"{r['head']}{line(r['first'])}{r['tail']}") for r in records
+    ]
+    return problems, total
 
 
-async def _problems(conn: Connection, name: str, limit: int) -> tuple[list[LineProblem], int]:
-    records = await conn.fetch(query(name), limit)
+def _found(records: Sequence[asyncpg.Record]) -> tuple[list[LineProblem], int]:
     total = records[0]["total"] if records else 0
     return [LineProblem(r["line"], r["message"]) for r in records], total
 
@@ -226,36 +240,15 @@ async def commit_import(
     *,
     actor: str,
     source: dict[str, Any],
-    bulk: bool = False,
     timings: dict[str, float] | None = None,
-) -> tuple[int, int] | None:
+) -> tuple[int, int]:
     """Write the checked staged rows, the entities they name that are new, and the audit entry:
     (rows, new entities). ConflictError: a row was written meanwhile by another process.
-
-    With ``bulk`` (the table locked and empty by :func:`take_bulk_path`), the rows are loaded
-    with the table's indexes and foreign keys dropped, and built again after, in a savepoint.
-    The duplicate checks were left to the unique indexes' builds then: when one fails, the
-    savepoint is rolled back, the table and its definition are as they were, and the answer is
-    None (run :func:`import_duplicates` to name the lines). ``timings`` gets the seconds each
-    step took (entities, rows, indexes)."""
+    ``timings`` gets the seconds each step took (entities, rows)."""
     clock = _Steps(timings if timings is not None else {})
     try:
-        if bulk:
-            try:
-                async with conn.transaction():  # a savepoint: a failed build undoes it all
-                    await conn.execute(query("import_truncate"))
-                    await conn.execute(query("import_shed_indexes"))
-                    entities = await clock.run("entities", conn.execute(query("import_entities")))
-                    rows = await clock.run("rows", conn.execute(query("import_rows")))
-                    await conn.execute(
-                        query("import_build_memory"), IMPORT_MEMORY["maintenance_work_mem"]
-                    )
-                    await clock.run("indexes", conn.execute(query("import_build_indexes")))
-            except asyncpg.UniqueViolationError:
-                return None
-        else:
-            entities = await clock.run("entities", conn.execute(query("import_entities")))
-            rows = await clock.run("rows", conn.execute(query("import_rows")))
+        entities = await clock.run("entities", conn.execute(query("import_entities")))
+        rows = await clock.run("rows", conn.execute(query("import_rows")))
     except (asyncpg.UniqueViolationError, asyncpg.ForeignKeyViolationError) as exc:
         raise ConflictError(
             f"the mapping table changed while importing ({exc.constraint_name}): nothing was "
@@ -263,7 +256,7 @@ async def commit_import(
         ) from exc
     counts = int(rows.rsplit(" ", 1)[-1]), int(entities.rsplit(" ", 1)[-1])
     details = source | {"rows": counts[0], "entities": counts[1], "columns": list(FIELDS)}
-    details["bulk"] = bulk
+    details["bulk"] = False
     await conn.execute(query("audit"), actor, "mappings_import", None, details)
     return counts
 
@@ -280,6 +273,11 @@ class _Steps:
             return await step
         finally:
             self.timings[name] = time.monotonic() - started
+
+
+async def push_domains(conn: Connection) -> set[str]:
+    """The push peers' IDs."""
+    return {r["id"] for r in await conn.fetch(query("push_domains"))}
 
 
 class _NotEmpty(Exception):

@@ -2,10 +2,11 @@
 one (``broker mappings import`` and ``export``).
 
 An import streams the file: its well-formed lines go into a staging table with one COPY, fed a
-batch at a time (the server stores one batch while the next is parsed);
-the set-based checks of :func:`broker.mapping.accounts.import_problems` then find every line
-that breaks an invariant; only when none does is the table written, with one INSERT ... SELECT,
-in the same transaction. An export reads through a server-side cursor, so neither holds the
+batch at a time (the server stores one batch while the next is parsed); the set-based checks of
+:func:`broker.mapping.accounts.import_problems` then find every line that breaks an invariant;
+only when none does is the table written, with one INSERT ... SELECT, in the same transaction.
+A large file into an empty table goes straight into the table instead
+(:mod:`broker.mapping.bulkload`), with the same checks. An export reads through a server-side cursor, so neither holds the
 file in memory.
 """
 
@@ -24,7 +25,7 @@ from broker.db import query
 if TYPE_CHECKING:
     from broker.db import Connection
 from broker.errors import ConflictError, InvalidValueError
-from broker.mapping import accounts
+from broker.mapping import accounts, bulkload
 from broker.mapping.fileformat import (
     FileFormat,
     LineProblem,
@@ -91,9 +92,11 @@ async def import_mappings(
     bulk_rows: int = BULK_ROWS,
 ) -> ImportReport:
     """Load the mapping file ``path`` (CSV or JSON Lines) all or nothing; the report names the
-    first ``limit`` bad lines, if any, and then nothing was written."""
+    first ``limit`` bad lines, if any, and then nothing was written. A file of ``bulk_rows``
+    lines or more into an empty table takes the bulk path (:mod:`broker.mapping.bulkload`)."""
     started = time.monotonic()
     try:
+        large = _count_lines(path) > bulk_rows  # the header aside
         with path.open(encoding="utf-8", newline="") as file:
             report = ImportReport(detect_format(path, file.read(4096)))
             file.seek(0)
@@ -101,8 +104,8 @@ async def import_mappings(
             async with pool.acquire() as conn:
                 reserved = await accounts.reserve_staging_memory(conn)
                 try:
-                    steps = _Import(conn, report, limit, actor, source, progress)
-                    await steps.run(parse_lines(file, report.file_format), batch, bulk_rows)
+                    steps = _Import(conn, report, limit, actor, source, progress, batch)
+                    await steps.run(parse_lines(file, report.file_format), large=large)
                 finally:
                     if reserved:  # the session's staging buffers go back: it is closed
                         await pool.expire_connections()
@@ -116,6 +119,15 @@ async def import_mappings(
     return report
 
 
+def _count_lines(path: Path) -> int:
+    """Newlines in the file, read in large blocks (about a second for 10 million lines)."""
+    count = 0
+    with path.open("rb") as raw:
+        while block := raw.read(1 << 22):
+            count += block.count(b"\n")
+    return count
+
+
 @dataclass
 class _Import:
     """One import's transaction: stage, check, write (or refuse)."""
@@ -126,76 +138,83 @@ class _Import:
     actor: str
     source: dict[str, str]
     progress: Callable[[int], None]
+    batch: int
 
-    async def run(self, items: Iterator[Record | LineProblem], batch: int, bulk_rows: int) -> None:
-        started = time.monotonic()
+    async def run(self, items: Iterator[Record | LineProblem], *, large: bool) -> None:
         try:
             async with self.conn.transaction():
-                await accounts.begin_import(self.conn)
-                await _stage(self.conn, items, self.report, self.limit, batch, self.progress)
-                self.report.phases["stage"] = time.monotonic() - started
-                await _check_and_write(
-                    self.conn,
-                    self.report,
-                    self.limit,
-                    self.actor,
-                    self.source,
-                    large=self.report.staged >= bulk_rows,
-                )
+                if large and await accounts.take_bulk_path(self.conn):
+                    await self._bulk(items)
+                else:
+                    await self._staged(items)
         except _Refused:
             pass
 
+    def _batches(
+        self, items: Iterator[Record | LineProblem], lines: bulkload.RowLines | None = None
+    ) -> Iterator[list[Record]]:
+        return _batches(items, self.report, self.limit, self.batch, self.progress, lines)
 
-async def _check_and_write(
-    conn: Connection,
-    report: ImportReport,
-    limit: int,
-    actor: str,
-    source: dict[str, str],
-    *,
-    large: bool,
-) -> None:
-    """Check the staged lines and, if none is bad, write them; _Refused otherwise. A large file
-    into an empty table takes the bulk path, whose unique index builds do the duplicate checks:
-    only when one fails are the duplicates looked for, to name them."""
-    checked = time.monotonic()
-    bulk = large and await accounts.take_bulk_path(conn)
-    found = await accounts.import_problems(conn, limit, duplicates=not bulk)
-    found = accounts.merge_problems((report.problems, report.problem_count), found, limit)
-    report.problems, report.problem_count = found
-    report.phases["check"] = time.monotonic() - checked
-    written = None
-    if not report.refused:
-        written = await accounts.commit_import(
-            conn, actor=actor, source=source, bulk=bulk, timings=report.write_steps
+    async def _staged(self, items: Iterator[Record | LineProblem]) -> None:
+        """The ordinary path: the lines staged, checked against the table, then inserted."""
+        started = time.monotonic()
+        await accounts.begin_import(self.conn)
+        await accounts.stage_import(self.conn, self._batches(items))
+        self._done_reading(started)
+        found = await accounts.import_problems(self.conn, self.limit)
+        self._found(found, started)
+        if self.report.refused:
+            raise _Refused
+        counts = await accounts.commit_import(
+            self.conn, actor=self.actor, source=self.source, timings=self.report.write_steps
         )
-    if written is None:  # refused, or the bulk path's unique index builds found duplicates
-        if bulk:
-            duplicates = await accounts.import_duplicates(conn, limit)
-            report.problems, report.problem_count = accounts.merge_problems(
-                (report.problems, report.problem_count), duplicates, limit
+        self.report.rows, self.report.entities = counts
+        self._written(started)
+
+    async def _bulk(self, items: Iterator[Record | LineProblem]) -> None:
+        """The bulk path: the rows copied straight into the emptied table, checked there, and
+        the keys and indexes built again; their unique builds do the duplicate checks."""
+        started = time.monotonic()
+        await bulkload.begin(self.conn)
+        lines = bulkload.RowLines()
+        push = await accounts.push_domains(self.conn)
+        rows = await bulkload.load(self.conn, self._batches(items, lines), push)
+        self._done_reading(started)
+        found = await accounts.import_problems(self.conn, self.limit, duplicates=False, bulk=True)
+        self._found(lines.lines(found), started)
+        entities = None
+        if not self.report.refused:
+            entities = await bulkload.finish(
+                self.conn,
+                rows,
+                actor=self.actor,
+                source=self.source,
+                timings=self.report.write_steps,
             )
-        if not report.refused:  # a unique violation no duplicate explains: a clash of handles
-            raise ConflictError("two rows drew the same correlation handle: import the file again")
-        raise _Refused
-    report.rows, report.entities = written
-    report.bulk = bulk
-    report.phases["write"] = time.monotonic() - checked - report.phases["check"]
+        if entities is None:  # refused, or a unique build found duplicates: name them
+            self._found(await accounts.import_duplicates(self.conn, self.limit, lines.line))
+            if not self.report.refused:  # a unique violation no duplicate explains
+                raise ConflictError("two rows drew the same correlation handle: import it again")
+            raise _Refused
+        self.report.rows, self.report.entities, self.report.bulk = rows, entities, True
+        self._written(started)
 
+    def _done_reading(self, started: float) -> None:
+        self.progress(self.report.lines)
+        self.report.phases["stage"] = time.monotonic() - started
 
-async def _stage(
-    conn: Connection,
-    items: Iterator[Record | LineProblem],
-    report: ImportReport,
-    limit: int,
-    batch: int,
-    progress: Callable[[int], None],
-) -> None:
-    """Copy the well-formed lines into the staging table, with one COPY fed a batch at a time;
-    count the others. The batches are parsed as COPY asks for rows, so the server stores one
-    buffer while the next is parsed here."""
-    await accounts.stage_import(conn, _batches(items, report, limit, batch, progress))
-    progress(report.lines)
+    def _found(self, found: tuple[list[LineProblem], int], started: float | None = None) -> None:
+        """Merge a check's findings into the report's (the first ``limit`` by line)."""
+        mine = (self.report.problems, self.report.problem_count)
+        self.report.problems, self.report.problem_count = accounts.merge_problems(
+            mine, found, self.limit
+        )
+        if started is not None:
+            self.report.phases["check"] = time.monotonic() - started - self.report.phases["stage"]
+
+    def _written(self, started: float) -> None:
+        phases = self.report.phases
+        phases["write"] = time.monotonic() - started - phases["stage"] - phases["check"]
 
 
 def _batches(
@@ -204,9 +223,10 @@ def _batches(
     limit: int,
     batch: int,
     progress: Callable[[int], None],
+    lines: bulkload.RowLines | None,
 ) -> Iterator[list[Record]]:
-    """The well-formed lines, ``batch`` at a time; each bad one counted (and the first ``limit``
-    kept) in ``report``."""
+    """The well-formed lines, ``batch`` at a time (each noted in ``lines``, if given); each bad
+    one counted (and the first ``limit`` kept) in ``report``."""
     pending: list[Record] = []
     for item in items:
         if isinstance(item, LineProblem):
@@ -218,14 +238,21 @@ def _batches(
         pending.append(item)
         if len(pending) >= batch:
             report.lines = item.line
-            report.staged += len(pending)
-            yield pending
+            yield from _counted(pending, report, lines)
             pending = []
             progress(report.lines)
     if pending:
         report.lines = pending[-1].line
-        report.staged += len(pending)
-        yield pending
+        yield from _counted(pending, report, lines)
+
+
+def _counted(
+    records: list[Record], report: ImportReport, lines: bulkload.RowLines | None
+) -> Iterator[list[Record]]:
+    report.staged += len(records)
+    if lines is not None:
+        lines.add(records)
+    yield records
 
 
 async def export_mappings(

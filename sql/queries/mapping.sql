@@ -302,6 +302,22 @@ CREATE TEMPORARY TABLE mapping_import (
 -- Temporary tables are never analysed by autovacuum: the checks' plans need the counts.
 ANALYZE mapping_import
 
+-- name: import_analyze_table
+-- The bulk path's checks read the mapping table itself, just loaded: its counts, for their plans.
+ANALYZE id_mappings
+
+-- name: import_bulk_view
+-- The bulk path (broker/mapping/bulkload.py): the rows it copied straight into the emptied
+-- mapping table, seen under the staging table's name and columns, so that the same checks
+-- (import_problems with $2 true, import_duplicates) and import_entities read them. line is the
+-- row's id (1, 2, ... in COPY's order), turned back into the file's line by the caller.
+CREATE TEMPORARY VIEW mapping_import AS
+SELECT id AS line, internal_id, domain_id, external_id, is_primary, correlation_handle AS handle
+FROM id_mappings
+
+-- name: import_bulk_view_drop
+DROP VIEW mapping_import
+
 -- name: import_temp_buffers
 -- The import's session keeps its staging table in memory (temp_buffers: this session, set before
 -- it touches any temporary table; the import closes the session after).
@@ -323,7 +339,9 @@ SELECT count(*) FROM (
 
 -- name: import_problems
 -- Every staged line that breaks an invariant of the mapping table but the two duplicate checks
--- (import_duplicates), with what to do; the first $1 by line, each with the total count.
+-- (import_duplicates), with what to do; the first $1 by line, each with the total count. With $2
+-- (the bulk path: mapping_import is a view of the table, which was empty), the two checks
+-- against rows already in the table are left out (a one-time filter: never run).
 -- Set-based: a handful of hash joins however long the file (at 10M lines a scan of the staging
 -- table each, a few seconds).
 WITH problems AS (
@@ -336,10 +354,11 @@ WITH problems AS (
     UNION ALL
     SELECT s.line, format('external ID %s in %s is already in the mapping table: leave the line out', s.external_id, s.domain_id)
     FROM mapping_import s JOIN id_mappings m USING (domain_id, external_id)
+    WHERE NOT $2::boolean
     UNION ALL
     SELECT s.line, format('%s already has a primary ID in %s: mark the line primary false, or leave it out', s.internal_id, s.domain_id)
     FROM mapping_import s JOIN id_mappings m USING (internal_id, domain_id)
-    WHERE s.is_primary AND m.is_primary
+    WHERE s.is_primary AND m.is_primary AND NOT $2::boolean
     UNION ALL
     SELECT s.line, CASE e.state
         WHEN 'merged' THEN format('%s was merged into %s: map %s instead', s.internal_id, e.merged_into, e.merged_into)
@@ -362,7 +381,8 @@ SELECT line, message, count(*) OVER () AS total FROM problems ORDER BY line, mes
 -- second primary in a domain; the first $1 by line, each with the total count. Two aggregates
 -- over the whole file: at 10M lines they spill past work_mem and take about 30 s each (load 4).
 -- The bulk path skips them: the unique indexes it builds find the same duplicates, and only
--- then is this run, to name the lines.
+-- then is this run, to name the lines. Each message names the earlier line: it is head, first,
+-- tail, put together by the caller (the bulk path numbers lines by row and turns both back).
 WITH external_twice AS (
     SELECT domain_id, external_id, min(line) AS first
     FROM mapping_import GROUP BY domain_id, external_id HAVING count(*) > 1
@@ -372,15 +392,17 @@ primary_twice AS (
     FROM mapping_import WHERE is_primary GROUP BY internal_id, domain_id HAVING count(*) > 1
 ),
 problems AS (
-    SELECT s.line, format('external ID %s in %s is also on line %s: an external ID denotes one entity', s.external_id, s.domain_id, t.first) AS message
+    SELECT s.line, format('external ID %s in %s is also on line ', s.external_id, s.domain_id) AS head,
+           t.first, ': an external ID denotes one entity' AS tail
     FROM mapping_import s JOIN external_twice t USING (domain_id, external_id)
     WHERE s.line > t.first
     UNION ALL
-    SELECT s.line, format('a second primary for %s in %s (the first is on line %s): mark all but one primary false', s.internal_id, s.domain_id, t.first)
+    SELECT s.line, format('a second primary for %s in %s (the first is on line ', s.internal_id, s.domain_id),
+           t.first, '): mark all but one primary false'
     FROM mapping_import s JOIN primary_twice t USING (internal_id, domain_id)
     WHERE s.is_primary AND s.line > t.first
 )
-SELECT line, message, count(*) OVER () AS total FROM problems ORDER BY line, message LIMIT $1
+SELECT line, head, first, tail, count(*) OVER () AS total FROM problems ORDER BY line, head LIMIT $1
 
 -- name: import_entities
 -- The entities a checked import names that the broker has not seen: their type is learnt from
@@ -457,8 +479,9 @@ $$
 -- in the import's transaction gets a new file. With wal_level = minimal (the embedded server's),
 -- PostgreSQL then writes the rows and the index builds without the write-ahead log, and syncs
 -- the files at commit instead; a rollback leaves the old, empty file. Nothing references
--- id_mappings, so nothing else is truncated.
-TRUNCATE id_mappings
+-- id_mappings, so nothing else is truncated. Its ids start again at 1: the rows' ids are then
+-- their order in the file.
+TRUNCATE id_mappings RESTART IDENTITY
 
 -- name: import_build_memory
 -- Memory for each index build of the bulk path (this transaction only).
