@@ -35,11 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import bench_users, create_users, database
 from deliveries import CORE_USER, scim_server
 
+from broker import db
 from broker.domains import DomainStore
 from broker.home import HomeClient
 from broker.propagation.peer import PeerClient
@@ -71,6 +73,36 @@ async def load_users(home: str, peer: str, token: str, size: int, memory: bool) 
 # --------------------------------------------------------------------------- one size (child)
 
 
+class Statements:
+    """With ``--statements``: the time each named query takes in all (the pool's and its
+    connections' methods wrapped, in the measured process only), printed on stderr."""
+
+    def __init__(self) -> None:
+        self.names = {text: name for name, text in db._QUERIES.items()}
+        self.totals: dict[str, list[float]] = {}
+        for cls in (asyncpg.Pool, asyncpg.Connection):
+            for method in ("execute", "fetch", "fetchrow", "fetchval"):
+                setattr(cls, method, self._timed(getattr(cls, method)))
+
+    def _timed(self, method: Any) -> Any:
+        async def timed(owner: Any, sql: str, *args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return await method(owner, sql, *args, **kwargs)
+            finally:
+                total = self.totals.setdefault(self.names.get(sql, sql[:60]), [0, 0.0])
+                total[0] += 1
+                total[1] += time.perf_counter() - started
+
+        return timed
+
+    def show(self) -> None:
+        ranked = sorted(self.totals.items(), key=lambda kv: -kv[1][1])
+        for name, (count, seconds) in ranked[:12]:
+            print(f"  {seconds:8.2f} s {count:6.0f}x  {name}", file=sys.stderr)
+        self.totals.clear()
+
+
 def memory_kib(field: str) -> int:
     """VmRSS or VmHWM (the peak resident memory since the last reset) of this process, KiB."""
     with open("/proc/self/status") as status:
@@ -78,6 +110,12 @@ def memory_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """VmHWM back to the current RSS (Linux: ``echo 5 > /proc/PID/clear_refs``)."""
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
 
 
 class Phases:
@@ -102,8 +140,7 @@ class Phases:
 async def one_run(reconciler: Reconciler, dry_run: bool, phases: Phases) -> dict[str, Any]:
     """One run measured: seconds (in all, and per pass), peak Python memory, RSS growth."""
     rss_before = memory_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # resets VmHWM to the current RSS
+    reset_peak_rss()
     tracemalloc.start()
     started = phases.started = phases.home = phases.peer = time.perf_counter()
     run = await reconciler.start(Options(dry_run=dry_run), actor="bench")
@@ -128,6 +165,7 @@ async def one_run(reconciler: Reconciler, dry_run: bool, phases: Phases) -> dict
 async def one_size(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """The runs of one size (spec: home, peer, token, size, page_size, real, data_dir)."""
     size = spec["size"]
+    statements = Statements() if spec["statements"] else None
     async with (
         database(Path(spec["data_dir"])) as (pool, _url),
         aiohttp.ClientSession() as session,
@@ -149,12 +187,16 @@ async def one_size(spec: dict[str, Any]) -> list[dict[str, Any]]:
             progress=phases,
         )
         runs = [await one_run(reconciler, not spec["real"], phases)]
+        if statements:
+            statements.show()
         assert runs[0]["situations"] == {"unlinked": size}, runs[0]["situations"]
         if spec["real"]:
             assert runs[0]["actions"] == {"link": size}, runs[0]["actions"]
             mapped = await pool.fetchval("SELECT count(*) FROM id_mappings WHERE domain_id = 'P'")
             assert mapped == size, f"{mapped} accounts of P mapped, not {size}"
             runs.append(await one_run(reconciler, True, phases))
+            if statements:
+                statements.show()
             assert runs[1]["situations"] == {"linked": size}, runs[1]["situations"]
     return runs
 
@@ -198,6 +240,9 @@ async def main() -> None:
         help="home and peer: tenants of scim2-server, or of the in-memory bench/store.py",
     )
     parser.add_argument("--real", action="store_true", help="link, then a dry run: all linked")
+    parser.add_argument(
+        "--statements", action="store_true", help="print the time of each named query"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -229,6 +274,7 @@ async def main() -> None:
                         "size": size,
                         "page_size": page_size,
                         "real": args.real,
+                        "statements": args.statements,
                         "data_dir": tmp,
                     }
                     for run in await asyncio.to_thread(measured, spec, db_url):
