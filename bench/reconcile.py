@@ -74,15 +74,14 @@ async def load_users(home: str, peer: str, token: str, size: int, memory: bool) 
 
 
 class Statements:
-    """With ``--statements``: the time each named query takes in all (the pool's and its
-    connections' methods wrapped, in the measured process only), printed on stderr."""
+    """With ``--statements``: the time each named query takes in all (the connections' methods
+    wrapped, in the measured process only: the pool's call them), printed on stderr."""
 
     def __init__(self) -> None:
         self.names = {text: name for name, text in db._QUERIES.items()}
         self.totals: dict[str, list[float]] = {}
-        for cls in (asyncpg.Pool, asyncpg.Connection):
-            for method in ("execute", "fetch", "fetchrow", "fetchval"):
-                setattr(cls, method, self._timed(getattr(cls, method)))
+        for method in ("execute", "fetch", "fetchrow", "fetchval"):
+            setattr(asyncpg.Connection, method, self._timed(getattr(asyncpg.Connection, method)))
 
     def _timed(self, method: Any) -> Any:
         async def timed(owner: Any, sql: str, *args: Any, **kwargs: Any) -> Any:
