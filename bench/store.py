@@ -6,8 +6,10 @@ than the broker itself).
 It keeps users and groups per tenant (the path before ``/v2``: ``/v2`` alone is one tenant,
 ``/t1/v2`` another) and speaks as much SCIM as the benchmarks use: create (``userName`` unique),
 read, replace, PATCH with attribute paths (``replace``, ``add``, ``remove``; no value filters),
-delete, lists and ``.search`` with ``eq`` filters joined by ``or``, and the discovery endpoints.
-Connections are kept alive. With LATENCY (seconds), every answer waits that long first, as a
+delete, lists and ``.search`` with ``eq`` filters joined by ``or``, paged by ``startIndex`` and
+``count`` (RFC 7644 section 3.4.2.4, in the order the resources were created), and the discovery
+endpoints. ``POST /TENANT/v2/Users/.load`` (a benchmark's bulk load, not SCIM) creates many users
+at once from a template, without a request each. Connections are kept alive. With LATENCY (seconds), every answer waits that long first, as a
 remote peer's would (its round trip and its own work), without taking CPU here.
 
     python bench/store.py PORT TOKEN [LATENCY]
@@ -16,6 +18,7 @@ remote peer's would (its round trip and its own work), without taking CPU here.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import sys
 import uuid
@@ -191,17 +194,44 @@ class Store:
         else:
             query = dict(request.query)
         wanted = query.get("filter")
-        found = [r for r in self.resources(request).values() if not wanted or matches(r, wanted)]
-        count = int(query.get("count") or len(found))
+        start = max(1, int(query.get("startIndex") or 1))
+        resources = self.resources(request)
+        if wanted:
+            found = [r for r in resources.values() if matches(r, wanted)]
+            total, rest = len(found), iter(found)
+        else:
+            # No filter: a page without a list of every resource (a peer of 100,000 users is
+            # read a page at a time, so a copy of them all per page would be quadratic).
+            total, rest = len(resources), iter(resources.values())
+        count = int(query.get("count") or total)
+        page = list(itertools.islice(rest, start - 1, start - 1 + max(0, count)))
         return answer(
             {
                 "schemas": [LIST],
-                "totalResults": len(found),
-                "startIndex": 1,
-                "itemsPerPage": min(count, len(found)),
-                "Resources": found[:count],
+                "totalResults": total,
+                "startIndex": start,
+                "itemsPerPage": len(page),
+                "Resources": page,
             }
         )
+
+    async def load(self, request: web.Request) -> web.Response:
+        """``{"template": USER, "prefix": P, "count": N}``: N users like USER, the n-th (from 0)
+        named ``P-n`` with n in 7 digits; userNames already held are refused before any is made.
+        Answers how many the tenant holds."""
+        body = orjson.loads(await request.read())
+        template, prefix, count = body["template"], str(body["prefix"]), int(body["count"])
+        names = [f"{prefix}-{n:07d}" for n in range(count)]
+        taken = self.names.get(request.match_info["tenant"], {})
+        clash = next((name for name in names if name in taken), None)
+        if clash is not None:
+            return error(409, f"userName {clash} is taken", "uniqueness")
+        resources = self.resources(request)
+        for name in names:
+            rid = uuid.uuid4().hex
+            self.hold_name(request, rid, name)
+            resources[rid] = self.stamped(request, {**template, "userName": name}, rid)
+        return answer({"totalResults": len(resources)})
 
     async def discovery(self, request: web.Request) -> web.Response:
         what = request.match_info["what"]
@@ -254,6 +284,8 @@ def app(token: str, latency: float = 0.0) -> web.Application:
             return await store.discovery(request)
         if parts["id"] == ".search" and request.method == "POST":
             return await store.listing(request)
+        if parts["id"] == ".load" and parts["type"] == "Users" and request.method == "POST":
+            return await store.load(request)
         if parts["id"]:
             return await store.one(request)
         if request.method == "POST":

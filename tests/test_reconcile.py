@@ -208,6 +208,31 @@ async def test_the_deletion_threshold_stops_a_run_that_would_delete_a_tenth_of_a
     assert not left & orphans and len(left) == 18
 
 
+async def test_a_run_leaves_the_planner_the_true_size_of_its_copy_of_home_and_its_items(
+    world: tuple[Broker, Home, Home], db_url: str
+) -> None:
+    """The run's tables fill from empty during the run; taken for empty (never analyzed), they
+    got plans that checked every row against every other: a run quadratic in the peer's size
+    (docs/reconciliation.md, "Measured"). Each pass now analyzes what it wrote."""
+    broker, home, peer = world
+    for n in range(7):
+        user(home, f"sized{n}", title=IN)
+        user(peer, f"sized{n}")
+    status, report, out = await reconcile(db_url, "--dry-run")
+    assert status == 0, out
+    assert report["counts"]["situations"]["unlinked"] == 7, report["counts"]
+    pool = broker.app[POOL]
+    planned = {
+        r["relname"]: r["reltuples"]
+        for r in await pool.fetch(
+            "SELECT relname, reltuples FROM pg_class "
+            "WHERE relname IN ('reconciliation_home', 'reconciliation_items')"
+        )
+    }
+    items = await pool.fetchval("SELECT count(*) FROM reconciliation_items")
+    assert planned == {"reconciliation_home": 7, "reconciliation_items": items}, planned
+
+
 async def test_the_admin_api_starts_a_dry_run_and_reads_its_report(
     world: tuple[Broker, Home, Home],
 ) -> None:

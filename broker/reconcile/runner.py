@@ -265,6 +265,7 @@ class Reconciler:
                 if not docs or cursor > total:
                     break
             cursor = 1
+        await tidy(self.pool, "flush_home_keys", "analyze_home_copy")
         await self._advance(run.id, "peer", "User", 1)
         return _moved(run, "peer", "User", 1)
 
@@ -289,6 +290,7 @@ class Reconciler:
                 if not accounts or cursor > total:
                     break
             cursor = 1
+        await tidy(self.pool, "analyze_items")
         await self.pool.execute(query("disputes_across_pages"), run.id)
         await self._advance(run.id, "home", "User", 1)
         return _moved(run, "home", "User", 1)
@@ -359,6 +361,19 @@ class Reconciler:
                 query("audit"), "broker:reconcile", "reconcile.finish", self.domain, details
             )
         return Report(run.id, self.domain, phase, run.dry_run, counts, reason)
+
+
+async def tidy(pool: asyncpg.Pool, *names: str) -> None:
+    """The maintenance named ``names`` on the run's tables, which a pass has just filled: without
+    it, until autovacuum comes (a minute or more later), each page's search of home's keys scans
+    the GIN index's whole pending list and the planner takes the tables for empty, which made a
+    run quadratic in the peer's size (docs/reconciliation.md, "Measured"). A database user that
+    may not do it (not the tables' owner) makes the run slower, not wrong."""
+    for name in names:
+        try:
+            await pool.execute(query(name))
+        except asyncpg.InsufficientPrivilegeError as exc:
+            log.warning("reconciliation: %s skipped (%s); the run may be slow", name, exc)
 
 
 async def counts_of(pool: asyncpg.Pool, run_id: uuid.UUID) -> dict[str, Any]:

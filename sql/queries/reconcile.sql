@@ -202,3 +202,16 @@ LEFT JOIN LATERAL (
 ) r ON true
 WHERE d.kind = 'peer' AND d.push AND ($1::text IS NULL OR d.id = $1)
 ORDER BY d.id
+
+-- name: flush_home_keys
+-- The run's copy of home has just been written: its keys move from the GIN index's pending list
+-- (which every search scans from end to end) into the index proper.
+SELECT gin_clean_pending_list('reconciliation_home_keys'::regclass)
+
+-- name: analyze_home_copy
+-- Statistics for the run's copy of home, written since autovacuum last looked (or never).
+ANALYZE reconciliation_home
+
+-- name: analyze_items
+-- Statistics for the items the peer pass wrote, before the statements that join them.
+ANALYZE reconciliation_items
