@@ -121,7 +121,15 @@ def test_the_known_run_then_the_general_way_is_the_general_path(
     base: str,
 ) -> None:
     translation = Translation(refs, endpoints, base, BROKER)
-    wanted, out = general(docs, views, translation, resource_type)
+    try:
+        wanted, out = general(docs, views, translation, resource_type)
+    except Exception as exc:  # the general path fails on some odd documents: so must this one
+        failure = type(exc)
+        try:
+            with_cache(docs, views, cached, translation, resource_type)
+        except failure:
+            return
+        raise AssertionError(f"the general path raised {failure.__name__}; this one did not") from exc
     known_wanted, known_out, _ = with_cache(docs, views, cached, translation, resource_type)
     assert known_out == out
     assert known_wanted == wanted

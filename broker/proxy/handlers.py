@@ -315,21 +315,15 @@ class Proxy:
         is in it). Their versions are sealed on the way unless the domain is unlinkable."""
         if call.policy.scope:
             return None
-        domain = call.domain.id
-        lookup = self.store.cache.outbound_of(domain)
+        lookup = self.store.cache.outbound_of(call.domain.id)
         if lookup is None:
             return None
-        sealer = self.sealer
-
-        def seal(version: str, internal_id: str) -> str:
-            return sealer.seal(version, domain=domain, internal_id=internal_id)
-
         return translate_known(
             docs,
             outward,
             lookup,
             resource_type=resource_type,
-            seal=None if call.domain.unlinkable else seal,
+            seal=None if call.domain.unlinkable else self.sealer.sealing(call.domain.id),
         )
 
     def present(

@@ -99,6 +99,7 @@ class _KnownWalk:
                 _SHAPES.clear()
             held = _SHAPES[id(self.refs)] = (self.refs, {})
         self.shapes = held[1]
+        self.own_prefixes: dict[str | None, str | None] = {}
 
     def answer(self, internal: str) -> View | None:
         answers = self.answers
@@ -139,11 +140,15 @@ class _KnownWalk:
             if entries is None:
                 return False
             pending.append((values, entries))
-        own_view = self.answer(own)
+        own_view = self.answers.get(own, _UNKNOWN)
+        if own_view is _UNKNOWN:
+            own_view = self.answer(own)
         if own_view is None:
             return False  # unknown here, or invisible to the domain: the general path decides
         own_type = resource_type or _meta_type(doc)
-        self.want(own, own_type)
+        wanted = self.wanted
+        if wanted.get(own) is None:
+            wanted[own] = own_type
         meta = doc.get("meta")
         location: str | None = None
         if type(meta) is dict and "location" in meta:
@@ -151,10 +156,11 @@ class _KnownWalk:
             if type(uri) is str:
                 parsed = self.location(uri, own, own_type)
                 if parsed is not None:
-                    moved = self.answer(parsed[1])
+                    moved = own_view if parsed[1] == own else self.answer(parsed[1])
                     if moved is None:
                         return False
-                    self.want(parsed[1], parsed[0])
+                    if wanted.get(parsed[1]) is None:
+                        wanted[parsed[1]] = parsed[0]
                     location = self.targets[parsed[0]] + moved.external_id
             elif isinstance(uri, str):
                 return False  # a str subclass: never from orjson; the general path
@@ -182,11 +188,23 @@ class _KnownWalk:
 
     def location(self, uri: str, own: str, own_type: str | None) -> tuple[str, str] | None:
         """``meta.location`` as the planner reads it: home's URI of the document itself
-        (compared, not parsed), or parsed."""
-        parsed = self.planner.own_location(uri, own, own_type)
-        if parsed is None:
-            parsed = self.planner.endpoints.parse_uri(uri, self.planner.source_base)
-        return parsed
+        (compared, not parsed, where it is home's base, the type's endpoint and the ID), or
+        parsed."""
+        prefix = self.own_prefixes.get(own_type, _UNKNOWN)
+        if prefix is _UNKNOWN:
+            prefix = self.own_prefixes[own_type] = (
+                None if own_type is None else self.planner._own_prefix(own_type)
+            )
+        if (
+            prefix is not None
+            and uri == prefix + own
+            and own
+            and "/" not in own
+            and "?" not in own
+            and "#" not in own
+        ):
+            return own_type, own  # type: ignore[return-value]
+        return self.planner.endpoints.parse_uri(uri, self.planner.source_base)
 
     def versions(self, doc: dict[str, Any], meta_keys: tuple[str, ...], own: str) -> None:
         """``meta.version`` sealed, as ``present_meta`` (in place) seals it."""
@@ -215,7 +233,8 @@ class _KnownWalk:
         for item in values:
             if type(item) is not dict:
                 return None
-            entry = entries.get(item.get("$ref", _UNKNOWN))
+            ref = item.get("$ref")
+            entry = entries.get(ref) if type(ref) is str else None
             if entry is None or "type" in item or item.get("value") != entry[0]:
                 entry = self.entry(item, attr, entries)
                 if entry is None:
