@@ -129,7 +129,9 @@ def test_the_known_run_then_the_general_way_is_the_general_path(
             with_cache(docs, views, cached, translation, resource_type)
         except failure:
             return
-        raise AssertionError(f"the general path raised {failure.__name__}; this one did not") from exc
+        raise AssertionError(
+            f"the general path raised {failure.__name__}; this one did not"
+        ) from exc
     known_wanted, known_out, _ = with_cache(docs, views, cached, translation, resource_type)
     assert known_out == out
     assert known_wanted == wanted
