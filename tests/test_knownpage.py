@@ -5,7 +5,8 @@ For generated home documents (the strategies of ``test_outbound_fast``: odd key 
 extensions, missing and non-string values, foreign URIs, an ``externalId`` however spelled) and
 any answers, the documents ``translate_known`` rewrites, followed by the general way for the rest
 (as ``Proxy.outbound`` runs it), serialise to the same bytes as ``translate_page`` then
-``render`` then ``present_meta`` for the whole page, and list the same IDs with the same types.
+``render`` then ``present_meta`` for the whole page, and list the same IDs with the same types. For a domain with a scope, what the walk takes names
+no user that ``Proxy.in_scope`` would ask home about.
 """
 
 from __future__ import annotations
@@ -21,7 +22,17 @@ from broker.scim.outbound import DomainView, translate_page
 from broker.scim.rewrite import Endpoints, Translation
 from broker.scim.schemas import DEFAULT_REFERENCES, ReferenceMap
 from broker.scim.versions import VersionSealer, present_meta
-from tests.test_outbound_fast import ENDPOINTS, HOME, ODD_ENDPOINTS, REFS, answers, document, ids
+from tests.test_outbound_fast import (
+    ENDPOINTS,
+    HOME,
+    ODD_ENDPOINTS,
+    REFS,
+    answers,
+    document,
+    ids,
+    spellings,
+    words,
+)
 
 BROKER = "https://broker.example/scim/v2"
 SEALER = VersionSealer(bytes(64))
@@ -63,6 +74,7 @@ def with_cache(
     cached: set[str],
     translation: Translation,
     resource_type: str | None,
+    scope_own: frozenset[str] | None = None,
 ) -> tuple[dict[str, str | None], bytes, int]:
     """As ``Proxy.outbound`` runs it: the known run first, the general way for the rest."""
     owned = orjson.loads(orjson.dumps(docs))
@@ -72,7 +84,14 @@ def with_cache(
         lambda i: views[i] if i in cached and i in views else None,
         resource_type=resource_type,
         seal=seal,
+        scope_own=scope_own,
     )
+    if scope_own is not None:
+        # What the walk took names no user Proxy.in_scope would have asked home about.
+        taken = translate_page(docs[: known.count], translation, resource_type=resource_type)
+        assert not [
+            i for i, t in taken.wanted.items() if t in (None, "User") and i not in scope_own
+        ]
     rest = owned[known.count :]
     page = translate_page(rest, translation, resource_type=resource_type)
     wanted = dict(known.wanted)
@@ -101,11 +120,49 @@ def versioned(draw: st.DrawFn) -> dict[str, Any]:
     return doc
 
 
+@st.composite
+def plain(draw: st.DrawFn) -> dict[str, Any]:
+    """A document in the shapes the known walk takes (as home commonly writes them): the odd
+    ones come from ``document``."""
+    rid = draw(ids)
+    doc: dict[str, Any] = {"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "id": rid}
+    if draw(st.booleans()):
+        doc[draw(spellings("externalId"))] = draw(words)
+    values = []
+    for _ in range(draw(st.integers(0, 4))):
+        value = draw(ids)
+        item: dict[str, Any] = {"value": value}
+        kind = draw(st.integers(0, 3))
+        if kind <= 2:
+            endpoint = draw(st.sampled_from(["Users", "Groups"]))
+            named = draw(st.sampled_from([value, value, draw(ids)]))  # a $ref may differ
+            item["$ref"] = f"{HOME}/{endpoint}/{named}"
+        if kind >= 2:
+            item["type"] = draw(st.sampled_from(["User", "Group"]))
+        item["display"] = draw(words)
+        values.append(item)
+    doc[draw(st.sampled_from(["groups", "members", "members"]))] = values
+    home_type = draw(st.sampled_from(["User", "Group"]))
+    doc["meta"] = {
+        "resourceType": home_type,
+        "location": f"{HOME}/{home_type}s/{draw(st.sampled_from([rid, rid, draw(ids)]))}",
+        "version": 'W/"1"',
+    }
+    return doc
+
+
+every_answer = st.builds(
+    lambda hr: {f"{n:032x}": DomainView(f"ext-{n}", hr if n % 2 else None) for n in range(1, 9)},
+    st.sampled_from([None, "hr"]),
+)
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    docs=st.lists(versioned(), max_size=5),
-    views=answers(),
-    cached=st.sets(ids),
+    docs=st.lists(st.one_of(plain(), plain(), versioned()), max_size=5),
+    views=st.one_of(answers(), every_answer),
+    cached=st.one_of(st.sets(ids), st.just({f"{n:032x}" for n in range(1, 9)})),
+    scope_own=st.one_of(st.none(), st.frozensets(ids)),
     refs=st.sampled_from([REFS, DEFAULT_REFERENCES]),
     endpoints=st.sampled_from([ENDPOINTS, ODD_ENDPOINTS]),
     resource_type=st.sampled_from([None, "User", "Group"]),
@@ -115,6 +172,7 @@ def test_the_known_run_then_the_general_way_is_the_general_path(
     docs: list[dict[str, Any]],
     views: dict[str, DomainView],
     cached: set[str],
+    scope_own: frozenset[str] | None,
     refs: ReferenceMap,
     endpoints: Endpoints,
     resource_type: str | None,
@@ -126,13 +184,15 @@ def test_the_known_run_then_the_general_way_is_the_general_path(
     except Exception as exc:  # the general path fails on some odd documents: so must this one
         failure = type(exc)
         try:
-            with_cache(docs, views, cached, translation, resource_type)
+            with_cache(docs, views, cached, translation, resource_type, scope_own)
         except failure:
             return
         raise AssertionError(
             f"the general path raised {failure.__name__}; this one did not"
         ) from exc
-    known_wanted, known_out, _ = with_cache(docs, views, cached, translation, resource_type)
+    known_wanted, known_out, _ = with_cache(
+        docs, views, cached, translation, resource_type, scope_own
+    )
     assert known_out == out
     assert known_wanted == wanted
 

@@ -290,7 +290,8 @@ class Proxy:
                     wanted[internal] = rtype
         call.internal_ids.update(wanted)
         if call.policy.scope:
-            wanted = await self.in_scope(call, wanted, rest, resource_type)
+            also = known.internal_ids if known is not None else ()
+            wanted = await self.in_scope(call, wanted, rest, resource_type, also_own=also)
         found = await self.store.translate_outbound(call.domain.id, wanted, mint=call.domain.mints)
         if not call.domain.mints and len(found) < len(wanted):
             # A push peer reads something naming entities it has no account of: split-offs held
@@ -311,10 +312,14 @@ class Proxy:
     ) -> KnownPrefix | None:
         """The page path with the mapping cache's answers (issue 15): the documents, from the
         first, whose every ID the cache knows, rewritten in one walk with no round-trip; None
-        where it does not apply (the cache is off, or the domain has a scope: home decides what
-        is in it). Their versions are sealed on the way unless the domain is unlinkable."""
+        when the cache is off. Their versions are sealed on the way unless the domain is
+        unlinkable. For a domain with a scope, a document naming a user other than the page's
+        own goes the general way (home says whether that user is in the scope)."""
+        scope_own = None
         if call.policy.scope:
-            return None
+            scope_own = frozenset(
+                d["id"] for d in docs if resource_type == "User" and isinstance(d.get("id"), str)
+            )
         lookup = self.store.cache.outbound_of(call.domain.id)
         if lookup is None:
             return None
@@ -324,6 +329,7 @@ class Proxy:
             lookup,
             resource_type=resource_type,
             seal=None if call.domain.unlinkable else self.sealer.sealing(call.domain.id),
+            scope_own=scope_own,
         )
 
     def present(
@@ -409,11 +415,14 @@ class Proxy:
         wanted: dict[str, str | None],
         docs: list[dict[str, Any]],
         resource_type: str | None,
+        *,
+        also_own: Iterable[str] = (),
     ) -> dict[str, str | None]:
         """``wanted`` less the users out of the caller's scope: they do not exist for it, not
-        even as a member or a manager. One search at home (two if some IDs have no type)."""
+        even as a member or a manager. One search at home (two if some IDs have no type).
+        ``also_own``: home's IDs of the page's documents already rewritten (by the known walk)."""
         own = (
-            {d["id"] for d in docs if isinstance(d.get("id"), str)}
+            {d["id"] for d in docs if isinstance(d.get("id"), str)} | set(also_own)
             if resource_type == "User"
             else set()
         )

@@ -36,8 +36,8 @@ Seal = Callable[[str, str], str]
 """Home's version (stripped) and the resource's internal ID -> the version the domain sees."""
 
 # What one reference value becomes: (its ID at home, the domain's ID, its new $ref (None: no
-# $ref written), whether a $ref it has is dropped).
-_Entry = tuple[str, str, str | None, bool]
+# $ref written), whether a $ref it has is dropped, its type).
+_Entry = tuple[str, str, str | None, bool, str | None]
 # Of a document's key sequence: the reference attributes and extensions (the planner's shape),
 # the keys spelling externalId, and those spelling meta.
 _Shape = tuple[tuple[tuple[str, bool, RefAttr | None], ...], list[str], tuple[str, ...]]
@@ -61,13 +61,19 @@ def translate_known(
     *,
     resource_type: str | None,
     seal: Seal | None = None,
+    scope_own: frozenset[str] | None = None,
 ) -> KnownPrefix:
     """Rewrite in place the longest run of ``docs``, from the first, that needs no other answer
     than ``lookup``'s (see the module's text); with ``seal``, their ``meta.version`` too, as
     ``present_meta`` seals it for a domain that is not unlinkable. The documents must belong to
     the caller (parsed for this one call); those after :attr:`KnownPrefix.count` are left as
-    they were."""
-    walk = _KnownWalk(translation, lookup, seal)
+    they were.
+
+    ``scope_own``, for a domain with a scope: the users a document may name without asking home
+    whether they are in the scope (the page's own users, home's answer to a scoped search); a
+    document naming any other user, or an ID whose type is not known, goes to the general path,
+    which asks home (``Proxy.in_scope``)."""
+    walk = _KnownWalk(translation, lookup, seal, scope_own)
     internal_ids: list[str] = []
     for count, doc in enumerate(docs):
         own = doc.get("id") if type(doc) is dict else None
@@ -83,8 +89,15 @@ _SHAPES: dict[int, tuple[Any, dict[tuple[str, ...], _Shape]]] = {}
 class _KnownWalk:
     """:func:`translate_known`'s walk, with the planner's memos and the page's own."""
 
-    def __init__(self, translation: Translation, lookup: Lookup, seal: Seal | None) -> None:
+    def __init__(
+        self,
+        translation: Translation,
+        lookup: Lookup,
+        seal: Seal | None,
+        scope_own: frozenset[str] | None = None,
+    ) -> None:
         self.planner = _Planner(translation)
+        self.scope_own = scope_own
         self.refs = translation.refs
         self.targets = self.planner.targets
         self.lookup = lookup
@@ -107,6 +120,12 @@ class _KnownWalk:
         if found is _UNKNOWN:
             found = answers[internal] = self.lookup(internal)
         return found  # type: ignore[no-any-return]
+
+    def outside(self, internal: str, rtype: str | None) -> bool:
+        """Whether ``Proxy.in_scope`` would ask home about ``internal`` (a user, or of no known
+        type, not among the page's own users)."""
+        assert self.scope_own is not None
+        return rtype in (None, "User") and internal not in self.scope_own
 
     def want(self, internal: str, rtype: str | None) -> None:
         if self.wanted.get(internal) is None:
@@ -139,6 +158,8 @@ class _KnownWalk:
             entries = self.values(values, attr)
             if entries is None:
                 return False
+            if self.scope_own is not None and any(self.outside(e[0], e[4]) for e in entries):
+                return False  # names a user home has to say is in the scope or not
             pending.append((values, entries))
         own_view = self.answers.get(own, _UNKNOWN)
         if own_view is _UNKNOWN:
@@ -146,6 +167,8 @@ class _KnownWalk:
         if own_view is None:
             return False  # unknown here, or invisible to the domain: the general path decides
         own_type = resource_type or _meta_type(doc)
+        if self.scope_own is not None and self.outside(own, own_type):
+            return False
         wanted = self.wanted
         if wanted.get(own) is None:
             wanted[own] = own_type
@@ -159,6 +182,8 @@ class _KnownWalk:
                     moved = own_view if parsed[1] == own else self.answer(parsed[1])
                     if moved is None:
                         return False
+                    if self.scope_own is not None and self.outside(parsed[1], parsed[0]):
+                        return False
                     if wanted.get(parsed[1]) is None:
                         wanted[parsed[1]] = parsed[0]
                     location = self.targets[parsed[0]] + moved.external_id
@@ -166,7 +191,7 @@ class _KnownWalk:
                 return False  # a str subclass: never from orjson; the general path
         # Checked: nothing below can fail.
         for changed, entries in pending:
-            for item, (_, new, ref, drop) in zip(changed, entries, strict=True):
+            for item, (_, new, ref, drop, _) in zip(changed, entries, strict=True):
                 item["value"] = new
                 if ref is not None:
                     item["$ref"] = ref
@@ -273,11 +298,11 @@ class _KnownWalk:
             return None
         new = view.external_id
         if ref is _UNKNOWN:
-            entry: _Entry = (value, new, None, False)
+            entry: _Entry = (value, new, None, False, rtype)
         elif rtype is None:
-            entry = (value, new, None, True)
+            entry = (value, new, None, True, None)
         else:
-            entry = (value, new, self.targets[rtype] + new, False)
+            entry = (value, new, self.targets[rtype] + new, False, rtype)
         self.want(value, rtype)
         if ref is not _UNKNOWN and "type" not in item and len(entries) < 4096:
             entries[ref] = entry  # its type told by its $ref alone, as the planner's memo says
