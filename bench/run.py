@@ -3,9 +3,13 @@
 Each server is a process of its own; the load generator is wrk, outside every Python process.
 Results are ratios within the run, since this machine is shared and noisy.
 
-    python bench/run.py [--duration 10] [--connections 8] [--workers N] [--output docs/performance.md]
+    python bench/run.py [--duration 10] [--connections 8] [--latency-connections 1]
+                        [--workers N] [--output docs/performance.md]
 
-Each row also gives the server's CPU per request (user + system, from /proc, all its processes).
+Each row also gives the server's CPU per request (user + system, from /proc, all its processes),
+and the p50 of a second measurement with one connection: with wrk's closed loop of 8 connections,
+a request waits behind the 7 others, so the first p50 is about 8 / throughput and the p50 "added"
+there is the throughput gap seen from the client; one connection shows the time a request adds.
 
 Needs wrk (Debian: apt-get install wrk) and the broker installed (pip install .).
 """
@@ -79,6 +83,12 @@ class Result:
     requests: int = 0
     cpu_us: float = float("nan")
     """CPU (user + system) the server's processes used per request during the measurement."""
+    p50_one_ms: float = float("nan")
+    """p50 with one connection (``--latency-connections``): the time a request takes when it
+    does not wait behind others. With wrk's closed loop of N connections, a server that serves one
+    request at a time holds each request about N times its service time (Little's law), so the
+    p50 of the main measurement is the throughput seen from the other side, not the latency a
+    request adds."""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -132,6 +142,13 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument(
         "--workers", default="1", help="broker serve --workers (processes sharing the port)"
+    )
+    parser.add_argument(
+        "--latency-connections",
+        type=int,
+        default=1,
+        help="connections of the second measurement of each row, for the p50 a request sees "
+        "when it does not queue behind the others (0: not measured)",
     )
     parser.add_argument(
         "--output", type=Path, help="write the results table into this markdown file"
@@ -231,10 +248,20 @@ def main() -> int:
                 before = tree_cpu(pid)
                 r = wrk(url, duration=args.duration, connections=args.connections, headers=headers)
                 r.cpu_us = (tree_cpu(pid) - before) / max(r.requests, 1) * 1e6
+                if args.latency_connections:
+                    alone = wrk(
+                        url,
+                        duration=args.duration,
+                        connections=args.latency_connections,
+                        headers=headers,
+                    )
+                    r.p50_one_ms = alone.p50_ms
+                    r.errors += alone.errors
                 results[case, name] = r
                 print(
                     f"bench: {case:18} {name:26} {r.rps:8.0f} req/s  p50 {r.p50_ms:6.2f} ms  "
-                    f"p99 {r.p99_ms:6.2f} ms  CPU {r.cpu_us:5.0f} us/req  errors {r.errors}",
+                    f"p99 {r.p99_ms:6.2f} ms  CPU {r.cpu_us:5.0f} us/req  "
+                    f"p50 alone {r.p50_one_ms:6.2f} ms  errors {r.errors}",
                     file=sys.stderr,
                 )
 
@@ -251,19 +278,22 @@ def render(results: dict[tuple[str, str], Result], args: argparse.Namespace) -> 
         f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
         f"wrk -t1 -c{args.connections} -d{args.duration}s per row, broker --workers {args.workers}.",
         "",
-        "| case | target | req/s | p50 ms | p99 ms | CPU us/req | non-2xx |",
-        "|---|---|---|---|---|---|---|",
+        f"| case | target | req/s | p50 ms | p99 ms | CPU us/req "
+        f"| p50 ms, {args.latency_connections} connection(s) | non-2xx |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for (case, name), r in results.items():
         lines.append(
             f"| {case} | {name} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
-            f"| {r.cpu_us:.0f} | {r.errors} |"
+            f"| {r.cpu_us:.0f} | {r.p50_one_ms:.2f} | {r.errors} |"
         )
     lines += [
         "",
         "| case | domain | broker / bare proxy | broker / parse-only proxy "
-        "| p50 added over bare | p50 added over parse-only | parse-only / bare |",
-        "|---|---|---|---|---|---|---|",
+        "| p50 added over bare | p50 added over parse-only "
+        f"| the same, {args.latency_connections} connection(s) "
+        "| CPU / req, broker / parse-only | parse-only / bare |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for case in dict.fromkeys(c for c, _ in results):
         bare, parse = results[case, "bare proxy"], results[case, "parse-only proxy"]
@@ -275,7 +305,8 @@ def render(results: dict[tuple[str, str], Result], args: argparse.Namespace) -> 
             lines.append(
                 f"| {case} | {label} | {broker.rps / bare.rps:.0%} | {broker.rps / parse.rps:.0%} "
                 f"| {broker.p50_ms - bare.p50_ms:+.2f} ms | {broker.p50_ms - parse.p50_ms:+.2f} ms "
-                f"| {parse.rps / bare.rps:.0%} |"
+                f"| {broker.p50_one_ms - parse.p50_one_ms:+.2f} ms "
+                f"| {broker.cpu_us / parse.cpu_us:.2f} | {parse.rps / bare.rps:.0%} |"
             )
     return "\n".join(lines)
 

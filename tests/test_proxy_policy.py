@@ -11,8 +11,19 @@ import pytest
 from broker.app import METRICS, POOL, PROXY
 from broker.home import HomeClient
 from broker.http import Answer
+from broker.proxy import handlers
+from broker.scim.knownpage import KnownPrefix, translate_known
 from tests.conftest import QueryCounter
-from tests.scim_support import CORE_GROUP, ENTERPRISE, Broker, Home, new_user, start_broker, unique
+from tests.scim_support import (
+    CORE_GROUP,
+    ENTERPRISE,
+    HOME_ID,
+    Broker,
+    Home,
+    new_user,
+    start_broker,
+    unique,
+)
 
 
 @pytest.fixture
@@ -308,3 +319,51 @@ async def test_a_home_success_without_a_resource_is_a_502_not_an_error_with_stat
     status, body, _ = await broker.call("D1", "GET", f"/Users/{user['id']}")
     assert (status, body["status"]) == (502, "502")
     assert "operator" in body["detail"]
+
+
+async def test_a_page_the_cache_knows_is_rewritten_in_one_walk_and_answers_the_same(
+    broker: Broker, home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: the second read of a page takes the known walk (the cache's answers, no plan)
+    for every document, and answers exactly what the general path answered the first time:
+    the same IDs, references, locations and sealed versions, no home ID anywhere."""
+    tag = unique("page")
+    _page_of(home, tag)
+    taken: list[tuple[int, int]] = []
+
+    def spy(docs: list[dict[str, Any]], *args: Any, **kwargs: Any) -> KnownPrefix:
+        known = translate_known(docs, *args, **kwargs)
+        taken.append((known.count, len(docs)))
+        return known
+
+    monkeypatch.setattr(handlers, "translate_known", spy)
+    params = {"filter": f'title eq "{tag}"', "count": "100"}
+    status, first, _ = await broker.call("D1", "GET", "/Users", params=params)
+    assert status == 200 and len(first["Resources"]) == 100
+    assert taken[-1] == (0, 100)  # nothing cached yet: the general path for the whole page
+    status, again, _ = await broker.call("D1", "GET", "/Users", params=params)
+    assert taken[-1] == (100, 100) and (status, again) == (200, first)
+    assert again["Resources"][0]["meta"]["version"]
+    assert HOME_ID.search(json.dumps(again)) is None
+    # One user read by its ID takes the same walk.
+    user = again["Resources"][0]
+    status, got, headers = await broker.call("D1", "GET", f"/Users/{user['id']}")
+    assert taken[-1] == (1, 1) and (status, got) == (200, user)
+    assert headers["ETag"] == user["meta"]["version"]
+    # Groups: every member a reference, with its "type" (the walk's other branch).
+    _, members, _ = await broker.call("D1", "GET", "/Users", params={**params, "count": "3"})
+    _, at_home = home.call("GET", f'/Users?filter=title eq "{tag}"&count=3')
+    for n in range(3):
+        group = {
+            "schemas": [CORE_GROUP],
+            "displayName": f"{tag}-g{n}",
+            "members": [{"value": u["id"], "type": "User"} for u in at_home["Resources"]],
+        }
+        assert home.call("POST", "/Groups", group)[0] == 201
+    wanted = {"filter": f'displayName sw "{tag}-g"'}
+    status, first, _ = await broker.call("D1", "GET", "/Groups", params=wanted)
+    status, again, _ = await broker.call("D1", "GET", "/Groups", params=wanted)
+    assert taken[-1] == (3, 3) and (status, again) == (200, first)
+    shown = {r["id"] for r in members["Resources"]}
+    assert all({m["value"] for m in g["members"]} == shown for g in again["Resources"])
+    assert HOME_ID.search(json.dumps(again)) is None

@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
 
 from broker.db import listening
 
@@ -77,6 +78,20 @@ class MappingCache:
         if not self.enabled:
             return {}
         return {a: self.outbound[domain, a][1] for a in asked if (domain, a) in self.outbound}
+
+    def outbound_of(self, domain: str) -> Callable[[str], Any] | None:
+        """A synchronous look-up of ``domain``'s cached outbound answers (None for an ID not
+        cached), for a walk that runs with no await in between (issue 15: the page path); None
+        when the cache is off."""
+        if not self.enabled:
+            return None
+        table = self.outbound
+
+        def get(asked: str) -> Any:
+            hit = table.get((domain, asked))
+            return None if hit is None else hit[1]
+
+        return get
 
     def put_inbound(self, generation: int, domain: str, answers: dict[str, str]) -> None:
         if not self._may_store(generation, len(answers)):

@@ -119,6 +119,19 @@ class VersionSealer:
             self._sealed[memo] = sealed
         return sealed
 
+    def sealing(self, domain: str) -> Callable[[str, str], str]:
+        """:meth:`seal` for one domain, as a function of (version, internal ID), that answers
+        from the memo without a further call (issue 15: a page seals 100 versions)."""
+        memo = self._sealed
+
+        def seal(version: str, internal_id: str) -> str:
+            sealed = memo.get((version, domain, internal_id))
+            if sealed is None:
+                return self.seal(version, domain=domain, internal_id=internal_id)
+            return sealed
+
+        return seal
+
     def _seal(self, version: str, *, domain: str, internal_id: str) -> str:
         plain = version.encode()
         padded = plain + b"\x80" + b"\x00" * (-(len(plain) + 1) % _BLOCK)

@@ -1,0 +1,309 @@
+"""The page path when every answer is already known (issue 15): one walk that translates home's
+documents where they lie, asking a synchronous look-up (the mapping cache) for each ID, and
+seals each ``meta.version`` on the way.
+
+:func:`translate_known` takes the documents in order and rewrites each one exactly as
+:meth:`broker.scim.outbound.OutboundPage.render` (in place) then
+:func:`broker.scim.versions.present_meta` would, given the same answers, as long as the document
+holds nothing but the common shapes (reference values ``{"value": ID, "$ref": URI, ...}`` that
+the page path renders itself, ``id``, ``meta.location``, ``externalId``) and the look-up knows
+every ID in it. At the first document for which either fails it stops before changing that
+document: it and the documents after it go the general way (``translate_page``, the store,
+``render``, ``present_meta``), so the result is the same whatever the cache holds (a property
+test compares the two). Each document is checked whole before it is changed.
+
+What makes it cheaper than planning then rendering: a value is checked against a memo of the
+page (its ``$ref`` -> what it becomes), so the 500 group references of a 100-user page cost one
+look-up each, and no plan is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from broker.scim.outbound import _UNKNOWN, View, _meta_type, _Planner
+from broker.scim.rewrite import Translation
+from broker.scim.schemas import RefAttr
+from broker.scim.versions import _spelled
+
+__all__ = ["KnownPrefix", "translate_known"]
+
+Lookup = Callable[[str], View | None]
+"""The answer for one internal ID, None when it is not known (a miss: the general path asks)."""
+Seal = Callable[[str, str], str]
+"""Home's version (stripped) and the resource's internal ID -> the version the domain sees."""
+
+# What one reference value becomes: (its ID at home, the domain's ID, its new $ref (None: no
+# $ref written), whether a $ref it has is dropped, its type).
+_Entry = tuple[str, str, str | None, bool, str | None]
+# Of a document's key sequence: the reference attributes and extensions (the planner's shape),
+# the keys spelling externalId, and those spelling meta.
+_Shape = tuple[tuple[tuple[str, bool, RefAttr | None], ...], list[str], tuple[str, ...]]
+
+
+@dataclass
+class KnownPrefix:
+    """What :func:`translate_known` did: the first :attr:`count` documents are rewritten in
+    place; :attr:`wanted` holds every internal ID they held (with its type as
+    ``translate_page`` tells it), and :attr:`internal_ids` each one's own ID as home wrote it."""
+
+    count: int
+    wanted: dict[str, str | None]
+    internal_ids: list[str]
+
+
+def translate_known(
+    docs: Sequence[dict[str, Any]],
+    translation: Translation,
+    lookup: Lookup,
+    *,
+    resource_type: str | None,
+    seal: Seal | None = None,
+    scope_own: frozenset[str] | None = None,
+) -> KnownPrefix:
+    """Rewrite in place the longest run of ``docs``, from the first, that needs no other answer
+    than ``lookup``'s (see the module's text); with ``seal``, their ``meta.version`` too, as
+    ``present_meta`` seals it for a domain that is not unlinkable. The documents must belong to
+    the caller (parsed for this one call); those after :attr:`KnownPrefix.count` are left as
+    they were.
+
+    ``scope_own``, for a domain with a scope: the users a document may name without asking home
+    whether they are in the scope (the page's own users, home's answer to a scoped search); a
+    document naming any other user, or an ID whose type is not known, goes to the general path,
+    which asks home (``Proxy.in_scope``)."""
+    walk = _KnownWalk(translation, lookup, seal, scope_own)
+    internal_ids: list[str] = []
+    for count, doc in enumerate(docs):
+        own = doc.get("id") if type(doc) is dict else None
+        if type(own) is not str or not walk.doc(doc, own, resource_type):
+            return KnownPrefix(count, walk.wanted, internal_ids)
+        internal_ids.append(own)
+    return KnownPrefix(len(docs), walk.wanted, internal_ids)
+
+
+_SHAPES: dict[int, tuple[Any, dict[tuple[str, ...], _Shape]]] = {}
+
+
+class _KnownWalk:
+    """:func:`translate_known`'s walk, with the planner's memos and the page's own."""
+
+    def __init__(
+        self,
+        translation: Translation,
+        lookup: Lookup,
+        seal: Seal | None,
+        scope_own: frozenset[str] | None = None,
+    ) -> None:
+        self.planner = _Planner(translation)
+        self.scope_own = scope_own
+        self.refs = translation.refs
+        self.targets = self.planner.targets
+        self.lookup = lookup
+        self.seal = seal
+        self.answers: dict[str, View | None] = {}
+        self.wanted: dict[str, str | None] = {}
+        self.entries: dict[int, dict[Any, _Entry]] = {}
+        """By attribute: a value's $ref -> what a value with that $ref (and its ID) becomes."""
+        held = _SHAPES.get(id(self.refs))
+        if held is None or held[0] is not self.refs:
+            if len(_SHAPES) >= 16:  # one ReferenceMap per home schema load: a handful live
+                _SHAPES.clear()
+            held = _SHAPES[id(self.refs)] = (self.refs, {})
+        self.shapes = held[1]
+        self.own_prefixes: dict[str | None, str | None] = {}
+
+    def answer(self, internal: str) -> View | None:
+        answers = self.answers
+        found = answers.get(internal, _UNKNOWN)
+        if found is _UNKNOWN:
+            found = answers[internal] = self.lookup(internal)
+        return found  # type: ignore[no-any-return]
+
+    def outside(self, internal: str, rtype: str | None) -> bool:
+        """Whether ``Proxy.in_scope`` would ask home about ``internal`` (a user, or of no known
+        type, not among the page's own users)."""
+        assert self.scope_own is not None
+        return rtype in (None, "User") and internal not in self.scope_own
+
+    def want(self, internal: str, rtype: str | None) -> None:
+        if self.wanted.get(internal) is None:
+            self.wanted[internal] = rtype
+
+    def shape(self, doc: dict[str, Any]) -> _Shape:
+        keys = tuple(doc)
+        held = self.shapes.get(keys)
+        if held is None:
+            matter, external_id_keys = self.planner.shape(doc)
+            held = (matter, external_id_keys, _spelled(doc, "meta"))
+            if len(self.shapes) < 256:  # never an unbounded memo, whatever home sends
+                self.shapes[keys] = held
+        return held
+
+    def doc(self, doc: dict[str, Any], own: str, resource_type: str | None) -> bool:
+        """Check ``doc`` whole, then rewrite it; False (nothing changed) where it needs the
+        general path."""
+        matter, external_id_keys, meta_keys = self.shape(doc)
+        pending: list[tuple[Sequence[Any], list[_Entry]]] = []
+        for key, is_extension, attr in matter:
+            value = doc[key]
+            if is_extension and isinstance(value, dict):
+                if any(self.refs.classify(k, key)[1] is not None for k in value):
+                    return False  # references inside an extension: the general path
+                continue
+            if attr is None or value is None:
+                continue
+            values = value if type(value) is list else (value,)
+            entries = self.values(values, attr)
+            if entries is None:
+                return False
+            if self.scope_own is not None and any(self.outside(e[0], e[4]) for e in entries):
+                return False  # names a user home has to say is in the scope or not
+            pending.append((values, entries))
+        own_view = self.answers.get(own, _UNKNOWN)
+        if own_view is _UNKNOWN:
+            own_view = self.answer(own)
+        if own_view is None:
+            return False  # unknown here, or invisible to the domain: the general path decides
+        own_type = resource_type or _meta_type(doc)
+        if self.scope_own is not None and self.outside(own, own_type):
+            return False
+        wanted = self.wanted
+        if wanted.get(own) is None:
+            wanted[own] = own_type
+        meta = doc.get("meta")
+        location: str | None = None
+        if type(meta) is dict and "location" in meta:
+            uri = meta["location"]
+            if type(uri) is str:
+                parsed = self.location(uri, own, own_type)
+                if parsed is not None:
+                    moved = own_view if parsed[1] == own else self.answer(parsed[1])
+                    if moved is None:
+                        return False
+                    if self.scope_own is not None and self.outside(parsed[1], parsed[0]):
+                        return False
+                    if wanted.get(parsed[1]) is None:
+                        wanted[parsed[1]] = parsed[0]
+                    location = self.targets[parsed[0]] + moved.external_id
+            elif isinstance(uri, str):
+                return False  # a str subclass: never from orjson; the general path
+        # Checked: nothing below can fail.
+        for changed, entries in pending:
+            for item, (_, new, ref, drop, _) in zip(changed, entries, strict=True):
+                item["value"] = new
+                if ref is not None:
+                    item["$ref"] = ref
+                elif drop:
+                    del item["$ref"]
+        doc["id"] = own_view.external_id
+        if type(meta) is dict and "location" in meta:
+            if location is None:
+                del meta["location"]
+            else:
+                meta["location"] = location
+        for key in external_id_keys:
+            doc.pop(key, None)
+        if own_view.domain_external_id is not None:
+            doc["externalId"] = own_view.domain_external_id
+        if self.seal is not None:
+            self.versions(doc, meta_keys, own)
+        return True
+
+    def location(self, uri: str, own: str, own_type: str | None) -> tuple[str, str] | None:
+        """``meta.location`` as the planner reads it: home's URI of the document itself
+        (compared, not parsed, where it is home's base, the type's endpoint and the ID), or
+        parsed."""
+        prefix = self.own_prefixes.get(own_type, _UNKNOWN)
+        if prefix is _UNKNOWN:
+            prefix = self.own_prefixes[own_type] = (
+                None if own_type is None else self.planner._own_prefix(own_type)
+            )
+        if (
+            prefix is not None
+            and uri == prefix + own
+            and own
+            and "/" not in own
+            and "?" not in own
+            and "#" not in own
+        ):
+            return own_type, own  # type: ignore[return-value]
+        return self.planner.endpoints.parse_uri(uri, self.planner.source_base)
+
+    def versions(self, doc: dict[str, Any], meta_keys: tuple[str, ...], own: str) -> None:
+        """``meta.version`` sealed, as ``present_meta`` (in place) seals it."""
+        assert self.seal is not None
+        for key in meta_keys:
+            meta = doc[key]
+            if type(meta) is not dict:
+                continue
+            for name in _spelled(meta, "version"):
+                value = meta[name]
+                tag = value.strip() if isinstance(value, str) else ""
+                if tag:
+                    meta[name] = self.seal(tag, own)
+                else:
+                    del meta[name]  # not a version the broker can seal: not shown raw either
+
+    def values(self, values: Sequence[Any], attr: RefAttr) -> list[_Entry] | None:
+        """What each value becomes, or None where one needs the general path (a shape the
+        planner does not render itself, or an ID the look-up does not know)."""
+        if not attr.complex:
+            return None
+        entries = self.entries.get(id(attr))
+        if entries is None:
+            entries = self.entries[id(attr)] = {}
+        found: list[_Entry] = []
+        for item in values:
+            if type(item) is not dict:
+                return None
+            ref = item.get("$ref")
+            entry = entries.get(ref) if type(ref) is str else None
+            if entry is None or "type" in item or item.get("value") != entry[0]:
+                entry = self.entry(item, attr, entries)
+                if entry is None:
+                    return None
+            found.append(entry)
+        return found
+
+    def entry(
+        self, item: dict[str, Any], attr: RefAttr, entries: dict[Any, _Entry]
+    ) -> _Entry | None:
+        """What ``item`` becomes, told as the planner tells it (kept in the page's memo where
+        its $ref alone says it); None for the general path."""
+        value = item.get("value")
+        ref = item.get("$ref", _UNKNOWN)
+        if type(value) is not str or not (ref is _UNKNOWN or type(ref) is str):
+            return None
+        planner = self.planner
+        types = planner.types.get(id(attr))
+        if types is None:
+            types = planner.types[id(attr)] = {}
+        if ref is _UNKNOWN and any(k.lower() == "$ref" for k in item):
+            return None  # "$REF" and the like: the general path
+        declared = item.get("type")
+        if not (declared is None or type(declared) is str):
+            return None
+        held = None if ref is _UNKNOWN else ref
+        rtype = types.get((declared, held), _UNKNOWN)
+        if rtype is _UNKNOWN:
+            rtype = planner._type_of(item, attr)
+            if len(types) < 16_384:
+                types[declared, held] = rtype
+        if ref is not _UNKNOWN and rtype is not None and rtype not in self.targets:
+            return None  # the planner hands such a value to the general functions
+        view = self.answer(value)
+        if view is None:
+            return None
+        new = view.external_id
+        if ref is _UNKNOWN:
+            entry: _Entry = (value, new, None, False, rtype)
+        elif rtype is None:
+            entry = (value, new, None, True, None)
+        else:
+            entry = (value, new, self.targets[rtype] + new, False, rtype)
+        self.want(value, rtype)
+        if ref is not _UNKNOWN and "type" not in item and len(entries) < 4096:
+            entries[ref] = entry  # its type told by its $ref alone, as the planner's memo says
+        return entry
