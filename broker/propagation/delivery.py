@@ -130,9 +130,11 @@ class Claim:
     entity: Mapping[str, Any] | None = None
     """What ``entity_for_delivery`` reads (the entity, its primary row in the peer, the peer's
     copy), read with the claim itself; None: not read (the delivery reads it)."""
+    ride: bool = False
+    """Claimed along with another lane's claim of the same entity (``Claimer.ride``)."""
 
     @classmethod
-    def from_record(cls, record: asyncpg.Record, claimed_at: float) -> Claim:
+    def from_record(cls, record: asyncpg.Record, claimed_at: float, *, ride: bool = False) -> Claim:
         return cls(
             record["id"],
             record["internal_id"] or "",  # none: an orphan account (delete_orphan)
@@ -144,6 +146,7 @@ class Claim:
             (record["last_error"] or {}).get("conflict_since"),
             claimed_at,
             _entity(record),
+            ride,
         )
 
 
