@@ -111,10 +111,12 @@ ORDER BY c.id
 -- take them along (at most $3[i] toward peer $1[i]), claimed by worker $4 for a lease of $5
 -- seconds. Each is the oldest unfinished row of its (peer, entity), a sync or a provision that is
 -- due, with no handover still under way (the rules of claim_deliveries). They start with the
--- rows claimed, so that one read of home serves a change toward every peer. Each (peer, entity)
--- is probed in outbox_by_entity: no row of another entity is read.
-WITH candidate AS (
-    SELECT o.id, row_number() OVER (PARTITION BY o.domain_id ORDER BY o.id) AS rank, p.room
+-- rows claimed, so that one read of home serves a change toward every peer.
+-- Each (peer, entity) is probed by itself, through laterals that LIMIT and FOR UPDATE keep from
+-- being flattened: with the statistics of a queue that was empty, the planner otherwise walked
+-- every pending row of the outbox once per pair, or a whole index per row (seconds per claim).
+WITH candidate AS MATERIALIZED (
+    SELECT o.id, o.domain_id, p.room
     FROM unnest($1::text[], $3::int[]) AS p(domain_id, room)
     CROSS JOIN unnest($2::text[]) AS w(internal_id)
     CROSS JOIN LATERAL (
@@ -124,27 +126,32 @@ WITH candidate AS (
         ORDER BY f.id
         LIMIT 1
     ) first
-    JOIN outbox o ON o.id = first.id
-    WHERE o.state = 'pending' AND o.next_attempt_at <= now() AND o.kind IN ('sync', 'provision')
-      AND NOT EXISTS (
-          SELECT 1
-          FROM jsonb_array_elements_text(o.payload -> 'after') AS a(internal_id)
-          WHERE EXISTS (
-              SELECT 1 FROM outbox e
-              WHERE e.domain_id = o.domain_id AND e.internal_id = a.internal_id
-                AND e.id < o.id AND e.state IN ('pending', 'in_flight')
-              OFFSET 0
+    -- Locked here, row by row (a window and FOR UPDATE cannot share a level): a row another
+    -- worker holds is skipped, one it claimed meanwhile is found no longer pending. A row
+    -- locked but past the lane's room is left as it was.
+    CROSS JOIN LATERAL (
+        SELECT o.id, o.domain_id
+        FROM outbox o
+        WHERE o.domain_id = p.domain_id AND o.internal_id = w.internal_id AND o.id = first.id
+          AND o.state = 'pending' AND o.next_attempt_at <= now()
+          AND o.kind IN ('sync', 'provision')
+          AND NOT EXISTS (
+              SELECT 1
+              FROM jsonb_array_elements_text(o.payload -> 'after') AS a(internal_id)
+              WHERE EXISTS (
+                  SELECT 1 FROM outbox e
+                  WHERE e.domain_id = o.domain_id AND e.internal_id = a.internal_id
+                    AND e.id < o.id AND e.state IN ('pending', 'in_flight')
+                  OFFSET 0
+              )
           )
-      )
+        FOR UPDATE OF o SKIP LOCKED
+    ) o
 ), ready AS (
-    -- Locked after the ranking (a window and FOR UPDATE cannot share a level): a row another
-    -- worker claimed meanwhile is skipped, or found no longer pending once locked.
-    SELECT o.id
-    FROM outbox o
-    WHERE o.id = ANY (ARRAY(SELECT id FROM candidate WHERE rank <= room))
-      AND o.state = 'pending'
-    ORDER BY o.id
-    FOR UPDATE OF o SKIP LOCKED
+    SELECT id
+    FROM (SELECT id, room, row_number() OVER (PARTITION BY domain_id ORDER BY id) AS rank
+          FROM candidate) ranked
+    WHERE rank <= room
 ), claimed AS (
     UPDATE outbox o
     SET state = 'in_flight', claimed_by = $4, lease_until = now() + make_interval(secs => $5),
