@@ -50,7 +50,8 @@ class WorkerSettings:
     concurrency: int = 4
     """Requests in flight at each peer, per process. Up to twice as many deliveries are under
     way there, so that while ``concurrency`` of them wait for the peer the others read home and
-    the database: the peer's speed, not the broker's steps around each request, sets the pace."""
+    the database: the peer's speed, not the broker's steps around each request, sets the pace.
+    As many again may be taken along with other lanes' claims (``decisions.ride_room``)."""
     lease: float = 120.0
     backoff: Backoff = field(default_factory=Backoff)
     quarantine_after: float = 300.0
