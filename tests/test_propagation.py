@@ -880,11 +880,14 @@ async def _own_worker(
 
 
 async def _next_outcome(worker: Deliverer, outcomes: list[str]) -> str:
-    """Claim until one more delivery has ended; how it ended."""
+    """Claim until one more delivery has ended; how it ended. No claim while a delivery runs:
+    on the test's clock a row rescheduled is due at once, and a claim between its reschedule
+    and its outcome would start the next attempt before the test looks at the row."""
     seen, deadline = len(outcomes), asyncio.get_running_loop().time() + 30
-    while len(outcomes) == seen:
+    while len(outcomes) == seen or worker._tasks:
         assert asyncio.get_running_loop().time() < deadline, "no delivery ended"
-        await worker.claim_and_start()
+        if not worker._tasks:
+            await worker.claim_and_start()
         await asyncio.sleep(0.01)
     return outcomes[-1]
 
