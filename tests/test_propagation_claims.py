@@ -81,7 +81,7 @@ async def test_other_lanes_take_the_claimed_entities_along_under_the_claim_s_rul
     # P2, P3 and P4 have no room of their own (their slots taken, as many waiting).
     for name in ("P2", "P3", "P4"):
         claimer.lanes[name] = Lane(active=5)
-    claimer.lanes["P3"].active, claimer.lanes["P3"].riding = 12, 7
+    claimer.lanes["P3"].active, claimer.lanes["P3"].riding = 8, 3
     claimed: list[tuple[Peer, Claim, Lane]] = []
     await claimer.claim(claimed)
 
@@ -94,7 +94,7 @@ async def test_other_lanes_take_the_claimed_entities_along_under_the_claim_s_rul
         ("P3", p3[0]): True,
     }, got
     assert (claimer.lanes["P2"].active, claimer.lanes["P2"].riding) == (6, 1)
-    assert (claimer.lanes["P3"].active, claimer.lanes["P3"].riding) == (13, 8)
+    assert (claimer.lanes["P3"].active, claimer.lanes["P3"].riding) == (9, 4)
     # What is taken along reads what the delivery starts from, as a claim does.
     rider = next(claim for peer, claim, _ in claimed if peer.id == "P2")
     assert rider.entity is not None and rider.entity["resource_type"] == "User"

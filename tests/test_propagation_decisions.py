@@ -68,10 +68,10 @@ def test_a_resting_lane_claims_nothing_until_its_pause_is_over() -> None:
     assert claim_room(concurrency=4, active=0, quarantined=False, paused_until=10, now=10) == 8
 
 
-def test_a_lane_takes_along_up_to_twice_its_concurrency_besides_its_own_claims() -> None:
-    assert ride_room(concurrency=4, riding=0, quarantined=False, paused_until=0, now=10) == 8
-    assert ride_room(concurrency=4, riding=7, quarantined=False, paused_until=0, now=10) == 1
-    assert ride_room(concurrency=4, riding=9, quarantined=False, paused_until=0, now=10) == 0
+def test_a_lane_takes_along_up_to_its_concurrency_besides_its_own_claims() -> None:
+    assert ride_room(concurrency=4, riding=0, quarantined=False, paused_until=0, now=10) == 4
+    assert ride_room(concurrency=4, riding=3, quarantined=False, paused_until=0, now=10) == 1
+    assert ride_room(concurrency=4, riding=5, quarantined=False, paused_until=0, now=10) == 0
 
 
 def test_a_quarantined_or_resting_lane_takes_nothing_along() -> None:

@@ -90,13 +90,15 @@ def ride_room(
     *, concurrency: int, riding: int, quarantined: bool, paused_until: float, now: float
 ) -> int:
     """How many deliveries a peer's lane takes along (0: none) when other lanes claim changes
-    that are due toward it too: up to twice ``concurrency`` besides its own claims, so that one
-    read of home serves a change toward every peer. A quarantined or resting lane takes none.
-    Counted apart from ``claim_room``: a lane always claims its own oldest rows as well, so a
-    slow peer's queue is never starved by what the faster lanes take it along to."""
+    that are due toward it too: up to ``concurrency`` besides its own claims, so that one read of
+    home serves a change toward every peer. A quarantined or resting lane takes none. Counted
+    apart from ``claim_room``: a lane always claims its own oldest rows as well, so a slow
+    peer's queue is never starved by what the faster lanes take it along to. At most three
+    times ``concurrency`` deliveries wait for the peer's ``concurrency`` request slots: three
+    rounds of ``peer_timeout`` (30 s) stay within a claim's lease (120 s)."""
     if quarantined or paused_until > now:
         return 0
-    return max(0, 2 * concurrency - riding)
+    return max(0, concurrency - riding)
 
 
 def peers_reread(*, now: float, read_at: float, enqueued: bool) -> float | None:

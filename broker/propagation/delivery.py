@@ -51,7 +51,8 @@ class WorkerSettings:
     """Requests in flight at each peer, per process. Up to twice as many deliveries are under
     way there, so that while ``concurrency`` of them wait for the peer the others read home and
     the database: the peer's speed, not the broker's steps around each request, sets the pace.
-    As many again may be taken along with other lanes' claims (``decisions.ride_room``)."""
+    As many more may be taken along with other lanes' claims (``decisions.ride_room``): three
+    rounds of ``peer_timeout`` at most, within a claim's ``lease``."""
     lease: float = 120.0
     backoff: Backoff = field(default_factory=Backoff)
     quarantine_after: float = 300.0
