@@ -221,6 +221,9 @@ async def through_broker(
                     f"recorded in batches: {done} deliveries in {batches} transactions "
                     f"({done / batches:.1f} each)"
                 )
+            reads = getattr(worker.syncs.reads, "sent", None)  # counted since issue 15
+            if reads is not None:
+                print(f"home read {reads} times for {len(home_ids) * len(peer_urls)} deliveries")
             left = await pool.fetchval("SELECT count(*) FROM outbox WHERE state <> 'done'")
             assert left == 0, f"{left} deliveries did not finish"
             return elapsed, broker_cpu, pg_cpu

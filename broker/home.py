@@ -3,6 +3,7 @@ and what the home's ``/Schemas`` and ``/ResourceTypes`` say (refreshed every few
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -87,6 +88,8 @@ class HomeClient:
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self.schema_ttl = schema_ttl
         self._schema: HomeSchema | None = None
+        self._loading: asyncio.Task[HomeSchema] | None = None
+        """The load of home's schema under way, which every caller meanwhile awaits."""
 
     async def request(
         self,
@@ -213,10 +216,25 @@ class HomeClient:
         return found
 
     async def schema(self) -> HomeSchema:
-        """Reference attributes and endpoints, from the home's own description of itself."""
+        """Reference attributes and endpoints, from the home's own description of itself. One
+        load at a time: the deliveries a claim starts together (dozens) await the same one
+        instead of each reading /Schemas and /ResourceTypes and building the index."""
         now = time.monotonic()
         if self._schema is not None and now - self._schema.loaded_at < self.schema_ttl:
             return self._schema
+        loading = self._loading
+        if loading is None:
+            loading = self._loading = asyncio.ensure_future(self._load_schema(now))
+            loading.add_done_callback(self._loaded)
+        return await asyncio.shield(loading)
+
+    def _loaded(self, task: asyncio.Task[HomeSchema]) -> None:
+        if self._loading is task:
+            self._loading = None
+        if not task.cancelled():
+            task.exception()  # retrieved: its callers raise it themselves
+
+    async def _load_schema(self, now: float) -> HomeSchema:
         try:
             schemas = await self.request("GET", "/Schemas")
             types = await self.request("GET", "/ResourceTypes")

@@ -168,7 +168,6 @@ CREATE TABLE outbox (
     -- AES-256-GCM under a key kept outside the database, erased once delivered or discarded.
     sealed_values    bytea
 );
-CREATE INDEX outbox_ready ON outbox (domain_id, next_attempt_at, id) WHERE state IN ('pending', 'in_flight');
 CREATE INDEX outbox_by_entity ON outbox (domain_id, internal_id, id) WHERE state IN ('pending', 'in_flight');
 CREATE INDEX outbox_by_operation ON outbox (operation_id) WHERE operation_id IS NOT NULL;
 CREATE INDEX outbox_claim_order ON outbox (domain_id, id) WHERE state IN ('pending', 'in_flight');

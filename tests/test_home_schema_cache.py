@@ -4,6 +4,7 @@ for the schema TTL like a good answer. A real aiohttp home that counts what reac
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -84,3 +85,16 @@ async def test_a_home_that_stops_answering_json_is_not_asked_on_every_request() 
             schema = await client.schema()
         assert schema.refs == known.refs and schema.endpoints == known.endpoints
         assert home.asked["/v2/Schemas"] == 2, "what was known is kept for the TTL again"
+
+
+@pytest.mark.parametrize("mode", ["good", "404 json"])
+async def test_callers_that_ask_together_share_one_load(mode: str) -> None:
+    """The deliveries a claim starts together (dozens) ask for the schema at once: one load of
+    /Schemas and /ResourceTypes serves them all, whatever home answers."""
+    async with home_server() as (home, url), aiohttp.ClientSession() as session:
+        home.mode = mode
+        client = HomeClient(session, url, "t", schema_ttl=300)
+        schemas = await asyncio.gather(*(client.schema() for _ in range(30)))
+        assert all(s is schemas[0] for s in schemas)
+        assert home.asked["/v2/Schemas"] == 1
+        assert home.asked["/v2/ResourceTypes"] == 1

@@ -25,6 +25,7 @@ from broker.propagation.policy import Failure, Verdict
 from broker.propagation.sync import Syncer, Write, Writes
 from broker.propagation.tools import Tools
 from tests.conftest import QueryCounter
+from tests.waiting import until
 
 WORKER = "w-test"
 PEER = Peer(
@@ -266,3 +267,45 @@ async def test_creates_begun_together_write_their_pending_rows_in_one_statement(
         )
     # A later attempt finds the row: the same handle, and not the first attempt.
     assert await syncer._begin_create(PEER, ids[0]) == (begun[0][0], False)
+
+
+async def test_a_second_batch_is_written_beside_the_first_only_once_enough_items_wait() -> None:
+    """One batch is written at a time while few items wait for the next (a transaction each
+    costs more than the wait); once ``_SECOND`` wait, a second one is written beside it, and no
+    more than ``_WRITERS``. Every item is written, and an item submitted after the writers
+    finished starts a writer of its own."""
+    from broker.propagation import records
+
+    running: list[list[int]] = []
+    release = asyncio.Event()
+    most = 0
+
+    async def together(items: list[int]) -> list[int]:
+        nonlocal most
+        running.append(items)
+        most = max(most, len(running))
+        await release.wait()
+        running.remove(items)
+        return [i * 10 for i in items]
+
+    async def alone(item: int) -> int:
+        raise AssertionError("no batch fails here")
+
+    batcher: records.Batcher[int, int] = records.Batcher(together, alone, what="items")
+    first = asyncio.create_task(batcher.submit(0))
+    await until(lambda: running == [[0]], "the first batch being written")
+    few = [asyncio.create_task(batcher.submit(i)) for i in range(1, records._SECOND - 1)]
+    await until(lambda: len(batcher._waiting) == records._SECOND - 2, "the next batch waiting")
+    assert len(batcher._writing) == 1  # they wait for the first batch
+    many = [
+        asyncio.create_task(batcher.submit(i))
+        for i in range(records._SECOND - 1, 4 * records._SECOND)
+    ]
+    await until(lambda: len(running) == 2, "a second batch written beside the first")
+    release.set()
+    results = await asyncio.gather(first, *few, *many)
+    assert results == [i * 10 for i in range(4 * records._SECOND)]
+    assert most == records._WRITERS
+    await batcher.finished()
+    # Nothing is writing now: a new item starts a writer, and is written.
+    assert await asyncio.wait_for(batcher.submit(7), timeout=30) == 70

@@ -33,6 +33,7 @@ from broker.propagation.decisions import (
     patient,
     peers_reread,
     plan_update,
+    ride_room,
     set_answer,
     sort_references,
     sync_skipped,
@@ -65,6 +66,17 @@ def test_a_quarantined_peer_gets_one_probe_at_a_time() -> None:
 def test_a_resting_lane_claims_nothing_until_its_pause_is_over() -> None:
     assert claim_room(concurrency=4, active=0, quarantined=False, paused_until=11, now=10) == 0
     assert claim_room(concurrency=4, active=0, quarantined=False, paused_until=10, now=10) == 8
+
+
+def test_a_lane_takes_along_up_to_its_concurrency_besides_its_own_claims() -> None:
+    assert ride_room(concurrency=4, riding=0, quarantined=False, paused_until=0, now=10) == 4
+    assert ride_room(concurrency=4, riding=3, quarantined=False, paused_until=0, now=10) == 1
+    assert ride_room(concurrency=4, riding=5, quarantined=False, paused_until=0, now=10) == 0
+
+
+def test_a_quarantined_or_resting_lane_takes_nothing_along() -> None:
+    assert ride_room(concurrency=4, riding=0, quarantined=True, paused_until=0, now=10) == 0
+    assert ride_room(concurrency=4, riding=0, quarantined=False, paused_until=11, now=10) == 0
 
 
 @given(st.integers(1, 64), st.integers(0, 200), st.booleans(), st.floats(0, 100), st.floats(0, 100))

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from broker.db import query
-from broker.propagation.decisions import claim_room, health_due, peers_reread
+from broker.propagation.decisions import claim_room, health_due, peers_reread, ride_room
 from broker.propagation.delivery import Claim, Clock, Later, Peer, WorkerSettings, utc
 from broker.propagation.policy import Failure, Verdict
 
@@ -39,10 +39,21 @@ class Lane:
     it rests after a failure the peer caused."""
 
     active: int = 0
+    """Deliveries under way, those taken along included."""
+    riding: int = 0
+    """Of which taken along with other lanes' claims (``ride_room``)."""
     paused_until: float = 0.0
     healthy_at: float = 0.0
     """When a success here last told the database the peer is healthy (it says so at most once
     a second while nothing fails)."""
+
+    def took(self, claim: Claim) -> None:
+        self.active += 1
+        self.riding += claim.ride
+
+    def finished(self, claim: Claim) -> None:
+        self.active -= 1
+        self.riding -= claim.ride
 
 
 class Claimer:
@@ -80,13 +91,15 @@ class Claimer:
 
     async def claim(self, claimed: list[tuple[Peer, Claim, Lane]]) -> None:
         """Append to ``claimed`` what is due for every peer with room (as it comes, so that a
-        failure part way leaves what was claimed to be started)."""
+        failure part way leaves what was claimed to be started), then what the other lanes
+        take along: the same entities' deliveries toward them (``ride``)."""
         now = self.monotonic()
-        for peer in await self.push_peers(now):
+        peers = await self.push_peers(now)
+        for peer in peers:
             lane = self.lanes.setdefault(peer.id, Lane())
             room = claim_room(
                 concurrency=self.settings.concurrency,
-                active=lane.active,
+                active=lane.active - lane.riding,
                 quarantined=peer.status == "quarantined",
                 paused_until=lane.paused_until,
                 now=now,
@@ -98,8 +111,55 @@ class Claimer:
             )
             claimed_at = self.monotonic()
             for record in records:
-                lane.active += 1
-                claimed.append((peer, Claim.from_record(record, claimed_at), lane))
+                claim = Claim.from_record(record, claimed_at)
+                lane.took(claim)
+                claimed.append((peer, claim, lane))
+        if len(peers) > 1:
+            await self.ride(peers, claimed, now)
+
+    async def ride(
+        self, peers: list[Peer], claimed: list[tuple[Peer, Claim, Lane]], now: float
+    ) -> None:
+        """Claim, toward the other peers, the deliveries of the entities just claimed (syncs and
+        provisions: they read home), in one statement: their deliveries start together, and one
+        read of home serves them all. Without this, lanes that drift apart by a few rows read
+        home once per peer for every change."""
+        entities = sorted({c.internal_id for _, c, _ in claimed if c.kind in ("sync", "provision")})
+        if not entities:
+            return
+        rooms: dict[str, int] = {}
+        by_id: dict[str, Peer] = {}
+        for peer in peers:
+            if peer.scim_url is None:
+                continue
+            lane = self.lanes.setdefault(peer.id, Lane())
+            room = ride_room(
+                concurrency=self.settings.concurrency,
+                riding=lane.riding,
+                quarantined=peer.status == "quarantined",
+                paused_until=lane.paused_until,
+                now=now,
+            )
+            if room > 0:
+                rooms[peer.id] = room
+                by_id[peer.id] = peer
+        if not rooms:
+            return
+        records = await self.pool.fetch(
+            query("claim_riders"),
+            list(rooms),
+            entities,
+            list(rooms.values()),
+            self.worker_id,
+            self.settings.lease,
+        )
+        claimed_at = self.monotonic()
+        for record in records:
+            peer = by_id[record["domain_id"]]
+            lane = self.lanes[peer.id]
+            claim = Claim.from_record(record, claimed_at, ride=True)
+            lane.took(claim)
+            claimed.append((peer, claim, lane))
 
     async def push_peers(self, now: float) -> list[Peer]:
         """The peers to deliver to. Every finished delivery and every enqueue wakes the loop:

@@ -45,6 +45,7 @@ __all__ = [
     "patient",
     "peers_reread",
     "plan_update",
+    "ride_room",
     "set_answer",
     "sort_references",
     "sync_skipped",
@@ -83,6 +84,21 @@ def claim_room(
     if room <= 0 or paused_until > now:
         return 0
     return room
+
+
+def ride_room(
+    *, concurrency: int, riding: int, quarantined: bool, paused_until: float, now: float
+) -> int:
+    """How many deliveries a peer's lane takes along (0: none) when other lanes claim changes
+    that are due toward it too: up to ``concurrency`` besides its own claims, so that one read of
+    home serves a change toward every peer. A quarantined or resting lane takes none. Counted
+    apart from ``claim_room``: a lane always claims its own oldest rows as well, so a slow
+    peer's queue is never starved by what the faster lanes take it along to. At most three
+    times ``concurrency`` deliveries wait for the peer's ``concurrency`` request slots: three
+    rounds of ``peer_timeout`` (30 s) stay within a claim's lease (120 s)."""
+    if quarantined or paused_until > now:
+        return 0
+    return max(0, concurrency - riding)
 
 
 def peers_reread(*, now: float, read_at: float, enqueued: bool) -> float | None:

@@ -50,7 +50,9 @@ class WorkerSettings:
     concurrency: int = 4
     """Requests in flight at each peer, per process. Up to twice as many deliveries are under
     way there, so that while ``concurrency`` of them wait for the peer the others read home and
-    the database: the peer's speed, not the broker's steps around each request, sets the pace."""
+    the database: the peer's speed, not the broker's steps around each request, sets the pace.
+    As many more may be taken along with other lanes' claims (``decisions.ride_room``): three
+    rounds of ``peer_timeout`` at most, within a claim's ``lease``."""
     lease: float = 120.0
     backoff: Backoff = field(default_factory=Backoff)
     quarantine_after: float = 300.0
@@ -130,9 +132,11 @@ class Claim:
     entity: Mapping[str, Any] | None = None
     """What ``entity_for_delivery`` reads (the entity, its primary row in the peer, the peer's
     copy), read with the claim itself; None: not read (the delivery reads it)."""
+    ride: bool = False
+    """Claimed along with another lane's claim of the same entity (``Claimer.ride``)."""
 
     @classmethod
-    def from_record(cls, record: asyncpg.Record, claimed_at: float) -> Claim:
+    def from_record(cls, record: asyncpg.Record, claimed_at: float, *, ride: bool = False) -> Claim:
         return cls(
             record["id"],
             record["internal_id"] or "",  # none: an orphan account (delete_orphan)
@@ -144,6 +148,7 @@ class Claim:
             (record["last_error"] or {}).get("conflict_since"),
             claimed_at,
             _entity(record),
+            ride,
         )
 
 

@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 
 _BATCH = 64
 """At most this many deliveries recorded in one transaction."""
+_WRITERS = 2
+"""At most this many batches written at once."""
+_SECOND = 32
+"""A second batch starts while one is being written only once this many items wait: fewer wait
+for it (one transaction each costs more than the wait)."""
 
 
 @dataclass
@@ -88,8 +93,10 @@ def batchable(claim: Claim, views: Mapping[str, str]) -> bool:
 class Batcher(Generic[T, R]):
     """Items submitted while a batch is being written make the next batch: ``together`` writes a
     batch (its results in order); if it fails in PostgreSQL, nothing of it was written and
-    ``alone`` writes each item by itself, so that one item's failure stays its own. One batch is
-    written at a time."""
+    ``alone`` writes each item by itself, so that one item's failure stays its own. A second
+    batch is written beside the first once ``_SECOND`` items wait for it (``_WRITERS`` at
+    most): a transaction's commit (and its WAL flush) no longer holds up every delivery that
+    finishes meanwhile."""
 
     def __init__(
         self,
@@ -102,7 +109,7 @@ class Batcher(Generic[T, R]):
         self.alone = alone
         self.what = what
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
-        self._writing: asyncio.Task[None] | None = None
+        self._writing: set[asyncio.Task[None]] = set()
         self.batches = 0
         """Batches written together so far (with ``items``: how well they batch)."""
         self.items = 0
@@ -112,16 +119,15 @@ class Batcher(Generic[T, R]):
         """Write ``item`` with the others submitted now; what ``alone`` would return."""
         result: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, result))
-        if self._writing is None:
-            self._writing = asyncio.create_task(self._write_all())
+        if not self._writing or (len(self._writing) < _WRITERS and len(self._waiting) >= _SECOND):
+            self._writing.add(asyncio.create_task(self._write_all()))
         return await asyncio.shield(result)
 
     async def finished(self) -> None:
-        """Until the batch being written (and those waiting) are written: what a stopping
+        """Until the batches being written (and those waiting) are written: what a stopping
         worker awaits, so that no transaction is left half-way when its pool closes."""
-        writing = self._writing
-        if writing is not None:
-            await asyncio.gather(writing, return_exceptions=True)
+        while self._writing:
+            await asyncio.gather(*self._writing, return_exceptions=True)
 
     async def _write_all(self) -> None:
         try:
@@ -129,7 +135,11 @@ class Batcher(Generic[T, R]):
                 batch, self._waiting = self._waiting[:_BATCH], self._waiting[_BATCH:]
                 await self._write(batch)
         finally:
-            self._writing = None
+            # Here, not in a done callback: an item submitted once the loop saw none waiting
+            # must find no writer, and start one.
+            task = asyncio.current_task()
+            assert task is not None
+            self._writing.discard(task)
 
     async def _write(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:

@@ -79,6 +79,8 @@ class HomeReads:
         self.monotonic = tools.monotonic
         self._reads: dict[str, _HomeRead] = {}
         """The latest read from home of each entity (the oldest dropped past a bound)."""
+        self.sent = 0
+        """GETs sent to home so far (how well the reads are shared: ``bench/deliveries.py``)."""
 
     async def resource(
         self, endpoint: str, internal_id: str, fresh_since: float
@@ -90,6 +92,7 @@ class HomeReads:
         if read is not None and read.started >= fresh_since:
             return await asyncio.shield(read.answer)
         read = _HomeRead(self.monotonic(), asyncio.get_running_loop().create_future())
+        self.sent += 1
         self._reads.pop(internal_id, None)
         self._reads[internal_id] = read
         if len(self._reads) > _HOME_READS_KEPT:

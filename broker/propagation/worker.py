@@ -221,7 +221,7 @@ class Deliverer:
                 await self.ledger.failed(peer, claim, lane, failure)
         finally:
             self.ledger.settled.discard(claim.id)
-            lane.active -= 1
+            lane.finished(claim)
             self._wake.set()
 
     async def _attempt(self, peer: Peer, claim: Claim, lane: Lane) -> str:

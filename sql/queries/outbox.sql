@@ -106,6 +106,73 @@ LEFT JOIN id_mappings m ON m.internal_id = c.internal_id AND m.domain_id = $1 AN
 LEFT JOIN peer_copies p ON p.internal_id = c.internal_id AND p.domain_id = $1
 ORDER BY c.id
 
+-- name: claim_riders
+-- The deliveries of entities ($2) that other lanes just claimed, toward peers ($1) with room to
+-- take them along (at most $3[i] toward peer $1[i]), claimed by worker $4 for a lease of $5
+-- seconds. Each is the oldest unfinished row of its (peer, entity), a sync or a provision that is
+-- due, with no handover still under way (the rules of claim_deliveries). They start with the
+-- rows claimed, so that one read of home serves a change toward every peer.
+-- Each (peer, entity) is probed by itself, through laterals that LIMIT and FOR UPDATE keep from
+-- being flattened: with the statistics of a queue that was empty, the planner otherwise walked
+-- every pending row of the outbox once per pair, or a whole index per row (seconds per claim).
+WITH candidate AS MATERIALIZED (
+    SELECT o.id, o.domain_id, p.room
+    FROM unnest($1::text[], $3::int[]) AS p(domain_id, room)
+    CROSS JOIN unnest($2::text[]) AS w(internal_id)
+    CROSS JOIN LATERAL (
+        SELECT f.id FROM outbox f
+        WHERE f.domain_id = p.domain_id AND f.internal_id = w.internal_id
+          AND f.state IN ('pending', 'in_flight')
+        ORDER BY f.id
+        LIMIT 1
+    ) first
+    -- Locked here, row by row (a window and FOR UPDATE cannot share a level): a row another
+    -- worker holds is skipped, one it claimed meanwhile is found no longer pending. A row
+    -- locked but past the lane's room is left as it was.
+    CROSS JOIN LATERAL (
+        SELECT o.id, o.domain_id
+        FROM outbox o
+        WHERE o.domain_id = p.domain_id AND o.internal_id = w.internal_id AND o.id = first.id
+          AND o.state = 'pending' AND o.next_attempt_at <= now()
+          AND o.kind IN ('sync', 'provision')
+          AND NOT EXISTS (
+              SELECT 1
+              FROM jsonb_array_elements_text(o.payload -> 'after') AS a(internal_id)
+              WHERE EXISTS (
+                  SELECT 1 FROM outbox e
+                  WHERE e.domain_id = o.domain_id AND e.internal_id = a.internal_id
+                    AND e.id < o.id AND e.state IN ('pending', 'in_flight')
+                  OFFSET 0
+              )
+          )
+        FOR UPDATE OF o SKIP LOCKED
+    ) o
+), ready AS (
+    SELECT id
+    FROM (SELECT id, room, row_number() OVER (PARTITION BY domain_id ORDER BY id) AS rank
+          FROM candidate) ranked
+    WHERE rank <= room
+), claimed AS (
+    UPDATE outbox o
+    SET state = 'in_flight', claimed_by = $4, lease_until = now() + make_interval(secs => $5),
+        updated_at = now()
+    WHERE o.id = ANY (ARRAY(SELECT id FROM ready))
+    RETURNING o.id, o.domain_id, o.internal_id, o.attempts, o.sealed_values, o.kind, o.payload,
+              o.operation_id, o.last_error
+)
+-- What claim_deliveries reads with each row.
+SELECT c.*, e.resource_type, e.state AS entity_state, e.merged_into, e.provision_on_demand,
+       EXISTS (SELECT 1 FROM id_mappings k
+               WHERE k.internal_id = c.internal_id AND k.domain_id = c.domain_id) AS known_here,
+       m.external_id, m.state AS mapping_state, m.correlation_handle,
+       p.document AS copy, p.xmin AS copy_version, p.suspended_at
+FROM claimed c
+LEFT JOIN entities e ON e.internal_id = c.internal_id
+LEFT JOIN id_mappings m
+  ON m.internal_id = c.internal_id AND m.domain_id = c.domain_id AND m.is_primary
+LEFT JOIN peer_copies p ON p.internal_id = c.internal_id AND p.domain_id = c.domain_id
+ORDER BY c.id
+
 -- name: deliveries_done
 -- Deliveries ($1, one or several) claimed by worker $2 delivered: write-only values are erased;
 -- each entity's history keeps it (same statement).
