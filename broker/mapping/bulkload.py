@@ -94,18 +94,13 @@ async def load(conn: Connection, batches: Iterable[Sequence[Record]], push: set[
     non-primary line is an alias kept for good; each row a fresh correlation handle. A line of
     an unknown domain is copied as it is, for the checks to name. How many rows."""
 
+    origin = {domain: "peer" for domain in push}
+    state = {True: "active", False: "retired"}
+
     def rows(records: Sequence[Record]) -> list[tuple[Any, ...]]:
         handles = correlation_handles(len(records))
         return [
-            (
-                r.internal_id,
-                r.domain,
-                r.external_id,
-                r.primary,
-                "peer" if r.domain in push else "minted",
-                "active" if r.primary else "retired",
-                handle,
-            )
+            (r[1], r[2], r[3], r[4], origin.get(r[2], "minted"), state[r[4]], handle)
             for r, handle in zip(records, handles, strict=True)
         ]
 

@@ -12,6 +12,8 @@ file in memory.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,13 +29,14 @@ if TYPE_CHECKING:
 from broker.errors import ConflictError, InvalidValueError
 from broker.mapping import accounts, bulkload
 from broker.mapping.fileformat import (
+    Batch,
     FileFormat,
     LineProblem,
     Record,
     detect_format,
     format_header,
     format_row,
-    parse_lines,
+    parse_batches,
 )
 
 __all__ = ["ImportReport", "export_mappings", "import_mappings"]
@@ -97,7 +100,7 @@ async def import_mappings(
     started = time.monotonic()
     try:
         large = _count_lines(path) > bulk_rows  # the header aside
-        with path.open(encoding="utf-8", newline="") as file:
+        with _fewer_collections(), path.open(encoding="utf-8", newline="") as file:
             report = ImportReport(detect_format(path, file.read(4096)))
             file.seek(0)
             source = {"file": path.name, "format": report.file_format.value}
@@ -105,7 +108,7 @@ async def import_mappings(
                 reserved = await accounts.reserve_staging_memory(conn)
                 try:
                     steps = _Import(conn, report, limit, actor, source, progress, batch)
-                    await steps.run(parse_lines(file, report.file_format), large=large)
+                    await steps.run(parse_batches(file, report.file_format, batch), large=large)
                 finally:
                     if reserved:  # the session's staging buffers go back: it is closed
                         await pool.expire_connections()
@@ -117,6 +120,19 @@ async def import_mappings(
         raise InvalidValueError(f"there is no file {path}: check the path") from exc
     report.seconds = time.monotonic() - started
     return report
+
+
+@contextlib.contextmanager
+def _fewer_collections() -> Iterator[None]:
+    """No cyclic garbage collection every 700 new objects while the import runs: it makes
+    millions of tuples and lists, none of them in a cycle, and the collections cost a third of
+    the parse (4.8 -> 3.0 s for a million lines). The thresholds are set back after."""
+    thresholds = gc.get_threshold()
+    gc.set_threshold(100_000, 50, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
 
 
 def _count_lines(path: Path) -> int:
@@ -140,7 +156,7 @@ class _Import:
     progress: Callable[[int], None]
     batch: int
 
-    async def run(self, items: Iterator[Record | LineProblem], *, large: bool) -> None:
+    async def run(self, items: Iterator[Batch], *, large: bool) -> None:
         try:
             async with self.conn.transaction():
                 if large and await accounts.take_bulk_path(self.conn):
@@ -151,11 +167,11 @@ class _Import:
             pass
 
     def _batches(
-        self, items: Iterator[Record | LineProblem], lines: bulkload.RowLines | None = None
+        self, items: Iterator[Batch], lines: bulkload.RowLines | None = None
     ) -> Iterator[list[Record]]:
-        return _batches(items, self.report, self.limit, self.batch, self.progress, lines)
+        return _batches(items, self.report, self.limit, self.progress, lines)
 
-    async def _staged(self, items: Iterator[Record | LineProblem]) -> None:
+    async def _staged(self, items: Iterator[Batch]) -> None:
         """The ordinary path: the lines staged, checked against the table, then inserted."""
         started = time.monotonic()
         await accounts.begin_import(self.conn)
@@ -171,7 +187,7 @@ class _Import:
         self.report.rows, self.report.entities = counts
         self._written(started)
 
-    async def _bulk(self, items: Iterator[Record | LineProblem]) -> None:
+    async def _bulk(self, items: Iterator[Batch]) -> None:
         """The bulk path: the rows copied straight into the emptied table, checked there, and
         the keys and indexes built again; their unique builds do the duplicate checks."""
         started = time.monotonic()
@@ -218,41 +234,24 @@ class _Import:
 
 
 def _batches(
-    items: Iterator[Record | LineProblem],
+    batches: Iterator[Batch],
     report: ImportReport,
     limit: int,
-    batch: int,
     progress: Callable[[int], None],
     lines: bulkload.RowLines | None,
 ) -> Iterator[list[Record]]:
-    """The well-formed lines, ``batch`` at a time (each noted in ``lines``, if given); each bad
-    one counted (and the first ``limit`` kept) in ``report``."""
-    pending: list[Record] = []
-    for item in items:
-        if isinstance(item, LineProblem):
-            report.problem_count += 1
-            if len(report.problems) < limit:
-                report.problems.append(item)
-            report.lines = item.line
-            continue
-        pending.append(item)
-        if len(pending) >= batch:
-            report.lines = item.line
-            yield from _counted(pending, report, lines)
-            pending = []
-            progress(report.lines)
-    if pending:
-        report.lines = pending[-1].line
-        yield from _counted(pending, report, lines)
-
-
-def _counted(
-    records: list[Record], report: ImportReport, lines: bulkload.RowLines | None
-) -> Iterator[list[Record]]:
-    report.staged += len(records)
-    if lines is not None:
-        lines.add(records)
-    yield records
+    """The well-formed lines, a batch at a time (each noted in ``lines``, if given); the bad ones
+    counted (and the first ``limit`` kept) in ``report``."""
+    for batch in batches:
+        report.problem_count += len(batch.problems)
+        report.problems += batch.problems[: max(0, limit - len(report.problems))]
+        report.lines = batch.last
+        if batch.records:
+            report.staged += len(batch.records)
+            if lines is not None:
+                lines.add(batch.records)
+            yield batch.records
+        progress(report.lines)
 
 
 async def export_mappings(
