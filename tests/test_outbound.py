@@ -57,8 +57,10 @@ class Redirect:
 
 @asynccontextmanager
 async def redirecting(status: int = 307) -> AsyncIterator[Redirect]:
-    target_port, front_port = _free_port(), _free_port()
-    redirect = Redirect(f"http://127.0.0.1:{front_port}/v2")
+    # Each server binds port 0 and says which port it got: a port found free and bound later
+    # can be taken meanwhile (CI saw a client's socket take one).
+    redirect = Redirect("")
+    target: list[int] = []
 
     async def record(request: web.Request) -> web.Response:
         redirect.received.append(
@@ -68,18 +70,20 @@ async def redirecting(status: int = 307) -> AsyncIterator[Redirect]:
 
     async def bounce(request: web.Request) -> web.Response:
         redirect.redirected.append(f"{request.method} {request.path_qs}")
-        location = f"http://127.0.0.1:{target_port}{request.path_qs}"
+        location = f"http://127.0.0.1:{target[0]}{request.path_qs}"
         return web.Response(status=status, headers={"Location": location})
 
     runners = []
-    for port, handler in ((target_port, record), (front_port, bounce)):
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", handler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        runners.append(runner)
     try:
+        for handler in (record, bounce):
+            app = web.Application()
+            app.router.add_route("*", "/{tail:.*}", handler)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            runners.append(runner)
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            target.append(runner.addresses[0][1])
+        redirect.url = f"http://127.0.0.1:{target[1]}/v2"
         yield redirect
     finally:
         for runner in runners:
