@@ -42,11 +42,11 @@ from broker.mapping.fileformat import (
 __all__ = ["ImportReport", "export_mappings", "import_mappings"]
 
 BATCH = 50_000
-"""Lines copied into the staging table at a time (and between two progress reports)."""
+"""Records parsed and handed to COPY at a time (and between two progress reports)."""
 BULK_ROWS = 100_000
-"""From this many rows, an import into an empty mapping table takes the bulk path (indexes and
-foreign keys dropped, and built again after the load: see
-:func:`broker.mapping.accounts.commit_import`)."""
+"""From this many lines, an import into an empty mapping table takes the bulk path (the rows
+copied straight into the table, its keys and indexes built again after: see
+:mod:`broker.mapping.bulkload`)."""
 
 
 @dataclass
@@ -66,14 +66,14 @@ class ImportReport:
     """How many bad lines there are in all."""
     seconds: float = 0.0
     staged: int = 0
-    """Well-formed lines copied into the staging table."""
+    """Well-formed lines copied (into the staging table, or on the bulk path the table)."""
     bulk: bool = False
     """Whether the rows were loaded by the bulk path."""
     phases: dict[str, float] = field(default_factory=dict)
     """Seconds spent reading and staging the file, checking it, and writing the table."""
     write_steps: dict[str, float] = field(default_factory=dict)
-    """Seconds the write's steps took: the new entities, the rows, and (bulk path) the indexes
-    and foreign keys built again."""
+    """Seconds the write's steps took: the new entities, and the rows (ordinary path) or the
+    keys and indexes built again (bulk path, whose rows went in while the file was read)."""
 
     @property
     def refused(self) -> bool:
