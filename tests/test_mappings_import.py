@@ -26,7 +26,7 @@ from broker.mapping.fileformat import (
     detect_format,
     format_header,
     format_row,
-    parse_lines,
+    parse_batches,
 )
 from broker.mapping.store import MappingStore
 from broker.mapping.transfer import BULK_ROWS, export_mappings, import_mappings
@@ -39,6 +39,14 @@ ids = st.text(
 ).filter(lambda s: s == s.strip() and s.strip())
 
 
+def _parse(text: str, file_format: FileFormat) -> tuple[list[Record], list[LineProblem]]:
+    """The file's records and problems, read two lines a batch (so batches end mid-file): good
+    or bad, a batch never holds more, whatever the lines are like."""
+    batches = list(parse_batches(io.StringIO(text, newline=""), file_format, 2))
+    assert all(len(b.records) + len(b.problems) <= 2 for b in batches)
+    return [r for b in batches for r in b.records], [p for b in batches for p in b.problems]
+
+
 @given(
     rows=st.lists(st.tuples(ids, st.sampled_from(["D2", "p.1"]), ids, st.booleans()), max_size=8)
 )
@@ -46,9 +54,9 @@ def test_every_row_written_reads_back_as_itself(rows: list[tuple[str, str, str, 
     # Commas, quotes and non-ASCII in IDs survive both formats.
     for file_format in FileFormat:
         text = format_header(file_format) + "".join(format_row(file_format, *r) for r in rows)
-        parsed = list(parse_lines(io.StringIO(text, newline=""), file_format))
-        assert [tuple(p)[1:] for p in parsed if isinstance(p, Record)] == rows
-        assert not [p for p in parsed if isinstance(p, LineProblem)]
+        records, problems = _parse(text, file_format)
+        assert [tuple(r)[1:] for r in records] == rows
+        assert not problems
 
 
 def test_each_malformed_line_is_named_with_what_is_wrong() -> None:
@@ -62,14 +70,13 @@ def test_each_malformed_line_is_named_with_what_is_wrong() -> None:
         "\n"
         "u6,D2,e6,FALSE\n"
     )
-    parsed = list(parse_lines(io.StringIO(text, newline=""), FileFormat.CSV))
-    problems = {p.line: p.message for p in parsed if isinstance(p, LineProblem)}
+    records, found = _parse(text, FileFormat.CSV)
+    problems = {p.line: p.message for p in found}
     assert sorted(problems) == [3, 4, 5, 6]
     assert "3 fields, not 4" in problems[3]
     assert "'yes': write true or false" in problems[4]
     assert "internal ID ' u4' is not an ID" in problems[5]
     assert "domain 'no domain'" in problems[6]
-    records = [p for p in parsed if isinstance(p, Record)]
     assert records == [Record(2, "u1", "D2", "e1", True), Record(8, "u6", "D2", "e6", False)]
 
 
@@ -81,9 +88,9 @@ def test_json_lines_are_checked_line_by_line() -> None:
         "{not json\n"
         '{"internal_id":7,"domain":"D2","external_id":"e4","primary":false}\n'
     )
-    parsed = list(parse_lines(io.StringIO(text), FileFormat.JSONL))
-    assert [p.line for p in parsed if isinstance(p, LineProblem)] == [2, 3, 4, 5]
-    assert parsed[0] == Record(1, "u1", "D2", "e1", True)
+    records, problems = _parse(text, FileFormat.JSONL)
+    assert [p.line for p in problems] == [2, 3, 4, 5]
+    assert records == [Record(1, "u1", "D2", "e1", True)]
 
 
 def test_the_format_is_known_by_extension_or_by_content() -> None:

@@ -30,7 +30,6 @@ __all__ = [
     "format_header",
     "format_row",
     "parse_batches",
-    "parse_lines",
 ]
 
 FIELDS = ("internal_id", "domain", "external_id", "primary")
@@ -91,21 +90,10 @@ class Batch(NamedTuple):
     last: int
 
 
-def parse_lines(lines: Iterable[str], file_format: FileFormat) -> Iterator[Record | LineProblem]:
-    """Each non-blank line of the file as a record or as the problem it has, numbered from 1."""
-    for batch in parse_batches(lines, file_format, 1024):
-        items: list[Record | LineProblem] = [*batch.records, *batch.problems]
-        yield from sorted(items, key=_line)
-
-
-def _line(item: Record | LineProblem) -> int:
-    return item.line
-
-
 def parse_batches(lines: Iterable[str], file_format: FileFormat, size: int) -> Iterator[Batch]:
-    """The file read ``size`` records at a time (the last batch may be smaller or empty). One
-    loop over the lines, with no generator between the line and its record: at 10 million lines
-    each layer cost about a second."""
+    """The file read ``size`` records or problems at a time (the last batch may be smaller or
+    empty). One loop over the lines, with no generator between the line and its record: at 10
+    million lines each layer cost about a second."""
     if file_format is FileFormat.CSV:
         return _csv_batches(lines, size)
     return _jsonl_batches(lines, size)
@@ -119,9 +107,9 @@ def _jsonl_batches(lines: Iterable[str], size: int) -> Iterator[Batch]:
         last = item.line
         if isinstance(item, LineProblem):
             problems.append(item)
-            continue
-        records.append(item)
-        if len(records) >= size:
+        else:
+            records.append(item)
+        if len(records) + len(problems) >= size:
             yield Batch(records, problems, last)
             records, problems = [], []
     yield Batch(records, problems, last)
@@ -142,20 +130,19 @@ def _csv_batches(lines: Iterable[str], size: int) -> Iterator[Batch]:
     problems: list[LineProblem] = []
     pending, first, number = "", 0, 0
     for number, text in enumerate(lines, start=1):
-        if not pending:
-            plain = match(text)
-            if plain is not None:
-                internal, domain, external, flag = plain.groups()
-                records.append(new(Record, (number, internal, domain, external, flag == "true")))
-                if len(records) >= size:
-                    yield Batch(records, problems, number)
-                    records, problems = [], []
-                continue
-            first = number
-        pending += text
-        if pending.count('"') % 2 == 0:  # the record ends here (a quoted field may span lines)
-            _sort(_parse_csv_record(pending, first, number), records, problems)
-            pending = ""
+        plain = None if pending else match(text)
+        if plain is not None:
+            internal, domain, external, flag = plain.groups()
+            records.append(new(Record, (number, internal, domain, external, flag == "true")))
+        else:
+            first = first if pending else number
+            pending += text
+            if pending.count('"') % 2 == 0:  # the record ends here (a quoted field may span lines)
+                _sort(_parse_csv_record(pending, first, number), records, problems)
+                pending = ""
+        if len(records) + len(problems) >= size:  # bad lines count too: a batch stays bounded
+            yield Batch(records, problems, number)
+            records, problems = [], []
     if pending:
         number = first + pending.count("\n")
         _sort(_parse_csv_record(pending, first, number), records, problems)
@@ -240,7 +227,7 @@ def format_header(file_format: FileFormat) -> str:
 def format_row(
     file_format: FileFormat, internal: str, domain: str, external: str, primary: bool
 ) -> str:
-    """One mapping row as a line of the file, as :func:`parse_lines` reads it back."""
+    """One mapping row as a line of the file, as :func:`parse_batches` reads it back."""
     if file_format is FileFormat.JSONL:
         document = {
             "internal_id": internal,
