@@ -155,6 +155,7 @@ class _Import:
     source: dict[str, str]
     progress: Callable[[int], None]
     batch: int
+    _since: float = 0.0
 
     async def run(self, items: Iterator[Batch], *, large: bool) -> None:
         try:
@@ -173,31 +174,32 @@ class _Import:
 
     async def _staged(self, items: Iterator[Batch]) -> None:
         """The ordinary path: the lines staged, checked against the table, then inserted."""
-        started = time.monotonic()
+        self._lap()
         await accounts.begin_import(self.conn)
         await accounts.stage_import(self.conn, self._batches(items))
-        self._done_reading(started)
-        found = await accounts.import_problems(self.conn, self.limit)
-        self._found(found, started)
+        self._lap("stage")
+        self._found(await accounts.import_problems(self.conn, self.limit))
+        self._lap("check")
         if self.report.refused:
             raise _Refused
         counts = await accounts.commit_import(
             self.conn, actor=self.actor, source=self.source, timings=self.report.write_steps
         )
         self.report.rows, self.report.entities = counts
-        self._written(started)
+        self._lap("write")
 
     async def _bulk(self, items: Iterator[Batch]) -> None:
         """The bulk path: the rows copied straight into the emptied table, checked there, and
         the keys and indexes built again; their unique builds do the duplicate checks."""
-        started = time.monotonic()
+        self._lap()
         await bulkload.begin(self.conn)
         lines = bulkload.RowLines()
         push = await accounts.push_domains(self.conn)
         rows = await bulkload.load(self.conn, self._batches(items, lines), push)
-        self._done_reading(started)
+        self._lap("stage")
         found = await accounts.import_problems(self.conn, self.limit, duplicates=False, bulk=True)
-        self._found(lines.lines(found), started)
+        self._found(lines.lines(found))
+        self._lap("check")
         entities = None
         if not self.report.refused:
             entities = await bulkload.finish(
@@ -213,24 +215,21 @@ class _Import:
                 raise ConflictError("two rows drew the same correlation handle: import it again")
             raise _Refused
         self.report.rows, self.report.entities, self.report.bulk = rows, entities, True
-        self._written(started)
+        self._lap("write")
 
-    def _done_reading(self, started: float) -> None:
-        self.progress(self.report.lines)
-        self.report.phases["stage"] = time.monotonic() - started
+    def _lap(self, phase: str | None = None) -> None:
+        """The seconds since the last lap, as ``phase`` of the report (none: start the clock)."""
+        now = time.monotonic()
+        if phase is not None:
+            self.report.phases[phase] = now - self._since
+        self._since = now
 
-    def _found(self, found: tuple[list[LineProblem], int], started: float | None = None) -> None:
+    def _found(self, found: tuple[list[LineProblem], int]) -> None:
         """Merge a check's findings into the report's (the first ``limit`` by line)."""
         mine = (self.report.problems, self.report.problem_count)
         self.report.problems, self.report.problem_count = accounts.merge_problems(
             mine, found, self.limit
         )
-        if started is not None:
-            self.report.phases["check"] = time.monotonic() - started - self.report.phases["stage"]
-
-    def _written(self, started: float) -> None:
-        phases = self.report.phases
-        phases["write"] = time.monotonic() - started - phases["stage"] - phases["check"]
 
 
 def _batches(
