@@ -79,7 +79,7 @@ CREATE TRIGGER domain_tokens_admin_is_home
 
 -- Internal entities: the home's resources, named by the home's IDs (the internal IDs).
 CREATE TABLE entities (
-    internal_id    text COLLATE "C" PRIMARY KEY,
+    internal_id    text COLLATE "C" NOT NULL,
     resource_type  text NOT NULL,
     state          text NOT NULL DEFAULT 'active'
                    CONSTRAINT entities_state_check CHECK (state IN ('active', 'merged', 'deleted')),
@@ -90,7 +90,9 @@ CREATE TABLE entities (
     -- A split-off held back from push peers until something needs it there (0006).
     provision_on_demand  boolean NOT NULL DEFAULT false,
     CONSTRAINT entities_merged_into_iff_merged CHECK ((state = 'merged') = (merged_into IS NOT NULL)),
-    CONSTRAINT entities_not_merged_into_self CHECK (merged_into <> internal_id)
+    CONSTRAINT entities_not_merged_into_self CHECK (merged_into <> internal_id),
+    -- The outbound look-up reads resource_type and merged_into from the key alone (0022).
+    CONSTRAINT entities_pkey PRIMARY KEY (internal_id) INCLUDE (resource_type, merged_into)
 );
 CREATE INDEX entities_merged_into ON entities (merged_into) WHERE merged_into IS NOT NULL;
 
@@ -124,10 +126,12 @@ CREATE TABLE id_mappings (
 );
 -- At most one primary row per (entity, domain): outbound translation is unambiguous. An alias's
 -- third key is NULL, and NULLs never clash (0020: one index where there were two). Outbound
--- lookups and merges read by entity through its first two columns; inbound lookups use the
--- unique (domain_id, external_id).
+-- lookups and merges read by entity through its first two columns, and the outbound look-up
+-- reads what it needs from the index alone (0022); inbound lookups use the unique
+-- (external_id, domain_id).
 CREATE UNIQUE INDEX id_mappings_one_primary
-    ON id_mappings (internal_id, domain_id, (nullif(is_primary, false)));
+    ON id_mappings (internal_id, domain_id, (nullif(is_primary, false)))
+    INCLUDE (is_primary, external_id, domain_external_id);
 
 -- Merge and split operations: a status resource, idempotent by a client-supplied key.
 CREATE TABLE operations (

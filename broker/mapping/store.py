@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import asyncpg
 
@@ -81,9 +81,10 @@ class IdempotencyKeyReused(ConflictError):
     """The idempotency key names an earlier operation with a different request."""
 
 
-@dataclass(frozen=True)
-class Outbound:
-    """How a domain knows an entity: its primary external ID, and the externalId it gave it."""
+class Outbound(NamedTuple):
+    """How a domain knows an entity: its primary external ID, and the externalId it gave it.
+    (A named tuple: a page makes one per ID, and a tuple is made in two thirds of the time of a
+    frozen dataclass.)"""
 
     external_id: str
     domain_external_id: str | None
@@ -110,23 +111,27 @@ class Operation:
         return cls(**dict(record.items()), replayed=replayed)
 
 
-def _outbound_leftovers(
+def _outbound_answers(
     looked: Iterable[asyncpg.Record], entities: Mapping[str, str | None], *, mint: bool
-) -> tuple[set[str], set[str]]:
-    """What the read-only outbound lookup left for the writing statement: the asked IDs with no
-    primary row in the domain (when minting), and those to record (the broker has not seen the
-    entity, or has seen it with no type and the caller knows it)."""
+) -> tuple[list[tuple[str, str, Outbound]], set[str], set[str]]:
+    """The read-only outbound lookup's rows, read once: the answers it holds (asked ID, the
+    internal ID it resolved to, how the domain knows it), and what it left for the writing
+    statement: the asked IDs with no primary row in the domain (when minting), and those to
+    record (the broker has not seen the entity, or has seen it with no type and the caller knows
+    it). A row is unpacked by position, in lookup_outbound's column order."""
+    answers: list[tuple[str, str, Outbound]] = []
     to_mint: set[str] = set()
     to_record: set[str] = set()
-    for r in looked:
-        asked, known_type = r["asked"], r["resource_type"]
+    for asked, internal_id, known_type, external_id, domain_external_id, has_primary in looked:
         if known_type is None or (
             known_type == "unknown" and (entities[asked] or "unknown") != "unknown"
         ):
             to_record.add(asked)
-        if mint and not r["has_primary"]:
+        if mint and not has_primary:
             to_mint.add(asked)
-    return to_mint, to_record
+        elif external_id is not None:
+            answers.append((asked, internal_id, Outbound(external_id, domain_external_id)))
+    return answers, to_mint, to_record
 
 
 def _row(record: asyncpg.Record) -> MappingRow:
@@ -198,12 +203,7 @@ class MappingStore:
             return found
         generation = self.cache.generation
         looked = await self.pool.fetch(query("lookup_outbound"), domain, asked)
-        to_mint, to_record = _outbound_leftovers(looked, entities, mint=mint)
-        answers = [
-            (r["asked"], r["internal_id"], Outbound(r["external_id"], r["domain_external_id"]))
-            for r in looked
-            if r["external_id"] is not None and r["asked"] not in to_mint
-        ]
+        answers, to_mint, to_record = _outbound_answers(looked, entities, mint=mint)
         if to_mint:
             answers += await self._mint_outbound(domain, to_mint | to_record, entities)
         elif to_record:
