@@ -25,6 +25,7 @@ from pathlib import Path
 
 import asyncpg
 
+from broker.cli.serve import settle_collector
 from broker.config import Config
 from broker.db import migrated_pool
 from broker.mapping.cache import MappingCache
@@ -181,6 +182,9 @@ async def run(args: argparse.Namespace) -> None:
         print(f"vacuumed and analysed the tables in {time.monotonic() - settled:.1f} s")
         cold = MappingStore(pool)  # its cache is off: every page is a query
         pages = [random.sample(entities, 100) for _ in range(args.pages)]
+        # The collector as `broker serve` sets it once started: what lives for the whole run
+        # frozen, young objects collected after 20,000 allocations instead of 700.
+        settle_collector()
         # An imported entity's type is unknown until a domain first reads it: that first read
         # records it (one more statement). The second pass reads the same pages, all known.
         cpu.lap()
