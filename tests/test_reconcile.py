@@ -5,6 +5,7 @@ runs it (docs/reconciliation.md)."""
 from __future__ import annotations
 
 import json
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,7 @@ import aiohttp
 import pytest
 
 from broker.app import HOME, POOL
+from broker.db import query
 from broker.errors import BrokerError, ConflictError
 from broker.mapping.store import MappingStore
 from broker.propagation.peer import PeerClient
@@ -438,3 +440,45 @@ async def test_a_run_a_failing_peer_stopped_resumes_from_the_page_it_reached(
         )
         == 7
     )
+
+
+async def test_a_runs_actions_come_in_order_from_an_index_not_a_sort(pool: Any) -> None:
+    """0024: actionable_items hands over the undone actions users first, each kind in the order
+    found, straight from reconciliation_items_actionable: no batch sorts what is left of the
+    run (at 100,000 accounts that sort took 46 ms a batch)."""
+    run = uuid.uuid4()
+    await pool.execute(
+        "INSERT INTO domains (id, kind, push, scim_url) VALUES ('P', 'peer', true, 'http://p.invalid/v2');"
+    )
+    await pool.execute(
+        "INSERT INTO operations (id, kind, idempotency_key, request, actor)"
+        " VALUES ($1, 'reconcile', 'k', '{}', 'test')",
+        run,
+    )
+    await pool.execute(query("start_reconciliation"), run, "P", False, False, {})
+    kinds = ["Group", "User", "User", "Group", "User"] * 40
+    actions = ["sync", "link", "report", "create", "sync"] * 40
+    await pool.execute(
+        query("record_items"),
+        run,
+        kinds,
+        ["missing"] * len(kinds),
+        [f"x{n}" for n in range(len(kinds))],
+        [None] * len(kinds),
+        actions,
+        [{}] * len(kinds),
+    )
+    await pool.execute("UPDATE reconciliation_items SET done = true WHERE external_id = 'x1'")
+    await pool.execute("ANALYZE reconciliation_items")
+    items = await pool.fetch(query("actionable_items"), run, 500)
+    expected = [
+        f"x{n}" for n in range(len(kinds)) if kinds[n] == "User" and actions[n] != "report"
+    ] + [f"x{n}" for n in range(len(kinds)) if kinds[n] == "Group"]
+    expected.remove("x1")
+    assert [i["external_id"] for i in items] == expected
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off")
+        plan = await conn.fetchval("EXPLAIN (FORMAT JSON) " + query("actionable_items"), run, 500)
+    text = json.dumps(plan)
+    assert "reconciliation_items_actionable" in text
+    assert '"Sort"' not in text
