@@ -6,6 +6,7 @@ The server is an embedded PostgreSQL in a temporary directory, or the one named 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import tempfile
@@ -117,9 +118,16 @@ class QueryCounter:
         if "RESET ALL" not in record.query:  # the pool's own clean-up on release
             self.queries.append(record.query)
 
-    @property
-    def count(self) -> int:
-        return len(self.queries)
+    async def clear(self) -> None:
+        """Forget what was sent so far. asyncpg calls its query loggers soon after each
+        statement (``loop.call_soon``), not during it: those calls come in first."""
+        await asyncio.sleep(0)
+        self.queries.clear()
+
+    async def sent(self) -> list[str]:
+        """What was sent since the last :meth:`clear`, the last statement's call come in."""
+        await asyncio.sleep(0)
+        return self.queries
 
 
 @pytest.fixture

@@ -33,15 +33,15 @@ async def test_the_exact_lookup_is_one_query_for_many_candidates_and_keeps_posit
     internal = [uuid.uuid4().hex for _ in range(3)]
     await store.register_entities(dict.fromkeys(internal, "User"))
     candidates = {*internal, *(uuid.uuid4().hex for _ in range(200))}
-    before = counter.count
+    before = len(await counter.sent())
     assert await store.internal_ids_among(candidates) == set(internal)
-    assert counter.count == before + 1, counter.queries[before:]
+    assert len(await counter.sent()) == before + 1, (await counter.sent())[before:]
     # Positives stand for good: asked again, they cost nothing.
     assert await store.internal_ids_among(internal) == set(internal)
-    assert counter.count == before + 1
+    assert len(await counter.sent()) == before + 1
     # Negatives are asked again (only they: one query).
     assert await store.internal_ids_among(candidates) == set(internal)
-    assert counter.count == before + 2
+    assert len(await counter.sent()) == before + 2
 
 
 async def test_a_negative_answer_is_not_kept_once_the_entity_is_recorded(
@@ -143,12 +143,12 @@ async def test_what_merely_looks_like_an_id_blocks_nothing(
         "txn": str(uuid.uuid4()),
         "events": {"x": {"title": f"emp-{uuid.uuid4().hex.upper()}", "ref": uuid.uuid4().hex}},
     }
-    before = counter.count
+    before = len(await counter.sent())
     assert await guard.check([("SET", json.dumps(claims))], in_play={uuid.uuid4().hex}) is None
-    assert counter.count == before + 1, "one lookup, for every candidate at once"
+    assert len(await counter.sent()) == before + 1, "one lookup, for every candidate at once"
     # Nothing in the ID shape at all: no lookup.
     assert await guard.check([("body", '{"id": "AbC_12"}')], in_play={"42x"}) is None
-    assert counter.count == before + 1
+    assert len(await counter.sent()) == before + 1
 
 
 async def test_an_internal_id_in_play_is_caught_without_a_lookup(
@@ -157,13 +157,13 @@ async def test_an_internal_id_in_play_is_caught_without_a_lookup(
     pool, counter = counted_pool
     guard = LeakGuard(MappingStore(pool), HEX)
     unrecorded = uuid.uuid4().hex
-    before = counter.count
+    before = len(await counter.sent())
     leak = await guard.check(
         [("body", "{}"), ("header Location", f"/Users/x_{unrecorded.upper()}")],
         in_play={unrecorded},
     )
     assert leak is not None and leak.where == "header Location" and leak.reason == IN_PLAY
-    assert counter.count == before
+    assert len(await counter.sent()) == before
 
 
 async def test_the_request_is_never_trusted(pool: asyncpg.Pool) -> None:
@@ -191,10 +191,10 @@ async def test_leaks_names_each_leaking_part_of_a_batch_in_one_lookup(
         ("3", json.dumps({"jti": str(uuid.uuid4())})),
         ("4", json.dumps({"note": in_play})),
     ]
-    before = counter.count
+    before = len(await counter.sent())
     found = await LeakGuard(store, DEFAULT).leaks(parts, in_play={in_play})
     assert [(leak.where, leak.reason) for leak in found] == [("2", KNOWN), ("4", IN_PLAY)]
-    assert counter.count == before + 1
+    assert len(await counter.sent()) == before + 1
 
 
 async def test_a_failed_lookup_fails_closed(db_url: str) -> None:

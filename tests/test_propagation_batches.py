@@ -101,7 +101,7 @@ async def test_creates_finishing_together_are_recorded_and_settled_in_one_transa
     pool, counter = p1
     writes = _writes(pool)
     made = [await _entity_with_pending_create(pool) for _ in range(3)]
-    counter.queries.clear()
+    await counter.clear()
     owners = await asyncio.gather(
         *(
             writes._record_create(_write(i, h, d), f"acct-{n}", False)
@@ -109,8 +109,8 @@ async def test_creates_finishing_together_are_recorded_and_settled_in_one_transa
         )
     )
     assert owners == [i for i, _, _ in made]
-    begins = [q for q in counter.queries if q.strip().upper().startswith("BEGIN")]
-    assert len(begins) == 1, counter.queries
+    begins = [q for q in (await counter.sent()) if q.strip().upper().startswith("BEGIN")]
+    assert len(begins) == 1, await counter.sent()
     for n, (internal_id, handle, delivery) in enumerate(made):
         row = await pool.fetchrow(
             "SELECT external_id, state FROM id_mappings WHERE correlation_handle = $1", handle
@@ -195,9 +195,9 @@ async def test_updates_recorded_together_drop_a_copy_that_changed_on_the_way_and
             WORKER,
         )
         updates.append((_write(internal_id, handle, delivery, title="new"), entity, delivery))
-    counter.queries.clear()
+    await counter.clear()
     await asyncio.gather(*(writes._record_update(w, e) for w, e, _ in updates))
-    assert len([q for q in counter.queries if q.strip().upper().startswith("BEGIN")]) == 1
+    assert len([q for q in (await counter.sent()) if q.strip().upper().startswith("BEGIN")]) == 1
     kept = await pool.fetchval(
         "SELECT document FROM peer_copies WHERE internal_id = $1", made[0][0]
     )
@@ -249,10 +249,10 @@ async def test_creates_begun_together_write_their_pending_rows_in_one_statement(
     ids = [uuid.uuid4().hex for _ in range(3)]
     async with pool.acquire() as conn, conn.transaction():
         await accounts.record_entities(conn, ids, ["User"] * 3)
-    counter.queries.clear()
+    await counter.clear()
     begun = await asyncio.gather(*(syncer._begin_create(PEER, i) for i in ids))
-    inserts = [q for q in counter.queries if "INSERT INTO id_mappings" in q]
-    assert len(inserts) == 1, counter.queries
+    inserts = [q for q in (await counter.sent()) if "INSERT INTO id_mappings" in q]
+    assert len(inserts) == 1, await counter.sent()
     assert all(first for _, first in begun)
     for internal_id, (handle, _) in zip(ids, begun, strict=True):
         row = await pool.fetchrow(

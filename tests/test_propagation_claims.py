@@ -119,8 +119,8 @@ async def test_a_single_peer_claims_in_one_statement(
     await _row(pool, "P1", a)
     claimer = _claimer(pool)
     await claimer.push_peers(time.monotonic())
-    counter.queries.clear()
+    await counter.clear()
     claimed: list[tuple[Peer, Claim, Lane]] = []
     await claimer.claim(claimed)
     assert len(claimed) == 1
-    assert len(counter.queries) == 1, counter.queries
+    assert len(await counter.sent()) == 1, await counter.sent()

@@ -56,9 +56,9 @@ async def test_inbound_resolution_of_1000_ids_is_one_query(
     store = MappingStore(pool)
     internal = {f"user-{i}": "User" for i in range(1000)}
     minted = await store.resolve_outbound("D1", internal, mint=True)
-    counter.queries.clear()
+    await counter.clear()
     resolved = await store.resolve_inbound("D1", [*minted.values(), "unknown-id"])
-    assert counter.count == 1
+    assert len(await counter.sent()) == 1
     assert resolved == {external: internal_id for internal_id, external in minted.items()}
 
 
@@ -69,15 +69,15 @@ async def test_outbound_resolution_of_1000_ids_is_two_queries_minting_included(
     await _setup(pool)
     store = MappingStore(pool)
     internal = {f"user-{i}": "User" for i in range(1000)}
-    counter.queries.clear()
+    await counter.clear()
     first = await store.resolve_outbound("D1", internal, mint=True)
-    assert counter.queries == [query("lookup_outbound"), query("resolve_outbound")]
+    assert (await counter.sent()) == [query("lookup_outbound"), query("resolve_outbound")]
     assert set(first) == set(internal)
     assert len(set(first.values())) == 1000
-    counter.queries.clear()
+    await counter.clear()
     assert await store.resolve_outbound("D1", internal, mint=True) == first  # stable
     # Every entity known and mapped: one read-only statement, nothing written.
-    assert counter.queries == [query("lookup_outbound")]
+    assert (await counter.sent()) == [query("lookup_outbound")]
 
 
 async def test_the_outbound_lookup_of_known_entities_reads_the_indexes_only(
@@ -123,17 +123,17 @@ async def test_a_read_of_entities_seen_with_no_type_records_their_type_and_mints
     store = MappingStore(pool)
     await store.register_entities({"a1": "unknown", "a2": "unknown"})
     await store.add_mapping("a1", "D2", "x1")
-    counter.queries.clear()
+    await counter.clear()
     assert await store.resolve_outbound(
         "D2", {"a1": "User", "a2": "User", "a3": "Group"}, mint=False
     ) == {"a1": "x1"}
-    assert counter.queries == [query("lookup_outbound"), query("record_seen_entities")]
+    assert (await counter.sent()) == [query("lookup_outbound"), query("record_seen_entities")]
     types = dict(await pool.fetch("SELECT internal_id, resource_type FROM entities ORDER BY 1"))
     assert {k: types[k] for k in ("a1", "a2", "a3")} == {"a1": "User", "a2": "User", "a3": "Group"}
     assert await pool.fetchval("SELECT count(*) FROM id_mappings WHERE internal_id <> 'a1'") == 0
-    counter.queries.clear()
+    await counter.clear()
     await store.resolve_outbound("D2", {"a1": "User", "a2": "User"}, mint=False)
-    assert counter.queries == [query("lookup_outbound")]
+    assert (await counter.sent()) == [query("lookup_outbound")]
 
 
 async def test_two_domains_get_different_pairwise_ids_and_never_the_internal_one(
