@@ -135,11 +135,16 @@ WITH candidate AS MATERIALIZED (
     SELECT o.id, o.domain_id, p.room
     FROM unnest($1::text[], $3::int[]) AS p(domain_id, room)
     CROSS JOIN unnest($2::text[]) AS w(internal_id)
+    -- The pair's oldest unfinished row, read from outbox_by_entity as the first entry at or
+    -- after (peer, entity) in its order: the row belongs to the pair only if the next lateral
+    -- finds it with the pair's peer and entity. Asked as equalities, the question let a plan
+    -- kept from a small queue walk the peer's whole claim order instead, filtering on the
+    -- entity (about 600 buffers a statement).
     CROSS JOIN LATERAL (
         SELECT f.id FROM outbox f
-        WHERE f.domain_id = p.domain_id AND f.internal_id = w.internal_id
+        WHERE (f.domain_id, f.internal_id) >= (p.domain_id, w.internal_id)
           AND f.state IN ('pending', 'in_flight')
-        ORDER BY f.id
+        ORDER BY f.domain_id, f.internal_id, f.id
         LIMIT 1
     ) first
     -- Locked here, row by row (a window and FOR UPDATE cannot share a level): a row another
