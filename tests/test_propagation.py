@@ -732,7 +732,9 @@ async def test_concurrency_bounds_the_requests_at_the_peer_while_as_many_deliver
     db_url: str, home: Home, peer_server: Home, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     peer = tenant(peer_server, "p1")
-    two = FAST.model_copy(update={"concurrency": 2})
+    # One request per write (no Bulk): the bound is on requests; test_propagation_bulk.py has
+    # the writes that wait for a slot travel together.
+    two = FAST.model_copy(update={"concurrency": 2, "bulk_operations": 0})
     async with gate(peer) as front:
         async for broker in federation(
             db_url, home, {"P1": front.url}, monkeypatch, peer_server.token, two
