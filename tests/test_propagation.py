@@ -275,7 +275,7 @@ async def test_a_peer_that_was_down_gets_every_change_once_in_order(
                 for op in body["Operations"]
                 if op["method"] == "POST"
             ]
-            assert creates == ["/Users"] * 5
+            assert creates == ["/Users"] * 5, json.dumps(front.forwarded)
             _, queue = await admin(broker, "GET", "/admin/domains/P1/queue")
             assert queue["depth"] == 0 and queue["failing_since"] is None
 

@@ -185,27 +185,49 @@ class PeerClient:
         the peer takes Bulk. Whoever gets a request slot first sends what waits (its own write
         included, or first), so that writes pile up while the slots are busy, and none waits for
         a timer. A write that waits alone goes as its own request, without asking the peer's
-        ServiceProviderConfig."""
+        ServiceProviderConfig. A write is sent once at most: taken from the queue by the one
+        sender that sends it, or withdrawn if its caller gives up before."""
         data = None if body is None else orjson.dumps(body)
         answered: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        self._waiting.append((Operation(method, path, data), answered))
-        await asyncio.sleep(0)  # the deliveries started together hand theirs over in this turn
-        while not answered.done():
-            # A write's sender holds one slot for its whole request (the configuration read
-            # included): nothing it does waits for another.
-            async with self.slots if self.slots is not None else contextlib.nullcontext():
-                if answered.done() or not self._waiting:
-                    break
-                count = 1
-                if len(self._waiting) > 1 and self.monotonic() >= self._bulk_off_until:
-                    features = (await self._read_features(300.0))[1]
-                    if features.usable:
-                        count = take([operation for operation, _ in self._waiting], features)
-                batch, self._waiting = self._waiting[:count], self._waiting[count:]
-                # Shielded: the batch's other callers get their answers even if this one is
-                # cancelled.
-                await asyncio.shield(asyncio.ensure_future(self._send(batch)))
+        entry = (Operation(method, path, data), answered)
+        self._waiting.append(entry)
+        try:
+            await asyncio.sleep(0)  # the deliveries started together hand theirs over now
+            while self._queued(entry):
+                # A sender holds one slot for its whole request (the configuration read
+                # included): nothing it does waits for another.
+                async with self.slots if self.slots is not None else contextlib.nullcontext():
+                    if not self._queued(entry):
+                        break
+                    count = await self._batch_size()
+                    if not self._waiting:
+                        continue
+                    count = min(count, len(self._waiting))
+                    batch, self._waiting = self._waiting[:count], self._waiting[count:]
+                    # Shielded: the batch's other callers get their answers even if this one
+                    # is cancelled.
+                    await asyncio.shield(asyncio.ensure_future(self._send(batch)))
+        except BaseException:
+            if self._queued(entry):
+                self._waiting = [e for e in self._waiting if e is not entry]
+            raise
         return await answered
+
+    def _queued(self, entry: tuple[Operation, asyncio.Future[Answer]]) -> bool:
+        return any(waiting is entry for waiting in self._waiting)
+
+    async def _batch_size(self) -> int:
+        """How many of the writes waiting the next request carries: one, unless several wait
+        and the peer takes Bulk (a configuration that cannot be read now means one)."""
+        if len(self._waiting) < 2 or self.monotonic() < self._bulk_off_until:
+            return 1
+        try:
+            features = (await self._read_features(300.0))[1]
+        except Failure:
+            return 1
+        if not features.usable:
+            return 1
+        return take([operation for operation, _ in self._waiting], features)
 
     async def _send(self, batch: list[tuple[Operation, asyncio.Future[Answer]]]) -> None:
         """One Bulk request for ``batch`` (a single write goes as its own request), and each
