@@ -99,6 +99,12 @@ def test_each_operation_gets_its_own_answer_by_bulk_id_or_position() -> None:
     assert third is not None and third.status == 200 and third.body is None
     assert fourth is not None and fourth.status == 204
     assert fifth is None, "the peer said nothing of it"
+    # A location whose last segment would name another path gives no ID (the create fails).
+    for location in ("http://peer/v2/Users/a%2F..%2Fb", "http://peer/v2/Users/..", "/%3F"):
+        (created,) = operation_answers(
+            {"Operations": [{"bulkId": "0", "status": "201", "location": location}]}, [_op()]
+        )
+        assert created is not None and (created.status, created.body) == (201, None)
     assert operation_answers({"Operations": [{"status": "ok"}]}, [_op()]) == [None]
     assert operation_answers({"Operations": [{"status": "999"}]}, [_op()]) == [None]
     assert operation_answers("not a bulk response", ops) == [None] * 5

@@ -157,7 +157,12 @@ def _answer(result: Mapping[str, Any], operation: Operation) -> Answer | None:
 
 
 def _last_segment(location: Any) -> str | None:
+    """The ID at the end of a created resource's ``location``; None when there is none, or when
+    it would name another path once put back in one (``/``, ``?``, ``#``, ``.``, ``..``, a
+    control character): the create then fails as one whose answer has no ID."""
     if not isinstance(location, str):
         return None
-    segment = urlsplit(location).path.rstrip("/").rpartition("/")[2]
-    return unquote(segment) or None
+    segment = unquote(urlsplit(location).path.rstrip("/").rpartition("/")[2])
+    if segment in ("", ".", "..") or any(c in "/?#" or ord(c) < 0x20 for c in segment):
+        return None
+    return segment
