@@ -48,14 +48,20 @@ CORE_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
 
 @contextmanager
 def scim_server(
-    token: str, *args: str, memory: bool = False, latency: float = 0.0, port: int | None = None
+    token: str,
+    *args: str,
+    memory: bool = False,
+    latency: float = 0.0,
+    port: int | None = None,
+    bulk: bool = True,
 ) -> Iterator[str]:
     """A scim2-server process (``--dynamic-tenants``: tenants under ``/NAME/v2``), or with
     ``memory`` the fast in-memory service of ``bench/store.py`` (always with tenants; every
-    answer ``latency`` seconds late), on ``port`` or a free one."""
+    answer ``latency`` seconds late; SCIM Bulk unless not ``bulk``), on ``port`` or a free one."""
     port = port or free_port()
+    store = [sys.executable, str(Path(__file__).with_name("store.py")), str(port), token]
     command = (
-        [sys.executable, str(Path(__file__).with_name("store.py")), str(port), token, str(latency)]
+        [*store, str(latency), *([] if bulk else ["--no-bulk"])]
         if memory
         else [
             sys.executable,
@@ -224,6 +230,14 @@ async def through_broker(
             reads = getattr(worker.syncs.reads, "sent", None)  # counted since issue 15
             if reads is not None:
                 print(f"home read {reads} times for {len(home_ids) * len(peer_urls)} deliveries")
+            clients = getattr(worker.syncs.tools.clients, "_clients", {})
+            bulks = sum(getattr(c, "bulk_requests", 0) for c in clients.values())
+            if bulks:
+                operations = sum(c.bulk_operations for c in clients.values())
+                print(
+                    f"SCIM Bulk: {operations} writes in {bulks} requests "
+                    f"({operations / bulks:.1f} each)"
+                )
             left = await pool.fetchval("SELECT count(*) FROM outbox WHERE state <> 'done'")
             assert left == 0, f"{left} deliveries did not finish"
             return elapsed, broker_cpu, pg_cpu
@@ -241,6 +255,11 @@ def main() -> int:
         help="home and peers: scim2-server processes, or the fast in-memory bench/store.py",
     )
     parser.add_argument(
+        "--no-bulk",
+        action="store_true",
+        help="the in-memory peers say bulk.supported false: one request per write",
+    )
+    parser.add_argument(
         "--count-statements",
         action="store_true",
         help="count the worker's statements and transactions per delivery (asyncpg's query "
@@ -254,7 +273,9 @@ def main() -> int:
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         home = stack.enter_context(scim_server(token, memory=memory)) + "/v2"
         peer_hosts = [
-            stack.enter_context(scim_server(token, "--dynamic-tenants", memory=memory))
+            stack.enter_context(
+                scim_server(token, "--dynamic-tenants", memory=memory, bulk=not args.no_bulk)
+            )
             for _ in range(max(args.peers))
         ]
         users = [

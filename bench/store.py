@@ -8,11 +8,14 @@ It keeps users and groups per tenant (the path before ``/v2``: ``/v2`` alone is 
 read, replace, PATCH with attribute paths (``replace``, ``add``, ``remove``; no value filters),
 delete, lists and ``.search`` with ``eq`` filters joined by ``or``, paged by ``startIndex`` and
 ``count`` (RFC 7644 section 3.4.2.4, in the order the resources were created), and the discovery
-endpoints. ``POST /TENANT/v2/Users/.load`` (a benchmark's bulk load, not SCIM) creates many users
+endpoints, and SCIM Bulk (``POST /TENANT/v2/Bulk``, RFC 7644 section 3.7: each operation answered
+as its own request would be, in order, with its ``location``; no ``bulkId`` references between
+operations; ``--no-bulk`` turns it off and says so in the ServiceProviderConfig).
+``POST /TENANT/v2/Users/.load`` (a benchmark's bulk load, not SCIM) creates many users
 at once from a template, without a request each. Connections are kept alive. With LATENCY (seconds), every answer waits that long first, as a
 remote peer's would (its round trip and its own work), without taking CPU here.
 
-    python bench/store.py PORT TOKEN [LATENCY]
+    python bench/store.py PORT TOKEN [LATENCY] [--no-bulk]
 """
 
 from __future__ import annotations
@@ -105,10 +108,32 @@ def patched(resource: dict[str, Any], operations: list[dict[str, Any]]) -> dict[
     return result
 
 
+BULK_RESPONSE = "urn:ietf:params:scim:api:messages:2.0:BulkResponse"
+BULK_LIMITS = {"maxOperations": 1000, "maxPayloadSize": 1 << 20}
+
+
+class Operation:
+    """One Bulk operation made to look like a request to the handlers above."""
+
+    def __init__(self, request: web.Request, method: str, path: str, data: Any) -> None:
+        self.method = method
+        self.headers = request.headers
+        self.url = request.url
+        self.body = orjson.dumps(data) if data is not None else b""
+        found = PATHS.match(request.match_info["tenant"] + "/v2" + path)
+        if found is None or not found.group("type"):
+            raise ValueError(f"no resource at {path}")
+        self.match_info = {k: v or "" for k, v in found.groupdict().items()}
+
+    async def read(self) -> bytes:
+        return self.body
+
+
 class Store:
-    def __init__(self, token: str, latency: float = 0.0) -> None:
+    def __init__(self, token: str, latency: float = 0.0, *, bulk: bool = True) -> None:
         self.auth = f"Bearer {token}"
         self.latency = latency
+        self.bulk = bulk
         self.tenants: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
         self.names: dict[str, dict[str, str]] = {}
         """Per tenant: userName -> the user holding it (uniqueness without a scan)."""
@@ -233,6 +258,40 @@ class Store:
             resources[rid] = self.stamped(request, {**template, "userName": name}, rid)
         return answer({"totalResults": len(resources)})
 
+    async def bulk_request(self, request: web.Request) -> web.Response:
+        """RFC 7644 section 3.7: the operations in order, each answered as its own request."""
+        if not self.bulk:
+            return error(404, "no endpoint /Bulk")
+        body = orjson.loads(await request.read())
+        operations = body.get("Operations") or []
+        if len(operations) > BULK_LIMITS["maxOperations"]:
+            return error(413, "too many operations", "tooMany")
+        results = []
+        for operation in operations:
+            method, path = str(operation.get("method", "")).upper(), operation.get("path", "")
+            try:
+                fake: Any = Operation(request, method, path, operation.get("data"))
+            except ValueError as exc:
+                results.append(
+                    {"method": method, "status": "400", "response": {"detail": str(exc)}}
+                )
+                continue
+            if method == "POST" and not fake.match_info["id"]:
+                answered = await self.create(fake)
+            else:
+                answered = await self.one(fake)
+            result: dict[str, Any] = {"method": method, "status": str(answered.status)}
+            if "bulkId" in operation:
+                result["bulkId"] = operation["bulkId"]
+            document = orjson.loads(answered.body) if answered.body else None
+            if answered.status >= 400:
+                result["response"] = document
+            elif isinstance(document, dict):
+                result["location"] = document["meta"]["location"]
+                result["version"] = document["meta"]["version"]
+            results.append(result)
+        return answer({"schemas": [BULK_RESPONSE], "Operations": results})
+
     async def discovery(self, request: web.Request) -> web.Response:
         what = request.match_info["what"]
         if what == "ServiceProviderConfig":
@@ -240,7 +299,9 @@ class Store:
                 {
                     "schemas": ["urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"],
                     "patch": {"supported": True},
-                    "bulk": {"supported": False, "maxOperations": 0, "maxPayloadSize": 0},
+                    "bulk": {"supported": self.bulk, **BULK_LIMITS}
+                    if self.bulk
+                    else {"supported": False, "maxOperations": 0, "maxPayloadSize": 0},
                     "filter": {"supported": True, "maxResults": 100000},
                     "changePassword": {"supported": False},
                     "sort": {"supported": False},
@@ -266,13 +327,13 @@ class Store:
 
 PATHS = re.compile(
     r"^(?P<tenant>(?:/[\w-]+)?)/v2/(?:"
-    r"(?P<what>ServiceProviderConfig|ResourceTypes|Schemas)"
+    r"(?P<what>ServiceProviderConfig|ResourceTypes|Schemas)|(?P<bulk>Bulk)"
     r"|(?P<type>Users|Groups)(?:/(?P<id>[^/]+))?)$"
 )
 
 
-def app(token: str, latency: float = 0.0) -> web.Application:
-    store = Store(token, latency)
+def app(token: str, latency: float = 0.0, *, bulk: bool = True) -> web.Application:
+    store = Store(token, latency, bulk=bulk)
 
     async def dispatch(request: web.Request) -> web.StreamResponse:
         found = PATHS.match(request.path)
@@ -282,6 +343,10 @@ def app(token: str, latency: float = 0.0) -> web.Application:
         request.match_info.update({k: v or "" for k, v in parts.items()})
         if parts["what"]:
             return await store.discovery(request)
+        if parts["bulk"]:
+            if request.method != "POST":
+                return error(405, "Bulk takes POST")
+            return await store.bulk_request(request)
         if parts["id"] == ".search" and request.method == "POST":
             return await store.listing(request)
         if parts["id"] == ".load" and parts["type"] == "Users" and request.method == "POST":
@@ -298,10 +363,12 @@ def app(token: str, latency: float = 0.0) -> web.Application:
 
 
 if __name__ == "__main__":
+    flags = {a for a in sys.argv[1:] if a.startswith("--")}
+    argv = [a for a in sys.argv[1:] if not a.startswith("--")]
     web.run_app(
-        app(sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else 0.0),
+        app(argv[1], float(argv[2]) if len(argv) > 2 else 0.0, bulk="--no-bulk" not in flags),
         host="127.0.0.1",
-        port=int(sys.argv[1]),
+        port=int(argv[0]),
         print=None,
         access_log=None,
     )

@@ -496,6 +496,7 @@ async def _propagation(app: web.Application) -> AsyncIterator[None]:
                 history_retention=config.history_retention,
                 conflict_patience=config.conflict_patience,
                 max_answer=config.peer_max_answer_bytes,
+                bulk=config.bulk_operations,
             ),
             observe=lambda peer, outcome: metrics.deliveries.labels(peer, outcome).inc(),
             events=lambda: app[RENDERER],

@@ -173,6 +173,10 @@ class PropagationConfig(_Section):
     # The longest answer read from a push peer (to one write or read) or a SET receiver, in
     # bytes; a longer one is left unread and the delivery fails (docs/propagation.md).
     peer_max_answer_bytes: int = Field(default=1 << 20, ge=65536)
+    # The most writes sent to a push peer in one SCIM Bulk request (RFC 7644 section 3.7), to a
+    # peer whose ServiceProviderConfig says it takes Bulk: the writes deliveries send to it at
+    # the same time travel together (docs/propagation.md). 0 or 1: one request per write.
+    bulk_operations: int = Field(default=32, ge=0, le=1000)
     # Reconciliation and initial sync (docs/reconciliation.md): the most accounts one run may
     # deprovision without `--confirm-deletions N` (unset: 5% of the peer's accounts or 500,
     # whichever is smaller); the peer's accounts read per page and pages a second; whether the

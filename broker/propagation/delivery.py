@@ -16,7 +16,7 @@ import asyncpg
 
 from broker.db import query
 from broker.home import HomeRefused, HomeUnavailable
-from broker.propagation.peer import MAX_ANSWER, PeerClient, peer_credential
+from broker.propagation.peer import BULK_OPERATIONS, MAX_ANSWER, PeerClient, peer_credential
 from broker.propagation.policy import Backoff, Failure, Verdict
 
 if TYPE_CHECKING:
@@ -74,6 +74,9 @@ class WorkerSettings:
     max_answer: int = MAX_ANSWER
     """The longest answer read from a peer or a SET receiver, in bytes; a longer one is left
     unread and the delivery fails (``policy.too_large``)."""
+    bulk: int = BULK_OPERATIONS
+    """The most writes sent to a peer in one SCIM Bulk request, for a peer whose
+    ServiceProviderConfig says it takes Bulk (``peer.PeerClient``); 0 or 1: never Bulk."""
 
 
 @dataclass(frozen=True)
@@ -234,9 +237,11 @@ class PeerClients:
         *,
         monotonic: Clock,
         limit: int = MAX_ANSWER,
+        bulk: int = BULK_OPERATIONS,
     ) -> None:
         self.session = session
         self.limit = limit
+        self.bulk = bulk
         self.concurrency = concurrency
         self.monotonic = monotonic
         self._clients: dict[str, PeerClient] = {}
@@ -257,6 +262,7 @@ class PeerClients:
                 slots=slots,
                 monotonic=self.monotonic,
                 limit=self.limit,
+                bulk=self.bulk,
             )
             self._clients[peer.id] = client
         return client

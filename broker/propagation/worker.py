@@ -109,6 +109,7 @@ class Deliverer:
                 self.settings.concurrency,
                 monotonic=monotonic,
                 limit=self.settings.max_answer,
+                bulk=self.settings.bulk,
             ),
             self.ledger,
             self.settings,

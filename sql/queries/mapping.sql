@@ -225,15 +225,28 @@ LIMIT 1
 -- finish_create for several creates at once (correlation handles $1[i] in peers $2[i], with the
 -- peer's IDs $3[i]): for each, in order, the entity its row belongs to now, or NULL when the
 -- create is no longer wanted.
+-- Each pending row is found by a probe of its handle (a lateral that LIMIT keeps one), and
+-- updated where that probe found it (a TID scan; a row updated meanwhile is followed to its
+-- newest version and checked again): as a join, the plan PostgreSQL kept for the prepared
+-- statement, made while the table was small, scanned the whole mapping table for every batch.
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY
         AS i(handle, domain_id, external_id, n)
-), finished AS (
-    UPDATE id_mappings m SET external_id = i.external_id, state = 'active', updated_at = now()
+), pending AS (
+    SELECT i.n, i.external_id, x.id, x.ctid
     FROM input i
-    WHERE m.correlation_handle = i.handle AND m.domain_id = i.domain_id AND m.is_primary
+    CROSS JOIN LATERAL (
+        SELECT x.id, x.ctid FROM id_mappings x
+        WHERE x.correlation_handle = i.handle AND x.domain_id = i.domain_id AND x.is_primary
+          AND x.state = 'pending_create'
+        LIMIT 1
+    ) x
+), finished AS (
+    UPDATE id_mappings m SET external_id = p.external_id, state = 'active', updated_at = now()
+    FROM pending p
+    WHERE m.ctid = ANY (ARRAY(SELECT ctid FROM pending)) AND m.id = p.id AND m.is_primary
       AND m.state = 'pending_create'
-    RETURNING i.n, m.internal_id
+    RETURNING p.n, m.internal_id
 )
 SELECT i.n, coalesce(
     f.internal_id,

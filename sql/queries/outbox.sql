@@ -95,15 +95,31 @@ WITH ready AS (
 -- With each claim, what entity_for_delivery would read right after it (one statement for the
 -- claim's rows instead of one each): the entity (NULL for a kind that names none), its primary
 -- row in the peer and what the peer last received.
+-- Each read is a lateral probe by key (LIMIT keeps it one): as joins, with the statistics of
+-- tables that were empty, the planner scanned id_mappings and peer_copies whole for every claim
+-- (about 1,000 buffers and 10 to 30 ms a claim, three quarters of PostgreSQL's time per
+-- delivery in bench/deliveries.py).
 SELECT c.*, e.resource_type, e.state AS entity_state, e.merged_into, e.provision_on_demand,
-       EXISTS (SELECT 1 FROM id_mappings k WHERE k.internal_id = c.internal_id AND k.domain_id = $1)
-           AS known_here,
+       -- OFFSET 0: a probe per row, never a hashed scan of the peer's every mapping row.
+       EXISTS (SELECT 1 FROM id_mappings k WHERE k.internal_id = c.internal_id AND k.domain_id = $1
+               OFFSET 0) AS known_here,
        m.external_id, m.state AS mapping_state, m.correlation_handle,
-       p.document AS copy, p.xmin AS copy_version, p.suspended_at
+       p.document AS copy, p.copy_version, p.suspended_at
 FROM claimed c
-LEFT JOIN entities e ON e.internal_id = c.internal_id
-LEFT JOIN id_mappings m ON m.internal_id = c.internal_id AND m.domain_id = $1 AND m.is_primary
-LEFT JOIN peer_copies p ON p.internal_id = c.internal_id AND p.domain_id = $1
+LEFT JOIN LATERAL (
+    SELECT e.resource_type, e.state, e.merged_into, e.provision_on_demand
+    FROM entities e WHERE e.internal_id = c.internal_id LIMIT 1
+) e ON true
+LEFT JOIN LATERAL (
+    SELECT m.external_id, m.state, m.correlation_handle
+    FROM id_mappings m
+    WHERE m.internal_id = c.internal_id AND m.domain_id = $1 AND m.is_primary
+    LIMIT 1
+) m ON true
+LEFT JOIN LATERAL (
+    SELECT p.document, p.xmin AS copy_version, p.suspended_at
+    FROM peer_copies p WHERE p.internal_id = c.internal_id AND p.domain_id = $1 LIMIT 1
+) p ON true
 ORDER BY c.id
 
 -- name: claim_riders
@@ -119,11 +135,16 @@ WITH candidate AS MATERIALIZED (
     SELECT o.id, o.domain_id, p.room
     FROM unnest($1::text[], $3::int[]) AS p(domain_id, room)
     CROSS JOIN unnest($2::text[]) AS w(internal_id)
+    -- The pair's oldest unfinished row, read from outbox_by_entity as the first entry at or
+    -- after (peer, entity) in its order: the row belongs to the pair only if the next lateral
+    -- finds it with the pair's peer and entity. Asked as equalities, the question let a plan
+    -- kept from a small queue walk the peer's whole claim order instead, filtering on the
+    -- entity (about 600 buffers a statement).
     CROSS JOIN LATERAL (
         SELECT f.id FROM outbox f
-        WHERE f.domain_id = p.domain_id AND f.internal_id = w.internal_id
+        WHERE (f.domain_id, f.internal_id) >= (p.domain_id, w.internal_id)
           AND f.state IN ('pending', 'in_flight')
-        ORDER BY f.id
+        ORDER BY f.domain_id, f.internal_id, f.id
         LIMIT 1
     ) first
     -- Locked here, row by row (a window and FOR UPDATE cannot share a level): a row another
@@ -163,14 +184,25 @@ WITH candidate AS MATERIALIZED (
 -- What claim_deliveries reads with each row.
 SELECT c.*, e.resource_type, e.state AS entity_state, e.merged_into, e.provision_on_demand,
        EXISTS (SELECT 1 FROM id_mappings k
-               WHERE k.internal_id = c.internal_id AND k.domain_id = c.domain_id) AS known_here,
+               WHERE k.internal_id = c.internal_id AND k.domain_id = c.domain_id OFFSET 0)
+           AS known_here,
        m.external_id, m.state AS mapping_state, m.correlation_handle,
-       p.document AS copy, p.xmin AS copy_version, p.suspended_at
+       p.document AS copy, p.copy_version, p.suspended_at
 FROM claimed c
-LEFT JOIN entities e ON e.internal_id = c.internal_id
-LEFT JOIN id_mappings m
-  ON m.internal_id = c.internal_id AND m.domain_id = c.domain_id AND m.is_primary
-LEFT JOIN peer_copies p ON p.internal_id = c.internal_id AND p.domain_id = c.domain_id
+LEFT JOIN LATERAL (
+    SELECT e.resource_type, e.state, e.merged_into, e.provision_on_demand
+    FROM entities e WHERE e.internal_id = c.internal_id LIMIT 1
+) e ON true
+LEFT JOIN LATERAL (
+    SELECT m.external_id, m.state, m.correlation_handle
+    FROM id_mappings m
+    WHERE m.internal_id = c.internal_id AND m.domain_id = c.domain_id AND m.is_primary
+    LIMIT 1
+) m ON true
+LEFT JOIN LATERAL (
+    SELECT p.document, p.xmin AS copy_version, p.suspended_at
+    FROM peer_copies p WHERE p.internal_id = c.internal_id AND p.domain_id = c.domain_id LIMIT 1
+) p ON true
 ORDER BY c.id
 
 -- name: deliveries_done
