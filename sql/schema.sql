@@ -524,7 +524,7 @@ CREATE UNIQUE INDEX reconciliation_items_entity ON reconciliation_items (run_id,
     WHERE external_id IS NULL;
 CREATE INDEX reconciliation_items_claimed ON reconciliation_items (run_id, internal_id)
     WHERE internal_id IS NOT NULL;
--- The run's actions not yet taken, in the order they are taken: users first (0024).
+-- The run's actions not yet taken, in the order they are taken: users first (0023).
 CREATE INDEX reconciliation_items_actionable
     ON reconciliation_items (run_id, (resource_type <> 'User'), seq)
     WHERE NOT done AND action <> 'report';

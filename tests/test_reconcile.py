@@ -443,7 +443,7 @@ async def test_a_run_a_failing_peer_stopped_resumes_from_the_page_it_reached(
 
 
 async def test_a_runs_actions_come_in_order_from_an_index_not_a_sort(pool: Any) -> None:
-    """0024: actionable_items hands over the undone actions users first, each kind in the order
+    """0023: actionable_items hands over the undone actions users first, each kind in the order
     found, straight from reconciliation_items_actionable: no batch sorts what is left of the
     run (at 100,000 accounts that sort took 46 ms a batch)."""
     run = uuid.uuid4()

@@ -140,7 +140,7 @@ ORDER BY seq LIMIT $4
 
 -- name: actionable_items
 -- The run's next actions not yet taken: users before groups (a group names its members). Read in
--- order from reconciliation_items_actionable (0024), not sorted.
+-- order from reconciliation_items_actionable (0023), not sorted.
 SELECT seq, resource_type, situation, external_id, internal_id, action, detail
 FROM reconciliation_items
 WHERE run_id = $1 AND NOT done AND action <> 'report'

@@ -1,4 +1,4 @@
--- 0024: a reconciliation takes its actions in order without sorting what is left of the run.
+-- 0023: a reconciliation takes its actions in order without sorting what is left of the run.
 --
 -- actionable_items reads a run's next 500 actions not yet taken, users before groups, in the
 -- order they were found. Without an index in that order each batch sorted every undone item of
