@@ -419,9 +419,10 @@ POLL = web.AppKey("poll", Poll)
 
 
 async def _domain_changes(app: web.Application) -> AsyncIterator[None]:
-    """Every process drops what it cached of a domain (its settings, its tokens' verdicts) as
-    soon as the domain changes, in whichever process (channel ``broker_domains``, migration
-    0012): a disabled domain is refused at once, not after the caches' few seconds."""
+    """Every process drops what it cached of a domain (its settings, its tokens' verdicts, the
+    delivery worker's list of push peers) as soon as the domain changes, in whichever process
+    (channel ``broker_domains``, migration 0012): a disabled domain is refused at once, and a
+    narrowed scope holds for the next claim, not after the caches' few seconds."""
 
     def changed(domain: str) -> None:
         if PROXY in app:
@@ -432,6 +433,8 @@ async def _domain_changes(app: web.Application) -> AsyncIterator[None]:
         if ADMIN in app:  # the admin API, the console's dead letters, home's pushed SETs
             app[ADMIN].domains.forget(domain)
             app[ADMIN].tokens.forget(domain)
+        if DELIVERER in app:  # the push peers' settings (scope, read list) read at the next claim
+            app[DELIVERER].claims.forget_peers()
 
     def lost() -> None:  # while nothing listens, a change may go unseen: drop everything
         changed("")
