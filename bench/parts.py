@@ -9,10 +9,15 @@ work, the middleware, freeing the page) are measured in the very process and loa
 
 The parts: ``loads`` (home's answer parsed, ``Answer.json``), ``walk`` (the known walk,
 ``translate_known``), ``dumps`` (the answer serialised in ``Proxy.respond``), ``guard`` (the leak
-guard's check; it awaits nothing while the mapping cache answers), ``gc`` (collections). On
-SIGUSR1 the process writes its totals (nanoseconds and calls per part, and its process CPU) as
-JSON to ``$BENCH_PARTS_DIR/parts.PID.json``; ``bench/run.py --parts`` reads them before and after
-each measurement. The timers cost about a microsecond a request.
+guard's check; it awaits nothing while the mapping cache answers), ``home`` (the call to home in
+aiohttp's client, its release included: the broker's ``HomeClient._exchange``; the proxy's
+request, read and release), ``app`` (the whole handler with its middleware, the parts
+above included), ``gc`` (collections, wherever they ran: not counted in the part they ran in).
+An async part is timed step by step (:class:`Steps`): the CPU of other tasks that run while it
+waits is not counted. On SIGUSR1 the process writes its totals (nanoseconds and calls per part,
+and its process CPU) as JSON to ``$BENCH_PARTS_DIR/parts.PID.json``; ``bench/run.py --parts``
+reads them before and after each measurement. The timers cost a few microseconds a request
+(counted in ``app``).
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Generator
 from pathlib import Path
 from typing import Any
 
 import orjson
+from aiohttp import web
 
 _TOTALS: dict[str, list[int]] = {}
 _clock = time.thread_time_ns
@@ -70,6 +76,46 @@ def timed_async(part: str, func: Callable[..., Any]) -> Callable[..., Any]:
             _add(part, _clock() - start - (_COLLECTING[0] - collected))
 
     return run
+
+
+class Steps:
+    """An awaitable that drives ``coroutine`` and counts the CPU of each of its steps as
+    ``part``, so that the work of other tasks while it waits is not counted."""
+
+    def __init__(self, coroutine: Coroutine[Any, Any, Any], part: str) -> None:
+        self.coroutine, self.part = coroutine, part
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coroutine, value, error = self.coroutine, None, None
+        while True:
+            start, collected = _clock(), _COLLECTING[0]
+            try:
+                sent = coroutine.send(value) if error is None else coroutine.throw(error)
+            except StopIteration as done:
+                return done.value
+            finally:
+                _add(self.part, _clock() - start - (_COLLECTING[0] - collected))
+            try:
+                value, error = (yield sent), None
+            except BaseException as exc:  # thrown in by the event loop (a cancellation): passed on
+                value, error = None, exc
+
+
+def timed_steps(part: str, func: Callable[..., Any]) -> Callable[..., Any]:
+    """An async ``func`` whose steps count as ``part``."""
+
+    @functools.wraps(func)
+    async def run(*args: Any, **kwargs: Any) -> Any:
+        return await Steps(func(*args, **kwargs), part)
+
+    return run
+
+
+@web.middleware
+async def _handler_time(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Outermost: the whole handler and its middleware, step by step, as ``app``."""
+    response: web.StreamResponse = await Steps(handler(request), "app")
+    return response
 
 
 class _TimedJson:
@@ -124,12 +170,25 @@ def read_parts(folder: Path, pid: int, timeout: float = 5.0) -> dict[str, list[i
 
 
 def serve_broker(argv: list[str]) -> int:
+    import broker.cli.serve
+    import broker.home
     import broker.http
     import broker.mapping.guard
     import broker.proxy.handlers
     from broker.cli import main
 
     broker.http.Answer.json = timed("loads", broker.http.Answer.json)  # type: ignore[method-assign]
+    home: Any = broker.home.HomeClient
+    home._exchange = timed_steps("home", home._exchange)
+    serve: Any = broker.cli.serve
+    create_app = serve.create_app
+
+    def timed_app(config: Any) -> web.Application:
+        application: web.Application = create_app(config)
+        application.middlewares.insert(0, _handler_time)
+        return application
+
+    serve.create_app = timed_app
     handlers: Any = broker.proxy.handlers
     handlers.translate_known = timed("walk", handlers.translate_known)
     handlers.orjson = _TimedJson(loads=None, dumps="dumps")
@@ -141,14 +200,20 @@ def serve_broker(argv: list[str]) -> int:
 
 
 def parse(port: int, home_url: str) -> None:
+    import aiohttp
     import servers  # bench/ is on the path when this script runs
-    from aiohttp import web
 
     module: Any = servers
     module.orjson = _TimedJson(loads="loads", dumps="dumps")
+    session: Any = aiohttp.ClientSession
+    session._request = timed_steps("home", session._request)
+    response: Any = aiohttp.ClientResponse
+    response.read = timed_steps("home", response.read)
+    response.__aexit__ = timed_steps("home", response.__aexit__)  # the release, as the broker's
     _count_collections()
     _write_on_signal()
     application = servers.proxy_app(home_url, parse=True)
+    application.middlewares.insert(0, _handler_time)
     web.run_app(application, host="127.0.0.1", port=port, access_log=None, print=None)
 
 

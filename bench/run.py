@@ -10,9 +10,10 @@ Each row also gives the server's CPU per request (user + system, from /proc, all
 and the p50 of a second measurement with one connection: with wrk's closed loop of 8 connections,
 a request waits behind the 7 others, so the first p50 is about 8 / throughput and the p50 "added"
 there is the throughput gap seen from the client; one connection shows the time a request adds.
-With ``--parts`` the broker and the parse-only proxy run through ``bench/parts.py``, and the page's
-CPU per request is split into its parts (parse, walk, serialise, guard, the rest), measured in the
-servers under this very load.
+With ``--parts`` the broker and the parse-only proxy run through ``bench/parts.py``, and each row's
+CPU per request is split into its parts (home's answer parsed, the walk, the guard, the answer
+serialised, the call to home, the rest of the handler and its middleware, aiohttp's server outside
+the handler, collections), measured in the servers under this very load.
 
 Needs wrk (Debian: apt-get install wrk) and the broker installed (pip install .).
 """
@@ -87,7 +88,7 @@ class Result:
     requests: int = 0
     cpu_us: float = float("nan")
     parts_us: dict[str, float] | None = None
-    """With ``--parts``: CPU per request of each timed part, and ``rest`` (bench/parts.py)."""
+    """With ``--parts``: CPU per request of each part (bench/parts.py, :func:`per_request`)."""
     """CPU (user + system) the server's processes used per request during the measurement."""
     p50_one_ms: float = float("nan")
     """p50 with one connection (``--latency-connections``): the time a request takes when it
@@ -307,22 +308,27 @@ def main() -> int:
     return 0
 
 
-PARTS = ("loads", "walk", "guard", "dumps", "gc", "rest")
+PARTS = ("loads", "walk", "guard", "dumps", "home", "handler", "outside", "gc")
 
 
 def per_request(
     before: dict[str, list[int]], after: dict[str, list[int]], requests: int
 ) -> dict[str, float]:
-    """Microseconds of CPU per request of each part between two totals of bench/parts.py, and
-    ``rest``: the process's CPU that no timed part holds."""
+    """Microseconds of CPU per request of each part between two totals of bench/parts.py:
+    ``handler``, the handler's and the middleware's CPU that no other part holds; ``outside``,
+    the process's CPU outside the handler (aiohttp's server, the client's protocol, the event
+    loop, the kernel's socket work) and outside collections."""
     count = max(requests, 1)
-    spent = {
-        part: (after.get(part, [0, 0])[0] - before.get(part, [0, 0])[0]) / 1000 / count
-        for part in PARTS[:-1]
-    }
-    process = (after["process"][0] - before["process"][0]) / 1000 / count
-    spent["rest"] = process - sum(spent.values())
-    return spent
+
+    def spent(part: str) -> float:
+        return (after.get(part, [0, 0])[0] - before.get(part, [0, 0])[0]) / 1000 / count
+
+    parts = {part: spent(part) for part in ("loads", "walk", "guard", "dumps", "home")}
+    app, collections = spent("app"), spent("gc")
+    parts["handler"] = app - sum(parts.values())
+    parts["outside"] = spent("process") - app - collections
+    parts["gc"] = collections
+    return parts
 
 
 def render_parts(results: dict[tuple[str, str], Result]) -> list[str]:
