@@ -4,12 +4,16 @@ Each server is a process of its own; the load generator is wrk, outside every Py
 Results are ratios within the run, since this machine is shared and noisy.
 
     python bench/run.py [--duration 10] [--connections 8] [--latency-connections 1]
-                        [--workers N] [--output docs/performance.md]
+                        [--workers N] [--parts] [--output docs/performance.md]
 
 Each row also gives the server's CPU per request (user + system, from /proc, all its processes),
 and the p50 of a second measurement with one connection: with wrk's closed loop of 8 connections,
 a request waits behind the 7 others, so the first p50 is about 8 / throughput and the p50 "added"
 there is the throughput gap seen from the client; one connection shows the time a request adds.
+With ``--parts`` the broker and the parse-only proxy run through ``bench/parts.py``, and each row's
+CPU per request is split into its parts (home's answer parsed, the walk, the guard, the answer
+serialised, the call to home, the rest of the handler and its middleware, aiohttp's server outside
+the handler, collections), measured in the servers under this very load.
 
 Needs wrk (Debian: apt-get install wrk) and the broker installed (pip install .).
 """
@@ -33,7 +37,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from servers import USERS  # bench/ is on the path when this script runs
+from parts import read_parts  # bench/ is on the path when this script runs
+from servers import USERS
 
 HERE = Path(__file__).parent
 BROKER = [sys.executable, "-m", "broker.cli"]
@@ -82,6 +87,8 @@ class Result:
     errors: int
     requests: int = 0
     cpu_us: float = float("nan")
+    parts_us: dict[str, float] | None = None
+    """With ``--parts``: CPU per request of each part (bench/parts.py, :func:`per_request`)."""
     """CPU (user + system) the server's processes used per request during the measurement."""
     p50_one_ms: float = float("nan")
     """p50 with one connection (``--latency-connections``): the time a request takes when it
@@ -151,9 +158,18 @@ def main() -> int:
         "when it does not queue behind the others (0: not measured)",
     )
     parser.add_argument(
+        "--parts",
+        action="store_true",
+        help="split the CPU per request of the broker and the parse-only proxy into parts "
+        "(bench/parts.py; --workers 1 only)",
+    )
+    parser.add_argument(
         "--output", type=Path, help="write the results table into this markdown file"
     )
     args = parser.parse_args()
+    if args.parts and args.workers != "1":
+        print("bench: --parts measures one process: use it with --workers 1", file=sys.stderr)
+        return 2
     if shutil.which("wrk") is None:
         print("bench: wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
         return 2
@@ -174,7 +190,13 @@ def main() -> int:
         BROKER_SERVER__ADMIN_PORT=str(free_port()),
         BROKER_HOME__SCIM_URL=f"{home_url}/v2",
         BROKER_DATABASE__POOL_MAX_SIZE="10",
+        BENCH_PARTS_DIR=str(work),
     )
+    timed = [sys.executable, str(HERE / "parts.py")]
+    parse_server = (
+        [*timed, "parse"] if args.parts else [sys.executable, str(HERE / "servers.py"), "parse"]
+    )
+    broker_server = [*timed, "broker"] if args.parts else BROKER
     print(f"bench: servers in {work}", file=sys.stderr)
     with (
         process(
@@ -186,11 +208,14 @@ def main() -> int:
             log=work / "proxy.log",
         ) as bare,
         process(
-            [sys.executable, str(HERE / "servers.py"), "parse", str(parse_port), home_url],
+            [*parse_server, str(parse_port), home_url],
+            env=env,
             log=work / "parse.log",
         ) as parse,
         process(
-            [*BROKER, "serve", "--workers", args.workers], env=env, log=work / "broker.log"
+            [*broker_server, "serve", "--workers", args.workers],
+            env=env,
+            log=work / "broker.log",
         ) as broker,
     ):
         wait_for(f"{home_url}/v2/Users")
@@ -245,9 +270,13 @@ def main() -> int:
             for name, (base, user_id, headers, pid) in targets.items():
                 url = base + path.format(id=user_id)
                 wrk(url, duration=2, connections=args.connections, headers=headers)  # warm-up
+                split = args.parts and name not in ("direct", "bare proxy")
+                parts_before = read_parts(work, pid) if split else {}
                 before = tree_cpu(pid)
                 r = wrk(url, duration=args.duration, connections=args.connections, headers=headers)
                 r.cpu_us = (tree_cpu(pid) - before) / max(r.requests, 1) * 1e6
+                if split:
+                    r.parts_us = per_request(parts_before, read_parts(work, pid), r.requests)
                 if args.latency_connections:
                     alone = wrk(
                         url,
@@ -264,6 +293,12 @@ def main() -> int:
                     f"p50 alone {r.p50_one_ms:6.2f} ms  errors {r.errors}",
                     file=sys.stderr,
                 )
+                if r.parts_us:
+                    print(
+                        "bench:   parts (us/req): "
+                        + "  ".join(f"{k} {v:.0f}" for k, v in r.parts_us.items()),
+                        file=sys.stderr,
+                    )
 
     table = render(results, args)
     print(table)
@@ -271,6 +306,43 @@ def main() -> int:
         write_section(args.output, table)
     shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+PARTS = ("loads", "walk", "guard", "dumps", "home", "handler", "outside", "gc")
+
+
+def per_request(
+    before: dict[str, list[int]], after: dict[str, list[int]], requests: int
+) -> dict[str, float]:
+    """Microseconds of CPU per request of each part between two totals of bench/parts.py:
+    ``handler``, the handler's and the middleware's CPU that no other part holds; ``outside``,
+    the process's CPU outside the handler (aiohttp's server, the client's protocol, the event
+    loop, the kernel's socket work) and outside collections."""
+    count = max(requests, 1)
+
+    def spent(part: str) -> float:
+        return (after.get(part, [0, 0])[0] - before.get(part, [0, 0])[0]) / 1000 / count
+
+    parts = {part: spent(part) for part in ("loads", "walk", "guard", "dumps", "home")}
+    app, collections = spent("app"), spent("gc")
+    parts["handler"] = app - sum(parts.values())
+    parts["outside"] = spent("process") - app - collections
+    parts["gc"] = collections
+    return parts
+
+
+def render_parts(results: dict[tuple[str, str], Result]) -> list[str]:
+    """The table of --parts: each part's CPU per request, in the servers under load."""
+    lines = [
+        "",
+        "| case | target | " + " | ".join(PARTS) + " | total |",
+        "|---|---|" + "---|" * (len(PARTS) + 1),
+    ]
+    for (case, name), r in results.items():
+        if r.parts_us:
+            cells = " | ".join(f"{r.parts_us[p]:.0f}" for p in PARTS)
+            lines.append(f"| {case} | {name} | {cells} | {sum(r.parts_us.values()):.0f} |")
+    return lines
 
 
 def render(results: dict[tuple[str, str], Result], args: argparse.Namespace) -> str:
@@ -308,6 +380,8 @@ def render(results: dict[tuple[str, str], Result], args: argparse.Namespace) -> 
                 f"| {broker.p50_one_ms - parse.p50_one_ms:+.2f} ms "
                 f"| {broker.cpu_us / parse.cpu_us:.2f} | {parse.rps / bare.rps:.0%} |"
             )
+    if args.parts:
+        lines += render_parts(results)
     return "\n".join(lines)
 
 

@@ -194,6 +194,46 @@ def test_the_prefiltered_scan_finds_exactly_what_the_slow_scan_finds(
     assert fast.tokens(data) == slow.tokens(data) == slow.tokens(text)
 
 
+@pytest.mark.parametrize("pattern", [r"[0-9a-f]{32}", DEFAULT_ID_PATTERN, r"[0-9a-f]{16}"])
+def test_the_sampled_prefilter_misses_no_run_as_long_as_the_shape_at_any_offset(
+    pattern: str,
+) -> None:
+    """A text whose runs of the alphabet are all shorter than the shape is skipped after a look
+    at every stride-th byte (issue 15); a run exactly as long as the shape, wherever it starts,
+    is never skipped. Fails if the prefilter asks for one sampled byte too many."""
+    shape = IdShape(pattern)
+    assert shape.shapes.stride > 1
+    width = len(shape.shapes.needle)
+    run = "0123456789abcdef" * 3
+    for offset in range(3 * shape.shapes.stride):
+        whole = "xyz:" * 10 + "_" * offset + run[:width] + "_" + "xyz:" * 10
+        short = "xyz:" * 10 + "_" * offset + run[: width - 1] + "_" + "xyz:" * 10
+        for text in (whole, short):
+            slow = IdShape(pattern)
+            slow.shapes.fast = False
+            assert shape.tokens(text) == slow.tokens(text) == shape.tokens(text.encode())
+        assert shape.tokens(short) == set()
+        assert run[:width] in shape.tokens(whole)
+
+
+sparse = st.text(alphabet=st.sampled_from('xyz_ :/."u{}0a-'), max_size=400)
+
+
+@settings(max_examples=300, deadline=None)
+@given(sparse, hex_ids, st.integers(min_value=0, max_value=400), st.integers(26, 32))
+def test_the_sampled_prefilter_finds_exactly_what_the_slow_scan_finds_in_sparse_text(
+    text: str, internal: str, at: int, length: int
+) -> None:
+    """Text whose alphabet characters are sparse (the prefilter mostly answers alone), with one
+    hex run as long as the shape or a little shorter, anywhere in it."""
+    text = text[:at] + internal[:length] + text[at:]
+    fast, slow = IdShape(r"[0-9a-f]{32}"), IdShape(r"[0-9a-f]{32}")
+    slow.shapes.fast = False
+    assert fast.tokens(text) == slow.tokens(text) == fast.tokens(text.encode())
+    if length == 32:
+        assert internal in fast.tokens(text)
+
+
 @settings(max_examples=300, deadline=None)
 @given(texts, st.sets(st.sampled_from(["é" + "a" * 31, "x" * 4, "\\u0041", "Ab-" * 3])))
 def test_a_scan_of_the_bytes_is_the_scan_of_the_text(text: str, others: set[str]) -> None:

@@ -193,8 +193,17 @@ class _Shapes:
                 for c in alphabet:
                     table[c] = ord("x")
             self.table = bytes(table)
-            self.needle = b"x" * min(width for _, width in filter(None, known))
+            width = min(width for _, width in filter(None, known))
+            self.needle = b"x" * width
             self.run = re.compile(b"x+")
+            # Every match lies in a run of the alphabet at least ``width`` long, and such a run
+            # holds ``(width - stride) // stride + 1`` consecutive multiples of ``stride``: only
+            # where data[::stride] holds a run of that many bytes of the alphabet can there be
+            # something to find (issue 15: a page whose home IDs were all rewritten is looked at
+            # in a quarter of its bytes). See :meth:`spans`.
+            self.stride = width // 8 if width >= 16 else 0
+            if self.stride:
+                self.sampled = b"x" * ((width - self.stride) // self.stride + 1)
 
     def tokens(self, text: str | bytes) -> Iterator[str]:
         """``text``: a str, or UTF-8 bytes (what a response is written from)."""
@@ -209,17 +218,35 @@ class _Shapes:
         # Matches lie within runs of the shapes' alphabet: marked with one byte, such runs are
         # found by a search for a literal, and only they are tried.
         data = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
-        marked = data.translate(self.table)
-        at = marked.find(self.needle)
+        for start, stop in self.spans(data):
+            marked = data[start:stop].translate(self.table)
+            at = marked.find(self.needle)
+            while at >= 0:
+                found = self.run.match(marked, at)
+                assert found is not None, "the needle is a run of the mark"
+                end = found.end()
+                for in_bytes in self.everywhere_bytes:
+                    for hit in in_bytes.finditer(data, start + at, start + end):
+                        if hit.group(1):
+                            yield hit.group(1).decode("ascii")
+                at = marked.find(self.needle, end)
+
+    def spans(self, data: bytes) -> Iterator[tuple[int, int]]:
+        """The parts of ``data`` that may hold a match: the whole, or (with a stride) around
+        each run of ``sampled`` in data[::stride]. Such a run is maximal, so the sampled bytes
+        just before and after it are not in the alphabet: every run of the alphabet it meets
+        lies between them, whole, and every run long enough to hold a match meets one."""
+        if not self.stride:
+            yield 0, len(data)
+            return
+        stride, sampled = self.stride, self.sampled
+        marked = data[::stride].translate(self.table)
+        at = marked.find(sampled)  # the first of a run: the byte before it is not marked
         while at >= 0:
             found = self.run.match(marked, at)
             assert found is not None, "the needle is a run of the mark"
-            end = found.end()
-            for in_bytes in self.everywhere_bytes:
-                for hit in in_bytes.finditer(data, at, end):
-                    if hit.group(1):
-                        yield hit.group(1).decode("ascii")
-            at = marked.find(self.needle, end)
+            yield max(0, (at - 1) * stride + 1), min(len(data), found.end() * stride)
+            at = marked.find(sampled, found.end())
 
 
 class IdShape:
