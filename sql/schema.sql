@@ -79,7 +79,7 @@ CREATE TRIGGER domain_tokens_admin_is_home
 
 -- Internal entities: the home's resources, named by the home's IDs (the internal IDs).
 CREATE TABLE entities (
-    internal_id    text COLLATE "C" NOT NULL,
+    internal_id    text COLLATE "C" PRIMARY KEY,
     resource_type  text NOT NULL,
     state          text NOT NULL DEFAULT 'active'
                    CONSTRAINT entities_state_check CHECK (state IN ('active', 'merged', 'deleted')),
@@ -90,9 +90,7 @@ CREATE TABLE entities (
     -- A split-off held back from push peers until something needs it there (0006).
     provision_on_demand  boolean NOT NULL DEFAULT false,
     CONSTRAINT entities_merged_into_iff_merged CHECK ((state = 'merged') = (merged_into IS NOT NULL)),
-    CONSTRAINT entities_not_merged_into_self CHECK (merged_into <> internal_id),
-    -- The outbound look-up reads resource_type and merged_into from the key alone (0022).
-    CONSTRAINT entities_pkey PRIMARY KEY (internal_id) INCLUDE (resource_type, merged_into)
+    CONSTRAINT entities_not_merged_into_self CHECK (merged_into <> internal_id)
 );
 CREATE INDEX entities_merged_into ON entities (merged_into) WHERE merged_into IS NOT NULL;
 
@@ -127,7 +125,7 @@ CREATE TABLE id_mappings (
 -- At most one primary row per (entity, domain): outbound translation is unambiguous. An alias's
 -- third key is NULL, and NULLs never clash (0020: one index where there were two). Outbound
 -- lookups and merges read by entity through its first two columns, and the outbound look-up
--- reads what it needs from the index alone (0022); inbound lookups use the unique
+-- reads what it needs of the table from the index alone (0022); inbound lookups use the unique
 -- (external_id, domain_id).
 CREATE UNIQUE INDEX id_mappings_one_primary
     ON id_mappings (internal_id, domain_id, (nullif(is_primary, false)))

@@ -23,8 +23,8 @@ WHERE domain_id = $1 AND internal_id = $2 AND is_primary
 -- (domain, internal IDs) -> primary external IDs, read only: the first step of every outbound
 -- translation. A merged entity is translated as its survivor. resource_type is NULL for an entity
 -- the broker has not seen, has_primary false where the domain has no primary row for it; those
--- go on to resolve_outbound (mint) or record_seen_entities. Two index probes per ID, both
--- index-only on a table at rest (0022: each index holds the columns read here).
+-- go on to resolve_outbound (mint) or record_seen_entities. Two index probes per ID; the one of
+-- id_mappings index-only on a table at rest (0022: the index holds the columns read here).
 SELECT w.asked, coalesce(e.merged_into, w.asked) AS internal_id, e.resource_type,
        m.external_id, m.domain_external_id, m.internal_id IS NOT NULL AS has_primary
 FROM unnest($2::text[]) AS w(asked)
