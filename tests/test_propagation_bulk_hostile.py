@@ -5,10 +5,16 @@ Bulk or loses its answers."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
 from broker.http import Answer
 from broker.propagation.bulk import (
@@ -19,6 +25,7 @@ from broker.propagation.bulk import (
     is_bulk_response,
     operation_answers,
 )
+from broker.propagation.peer import BULK_REST, PeerClient
 from broker.propagation.policy import Failure, Verdict
 
 LIMIT = 1 << 20
@@ -42,7 +49,7 @@ def _one(result: dict[str, Any], operation: Operation | None = None) -> Answer |
 )
 def test_a_bulk_id_is_an_operation_s_only_when_it_is_exactly_the_one_sent(bulk_id: Any) -> None:
     # "²".isdigit() and 5,000 digits once made int() raise out of the answer's reading (an
-    # internal error on every retry); "00", "\\u0660" (an Arabic-Indic zero) or "+0" named operation 0.
+    # internal error on every retry); "00", "\u0660" (an Arabic-Indic zero) or "+0" named operation 0.
     result = {"status": "201", "location": "http://peer/v2/Users/p1"}
     if bulk_id is not None:
         result["bulkId"] = bulk_id
@@ -213,3 +220,220 @@ def test_the_envelope_adds_nothing_but_operation_numbers() -> None:
             "path": operation.path,
             **({} if operation.data is None else {"data": orjson.loads(operation.data)}),
         }
+
+
+# ---------------------------------------------------------------------------- the shell: a liar
+
+
+@dataclass
+class Liar:
+    """A push peer whose ServiceProviderConfig says Bulk, answering each POST /Bulk as
+    ``bulk`` says (a status, headers and raw body; None: never, until the test ends), and
+    every other write as a SCIM service would. It records each request."""
+
+    bulk: tuple[int, dict[str, str], bytes] | None
+    seen: list[tuple[str, str, Any]] = field(default_factory=list)
+    url: str = ""
+    never: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        path = "/" + request.match_info["tail"]
+        self.seen.append((request.method, path, orjson.loads(raw) if raw else None))
+        if path == "/ServiceProviderConfig":
+            return web.json_response(
+                {
+                    "patch": {"supported": True},
+                    "bulk": {"supported": True, "maxOperations": 100, "maxPayloadSize": 1 << 20},
+                }
+            )
+        if path == "/Bulk":
+            if self.bulk is None:
+                await self.never.wait()
+                return web.Response(status=504)
+            status, headers, body = self.bulk
+            return web.Response(status=status, headers=headers, body=body)
+        if request.method == "POST":
+            made = {"id": "made-" + orjson.loads(raw)["userName"]}
+            return web.json_response(made, status=201)
+        return web.Response(status=204) if request.method == "DELETE" else web.json_response({})
+
+    def sent(self) -> list[tuple[str, str]]:
+        """What reached the peer, but its configuration."""
+        return [(m, p) for m, p, _ in self.seen if p != "/ServiceProviderConfig"]
+
+
+@asynccontextmanager
+async def liar(
+    bulk: tuple[int, dict[str, str], bytes] | None, *, limit: int = LIMIT
+) -> AsyncIterator[tuple[Liar, PeerClient, list[float]]]:
+    """A lying peer, and a client of it with one request slot and a clock the test moves."""
+    peer = Liar(bulk)
+    app = web.Application()
+    app.router.add_route("*", "/v2/{tail:.*}", peer.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    peer.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v2"
+    clock = [1000.0]
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=0.5 if bulk is None else None)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            client = PeerClient(
+                session,
+                peer.url,
+                "peer-secret",
+                domain="P1",
+                slots=asyncio.Semaphore(1),
+                monotonic=lambda: clock[0],
+                limit=limit,
+            )
+            yield peer, client, clock
+    finally:
+        peer.never.set()
+        await runner.cleanup()
+
+
+WRITES = [
+    ("POST", "/Users", {"userName": "u0"}),
+    ("PATCH", "/Users/a", {"Operations": [{"op": "replace", "path": "title", "value": "t"}]}),
+    ("DELETE", "/Users/b", None),
+    ("POST", "/Users", {"userName": "u3"}),
+]
+
+
+async def together(
+    client: PeerClient, writes: list[tuple[str, str, Any]] = WRITES
+) -> list[Answer | BaseException]:
+    """The writes handed to the peer at once (as deliveries started together hand theirs)."""
+    calls = [client.call(method, path, body=body) for method, path, body in writes]
+    return list(await asyncio.gather(*calls, return_exceptions=True))
+
+
+def _json(body: Any) -> tuple[dict[str, str], bytes]:
+    return {"Content-Type": "application/scim+json"}, orjson.dumps(body)
+
+
+@pytest.mark.parametrize("status", [400, 404, 405, 413, 501])
+async def test_a_peer_refusing_bulk_gets_each_write_alone_once_in_order_then_no_bulk_a_while(
+    status: int,
+) -> None:
+    async with liar((status, *_json({"detail": "no Bulk here"}))) as (peer, client, clock):
+        answers = await together(client)
+        assert [a.status if isinstance(a, Answer) else a for a in answers] == [201, 200, 204, 201]
+        assert answers[0].body == {"id": "made-u0"}  # type: ignore[union-attr]
+        assert answers[3].body == {"id": "made-u3"}  # type: ignore[union-attr]
+        one_by_one = [(m, p) for m, p, _ in WRITES]
+        assert peer.sent() == [("POST", "/Bulk"), *one_by_one], "each once, in order"
+        peer.seen.clear()
+        clock[0] += BULK_REST - 1
+        await together(client)
+        assert peer.sent() == one_by_one, "no Bulk while the peer rests from it"
+        peer.seen.clear()
+        clock[0] += 2
+        await together(client)
+        assert peer.sent()[0] == ("POST", "/Bulk"), "Bulk is tried again after the rest"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        (200, {"Content-Type": "text/html"}, b"<html>Welcome</html>"),
+        (200, *_json({"schemas": ["urn:ietf:params:scim:api:messages:2.0:Error"]})),
+        (200, *_json({"Operations": "all done"})),
+        (201, *_json({"id": "one-account-for-all"})),
+        (204, {}, b""),
+    ],
+)
+async def test_an_answer_that_is_no_bulk_response_fails_each_write_for_its_retry_and_bulk_rests(
+    answer: tuple[int, dict[str, str], bytes],
+) -> None:
+    # The peer may have made the writes: none is sent again now (a create's retry looks for
+    # its correlation handle first), and none takes the whole answer for its own (a 201 with
+    # one ID once mapped every create of the request to that account).
+    async with liar(answer) as (peer, client, clock):
+        answers = await together(client)
+        for failure in answers:
+            assert isinstance(failure, Failure), failure
+            assert failure.verdict is Verdict.TRANSIENT
+            assert "no Bulk" in failure.reason
+        assert peer.sent() == [("POST", "/Bulk")]
+        peer.seen.clear()
+        clock[0] += 60
+        await together(client)
+        assert ("POST", "/Bulk") not in peer.sent(), "the retries go one by one"
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "verdict", "retry_after"),
+    [
+        (503, {}, Verdict.TRANSIENT, None),
+        (500, {}, Verdict.TRANSIENT, None),
+        (429, {"Retry-After": "7"}, Verdict.TRANSIENT, 7.0),
+        (429, {}, Verdict.TRANSIENT, None),
+        (401, {}, Verdict.PERMANENT, None),
+        (409, {}, Verdict.PERMANENT, None),
+    ],
+)
+async def test_a_whole_request_failure_is_each_write_s_failure_as_its_status_says(
+    status: int, headers: dict[str, str], verdict: Verdict, retry_after: float | None
+) -> None:
+    # Never a write's own answer: a 409 to the whole request once sent each create to look
+    # for a peer account to link to, and a 5xx reached a create as its "answer".
+    body_headers, body = _json({"status": str(status), "detail": "busy"})
+    async with liar((status, {**headers, **body_headers}, body)) as (peer, client, _):
+        answers = await together(client)
+        for failure in answers:
+            assert isinstance(failure, Failure), failure
+            assert (failure.verdict, failure.status) == (verdict, status)
+            assert failure.retry_after == retry_after
+        assert peer.sent() == [("POST", "/Bulk")], "nothing sent again now"
+        peer.seen.clear()
+        await together(client)
+        assert peer.sent() == [("POST", "/Bulk")], "the peer still takes Bulk"
+
+
+async def test_a_bulk_answer_that_never_comes_fails_each_write_for_its_retry() -> None:
+    async with liar(None) as (peer, client, _):
+        answers = await together(client)
+        for failure in answers:
+            assert isinstance(failure, Failure), failure
+            assert failure.verdict is Verdict.TRANSIENT and "did not answer" in failure.reason
+        assert peer.sent() == [("POST", "/Bulk")], "nothing sent again now"
+
+
+async def test_a_bulk_answer_is_bounded_by_what_its_writes_could_answer_alone() -> None:
+    limit = 4096
+    results = [
+        {"bulkId": str(n), "status": "200", "response": {"pad": "x" * 3000}} for n in range(4)
+    ]
+    fits = (200, *_json({"schemas": [BULK_RESPONSE], "Operations": results}))
+    assert len(fits[2]) > limit, "longer than one request's answer may be"
+    async with liar(fits, limit=limit) as (_, client, _):
+        writes = [("PUT", f"/Users/u{n}", {"userName": f"u{n}"}) for n in range(4)]
+        answers = await together(client, writes)
+        assert all(isinstance(a, Answer) and a.status == 200 for a in answers), answers
+    huge = (200, {"Content-Type": "application/scim+json"}, b"[" + b" " * (4 * limit) + b"]")
+    async with liar(huge, limit=limit) as (peer, client, _):
+        answers = await together(client, writes)
+        for failure in answers:
+            assert isinstance(failure, Failure) and failure.verdict is Verdict.TRANSIENT
+        peer.seen.clear()
+        await together(client, writes)
+        assert ("POST", "/Bulk") not in peer.sent(), "Bulk rests; the retries go alone"
+
+
+async def test_a_write_holding_a_bulk_id_reference_is_sent_alone() -> None:
+    ok = (200, *_json({"Operations": []}))
+    async with liar(ok) as (peer, client, _):
+        writes = [
+            ("PUT", "/Users/a", {"userName": "a"}),
+            ("PUT", "/Users/b", {"userName": "b", "title": "bulkId:0"}),
+            ("PUT", "/Users/c", {"userName": "c"}),
+        ]
+        await together(client, writes)
+        alone = [(m, p) for m, p, _ in peer.seen if p.startswith("/Users")]
+        assert alone == [("PUT", "/Users/b")]
+        (bulk,) = [body for _, p, body in peer.seen if p == "/Bulk"]
+        assert [op["path"] for op in bulk["Operations"]] == ["/Users/a", "/Users/c"]
+        assert "bulkId:" not in orjson.dumps(bulk).decode()
