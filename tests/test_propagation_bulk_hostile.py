@@ -6,6 +6,7 @@ Bulk or loses its answers."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ import orjson
 import pytest
 from aiohttp import web
 
+from broker.app import POOL
+from broker.domains import DomainStore
 from broker.http import Answer
 from broker.propagation.bulk import (
     BULK_RESPONSE,
@@ -27,6 +30,9 @@ from broker.propagation.bulk import (
 )
 from broker.propagation.peer import BULK_REST, PeerClient
 from broker.propagation.policy import Failure, Verdict
+from tests.propagation_support import FAST, Gate, federation, gate, held, home_tool, peer_id, tenant
+from tests.scim_support import Broker, Home, new_user
+from tests.waiting import until
 
 LIMIT = 1 << 20
 
@@ -437,3 +443,108 @@ async def test_a_write_holding_a_bulk_id_reference_is_sent_alone() -> None:
         (bulk,) = [body for _, p, body in peer.seen if p == "/Bulk"]
         assert [op["path"] for op in bulk["Operations"]] == ["/Users/a", "/Users/c"]
         assert "bulkId:" not in orjson.dumps(bulk).decode()
+
+
+# ---------------------------------------------------------------------------- a real peer
+
+
+async def crowd(broker: Broker, front: Gate, count: int = 4, **extra: Any) -> list[dict[str, Any]]:
+    """``count`` users created in home while P1 is disabled, then delivered together once it is
+    enabled: the peer's answers to POSTs are held until the rest wait for its two request
+    slots, so that they go together (as in tests/test_propagation_bulk.py)."""
+    pool = broker.app[POOL]
+    domains = DomainStore(pool)
+    await domains.set_enabled("P1", False, actor="test")
+    users = [
+        (await home_tool(broker, "POST", "/Users", new_user(**extra)))[1] for _ in range(count)
+    ]
+    front.hold, front.held_method = asyncio.Event(), "POST"
+    await domains.set_enabled("P1", True, actor="test")
+
+    async def ready() -> bool:
+        waiting = await pool.fetchval("SELECT count(*) FROM outbox WHERE state = 'in_flight'")
+        return bool(front.forwarded) and waiting >= count
+
+    async def settled() -> bool:
+        return bool(
+            await pool.fetchval(
+                "SELECT count(*) = 0 FROM outbox WHERE state IN ('pending', 'in_flight')"
+            )
+        )
+
+    await until(ready, "writes at the peer and others waiting for its slots", within=30)
+    front.hold.set()
+    await until(settled, "every delivery settled", within=60)
+    return users
+
+
+async def each_created_once_and_mapped(broker: Broker, peer: Home, users: list[Any]) -> None:
+    held_users = held(peer)["Users"]
+    names = sorted(u["userName"] for u in held_users)
+    assert names == sorted(u["userName"] for u in users), "each user created once"
+    for user in users:
+        mapped = await peer_id(broker, "P1", user["id"])
+        (mine,) = [u for u in held_users if u["userName"] == user["userName"]]
+        assert mapped == mine["id"]
+    dead = await broker.app[POOL].fetchval("SELECT count(*) FROM outbox WHERE state = 'dead'")
+    assert dead == 0
+
+
+async def test_a_real_peer_refusing_bulk_gets_each_create_once_alone(
+    db_url: str, home: Home, peer_server: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    peer = tenant(peer_server, "nobulk")
+    two = FAST.model_copy(update={"concurrency": 2, "bulk_operations": 32})
+    async with gate(peer) as front:
+        front.refuse_bulk = 501
+        async for broker in federation(
+            db_url, home, {"P1": front.url}, monkeypatch, peer_server.token, two
+        ):
+            users = await crowd(broker, front)
+            assert front.refused, "Bulk was tried"
+            assert len(front.refused) == 1, "and not again while the peer rests from it"
+            assert len(front.refused[0]["Operations"]) >= 2
+            creates = [p for m, p, _ in front.forwarded if m == "POST" and p == "/Users"]
+            assert len(creates) == len(users), "each create sent alone, once"
+            await each_created_once_and_mapped(broker, peer, users)
+
+
+async def test_creates_whose_bulk_answer_was_lost_are_found_by_their_handle_not_made_twice(
+    db_url: str, home: Home, peer_server: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The peer made the creates; the broker never heard. Each retry looks for its correlation
+    # handle first (the create's pending row says it was tried), finds the account and maps it.
+    peer = tenant(peer_server, "lost")
+    two = FAST.model_copy(update={"concurrency": 2, "bulk_operations": 32})
+    async with gate(peer) as front:
+        front.lose_bulk = 1
+        async for broker in federation(
+            db_url, home, {"P1": front.url}, monkeypatch, peer_server.token, two
+        ):
+            users = await crowd(broker, front)
+            assert front.lose_bulk == 0, "a Bulk answer was lost"
+            bulks = [body for m, p, body in front.forwarded if p == "/Bulk"]
+            lost = [op for op in bulks[0]["Operations"] if op["method"] == "POST"]
+            assert len(lost) >= 2
+            await each_created_once_and_mapped(broker, peer, users)
+            home_ids = {u["id"] for u in users}
+            for _, _, body in front.forwarded:
+                text = json.dumps(body)
+                assert not any(i in text for i in home_ids), "no internal ID reached the peer"
+
+
+async def test_home_text_that_reads_as_a_bulk_id_reference_reaches_a_real_peer_as_text(
+    db_url: str, home: Home, peer_server: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In a Bulk request a peer reads "bulkId:0" as the ID of the account operation 0 created
+    # (RFC 7644 section 3.7.2): such a write goes alone, and home's title arrives as text.
+    peer = tenant(peer_server, "refs")
+    two = FAST.model_copy(update={"concurrency": 2, "bulk_operations": 32})
+    async with gate(peer) as front:
+        async for broker in federation(
+            db_url, home, {"P1": front.url}, monkeypatch, peer_server.token, two
+        ):
+            users = await crowd(broker, front, title="bulkId:0")
+            await each_created_once_and_mapped(broker, peer, users)
+            assert {u.get("title") for u in held(peer)["Users"]} == {"bulkId:0"}
+            assert not [p for _, p, _ in front.forwarded if p == "/Bulk"]
