@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import asyncpg
 import orjson
 import pytest
 from aiohttp import web
@@ -20,6 +22,8 @@ from aiohttp import web
 from broker.app import POOL
 from broker.domains import DomainStore
 from broker.http import Answer
+from broker.mapping.guard import LeakGuard
+from broker.mapping.store import MappingStore
 from broker.propagation.bulk import (
     BULK_RESPONSE,
     Operation,
@@ -30,6 +34,7 @@ from broker.propagation.bulk import (
 )
 from broker.propagation.peer import BULK_REST, PeerClient
 from broker.propagation.policy import Failure, Verdict
+from broker.scim.guard import IdShape
 from tests.propagation_support import FAST, Gate, federation, gate, held, home_tool, peer_id, tenant
 from tests.scim_support import Broker, Home, new_user
 from tests.waiting import until
@@ -443,6 +448,30 @@ async def test_a_write_holding_a_bulk_id_reference_is_sent_alone() -> None:
         (bulk,) = [body for _, p, body in peer.seen if p == "/Bulk"]
         assert [op["path"] for op in bulk["Operations"]] == ["/Users/a", "/Users/c"]
         assert "bulkId:" not in orjson.dumps(bulk).decode()
+
+
+async def test_the_leak_guard_reads_each_bulk_operation_as_sent_and_withholds_a_leaking_one(
+    pool: asyncpg.Pool,
+) -> None:
+    store = MappingStore(pool)
+    internal = uuid.uuid4().hex
+    await store.register_entities({internal: "User"})
+    ok = (200, *_json({"Operations": []}))
+    async with liar(ok) as (peer, client, _):
+        client.guard = LeakGuard(store, IdShape(r"[0-9a-f]{32}"))
+        writes = [
+            ("PUT", "/Users/a", {"userName": "a"}),
+            ("PUT", f"/Users/{internal.upper()}", {"userName": "b"}),  # in the path
+            ("PUT", "/Users/c", {"userName": "c", "title": f"x{internal}"}),  # in the body
+            ("PUT", "/Users/d", {"userName": "d"}),
+        ]
+        answers = await together(client, writes)
+        for withheld in answers[1:3]:
+            assert isinstance(withheld, Failure) and withheld.verdict is Verdict.PERMANENT
+            assert withheld.reason.startswith("withheld") and internal not in withheld.reason
+        (bulk,) = [body for _, p, body in peer.seen if p == "/Bulk"]
+        assert [op["path"] for op in bulk["Operations"]] == ["/Users/a", "/Users/d"]
+        assert internal not in orjson.dumps(peer.seen).decode().lower()
 
 
 # ---------------------------------------------------------------------------- a real peer

@@ -28,6 +28,7 @@ __all__ = [
     "bulk_features",
     "bulk_request",
     "bulkable",
+    "carried",
     "is_bulk_response",
     "operation_answers",
     "take",
@@ -102,16 +103,18 @@ def take(waiting: Sequence[Operation], features: BulkFeatures) -> int:
 def bulk_request(operations: Sequence[Operation]) -> bytes:
     """The body of a BulkRequest carrying ``operations`` in order, each numbered by its
     ``bulkId`` (its position); bodies are spliced in as serialised."""
-    parts = []
-    for n, operation in enumerate(operations):
-        head = orjson.dumps({"method": operation.method, "path": operation.path, "bulkId": str(n)})
-        if operation.data is not None:
-            parts.append(head[:-1] + b',"data":' + operation.data + b"}")
-        else:
-            parts.append(head)
+    parts = [carried(n, operation) for n, operation in enumerate(operations)]
     return (
         b'{"schemas":["' + BULK_REQUEST.encode() + b'"],"Operations":[' + b",".join(parts) + b"]}"
     )
+
+
+def carried(n: int, operation: Operation) -> bytes:
+    """Operation ``n`` as a BulkRequest carries it (the leak guard reads each so)."""
+    head = orjson.dumps({"method": operation.method, "path": operation.path, "bulkId": str(n)})
+    if operation.data is None:
+        return head
+    return head[:-1] + b',"data":' + operation.data + b"}"
 
 
 def bulkable(operation: Operation) -> bool:

@@ -15,6 +15,7 @@ import orjson
 
 from broker.credentials import CredentialProblem, read_credential
 from broker.http import Answer, AnswerTooLarge, exchange, is_redirect
+from broker.mapping.guard import LeakGuard
 from broker.propagation.bulk import (
     NO_BULK,
     WRITES,
@@ -23,6 +24,7 @@ from broker.propagation.bulk import (
     bulk_features,
     bulk_request,
     bulkable,
+    carried,
     is_bulk_response,
     operation_answers,
     take,
@@ -81,8 +83,11 @@ class PeerClient:
         monotonic: Callable[[], float] = time.monotonic,
         limit: int = MAX_ANSWER,
         bulk: int = BULK_OPERATIONS,
+        guard: LeakGuard | None = None,
     ) -> None:
         self.session = session
+        self.guard = guard
+        """Reads each operation of a Bulk request as it is sent (its bulkId and path included)."""
         self.limit = limit
         self.bulk = bulk
         """The most operations in one Bulk request (0 or 1: none is sent)."""
@@ -239,8 +244,12 @@ class PeerClient:
     async def _send(self, batch: list[tuple[Operation, asyncio.Future[Answer]]]) -> None:
         """One Bulk request for ``batch`` (a single write goes as its own request), and each
         caller's answer set: its operation's, or the whole request's failure."""
-        operations = [operation for operation, _ in batch]
         try:
+            if len(batch) > 1:
+                batch = await self._unleaked(batch)
+            operations = [operation for operation, _ in batch]
+            if not batch:
+                return
             if len(batch) == 1:
                 answers: Sequence[Answer | BaseException | None] = [
                     await self._single(operations[0])
@@ -270,6 +279,36 @@ class PeerClient:
                 answered.exception()
             else:
                 answered.set_result(answer)
+
+    async def _unleaked(
+        self, batch: list[tuple[Operation, asyncio.Future[Answer]]]
+    ) -> list[tuple[Operation, asyncio.Future[Answer]]]:
+        """The writes of ``batch`` that may go, each read by the leak guard as the Bulk request
+        carries it (its bulkId and path with it): one whose operation holds an internal ID the
+        broker knows is withheld, its caller's permanent failure. A lookup that fails raises
+        (every caller's failure): fail closed."""
+        if self.guard is None:
+            return batch
+        parts = [(f"Operations[{n}]", carried(n, op)) for n, (op, _) in enumerate(batch)]
+        leaks = {leak.where: leak for leak in await self.guard.leaks(parts, in_play=())}
+        kept = []
+        for (where, _), (operation, answered) in zip(parts, batch, strict=True):
+            leak = leaks.get(where)
+            if leak is None:
+                kept.append((operation, answered))
+                continue
+            log.error("peer %s: a Bulk operation withheld (%s)", self.domain, leak.reason)
+            answered.set_exception(
+                Failure(
+                    Verdict.PERMANENT,
+                    f"withheld: the {operation.method} in a Bulk request would expose an "
+                    f"internal identifier ({leak.reason}, in {where}); check home's data for "
+                    "IDs in free text",
+                    peer_fault=False,
+                )
+            )
+            answered.exception()
+        return kept
 
     async def _single(self, operation: Operation) -> Answer:
         """The write as its own request, in the slot its sender holds."""
