@@ -19,7 +19,6 @@ from urllib.parse import unquote, urlsplit
 import orjson
 
 from broker.http import Answer
-from broker.propagation.policy import Failure, too_large
 
 __all__ = [
     "BULK_REQUEST",
@@ -139,9 +138,7 @@ def is_bulk_response(body: Any) -> bool:
     return schemas is None or (isinstance(schemas, list) and BULK_RESPONSE in schemas)
 
 
-def operation_answers(
-    body: Any, operations: Sequence[Operation], *, limit: int
-) -> list[Answer | Failure | None]:
+def operation_answers(body: Any, operations: Sequence[Operation]) -> list[Answer | None]:
     """Each operation's answer in a BulkResponse (``body``, parsed), in the order of
     ``operations``; None for one the answer says nothing certain of (the delivery retries it).
 
@@ -149,8 +146,8 @@ def operation_answers(
     found by its ``bulkId`` exactly as sent (required for a POST, RFC 7644 section 3.7), or,
     without one, at its position (never for a POST); with the operation's ``method`` if it
     names one; a status of three digits from 200 to 599. An operation answered twice is
-    answered by neither. A ``response`` longer than ``limit`` bytes (what its own request
-    could have answered) is the Failure such an answer is. A created resource's ID is read from
+    answered by neither (the whole answer was read within the bound of every peer read). A
+    created resource's ID is read from
     the operation's ``response`` or, as section 3.7.3 shows, from the last segment of its
     ``location``; a location that names another resource type, or has a query, a fragment or a
     ``.`` or ``..`` segment, or that disagrees with the response, gives none."""
@@ -170,7 +167,7 @@ def operation_answers(
             twice.add(index)
         found[index] = result
     return [
-        None if n in twice or n not in found else _answer(found[n], operation, limit)
+        None if n in twice or n not in found else _answer(found[n], operation)
         for n, operation in enumerate(operations)
     ]
 
@@ -208,14 +205,11 @@ def _status(value: Any) -> int | None:
     return value
 
 
-def _answer(result: Mapping[str, Any], operation: Operation, limit: int) -> Answer | Failure | None:
+def _answer(result: Mapping[str, Any], operation: Operation) -> Answer | None:
     code = _status(result.get("status"))
     if code is None:
         return None
-    what = f"{operation.method} {operation.path}"
     response = result.get("response")
-    if response is not None and len(orjson.dumps(response)) > limit:
-        return too_large(code, limit, {}, what)
     location = result.get("location")
     headers = {"Location": location} if isinstance(location, str) else {}
     version = result.get("version")

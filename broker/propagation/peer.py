@@ -318,9 +318,8 @@ class PeerClient:
         """Each operation's answer to one Bulk request carrying them all. A Bulk request the
         peer refuses as such is sent again as separate requests (``REFUSED_BULK``); an answer
         that is not a BulkResponse (another 2xx, or a 200 that is not one, or one longer than
-        its operations could have answered alone) turns Bulk off and each write is retried by
-        its own rules; any other answer to the whole request is each operation's failure."""
-        limit = self.limit * len(operations)
+        any peer read may be) turns Bulk off and each write is retried by its own rules; any
+        other answer to the whole request is each operation's failure."""
         try:
             answer = await exchange(
                 self.session,
@@ -328,13 +327,15 @@ class PeerClient:
                 self.base_url + "/Bulk",
                 auth=self._auth,
                 data=bulk_request(operations),
-                limit=limit,
+                limit=self.limit,
             )
         except AnswerTooLarge as exc:
             failure = too_large(exc.status, exc.limit, exc.headers, "POST /Bulk")
             if failure.verdict is Verdict.TRANSIENT:
                 raise failure from None
-            raise self._not_bulk(f"HTTP {exc.status} with an answer over {limit} bytes") from None
+            raise self._not_bulk(
+                f"HTTP {exc.status} with an answer over {exc.limit} bytes, left unread"
+            ) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise Failure(
                 Verdict.TRANSIENT,
@@ -345,7 +346,7 @@ class PeerClient:
         self.bulk_operations += len(operations)
         body = answer.json_or_none()
         if answer.status == 200 and is_bulk_response(body):
-            return operation_answers(body, operations, limit=self.limit)
+            return operation_answers(body, operations)
         if answer.status in REFUSED_BULK:
             return await self._refused(operations, answer.status)
         if 200 <= answer.status < 300:
