@@ -108,6 +108,10 @@ def test_an_answer_naming_another_method_is_not_the_operation_s() -> None:
     assert _one({"bulkId": "0", "method": 7, "status": "201"}) is None
     answer = _one({"bulkId": "0", "method": "post", "status": "201", "response": {"id": "p"}})
     assert isinstance(answer, Answer) and answer.body == {"id": "p"}
+    # Answered out of order without bulkIds: position says one thing, the method another.
+    ops = [_op("PATCH", "/Users/a", {}), _op("DELETE", "/Users/b")]
+    reversed_ = {"Operations": [{"method": "DELETE", "status": "204"}, {"method": "PATCH"}]}
+    assert operation_answers(reversed_, ops) == [None, None]
 
 
 # ---------------------------------------------------------------------------- pure: statuses
@@ -462,13 +466,16 @@ async def test_the_leak_guard_reads_each_bulk_operation_as_sent_and_withholds_a_
             ("PUT", f"/Users/{internal.upper()}", {"userName": "b"}),  # in the path
             ("PUT", "/Users/c", {"userName": "c", "title": f"x{internal}"}),  # in the body
             ("PUT", "/Users/d", {"userName": "d"}),
+            # In the home's ID shape, but no internal ID: the peer's own, it goes.
+            ("PUT", f"/Users/{uuid.uuid4().hex}", {"userName": "e"}),
         ]
         answers = await together(client, writes)
         for withheld in answers[1:3]:
             assert isinstance(withheld, Failure) and withheld.verdict is Verdict.PERMANENT
             assert withheld.reason.startswith("withheld") and internal not in withheld.reason
         (bulk,) = [body for _, p, body in peer.seen if p == "/Bulk"]
-        assert [op["path"] for op in bulk["Operations"]] == ["/Users/a", "/Users/d"]
+        paths = [op["path"] for op in bulk["Operations"]]
+        assert paths == ["/Users/a", "/Users/d", writes[4][1]]
         assert internal not in orjson.dumps(peer.seen).decode().lower()
 
 
