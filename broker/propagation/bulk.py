@@ -146,11 +146,11 @@ def operation_answers(body: Any, operations: Sequence[Operation]) -> list[Answer
     found by its ``bulkId`` exactly as sent (required for a POST, RFC 7644 section 3.7), or,
     without one, at its position (never for a POST); with the operation's ``method`` if it
     names one; a status of three digits from 200 to 599. An operation answered twice is
-    answered by neither (the whole answer was read within the bound of every peer read). A
-    created resource's ID is read from
-    the operation's ``response`` or, as section 3.7.3 shows, from the last segment of its
-    ``location``; a location that names another resource type, or has a query, a fragment or a
-    ``.`` or ``..`` segment, or that disagrees with the response, gives none."""
+    answered by neither. A created resource's ID is read from the operation's ``response`` or,
+    as section 3.7.3 shows, from the last segment of its ``location``; a location that names
+    another resource type, or has a query, a fragment or a ``.`` or ``..`` segment, or that
+    disagrees with the response, gives none. (The whole answer was read within the bound of
+    every peer read.)"""
     results = body.get("Operations") if isinstance(body, dict) else None
     if not isinstance(results, list):
         return [None] * len(operations)
