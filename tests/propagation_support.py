@@ -117,6 +117,12 @@ class Gate:
     """While set to an unset event: forward requests, and hold the answers to ``held_method``
     until it is set."""
     held_method: str = "PATCH"
+    refuse_bulk: int | None = None
+    """Answer each POST /Bulk with this status, forwarding nothing (a peer that does not take
+    Bulk, whatever its ServiceProviderConfig says); the refused bodies are kept in ``refused``."""
+    refused: list[Any] = field(default_factory=list)
+    lose_bulk: int = 0
+    """Forward the next POST /Bulk requests, then answer 502 as if the answer was lost."""
     _runner: web.AppRunner | None = None
     _session: aiohttp.ClientSession | None = None
 
@@ -139,6 +145,9 @@ class Gate:
         assert self._session is not None
         tail = request.match_info["tail"]
         sent = await request.read()
+        if tail == "Bulk" and self.refuse_bulk is not None:
+            self.refused.append(json.loads(sent))
+            return web.json_response({"detail": "no Bulk here"}, status=self.refuse_bulk)
         self.forwarded.append((request.method, "/" + tail, json.loads(sent) if sent else None))
         async with self._session.request(
             request.method,
@@ -152,8 +161,11 @@ class Gate:
             body = await response.read()
             if self.hold is not None and request.method == self.held_method:
                 await self.hold.wait()
-            if self.lose_answers:
-                self.lose_answers -= 1
+            if self.lose_answers or (tail == "Bulk" and self.lose_bulk):
+                if tail == "Bulk" and self.lose_bulk:
+                    self.lose_bulk -= 1
+                else:
+                    self.lose_answers -= 1
                 return web.Response(status=502, text="answer lost")
             return web.Response(
                 status=response.status,

@@ -102,11 +102,13 @@ def test_each_operation_gets_its_own_answer_by_bulk_id_or_position() -> None:
     # A location whose last segment would name another path gives no ID (the create fails).
     for location in ("http://peer/v2/Users/a%2F..%2Fb", "http://peer/v2/Users/..", "/%3F"):
         (created,) = operation_answers(
-            {"Operations": [{"bulkId": "0", "status": "201", "location": location}]}, [_op()]
+            {"Operations": [{"bulkId": "0", "status": "201", "location": location}]},
+            [_op()],
         )
         assert created is not None and (created.status, created.body) == (201, None)
-    assert operation_answers({"Operations": [{"status": "ok"}]}, [_op()]) == [None]
-    assert operation_answers({"Operations": [{"status": "999"}]}, [_op()]) == [None]
+    patch = [_op("PATCH", "/Users/a", {})]
+    assert operation_answers({"Operations": [{"status": "ok"}]}, patch) == [None]
+    assert operation_answers({"Operations": [{"status": "999"}]}, patch) == [None]
     assert operation_answers("not a bulk response", ops) == [None] * 5
 
 

@@ -26,6 +26,9 @@ __all__ = [
     "Operation",
     "bulk_features",
     "bulk_request",
+    "bulkable",
+    "carried",
+    "is_bulk_response",
     "operation_answers",
     "take",
 ]
@@ -99,70 +102,155 @@ def take(waiting: Sequence[Operation], features: BulkFeatures) -> int:
 def bulk_request(operations: Sequence[Operation]) -> bytes:
     """The body of a BulkRequest carrying ``operations`` in order, each numbered by its
     ``bulkId`` (its position); bodies are spliced in as serialised."""
-    parts = []
-    for n, operation in enumerate(operations):
-        head = orjson.dumps({"method": operation.method, "path": operation.path, "bulkId": str(n)})
-        if operation.data is not None:
-            parts.append(head[:-1] + b',"data":' + operation.data + b"}")
-        else:
-            parts.append(head)
+    parts = [carried(n, operation) for n, operation in enumerate(operations)]
     return (
         b'{"schemas":["' + BULK_REQUEST.encode() + b'"],"Operations":[' + b",".join(parts) + b"]}"
     )
 
 
+def carried(n: int, operation: Operation) -> bytes:
+    """Operation ``n`` as a BulkRequest carries it (the leak guard reads each so)."""
+    head = orjson.dumps({"method": operation.method, "path": operation.path, "bulkId": str(n)})
+    if operation.data is None:
+        return head
+    return head[:-1] + b',"data":' + operation.data + b"}"
+
+
+def bulkable(operation: Operation) -> bool:
+    """Whether ``operation`` may travel in a Bulk request: not when its path or body holds
+    ``bulkId:`` (in any case), which a peer reads there as a reference to another operation's
+    created resource (RFC 7644 section 3.7.2; scim2-server replaces it, in any string value):
+    home's value would reach the peer as another account's ID, or fail. Such a write goes as
+    its own request, where the text is only text."""
+    text = operation.path.encode() + (operation.data or b"")
+    return _REFERENCE not in text.lower()
+
+
+_REFERENCE = b"bulkid:"
+
+
+def is_bulk_response(body: Any) -> bool:
+    """Whether ``body`` (parsed JSON) is a BulkResponse: an object with a list of
+    ``Operations`` and, if it names its schemas, the BulkResponse's among them."""
+    if not isinstance(body, dict) or not isinstance(body.get("Operations"), list):
+        return False
+    schemas = body.get("schemas")
+    return schemas is None or (isinstance(schemas, list) and BULK_RESPONSE in schemas)
+
+
 def operation_answers(body: Any, operations: Sequence[Operation]) -> list[Answer | None]:
     """Each operation's answer in a BulkResponse (``body``, parsed), in the order of
-    ``operations``: found by its ``bulkId``, or else at its position; None for one the peer said
-    nothing of. A created resource's ID is read from the operation's ``response`` or, as RFC
-    7644 section 3.7.3 shows, from the last segment of its ``location``."""
-    answers: list[Answer | None] = [None] * len(operations)
+    ``operations``; None for one the answer says nothing certain of (the delivery retries it).
+
+    Every byte is the peer's, so an answer is an operation's only when nothing contradicts it:
+    found by its ``bulkId`` exactly as sent (required for a POST, RFC 7644 section 3.7), or,
+    without one, at its position (never for a POST); with the operation's ``method`` if it
+    names one; a status of three digits from 200 to 599. An operation answered twice is
+    answered by neither. A created resource's ID is read from the operation's ``response`` or,
+    as section 3.7.3 shows, from the last segment of its ``location``; a location that names
+    another resource type, or has a query, a fragment or a ``.`` or ``..`` segment, or that
+    disagrees with the response, gives none. (The whole answer was read within the bound of
+    every peer read.)"""
     results = body.get("Operations") if isinstance(body, dict) else None
     if not isinstance(results, list):
-        return answers
+        return [None] * len(operations)
+    numbers = {str(n): n for n in range(len(operations))}
+    found: dict[int, Mapping[str, Any]] = {}
+    twice: set[int] = set()
     for position, result in enumerate(results):
         if not isinstance(result, dict):
             continue
-        index = _index(result.get("bulkId"), position, len(operations))
-        if index is None or answers[index] is not None:
+        index = _index(result, position, operations, numbers)
+        if index is None:
             continue
-        answers[index] = _answer(result, operations[index])
-    return answers
+        if index in found:
+            twice.add(index)
+        found[index] = result
+    return [
+        None if n in twice or n not in found else _answer(found[n], operation)
+        for n, operation in enumerate(operations)
+    ]
 
 
-def _index(bulk_id: Any, position: int, count: int) -> int | None:
-    if isinstance(bulk_id, str):
-        return int(bulk_id) if bulk_id.isdigit() and int(bulk_id) < count else None
-    return position if position < count else None
+def _index(
+    result: Mapping[str, Any],
+    position: int,
+    operations: Sequence[Operation],
+    numbers: Mapping[str, int],
+) -> int | None:
+    """The operation ``result`` answers: by its bulkId, else by its position (not a POST)."""
+    bulk_id = result.get("bulkId")
+    if bulk_id is None:
+        index = position if position < len(operations) else None
+        if index is None or operations[index].method == "POST":
+            return None
+    elif not isinstance(bulk_id, str) or bulk_id not in numbers:
+        return None
+    else:
+        index = numbers[bulk_id]
+    method = result.get("method")
+    if method is not None and (
+        not isinstance(method, str) or method.upper() != operations[index].method
+    ):
+        return None
+    return index
+
+
+def _status(value: Any) -> int | None:
+    """An operation's status: a number, or its three ASCII digits, from 200 to 599."""
+    if isinstance(value, str) and len(value) == 3 and value.isascii() and value.isdigit():
+        value = int(value)
+    if type(value) is not int or not 200 <= value <= 599:
+        return None
+    return value
 
 
 def _answer(result: Mapping[str, Any], operation: Operation) -> Answer | None:
-    status = result.get("status")
-    try:
-        code = int(status) if isinstance(status, (int, str)) else 0
-    except ValueError:
+    code = _status(result.get("status"))
+    if code is None:
         return None
-    if not 100 <= code <= 599:
-        return None
+    response = result.get("response")
     location = result.get("location")
     headers = {"Location": location} if isinstance(location, str) else {}
     version = result.get("version")
     if isinstance(version, str):
         headers["ETag"] = version
-    response = result.get("response")
-    if response is None and operation.method == "POST" and code == 201:
-        peer_id = _last_segment(location)
-        response = {"id": peer_id} if peer_id else None
+    if operation.method == "POST" and code == 201:
+        response = _created(response, location, operation.path)
     return Answer(code, headers, response)
 
 
-def _last_segment(location: Any) -> str | None:
-    """The ID at the end of a created resource's ``location``; None when there is none, or when
-    it would name another path once put back in one (``/``, ``?``, ``#``, ``.``, ``..``, a
-    control character): the create then fails as one whose answer has no ID."""
+def _created(response: Any, location: Any, endpoint: str) -> Any:
+    """A create's answer with the ID the peer gave, when its ``response`` and ``location``
+    agree on one (either may be absent, not both); None (no ID) otherwise."""
+    given = response.get("id") if isinstance(response, dict) else None
+    located = _last_segment(location, endpoint) if location is not None else None
+    if location is not None and located is None:
+        return None
+    if given is None:
+        return {"id": located} if located else response
+    return response if located in (None, given) else None
+
+
+def _last_segment(location: Any, endpoint: str) -> str | None:
+    """The ID at the end of a created resource's ``location``, which names a resource of
+    ``endpoint`` (``/Users``): None when it does not, or when it has a query or a fragment, a
+    ``.`` or ``..`` segment, or an ID that would name another path once put back in one (``/``,
+    ``?``, ``#``, ``.``, ``..``, a control character): the create then fails as one whose
+    answer has no ID. The origin is not compared: a peer behind a proxy names its own address,
+    and the ID is only ever sent back to this peer."""
     if not isinstance(location, str):
         return None
-    segment = unquote(urlsplit(location).path.rstrip("/").rpartition("/")[2])
+    parts = urlsplit(location)
+    if parts.query or parts.fragment or "?" in location or "#" in location:
+        return None
+    segments = parts.path.split("/")
+    if any(unquote(s) in (".", "..") for s in segments):
+        return None
+    parent, _, segment = parts.path.rpartition("/")
+    if not parent.endswith(endpoint):  # the endpoint begins with "/": a whole segment
+        return None
+    segment = unquote(segment)
     if segment in ("", ".", "..") or any(c in "/?#" or ord(c) < 0x20 for c in segment):
         return None
     return segment

@@ -16,6 +16,7 @@ import asyncpg
 
 from broker.db import query
 from broker.home import HomeRefused, HomeUnavailable
+from broker.mapping.guard import LeakGuard
 from broker.propagation.peer import BULK_OPERATIONS, MAX_ANSWER, PeerClient, peer_credential
 from broker.propagation.policy import Backoff, Failure, Verdict
 
@@ -238,8 +239,10 @@ class PeerClients:
         monotonic: Clock,
         limit: int = MAX_ANSWER,
         bulk: int = BULK_OPERATIONS,
+        guard: LeakGuard | None = None,
     ) -> None:
         self.session = session
+        self.guard = guard
         self.limit = limit
         self.bulk = bulk
         self.concurrency = concurrency
@@ -263,6 +266,7 @@ class PeerClients:
                 monotonic=self.monotonic,
                 limit=self.limit,
                 bulk=self.bulk,
+                guard=self.guard,
             )
             self._clients[peer.id] = client
         return client

@@ -15,6 +15,7 @@ import orjson
 
 from broker.credentials import CredentialProblem, read_credential
 from broker.http import Answer, AnswerTooLarge, exchange, is_redirect
+from broker.mapping.guard import LeakGuard
 from broker.propagation.bulk import (
     NO_BULK,
     WRITES,
@@ -22,6 +23,9 @@ from broker.propagation.bulk import (
     Operation,
     bulk_features,
     bulk_request,
+    bulkable,
+    carried,
+    is_bulk_response,
     operation_answers,
     take,
 )
@@ -38,6 +42,9 @@ REFUSED_BULK = frozenset({400, 404, 405, 413, 501})
 for ``ttl`` seconds: it does not take Bulk (whatever its ServiceProviderConfig says), or not
 this one (too large, or one operation it cannot read), and each operation's own answer says
 which."""
+BULK_REST = 300.0
+"""Seconds a peer gets no Bulk after it refused one, or answered one with what is not a
+BulkResponse."""
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +83,11 @@ class PeerClient:
         monotonic: Callable[[], float] = time.monotonic,
         limit: int = MAX_ANSWER,
         bulk: int = BULK_OPERATIONS,
+        guard: LeakGuard | None = None,
     ) -> None:
         self.session = session
+        self.guard = guard
+        """Reads each operation of a Bulk request as it is sent (its bulkId and path included)."""
         self.limit = limit
         self.bulk = bulk
         """The most operations in one Bulk request (0 or 1: none is sent)."""
@@ -107,7 +117,10 @@ class PeerClient:
     ) -> Answer:
         bulk = self.bulk > 1 and self.monotonic() >= self._bulk_off_until
         if bulk and method in WRITES and params is None:
-            answer = await self._combined(method, path, body)
+            operation = Operation(method, path, None if body is None else orjson.dumps(body))
+            if not bulkable(operation):
+                return await self._alone(method, path, data=operation.data)
+            answer = await self._combined(operation)
             if is_redirect(answer.status):
                 raise judge(answer.status, answer.body, answer.headers, f"{method} {path}")
             return answer
@@ -180,16 +193,15 @@ class PeerClient:
         self._features = (supported, bulk, now)
         return supported, bulk
 
-    async def _combined(self, method: str, path: str, body: Any) -> Answer:
+    async def _combined(self, operation: Operation) -> Answer:
         """The answer to this write, sent in a Bulk request with the others handed over now, if
         the peer takes Bulk. Whoever gets a request slot first sends what waits (its own write
         included, or first), so that writes pile up while the slots are busy, and none waits for
         a timer. A write that waits alone goes as its own request, without asking the peer's
         ServiceProviderConfig. A write is sent once at most: taken from the queue by the one
         sender that sends it, or withdrawn if its caller gives up before."""
-        data = None if body is None else orjson.dumps(body)
         answered: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        entry = (Operation(method, path, data), answered)
+        entry = (operation, answered)
         self._waiting.append(entry)
         try:
             await asyncio.sleep(0)  # the deliveries started together hand theirs over now
@@ -232,8 +244,12 @@ class PeerClient:
     async def _send(self, batch: list[tuple[Operation, asyncio.Future[Answer]]]) -> None:
         """One Bulk request for ``batch`` (a single write goes as its own request), and each
         caller's answer set: its operation's, or the whole request's failure."""
-        operations = [operation for operation, _ in batch]
         try:
+            if len(batch) > 1:
+                batch = await self._unleaked(batch)
+            operations = [operation for operation, _ in batch]
+            if not batch:
+                return
             if len(batch) == 1:
                 answers: Sequence[Answer | BaseException | None] = [
                     await self._single(operations[0])
@@ -264,14 +280,46 @@ class PeerClient:
             else:
                 answered.set_result(answer)
 
+    async def _unleaked(
+        self, batch: list[tuple[Operation, asyncio.Future[Answer]]]
+    ) -> list[tuple[Operation, asyncio.Future[Answer]]]:
+        """The writes of ``batch`` that may go, each read by the leak guard as the Bulk request
+        carries it (its bulkId and path with it): one whose operation holds an internal ID the
+        broker knows is withheld, its caller's permanent failure. A lookup that fails raises
+        (every caller's failure): fail closed."""
+        if self.guard is None:
+            return batch
+        parts = [(f"Operations[{n}]", carried(n, op)) for n, (op, _) in enumerate(batch)]
+        leaks = {leak.where: leak for leak in await self.guard.leaks(parts, in_play=())}
+        kept = []
+        for (where, _), (operation, answered) in zip(parts, batch, strict=True):
+            leak = leaks.get(where)
+            if leak is None:
+                kept.append((operation, answered))
+                continue
+            log.error("peer %s: a Bulk operation withheld (%s)", self.domain, leak.reason)
+            answered.set_exception(
+                Failure(
+                    Verdict.PERMANENT,
+                    f"withheld: the {operation.method} in a Bulk request would expose an "
+                    f"internal identifier ({leak.reason}, in {where}); check home's data for "
+                    "IDs in free text",
+                    peer_fault=False,
+                )
+            )
+            answered.exception()
+        return kept
+
     async def _single(self, operation: Operation) -> Answer:
         """The write as its own request, in the slot its sender holds."""
         return await self._request(operation.method, operation.path, data=operation.data)
 
     async def _bulk(self, operations: list[Operation]) -> Sequence[Answer | BaseException | None]:
         """Each operation's answer to one Bulk request carrying them all. A Bulk request the
-        peer refuses as such is sent again as separate requests (``REFUSED_BULK``); any other
-        answer to the whole request is each operation's."""
+        peer refuses as such is sent again as separate requests (``REFUSED_BULK``); an answer
+        that is not a BulkResponse (another 2xx, or a 200 that is not one, or one longer than
+        any peer read may be) turns Bulk off and each write is retried by its own rules; any
+        other answer to the whole request is each operation's failure."""
         try:
             answer = await exchange(
                 self.session,
@@ -282,7 +330,12 @@ class PeerClient:
                 limit=self.limit,
             )
         except AnswerTooLarge as exc:
-            raise too_large(exc.status, exc.limit, exc.headers, "POST /Bulk") from None
+            failure = too_large(exc.status, exc.limit, exc.headers, "POST /Bulk")
+            if failure.verdict is Verdict.TRANSIENT:
+                raise failure from None
+            raise self._not_bulk(
+                f"HTTP {exc.status} with an answer over {exc.limit} bytes, left unread"
+            ) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise Failure(
                 Verdict.TRANSIENT,
@@ -291,25 +344,50 @@ class PeerClient:
             ) from exc
         self.bulk_requests += 1
         self.bulk_operations += len(operations)
-        if answer.status == 200:
-            return operation_answers(answer.json_or_none(), operations)
+        body = answer.json_or_none()
+        if answer.status == 200 and is_bulk_response(body):
+            return operation_answers(body, operations)
         if answer.status in REFUSED_BULK:
-            log.info(
-                "peer %s refused a Bulk request (HTTP %d): its writes go one by one for a while",
-                self.domain,
-                answer.status,
-            )
-            self._bulk_off_until = self.monotonic() + 300.0
-            # One after the other, in the one slot this request held.
-            alone: list[Answer | BaseException | None] = []
-            for operation in operations:
-                try:
-                    alone.append(await self._single(operation))
-                except Failure as exc:
-                    alone.append(exc)
-            return alone
-        whole = Answer(answer.status, answer.headers, answer.json_or_none())
-        return [whole] * len(operations)
+            return await self._refused(operations, answer.status)
+        if 200 <= answer.status < 300:
+            raise self._not_bulk(f"HTTP {answer.status} without a BulkResponse")
+        raise judge(answer.status, body, answer.headers, "POST /Bulk")
+
+    async def _refused(
+        self, operations: list[Operation], status: int
+    ) -> list[Answer | BaseException | None]:
+        """Each write of a Bulk request the peer refused as a whole, sent again alone."""
+        log.info(
+            "peer %s refused a Bulk request (HTTP %d): its writes go one by one for a while",
+            self.domain,
+            status,
+        )
+        self._bulk_off_until = self.monotonic() + BULK_REST
+        # One after the other, in the one slot this request held.
+        alone: list[Answer | BaseException | None] = []
+        for operation in operations:
+            try:
+                alone.append(await self._single(operation))
+            except Failure as exc:
+                alone.append(exc)
+        return alone
+
+    def _not_bulk(self, what: str) -> Failure:
+        """The failure of every write of a Bulk request answered with what is not a
+        BulkResponse: the peer may have made them, so none is sent again now; each delivery
+        retries by its own rules (a create looks for its correlation handle first), one by one,
+        as the peer gets no Bulk for a while."""
+        log.warning(
+            "peer %s answered a Bulk request with %s: its writes go one by one for a while",
+            self.domain,
+            what,
+        )
+        self._bulk_off_until = self.monotonic() + BULK_REST
+        return Failure(
+            Verdict.TRANSIENT,
+            f"POST /Bulk: {what}; the peer gets no Bulk for {BULK_REST:.0f} s, and this write "
+            "is retried on its own",
+        )
 
     async def find_by(self, endpoint: str, attribute: str, value: str) -> list[str]:
         """IDs of the peer's resources whose ``attribute`` equals ``value``."""

@@ -101,6 +101,7 @@ class Deliverer:
             monotonic=monotonic,
             forget_peers=self.claims.forget_peers,
         )
+        guard = guard or LeakGuard(MappingStore(pool), IdShape(id_pattern))
         tools = Tools(
             pool,
             home,
@@ -110,13 +111,13 @@ class Deliverer:
                 monotonic=monotonic,
                 limit=self.settings.max_answer,
                 bulk=self.settings.bulk,
+                guard=guard,
             ),
             self.ledger,
             self.settings,
             clock,
             monotonic,
         )
-        guard = guard or LeakGuard(MappingStore(pool), IdShape(id_pattern))
         self.syncs = Syncer(tools, guard=guard, box=box)
         self.cleanup = Cleanup(tools)
         self.sets = SetPusher(pool, session, events, limit=self.settings.max_answer)
