@@ -231,9 +231,10 @@ async def through_broker(
             if reads is not None:
                 print(f"home read {reads} times for {len(home_ids) * len(peer_urls)} deliveries")
             clients = getattr(worker.syncs.tools.clients, "_clients", {})
-            bulks = sum(getattr(c, "bulk_requests", 0) for c in clients.values())
+            combiners = [c.combiner for c in clients.values()]
+            bulks = sum(c.bulk_requests for c in combiners)
             if bulks:
-                operations = sum(c.bulk_operations for c in clients.values())
+                operations = sum(c.bulk_operations for c in combiners)
                 print(
                     f"SCIM Bulk: {operations} writes in {bulks} requests "
                     f"({operations / bulks:.1f} each)"

@@ -32,7 +32,8 @@ from broker.propagation.bulk import (
     is_bulk_response,
     operation_answers,
 )
-from broker.propagation.peer import BULK_REST, PeerClient
+from broker.propagation.combining import BULK_REST
+from broker.propagation.peer import PeerClient
 from broker.propagation.policy import Failure, Verdict
 from broker.scim.guard import IdShape
 from tests.propagation_support import FAST, Gate, federation, gate, held, home_tool, peer_id, tenant

@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -22,13 +22,9 @@ from broker.propagation.bulk import (
     BulkFeatures,
     Operation,
     bulk_features,
-    bulk_request,
     bulkable,
-    carried,
-    is_bulk_response,
-    operation_answers,
-    take,
 )
+from broker.propagation.combining import BulkCombiner
 from broker.propagation.policy import Failure, Verdict, judge, too_large
 
 __all__ = ["BULK_OPERATIONS", "MAX_ANSWER", "Answer", "PeerClient", "peer_credential"]
@@ -37,15 +33,6 @@ MAX_ANSWER = 1 << 20
 """The longest answer read from a peer by default ([propagation] peer_max_answer_bytes)."""
 BULK_OPERATIONS = 32
 """The most writes sent in one Bulk request by default ([propagation] bulk_operations)."""
-REFUSED_BULK = frozenset({400, 404, 405, 413, 501})
-"""A Bulk request answered so is sent again as separate requests, and the peer gets no Bulk
-for ``ttl`` seconds: it does not take Bulk (whatever its ServiceProviderConfig says), or not
-this one (too large, or one operation it cannot read), and each operation's own answer says
-which."""
-BULK_REST = 300.0
-"""Seconds a peer gets no Bulk after it refused one, or answered one with what is not a
-BulkResponse."""
-
 log = logging.getLogger(__name__)
 
 
@@ -89,12 +76,9 @@ class PeerClient:
         self.guard = guard
         """Reads each operation of a Bulk request as it is sent (its bulkId and path included)."""
         self.limit = limit
+        """The longest answer read; a longer one is a Failure (:func:`too_large`), left unread."""
         self.bulk = bulk
         """The most operations in one Bulk request (0 or 1: none is sent)."""
-        self._waiting: list[tuple[Operation, asyncio.Future[Answer]]] = []
-        """Writes handed over for the next Bulk request, each with its caller's answer."""
-        self._bulk_off_until = 0.0
-        """The longest answer read; a longer one is a Failure (:func:`too_large`), left unread."""
         self.monotonic = monotonic
         self.slots = slots
         """Bounds the requests in flight at the peer (shared by its clients), if given."""
@@ -103,9 +87,7 @@ class PeerClient:
         self.token = token
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self._features: tuple[bool, BulkFeatures, float] | None = None
-        self.bulk_requests = 0
-        """Bulk requests sent (with ``bulk_operations``: how well the writes combine)."""
-        self.bulk_operations = 0
+        self.combiner = BulkCombiner(self)
 
     async def call(
         self,
@@ -115,12 +97,12 @@ class PeerClient:
         body: Any = None,
         params: Mapping[str, str] | None = None,
     ) -> Answer:
-        bulk = self.bulk > 1 and self.monotonic() >= self._bulk_off_until
+        bulk = self.bulk > 1 and not self.combiner.resting()
         if bulk and method in WRITES and params is None:
             operation = Operation(method, path, None if body is None else orjson.dumps(body))
             if not bulkable(operation):
                 return await self._alone(method, path, data=operation.data)
-            answer = await self._combined(operation)
+            answer = await self.combiner.combined(operation)
             if is_redirect(answer.status):
                 raise judge(answer.status, answer.body, answer.headers, f"{method} {path}")
             return answer
@@ -193,200 +175,23 @@ class PeerClient:
         self._features = (supported, bulk, now)
         return supported, bulk
 
-    async def _combined(self, operation: Operation) -> Answer:
-        """The answer to this write, sent in a Bulk request with the others handed over now, if
-        the peer takes Bulk. Whoever gets a request slot first sends what waits (its own write
-        included, or first), so that writes pile up while the slots are busy, and none waits for
-        a timer. A write that waits alone goes as its own request, without asking the peer's
-        ServiceProviderConfig. A write is sent once at most: taken from the queue by the one
-        sender that sends it, or withdrawn if its caller gives up before."""
-        answered: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        entry = (operation, answered)
-        self._waiting.append(entry)
-        try:
-            await asyncio.sleep(0)  # the deliveries started together hand theirs over now
-            while self._queued(entry):
-                # A sender holds one slot for its whole request (the configuration read
-                # included): nothing it does waits for another.
-                async with self.slots if self.slots is not None else contextlib.nullcontext():
-                    if not self._queued(entry):
-                        break
-                    count = await self._batch_size()
-                    if not self._waiting:
-                        continue
-                    count = min(count, len(self._waiting))
-                    batch, self._waiting = self._waiting[:count], self._waiting[count:]
-                    # Shielded: the batch's other callers get their answers even if this one
-                    # is cancelled.
-                    await asyncio.shield(asyncio.ensure_future(self._send(batch)))
-        except BaseException:
-            if self._queued(entry):
-                self._waiting = [e for e in self._waiting if e is not entry]
-            raise
-        return await answered
-
-    def _queued(self, entry: tuple[Operation, asyncio.Future[Answer]]) -> bool:
-        return any(waiting is entry for waiting in self._waiting)
-
-    async def _batch_size(self) -> int:
-        """How many of the writes waiting the next request carries: one, unless several wait
-        and the peer takes Bulk (a configuration that cannot be read now means one)."""
-        if len(self._waiting) < 2 or self.monotonic() < self._bulk_off_until:
-            return 1
-        try:
-            features = (await self._read_features(300.0))[1]
-        except Failure:
-            return 1
-        if not features.usable:
-            return 1
-        return take([operation for operation, _ in self._waiting], features)
-
-    async def _send(self, batch: list[tuple[Operation, asyncio.Future[Answer]]]) -> None:
-        """One Bulk request for ``batch`` (a single write goes as its own request), and each
-        caller's answer set: its operation's, or the whole request's failure."""
-        try:
-            if len(batch) > 1:
-                batch = await self._unleaked(batch)
-            operations = [operation for operation, _ in batch]
-            if not batch:
-                return
-            if len(batch) == 1:
-                answers: Sequence[Answer | BaseException | None] = [
-                    await self._single(operations[0])
-                ]
-            else:
-                answers = await self._bulk(operations)
-        except Exception as exc:  # Failure, or what _alone lets through: every caller's own
-            for _, answered in batch:
-                if not answered.done():
-                    answered.set_exception(exc)
-                    answered.exception()  # retrieved: its caller raises it
-            return
-        for (operation, answered), answer in zip(batch, answers, strict=True):
-            if answered.done():
-                continue
-            if isinstance(answer, BaseException):
-                answered.set_exception(answer)
-                answered.exception()
-            elif answer is None:
-                answered.set_exception(
-                    Failure(
-                        Verdict.TRANSIENT,
-                        f"{operation.method} {operation.path}: the peer's Bulk answer said "
-                        "nothing of this operation; retrying until it does",
-                    )
-                )
-                answered.exception()
-            else:
-                answered.set_result(answer)
-
-    async def _unleaked(
-        self, batch: list[tuple[Operation, asyncio.Future[Answer]]]
-    ) -> list[tuple[Operation, asyncio.Future[Answer]]]:
-        """The writes of ``batch`` that may go, each read by the leak guard as the Bulk request
-        carries it (its bulkId and path with it): one whose operation holds an internal ID the
-        broker knows is withheld, its caller's permanent failure. A lookup that fails raises
-        (every caller's failure): fail closed."""
-        if self.guard is None:
-            return batch
-        parts = [(f"Operations[{n}]", carried(n, op)) for n, (op, _) in enumerate(batch)]
-        leaks = {leak.where: leak for leak in await self.guard.leaks(parts, in_play=())}
-        kept = []
-        for (where, _), (operation, answered) in zip(parts, batch, strict=True):
-            leak = leaks.get(where)
-            if leak is None:
-                kept.append((operation, answered))
-                continue
-            log.error("peer %s: a Bulk operation withheld (%s)", self.domain, leak.reason)
-            answered.set_exception(
-                Failure(
-                    Verdict.PERMANENT,
-                    f"withheld: the {operation.method} in a Bulk request would expose an "
-                    f"internal identifier ({leak.reason}, in {where}); check home's data for "
-                    "IDs in free text",
-                    peer_fault=False,
-                )
-            )
-            answered.exception()
-        return kept
-
-    async def _single(self, operation: Operation) -> Answer:
-        """The write as its own request, in the slot its sender holds."""
+    async def single(self, operation: Operation) -> Answer:
+        """The write as its own request, in the slot its sender holds (``PeerCalls``)."""
         return await self._request(operation.method, operation.path, data=operation.data)
 
-    async def _bulk(self, operations: list[Operation]) -> Sequence[Answer | BaseException | None]:
-        """Each operation's answer to one Bulk request carrying them all. A Bulk request the
-        peer refuses as such is sent again as separate requests (``REFUSED_BULK``); an answer
-        that is not a BulkResponse (another 2xx, or a 200 that is not one, or one longer than
-        any peer read may be) turns Bulk off and each write is retried by its own rules; any
-        other answer to the whole request is each operation's failure."""
-        try:
-            answer = await exchange(
-                self.session,
-                "POST",
-                self.base_url + "/Bulk",
-                auth=self._auth,
-                data=bulk_request(operations),
-                limit=self.limit,
-            )
-        except AnswerTooLarge as exc:
-            failure = too_large(exc.status, exc.limit, exc.headers, "POST /Bulk")
-            if failure.verdict is Verdict.TRANSIENT:
-                raise failure from None
-            raise self._not_bulk(
-                f"HTTP {exc.status} with an answer over {exc.limit} bytes, left unread"
-            ) from None
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise Failure(
-                Verdict.TRANSIENT,
-                f"POST /Bulk: the peer did not answer ({type(exc).__name__}); "
-                "retrying until it does",
-            ) from exc
-        self.bulk_requests += 1
-        self.bulk_operations += len(operations)
-        body = answer.json_or_none()
-        if answer.status == 200 and is_bulk_response(body):
-            return operation_answers(body, operations)
-        if answer.status in REFUSED_BULK:
-            return await self._refused(operations, answer.status)
-        if 200 <= answer.status < 300:
-            raise self._not_bulk(f"HTTP {answer.status} without a BulkResponse")
-        raise judge(answer.status, body, answer.headers, "POST /Bulk")
+    async def bulk_features(self) -> BulkFeatures:
+        """Bulk as the peer takes it, in the sender's slot (``PeerCalls``)."""
+        return (await self._read_features(300.0))[1]
 
-    async def _refused(
-        self, operations: list[Operation], status: int
-    ) -> list[Answer | BaseException | None]:
-        """Each write of a Bulk request the peer refused as a whole, sent again alone."""
-        log.info(
-            "peer %s refused a Bulk request (HTTP %d): its writes go one by one for a while",
-            self.domain,
-            status,
-        )
-        self._bulk_off_until = self.monotonic() + BULK_REST
-        # One after the other, in the one slot this request held.
-        alone: list[Answer | BaseException | None] = []
-        for operation in operations:
-            try:
-                alone.append(await self._single(operation))
-            except Failure as exc:
-                alone.append(exc)
-        return alone
-
-    def _not_bulk(self, what: str) -> Failure:
-        """The failure of every write of a Bulk request answered with what is not a
-        BulkResponse: the peer may have made them, so none is sent again now; each delivery
-        retries by its own rules (a create looks for its correlation handle first), one by one,
-        as the peer gets no Bulk for a while."""
-        log.warning(
-            "peer %s answered a Bulk request with %s: its writes go one by one for a while",
-            self.domain,
-            what,
-        )
-        self._bulk_off_until = self.monotonic() + BULK_REST
-        return Failure(
-            Verdict.TRANSIENT,
-            f"POST /Bulk: {what}; the peer gets no Bulk for {BULK_REST:.0f} s, and this write "
-            "is retried on its own",
+    async def post_bulk(self, data: bytes) -> Answer:
+        """POST /Bulk, read up to ``limit`` (``PeerCalls``): the combiner reads the answer."""
+        return await exchange(
+            self.session,
+            "POST",
+            self.base_url + "/Bulk",
+            auth=self._auth,
+            data=data,
+            limit=self.limit,
         )
 
     async def find_by(self, endpoint: str, attribute: str, value: str) -> list[str]:
