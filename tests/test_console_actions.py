@@ -19,6 +19,7 @@ from broker.mapping.render import peer_tasks
 from broker.mapping.store import merge_planner
 from tests.console_support import client, operator_token, sign_in
 from tests.propagation_support import (
+    FAST,
     Gate,
     assert_no_internal_id,
     cli,
@@ -39,11 +40,15 @@ from tests.waiting import until
 async def fed(
     db_url: str, home: Home, peer_server: Home, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[tuple[Broker, Gate, Home]]:
-    """A federation: home, a pull domain D, push peer P1 (direct) and P2 behind a gate."""
+    """A federation: home, a pull domain D, push peer P1 (direct) and P2 behind a gate. One
+    request per write (no SCIM Bulk): the gate's scripted failures count requests, and two
+    creates sent in one Bulk request would meet one failure, or a ServiceProviderConfig read
+    another (it failed so once in CI)."""
     p1, p2 = tenant(peer_server, "p1"), tenant(peer_server, "p2")
+    alone = FAST.model_copy(update={"bulk_operations": 0})
     async with gate(p2) as front:
         async for broker in federation(
-            db_url, home, {"P1": p1.url, "P2": front.url}, monkeypatch, peer_server.token
+            db_url, home, {"P1": p1.url, "P2": front.url}, monkeypatch, peer_server.token, alone
         ):
             yield broker, front, p1
 
