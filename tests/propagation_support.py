@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from broker.app import POOL
+from broker.app import DELIVERER, POOL
 from broker.config import EventsConfig, PropagationConfig
 from broker.tokens import TokenStore
 from tests.scim_support import HOME_ID, Broker, Home, _free_port, scim_server, start_broker
@@ -333,3 +333,11 @@ def peer_user(peer: Home, peer_user_id: str) -> dict[str, Any]:
     assert status == 200, body
     assert isinstance(body, dict)
     return body
+
+
+def writes_waiting(broker: Broker, peer: str) -> int:
+    """Writes handed to ``peer``'s client and waiting for a request slot, to travel together in
+    the next SCIM Bulk request (what a test that wants a Bulk request waits for)."""
+    clients = broker.app[DELIVERER].syncs.tools.clients._clients
+    client = clients.get(peer)
+    return 0 if client is None else len(client.combiner._waiting)
