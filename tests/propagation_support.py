@@ -21,8 +21,10 @@ from aiohttp import web
 
 from broker.app import DELIVERER, POOL
 from broker.config import EventsConfig, PropagationConfig
+from broker.domains import DomainStore
 from broker.tokens import TokenStore
 from tests.scim_support import HOME_ID, Broker, Home, _free_port, scim_server, start_broker
+from tests.waiting import until
 
 
 @pytest.fixture(scope="session")
@@ -341,3 +343,41 @@ def writes_waiting(broker: Broker, peer: str) -> int:
     clients = broker.app[DELIVERER].syncs.tools.clients._clients
     client = clients.get(peer)
     return 0 if client is None else len(client.combiner._waiting)
+
+
+async def crowd(
+    broker: Broker, front: Gate, bodies: list[dict[str, Any]], *, together: bool = True
+) -> list[dict[str, Any]]:
+    """Users (``bodies``) created in home while push peer P1 (behind ``front``) is disabled,
+    then delivered once it is enabled: the peer's answers to POSTs are held until the writes
+    are about to go together (a Bulk request at the gate, held or refused, or two writes
+    waiting in P1's client for a slot: claimed is not enough, a delivery reads home before it
+    writes), or, ``together`` false, until every one is claimed; then released, and awaited
+    until every delivery is settled. Home's answers to the creates."""
+    pool = broker.app[POOL]
+    domains = DomainStore(pool)
+    await domains.set_enabled("P1", False, actor="test")
+    users = [(await home_tool(broker, "POST", "/Users", body))[1] for body in bodies]
+    front.hold, front.held_method = asyncio.Event(), "POST"
+    await domains.set_enabled("P1", True, actor="test")
+
+    async def ready() -> bool:
+        if not front.forwarded:
+            return False
+        if not together:
+            claimed = await pool.fetchval("SELECT count(*) FROM outbox WHERE state = 'in_flight'")
+            return bool(claimed >= len(bodies))
+        bulk = front.refused or any(path == "/Bulk" for _, path, _ in front.forwarded)
+        return bool(bulk) or writes_waiting(broker, "P1") >= 2
+
+    async def settled() -> bool:
+        return bool(
+            await pool.fetchval(
+                "SELECT count(*) = 0 FROM outbox WHERE state IN ('pending', 'in_flight')"
+            )
+        )
+
+    await until(ready, "writes at the peer and others waiting for its slots", within=30)
+    front.hold.set()
+    await until(settled, "every delivery settled", within=60)
+    return users

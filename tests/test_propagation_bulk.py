@@ -4,7 +4,6 @@ slots travel together, each with its own operation's answer; the pure parts of
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -12,7 +11,6 @@ import orjson
 import pytest
 
 from broker.app import POOL
-from broker.domains import DomainStore
 from broker.propagation.bulk import (
     BULK_REQUEST,
     NO_BULK,
@@ -25,16 +23,14 @@ from broker.propagation.bulk import (
 )
 from tests.propagation_support import (
     FAST,
+    crowd,
     federation,
     gate,
     held,
-    home_tool,
     peer_id,
     tenant,
-    writes_waiting,
 )
-from tests.scim_support import Broker, Home, new_user
-from tests.waiting import until
+from tests.scim_support import Home, new_user
 
 CORE_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
 
@@ -133,35 +129,10 @@ async def test_writes_waiting_for_a_peer_travel_together_in_one_bulk_request(
         async for broker in federation(
             db_url, home, {"P1": front.url}, monkeypatch, peer_server.token, two
         ):
-            # Written while the peer is disabled, the creates are claimed together once it is
-            # enabled (four: twice the concurrency); the peer answers nothing until released, so
-            # that at most two requests are under way and the rest wait for a slot, and then go
-            # together.
-            pool = broker.app[POOL]
-            domains = DomainStore(pool)
-            await domains.set_enabled("P1", False, actor="test")
-            users = [(await home_tool(broker, "POST", "/Users", new_user()))[1] for _ in range(4)]
-            clash = (await home_tool(broker, "POST", "/Users", dict(taken)))[1]
-            front.hold, front.held_method = asyncio.Event(), "POST"
-            await domains.set_enabled("P1", True, actor="test")
-
-            def ready(broker: Broker = broker) -> bool:
-                # Creates held at the peer, and either a Bulk request among them or two creates
-                # handed to P1's client waiting for a slot (claimed is not enough: a delivery
-                # reads home first).
-                bulk = any(path == "/Bulk" for _, path, _ in front.forwarded)
-                return bool(front.forwarded) and (bulk or writes_waiting(broker, "P1") >= 2)
-
-            async def settled(pool: Any = pool) -> bool:
-                return bool(
-                    await pool.fetchval(
-                        "SELECT count(*) = 0 FROM outbox WHERE state IN ('pending', 'in_flight')"
-                    )
-                )
-
-            await until(ready, "writes at the peer and others waiting for its slots", within=30)
-            front.hold.set()
-            await until(settled, "every delivery settled", within=30)
+            # Four creates and one the peer refuses (its own account holds the userName), held
+            # at the peer until they are about to go together (concurrency 2).
+            created = await crowd(broker, front, [*(new_user() for _ in range(4)), dict(taken)])
+            users, clash = created[:4], created[4]
 
             bulks = [body for method, path, body in front.forwarded if path == "/Bulk"]
             assert any(len(b["Operations"]) >= 2 for b in bulks), front.forwarded
@@ -180,7 +151,7 @@ async def test_writes_waiting_for_a_peer_travel_together_in_one_bulk_request(
                 mine = [u for u in held(peer)["Users"] if u["userName"] == user["userName"]]
                 assert mapped is not None and mapped == mine[0]["id"]
             assert await peer_id(broker, "P1", clash["id"]) is None
-            dead = await pool.fetchrow(
+            dead = await broker.app[POOL].fetchrow(
                 "SELECT state, last_error FROM outbox WHERE internal_id = $1", clash["id"]
             )
             assert dead["state"] == "dead" and dead["last_error"]["status"] == 409

@@ -20,7 +20,6 @@ import pytest
 from aiohttp import web
 
 from broker.app import POOL
-from broker.domains import DomainStore
 from broker.http import Answer
 from broker.mapping.guard import LeakGuard
 from broker.mapping.store import MappingStore
@@ -38,17 +37,14 @@ from broker.propagation.policy import Failure, Verdict
 from broker.scim.guard import IdShape
 from tests.propagation_support import (
     FAST,
-    Gate,
+    crowd,
     federation,
     gate,
     held,
-    home_tool,
     peer_id,
     tenant,
-    writes_waiting,
 )
 from tests.scim_support import Broker, Home, new_user
-from tests.waiting import until
 
 LIMIT = 1 << 20
 
@@ -493,46 +489,6 @@ async def test_the_leak_guard_reads_each_bulk_operation_as_sent_and_withholds_a_
 # ---------------------------------------------------------------------------- a real peer
 
 
-async def crowd(
-    broker: Broker, front: Gate, count: int = 4, *, together: bool = True, **extra: Any
-) -> list[dict[str, Any]]:
-    """``count`` users created in home while P1 is disabled, then delivered together once it is
-    enabled: the peer's answers to POSTs are held until the rest wait for its two request
-    slots, so that they go together (as in tests/test_propagation_bulk.py)."""
-    pool = broker.app[POOL]
-    domains = DomainStore(pool)
-    await domains.set_enabled("P1", False, actor="test")
-    users = [
-        (await home_tool(broker, "POST", "/Users", new_user(**extra)))[1] for _ in range(count)
-    ]
-    front.hold, front.held_method = asyncio.Event(), "POST"
-    await domains.set_enabled("P1", True, actor="test")
-
-    async def ready() -> bool:
-        if not front.forwarded:
-            return False
-        if not together:  # writes that go alone: every one claimed
-            waiting = await pool.fetchval("SELECT count(*) FROM outbox WHERE state = 'in_flight'")
-            return bool(waiting >= count)
-        # A Bulk request sent (held, or refused), or two writes handed to P1's client waiting
-        # for a slot, to go together: claimed (in flight) is not enough, a delivery reads home
-        # before it writes.
-        bulk = front.refused or any(path == "/Bulk" for _, path, _ in front.forwarded)
-        return bool(bulk) or writes_waiting(broker, "P1") >= 2
-
-    async def settled() -> bool:
-        return bool(
-            await pool.fetchval(
-                "SELECT count(*) = 0 FROM outbox WHERE state IN ('pending', 'in_flight')"
-            )
-        )
-
-    await until(ready, "writes at the peer and others waiting for its slots", within=30)
-    front.hold.set()
-    await until(settled, "every delivery settled", within=60)
-    return users
-
-
 async def each_created_once_and_mapped(broker: Broker, peer: Home, users: list[Any]) -> None:
     held_users = held(peer)["Users"]
     names = sorted(u["userName"] for u in held_users)
@@ -555,7 +511,7 @@ async def test_a_real_peer_refusing_bulk_gets_each_create_once_alone(
         async for broker in federation(
             db_url, home, {"P1": front.url}, monkeypatch, peer_server.token, two
         ):
-            users = await crowd(broker, front)
+            users = await crowd(broker, front, [new_user() for _ in range(4)])
             assert front.refused, "Bulk was tried"
             assert len(front.refused) == 1, "and not again while the peer rests from it"
             assert len(front.refused[0]["Operations"]) >= 2
@@ -576,7 +532,7 @@ async def test_creates_whose_bulk_answer_was_lost_are_found_by_their_handle_not_
         async for broker in federation(
             db_url, home, {"P1": front.url}, monkeypatch, peer_server.token, two
         ):
-            users = await crowd(broker, front)
+            users = await crowd(broker, front, [new_user() for _ in range(4)])
             assert front.lose_bulk == 0, "a Bulk answer was lost"
             bulks = [body for m, p, body in front.forwarded if p == "/Bulk"]
             lost = [op for op in bulks[0]["Operations"] if op["method"] == "POST"]
@@ -599,7 +555,8 @@ async def test_home_text_that_reads_as_a_bulk_id_reference_reaches_a_real_peer_a
         async for broker in federation(
             db_url, home, {"P1": front.url}, monkeypatch, peer_server.token, two
         ):
-            users = await crowd(broker, front, together=False, title="bulkId:0")
+            bodies = [new_user(title="bulkId:0") for _ in range(4)]
+            users = await crowd(broker, front, bodies, together=False)
             await each_created_once_and_mapped(broker, peer, users)
             assert {u.get("title") for u in held(peer)["Users"]} == {"bulkId:0"}
             assert not [p for _, p, _ in front.forwarded if p == "/Bulk"]
