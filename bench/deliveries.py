@@ -201,8 +201,7 @@ async def through_broker(
             await domains.add(
                 f"P{n}", scim_url=url, credential_ref="env:BENCH_PEER_TOKEN", push=True
             )
-        async with aiohttp.ClientSession() as session:
-            home = HomeClient(session, home_url, token)
+        async with aiohttp.ClientSession() as session, HomeClient(home_url, token) as home:
             worker = Deliverer(
                 worker_pool or pool,
                 home,

@@ -168,6 +168,7 @@ async def one_size(spec: dict[str, Any]) -> list[dict[str, Any]]:
     async with (
         database(Path(spec["data_dir"])) as (pool, _url),
         aiohttp.ClientSession() as session,
+        HomeClient(spec["home"], spec["token"]) as home,
     ):
         os.environ["BENCH_RECONCILE_TOKEN"] = spec["token"]
         await DomainStore(pool).add(
@@ -176,7 +177,7 @@ async def one_size(spec: dict[str, Any]) -> list[dict[str, Any]]:
         phases = Phases()
         reconciler = Reconciler(
             pool,
-            HomeClient(session, spec["home"], spec["token"]),
+            home,
             PeerClient(session, spec["peer"], spec["token"], domain="P"),
             domain="P",
             scope=None,

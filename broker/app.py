@@ -366,19 +366,19 @@ async def metrics(app: web.Application, request: web.Request) -> web.Response:
 
 
 async def _home(app: web.Application) -> AsyncIterator[None]:
-    """One client session toward home for the whole process, for the proxy and the workers."""
+    """One client toward home for the whole process, for the proxy and the workers."""
     config = app[CONFIG]
     assert config.home.scim_url is not None
-    timeout = aiohttp.ClientTimeout(total=config.home.timeout)
-    connector = aiohttp.TCPConnector(limit=100)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        app[HOME] = HomeClient(
-            session,
-            config.home.scim_url,
-            config.home.bearer_token(),
-            limit=config.home.max_answer_bytes,
-        )
+    app[HOME] = home = HomeClient(
+        config.home.scim_url,
+        config.home.bearer_token(),
+        timeout=config.home.timeout,
+        limit=config.home.max_answer_bytes,
+    )
+    try:
         yield
+    finally:
+        await home.close()
 
 
 async def _proxy(app: web.Application) -> AsyncIterator[None]:

@@ -1,4 +1,5 @@
-"""The home's SCIM service as the proxy sees it: one pooled client session, the home's credential,
+"""The home's SCIM service as the proxy sees it: its pooled keep-alive connections
+(:class:`broker.origin.Origin`), the home's credential,
 and what the home's ``/Schemas`` and ``/ResourceTypes`` say (refreshed every few minutes)."""
 
 from __future__ import annotations
@@ -7,16 +8,17 @@ import asyncio
 import dataclasses
 import json
 import logging
+import ssl
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import orjson
 
 from broker.errors import BrokerError
-from broker.http import Answer, AnswerTooLarge, exchange, is_redirect
+from broker.http import SCIM_JSON, Answer, AnswerTooLarge, is_redirect
+from broker.origin import Origin
 from broker.scim.attributes import ResourceSchema, SchemaIndex
 from broker.scim.rewrite import Endpoints
 from broker.scim.schemas import DEFAULT_REFERENCES, ReferenceMap
@@ -74,18 +76,21 @@ class HomeSchema:
 class HomeClient:
     def __init__(
         self,
-        session: aiohttp.ClientSession,
         base_url: str,
         token: str | None,
         *,
+        timeout: float = 30.0,
         schema_ttl: float = 300.0,
         limit: int = MAX_ANSWER,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self.session = session
         self.limit = limit
         """The longest answer read; a longer one is left unread (HomeUnavailable)."""
         self.base_url = base_url.rstrip("/")
-        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
+        self._origin = Origin(self.base_url, timeout=timeout, ssl_context=ssl_context)
+        self._sent = {"Accept": SCIM_JSON}
+        if token:
+            self._sent["Authorization"] = f"Bearer {token}"
         self.schema_ttl = schema_ttl
         self._schema: HomeSchema | None = None
         self._loading: asyncio.Task[HomeSchema] | None = None
@@ -135,15 +140,36 @@ class HomeClient:
             return exc.detail
         return readiness_problem(answer.status, answer.json_or_none())
 
-    async def _exchange(self, method: str, path: str, **kwargs: Any) -> Answer:
+    async def close(self) -> None:
+        """Close the idle connections to home (those in use close when their answer is read)."""
+        await self._origin.close()
+
+    async def __aenter__(self) -> HomeClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        data: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Answer:
+        """``body`` (serialised) or ``data`` (as it is) sent as SCIM JSON; a redirect is never
+        followed (HomeUnavailable)."""
+        sent = {**self._sent, **headers} if headers else self._sent
+        if body is not None:
+            data = orjson.dumps(body)
+        if data:
+            sent = {"Content-Type": SCIM_JSON, **sent}
         try:
-            answer = await exchange(
-                self.session,
-                method,
-                self.base_url + path,
-                auth=self._auth,
-                limit=self.limit,
-                **kwargs,
+            answer = await self._origin.exchange(
+                method, path, headers=sent, params=params, data=data or None, limit=self.limit
             )
         except AnswerTooLarge as exc:
             log.warning(
@@ -159,7 +185,7 @@ class HomeClient:
                 "broker does not read; ask for fewer resources at once (count), or the "
                 "operator raises [home] max_answer_bytes"
             ) from None
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (OSError, TimeoutError) as exc:
             log.warning("home unreachable: %s %s: %r", method, path, exc)
             raise HomeUnavailable("the home SCIM service did not answer; try again later") from exc
         if is_redirect(answer.status):

@@ -104,8 +104,7 @@ async def test_home_tools_cannot_reach_other_paths_of_the_homes_server(
     home_url, seen = recording_home
     await pool.execute("INSERT INTO domains (id, kind) VALUES ('H', 'home')")
     token, _ = await TokenStore(pool).issue("H")
-    async with aiohttp.ClientSession() as session:
-        home = HomeClient(session, home_url, "home-secret")
+    async with aiohttp.ClientSession() as session, HomeClient(home_url, "home-secret") as home:
         admin = Admin(pool, MappingStore(pool), home, Journal(pool, None))
         async with TestClient(TestServer(create_admin_app(admin))) as client:
             for raw in ATTACKS:

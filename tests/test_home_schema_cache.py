@@ -10,7 +10,6 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -62,9 +61,8 @@ async def home_server() -> AsyncIterator[tuple[Home, str]]:
 
 @pytest.mark.parametrize("mode", ["404 json", "404 text", "200 not json"])
 async def test_an_unreadable_schemas_is_read_once_per_ttl(mode: str) -> None:
-    async with home_server() as (home, url), aiohttp.ClientSession() as session:
+    async with home_server() as (home, url), HomeClient(url, "t", schema_ttl=300) as client:
         home.mode = mode
-        client = HomeClient(session, url, "t", schema_ttl=300)
         for _ in range(20):
             schema = await client.schema()
         assert schema.refs == DEFAULT_REFERENCES
@@ -72,9 +70,8 @@ async def test_an_unreadable_schemas_is_read_once_per_ttl(mode: str) -> None:
 
 
 async def test_a_home_that_stops_answering_json_is_not_asked_on_every_request() -> None:
-    async with home_server() as (home, url), aiohttp.ClientSession() as session:
+    async with home_server() as (home, url), HomeClient(url, "t", schema_ttl=300) as client:
         home.mode = "good"
-        client = HomeClient(session, url, "t", schema_ttl=300)
         known = await client.schema()
         assert home.asked["/v2/Schemas"] == 1
         # The TTL has run out (moved back rather than waited for), and home now answers HTML.
@@ -91,9 +88,8 @@ async def test_a_home_that_stops_answering_json_is_not_asked_on_every_request() 
 async def test_callers_that_ask_together_share_one_load(mode: str) -> None:
     """The deliveries a claim starts together (dozens) ask for the schema at once: one load of
     /Schemas and /ResourceTypes serves them all, whatever home answers."""
-    async with home_server() as (home, url), aiohttp.ClientSession() as session:
+    async with home_server() as (home, url), HomeClient(url, "t", schema_ttl=300) as client:
         home.mode = mode
-        client = HomeClient(session, url, "t", schema_ttl=300)
         schemas = await asyncio.gather(*(client.schema() for _ in range(30)))
         assert all(s is schemas[0] for s in schemas)
         assert home.asked["/v2/Schemas"] == 1

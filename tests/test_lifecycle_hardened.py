@@ -203,8 +203,7 @@ async def test_home_answering_without_end_is_cut_off_and_said_so(
     hostile: dict[str, Any],
 ) -> None:
     hostile["answer"] = _endless
-    async with aiohttp.ClientSession() as session:
-        home = HomeClient(session, hostile["url"], None, limit=1 << 20)
+    async with HomeClient(hostile["url"], None, limit=1 << 20) as home:
         with pytest.raises(HomeUnavailable, match=f"more than {1 << 20} bytes"):
             await home.request("GET", "/Users")
         assert "more than" in (await home.reachable() or "")

@@ -109,8 +109,7 @@ async def test_the_shared_exchange_never_follows_a_redirect(status: int) -> None
 
 
 async def test_the_home_client_refuses_a_redirect_and_sends_nothing_on() -> None:
-    async with redirecting() as redirect, aiohttp.ClientSession() as session:
-        home = HomeClient(session, redirect.url, "home-secret")
+    async with redirecting() as redirect, HomeClient(redirect.url, "home-secret") as home:
         with pytest.raises(HomeUnavailable, match="redirect"):
             await home.request("POST", "/Users", body={"userName": "pat", "password": PASSWORD})
         with pytest.raises(HomeUnavailable, match="redirect"):

@@ -222,7 +222,7 @@ async def test_the_leak_guard_withholds_a_response_carrying_an_internal_id(
 ) -> None:
     victim = home.call("POST", "/Users", new_user())[1]
     proxy = broker.app[PROXY]
-    planting = PlantingHome(proxy.home.session, proxy.home.base_url, home.token)
+    planting = PlantingHome(proxy.home.base_url, home.token)
     planting.planted = victim["id"]
     proxy.home = planting
     status, body, _ = await broker.call(
@@ -317,7 +317,7 @@ class ErringHome(HomeClient):
 async def test_home_error_details_are_scrubbed_of_internal_ids(broker: Broker, home: Home) -> None:
     status, user, _ = await broker.call("D1", "POST", "/Users", new_user())
     proxy = broker.app[PROXY]
-    proxy.home = ErringHome(proxy.home.session, proxy.home.base_url, home.token)
+    proxy.home = ErringHome(proxy.home.base_url, home.token)
     status, body, _ = await broker.call(
         "D1", "PUT", f"/Users/{user['id']}", new_user(user["userName"])
     )
@@ -343,7 +343,7 @@ async def test_a_home_success_without_a_resource_is_a_502_not_an_error_with_stat
 ) -> None:
     _, user, _ = await broker.call("D1", "POST", "/Users", new_user())
     proxy = broker.app[PROXY]
-    proxy.home = EmptyHome(proxy.home.session, proxy.home.base_url, home.token)
+    proxy.home = EmptyHome(proxy.home.base_url, home.token)
     status, body, _ = await broker.call("D1", "GET", f"/Users/{user['id']}")
     assert (status, body["status"]) == (502, "502")
     assert "operator" in body["detail"]

@@ -75,8 +75,12 @@ async def open_reconciler(
         )
     domain = await DomainStore(pool).get(domain_id)
     timeout = aiohttp.ClientTimeout(total=config.propagation.peer_timeout)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        home = HomeClient(session, config.home.scim_url, config.home.bearer_token())
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        HomeClient(
+            config.home.scim_url, config.home.bearer_token(), timeout=config.home.timeout
+        ) as home,
+    ):
         yield make_reconciler(
             pool,
             home,

@@ -1,0 +1,392 @@
+"""A lean HTTP/1.1 client for one origin: the broker's calls to home.
+
+Every request a domain makes costs one call to home, and aiohttp's client spent about 100 us of
+CPU on each (its request and response objects, cookie jar, URL building, stream readers and
+timers): a third of a one-user read (issue 15). This client does only what a call to home needs:
+one write of the request, a parse of the answer's head, its body framed by ``Content-Length``,
+``chunked`` coding or the connection's end (RFC 9112 section 6.3), and keep-alive connections
+reused from a small pool. The domain-facing server stays aiohttp's (hostile input meets its
+hardened parser there); home is the operator's own service, and what it answers is still checked
+here: a malformed head, a body cut short or longer than ``limit``, a coding the broker cannot read
+are :class:`WireError` (or :class:`~broker.http.AnswerTooLarge`), never a guess.
+
+Redirects are answers, never followed (DESIGN section 8), as with :func:`broker.http.exchange`.
+A request that finds its reused connection closed before any byte of an answer came is sent
+once more on a new connection when its method is idempotent (RFC 9110 section 9.2.2), as
+aiohttp does; any other failure is the caller's to handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import zlib
+from collections.abc import Mapping
+from typing import Final
+
+import yarl
+from multidict import CIMultiDict
+
+from broker.http import Answer, AnswerTooLarge
+
+__all__ = ["Origin", "WireError"]
+
+MAX_HEAD: Final = 65536
+"""The longest answer head (status line and headers) read."""
+KEEP_IDLE: Final = 15.0
+"""Seconds an idle connection is kept for the next request (aiohttp's default)."""
+_IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+_STATUS = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: [^\x00-\x08\x0a-\x1f\x7f]*)?")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_BREAK = re.compile(r"[\x00\r\n]")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_USER_AGENT: Final = "scim-id-broker"
+
+
+class WireError(ConnectionError):
+    """No complete, well-formed answer came from the origin."""
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP (or TLS) connection: the bytes it received, and whether it has ended."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.ended = False
+        """The peer ended its side (or the connection was lost): no more bytes will come."""
+        self.cap = MAX_HEAD
+        """Reading pauses while the buffer holds more than this and the reader has not asked
+        for more: a fast sender fills no more memory than the answer's bound."""
+        self.idle_since = 0.0
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) > self.cap and self.transport is not None and not self._paused:
+            self._paused = True  # until the reader has taken what it holds (:meth:`more`)
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.ended = True
+        self._wake()
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ended = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def more(self) -> None:
+        """Until more bytes come or the connection ends; WireError if it has ended."""
+        if self.ended:
+            raise WireError("the connection closed before the answer was complete")
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        self._waiter = self.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def usable(self, now: float) -> bool:
+        return (
+            not self.ended
+            and not self.buffer
+            and self.transport is not None
+            and not self.transport.is_closing()
+            and now - self.idle_since < KEEP_IDLE
+        )
+
+    def close(self) -> None:
+        self.ended = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Origin:
+    """Keep-alive HTTP/1.1 connections to one ``http``/``https`` origin, at most ``connections``
+    at once (further requests wait for one), each request bounded by ``timeout`` seconds."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float,
+        connections: int = 100,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        url = yarl.URL(base_url)
+        if url.scheme not in ("http", "https") or not url.raw_host:
+            raise ValueError(f"not an http(s) URL: {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self._host = url.raw_host
+        self._port = url.port or (443 if url.scheme == "https" else 80)
+        self._tls: ssl.SSLContext | None = None
+        if url.scheme == "https":
+            self._tls = ssl_context or ssl.create_default_context()
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        authority = host if url.is_default_port() else f"{host}:{self._port}"
+        self._fixed = f"Host: {authority}\r\nUser-Agent: {_USER_AGENT}\r\n"
+        self._slots = asyncio.Semaphore(connections)
+        self._idle: list[_Connection] = []
+        self._closed = False
+
+    async def close(self) -> None:
+        self._closed = True
+        for connection in self._idle:
+            connection.close()
+        self._idle.clear()
+
+    async def exchange(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: Mapping[str, str],
+        params: Mapping[str, str] | None = None,
+        data: bytes | None = None,
+        limit: int,
+    ) -> Answer:
+        """``method`` of ``base_url + path`` (with ``params`` as its query) and its answer, the
+        body read whole; WireError, OSError or TimeoutError when there is none, AnswerTooLarge
+        when its body is longer than ``limit`` bytes."""
+        head = self._head(method, path, headers, params, data)
+        async with self._slots, asyncio.timeout(self.timeout):
+            connection = self._reused()
+            if connection is not None:
+                try:
+                    return await self._send(connection, method, head, data, limit)
+                except WireError:
+                    # Closed by home while idle: nothing of an answer came, so the request
+                    # may go again (only if sending it twice does what sending it once does).
+                    if connection.buffer or method not in _IDEMPOTENT:
+                        raise
+            return await self._send(await self._connect(), method, head, data, limit)
+
+    def _head(
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        params: Mapping[str, str] | None,
+        data: bytes | None,
+    ) -> bytes:
+        url = yarl.URL(self.base_url + path)  # quoted as aiohttp quoted it
+        if params:
+            url = url.extend_query(params)
+        lines = [f"{method} {url.raw_path_qs} HTTP/1.1\r\n{self._fixed}"]
+        for name, value in headers.items():
+            if _FIELD_BREAK.search(name) or _FIELD_BREAK.search(value):
+                raise ValueError(f"the header {name!r} holds a line break or NUL")
+            lines.append(f"{name}: {value}\r\n")
+        if data is not None or method in ("POST", "PUT", "PATCH"):
+            lines.append(f"Content-Length: {len(data or b'')}\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("latin-1")
+
+    def _reused(self) -> _Connection | None:
+        now = asyncio.get_running_loop().time()
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.usable(now):
+                return connection
+            connection.close()
+        return None
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        _, connection = await loop.create_connection(
+            lambda: _Connection(loop),
+            self._host,
+            self._port,
+            ssl=self._tls,
+            server_hostname=self._host if self._tls else None,
+        )
+        return connection
+
+    async def _send(
+        self, connection: _Connection, method: str, head: bytes, data: bytes | None, limit: int
+    ) -> Answer:
+        done = False
+        try:
+            assert connection.transport is not None
+            connection.transport.write(head + data if data else head)
+            answer, reusable = await _read_answer(connection, method, limit)
+            done = reusable
+            return answer
+        finally:
+            if done and not self._closed:
+                connection.idle_since = connection.loop.time()
+                self._idle.append(connection)
+            else:
+                connection.close()
+
+
+async def _read_answer(connection: _Connection, method: str, limit: int) -> tuple[Answer, bool]:
+    """The answer on ``connection``, and whether the connection may carry another request."""
+    connection.cap = MAX_HEAD
+    while True:
+        version, status, headers = await _read_head(connection)
+        if not 100 <= status < 200 or status == 101:
+            break  # an interim answer (100 Continue, 103 Early Hints) is skipped
+    fields = CIMultiDict(headers)
+    tokens = {t.strip().lower() for v in fields.getall("Connection", ()) for t in v.split(",")}
+    reusable = "close" not in tokens if version == 1 else "keep-alive" in tokens
+    if status == 101:
+        raise WireError("home switched protocols (HTTP 101), which the broker never asks")
+    connection.cap = limit + MAX_HEAD
+    if method == "HEAD" or status in (204, 304):
+        raw = b""
+    elif "Transfer-Encoding" in fields:
+        codings = [
+            c.strip().lower() for v in fields.getall("Transfer-Encoding") for c in v.split(",")
+        ]
+        if codings[-1] == "chunked":
+            raw = await _read_chunked(connection, limit, fields, status)
+        else:
+            raw = await _read_to_end(connection, limit, fields, status)
+            reusable = False
+    elif "Content-Length" in fields:
+        length = _content_length(fields.getall("Content-Length"))
+        if length > limit:
+            raise AnswerTooLarge(limit, status, fields)
+        raw = await _read_exactly(connection, length)
+    else:
+        raw = await _read_to_end(connection, limit, fields, status)
+        reusable = False
+    raw = _decoded(raw, fields, limit, status)
+    content_type = fields.get("Content-Type", "application/octet-stream")
+    media = content_type.split(";", 1)[0].strip().lower()
+    answer = Answer(status, fields, raw=raw, content_type=media)
+    return answer, reusable and not connection.ended and not connection.buffer
+
+
+async def _read_head(connection: _Connection) -> tuple[int, int, list[tuple[str, str]]]:
+    buffer = connection.buffer
+    while (end := buffer.find(b"\r\n\r\n")) < 0:
+        if len(buffer) > MAX_HEAD:
+            raise WireError(f"home's answer head is longer than {MAX_HEAD} bytes")
+        await connection.more()
+    if end > MAX_HEAD:
+        raise WireError(f"home's answer head is longer than {MAX_HEAD} bytes")
+    lines = bytes(buffer[:end]).split(b"\r\n")
+    del buffer[: end + 4]
+    status_line = _STATUS.fullmatch(lines[0])
+    if status_line is None:
+        raise WireError(f"home answered no HTTP/1.x status line: {lines[0][:80]!r}")
+    headers = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or _TOKEN.fullmatch(name) is None or b"\x00" in value:
+            raise WireError(f"home answered a malformed header line: {line[:80]!r}")
+        headers.append((name.decode("ascii"), value.strip(b" \t").decode("latin-1")))
+    return int(status_line[1]), int(status_line[2]), headers
+
+
+def _content_length(values: list[str]) -> int:
+    found = {v.strip() for value in values for v in value.split(",")}
+    if len(found) != 1 or not (length := found.pop()).isdigit() or not length.isascii():
+        raise WireError(f"home answered an unreadable Content-Length: {values!r}")
+    return int(length)
+
+
+async def _read_exactly(connection: _Connection, length: int) -> bytes:
+    buffer = connection.buffer
+    while len(buffer) < length:
+        await connection.more()
+    if len(buffer) == length:
+        raw = bytes(buffer)
+        buffer.clear()
+        return raw
+    raw = bytes(buffer[:length])
+    del buffer[:length]
+    return raw
+
+
+async def _read_to_end(
+    connection: _Connection, limit: int, fields: CIMultiDict[str], status: int
+) -> bytes:
+    buffer = connection.buffer
+    while not connection.ended:
+        if len(buffer) > limit:
+            raise AnswerTooLarge(limit, status, fields)
+        try:
+            await connection.more()
+        except WireError:
+            break
+    if len(buffer) > limit:
+        raise AnswerTooLarge(limit, status, fields)
+    raw = bytes(buffer)
+    buffer.clear()
+    return raw
+
+
+async def _read_chunked(
+    connection: _Connection, limit: int, fields: CIMultiDict[str], status: int
+) -> bytes:
+    """A ``chunked`` body (RFC 9112 section 7.1), its trailer fields read and dropped."""
+    buffer = connection.buffer
+    body = bytearray()
+    while True:
+        while (line_end := buffer.find(b"\r\n")) < 0:
+            if len(buffer) > 1024:
+                raise WireError("home answered a chunk size line longer than 1024 bytes")
+            await connection.more()
+        size_text = bytes(buffer[:line_end]).split(b";", 1)[0].strip(b" \t")
+        if _HEX.fullmatch(size_text) is None:
+            raise WireError(f"home answered an unreadable chunk size: {size_text[:40]!r}")
+        size = int(size_text, 16)
+        if size == 0:
+            del buffer[: line_end + 2]
+            break
+        if len(body) + size > limit:
+            raise AnswerTooLarge(limit, status, fields)
+        while len(buffer) < line_end + 2 + size + 2:
+            await connection.more()
+        start = line_end + 2
+        if buffer[start + size : start + size + 2] != b"\r\n":
+            raise WireError("home answered a chunk not ended by CRLF")
+        body += buffer[start : start + size]
+        del buffer[: start + size + 2]
+    while (end := buffer.find(b"\r\n")) != 0:  # trailer fields, up to the empty line
+        if end < 0:
+            if len(buffer) > MAX_HEAD:
+                raise WireError(f"home answered trailer fields longer than {MAX_HEAD} bytes")
+            await connection.more()
+        else:
+            del buffer[: end + 2]
+    del buffer[:2]
+    return bytes(body)
+
+
+def _decoded(raw: bytes, fields: CIMultiDict[str], limit: int, status: int) -> bytes:
+    """The body without its content coding (never asked for, but a server may still send
+    gzip); AnswerTooLarge if it inflates beyond ``limit``."""
+    coding = fields.get("Content-Encoding", "identity").strip().lower()
+    if coding in ("", "identity") or not raw:
+        return raw
+    if coding in ("gzip", "x-gzip", "deflate"):
+        inflater = zlib.decompressobj(47 if coding != "deflate" else 15)
+        try:
+            out = inflater.decompress(raw, limit + 1)
+        except zlib.error as exc:
+            raise WireError(f"home answered a {coding} body that does not inflate: {exc}") from None
+        if len(out) > limit:
+            raise AnswerTooLarge(limit, status, fields)
+        return out
+    raise WireError(f"home answered in a content coding the broker cannot read: {coding!r}")
