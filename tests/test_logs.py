@@ -6,12 +6,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
+from broker import logs
 from broker.app import create_app
 from broker.config import (
     Config,
@@ -146,3 +148,48 @@ def test_log_settings_come_from_the_environment_and_bad_ones_name_the_key() -> N
     assert (config.log.format, config.log.level) == ("json", "debug")
     with pytest.raises(ConfigError, match=r"log\.format \(env BROKER_LOG__FORMAT\)"):
         load_config(environ={"BROKER_LOG__FORMAT": "xml"})
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/scim/v2/Users",
+        f"/scim/v2/Users/{TOKEN}",
+        f"/scim/v2/Users/Bearer%20{TOKEN[4:]}",
+        f"/scim/v2/Users/password={PASSWORD}",
+        "/scim/v2/Us\u00e9rs/\u212aey",
+    ],
+)
+def test_the_access_line_written_directly_is_the_line_a_log_record_gives(
+    restore_logging: None, log_format: str, path: str
+) -> None:
+    """The access line skips the record, its filters and its formatter (issue 15): what it
+    writes is what they would have written, masking included, but for the time stamp."""
+    stream = io.StringIO()
+    configure_logging(LogConfig(format=log_format, level="info"), stream)
+    request = make_mocked_request("GET", path)
+    token = logs._CURRENT.set("f00dfeedcafe0123")
+    try:
+        assert logs._WRITER is not None and logs._WRITER.usable()
+        logs._access_line(request, 201, 0.0123456)
+        # Another handler on the root: the line goes as a record, through both handlers.
+        other = logging.StreamHandler(io.StringIO())
+        logging.getLogger().addHandler(other)
+        assert not logs._WRITER.usable()
+        logs._access_line(request, 201, 0.0123456)
+    finally:
+        logs._CURRENT.reset(token)
+    direct, recorded = stream.getvalue().splitlines()
+    assert TOKEN not in stream.getvalue() and PASSWORD not in stream.getvalue()
+    if log_format == "json":
+        direct_entry, recorded_entry = json.loads(direct), json.loads(recorded)
+        for entry in (direct_entry, recorded_entry):
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", str(entry.pop("time")))
+        assert direct_entry == recorded_entry
+        assert list(direct_entry) == list(recorded_entry)
+    else:
+        stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
+        assert re.match(stamp, direct) and re.match(stamp, recorded)
+        assert direct[24:] == recorded[24:]
+        assert "[f00dfeedcafe0123]" in direct
