@@ -198,9 +198,7 @@ class _AccessWriter:
         message = redact(f"{method} {path} {status}")
         correlation = _CURRENT.get() or "-"
         if not self.json:
-            return (
-                f"{self._stamp},{millis:03d} INFO {ACCESS_LOGGER} [{correlation}]: {message}\n"
-            )
+            return f"{self._stamp},{millis:03d} INFO {ACCESS_LOGGER} [{correlation}]: {message}\n"
         entry: dict[str, Any] = {
             "time": f"{self._stamp}.{millis:03d}Z",
             "level": "info",

@@ -157,6 +157,19 @@ every_answer = st.builds(
 )
 
 
+_TRANSLATIONS: dict[tuple[int, int, str], Translation] = {}
+
+
+def shared_translation(refs: ReferenceMap, endpoints: Endpoints, base: str) -> Translation:
+    """One Translation per combination, kept from example to example as the proxy keeps one per
+    home schema load: what a walk memoises for its translation (the planner's memos, what each
+    $ref tells) meets other documents and other answers in the examples after it."""
+    key = (id(refs), id(endpoints), base)
+    if key not in _TRANSLATIONS:
+        _TRANSLATIONS[key] = Translation(refs, endpoints, base, BROKER)
+    return _TRANSLATIONS[key]
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     docs=st.lists(st.one_of(plain(), plain(), versioned()), max_size=5),
@@ -178,7 +191,7 @@ def test_the_known_run_then_the_general_way_is_the_general_path(
     resource_type: str | None,
     base: str,
 ) -> None:
-    translation = Translation(refs, endpoints, base, BROKER)
+    translation = shared_translation(refs, endpoints, base)
     try:
         wanted, out = general(docs, views, translation, resource_type)
     except Exception as exc:  # the general path fails on some odd documents: so must this one

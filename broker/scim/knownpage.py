@@ -83,11 +83,41 @@ def translate_known(
     return KnownPrefix(len(docs), walk.wanted, internal_ids)
 
 
-_SHAPES: dict[int, tuple[Any, dict[tuple[str, ...], _Shape]]] = {}
+# What a value with a given $ref (and no "type") becomes, whatever its answer: (its ID at home,
+# its type, the prefix of its new $ref (None: no $ref written), whether its $ref is dropped).
+_Static = tuple[str, str | None, str | None, bool]
+
+
+class _Statics:
+    """What a walk learns that holds for every walk with the same translation (one per home
+    schema load): the planner's memos, the key shapes, the prefixes, and what each $ref tells
+    (issue 15: a GET of one user made them all afresh, about half of its walk). Each memo is
+    bounded, whatever home sends."""
+
+    def __init__(self, translation: Translation) -> None:
+        self.translation = translation
+        self.planner = _Planner(translation)
+        self.shapes: dict[tuple[str, ...], _Shape] = {}
+        self.own_prefixes: dict[str | None, str | None] = {}
+        self.version_keys: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self.by_ref: dict[int, dict[str, _Static]] = {}
+        """By attribute: a value's $ref -> what a value with that $ref becomes."""
+
+
+_STATICS: dict[int, _Statics] = {}
+
+
+def _statics(translation: Translation) -> _Statics:
+    held = _STATICS.get(id(translation))
+    if held is None or held.translation is not translation:
+        if len(_STATICS) >= 16:  # two Translations per home schema load: a handful live
+            _STATICS.clear()
+        held = _STATICS[id(translation)] = _Statics(translation)
+    return held
 
 
 class _KnownWalk:
-    """:func:`translate_known`'s walk, with the planner's memos and the page's own."""
+    """:func:`translate_known`'s walk, with the memos of its translation and the page's own."""
 
     def __init__(
         self,
@@ -96,7 +126,8 @@ class _KnownWalk:
         seal: Seal | None,
         scope_own: frozenset[str] | None = None,
     ) -> None:
-        self.planner = _Planner(translation)
+        statics = _statics(translation)
+        self.planner = statics.planner
         self.scope_own = scope_own
         self.refs = translation.refs
         self.targets = self.planner.targets
@@ -106,14 +137,10 @@ class _KnownWalk:
         self.wanted: dict[str, str | None] = {}
         self.entries: dict[int, dict[Any, _Entry]] = {}
         """By attribute: a value's $ref -> what a value with that $ref (and its ID) becomes."""
-        held = _SHAPES.get(id(self.refs))
-        if held is None or held[0] is not self.refs:
-            if len(_SHAPES) >= 16:  # one ReferenceMap per home schema load: a handful live
-                _SHAPES.clear()
-            held = _SHAPES[id(self.refs)] = (self.refs, {})
-        self.shapes = held[1]
-        self.own_prefixes: dict[str | None, str | None] = {}
-        self.version_keys: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self.statics = statics
+        self.shapes = statics.shapes
+        self.own_prefixes = statics.own_prefixes
+        self.version_keys = statics.version_keys
 
     def answer(self, internal: str) -> View | None:
         answers = self.answers
@@ -227,9 +254,9 @@ class _KnownWalk:
         parsed."""
         prefix = self.own_prefixes.get(own_type, _UNKNOWN)
         if prefix is _UNKNOWN:
-            prefix = self.own_prefixes[own_type] = (
-                None if own_type is None else self.planner._own_prefix(own_type)
-            )
+            prefix = None if own_type is None else self.planner._own_prefix(own_type)
+            if len(self.own_prefixes) < 64:  # a type home names in meta: a handful
+                self.own_prefixes[own_type] = prefix
         if (
             prefix is not None
             and uri == prefix + own
@@ -305,6 +332,14 @@ class _KnownWalk:
         ref = item.get("$ref", _UNKNOWN)
         if type(value) is not str or not (ref is _UNKNOWN or type(ref) is str):
             return None
+        by_ref: dict[str, _Static] | None = None
+        if ref is not _UNKNOWN and "type" not in item:
+            by_ref = self.statics.by_ref.get(id(attr))
+            if by_ref is None:
+                by_ref = self.statics.by_ref[id(attr)] = {}
+            told = by_ref.get(ref)
+            if told is not None and told[0] == value:  # an earlier walk told it
+                return self.told(told, entries, ref)
         planner = self.planner
         types = planner.types.get(id(attr))
         if types is None:
@@ -322,6 +357,13 @@ class _KnownWalk:
                 types[declared, held] = rtype
         if ref is not _UNKNOWN and rtype is not None and rtype not in self.targets:
             return None  # the planner hands such a value to the general functions
+        if by_ref is not None and len(by_ref) < 4096:
+            by_ref[ref] = (
+                value,
+                rtype,
+                None if rtype is None else self.targets[rtype],
+                rtype is None,
+            )
         view = self.answer(value)
         if view is None:
             return None
@@ -335,4 +377,17 @@ class _KnownWalk:
         self.want(value, rtype)
         if ref is not _UNKNOWN and "type" not in item and len(entries) < 4096:
             entries[ref] = entry  # its type told by its $ref alone, as the planner's memo says
+        return entry
+
+    def told(self, told: _Static, entries: dict[Any, _Entry], ref: str) -> _Entry | None:
+        """:meth:`entry` of a value whose $ref an earlier walk told: only its answer asked."""
+        value, rtype, prefix, dropped = told
+        view = self.answer(value)
+        if view is None:
+            return None
+        new = view.external_id
+        entry = (value, new, None if prefix is None else prefix + new, dropped, rtype)
+        self.want(value, rtype)
+        if len(entries) < 4096:
+            entries[ref] = entry
         return entry
