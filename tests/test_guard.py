@@ -258,3 +258,43 @@ def test_scrub_leaves_nothing_in_the_home_shape_but_the_callers_ids(
     replacements = {k: f"mine{n}" for n, k in enumerate(known)}
     out = scrub(text, replacements, SHAPE)
     assert not SHAPE.candidates(out.replace("mine", "...."))
+
+
+escapable = st.text(alphabet=st.sampled_from('xyz_ :/."{}-é'), max_size=300)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    escapable,
+    hex_ids,
+    st.integers(min_value=0, max_value=300),
+    st.sets(st.integers(0, 35), max_size=36),
+    st.sampled_from(["\\", "\\\\", "\\\\\\"]),
+    st.integers(26, 36),
+    st.sampled_from([r"[0-9a-f]{32}", DEFAULT_ID_PATTERN]),
+)
+def test_the_sampled_prefilter_finds_an_id_behind_json_escapes_as_the_slow_scan_does(
+    text: str,
+    internal: str,
+    at: int,
+    escaped: set[int],
+    backslashes: str,
+    length: int,
+    pattern: str,
+) -> None:
+    """An ID (or a little less of it) with any of its characters written as JSON escapes of
+    ASCII, singly or doubly escaped, anywhere in a text: the bytes' sampled scan, which
+    unescapes only the stretches it finds, finds what the slow scan of the whole text finds.
+    Fails if the prefilter's marks leave out an escape's bytes."""
+    dashed = f"{internal[:8]}-{internal[8:12]}-{internal[12:16]}-{internal[16:20]}-{internal[20:]}"
+    source = internal if length <= 32 else dashed[:length]
+    rendered = "".join(
+        f"{backslashes}u{ord(c):04x}" if n in escaped else c for n, c in enumerate(source[:length])
+    )
+    data = (text[:at] + rendered + text[at:]).encode()
+    fast, slow = IdShape(pattern), IdShape(pattern)
+    slow.shapes.fast = False
+    assert fast.shapes.stride > 1
+    assert fast.tokens(data) == slow.tokens(data)
+    if length == 32:
+        assert internal in fast.tokens(data)

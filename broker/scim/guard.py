@@ -193,6 +193,13 @@ class _Shapes:
                 for c in alphabet:
                     table[c] = ord("x")
             self.table = bytes(table)
+            # The prefilter also marks the bytes of a JSON escape of an ASCII character
+            # (``\\u00`` and hex digits, the backslash doubled or not): written behind escapes,
+            # a match still lies in a run at least ``width`` long of the marked bytes, so one
+            # sampled pass finds where to look for both (:meth:`IdShape.tokens`).
+            for c in b"\\u0123456789abcdefABCDEF":
+                table[c] = ord("x")
+            self.sample_table = bytes(table)
             width = min(width for _, width in filter(None, known))
             self.needle = b"x" * width
             self.run = re.compile(b"x+")
@@ -240,7 +247,7 @@ class _Shapes:
             yield 0, len(data)
             return
         stride, sampled = self.stride, self.sampled
-        marked = data[::stride].translate(self.table)
+        marked = data[::stride].translate(self.sample_table)
         at = marked.find(sampled)  # the first of a run: the byte before it is not marked
         while at >= 0:
             found = self.run.match(marked, at)
@@ -273,7 +280,21 @@ class IdShape:
         """Every string in the home's ID shape in ``text`` (a str, or UTF-8 bytes), as written:
         whatever its case, however it is glued to its neighbours, every window of a longer run,
         also behind JSON escapes."""
-        found = set(self.shapes.tokens(text))
+        shapes = self.shapes
+        if isinstance(text, bytes) and shapes.fast and shapes.stride:
+            # Only the stretches the sampled prefilter finds can hold a match, written out or
+            # behind escapes (its marks include an escape's bytes), and every escape lies whole
+            # in one of them: those alone are read, and unescaped (issue 15: a whole page
+            # unescaped cost a second pass over it).
+            found: set[str] = set()
+            for start, stop in shapes.spans(text):
+                part = text[start:stop]
+                found.update(shapes.tokens(part))
+                unescaped_part = _unescape_json_bytes(part)
+                if unescaped_part is not part:
+                    found.update(shapes.tokens(unescaped_part))
+            return found
+        found = set(shapes.tokens(text))
         unescaped = _unescape_json_bytes(text) if isinstance(text, bytes) else unescape_json(text)
         if unescaped is not text:
             found.update(self.shapes.tokens(unescaped))
