@@ -141,6 +141,8 @@ class _KnownWalk:
         self.shapes = statics.shapes
         self.own_prefixes = statics.own_prefixes
         self.version_keys = statics.version_keys
+        self._prefix_of: str | object | None = _UNKNOWN
+        self._prefix: str | None = None
 
     def answer(self, internal: str) -> View | None:
         answers = self.answers
@@ -205,8 +207,23 @@ class _KnownWalk:
         location: str | None = None
         if type(meta) is dict and "location" in meta:
             uri = meta["location"]
-            if type(uri) is str:  # inline: a method call per document costs ~4% of the walk
-                parsed = self.location(uri, own, own_type)
+            if own_type is not self._prefix_of:  # the page's documents share their type
+                self._prefix_of, self._prefix = own_type, self.own_prefix(own_type)
+            prefix = self._prefix
+            if (
+                prefix is not None
+                and type(uri) is str
+                and uri == prefix + own
+                and own
+                and "/" not in own
+                and "?" not in own
+                and "#" not in own
+            ):
+                # home's URI of the document itself (what parse_uri reads as its type and ID):
+                # its own type's endpoint at the broker, and its own ID there.
+                location = self.targets[own_type] + own_view.external_id  # type: ignore[index]
+            elif type(uri) is str:
+                parsed = self.planner.endpoints.parse_uri(uri, self.planner.source_base)
                 if parsed is not None:
                     moved = own_view if parsed[1] == own else self.answer(parsed[1])
                     if moved is None or (
@@ -238,9 +255,25 @@ class _KnownWalk:
             doc.pop(key, None)
         if own_view.domain_external_id is not None:
             doc["externalId"] = own_view.domain_external_id
-        if self.seal is not None and meta_keys == ("meta",):  # the common spelling: one meta
-            self.version(meta, own)
-        elif self.seal is not None:
+        seal = self.seal
+        if seal is None:
+            return True
+        if meta_keys == ("meta",) and type(meta) is dict:  # the common spelling: one meta
+            # :meth:`versions` of the one meta, inline (a call per document costs ~3%).
+            keys = tuple(meta)
+            names = self.version_keys.get(keys)
+            if names is None:
+                names = _spelled(meta, "version")
+                if len(self.version_keys) < 256:
+                    self.version_keys[keys] = names
+            for name in names:
+                value = meta[name]
+                tag = value.strip() if isinstance(value, str) else ""
+                if tag:
+                    meta[name] = seal(tag, own)
+                else:
+                    del meta[name]  # not a version the broker can seal: not shown raw either
+        elif meta_keys != ("meta",):
             self.versions(doc, meta_keys, own)
         return True
 
@@ -248,25 +281,15 @@ class _KnownWalk:
         """Whether an extension holds a reference attribute (the general path renders it)."""
         return any(self.refs.classify(k, urn)[1] is not None for k in extension)
 
-    def location(self, uri: str, own: str, own_type: str | None) -> tuple[str, str] | None:
-        """``meta.location`` as the planner reads it: home's URI of the document itself
-        (compared, not parsed, where it is home's base, the type's endpoint and the ID), or
-        parsed."""
+    def own_prefix(self, own_type: str | None) -> str | None:
+        """``{home's base}/{endpoint}/`` of ``own_type``, where ``meta.location`` is compared
+        rather than parsed (None: always parsed)."""
         prefix = self.own_prefixes.get(own_type, _UNKNOWN)
         if prefix is _UNKNOWN:
             prefix = None if own_type is None else self.planner._own_prefix(own_type)
             if len(self.own_prefixes) < 64:  # a type home names in meta: a handful
                 self.own_prefixes[own_type] = prefix
-        if (
-            prefix is not None
-            and uri == prefix + own
-            and own
-            and "/" not in own
-            and "?" not in own
-            and "#" not in own
-        ):
-            return own_type, own  # type: ignore[return-value]
-        return self.planner.endpoints.parse_uri(uri, self.planner.source_base)
+        return prefix  # type: ignore[no-any-return]
 
     def versions(self, doc: dict[str, Any], meta_keys: tuple[str, ...], own: str) -> None:
         """``meta.version`` sealed, as ``present_meta`` (in place) seals it."""
@@ -282,25 +305,6 @@ class _KnownWalk:
                     meta[name] = self.seal(tag, own)
                 else:
                     del meta[name]  # not a version the broker can seal: not shown raw either
-
-    def version(self, meta: Any, own: str) -> None:
-        """:meth:`versions` of the document's only ``meta``."""
-        assert self.seal is not None
-        if type(meta) is not dict:
-            return
-        keys = tuple(meta)
-        names = self.version_keys.get(keys)
-        if names is None:
-            names = _spelled(meta, "version")
-            if len(self.version_keys) < 256:
-                self.version_keys[keys] = names
-        for name in names:
-            value = meta[name]
-            tag = value.strip() if isinstance(value, str) else ""
-            if tag:
-                meta[name] = self.seal(tag, own)
-            else:
-                del meta[name]  # not a version the broker can seal: not shown raw either
 
     def values(self, values: Sequence[Any], attr: RefAttr) -> list[_Entry] | None:
         """What each value becomes, or None where one needs the general path (a shape the
