@@ -219,7 +219,7 @@ async def cache_bound(pool: asyncpg.Pool, entities: list[str]) -> None:
     for n in range(pages):
         page = entities[(n * 100) % len(entities) :][:100] or entities[:100]
         await store.resolve_outbound("P0", dict.fromkeys(page, "User"), mint=False)
-        largest = max(largest, len(cache.inbound) + len(cache.outbound))
+        largest = max(largest, cache.entries())
     print(
         f"cache: {pages:,} distinct pages through a cache of cache_entries={bound:,}: "
         f"at most {largest:,} entries held"

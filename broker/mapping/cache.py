@@ -65,9 +65,15 @@ class MappingCache:
         self.enabled = False
         self.generation = 0
         self.inbound: dict[tuple[str, str], str] = {}
-        self.outbound: dict[tuple[str, str], tuple[str, object]] = {}
+        self.outbound: dict[str, dict[str, tuple[str, object]]] = {}
+        """By domain: asked internal ID -> (the internal ID it resolved to, the answer); one
+        table per domain, so that a page's look-ups build no key (issue 15)."""
         # internal ID -> the keys whose answer depends on it
         self._depends: dict[str, set[tuple[str, str, str]]] = {}
+
+    def entries(self) -> int:
+        """How many answers are held, both directions."""
+        return len(self.inbound) + sum(len(t) for t in self.outbound.values())
 
     def get_inbound(self, domain: str, external_ids: Iterable[str]) -> dict[str, str]:
         if not self.enabled:
@@ -77,7 +83,8 @@ class MappingCache:
     def get_outbound(self, domain: str, asked: Iterable[str]) -> dict[str, object]:
         if not self.enabled:
             return {}
-        return {a: self.outbound[domain, a][1] for a in asked if (domain, a) in self.outbound}
+        table = self.outbound.get(domain, {})
+        return {a: table[a][1] for a in asked if a in table}
 
     def outbound_of(self, domain: str) -> Callable[[str], Any] | None:
         """A synchronous look-up of ``domain``'s cached outbound answers (None for an ID not
@@ -85,10 +92,12 @@ class MappingCache:
         when the cache is off."""
         if not self.enabled:
             return None
-        table = self.outbound
+        table = self.outbound.get(domain)
+        if table is None:
+            table = self.outbound[domain] = {}
 
         def get(asked: str) -> Any:
-            hit = table.get((domain, asked))
+            hit = table.get(asked)
             return None if hit is None else hit[1]
 
         return get
@@ -107,15 +116,18 @@ class MappingCache:
         answers = list(answers)
         if not self._may_store(generation, len(answers)):
             return
+        table = self.outbound.get(domain)
+        if table is None:
+            table = self.outbound[domain] = {}
         for asked, resolved, value in answers:
-            self.outbound[domain, asked] = (resolved, value)
+            table[asked] = (resolved, value)
             for internal in {asked, resolved}:
                 self._depends.setdefault(internal, set()).add(("out", domain, asked))
 
     def _may_store(self, generation: int, count: int) -> bool:
         if not self.enabled or generation != self.generation:
             return False
-        if len(self.inbound) + len(self.outbound) + count > self.max_entries:
+        if self.entries() + count > self.max_entries:
             self.clear()
         return True
 
@@ -124,8 +136,10 @@ class MappingCache:
         self.generation += 1
         for internal in internal_ids:
             for direction, domain, key in self._depends.pop(internal, ()):
-                table = self.inbound if direction == "in" else self.outbound
-                table.pop((domain, key), None)
+                if direction == "in":
+                    self.inbound.pop((domain, key), None)
+                else:
+                    self.outbound.get(domain, {}).pop(key, None)
 
     def clear(self) -> None:
         self.generation += 1
