@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from hypothesis import given, settings
@@ -16,6 +17,7 @@ from broker.scim.canonical import (
     PATCH_OP,
     canonical_patch,
     canonical_resource,
+    check_text,
     parse_body,
     path_segments,
 )
@@ -205,3 +207,27 @@ def test_every_spelling_of_an_attribute_gives_the_same_canonical_resource(
     doc = {user: "u", title: "t", manager: {"value": "m"}}
     expected = {"userName": "u", "title": "t", ENTERPRISE: {"manager": {"value": "m"}}}
     assert canonical_resource(doc, USER).attrs == expected
+
+
+def test_the_text_and_path_checks_refuse_exactly_the_characters_they_name() -> None:
+    """Every code point, against the rule written out: check_text refuses a control character
+    other than tab and newlines, or a lone surrogate; a path segment refuses any control
+    character (both searched by an expression since issue 15)."""
+    for point in range(0x110000):
+        char = chr(point)
+        refused = (point < 0x20 and char not in "\t\n\r") or 0xD800 <= point <= 0xDFFF
+        try:
+            check_text(f"a{char}b", "the value")
+        except InvalidValueError:
+            assert refused, hex(point)
+        else:
+            assert not refused, hex(point)
+        if point < 0x80:
+            in_path = f"/scim/v2/Users/a{quote(char, safe='')}b"
+            segment_refused = point < 0x20 or point == 0x7F or char in "/?#\\"
+            try:
+                path_segments(in_path)
+            except InvalidValueError:
+                assert segment_refused, hex(point)
+            else:
+                assert not segment_refused, hex(point)
