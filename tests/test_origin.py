@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import socket
+import struct
 import threading
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -383,6 +385,35 @@ async def test_read_to_close() -> None:
     assert wire.accepted == 2
 
 
+def reset(writer: asyncio.StreamWriter) -> None:
+    """End the connection with a TCP reset (RST), not an orderly close (FIN)."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\n\r\n",
+        CHUNKED + b"3\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n",
+    ],
+)
+async def test_reset_is_no_end_of_body(head: bytes) -> None:
+    """A reset connection cut the answer short: only an orderly close ends a body."""
+
+    async def reply(wire: Wire, request: bytes, writer: asyncio.StreamWriter) -> bool:
+        await say(writer, head + b"hel")
+        reset(writer)
+        return False
+
+    async with origin_for() as (origin, wire):
+        wire.reply = reply  # type: ignore[method-assign]
+        with pytest.raises(WireError):
+            await get(origin)
+
+
 @pytest.mark.parametrize(("size", "fits"), [(10, True), (11, False)])
 async def test_read_to_close_bounded(size: int, fits: bool) -> None:
     answer = b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * size
@@ -622,6 +653,20 @@ async def test_keep_alive(head: bytes, reused: bool) -> None:
 # --- stale connections and retries ------------------------------------------------------------
 
 
+async def test_idle_connection_end_seen_after_a_large_answer() -> None:
+    """An answer longer than a head came at once (reading paused): the connection goes idle
+    reading again, so home's closing it is seen before a POST is sent on it."""
+    body = b"b" * 100_000  # more than a head (MAX_HEAD), and within one read
+    big = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    async with origin_for(big, GOOD) as (origin, wire):
+        assert (await get(origin)).raw == body
+        [writer] = wire.writers
+        writer.close()
+        await until(lambda: origin._idle[0].ended, "the client saw the connection end")
+        answer = await origin.exchange("POST", "/x", headers={}, data=b"{}", limit=LIMIT)
+    assert (answer.raw, wire.accepted) == (b"GOOD", 2)
+
+
 async def test_stale_connection_get_retried_once() -> None:
     async with origin_for(OK5, None, GOOD) as (origin, wire):
         assert (await get(origin)).raw == b"hello"
@@ -668,7 +713,9 @@ async def test_started_answer_never_retried(started: bytes) -> None:
 
 
 async def never(wire: Wire, request: bytes, writer: asyncio.StreamWriter) -> bool:
-    if len(wire.requests) == 1:
+    # Keyed by path, not by order: on a loaded machine the client may time out before it has
+    # written its first request, and the next one must not meet this silence.
+    if request.startswith(b"GET /first "):
         return True  # no answer, and the connection stays open
     await say(writer, GOOD)
     return True
@@ -678,17 +725,17 @@ async def test_no_answer_times_out_and_closes() -> None:
     async with serving(never) as wire:
         origin = Origin(wire.url, timeout=0.2)
         with pytest.raises(TimeoutError):
-            await get(origin)
+            await get(origin, "/first")
         await until(lambda: wire.open == 0, "the connection closed")
         origin.timeout = 30
         assert (await get(origin)).raw == b"GOOD"
         await origin.close()
-    assert wire.accepted == 2
+    assert wire.accepted >= 2  # (a connection timed out early may be accepted late)
 
 
 def half_then_forge(sent: asyncio.Event, release: asyncio.Event) -> Callable[..., Awaitable[bool]]:
     async def reply(wire: Wire, request: bytes, writer: asyncio.StreamWriter) -> bool:
-        if len(wire.requests) > 1:
+        if not request.startswith(b"GET /first "):
             await say(writer, GOOD)
             return True
         await say(writer, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
@@ -705,7 +752,7 @@ async def test_cancelled_mid_answer_never_desyncs() -> None:
     sent, release = asyncio.Event(), asyncio.Event()
     async with serving(half_then_forge(sent, release)) as wire:
         origin = Origin(wire.url, timeout=30)
-        task = asyncio.create_task(get(origin))
+        task = asyncio.create_task(get(origin, "/first"))
         await sent.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -722,12 +769,12 @@ async def test_timeout_mid_answer_never_desyncs() -> None:
     async with serving(half_then_forge(sent, release)) as wire:
         origin = Origin(wire.url, timeout=0.2)
         with pytest.raises(TimeoutError):
-            await get(origin)
+            await get(origin, "/first")
         release.set()
         origin.timeout = 30
         assert (await get(origin)).raw == b"GOOD"
         await origin.close()
-    assert wire.accepted == 2
+    assert wire.accepted >= 2  # (a connection timed out early may be accepted late)
 
 
 # --- the request ------------------------------------------------------------------------------
