@@ -87,8 +87,9 @@ class WireError(ConnectionError):
 class _Connection(asyncio.Protocol):
     """One TCP (or TLS) connection: the bytes it received, and whether it has ended."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, tls: bool = False) -> None:
         self.loop = loop
+        self.tls = tls
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.ended = False
@@ -118,12 +119,21 @@ class _Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.ended = True
+        if self.tls:
+            # RFC 9112 section 9.8: over TLS only close_notify ends the stream in order; a TCP
+            # end without it (anyone on the path can send one) is an incomplete close. asyncio
+            # calls this for both: for close_notify while TLS is still up ("WRAPPED", or
+            # "FLUSHING" when the TCP end came first while reading was paused), for a bare TCP
+            # end only at its "SHUTDOWN". Where that cannot be read, the end is taken as broken.
+            protocol = getattr(self.transport, "_ssl_protocol", None)
+            state = getattr(getattr(protocol, "_state", None), "name", None)
+            self.broken = state not in ("WRAPPED", "FLUSHING")
         self._wake()
         return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.ended = True
-        self.broken = exc is not None
+        self.broken = self.broken or exc is not None
         self._wake()
 
     def _wake(self) -> None:
@@ -266,7 +276,7 @@ class Origin:
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         _, connection = await loop.create_connection(
-            lambda: _Connection(loop),
+            lambda: _Connection(loop, self._tls is not None),
             self._host,
             self._port,
             ssl=self._tls,

@@ -10,8 +10,11 @@ server that never answers, and asserts only the exception's type.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import gzip
+import ipaddress
 import socket
+import ssl
 import struct
 import threading
 import zlib
@@ -25,6 +28,10 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 import orjson
 import pytest
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from broker.http import AnswerTooLarge
 from broker.origin import MAX_HEAD, Origin, WireError, _Connection
@@ -959,6 +966,193 @@ async def test_connection_limit() -> None:
         await origin.close()
     assert [a.raw for a in answers] == [f"/{n}".encode() for n in range(10)]
     assert (wire.accepted, wire.most_open) == (2, 2)
+
+
+# --- TLS ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a self-signed certificate for 127.0.0.1, and a client context
+    trusting only it."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "home.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    directory = tmp_path_factory.mktemp("tls")
+    (directory / "cert.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (directory / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(directory / "cert.pem", directory / "key.pem")
+    client = ssl.create_default_context(cafile=str(directory / "cert.pem"))
+    return server, client
+
+
+@asynccontextmanager
+async def serving_tls(
+    reply: Callable[..., Awaitable[bool]], server_context: ssl.SSLContext
+) -> AsyncIterator[Wire]:
+    wire = Wire(reply)
+    server = await asyncio.start_server(wire.serve, "127.0.0.1", 0, ssl=server_context)
+    wire.url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        yield wire
+    finally:
+        server.close()
+        for writer in wire.writers:
+            writer.close()
+        await server.wait_closed()
+
+
+async def test_tls_keep_alive_and_orderly_close(tls: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    answers = script(OK5, Last(b"HTTP/1.1 200 OK\r\n\r\nto the end"))
+    async with serving_tls(answers, tls[0]) as wire:
+        origin = Origin(wire.url, timeout=30, ssl_context=tls[1])
+        assert (await get(origin)).raw == b"hello"
+        assert (await get(origin)).raw == b"to the end"  # closed with TLS close_notify
+        await origin.close()
+    assert wire.accepted == 1
+
+
+async def test_tls_large_answer_to_orderly_close(
+    tls: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    """More than a head at once (reading pauses, and the TCP end may come meanwhile), then
+    close_notify: a whole body."""
+    body = bytes(range(256)) * 1000
+    answers = script(Last(b"HTTP/1.0 200 OK\r\n\r\n" + body))
+    async with serving_tls(answers, tls[0]) as wire:
+        origin = Origin(wire.url, timeout=30, ssl_context=tls[1])
+        assert (await get(origin)).raw == body
+        await origin.close()
+
+
+async def tls_by_hand(
+    context: ssl.SSLContext,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    answer: bytes,
+    then: asyncio.Event,
+    *,
+    orderly: bool,
+) -> None:
+    """A TLS server in memory over a plain stream: it answers and, once ``then`` is set, sends
+    close_notify (if ``orderly``) and its TCP end at once, not waiting for the client's
+    close_notify (as servers that shut TLS down one way do)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls_object = context.wrap_bio(incoming, outgoing, server_side=True)
+
+    async def pumped(operation: Callable[[], Any]) -> Any:
+        while True:
+            try:
+                result = operation()
+            except ssl.SSLWantReadError:
+                await say(writer, outgoing.read())
+                incoming.write(await reader.read(65536) or b"")
+            else:
+                await say(writer, outgoing.read())
+                return result
+
+    await pumped(tls_object.do_handshake)
+    request = b""
+    while b"\r\n\r\n" not in request:
+        request += await pumped(lambda: tls_object.read(65536))
+    tls_object.write(answer)
+    await say(writer, outgoing.read())
+    await then.wait()
+    if orderly:
+        with suppress(ssl.SSLWantReadError):
+            tls_object.unwrap()  # close_notify, into ``outgoing``
+    await say(writer, outgoing.read())
+    writer.write_eof()
+
+
+@pytest.mark.parametrize("orderly", [True, False])
+async def test_tls_end_seen_while_reading_paused(
+    tls: tuple[ssl.SSLContext, ssl.SSLContext], orderly: bool
+) -> None:
+    """The TCP end comes while reading is paused: close_notify before it is still an orderly
+    end, and its absence a broken one (asyncio's TLS states, which origin.py reads)."""
+    done, paused = asyncio.Event(), asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        answer = b"HTTP/1.0 200 OK\r\n\r\n" + b"x" * 100
+        await tls_by_hand(tls[0], reader, writer, answer, paused, orderly=orderly)
+        await done.wait()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+    transport, connection = await loop.create_connection(
+        lambda: _Connection(loop, tls=True),
+        "127.0.0.1",
+        server.sockets[0].getsockname()[1],
+        ssl=tls[1],
+        server_hostname="127.0.0.1",
+    )
+    try:
+        connection.cap = 0  # reading pauses at the first bytes
+        transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await until(lambda: not transport.is_reading(), "reading paused")
+        paused.set()
+        tls_layer = transport._ssl_protocol  # type: ignore[attr-defined]
+        await until(lambda: tls_layer._eof_received, "the TCP end came")
+        assert tls_layer._state.name == "FLUSHING"
+        while not connection.ended:
+            await connection.more()
+        assert connection.buffer.endswith(b"x" * 100)
+        assert connection.broken is not orderly
+    finally:
+        transport.close()
+        done.set()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_tls_truncation_is_no_end_of_body(
+    tls: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    """A TCP FIN without TLS close_notify (what an attacker on the path can send) does not end
+    a body framed by the connection's end."""
+
+    async def reply(wire: Wire, request: bytes, writer: asyncio.StreamWriter) -> bool:
+        await say(writer, b"HTTP/1.1 200 OK\r\n\r\nhalf of it")
+        writer.get_extra_info("socket").shutdown(socket.SHUT_WR)
+        return True  # (the server's reading side stays until the client goes)
+
+    async with serving_tls(reply, tls[0]) as wire:
+        origin = Origin(wire.url, timeout=30, ssl_context=tls[1])
+        with pytest.raises(WireError):
+            await get(origin)
+        await origin.close()
+
+
+async def test_tls_certificate_checked(tls: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    async with serving_tls(script(OK5), tls[0]) as wire:
+        origin = Origin(wire.url, timeout=30)  # the system's roots: the test's is not among them
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await get(origin)
+    assert not wire.requests
 
 
 # --- real servers -------------------------------------------------------------------------------
