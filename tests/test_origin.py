@@ -1257,4 +1257,5 @@ async def test_real_home(home: Home) -> None:
         await origin.exchange("GET", "/Users", headers=headers, limit=10)
     gone = await origin.exchange("DELETE", f"/Users/{internal}", headers=headers, limit=LIMIT)
     assert gone.status == 204
+    assert not origin._idle  # home answers HTTP/1.0 without keep-alive: nothing kept
     await origin.close()
