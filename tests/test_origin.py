@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+import broker.origin as origin_module
 from broker.http import AnswerTooLarge
 from broker.origin import MAX_HEAD, Origin, WireError, _Connection
 from tests.scim_support import Home, new_user
@@ -655,6 +656,38 @@ async def test_keep_alive(head: bytes, reused: bool) -> None:
         assert (await get(origin)).raw == b"hello"
         assert (await get(origin)).raw == b"hello"
     assert wire.accepted == (1 if reused else 2)
+
+
+async def test_idle_too_long_not_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with origin_for(OK5, GOOD) as (origin, wire):
+        assert (await get(origin)).raw == b"hello"
+        monkeypatch.setattr(origin_module, "KEEP_IDLE", 0.0)
+        assert (await get(origin)).raw == b"GOOD"
+        await until(lambda: wire.open == 1, "the idle connection closed")
+    assert wire.accepted == 2
+
+
+async def test_close_ends_idle_and_busy_connections() -> None:
+    release = asyncio.Event()
+
+    async def reply(wire: Wire, request: bytes, writer: asyncio.StreamWriter) -> bool:
+        if request.startswith(b"GET /slow "):
+            await release.wait()
+        await say(writer, OK5)
+        return True
+
+    async with serving(reply) as wire:
+        origin = Origin(wire.url, timeout=30)
+        await get(origin)  # one idle connection
+        slow = asyncio.create_task(get(origin, "/slow"))  # takes it
+        await until(lambda: len(wire.requests) == 2, "the slow request came")
+        await get(origin)  # a second connection, idle again
+        assert wire.open == 2
+        await origin.close()
+        await until(lambda: wire.open == 1, "the idle connection closed")
+        release.set()
+        assert (await slow).raw == b"hello"
+        await until(lambda: wire.open == 0, "the busy connection closed after its answer")
 
 
 # --- stale connections and retries ------------------------------------------------------------
