@@ -13,7 +13,30 @@ are :class:`WireError` (or :class:`~broker.http.AnswerTooLarge`), never a guess.
 Redirects are answers, never followed (DESIGN section 8), as with :func:`broker.http.exchange`.
 A request that finds its reused connection closed before any byte of an answer came is sent
 once more on a new connection when its method is idempotent (RFC 9110 section 9.2.2), as
-aiohttp does; any other failure is the caller's to handle.
+aiohttp does; any other failure (an answer begun, even only a 1xx, then cut) is the caller's.
+
+Where RFC 9112 leaves a choice, the safe one is made (each has a test in tests/test_origin.py):
+
+- A head's lines end in CRLF only: a bare CR or LF, a NUL, obs-fold or a malformed field line
+  anywhere in it is a WireError, never a second way to split it. A head with LF endings is
+  never complete: it ends at the timeout (TimeoutError), at MAX_HEAD or at the connection's end
+  (WireError). At most MAX_INTERIM interim (1xx) answers are skipped; trailer fields are read
+  (up to MAX_HEAD bytes) and dropped.
+- Content-Length: ASCII digits only (at most 18), equal if repeated. Transfer-Encoding wins
+  over it (section 6.3), and the connection is then not reused; Transfer-Encoding in an HTTP/1.0
+  answer is a WireError (section 6.1). Transfer codings before ``chunked``, or without it (the
+  body then ends with the connection), may only be gzip or deflate, and are undone.
+- Only an orderly close (FIN) ends a body framed by the connection: a reset is a WireError.
+- A content coding (gzip, deflate; several are undone in turn) must be exactly one whole
+  stream: cut short, followed by other bytes or by a second gzip member, it is a WireError.
+- Bytes after an answer (after a 204, a 304, a HEAD's, or beyond Content-Length) are garbage:
+  the connection is closed, never read for the next answer. A cancelled or timed-out request
+  closes its connection too.
+- The request: the method and header names must be tokens, and the caller may not set Host,
+  Content-Length, Transfer-Encoding or Connection; a CR, LF or NUL in a value is refused
+  (ValueError, before any byte is sent). The path is quoted as aiohttp quoted it, except that
+  ``?``, ``#``, CR, LF and TAB in it are percent-encoded (never read as a query, a fragment, or
+  dropped), and a dot segment (``.``, ``..``, ``%2e``) is refused: it would leave home's base.
 """
 
 from __future__ import annotations
@@ -36,11 +59,24 @@ MAX_HEAD: Final = 65536
 """The longest answer head (status line and headers) read."""
 KEEP_IDLE: Final = 15.0
 """Seconds an idle connection is kept for the next request (aiohttp's default)."""
+MAX_INTERIM: Final = 16
+"""The most interim (1xx) answers skipped before the answer."""
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 _STATUS = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: [^\x00-\x08\x0a-\x1f\x7f]*)?")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FRAMING: Final = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+"""Request fields this client writes (or must not send): never the caller's."""
+_SENDABLE: set[str] = set()
+"""Header names (and methods) found to be tokens, and not framing: checked once each."""
 _FIELD_BREAK = re.compile(r"[\x00\r\n]")
+_DOT_SEGMENT = re.compile(r"(?:^|/)(?:\.|%2[eE]){1,2}(?=/|$)")
+_PATH_ESCAPES: Final = str.maketrans(
+    {"?": "%3F", "#": "%23", "\r": "%0D", "\n": "%0A", "\t": "%09"}
+)
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_INFLATE: Final = {"gzip": 47, "x-gzip": 47, "deflate": 15}
+"""The codings read (zlib's window bits for each); any other is a WireError."""
 _USER_AGENT: Final = "scim-id-broker"
 
 
@@ -51,16 +87,21 @@ class WireError(ConnectionError):
 class _Connection(asyncio.Protocol):
     """One TCP (or TLS) connection: the bytes it received, and whether it has ended."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, tls: bool = False) -> None:
         self.loop = loop
+        self.tls = tls
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.ended = False
         """The peer ended its side (or the connection was lost): no more bytes will come."""
+        self.broken = False
+        """It ended in an error (a reset), not in order: what came before may be cut short."""
         self.cap = MAX_HEAD
         """Reading pauses while the buffer holds more than this and the reader has not asked
         for more: a fast sender fills no more memory than the answer's bound."""
         self.idle_since = 0.0
+        self.answered = False
+        """Some byte came since the request was written (then it is never sent again)."""
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
 
@@ -70,6 +111,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        self.answered = True
         if len(self.buffer) > self.cap and self.transport is not None and not self._paused:
             self._paused = True  # until the reader has taken what it holds (:meth:`more`)
             self.transport.pause_reading()
@@ -77,11 +119,21 @@ class _Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.ended = True
+        if self.tls:
+            # RFC 9112 section 9.8: over TLS only close_notify ends the stream in order; a TCP
+            # end without it (anyone on the path can send one) is an incomplete close. asyncio
+            # calls this for both: for close_notify while TLS is still up ("WRAPPED", or
+            # "FLUSHING" when the TCP end came first while reading was paused), for a bare TCP
+            # end only at its "SHUTDOWN". Where that cannot be read, the end is taken as broken.
+            protocol = getattr(self.transport, "_ssl_protocol", None)
+            state = getattr(getattr(protocol, "_state", None), "name", None)
+            self.broken = state not in ("WRAPPED", "FLUSHING")
         self._wake()
         return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.ended = True
+        self.broken = self.broken or exc is not None
         self._wake()
 
     def _wake(self) -> None:
@@ -101,6 +153,13 @@ class _Connection(asyncio.Protocol):
             await self._waiter
         finally:
             self._waiter = None
+
+    def idle(self) -> None:
+        """Between answers: reading on (its end, or stray bytes, make it unusable)."""
+        self.idle_since = self.loop.time()
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
 
     def usable(self, now: float) -> bool:
         return (
@@ -174,7 +233,7 @@ class Origin:
                 except WireError:
                     # Closed by home while idle: nothing of an answer came, so the request
                     # may go again (only if sending it twice does what sending it once does).
-                    if connection.buffer or method not in _IDEMPOTENT:
+                    if connection.answered or method not in _IDEMPOTENT:
                         raise
             return await self._send(await self._connect(), method, head, data, limit)
 
@@ -186,12 +245,18 @@ class Origin:
         params: Mapping[str, str] | None,
         data: bytes | None,
     ) -> bytes:
+        if method not in _SENDABLE:
+            _check_token(method, "an HTTP method")
+        if not path.isprintable() or "?" in path or "#" in path or "/." in path or "/%2" in path:
+            path = _plain_path(path)
         url = yarl.URL(self.base_url + path)  # quoted as aiohttp quoted it
         if params:
             url = url.extend_query(params)
         lines = [f"{method} {url.raw_path_qs} HTTP/1.1\r\n{self._fixed}"]
         for name, value in headers.items():
-            if _FIELD_BREAK.search(name) or _FIELD_BREAK.search(value):
+            if name not in _SENDABLE:
+                _check_token(name, "a header name the caller may send")
+            if not value.isprintable() and _FIELD_BREAK.search(value):
                 raise ValueError(f"the header {name!r} holds a line break or NUL")
             lines.append(f"{name}: {value}\r\n")
         if data is not None or method in ("POST", "PUT", "PATCH"):
@@ -211,7 +276,7 @@ class Origin:
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         _, connection = await loop.create_connection(
-            lambda: _Connection(loop),
+            lambda: _Connection(loop, self._tls is not None),
             self._host,
             self._port,
             ssl=self._tls,
@@ -225,25 +290,46 @@ class Origin:
         done = False
         try:
             assert connection.transport is not None
+            connection.answered = False
             connection.transport.write(head + data if data else head)
             answer, reusable = await _read_answer(connection, method, limit)
             done = reusable
             return answer
         finally:
             if done and not self._closed:
-                connection.idle_since = connection.loop.time()
+                connection.idle()
                 self._idle.append(connection)
             else:
                 connection.close()
 
 
+def _check_token(text: str, what: str) -> None:
+    """ValueError unless ``text`` is a token (RFC 9110 section 5.6.2) and not a framing field;
+    then it is remembered (a few names and methods, from the broker's own code)."""
+    if _NAME.fullmatch(text) is None or text.lower() in _FRAMING:
+        raise ValueError(f"not {what}: {text!r}")
+    if len(_SENDABLE) < 256:
+        _SENDABLE.add(text)
+
+
+def _plain_path(path: str) -> str:
+    """``path`` with what yarl would read as other than path characters percent-encoded (a
+    query, a fragment; CR, LF and TAB it drops); ValueError if it holds a dot segment (which
+    yarl resolves: the request would leave home's base path, or name another resource)."""
+    if _DOT_SEGMENT.search(path) is not None:
+        raise ValueError(f"the path holds a dot segment: {path!r}")
+    return path.translate(_PATH_ESCAPES)
+
+
 async def _read_answer(connection: _Connection, method: str, limit: int) -> tuple[Answer, bool]:
     """The answer on ``connection``, and whether the connection may carry another request."""
     connection.cap = MAX_HEAD
-    while True:
+    for _ in range(MAX_INTERIM + 1):
         version, status, headers = await _read_head(connection)
         if not 100 <= status < 200 or status == 101:
             break  # an interim answer (100 Continue, 103 Early Hints) is skipped
+    else:
+        raise WireError(f"home answered more than {MAX_INTERIM} interim (1xx) answers")
     fields = CIMultiDict(headers)
     tokens = {t.strip().lower() for v in fields.getall("Connection", ()) for t in v.split(",")}
     reusable = "close" not in tokens if version == 1 else "keep-alive" in tokens
@@ -253,14 +339,8 @@ async def _read_answer(connection: _Connection, method: str, limit: int) -> tupl
     if method == "HEAD" or status in (204, 304):
         raw = b""
     elif "Transfer-Encoding" in fields:
-        codings = [
-            c.strip().lower() for v in fields.getall("Transfer-Encoding") for c in v.split(",")
-        ]
-        if codings[-1] == "chunked":
-            raw = await _read_chunked(connection, limit, fields, status)
-        else:
-            raw = await _read_to_end(connection, limit, fields, status)
-            reusable = False
+        raw = await _read_coded(connection, version, limit, fields, status)
+        reusable = False if "Content-Length" in fields else reusable
     elif "Content-Length" in fields:
         length = _content_length(fields.getall("Content-Length"))
         if length > limit:
@@ -269,30 +349,67 @@ async def _read_answer(connection: _Connection, method: str, limit: int) -> tupl
     else:
         raw = await _read_to_end(connection, limit, fields, status)
         reusable = False
-    raw = _decoded(raw, fields, limit, status)
+    if "Content-Encoding" in fields and raw:
+        codings = fields.getall("Content-Encoding")
+        for coding in reversed([c.strip().lower() for v in codings for c in v.split(",")]):
+            if coding not in ("", "identity"):
+                raw = _inflated(raw, coding, limit, status, fields)
     content_type = fields.get("Content-Type", "application/octet-stream")
     media = content_type.split(";", 1)[0].strip().lower()
     answer = Answer(status, fields, raw=raw, content_type=media)
     return answer, reusable and not connection.ended and not connection.buffer
 
 
+async def _read_coded(
+    connection: _Connection, version: int, limit: int, fields: CIMultiDict[str], status: int
+) -> bytes:
+    """A body in transfer codings (RFC 9112 section 6.3): framed by ``chunked`` when that is
+    the last, else by the connection's end; the others (gzip, deflate) undone. ``chunked``
+    with a Content-Length too (the latter ignored) leaves the connection unusable after it
+    (the caller's part); in an HTTP/1.0 answer, Transfer-Encoding is a WireError (section 6.1:
+    its framing is faulty)."""
+    if version == 0:
+        raise WireError("home answered HTTP/1.0 with a Transfer-Encoding")
+    codings = [c.strip().lower() for v in fields.getall("Transfer-Encoding") for c in v.split(",")]
+    chunked = codings[-1] == "chunked"
+    if chunked:
+        codings.pop()
+    if any(coding not in _INFLATE for coding in codings):
+        raise WireError(f"home answered in a transfer coding the broker cannot read: {codings}")
+    if chunked:
+        raw = await _read_chunked(connection, limit, fields, status)
+    else:
+        raw = await _read_to_end(connection, limit, fields, status)
+    for coding in reversed(codings):
+        raw = _inflated(raw, coding, limit, status, fields)
+    return raw
+
+
 async def _read_head(connection: _Connection) -> tuple[int, int, list[tuple[str, str]]]:
+    """A status line and header fields, up to CRLF CRLF. A bare CR or LF, or a NUL, anywhere in
+    it is a WireError (never a second way to split lines), as is obs-fold."""
     buffer = connection.buffer
-    while (end := buffer.find(b"\r\n\r\n")) < 0:
+    searched = 0
+    while (end := buffer.find(b"\r\n\r\n", searched)) < 0:
         if len(buffer) > MAX_HEAD:
             raise WireError(f"home's answer head is longer than {MAX_HEAD} bytes")
+        searched = max(0, len(buffer) - 3)
         await connection.more()
-    if end > MAX_HEAD:
+    if end > MAX_HEAD - 4:
         raise WireError(f"home's answer head is longer than {MAX_HEAD} bytes")
-    lines = bytes(buffer[:end]).split(b"\r\n")
+    head = bytes(buffer[:end])
     del buffer[: end + 4]
+    lines = head.split(b"\r\n")
+    breaks = len(lines) - 1
+    if head.count(b"\n") != breaks or head.count(b"\r") != breaks or b"\x00" in head:
+        raise WireError("home answered a head with a bare CR or LF, or a NUL")
     status_line = _STATUS.fullmatch(lines[0])
     if status_line is None:
         raise WireError(f"home answered no HTTP/1.x status line: {lines[0][:80]!r}")
     headers = []
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
-        if not colon or _TOKEN.fullmatch(name) is None or b"\x00" in value:
+        if not colon or _TOKEN.fullmatch(name) is None:
             raise WireError(f"home answered a malformed header line: {line[:80]!r}")
         headers.append((name.decode("ascii"), value.strip(b" \t").decode("latin-1")))
     return int(status_line[1]), int(status_line[2]), headers
@@ -300,7 +417,12 @@ async def _read_head(connection: _Connection) -> tuple[int, int, list[tuple[str,
 
 def _content_length(values: list[str]) -> int:
     found = {v.strip() for value in values for v in value.split(",")}
-    if len(found) != 1 or not (length := found.pop()).isdigit() or not length.isascii():
+    if (
+        len(found) != 1
+        or not (length := found.pop()).isdigit()
+        or not length.isascii()
+        or len(length) > 18
+    ):
         raise WireError(f"home answered an unreadable Content-Length: {values!r}")
     return int(length)
 
@@ -329,6 +451,8 @@ async def _read_to_end(
             await connection.more()
         except WireError:
             break
+    if connection.broken:
+        raise WireError("the connection broke (not closed in order) before the answer's end")
     if len(buffer) > limit:
         raise AnswerTooLarge(limit, status, fields)
     raw = bytes(buffer)
@@ -363,30 +487,33 @@ async def _read_chunked(
             raise WireError("home answered a chunk not ended by CRLF")
         body += buffer[start : start + size]
         del buffer[: start + size + 2]
+    trailers = 0
     while (end := buffer.find(b"\r\n")) != 0:  # trailer fields, up to the empty line
+        if len(buffer) > MAX_HEAD or trailers > MAX_HEAD:
+            raise WireError(f"home answered trailer fields longer than {MAX_HEAD} bytes")
         if end < 0:
-            if len(buffer) > MAX_HEAD:
-                raise WireError(f"home answered trailer fields longer than {MAX_HEAD} bytes")
             await connection.more()
         else:
+            trailers += end + 2
             del buffer[: end + 2]
     del buffer[:2]
     return bytes(body)
 
 
-def _decoded(raw: bytes, fields: CIMultiDict[str], limit: int, status: int) -> bytes:
-    """The body without its content coding (never asked for, but a server may still send
-    gzip); AnswerTooLarge if it inflates beyond ``limit``."""
-    coding = fields.get("Content-Encoding", "identity").strip().lower()
-    if coding in ("", "identity") or not raw:
-        return raw
-    if coding in ("gzip", "x-gzip", "deflate"):
-        inflater = zlib.decompressobj(47 if coding != "deflate" else 15)
-        try:
-            out = inflater.decompress(raw, limit + 1)
-        except zlib.error as exc:
-            raise WireError(f"home answered a {coding} body that does not inflate: {exc}") from None
-        if len(out) > limit:
-            raise AnswerTooLarge(limit, status, fields)
-        return out
-    raise WireError(f"home answered in a content coding the broker cannot read: {coding!r}")
+def _inflated(raw: bytes, coding: str, limit: int, status: int, fields: CIMultiDict[str]) -> bytes:
+    """``raw`` without ``coding`` (gzip, deflate: never asked for, but a server may still
+    send them); AnswerTooLarge if it inflates beyond ``limit``, WireError if ``raw`` is not
+    exactly one whole stream of it (cut short, followed by other bytes, or another coding)."""
+    wbits = _INFLATE.get(coding)
+    if wbits is None:
+        raise WireError(f"home answered in a coding the broker cannot read: {coding!r}")
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(raw, limit + 1)
+    except zlib.error as exc:
+        raise WireError(f"home answered a {coding} body that does not inflate: {exc}") from None
+    if len(out) > limit:
+        raise AnswerTooLarge(limit, status, fields)
+    if not inflater.eof or inflater.unused_data:
+        raise WireError(f"home answered a {coding} body cut short or followed by other bytes")
+    return out
