@@ -817,6 +817,104 @@ async def test_timeout_mid_answer_never_desyncs() -> None:
     assert wire.accepted >= 2  # (a connection timed out early may be accepted late)
 
 
+async def second_stalls(wire: Wire, request: bytes, writer: asyncio.StreamWriter) -> bool:
+    """``/first`` is answered and its connection kept; ``/second`` gets half an answer the
+    connection's end would delimit, then nothing; anything else is answered."""
+    if request.startswith(b"GET /first "):
+        await say(writer, GOOD)
+    elif request.startswith(b"GET /second "):
+        await say(writer, b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nHALF")
+    else:
+        await say(writer, GOOD)
+    return True
+
+
+async def test_a_reused_connection_that_stalls_times_out_and_is_never_an_answer() -> None:
+    """The request on a kept connection is bounded by a timer of its own (not asyncio.timeout,
+    issue 15): when it fires, the half answer the connection's end would have delimited is a
+    TimeoutError, never a body cut short; the next request goes on a new connection."""
+    async with serving(second_stalls) as wire:
+        origin = Origin(wire.url, timeout=30)
+        assert (await get(origin, "/first")).raw == b"GOOD"
+        origin.timeout = 0.2
+        with pytest.raises(TimeoutError):
+            await get(origin, "/second")
+        await until(lambda: wire.open == 0, "the stalled connection closed")
+        origin.timeout = 30
+        assert (await get(origin, "/third")).raw == b"GOOD"
+        await origin.close()
+    assert wire.accepted == 2
+    assert [request_line(r) for r in wire.requests] == [
+        b"GET /first HTTP/1.1",
+        b"GET /second HTTP/1.1",
+        b"GET /third HTTP/1.1",
+    ]
+
+
+async def test_cancelled_mid_answer_on_a_reused_connection_never_desyncs() -> None:
+    sent, release = asyncio.Event(), asyncio.Event()
+    async with serving(half_then_forge(sent, release)) as wire:
+        origin = Origin(wire.url, timeout=30)
+        assert (await get(origin, "/warm")).raw == b"GOOD"  # the connection is kept
+        task = asyncio.create_task(get(origin, "/first"))
+        await sent.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        second = [await get(origin) for _ in range(2)]
+        await origin.close()
+    assert [a.raw for a in second] == [b"GOOD", b"GOOD"]
+    assert wire.accepted == 2
+
+
+async def test_a_request_waiting_for_a_slot_is_bounded_by_the_timeout_and_frees_nothing() -> None:
+    """With one connection allowed and it stalled, a second request waits for the slot and
+    times out; a cancelled wait hands no slot away, and the slot serves once freed."""
+    stalled, release = asyncio.Event(), asyncio.Event()
+
+    async def reply(wire: Wire, request: bytes, writer: asyncio.StreamWriter) -> bool:
+        if request.startswith(b"GET /stall "):
+            stalled.set()
+            await release.wait()
+        await say(writer, GOOD)
+        return True
+
+    async with serving(reply) as wire:
+        origin = Origin(wire.url, timeout=30, connections=1)
+        first = asyncio.create_task(get(origin, "/stall"))
+        await stalled.wait()
+        origin.timeout = 0.2
+        with pytest.raises(TimeoutError):
+            await get(origin, "/waits")
+        cancelled = asyncio.create_task(get(origin, "/cancelled"))
+        await until(lambda: len(origin._waiting) == 1, "the request waits for the slot")
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        origin.timeout = 30
+        release.set()
+        assert (await first).raw == b"GOOD"
+        assert (await get(origin, "/after")).raw == b"GOOD"
+        await origin.close()
+    assert (wire.accepted, wire.most_open) == (1, 1)
+    assert b"GET /waits HTTP/1.1" not in [request_line(r) for r in wire.requests]
+
+
+async def test_a_slot_handed_to_a_wait_cancelled_before_it_resumed_is_not_lost() -> None:
+    origin = Origin("http://127.0.0.1:9", timeout=30, connections=1)
+    await origin._acquire()
+    waiter = asyncio.create_task(origin._acquire())
+    await until(lambda: len(origin._waiting) == 1, "the second request waits")
+    origin._release()  # the slot goes to the waiting request...
+    waiter.cancel()  # ...which is cancelled before it runs again
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert origin._busy == 0, "the slot was passed on, not lost"
+    await origin._acquire()  # and it serves the next request at once
+    assert origin._busy == 1
+
+
 # --- the request ------------------------------------------------------------------------------
 
 
