@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from broker.admin.domains import update_from_json
-from broker.app import create_app
+from broker.app import DELIVERER, create_app
 from broker.cli.domains import saved_warning
 from broker.config import Config, DatabaseConfig, HomeConfig, PropagationConfig, ServerConfig
 from broker.domains import DomainUpdate
@@ -139,6 +139,34 @@ async def test_a_disabled_domain_is_refused_with_403_and_its_deliveries_wait_unt
         "SELECT action FROM audit_log WHERE subject = 'P1' ORDER BY id"
     )
     assert [r["action"] for r in audited][-2:] == ["domain_disable", "domain_enable"]
+
+
+async def test_a_peer_disabled_after_the_worker_read_its_peers_is_not_delivered_to(
+    broker: tuple[Broker, Home, Home],
+) -> None:
+    """The worker's list of peers is read at most once a second (and cleared by the domain
+    change's notification, which may come late under load): the claim itself checks the
+    peer's state, so a peer disabled after the list was read gets nothing meanwhile."""
+    running, p1, p2 = broker
+    claims = running.app[DELIVERER].claims
+    await claims.push_peers(claims.monotonic() + 10)  # read now, P1 active
+    read = claims._peers
+    assert "P1" in [peer.id for peer in read[1]]
+    status, _ = await admin(running, "POST", "/admin/domains/P1/disable")
+    assert status == 200
+    await until(
+        lambda: "P1" not in [peer.id for peer in claims._peers[1]], "the worker heard of it"
+    )
+    claims._peers = (claims.monotonic() + 3600, read[1])  # as if the notification were late
+    _, alice = await home_tool(running, "POST", "/Users", new_user(displayName="Alice"))
+    await until(lambda: held(p2)["Users"], "P2 (enabled) gets Alice")
+    await until(lambda: _pending_only(running), "only P1's delivery left, and it waits")
+    assert held(p1)["Users"] == []
+    claims.forget_peers()
+    status, _ = await admin(running, "POST", "/admin/domains/P1/enable")
+    await quiesce(running)
+    assert [u["displayName"] for u in held(p1)["Users"]] == ["Alice"]
+    assert_no_internal_id(p1, {alice["id"]})
 
 
 async def _pending_only(running: Broker) -> bool:

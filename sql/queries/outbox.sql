@@ -50,6 +50,9 @@ WITH ready AS (
     WHERE o.domain_id = $1
       AND ((o.state = 'pending' AND o.next_attempt_at <= now())
            OR (o.state = 'in_flight' AND o.lease_until < now()))
+      -- The peer as it is now, not as the worker's list of peers (read up to a second ago)
+      -- says: nothing is claimed toward a peer disabled since (evaluated once a statement).
+      AND EXISTS (SELECT 1 FROM domains d WHERE d.id = $1 AND d.status NOT IN ('disabled', 'removed'))
       -- OFFSET 0 keeps this a per-row probe of outbox_by_entity: with statistics that saw an
       -- empty queue, the planner otherwise turns it into an anti-join of every pending row
       -- with every other (seconds per claim at a few thousand rows).
@@ -134,6 +137,8 @@ ORDER BY c.id
 WITH candidate AS MATERIALIZED (
     SELECT o.id, o.domain_id, p.room
     FROM unnest($1::text[], $3::int[]) AS p(domain_id, room)
+    -- Only peers not disabled meanwhile (see claim_deliveries).
+    JOIN domains d ON d.id = p.domain_id AND d.status NOT IN ('disabled', 'removed')
     CROSS JOIN unnest($2::text[]) AS w(internal_id)
     -- The pair's oldest unfinished row, read from outbox_by_entity as the first entry at or
     -- after (peer, entity) in its order: the row belongs to the pair only if the next lateral
