@@ -8,7 +8,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import ssl
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -82,12 +81,11 @@ class HomeClient:
         timeout: float = 30.0,
         schema_ttl: float = 300.0,
         limit: int = MAX_ANSWER,
-        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.limit = limit
         """The longest answer read; a longer one is left unread (HomeUnavailable)."""
         self.base_url = base_url.rstrip("/")
-        self._origin = Origin(self.base_url, timeout=timeout, ssl_context=ssl_context)
+        self._origin = Origin(self.base_url, timeout=timeout)
         self._sent = {"Accept": SCIM_JSON}
         if token:
             self._sent["Authorization"] = f"Bearer {token}"
