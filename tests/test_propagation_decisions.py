@@ -41,7 +41,7 @@ from broker.propagation.decisions import (
     users_to_scope,
 )
 from broker.propagation.documents import PATCH_SCHEMA
-from broker.propagation.policy import Failure, Verdict
+from broker.propagation.policy import Failure, Verdict, unanswered
 
 CORE_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
@@ -366,3 +366,14 @@ def test_a_400_with_an_error_code_is_the_receivers_refusal() -> None:
 )
 def test_any_other_answer_to_a_set_is_judged_as_a_peers(status: int, body: Any) -> None:
     assert set_answer(status, body) is False
+
+
+def test_no_answer_is_retried_and_says_who_did_not_answer() -> None:
+    failure = unanswered("POST /Users", TimeoutError())
+    assert failure.verdict is Verdict.TRANSIENT
+    assert failure.reason == (
+        "POST /Users: the peer did not answer (TimeoutError); retrying until it does"
+    )
+    pushed = unanswered("SET abc", ConnectionResetError(), by="the receiver")
+    assert pushed.verdict is Verdict.TRANSIENT
+    assert "the receiver did not answer (ConnectionResetError)" in pushed.reason

@@ -25,7 +25,7 @@ from broker.propagation.bulk import (
     operation_answers,
     take,
 )
-from broker.propagation.policy import Failure, Verdict, judge, too_large
+from broker.propagation.policy import Failure, Verdict, judge, too_large, unanswered
 
 __all__ = ["BULK_REST", "REFUSED_BULK", "BulkCombiner", "PeerCalls"]
 
@@ -219,11 +219,7 @@ class BulkCombiner:
                 f"HTTP {exc.status} with an answer over {exc.limit} bytes, left unread"
             ) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise Failure(
-                Verdict.TRANSIENT,
-                f"POST /Bulk: the peer did not answer ({type(exc).__name__}); "
-                "retrying until it does",
-            ) from exc
+            raise unanswered("POST /Bulk", exc) from exc
         self.bulk_requests += 1
         self.bulk_operations += len(operations)
         body = answer.json_or_none()

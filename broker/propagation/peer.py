@@ -25,7 +25,7 @@ from broker.propagation.bulk import (
     bulkable,
 )
 from broker.propagation.combining import BulkCombiner
-from broker.propagation.policy import Failure, Verdict, judge, too_large
+from broker.propagation.policy import Failure, Verdict, judge, too_large, unanswered
 
 __all__ = ["BULK_OPERATIONS", "MAX_ANSWER", "Answer", "PeerClient", "peer_credential"]
 
@@ -145,11 +145,7 @@ class PeerClient:
         except AnswerTooLarge as exc:
             raise too_large(exc.status, exc.limit, exc.headers, f"{method} {path}") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise Failure(
-                Verdict.TRANSIENT,
-                f"{method} {path}: the peer did not answer ({type(exc).__name__}); "
-                "retrying until it does",
-            ) from exc
+            raise unanswered(f"{method} {path}", exc) from exc
         if is_redirect(answer.status):
             # Never followed and never handed on: no caller may read a 3xx as a success.
             raise judge(answer.status, answer.json_or_none(), answer.headers, f"{method} {path}")

@@ -96,6 +96,15 @@ def judge(status: int, body: Any, headers: Mapping[str, str], what: str) -> Fail
     )
 
 
+def unanswered(what: str, exc: BaseException, by: str = "the peer") -> Failure:
+    """The failure of ``what`` that got no answer (a connection refused or cut, a timeout):
+    retried until one comes."""
+    return Failure(
+        Verdict.TRANSIENT,
+        f"{what}: {by} did not answer ({type(exc).__name__}); retrying until it does",
+    )
+
+
 def too_large(status: int, limit: int, headers: Mapping[str, str], what: str) -> Failure:
     """The failure an answer to ``what`` longer than ``limit`` bytes is (left unread). A status
     that may pass by itself (5xx, 429) is retried as that status is; any other is a dead letter:

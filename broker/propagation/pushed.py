@@ -14,7 +14,7 @@ from broker.http import SET_TYPE, AnswerTooLarge, exchange
 from broker.propagation.decisions import SetRefused, set_answer
 from broker.propagation.delivery import Claim, Peer
 from broker.propagation.peer import MAX_ANSWER, peer_credential
-from broker.propagation.policy import Failure, Verdict, judge, too_large
+from broker.propagation.policy import Failure, Verdict, judge, too_large, unanswered
 
 __all__ = ["SetPusher"]
 
@@ -66,10 +66,7 @@ class SetPusher:
         except AnswerTooLarge as exc:
             raise too_large(exc.status, exc.limit, exc.headers, what) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise Failure(
-                Verdict.TRANSIENT,
-                f"{what}: the receiver did not answer ({type(exc).__name__}); retrying until it does",
-            ) from exc
+            raise unanswered(what, exc, by="the receiver") from exc
         body = answer.json_or_none()
         outcome = set_answer(answer.status, body)
         if outcome is True:
