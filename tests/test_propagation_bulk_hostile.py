@@ -37,6 +37,7 @@ from broker.propagation.policy import Failure, Verdict
 from broker.scim.guard import IdShape
 from tests.propagation_support import (
     FAST,
+    Gate,
     crowd,
     federation,
     gate,
@@ -501,23 +502,37 @@ async def each_created_once_and_mapped(broker: Broker, peer: Home, users: list[A
     assert dead == 0
 
 
-async def test_a_real_peer_refusing_bulk_gets_each_create_once_alone(
-    db_url: str, home: Home, peer_server: Home, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    peer = tenant(peer_server, "nobulk")
+@asynccontextmanager
+async def bulk_federation(
+    db_url: str, home: Home, peer_server: Home, monkeypatch: pytest.MonkeyPatch, name: str
+) -> AsyncIterator[tuple[Broker, Gate, Home]]:
+    """A federation whose one peer P1 (the real peer's tenant ``name``) sits behind a gate,
+    with Bulk on and two writes at once: the broker, the gate and the peer."""
+    peer = tenant(peer_server, name)
     two = FAST.model_copy(update={"concurrency": 2, "bulk_operations": 32})
     async with gate(peer) as front:
-        front.refuse_bulk = 501
         async for broker in federation(
             db_url, home, {"P1": front.url}, monkeypatch, peer_server.token, two
         ):
-            users = await crowd(broker, front, [new_user() for _ in range(4)])
-            assert front.refused, "Bulk was tried"
-            assert len(front.refused) == 1, "and not again while the peer rests from it"
-            assert len(front.refused[0]["Operations"]) >= 2
-            creates = [p for m, p, _ in front.forwarded if m == "POST" and p == "/Users"]
-            assert len(creates) == len(users), "each create sent alone, once"
-            await each_created_once_and_mapped(broker, peer, users)
+            yield broker, front, peer
+
+
+async def test_a_real_peer_refusing_bulk_gets_each_create_once_alone(
+    db_url: str, home: Home, peer_server: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with bulk_federation(db_url, home, peer_server, monkeypatch, "nobulk") as (
+        broker,
+        front,
+        peer,
+    ):
+        front.refuse_bulk = 501
+        users = await crowd(broker, front, [new_user() for _ in range(4)])
+        assert front.refused, "Bulk was tried"
+        assert len(front.refused) == 1, "and not again while the peer rests from it"
+        assert len(front.refused[0]["Operations"]) >= 2
+        creates = [p for m, p, _ in front.forwarded if m == "POST" and p == "/Users"]
+        assert len(creates) == len(users), "each create sent alone, once"
+        await each_created_once_and_mapped(broker, peer, users)
 
 
 async def test_creates_whose_bulk_answer_was_lost_are_found_by_their_handle_not_made_twice(
@@ -525,23 +540,22 @@ async def test_creates_whose_bulk_answer_was_lost_are_found_by_their_handle_not_
 ) -> None:
     # The peer made the creates; the broker never heard. Each retry looks for its correlation
     # handle first (the create's pending row says it was tried), finds the account and maps it.
-    peer = tenant(peer_server, "lost")
-    two = FAST.model_copy(update={"concurrency": 2, "bulk_operations": 32})
-    async with gate(peer) as front:
+    async with bulk_federation(db_url, home, peer_server, monkeypatch, "lost") as (
+        broker,
+        front,
+        peer,
+    ):
         front.lose_bulk = 1
-        async for broker in federation(
-            db_url, home, {"P1": front.url}, monkeypatch, peer_server.token, two
-        ):
-            users = await crowd(broker, front, [new_user() for _ in range(4)])
-            assert front.lose_bulk == 0, "a Bulk answer was lost"
-            bulks = [body for m, p, body in front.forwarded if p == "/Bulk"]
-            lost = [op for op in bulks[0]["Operations"] if op["method"] == "POST"]
-            assert len(lost) >= 2
-            await each_created_once_and_mapped(broker, peer, users)
-            home_ids = {u["id"] for u in users}
-            for _, _, body in front.forwarded:
-                text = json.dumps(body)
-                assert not any(i in text for i in home_ids), "no internal ID reached the peer"
+        users = await crowd(broker, front, [new_user() for _ in range(4)])
+        assert front.lose_bulk == 0, "a Bulk answer was lost"
+        bulks = [body for m, p, body in front.forwarded if p == "/Bulk"]
+        lost = [op for op in bulks[0]["Operations"] if op["method"] == "POST"]
+        assert len(lost) >= 2
+        await each_created_once_and_mapped(broker, peer, users)
+        home_ids = {u["id"] for u in users}
+        for _, _, body in front.forwarded:
+            text = json.dumps(body)
+            assert not any(i in text for i in home_ids), "no internal ID reached the peer"
 
 
 async def test_home_text_that_reads_as_a_bulk_id_reference_reaches_a_real_peer_as_text(
@@ -549,14 +563,13 @@ async def test_home_text_that_reads_as_a_bulk_id_reference_reaches_a_real_peer_a
 ) -> None:
     # In a Bulk request a peer reads "bulkId:0" as the ID of the account operation 0 created
     # (RFC 7644 section 3.7.2): such a write goes alone, and home's title arrives as text.
-    peer = tenant(peer_server, "refs")
-    two = FAST.model_copy(update={"concurrency": 2, "bulk_operations": 32})
-    async with gate(peer) as front:
-        async for broker in federation(
-            db_url, home, {"P1": front.url}, monkeypatch, peer_server.token, two
-        ):
-            bodies = [new_user(title="bulkId:0") for _ in range(4)]
-            users = await crowd(broker, front, bodies, together=False)
-            await each_created_once_and_mapped(broker, peer, users)
-            assert {u.get("title") for u in held(peer)["Users"]} == {"bulkId:0"}
-            assert not [p for _, p, _ in front.forwarded if p == "/Bulk"]
+    async with bulk_federation(db_url, home, peer_server, monkeypatch, "refs") as (
+        broker,
+        front,
+        peer,
+    ):
+        bodies = [new_user(title="bulkId:0") for _ in range(4)]
+        users = await crowd(broker, front, bodies, together=False)
+        await each_created_once_and_mapped(broker, peer, users)
+        assert {u.get("title") for u in held(peer)["Users"]} == {"bulkId:0"}
+        assert not [p for _, p, _ in front.forwarded if p == "/Bulk"]
