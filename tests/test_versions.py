@@ -76,6 +76,33 @@ def test_sealing_is_deterministic_so_if_none_match_caching_works() -> None:
     )
 
 
+def test_the_memo_answers_what_sealing_afresh_gives_across_versions_domains_and_a_full_memo(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the memo keeps (one version per domain and resource) is never a stale answer: a
+    resource read at a new version, the same resource in another domain, the same version of
+    another resource, and the answers after the memo filled up and was dropped, are each what a
+    sealer with no memo gives."""
+    sealer = VersionSealer(KEY)
+    monkeypatch.setattr(sealer, "MEMO_SIZE", 3)
+    fresh = VersionSealer(KEY)
+
+    def afresh(version: str, domain: str, internal_id: str) -> str:
+        fresh._sealed.clear()
+        return fresh.seal(version, domain=domain, internal_id=internal_id)
+
+    asked = [
+        ('W/"1"', "D", ALICE), ('W/"2"', "D", ALICE), ('W/"1"', "D", ALICE),
+        ('W/"1"', "E", ALICE), ('W/"1"', "D", BOB), ('"9"', "E", BOB),
+        ('W/"2"', "D", ALICE), ('W/"1"', "D", BOB),
+    ]  # fmt: skip
+    for version, domain, internal_id in asked * 2:
+        expected = afresh(version, domain, internal_id)
+        assert sealer.seal(version, domain=domain, internal_id=internal_id) == expected
+        assert sealer.sealing(domain)(version, internal_id) == expected
+        assert sum(len(m) for m in sealer._sealed.values()) <= 3
+
+
 def test_one_home_version_is_a_different_etag_in_every_domain_and_resource() -> None:
     etags = {
         SEALER.seal('W/"7"', domain=d, internal_id=i) for d in ("D", "E", "F") for i in (ALICE, BOB)

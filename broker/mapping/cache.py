@@ -65,9 +65,9 @@ class MappingCache:
         self.enabled = False
         self.generation = 0
         self.inbound: dict[tuple[str, str], str] = {}
-        self.outbound: dict[str, dict[str, tuple[str, object]]] = {}
-        """By domain: asked internal ID -> (the internal ID it resolved to, the answer); one
-        table per domain, so that a page's look-ups build no key (issue 15)."""
+        self.outbound: dict[str, dict[str, object]] = {}
+        """By domain: asked internal ID -> the answer; one table per domain, so that a page's
+        look-ups build no key and are the table's own ``get`` (issue 15)."""
         # internal ID -> the keys whose answer depends on it
         self._depends: dict[str, set[tuple[str, str, str]]] = {}
 
@@ -84,7 +84,7 @@ class MappingCache:
         if not self.enabled:
             return {}
         table = self.outbound.get(domain, {})
-        return {a: table[a][1] for a in asked if a in table}
+        return {a: table[a] for a in asked if a in table}
 
     def outbound_of(self, domain: str) -> Callable[[str], Any] | None:
         """A synchronous look-up of ``domain``'s cached outbound answers (None for an ID not
@@ -95,12 +95,7 @@ class MappingCache:
         table = self.outbound.get(domain)
         if table is None:
             table = self.outbound[domain] = {}
-
-        def get(asked: str) -> Any:
-            hit = table.get(asked)
-            return None if hit is None else hit[1]
-
-        return get
+        return table.get  # no answer is None
 
     def put_inbound(self, generation: int, domain: str, answers: dict[str, str]) -> None:
         if not self._may_store(generation, len(answers)):
@@ -120,7 +115,7 @@ class MappingCache:
         if table is None:
             table = self.outbound[domain] = {}
         for asked, resolved, value in answers:
-            table[asked] = (resolved, value)
+            table[asked] = value
             for internal in {asked, resolved}:
                 self._depends.setdefault(internal, set()).add(("out", domain, asked))
 

@@ -36,8 +36,8 @@ Seal = Callable[[str, str], str]
 """Home's version (stripped) and the resource's internal ID -> the version the domain sees."""
 
 # What one reference value becomes: (its ID at home, the domain's ID, its new $ref (None: no
-# $ref written), whether a $ref it has is dropped, its type).
-_Entry = tuple[str, str, str | None, bool, str | None]
+# $ref written), whether a $ref it has is dropped, its type, its $ref at home (None: none)).
+_Entry = tuple[str, str, str | None, bool, str | None, str | None]
 # Of a document's key sequence: the reference attributes and extensions (the planner's shape),
 # the keys spelling externalId, and those spelling meta.
 _Shape = tuple[tuple[tuple[str, bool, RefAttr | None], ...], list[str], tuple[str, ...]]
@@ -107,6 +107,15 @@ class _Statics:
 _STATICS: dict[int, _Statics] = {}
 
 
+def _undo(done: list[tuple[dict[str, Any], _Entry]]) -> bool:
+    """Put the values ``done`` lists back as home wrote them; False (what the caller returns)."""
+    for item, entry in done:
+        item["value"] = entry[0]
+        if entry[2] is not None:
+            item["$ref"] = entry[5]
+    return False
+
+
 def _statics(translation: Translation) -> _Statics:
     held = _STATICS.get(id(translation))
     if held is None or held.translation is not translation:
@@ -172,39 +181,22 @@ class _KnownWalk:
         return held
 
     def doc(self, doc: dict[str, Any], own: str, resource_type: str | None) -> bool:
-        """Check ``doc`` whole, then rewrite it; False (nothing changed) where it needs the
-        general path."""
+        """Rewrite ``doc``; False, with nothing changed, where it needs the general path.
+
+        What can fail without a change is checked first (the document's own ID, its
+        ``meta.location``); then each reference value is rewritten as soon as its answer is
+        known, and all of them are put back as they were if a later one fails."""
         matter, external_id_keys, meta_keys = self.shape(doc)
-        pending: list[tuple[Sequence[Any], list[_Entry]]] = []
-        for key, is_extension, attr in matter:
-            value = doc[key]
-            if is_extension and isinstance(value, dict):
-                if self.refers(value, key):
-                    return False  # references inside an extension: the general path
-                continue
-            if attr is None or value is None:
-                continue
-            values = value if type(value) is list else (value,)
-            entries = self.values(values, attr)
-            if entries is None:
-                return False
-            if self.scope_own is not None and any(self.outside(e[0], e[4]) for e in entries):
-                return False  # names a user home has to say is in the scope or not
-            pending.append((values, entries))
-        answers = self.answers
-        own_view = answers.get(own, _UNKNOWN)
-        if own_view is _UNKNOWN:
-            own_view = answers[own] = self.lookup(own)
+        own_view = self.lookup(own)
         if own_view is None:
             return False  # unknown here, or invisible to the domain: the general path decides
         own_type = resource_type or _meta_type(doc)
-        if self.scope_own is not None and self.outside(own, own_type):
+        scope_own = self.scope_own
+        if scope_own is not None and self.outside(own, own_type):
             return False
-        wanted = self.wanted
-        if wanted.get(own) is None:
-            wanted[own] = own_type
         meta = doc.get("meta")
         location: str | None = None
+        located: tuple[str, str] | None = None
         if type(meta) is dict and "location" in meta:
             uri = meta["location"]
             if own_type is not self._prefix_of:  # the page's documents share their type
@@ -227,23 +219,39 @@ class _KnownWalk:
                 if parsed is not None:
                     moved = own_view if parsed[1] == own else self.answer(parsed[1])
                     if moved is None or (
-                        self.scope_own is not None and self.outside(parsed[1], parsed[0])
+                        scope_own is not None and self.outside(parsed[1], parsed[0])
                     ):
                         return False
-                    if wanted.get(parsed[1]) is None:
-                        wanted[parsed[1]] = parsed[0]
+                    located = parsed
                     location = self.targets[parsed[0]] + moved.external_id
             elif isinstance(uri, str):
                 return False  # a str subclass: never from orjson; the general path
-        # Checked: nothing below can fail.
-        for changed, entries in pending:
-            # One entry per value (values()); strict=True costs about 2% of the walk.
-            for item, entry in zip(changed, entries, strict=False):
-                item["value"] = entry[1]
-                ref = entry[2]
-                if ref is not None:
-                    item["$ref"] = ref
-                elif entry[3]:
+        done: list[tuple[dict[str, Any], _Entry]] = []
+        drops = False
+        for key, is_extension, attr in matter:
+            value = doc[key]
+            if is_extension and isinstance(value, dict):
+                if self.refers(value, key):
+                    return _undo(done)  # references inside an extension: the general path
+                continue
+            if attr is None or value is None:
+                continue
+            dropping = self.rewrite(value if type(value) is list else (value,), attr, done)
+            if dropping is None:
+                return _undo(done)
+            drops = drops or dropping
+        if scope_own is not None and any(self.outside(e[0], e[4]) for _, e in done):
+            return _undo(done)  # names a user home has to say is in the scope or not
+        # Checked: nothing below can fail. The IDs noted in the order translate_page notes them
+        # (references, the document, its location), so that each has the first type it tells.
+        wanted = self.wanted
+        if wanted.get(own) is None:
+            wanted[own] = own_type
+        if located is not None:
+            self.want(located[1], located[0])
+        if drops:
+            for item, entry in done:
+                if entry[3]:
                     del item["$ref"]
         doc["id"] = own_view.external_id
         if type(meta) is dict and "location" in meta:
@@ -306,15 +314,19 @@ class _KnownWalk:
                 else:
                     del meta[name]  # not a version the broker can seal: not shown raw either
 
-    def values(self, values: Sequence[Any], attr: RefAttr) -> list[_Entry] | None:
-        """What each value becomes, or None where one needs the general path (a shape the
-        planner does not render itself, or an ID the look-up does not know)."""
+    def rewrite(
+        self, values: Sequence[Any], attr: RefAttr, done: list[tuple[dict[str, Any], _Entry]]
+    ) -> bool | None:
+        """Rewrite each value as soon as what it becomes is known, noting it in ``done`` (to be
+        put back if the document fails after); whether a value's ``$ref`` is to be dropped (left
+        to the caller, once nothing can fail). None where a value needs the general path (a
+        shape the planner does not render itself, or an ID the look-up does not know)."""
         if not attr.complex:
             return None
         entries = self.entries.get(id(attr))
         if entries is None:
             entries = self.entries[id(attr)] = {}
-        found: list[_Entry] = []
+        drops = False
         for item in values:
             if type(item) is not dict:
                 return None
@@ -324,8 +336,14 @@ class _KnownWalk:
                 entry = self.entry(item, attr, entries)
                 if entry is None:
                     return None
-            found.append(entry)
-        return found
+            done.append((item, entry))
+            item["value"] = entry[1]
+            new = entry[2]
+            if new is not None:
+                item["$ref"] = new
+            elif entry[3]:
+                drops = True
+        return drops
 
     def entry(
         self, item: dict[str, Any], attr: RefAttr, entries: dict[Any, _Entry]
@@ -373,11 +391,11 @@ class _KnownWalk:
             return None
         new = view.external_id
         if ref is _UNKNOWN:
-            entry: _Entry = (value, new, None, False, rtype)
+            entry: _Entry = (value, new, None, False, rtype, None)
         elif rtype is None:
-            entry = (value, new, None, True, None)
+            entry = (value, new, None, True, None, ref)
         else:
-            entry = (value, new, self.targets[rtype] + new, False, rtype)
+            entry = (value, new, self.targets[rtype] + new, False, rtype, ref)
         self.want(value, rtype)
         if ref is not _UNKNOWN and "type" not in item and len(entries) < 4096:
             entries[ref] = entry  # its type told by its $ref alone, as the planner's memo says
@@ -390,7 +408,7 @@ class _KnownWalk:
         if view is None:
             return None
         new = view.external_id
-        entry = (value, new, None if prefix is None else prefix + new, dropped, rtype)
+        entry = (value, new, None if prefix is None else prefix + new, dropped, rtype, ref)
         self.want(value, rtype)
         if len(entries) < 4096:
             entries[ref] = entry

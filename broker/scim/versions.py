@@ -84,12 +84,16 @@ class VersionSealer:
     MEMO_SIZE = 16384
     """Sealed versions kept (about 3 MB at most): sealing is deterministic, so a resource read
     again at the same version is sealed again to the same tag, and a page of 100 users read by
-    a polling domain costs 100 dict look-ups instead of 100 AES-SIV operations (issue 15)."""
+    a polling domain costs 100 dict look-ups instead of 100 AES-SIV operations (issue 15). One
+    per (domain, resource): its latest version; all are dropped when the memo is full."""
 
     def __init__(self, key: bytes | Callable[[], bytes]) -> None:
         self._key = key
         self._siv: AESSIV | None = None
-        self._sealed: dict[tuple[str, str, str], str] = {}
+        self._sealed: dict[str, dict[str, tuple[str, str]]] = {}
+        """By domain: a resource's internal ID -> (home's version, that version sealed); keyed
+        by plain strings, so that a look-up builds nothing (issue 15)."""
+        self._held = 0
         if isinstance(key, bytes):
             self._siv = self._cipher(key)
 
@@ -108,27 +112,36 @@ class VersionSealer:
     def seal(self, version: str, *, domain: str, internal_id: str) -> str:
         """Home's ``version`` (an entity tag, ``W/"3"``) as ``domain`` is to see it: an entity tag
         of the same strength (weak stays weak) whose opaque part is the sealed version."""
-        memo = (version, domain, internal_id)
-        sealed = self._sealed.get(memo)
-        if sealed is None:
-            sealed = self._seal(version, domain=domain, internal_id=internal_id)
-            if len(version) + len(internal_id) > 512:
-                return sealed  # only what home's versions and IDs look like is kept
-            if len(self._sealed) >= self.MEMO_SIZE:
-                del self._sealed[next(iter(self._sealed))]  # the oldest
-            self._sealed[memo] = sealed
+        memo = self._sealed.get(domain)
+        held = None if memo is None else memo.get(internal_id)
+        if held is not None and held[0] == version:
+            return held[1]
+        sealed = self._seal(version, domain=domain, internal_id=internal_id)
+        if len(version) + len(internal_id) > 512:
+            return sealed  # only what home's versions and IDs look like is kept
+        if self._held >= self.MEMO_SIZE:
+            self._sealed.clear()
+            self._held = 0
+            memo = None
+        if memo is None:
+            memo = self._sealed[domain] = {}
+        if internal_id not in memo:
+            self._held += 1
+        memo[internal_id] = (version, sealed)
         return sealed
 
     def sealing(self, domain: str) -> Callable[[str, str], str]:
         """:meth:`seal` for one domain, as a function of (version, internal ID), that answers
         from the memo without a further call (issue 15: a page seals 100 versions)."""
-        memo = self._sealed
+        memo = self._sealed.get(domain)
+        if memo is None:
+            memo = self._sealed[domain] = {}
 
         def seal(version: str, internal_id: str) -> str:
-            sealed = memo.get((version, domain, internal_id))
-            if sealed is None:
-                return self.seal(version, domain=domain, internal_id=internal_id)
-            return sealed
+            held = memo.get(internal_id)
+            if held is not None and held[0] == version:
+                return held[1]
+            return self.seal(version, domain=domain, internal_id=internal_id)
 
         return seal
 
