@@ -99,12 +99,16 @@ class _Statics:
         self.planner = _Planner(translation)
         self.shapes: dict[tuple[str, ...], _Shape] = {}
         self.own_prefixes: dict[str | None, str | None] = {}
-        self.version_keys: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self.meta_shapes: dict[tuple[str, ...], tuple[bool, tuple[str, ...]]] = {}
+        """By ``meta``'s key sequence: whether it has ``location``, and its keys spelling
+        ``version``."""
         self.by_ref: dict[int, dict[str, _Static]] = {}
         """By attribute: a value's $ref -> what a value with that $ref becomes."""
 
 
 _STATICS: dict[int, _Statics] = {}
+_NO_META: dict[str, Any] = {}
+"""What a document without a ``meta`` object is read as: nothing is ever written to it."""
 
 
 def _undo(done: list[tuple[dict[str, Any], _Entry]]) -> bool:
@@ -149,7 +153,7 @@ class _KnownWalk:
         self.statics = statics
         self.shapes = statics.shapes
         self.own_prefixes = statics.own_prefixes
-        self.version_keys = statics.version_keys
+        self.meta_shapes = statics.meta_shapes
         self._prefix_of: str | object | None = _UNKNOWN
         self._prefix: str | None = None
 
@@ -194,10 +198,18 @@ class _KnownWalk:
         scope_own = self.scope_own
         if scope_own is not None and self.outside(own, own_type):
             return False
-        meta = doc.get("meta")
+        found = doc.get("meta")
+        meta: dict[str, Any] = found if type(found) is dict else _NO_META
+        keys = tuple(meta)
+        held = self.meta_shapes.get(keys)
+        if held is None:
+            held = ("location" in meta, _spelled(meta, "version"))
+            if len(self.meta_shapes) < 256:  # never an unbounded memo, whatever home sends
+                self.meta_shapes[keys] = held
+        has_location, version_names = held
         location: str | None = None
         located: tuple[str, str] | None = None
-        if type(meta) is dict and "location" in meta:
+        if has_location:
             uri = meta["location"]
             if own_type is not self._prefix_of:  # the page's documents share their type
                 self._prefix_of, self._prefix = own_type, self.own_prefix(own_type)
@@ -254,7 +266,7 @@ class _KnownWalk:
                 if entry[3]:
                     del item["$ref"]
         doc["id"] = own_view.external_id
-        if type(meta) is dict and "location" in meta:
+        if has_location:
             if location is None:
                 del meta["location"]
             else:
@@ -266,15 +278,9 @@ class _KnownWalk:
         seal = self.seal
         if seal is None:
             return True
-        if meta_keys == ("meta",) and type(meta) is dict:  # the common spelling: one meta
+        if meta_keys == ("meta",):  # the common spelling: one meta
             # :meth:`versions` of the one meta, inline (a call per document costs ~3%).
-            keys = tuple(meta)
-            names = self.version_keys.get(keys)
-            if names is None:
-                names = _spelled(meta, "version")
-                if len(self.version_keys) < 256:
-                    self.version_keys[keys] = names
-            for name in names:
+            for name in version_names:
                 value = meta[name]
                 tag = value.strip() if isinstance(value, str) else ""
                 if tag:
