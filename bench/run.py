@@ -4,7 +4,7 @@ Each server is a process of its own; the load generator is wrk, outside every Py
 Results are ratios within the run, since this machine is shared and noisy.
 
     python bench/run.py [--duration 10] [--connections 8] [--latency-connections 1]
-                        [--workers N] [--parts] [--output docs/performance.md]
+                        [--workers N] [--rounds N] [--parts] [--output docs/performance.md]
 
 Each row also gives the server's CPU per request (user + system, from /proc, all its processes),
 and the p50 of a second measurement with one connection: with wrk's closed loop of 8 connections,
@@ -14,6 +14,11 @@ With ``--parts`` the broker and the parse-only proxy run through ``bench/parts.p
 CPU per request is split into its parts (home's answer parsed, the walk, the guard, the answer
 serialised, the call to home, the rest of the handler and its middleware, aiohttp's server outside
 the handler, collections), measured in the servers under this very load.
+
+With ``--rounds N`` every target is measured N times, in turns (the order reversed every other
+round), so that a change in the machine's speed during the run falls on all of them alike: each
+row gives the median of its N measurements, and each ratio the median of the N ratios taken
+within one round.
 
 Needs wrk (Debian: apt-get install wrk) and the broker installed (pip install .).
 """
@@ -27,6 +32,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -87,9 +93,9 @@ class Result:
     errors: int
     requests: int = 0
     cpu_us: float = float("nan")
+    """CPU (user + system) the server's processes used per request during the measurement."""
     parts_us: dict[str, float] | None = None
     """With ``--parts``: CPU per request of each part (bench/parts.py, :func:`per_request`)."""
-    """CPU (user + system) the server's processes used per request during the measurement."""
     p50_one_ms: float = float("nan")
     """p50 with one connection (``--latency-connections``): the time a request takes when it
     does not wait behind others. With wrk's closed loop of N connections, a server that serves one
@@ -156,6 +162,12 @@ def main() -> int:
         default=1,
         help="connections of the second measurement of each row, for the p50 a request sees "
         "when it does not queue behind the others (0: not measured)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every target this many times, in turns; medians are reported",
     )
     parser.add_argument(
         "--parts",
@@ -265,42 +277,31 @@ def main() -> int:
             "broker": (broker_base, first, auth, broker.pid),
             "broker, scope + read list": (broker_base, scoped_first, scoped_auth, broker.pid),
         }
-        results: dict[tuple[str, str], Result] = {}
-        for case, path in (("GET one user", "/Users/{id}"), ("GET 100-user page", "/Users")):
-            for name, (base, user_id, headers, pid) in targets.items():
-                url = base + path.format(id=user_id)
-                wrk(url, duration=2, connections=args.connections, headers=headers)  # warm-up
-                split = args.parts and name not in ("direct", "bare proxy")
-                parts_before = read_parts(work, pid) if split else {}
-                before = tree_cpu(pid)
-                r = wrk(url, duration=args.duration, connections=args.connections, headers=headers)
-                r.cpu_us = (tree_cpu(pid) - before) / max(r.requests, 1) * 1e6
-                if split:
-                    r.parts_us = per_request(parts_before, read_parts(work, pid), r.requests)
-                if args.latency_connections:
-                    alone = wrk(
-                        url,
-                        duration=args.duration,
-                        connections=args.latency_connections,
-                        headers=headers,
-                    )
-                    r.p50_one_ms = alone.p50_ms
-                    r.errors += alone.errors
-                results[case, name] = r
-                print(
-                    f"bench: {case:18} {name:26} {r.rps:8.0f} req/s  p50 {r.p50_ms:6.2f} ms  "
-                    f"p99 {r.p99_ms:6.2f} ms  CPU {r.cpu_us:5.0f} us/req  "
-                    f"p50 alone {r.p50_one_ms:6.2f} ms  errors {r.errors}",
-                    file=sys.stderr,
-                )
-                if r.parts_us:
+        rounds: list[dict[tuple[str, str], Result]] = []
+        for turn in range(args.rounds):
+            results: dict[tuple[str, str], Result] = {}
+            rounds.append(results)
+            for case, path in (("GET one user", "/Users/{id}"), ("GET 100-user page", "/Users")):
+                for name in list(targets)[:: -1 if turn % 2 else 1]:
+                    base, user_id, headers, pid = targets[name]
+                    url = base + path.format(id=user_id)
+                    split = args.parts and name not in ("direct", "bare proxy")
+                    r = measure(url, headers, pid, args, parts_dir=work if split else None)
+                    results[case, name] = r
                     print(
-                        "bench:   parts (us/req): "
-                        + "  ".join(f"{k} {v:.0f}" for k, v in r.parts_us.items()),
+                        f"bench: {case:18} {name:26} {r.rps:8.0f} req/s  p50 {r.p50_ms:6.2f} ms  "
+                        f"p99 {r.p99_ms:6.2f} ms  CPU {r.cpu_us:5.0f} us/req  "
+                        f"p50 alone {r.p50_one_ms:6.2f} ms  errors {r.errors}",
                         file=sys.stderr,
                     )
+                    if r.parts_us:
+                        print(
+                            "bench:   parts (us/req): "
+                            + "  ".join(f"{k} {v:.0f}" for k, v in r.parts_us.items()),
+                            file=sys.stderr,
+                        )
 
-    table = render(results, args)
+    table = render(rounds, args)
     print(table)
     if args.output:
         write_section(args.output, table)
@@ -309,6 +310,50 @@ def main() -> int:
 
 
 PARTS = ("loads", "walk", "guard", "dumps", "home", "handler", "outside", "gc")
+
+
+def measure(
+    url: str,
+    headers: dict[str, str],
+    pid: int,
+    args: argparse.Namespace,
+    *,
+    parts_dir: Path | None,
+) -> Result:
+    """One target measured: after a warm-up, wrk with ``--connections`` (with the server's CPU
+    per request, split into parts with ``parts_dir``), then with ``--latency-connections``."""
+    wrk(url, duration=2, connections=args.connections, headers=headers)  # warm-up
+    parts_before = read_parts(parts_dir, pid) if parts_dir else {}
+    before = tree_cpu(pid)
+    r = wrk(url, duration=args.duration, connections=args.connections, headers=headers)
+    r.cpu_us = (tree_cpu(pid) - before) / max(r.requests, 1) * 1e6
+    if parts_dir:
+        r.parts_us = per_request(parts_before, read_parts(parts_dir, pid), r.requests)
+    if args.latency_connections:
+        alone = wrk(
+            url, duration=args.duration, connections=args.latency_connections, headers=headers
+        )
+        r.p50_one_ms = alone.p50_ms
+        r.errors += alone.errors
+    return r
+
+
+def typical(measured: list[Result]) -> Result:
+    """The median of one target's measurements, field by field (errors and requests summed)."""
+    med = statistics.median
+    parts = None
+    if all(r.parts_us for r in measured):
+        parts = {p: med(r.parts_us[p] for r in measured) for p in PARTS}  # type: ignore[index]
+    return Result(
+        rps=med(r.rps for r in measured),
+        p50_ms=med(r.p50_ms for r in measured),
+        p99_ms=med(r.p99_ms for r in measured),
+        errors=sum(r.errors for r in measured),
+        requests=sum(r.requests for r in measured),
+        cpu_us=med(r.cpu_us for r in measured),
+        parts_us=parts,
+        p50_one_ms=med(r.p50_one_ms for r in measured),
+    )
 
 
 def per_request(
@@ -345,10 +390,14 @@ def render_parts(results: dict[tuple[str, str], Result]) -> list[str]:
     return lines
 
 
-def render(results: dict[tuple[str, str], Result], args: argparse.Namespace) -> str:
+def render(rounds: list[dict[tuple[str, str], Result]], args: argparse.Namespace) -> str:
+    """The tables: each target's median over the rounds, and each ratio's median over the
+    ratios taken within one round."""
+    results = {key: typical([r[key] for r in rounds]) for key in rounds[0]}
     lines = [
         f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
-        f"wrk -t1 -c{args.connections} -d{args.duration}s per row, broker --workers {args.workers}.",
+        f"wrk -t1 -c{args.connections} -d{args.duration}s per row, broker --workers {args.workers}"
+        + (f", {args.rounds} rounds (medians)." if args.rounds > 1 else "."),
         "",
         f"| case | target | req/s | p50 ms | p99 ms | CPU us/req "
         f"| p50 ms, {args.latency_connections} connection(s) | non-2xx |",
@@ -368,21 +417,37 @@ def render(results: dict[tuple[str, str], Result], args: argparse.Namespace) -> 
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for case in dict.fromkeys(c for c, _ in results):
-        bare, parse = results[case, "bare proxy"], results[case, "parse-only proxy"]
         for label, name in (
             ("plain", "broker"),
             ("scope + read list", "broker, scope + read list"),
         ):
-            broker = results[case, name]
+            within = [compare(r[case, name], r[case, "bare proxy"], r[case, "parse-only proxy"])
+                      for r in rounds]  # fmt: skip
+            bare_ratio, parse_ratio, over_bare, over_parse, alone, cpu, floor = (
+                statistics.median(column) for column in zip(*within, strict=True)
+            )
             lines.append(
-                f"| {case} | {label} | {broker.rps / bare.rps:.0%} | {broker.rps / parse.rps:.0%} "
-                f"| {broker.p50_ms - bare.p50_ms:+.2f} ms | {broker.p50_ms - parse.p50_ms:+.2f} ms "
-                f"| {broker.p50_one_ms - parse.p50_one_ms:+.2f} ms "
-                f"| {broker.cpu_us / parse.cpu_us:.2f} | {parse.rps / bare.rps:.0%} |"
+                f"| {case} | {label} | {bare_ratio:.0%} | {parse_ratio:.0%} "
+                f"| {over_bare:+.2f} ms | {over_parse:+.2f} ms | {alone:+.2f} ms "
+                f"| {cpu:.2f} | {floor:.0%} |"
             )
     if args.parts:
         lines += render_parts(results)
     return "\n".join(lines)
+
+
+def compare(broker: Result, bare: Result, parse: Result) -> tuple[float, ...]:
+    """The broker against the two proxies measured in the same round: throughput ratios, p50
+    added (both loads), CPU ratio, and the parse-only proxy's throughput against the bare one's."""
+    return (
+        broker.rps / bare.rps,
+        broker.rps / parse.rps,
+        broker.p50_ms - bare.p50_ms,
+        broker.p50_ms - parse.p50_ms,
+        broker.p50_one_ms - parse.p50_one_ms,
+        broker.cpu_us / parse.cpu_us,
+        parse.rps / bare.rps,
+    )
 
 
 def write_section(path: Path, table: str) -> None:
