@@ -252,9 +252,7 @@ class Origin:
                 except WireError:
                     if connection.expired:
                         raise TimeoutError(f"home did not answer within {self.timeout} s") from None
-                    # Closed by home while idle: nothing of an answer came, so the request
-                    # may go again (only if sending it twice does what sending it once does).
-                    if connection.answered or method not in _IDEMPOTENT:
+                    if not _may_send_again(connection, method):
                         raise
                 finally:
                     timer.cancel()
@@ -267,8 +265,8 @@ class Origin:
                     try:
                         return await self._send(connection, method, head, data, limit)
                     except WireError:
-                        if connection.answered or method not in _IDEMPOTENT:
-                            raise  # as above
+                        if not _may_send_again(connection, method):
+                            raise
                 return await self._send(await self._connect(), method, head, data, limit)
             finally:
                 self._release()
@@ -360,6 +358,13 @@ class Origin:
                 self._idle.append(connection)
             else:
                 connection.close()
+
+
+def _may_send_again(connection: _Connection, method: str) -> bool:
+    """Whether a request whose reused connection failed may go again on a new one: closed by
+    home while idle, nothing of an answer came, and sending it twice does what sending it once
+    does (RFC 9110 section 9.2.2)."""
+    return not connection.answered and method in _IDEMPOTENT
 
 
 def _check_token(text: str, what: str) -> None:
