@@ -179,6 +179,9 @@ def main() -> int:
         "--output", type=Path, help="write the results table into this markdown file"
     )
     args = parser.parse_args()
+    if args.rounds < 1:
+        print(f"bench: --rounds is at least 1, not {args.rounds}", file=sys.stderr)
+        return 2
     if args.parts and args.workers != "1":
         print("bench: --parts measures one process: use it with --workers 1", file=sys.stderr)
         return 2
