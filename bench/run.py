@@ -409,7 +409,7 @@ def render(rounds: list[dict[tuple[str, str], Result]], args: argparse.Namespace
     for (case, name), r in results.items():
         lines.append(
             f"| {case} | {name} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
-            f"| {r.cpu_us:.0f} | {r.p50_one_ms:.2f} | {r.errors} |"
+            f"| {r.cpu_us:.0f} | {_ms_or_dash(r.p50_one_ms)} | {r.errors} |"
         )
     lines += [
         "",
@@ -431,12 +431,17 @@ def render(rounds: list[dict[tuple[str, str], Result]], args: argparse.Namespace
             )
             lines.append(
                 f"| {case} | {label} | {bare_ratio:.0%} | {parse_ratio:.0%} "
-                f"| {over_bare:+.2f} ms | {over_parse:+.2f} ms | {alone:+.2f} ms "
+                f"| {over_bare:+.2f} ms | {over_parse:+.2f} ms | {_ms_or_dash(alone, '+')} "
                 f"| {cpu:.2f} | {floor:.0%} |"
             )
     if args.parts:
         lines += render_parts(results)
     return "\n".join(lines)
+
+
+def _ms_or_dash(value: float, sign: str = "") -> str:
+    """Milliseconds, or "-" where not measured (``--latency-connections 0``)."""
+    return "-" if value != value else f"{value:{sign}.2f}" + (" ms" if sign else "")
 
 
 def compare(broker: Result, bare: Result, parse: Result) -> tuple[float, ...]:
