@@ -212,6 +212,75 @@ async def test_updates_recorded_together_drop_a_copy_that_changed_on_the_way_and
         assert await pool.fetchval("SELECT state FROM outbox WHERE id = $1", delivery) == "done"
 
 
+async def _update_claimed(pool: asyncpg.Pool, internal_id: str) -> int:
+    delivery: int = await pool.fetchval(
+        "INSERT INTO outbox (domain_id, internal_id, kind, state, claimed_by, lease_until) "
+        "VALUES ('P1', $1, 'sync', 'in_flight', $2, now() + interval '1 minute') RETURNING id",
+        internal_id,
+        WORKER,
+    )
+    return delivery
+
+
+@pytest.mark.parametrize("together", [True, False], ids=["batched", "alone"])
+async def test_an_update_sent_from_no_copy_before_a_park_landed_is_not_recorded_as_held(
+    p1: tuple[asyncpg.Pool, QueryCounter], together: bool
+) -> None:
+    """The race of a 409's park (``Writes._unblock``): another delivery finds the entity's account
+    holding a unique value and parks it aside (``value~holder``), while the entity's own update,
+    computed from no copy (a PUT of home's values), is on its way and lands first. The update
+    must not then record home's values as what the peer holds: the sync the park queued would
+    find nothing to do, and the parked value would stay in the peer for good."""
+    pool, _ = p1
+    writes = _writes(pool)
+    internal_id, handle, delivery = await _entity_with_pending_create(pool)
+    await writes._record_create(_write(internal_id, handle, delivery), "acct-0", False)
+    await pool.execute("DELETE FROM peer_copies WHERE internal_id = $1", internal_id)
+    # The update is claimed and computed: no copy, so a PUT of everything.
+    update = _write(internal_id, handle, await _update_claimed(pool, internal_id), title="new")
+    entity = {"external_id": "acct-0", "copy_version": None}
+    # The PUT lands, then the park does (it read the account before the PUT), then the update's
+    # delivery records what it wrote.
+    await writes._parked("P1", "acct-0")
+    if together:
+        await writes._record_update(update, entity)
+    else:
+        await writes._record_update_alone(update, entity)
+    copy = await pool.fetchval(
+        "SELECT document FROM peer_copies WHERE domain_id = 'P1' AND internal_id = $1",
+        internal_id,
+    )
+    assert copy is None, f"recorded as held although a park landed after it: {copy}"
+    # The entity is synced again (queued by the park, kept by the update's outcome).
+    assert await pool.fetchval(
+        "SELECT count(*) FROM outbox WHERE internal_id = $1 AND state = 'pending' "
+        "AND kind = 'sync'",
+        internal_id,
+    ) == 1
+    assert await pool.fetchval("SELECT state FROM outbox WHERE id = $1", update.claim.id) == "done"
+
+
+async def test_a_park_makes_the_owner_s_copy_unknown_and_its_next_write_is_recorded(
+    p1: tuple[asyncpg.Pool, QueryCounter],
+) -> None:
+    """A park after the owner's write was recorded: the copy reads as unknown (the next sync
+    sends the whole resource, a PUT), and that sync records what it sent as usual."""
+    pool, _ = p1
+    writes = _writes(pool)
+    internal_id, handle, delivery = await _entity_with_pending_create(pool)
+    await writes._record_create(_write(internal_id, handle, delivery), "acct-0", False)
+    await writes._parked("P1", "acct-0")
+    entity = await pool.fetchrow(query("entity_for_delivery"), "P1", internal_id)
+    assert entity["copy"] is None and entity["copy_version"] is not None
+    update = _write(internal_id, handle, await _update_claimed(pool, internal_id), title="new")
+    await writes._record_update(update, dict(entity))
+    copy = await pool.fetchval(
+        "SELECT document FROM peer_copies WHERE domain_id = 'P1' AND internal_id = $1",
+        internal_id,
+    )
+    assert copy == update.desired
+
+
 async def test_the_claim_s_generic_plan_updates_its_rows_by_key_not_by_reading_the_whole_outbox(
     p1: tuple[asyncpg.Pool, QueryCounter],
 ) -> None:

@@ -586,15 +586,22 @@ class Writes:
                 "PATCH", f"{endpoint}/{holder}", body=park(key, value, holder)
             )
             if answer.status in (200, 204):
-                # Its owner now (an alias waiting for its delete has none; it may have changed
-                # hands meanwhile) gets its own values back.
-                async with self.pool.acquire() as conn, conn.transaction():
-                    owner = await conn.fetchval(query("account_owner"), peer.id, holder)
-                    if owner is not None:
-                        await conn.execute(query("drop_copy"), peer.id, owner)
-                        await conn.execute(
-                            query("enqueue_sync_to"), peer.id, [owner], self.tools.now()
-                        )
+                await self._parked(peer.id, holder)
+
+    async def _parked(self, peer_id: str, holder: str) -> None:
+        """After a value of account ``holder`` was parked aside: its owner now (an alias waiting
+        for its delete has none; it may have changed hands meanwhile) gets its own values back.
+
+        Its copy is marked unknown, not deleted: a write of the owner's may be on its way,
+        computed from no copy, and sent before the park landed. Recording over a deleted copy
+        it would find nothing changed, and the sync queued here would then find the peer
+        holding what home holds, leaving the parked value in place; over an unknown copy it
+        finds the copy changed, and the owner is synced again from no copy (a PUT)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            owner = await conn.fetchval(query("account_owner"), peer_id, holder)
+            if owner is not None:
+                await conn.execute(query("forget_copy"), peer_id, owner)
+                await conn.execute(query("enqueue_sync_to"), peer_id, [owner], self.tools.now())
 
 
 class Deprovisions:

@@ -432,6 +432,15 @@ WHERE i.held
 -- name: drop_copy
 DELETE FROM peer_copies WHERE domain_id = $1 AND internal_id = $2
 
+-- name: forget_copy
+-- What peer $1 holds of entity $2 is not known any more (something else wrote to its account):
+-- the copy becomes JSON null (the next sync sends the whole resource, a PUT) instead of going,
+-- so a write of the entity on its way, computed from no copy, finds on recording (save_copy_of)
+-- that it changed; a deleted copy would look as if there never was one.
+INSERT INTO peer_copies (domain_id, internal_id, document)
+VALUES ($1, $2, 'null'::jsonb)
+ON CONFLICT (domain_id, internal_id) DO UPDATE SET document = 'null'::jsonb, updated_at = now()
+
 -- name: queue_stats
 -- A peer's queue as the admin API shows it.
 SELECT d.id, d.status, d.failing_since, d.last_delivery_at,
