@@ -252,11 +252,14 @@ async def test_an_update_sent_from_no_copy_before_a_park_landed_is_not_recorded_
     )
     assert copy is None, f"recorded as held although a park landed after it: {copy}"
     # The entity is synced again (queued by the park, kept by the update's outcome).
-    assert await pool.fetchval(
-        "SELECT count(*) FROM outbox WHERE internal_id = $1 AND state = 'pending' "
-        "AND kind = 'sync'",
-        internal_id,
-    ) == 1
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM outbox WHERE internal_id = $1 AND state = 'pending' "
+            "AND kind = 'sync'",
+            internal_id,
+        )
+        == 1
+    )
     assert await pool.fetchval("SELECT state FROM outbox WHERE id = $1", update.claim.id) == "done"
 
 
