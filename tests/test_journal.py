@@ -4,14 +4,18 @@ peer but the writer, sealed write-only values; and stands aside when a domain su
 
 from __future__ import annotations
 
+import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
+from broker.db import query
 from broker.propagation.journal import Journal, record
 from broker.propagation.writes import HomeWrite
 from broker.secrets import SecretBox
 from tests.conftest import QueryCounter
+from tests.waiting import until
 
 BOX = SecretBox(bytes(32))
 
@@ -125,3 +129,50 @@ async def test_with_a_subscriber_the_journal_records_the_changes_for_the_sets(
     assert history == 1  # written once, not by both paths
     syncs = await pool.fetchval("SELECT count(*) FROM outbox WHERE internal_id = 'c-u1'")
     assert syncs == 2
+
+
+async def test_a_write_rolled_back_to_break_a_deadlock_is_recorded_again(
+    pool: asyncpg.Pool,
+) -> None:
+    """A real deadlock: another transaction has enqueued a sync of the entity toward P2 (not
+    committed), the journal's deletion enqueues toward P1, then waits on P2's, and the other
+    transaction then enqueues toward P1. PostgreSQL rolls the journal's statement back (its
+    wait began first, so its deadlock check runs first); the write must be recorded all the
+    same, not lost (home has taken it)."""
+    await _domains(pool)
+    await pool.execute("INSERT INTO entities (internal_id, resource_type) VALUES ('d-u1', 'User')")
+    journal = Journal(pool, lambda: BOX)
+    async with pool.acquire() as other:
+        transaction = other.transaction()
+        await transaction.start()
+        await other.execute("SET LOCAL deadlock_timeout = '60s'")  # the journal is the victim
+        await other.execute(query("enqueue_sync_to"), "P2", ["d-u1"], datetime.now(UTC))
+        recording = asyncio.create_task(journal.record(HomeWrite.of_deletion(["d-u1"])))
+
+        async def journal_waits() -> bool:
+            return bool(
+                await pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid))",
+                    other.get_server_pid(),
+                )
+            )
+
+        await until(journal_waits, "the journal waiting on the other transaction's enqueue")
+        # The cycle: this waits for the journal's enqueue toward P1, until PostgreSQL breaks it.
+        await other.execute(query("enqueue_sync_to"), "P1", ["d-u1"], datetime.now(UTC))
+        await transaction.commit()
+    await asyncio.wait_for(recording, timeout=60)
+    assert await pool.fetchval("SELECT state FROM entities WHERE internal_id = 'd-u1'") == (
+        "deleted"
+    )
+    assert (
+        await pool.fetchval(
+            "SELECT status FROM entity_history WHERE internal_id = 'd-u1' AND kind = 'write'"
+        )
+        == "delete"
+    )
+    syncs = await pool.fetch(
+        "SELECT domain_id FROM outbox WHERE internal_id = 'd-u1' AND state = 'pending' "
+        "ORDER BY domain_id"
+    )
+    assert [r["domain_id"] for r in syncs] == ["P1", "P2", "W"]

@@ -8,6 +8,7 @@ SETs will report to the domains subscribed to events, and a row in each entity's
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,11 @@ if TYPE_CHECKING:
     from broker.db import Connection
 
 __all__ = ["Journal", "record", "record_alone"]
+
+log = logging.getLogger(__name__)
+
+DEADLOCK_ATTEMPTS = 3
+"""How many times :meth:`Journal.record` records a write PostgreSQL rolled back in a deadlock."""
 
 
 async def record(
@@ -108,8 +114,27 @@ class Journal:
         self.box = box
 
     async def record(self, write: HomeWrite) -> None:
+        """Record ``write``; a transaction PostgreSQL rolled back to break a deadlock (the syncs
+        it enqueues wait on other transactions' enqueues of the same entities, in another
+        order) is recorded again: home has taken the write, and dropping it would leave the
+        peers without it."""
         if not write:
             return
+        for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+            try:
+                await self._record(write)
+                return
+            except asyncpg.DeadlockDetectedError:
+                if attempt == DEADLOCK_ATTEMPTS:
+                    raise
+                log.warning(
+                    "recording a write home took ended in a deadlock (attempt %d of %d): "
+                    "recording it again",
+                    attempt,
+                    DEADLOCK_ATTEMPTS,
+                )
+
+    async def _record(self, write: HomeWrite) -> None:
         async with self.pool.acquire() as conn:
             if await record_alone(conn, write, box=self.box):
                 return
