@@ -7,7 +7,12 @@ N users are created in home; their syncs are enqueued at once (as the home polle
 home-facing endpoint would) and the broker's worker drains them. The direct figure is N POSTs of
 the same users straight to a fresh tenant of each peer.
 
+The worker's pool is made as ``broker serve`` makes it: its commits do not wait for the WAL
+flush (``--synchronous-commit on`` for the figures measured before 2026-12-06 14:00, which
+waited).
+
     python bench/deliveries.py [--users 300] [--peers 1 5] [--concurrency 4] [--servers memory]
+                               [--synchronous-commit off|on] [--count-statements]
 
 Uses the embedded PostgreSQL in a temporary directory unless BROKER_DATABASE_URL is set.
 """
@@ -33,7 +38,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
-from broker.db import init_connection, migrated_pool
+from broker.db import create_pool, init_connection, migrated_pool
 from broker.domains import DomainStore
 from broker.home import HomeClient
 from broker.propagation.journal import record
@@ -150,20 +155,30 @@ def postgres_cpu(pids: list[int]) -> dict[int, float]:
 
 
 @asynccontextmanager
-async def counted_pool(
-    url: str, size: int, statements: list[str] | None
-) -> AsyncIterator[asyncpg.Pool | None]:
-    """With ``statements``, a pool like the broker's whose connections append every statement
-    they send to it (asyncpg's query logger); None without."""
+async def worker_pool(
+    url: str, size: int, statements: list[str] | None, synchronous_commit: str
+) -> AsyncIterator[asyncpg.Pool]:
+    """The delivery worker's pool as ``broker serve`` makes it (``broker/app.py``: its commits do
+    not wait for the WAL flush, unless ``synchronous_commit`` is "on"); with ``statements``, its
+    connections append every statement they send to it (asyncpg's query logger)."""
+    settings = {"synchronous_commit": synchronous_commit}
     if statements is None:
-        yield None
-        return
+        pool = await create_pool(url, min_size=1, max_size=size, settings=settings)
+    else:
+        logged = statements
 
-    async def init(conn: asyncpg.Connection) -> None:
-        await init_connection(conn)
-        conn.add_query_logger(lambda logged: statements.append(logged.query))
+        async def init(conn: asyncpg.Connection) -> None:
+            await init_connection(conn)
+            conn.add_query_logger(lambda query: logged.append(query.query))
 
-    pool = await asyncpg.create_pool(url, min_size=1, max_size=size, init=init, reset=_no_reset)
+        pool = await asyncpg.create_pool(
+            url,
+            min_size=1,
+            max_size=size,
+            init=init,
+            reset=_no_reset,
+            server_settings=settings,
+        )
     try:
         yield pool
     finally:
@@ -183,6 +198,7 @@ async def through_broker(
     home_ids: list[str],
     concurrency: int,
     statements: list[str] | None = None,
+    synchronous_commit: str = "off",
 ) -> tuple[float, float, float]:
     """Seconds to drain, and the CPU seconds the broker (this process) and PostgreSQL used."""
     os.environ["BENCH_PEER_TOKEN"] = token
@@ -191,7 +207,9 @@ async def through_broker(
             pool,
             url,
         ),
-        counted_pool(url, concurrency * len(peer_urls) + 4, statements) as worker_pool,
+        worker_pool(
+            url, concurrency * len(peer_urls) + 4, statements, synchronous_commit
+        ) as workers,
     ):
         await pool.execute(
             "TRUNCATE outbox, peer_copies, id_mappings, entities, domain_tokens, domains CASCADE"
@@ -203,7 +221,7 @@ async def through_broker(
             )
         async with aiohttp.ClientSession() as session, HomeClient(home_url, token) as home:
             worker = Deliverer(
-                worker_pool or pool,
+                workers,
                 home,
                 session,
                 id_pattern="[0-9a-f]{32}",
@@ -265,6 +283,13 @@ def main() -> int:
         help="count the worker's statements and transactions per delivery (asyncpg's query "
         "logger: a little more broker CPU)",
     )
+    parser.add_argument(
+        "--synchronous-commit",
+        choices=["off", "on"],
+        default="off",
+        help="the worker pool's synchronous_commit: off as broker serve runs it; on, as this "
+        "benchmark measured before 2026-12-06 14:00 (each commit waits for the WAL flush)",
+    )
     args = parser.parse_args()
     load = os.getloadavg()
     token = secrets.token_hex(8)
@@ -309,6 +334,7 @@ def main() -> int:
                     home_ids,
                     args.concurrency,
                     statements,
+                    args.synchronous_commit,
                 )
             )
             total = args.users * count
@@ -325,7 +351,8 @@ def main() -> int:
                 (count, total / direct_s, total / broker_s, broker_cpu / total, pg_cpu / total)
             )
     print(
-        f"{args.users} users, concurrency {args.concurrency} per peer, home and peers: {args.servers}"
+        f"{args.users} users, concurrency {args.concurrency} per peer, home and peers: "
+        f"{args.servers}, the worker's synchronous_commit {args.synchronous_commit}"
     )
     print(f"load average before: {' '.join(f'{x:.2f}' for x in load)}")
     print(
