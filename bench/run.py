@@ -69,6 +69,18 @@ def wait_for(url: str, headers: dict[str, str] | None = None, timeout: float = 1
     raise RuntimeError(f"{url} did not answer")
 
 
+def domain_auth(env: dict[str, str], name: str, *options: str) -> dict[str, str]:
+    """A domain added to the broker (``broker domain add NAME OPTIONS``): the header of a token
+    issued to it."""
+    subprocess.run(
+        [*BROKER, "domain", "add", name, *options], env=env, check=True, capture_output=True
+    )
+    token = subprocess.run(
+        [*BROKER, "token", "issue", name], env=env, check=True, capture_output=True, text=True
+    ).stdout.strip()
+    return {"Authorization": f"Bearer {token}"}
+
+
 @contextmanager
 def process(
     args: list[str], env: dict[str, str] | None = None, log: Path | None = None
@@ -237,31 +249,16 @@ def main() -> int:
         wait_for(f"http://127.0.0.1:{proxy_port}/v2/Users")
         wait_for(f"http://127.0.0.1:{parse_port}/v2/Users")
         wait_for(f"http://127.0.0.1:{broker_port}/readyz")
-        subprocess.run([*BROKER, "domain", "add", "D1"], env=env, check=True, capture_output=True)
-        token = subprocess.run(
-            [*BROKER, "token", "issue", "D1"], env=env, check=True, capture_output=True, text=True
-        ).stdout.strip()
-        auth = {"Authorization": f"Bearer {token}"}
+        auth = domain_auth(env, "D1")
         # A domain with a scope and a read list: every check of the request path in play.
-        subprocess.run(
-            [
-                *BROKER,
-                "domain",
-                "add",
-                "S",
-                "--scope",
-                "userName pr",
-                "--read-attributes",
-                "userName,displayName,emails,groups",
-            ],
-            env=env,
-            check=True,
-            capture_output=True,
+        scoped_auth = domain_auth(
+            env,
+            "S",
+            "--scope",
+            "userName pr",
+            "--read-attributes",
+            "userName,displayName,emails,groups",
         )
-        scoped = subprocess.run(
-            [*BROKER, "token", "issue", "S"], env=env, check=True, capture_output=True, text=True
-        ).stdout.strip()
-        scoped_auth = {"Authorization": f"Bearer {scoped}"}
         broker_base = f"http://127.0.0.1:{broker_port}/scim/v2"
         with urllib.request.urlopen(
             urllib.request.Request(f"{broker_base}/Users", headers=auth)

@@ -24,7 +24,6 @@ import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,17 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from run import BROKER, HERE, cpu_seconds, free_port, process, tree_cpu, wait_for, wrk
+from run import (
+    BROKER,
+    HERE,
+    cpu_seconds,
+    domain_auth,
+    free_port,
+    process,
+    tree_cpu,
+    wait_for,
+    wrk,
+)
 
 
 @dataclass
@@ -94,11 +103,7 @@ def broker(workers: str, home_url: str, work: Path) -> Iterator[Broker]:
         [*BROKER, "serve", "--workers", workers], env=env, log=work / f"broker-{workers}.log"
     ) as proc:
         wait_for(f"http://127.0.0.1:{port}/readyz")
-        subprocess.run([*BROKER, "domain", "add", "D1"], env=env, check=True, capture_output=True)
-        token = subprocess.run(
-            [*BROKER, "token", "issue", "D1"], env=env, check=True, capture_output=True, text=True
-        ).stdout.strip()
-        headers = {"Authorization": f"Bearer {token}"}
+        headers = domain_auth(env, "D1")
         url = f"http://127.0.0.1:{port}/scim/v2/Users"
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers)) as answer:
             json.loads(answer.read())  # the page answers before it is measured
