@@ -443,5 +443,50 @@ async def explain_dead(broker: Broker, home: Home, peers: dict[str, Home], dead:
                     f"{account.get('externalId')}), rows {[dict(r) for r in rows]}, "
                     f"deliveries {[dict(h) for h in history]}"
                 )
+        else:
+            line += "; " + await explain_gone(broker, peers, letter)
         lines.append(line)
     return "\n".join(lines)
+
+
+async def explain_gone(broker: Broker, peers: dict[str, Home], letter: Any) -> str:
+    """For a dead letter of an entity home no longer has: the entity as the broker knows it,
+    its rows and copy in the peer, the peer's account under each row and who else there holds
+    its userName, and the entity's deliveries."""
+    domain, internal_id = letter["domain_id"], letter["internal_id"]
+    entity = await broker.pool.fetchrow(
+        "SELECT state, merged_into FROM entities WHERE internal_id = $1", internal_id
+    )
+    rows = await broker.pool.fetch(
+        "SELECT external_id, is_primary, state FROM id_mappings "
+        "WHERE domain_id = $1 AND internal_id = $2",
+        domain,
+        internal_id,
+    )
+    copy = await broker.pool.fetchval(
+        "SELECT document FROM peer_copies WHERE domain_id = $1 AND internal_id = $2",
+        domain,
+        internal_id,
+    )
+    users = held(peers[domain])["Users"]
+    accounts = []
+    for row in rows:
+        mine = [u for u in users if u["id"] == row["external_id"]]
+        name = mine[0]["userName"] if mine else None
+        others = [
+            (u["id"], u.get("externalId"))
+            for u in users
+            if name is not None and u["userName"] == name and u["id"] != row["external_id"]
+        ]
+        accounts.append(f"{row['external_id']}: userName {name!r}, also held by {others}")
+    history = await broker.pool.fetch(
+        "SELECT kind, state, attempts, payload FROM outbox WHERE domain_id = $1 "
+        "AND internal_id = $2 ORDER BY id",
+        domain,
+        internal_id,
+    )
+    return (
+        f"home no longer has it; entity {dict(entity) if entity else None}, rows "
+        f"{[dict(r) for r in rows]}, copy {copy}, accounts {accounts}, deliveries "
+        f"{[dict(h) for h in history]}"
+    )
