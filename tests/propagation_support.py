@@ -128,7 +128,7 @@ class Gate:
     lose_bulk: int = 0
     """Forward the next POST /Bulk requests, then answer 502 as if the answer was lost."""
     _runner: web.AppRunner | None = None
-    _accepting: asyncio.Task[None] | None = None
+    _listening: socket.socket | None = None
     _handing: set[asyncio.Future[Any]] = field(default_factory=set)
     _connections: set[asyncio.BaseTransport] = field(default_factory=set)
     _session: aiohttp.ClientSession | None = None
@@ -191,24 +191,27 @@ class Gate:
         await self._runner.setup()
         listening = socket.create_server(("127.0.0.1", self.port))
         listening.setblocking(False)
-        self._accepting = asyncio.create_task(self._accept(listening, self._runner))
+        server = self._runner.server
+        assert server is not None
+        asyncio.get_running_loop().add_reader(listening, self._accept, listening, server)
+        self._listening = listening
 
-    async def _accept(self, listening: socket.socket, runner: web.AppRunner) -> None:
+    def _accept(self, listening: socket.socket, server: web.Server) -> None:
         """Connections accepted here, not by ``loop.create_server``: an asyncio server closed
         while a connection it accepted is being set up leaves that socket unclosed (an
         "unclosed socket" warning, so a failed test, about once in 30 runs of the merge and
-        split properties). Each connection is handed to aiohttp and held, to be closed with the
-        gate."""
+        split properties). They are accepted as they come, in this callback (a task awaiting
+        ``sock_accept`` and cancelled as it accepted would lose the socket the same way); each
+        is handed to aiohttp and held, to be closed with the gate."""
         loop = asyncio.get_running_loop()
-        assert runner.server is not None
-        try:
-            while True:
-                conn, _ = await loop.sock_accept(listening)
-                handing = asyncio.ensure_future(loop.connect_accepted_socket(runner.server, conn))
-                self._handing.add(handing)
-                handing.add_done_callback(functools.partial(self._handed, conn=conn))
-        finally:
-            listening.close()
+        while True:
+            try:
+                conn, _ = listening.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            handing = asyncio.ensure_future(loop.connect_accepted_socket(server, conn))
+            self._handing.add(handing)
+            handing.add_done_callback(functools.partial(self._handed, conn=conn))
 
     def _handed(self, done: asyncio.Future[Any], *, conn: socket.socket) -> None:
         self._handing.discard(done)
@@ -220,11 +223,11 @@ class Gate:
     async def close(self) -> None:
         """Nothing listens any more (connection refused), and every connection is closed."""
         if self._runner is not None:
-            assert self._accepting is not None
-            self._accepting.cancel()
-            await asyncio.gather(self._accepting, return_exceptions=True)
+            assert self._listening is not None
+            asyncio.get_running_loop().remove_reader(self._listening)
+            self._listening.close()
             await asyncio.gather(*self._handing, return_exceptions=True)
-            runner, self._runner, self._accepting = self._runner, None, None
+            runner, self._runner, self._listening = self._runner, None, None
             await runner.cleanup()
             for transport in self._connections:
                 transport.close()
