@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -123,19 +124,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu(pid: int) -> float:
+def tree_cpus(pid: int) -> dict[int, float]:
     """CPU seconds used so far by ``pid`` and every process under it (``broker serve
-    --workers N`` forks its workers): from /proc, read by the benchmark, outside the servers."""
-    total, todo = 0.0, [pid]
+    --workers N`` forks its workers), by process: from /proc, read by the benchmark, outside
+    the servers."""
+    found, todo = {}, [pid]
     while todo:
         current = todo.pop()
         try:
-            total += cpu_seconds(current)
+            found[current] = cpu_seconds(current)
             with open(f"/proc/{current}/task/{current}/children") as children:
                 todo += [int(c) for c in children.read().split()]
         except (FileNotFoundError, ProcessLookupError):
             continue
-    return total
+    return found
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds used so far by ``pid`` and every process under it, together."""
+    return sum(tree_cpus(pid).values())
 
 
 def _ms(text: str) -> float:
@@ -438,7 +445,7 @@ def render(rounds: list[dict[tuple[str, str], Result]], args: argparse.Namespace
 
 def _ms_or_dash(value: float, sign: str = "") -> str:
     """Milliseconds, or "-" where not measured (``--latency-connections 0``)."""
-    return "-" if value != value else f"{value:{sign}.2f}" + (" ms" if sign else "")
+    return "-" if math.isnan(value) else f"{value:{sign}.2f}" + (" ms" if sign else "")
 
 
 def compare(broker: Result, bare: Result, parse: Result) -> tuple[float, ...]:

@@ -36,11 +36,11 @@ from pathlib import Path
 from run import (
     BROKER,
     HERE,
-    cpu_seconds,
     domain_auth,
     free_port,
     process,
     tree_cpu,
+    tree_cpus,
     wait_for,
     wrk,
 )
@@ -72,20 +72,6 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def process_cpus(pid: int) -> dict[int, float]:
-    """CPU seconds of ``pid`` and each process under it, by process."""
-    found, todo = {}, [pid]
-    while todo:
-        current = todo.pop()
-        try:
-            found[current] = cpu_seconds(current)
-            with open(f"/proc/{current}/task/{current}/children") as children:
-                todo += [int(c) for c in children.read().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return found
-
-
 @contextmanager
 def broker(workers: str, home_url: str, work: Path) -> Iterator[Broker]:
     """``broker serve --workers N`` on a free port with its own data directory, a domain and
@@ -112,12 +98,12 @@ def broker(workers: str, home_url: str, work: Path) -> Iterator[Broker]:
 
 def measure(target: Broker, home_pid: int, args: argparse.Namespace) -> Turn:
     wrk(target.url, duration=2, connections=args.connections, headers=target.headers)  # warm-up
-    before = process_cpus(target.pid)
+    before = tree_cpus(target.pid)
     home_before, wrk_before = tree_cpu(home_pid), children_cpu()
     r = wrk(
         target.url, duration=args.duration, connections=args.connections, headers=target.headers
     )
-    after = process_cpus(target.pid)
+    after = tree_cpus(target.pid)
     count = max(r.requests, 1)
     spent = {pid: used - before.get(pid, 0.0) for pid, used in after.items()}
     total = sum(spent.values())
@@ -141,6 +127,14 @@ def main() -> int:
     args = parser.parse_args()
     if args.rounds < 1:
         print(f"bench: --rounds is at least 1, not {args.rounds}", file=sys.stderr)
+        return 2
+    one, many = args.compare
+    if one == many or not all(n == "auto" or (n.isdigit() and int(n) > 0) for n in (one, many)):
+        print(
+            f"bench: --compare takes two different process counts (a number or auto), not "
+            f"{one} and {many}",
+            file=sys.stderr,
+        )
         return 2
     if shutil.which("wrk") is None:
         print("bench: wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
