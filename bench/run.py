@@ -57,6 +57,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+HOMES = ("plain", "aiohttp")
+"""The fast home of ``servers.py``: a plain asyncio protocol (the default), or the same in
+aiohttp (the home of the runs before 2026-12-06 16:00, which cost 3 to 4 times as much CPU)."""
+
+
+def home_server(kind: str, port: int) -> list[str]:
+    """The command that runs the fast home of ``servers.py`` (``kind``: one of ``HOMES``)."""
+    role = "home" if kind == "plain" else "home-aiohttp"
+    return [sys.executable, str(HERE / "servers.py"), role, str(port)]
+
+
 def wait_for(url: str, headers: dict[str, str] | None = None, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -172,6 +183,7 @@ def main() -> int:
     )
     parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--home", choices=HOMES, default="plain", help="the fast home's server")
     parser.add_argument(
         "--workers", default="1", help="broker serve --workers (processes sharing the port)"
     )
@@ -233,10 +245,7 @@ def main() -> int:
     broker_server = [*timed, "broker"] if args.parts else BROKER
     print(f"bench: servers in {work}", file=sys.stderr)
     with (
-        process(
-            [sys.executable, str(HERE / "servers.py"), "home", str(home_port)],
-            log=work / "home.log",
-        ) as home,
+        process(home_server(args.home, home_port), log=work / "home.log") as home,
         process(
             [sys.executable, str(HERE / "servers.py"), "proxy", str(proxy_port), home_url],
             log=work / "proxy.log",
@@ -403,7 +412,8 @@ def render(rounds: list[dict[tuple[str, str], Result]], args: argparse.Namespace
     results = {key: typical([r[key] for r in rounds]) for key in rounds[0]}
     lines = [
         f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
-        f"wrk -t1 -c{args.connections} -d{args.duration}s per row, broker --workers {args.workers}"
+        f"home: {args.home}, wrk -t1 -c{args.connections} -d{args.duration}s per row, "
+        f"broker --workers {args.workers}"
         + (f", {args.rounds} rounds (medians)." if args.rounds > 1 else "."),
         "",
         f"| case | target | req/s | p50 ms | p99 ms | CPU us/req "

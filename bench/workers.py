@@ -35,9 +35,10 @@ from pathlib import Path
 
 from run import (
     BROKER,
-    HERE,
+    HOMES,
     domain_auth,
     free_port,
+    home_server,
     process,
     tree_cpu,
     tree_cpus,
@@ -123,6 +124,7 @@ def main() -> int:
     parser.add_argument("--compare", nargs=2, default=["1", "2"], metavar="N")
     parser.add_argument("--duration", type=int, default=5, help="seconds per measurement")
     parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--home", choices=HOMES, default="plain", help="the fast home's server")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     if args.rounds < 1:
@@ -146,10 +148,7 @@ def main() -> int:
     turns: dict[str, list[Turn]] = {n: [] for n in args.compare}
     with ExitStack() as stack:
         home = stack.enter_context(
-            process(
-                [sys.executable, str(HERE / "servers.py"), "home", str(home_port)],
-                log=work / "home.log",
-            )
+            process(home_server(args.home, home_port), log=work / "home.log")
         )
         wait_for(f"{home_url}/v2/Users")
         brokers = [stack.enter_context(broker(n, home_url, work)) for n in args.compare]
@@ -174,7 +173,7 @@ def render(turns: dict[str, list[Turn]], args: argparse.Namespace, load: float) 
     cores = os.cpu_count() or 1
     lines = [
         f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cores} cores, load "
-        f"average {load:.2f} before, wrk -t1 -c{args.connections} -d{args.duration}s, "
+        f"average {load:.2f} before, home: {args.home}, wrk -t1 -c{args.connections} -d{args.duration}s, "
         f"{args.rounds} rounds in turns (medians).",
         "",
         "| broker | page req/s | CPU us/req: broker | home | wrk | busiest process |",
