@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from broker.app import POOL
+from broker.app import DELIVERER, POOL
 from broker.propagation.bulk import (
     BULK_REQUEST,
     NO_BULK,
@@ -136,6 +136,9 @@ async def test_writes_waiting_for_a_peer_travel_together_in_one_bulk_request(
 
             bulks = [body for method, path, body in front.forwarded if path == "/Bulk"]
             assert any(len(b["Operations"]) >= 2 for b in bulks), front.forwarded
+            # The peer takes Bulk: its lane now holds BULK_DEPTH rounds under way.
+            assert broker.app[DELIVERER].claims.takes_bulk("P1")
+            assert not broker.app[DELIVERER].claims.takes_bulk("D"), "never called"
             operations = [op for b in bulks for op in b["Operations"]]
             assert all(op["method"] == "POST" and op["path"] == "/Users" for op in operations)
             home_ids = {u["id"] for u in [*users, clash]}

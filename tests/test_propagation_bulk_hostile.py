@@ -32,6 +32,7 @@ from broker.propagation.bulk import (
     operation_answers,
 )
 from broker.propagation.combining import BULK_REST
+from broker.propagation.decisions import BULK_ROOM_PAYLOAD
 from broker.propagation.peer import PeerClient
 from broker.propagation.policy import Failure, Verdict
 from broker.scim.guard import IdShape
@@ -243,6 +244,8 @@ class Liar:
     every other write as a SCIM service would. It records each request."""
 
     bulk: tuple[int, dict[str, str], bytes] | None
+    payload: int = 1 << 20
+    """The ``maxPayloadSize`` its configuration gives."""
     seen: list[tuple[str, str, Any]] = field(default_factory=list)
     url: str = ""
     never: asyncio.Event = field(default_factory=asyncio.Event)
@@ -255,7 +258,11 @@ class Liar:
             return web.json_response(
                 {
                     "patch": {"supported": True},
-                    "bulk": {"supported": True, "maxOperations": 100, "maxPayloadSize": 1 << 20},
+                    "bulk": {
+                        "supported": True,
+                        "maxOperations": 100,
+                        "maxPayloadSize": self.payload,
+                    },
                 }
             )
         if path == "/Bulk":
@@ -276,10 +283,10 @@ class Liar:
 
 @asynccontextmanager
 async def liar(
-    bulk: tuple[int, dict[str, str], bytes] | None, *, limit: int = LIMIT
+    bulk: tuple[int, dict[str, str], bytes] | None, *, limit: int = LIMIT, payload: int = 1 << 20
 ) -> AsyncIterator[tuple[Liar, PeerClient, list[float]]]:
     """A lying peer, and a client of it with one request slot and a clock the test moves."""
-    peer = Liar(bulk)
+    peer = Liar(bulk, payload)
     app = web.Application()
     app.router.add_route("*", "/v2/{tail:.*}", peer.handle)
     runner = web.AppRunner(app)
@@ -330,12 +337,14 @@ async def test_a_peer_refusing_bulk_gets_each_write_alone_once_in_order_then_no_
     status: int,
 ) -> None:
     async with liar((status, *_json({"detail": "no Bulk here"}))) as (peer, client, clock):
+        assert not client.takes_bulk(), "its configuration is not read yet"
         answers = await together(client)
         assert [a.status if isinstance(a, Answer) else a for a in answers] == [201, 200, 204, 201]
         assert answers[0].body == {"id": "made-u0"}  # type: ignore[union-attr]
         assert answers[3].body == {"id": "made-u3"}  # type: ignore[union-attr]
         one_by_one = [(m, p) for m, p, _ in WRITES]
         assert peer.sent() == [("POST", "/Bulk"), *one_by_one], "each once, in order"
+        assert not client.takes_bulk(), "its lane holds no more than without Bulk"
         peer.seen.clear()
         clock[0] += BULK_REST - 1
         await together(client)
@@ -344,6 +353,25 @@ async def test_a_peer_refusing_bulk_gets_each_write_alone_once_in_order_then_no_
         clock[0] += 2
         await together(client)
         assert peer.sent()[0] == ("POST", "/Bulk"), "Bulk is tried again after the rest"
+        assert not client.takes_bulk(), "refused again: resting again"
+
+
+@pytest.mark.parametrize(("payload", "deeper"), [(BULK_ROOM_PAYLOAD, True), (4096, False)])
+async def test_a_lane_holds_more_only_toward_a_peer_whose_bulk_requests_hold_many_writes(
+    payload: int, deeper: bool
+) -> None:
+    deletes = [("DELETE", "/Users/a", None), ("DELETE", "/Users/b", None)]
+    answered = {
+        "schemas": [BULK_RESPONSE],
+        "Operations": [
+            {"bulkId": str(n), "method": "DELETE", "status": "204"} for n in range(len(deletes))
+        ],
+    }
+    async with liar((200, *_json(answered)), payload=payload) as (peer, client, _clock):
+        answers = await together(client, deletes)
+        assert [a.status for a in answers if isinstance(a, Answer)] == [204, 204]
+        assert peer.sent() == [("POST", "/Bulk")], "the two went together"
+        assert client.takes_bulk() is deeper
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
+from collections.abc import Callable
 
 import asyncpg
 import pytest
@@ -16,6 +18,7 @@ import pytest
 from broker.domains import DomainStore
 from broker.mapping import accounts
 from broker.propagation.claims import Claimer, Lane
+from broker.propagation.decisions import BULK_DEPTH
 from broker.propagation.delivery import Claim, Peer, WorkerSettings
 from tests.conftest import QueryCounter
 
@@ -52,10 +55,32 @@ async def _row(
     return row_id
 
 
-def _claimer(pool: asyncpg.Pool) -> Claimer:
+def _claimer(pool: asyncpg.Pool, takes_bulk: Callable[[str], bool] | None = None) -> Claimer:
     return Claimer(
-        pool, WorkerSettings(concurrency=4), WORKER, wake=lambda: None, monotonic=time.monotonic
+        pool,
+        WorkerSettings(concurrency=4),
+        WORKER,
+        wake=lambda: None,
+        monotonic=time.monotonic,
+        **({"takes_bulk": takes_bulk} if takes_bulk else {}),
     )
+
+
+async def test_a_lane_toward_a_peer_taking_bulk_claims_bulk_depth_rounds_the_others_two(
+    peers: asyncpg.Pool,
+) -> None:
+    pool = peers
+    entities = await _entities(pool, 20)
+    for peer in ("P1", "P2"):
+        for entity in entities:
+            await _row(pool, peer, entity)
+    await pool.execute("UPDATE domains SET status = 'disabled' WHERE id IN ('P3', 'P4')")
+    claimer = _claimer(pool, takes_bulk=lambda peer_id: peer_id == "P1")
+    claimed: list[tuple[Peer, Claim, Lane]] = []
+    await claimer.claim(claimed)
+    own = Counter(peer.id for peer, claim, _ in claimed if not claim.ride)
+    assert own == {"P1": 4 * BULK_DEPTH, "P2": 2 * 4}, own
+    assert claimer.lanes["P1"].active - claimer.lanes["P1"].riding == 4 * BULK_DEPTH
 
 
 async def test_other_lanes_take_the_claimed_entities_along_under_the_claim_s_rules(

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker.propagation.decisions import (
+    BULK_DEPTH,
     Created,
     Delete,
     DropPending,
@@ -58,6 +59,15 @@ def test_a_lane_with_its_slots_taken_and_as_many_waiting_claims_nothing() -> Non
     assert claim_room(concurrency=4, active=5, quarantined=False, paused_until=0, now=10) == 0
 
 
+def test_a_lane_toward_a_peer_taking_bulk_holds_bulk_depth_rounds_and_claims_after_one() -> None:
+    lane = {"concurrency": 4, "quarantined": False, "paused_until": 0, "now": 10, "bulk": True}
+    assert claim_room(active=0, **lane) == 4 * BULK_DEPTH
+    assert claim_room(active=4 * (BULK_DEPTH - 1), **lane) == 4, "a round's worth has finished"
+    assert claim_room(active=4 * (BULK_DEPTH - 1) + 1, **lane) == 0
+    assert claim_room(active=0, **{**lane, "quarantined": True}) == 1, "still one probe"
+    assert claim_room(active=0, **{**lane, "paused_until": 11}) == 0
+
+
 def test_a_quarantined_peer_gets_one_probe_at_a_time() -> None:
     assert claim_room(concurrency=4, active=0, quarantined=True, paused_until=0, now=10) == 1
     assert claim_room(concurrency=4, active=1, quarantined=True, paused_until=0, now=10) == 0
@@ -79,9 +89,16 @@ def test_a_quarantined_or_resting_lane_takes_nothing_along() -> None:
     assert ride_room(concurrency=4, riding=0, quarantined=False, paused_until=11, now=10) == 0
 
 
-@given(st.integers(1, 64), st.integers(0, 200), st.booleans(), st.floats(0, 100), st.floats(0, 100))
-def test_a_lane_never_holds_more_than_twice_its_concurrency(
-    concurrency: int, active: int, quarantined: bool, paused_until: float, now: float
+@given(
+    st.integers(1, 64),
+    st.integers(0, 400),
+    st.booleans(),
+    st.floats(0, 100),
+    st.floats(0, 100),
+    st.booleans(),
+)
+def test_a_lane_never_holds_more_than_the_lease_allows(
+    concurrency: int, active: int, quarantined: bool, paused_until: float, now: float, bulk: bool
 ) -> None:
     room = claim_room(
         concurrency=concurrency,
@@ -89,11 +106,18 @@ def test_a_lane_never_holds_more_than_twice_its_concurrency(
         quarantined=quarantined,
         paused_until=paused_until,
         now=now,
+        bulk=bulk,
     )
     assert room >= 0
     if room:
-        assert active + room <= (1 if quarantined else 2 * concurrency)
+        assert active + room <= (1 if quarantined else (BULK_DEPTH if bulk else 2) * concurrency)
         assert paused_until <= now
+        # With what the other lanes take along, at most three rounds of requests wait for the
+        # peer's slots (the lease): one write a request without Bulk, two or more with it.
+        riding = ride_room(
+            concurrency=concurrency, riding=0, quarantined=False, paused_until=0, now=0
+        )
+        assert active + room + riding <= 3 * concurrency * (2 if bulk else 1)
 
 
 def test_the_peers_are_read_again_each_second_or_soon_after_an_enqueue() -> None:

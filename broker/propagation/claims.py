@@ -68,8 +68,12 @@ class Claimer:
         *,
         wake: Callable[[], None],
         monotonic: Clock,
+        takes_bulk: Callable[[str], bool] = lambda _peer_id: False,
     ) -> None:
         self.pool = pool
+        self.takes_bulk = takes_bulk
+        """Whether a peer (by ID) takes the writes in Bulk requests now: its lane holds more
+        deliveries under way (``claim_room``)."""
         self.settings = settings
         self.worker_id = worker_id
         self.wake = wake
@@ -103,6 +107,7 @@ class Claimer:
                 quarantined=peer.status == "quarantined",
                 paused_until=lane.paused_until,
                 now=now,
+                bulk=self.takes_bulk(peer.id),
             )
             if room <= 0:
                 continue

@@ -18,6 +18,8 @@ from broker.propagation.documents import PATCH_SCHEMA, scim_patch
 from broker.propagation.policy import Failure, Verdict
 
 __all__ = [
+    "BULK_DEPTH",
+    "BULK_ROOM_PAYLOAD",
     "DELETED",
     "SUSPEND_PATCH",
     "UNIQUE_BY",
@@ -70,16 +72,40 @@ HEALTH_EVERY = 1.0
 # ------------------------------------------------------------------ lanes
 
 
+BULK_DEPTH = 4
+"""Rounds of ``concurrency`` deliveries a lane holds under way toward a peer that takes SCIM
+Bulk (2 toward one that does not): the deliveries waiting for its request slots then go
+together, several a request. Twice as many under way made the outbox drain 23 to 27% faster
+toward five in-memory peers (issue 15), with the same ``concurrency`` requests in flight."""
+BULK_ROOM_PAYLOAD = 64 * 1024
+"""The smallest Bulk payload (``maxPayloadSize``, bytes) for which a lane holds ``BULK_DEPTH``
+rounds: enough for many writes a request, so that what waits goes in few rounds."""
+
+
 def claim_room(
-    *, concurrency: int, active: int, quarantined: bool, paused_until: float, now: float
+    *,
+    concurrency: int,
+    active: int,
+    quarantined: bool,
+    paused_until: float,
+    now: float,
+    bulk: bool = False,
 ) -> int:
-    """How many rows a peer's lane claims now (0: none). Up to twice ``concurrency`` deliveries
-    are under way per peer; a quarantined peer gets one probe at a time; a lane whose slots are
-    all taken and as many waiting claims again once half have finished; a paused lane rests."""
-    room = 2 * concurrency - active
+    """How many rows a peer's lane claims now (0: none). Up to twice ``concurrency``
+    deliveries are under way per peer, ``BULK_DEPTH`` times ``concurrency`` toward a peer that
+    takes Bulk (``bulk``); a quarantined peer gets one probe at a time; a lane claims again once
+    a round's worth has finished (at most ``depth - 1`` rounds under way); a paused lane rests.
+
+    The lease bounds the depth: with the ``concurrency`` more taken along (``ride_room``), at
+    most three rounds of ``peer_timeout`` (30 s) may wait for the peer's slots within a claim's
+    lease (120 s). Without Bulk that is three times ``concurrency`` deliveries, one a request;
+    toward a peer that takes Bulk, five times ``concurrency`` go in requests of two writes or
+    more (``BULK_ROOM_PAYLOAD``): 2.5 rounds at most."""
+    depth = BULK_DEPTH if bulk else 2
+    room = depth * concurrency - active
     if quarantined:
         room = min(room, 1 - active)
-    elif active > concurrency:
+    elif active > (depth - 1) * concurrency:
         return 0
     if room <= 0 or paused_until > now:
         return 0
@@ -93,9 +119,8 @@ def ride_room(
     that are due toward it too: up to ``concurrency`` besides its own claims, so that one read of
     home serves a change toward every peer. A quarantined or resting lane takes none. Counted
     apart from ``claim_room``: a lane always claims its own oldest rows as well, so a slow
-    peer's queue is never starved by what the faster lanes take it along to. At most three
-    times ``concurrency`` deliveries wait for the peer's ``concurrency`` request slots: three
-    rounds of ``peer_timeout`` (30 s) stay within a claim's lease (120 s)."""
+    peer's queue is never starved by what the faster lanes take it along to (``claim_room``
+    says how many may wait for the peer's slots within a claim's lease)."""
     if quarantined or paused_until > now:
         return 0
     return max(0, concurrency - riding)

@@ -251,6 +251,12 @@ class PeerClients:
         self._slots: dict[str, asyncio.Semaphore] = {}
         """Per peer: its requests in flight from here (``concurrency`` at most)."""
 
+    def takes_bulk(self, peer_id: str) -> bool:
+        """Whether the writes to this peer go in Bulk requests now (``PeerClient.takes_bulk``;
+        False for a peer not called yet)."""
+        client = self._clients.get(peer_id)
+        return client is not None and client.takes_bulk()
+
     def __call__(self, peer: Peer) -> PeerClient:
         assert peer.scim_url is not None, "only push peers get SCIM deliveries"
         client = self._clients.get(peer.id)

@@ -25,6 +25,7 @@ from broker.propagation.bulk import (
     bulkable,
 )
 from broker.propagation.combining import BulkCombiner
+from broker.propagation.decisions import BULK_ROOM_PAYLOAD
 from broker.propagation.policy import Failure, Verdict, judge, too_large, unanswered
 
 __all__ = ["BULK_OPERATIONS", "MAX_ANSWER", "Answer", "PeerClient", "peer_credential"]
@@ -170,6 +171,16 @@ class PeerClient:
             bulk = bulk_features(answer.body, ceiling=self.bulk)
         self._features = (supported, bulk, now)
         return supported, bulk
+
+    def takes_bulk(self) -> bool:
+        """Whether the writes to this peer go together in Bulk requests now, as far as is known
+        here: its ServiceProviderConfig, read already, says it takes Bulk with room for many
+        writes a request (``decisions.BULK_ROOM_PAYLOAD``), and it has not refused one since.
+        Its lane then holds more deliveries under way (``decisions.claim_room``)."""
+        if self._features is None or self.bulk <= 1 or self.combiner.resting():
+            return False
+        features = self._features[1]
+        return features.usable and features.max_payload >= BULK_ROOM_PAYLOAD
 
     async def single(self, operation: Operation) -> Answer:
         """The write as its own request, in the slot its sender holds (``PeerCalls``)."""

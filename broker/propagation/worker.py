@@ -90,8 +90,22 @@ class Deliverer:
         self.monotonic = monotonic
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+        guard = guard or LeakGuard(MappingStore(pool), IdShape(id_pattern))
+        clients = PeerClients(
+            session,
+            self.settings.concurrency,
+            monotonic=monotonic,
+            limit=self.settings.max_answer,
+            bulk=self.settings.bulk,
+            guard=guard,
+        )
         self.claims = Claimer(
-            pool, self.settings, self.worker_id, wake=self._wake.set, monotonic=monotonic
+            pool,
+            self.settings,
+            self.worker_id,
+            wake=self._wake.set,
+            monotonic=monotonic,
+            takes_bulk=clients.takes_bulk,
         )
         self.ledger = Ledger(
             pool,
@@ -101,18 +115,10 @@ class Deliverer:
             monotonic=monotonic,
             forget_peers=self.claims.forget_peers,
         )
-        guard = guard or LeakGuard(MappingStore(pool), IdShape(id_pattern))
         tools = Tools(
             pool,
             home,
-            PeerClients(
-                session,
-                self.settings.concurrency,
-                monotonic=monotonic,
-                limit=self.settings.max_answer,
-                bulk=self.settings.bulk,
-                guard=guard,
-            ),
+            clients,
             self.ledger,
             self.settings,
             clock,
