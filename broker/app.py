@@ -34,6 +34,7 @@ from broker.logsafe import protect_loggers
 from broker.mapping.cache import MappingCache, listen
 from broker.mapping.guard import LeakGuard
 from broker.mapping.store import MappingStore
+from broker.propagation.delivery import worker_pool_size
 from broker.propagation.journal import Journal
 from broker.propagation.policy import Backoff
 from broker.propagation.poller import HomePoller
@@ -474,7 +475,7 @@ async def _propagation(app: web.Application) -> AsyncIterator[None]:
     pool = await create_pool(
         app[DB_URL],
         min_size=1,
-        max_size=2 * config.concurrency + 4,  # the deliveries under way per peer, and the loop
+        max_size=worker_pool_size(config.concurrency),
         settings={"synchronous_commit": "off"},
     )
     async with contextlib.AsyncExitStack() as stack:
