@@ -83,6 +83,27 @@ async def test_a_lane_toward_a_peer_taking_bulk_claims_bulk_depth_rounds_the_oth
     assert claimer.lanes["P1"].active - claimer.lanes["P1"].riding == 4 * BULK_DEPTH
 
 
+async def test_a_lane_toward_a_peer_taking_bulk_takes_twice_as_many_along(
+    peers: asyncpg.Pool,
+) -> None:
+    pool = peers
+    entities = await _entities(pool, 20)
+    for peer in ("P1", "P2", "P3"):
+        for entity in entities:
+            await _row(pool, peer, entity)
+    await pool.execute("UPDATE domains SET status = 'disabled' WHERE id = 'P4'")
+    claimer = _claimer(pool, takes_bulk=lambda peer_id: peer_id == "P1")
+    # P1 and P2 have no room of their own: only P3's claims (8) are taken along to them.
+    claimer.lanes["P1"] = Lane(active=4 * BULK_DEPTH)
+    claimer.lanes["P2"] = Lane(active=2 * 4)
+    claimed: list[tuple[Peer, Claim, Lane]] = []
+    await claimer.claim(claimed)
+    riders = Counter(peer.id for peer, claim, _ in claimed if claim.ride)
+    own = Counter(peer.id for peer, claim, _ in claimed if not claim.ride)
+    assert own == {"P3": 8}, own
+    assert riders == {"P1": 8, "P2": 4}, riders
+
+
 async def test_other_lanes_take_the_claimed_entities_along_under_the_claim_s_rules(
     peers: asyncpg.Pool,
 ) -> None:

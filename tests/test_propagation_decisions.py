@@ -84,6 +84,13 @@ def test_a_lane_takes_along_up_to_its_concurrency_besides_its_own_claims() -> No
     assert ride_room(concurrency=4, riding=5, quarantined=False, paused_until=0, now=10) == 0
 
 
+def test_a_lane_toward_a_peer_taking_bulk_takes_twice_its_concurrency_along() -> None:
+    lane = {"concurrency": 4, "quarantined": False, "paused_until": 0, "now": 10, "bulk": True}
+    assert ride_room(riding=0, **lane) == 8
+    assert ride_room(riding=7, **lane) == 1
+    assert ride_room(riding=0, **{**lane, "quarantined": True}) == 0
+
+
 def test_a_quarantined_or_resting_lane_takes_nothing_along() -> None:
     assert ride_room(concurrency=4, riding=0, quarantined=True, paused_until=0, now=10) == 0
     assert ride_room(concurrency=4, riding=0, quarantined=False, paused_until=11, now=10) == 0
@@ -115,7 +122,7 @@ def test_a_lane_never_holds_more_than_the_lease_allows(
         # With what the other lanes take along, at most three rounds of requests wait for the
         # peer's slots (the lease): one write a request without Bulk, two or more with it.
         riding = ride_room(
-            concurrency=concurrency, riding=0, quarantined=False, paused_until=0, now=0
+            concurrency=concurrency, riding=0, quarantined=False, paused_until=0, now=0, bulk=bulk
         )
         assert active + room + riding <= 3 * concurrency * (2 if bulk else 1)
 

@@ -144,6 +144,7 @@ class Claimer:
                 quarantined=peer.status == "quarantined",
                 paused_until=lane.paused_until,
                 now=now,
+                bulk=self.takes_bulk(peer.id),
             )
             if room > 0:
                 rooms[peer.id] = room
