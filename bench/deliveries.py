@@ -13,7 +13,7 @@ that do not wait for the WAL flush (``--synchronous-commit on`` for the figures 
 2026-12-06 14:00, which waited).
 
     python bench/deliveries.py [--users 300] [--peers 1 5] [--concurrency 4] [--servers memory]
-                               [--synchronous-commit off|on] [--count-statements]
+                               [--synchronous-commit off|on] [--count-statements] [--scoped]
 
 Uses the embedded PostgreSQL in a temporary directory unless BROKER_DATABASE_URL is set.
 """
@@ -51,6 +51,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from run import free_port, wait_for
 
 CORE_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
+
+SCOPED_PEER: dict[str, object] = {
+    "scope_filter": "userName pr",
+    "read_attributes": ["userName", "displayName", "title"],
+}
+"""A push peer with a scope and a read list (``--scoped``): every check of the delivery path in
+play, every bench user in the scope, and the attributes they carry readable."""
 
 
 @contextmanager
@@ -201,6 +208,7 @@ async def through_broker(
     concurrency: int,
     statements: list[str] | None = None,
     synchronous_commit: str = "off",
+    scoped: bool = False,
 ) -> tuple[float, float, float]:
     """Seconds to drain, and the CPU seconds the broker (this process) and PostgreSQL used."""
     os.environ["BENCH_PEER_TOKEN"] = token
@@ -217,7 +225,11 @@ async def through_broker(
         domains = DomainStore(pool)
         for n, url in enumerate(peer_urls):
             await domains.add(
-                f"P{n}", scim_url=url, credential_ref="env:BENCH_PEER_TOKEN", push=True
+                f"P{n}",
+                scim_url=url,
+                credential_ref="env:BENCH_PEER_TOKEN",
+                push=True,
+                **(SCOPED_PEER if scoped else {}),  # type: ignore[arg-type]
             )
         async with aiohttp.ClientSession() as session, HomeClient(home_url, token) as home:
             worker = Deliverer(
@@ -290,6 +302,11 @@ def main() -> int:
         help="the worker pool's synchronous_commit: off as broker serve runs it; on, as this "
         "benchmark measured before 2026-12-06 14:00 (each commit waits for the WAL flush)",
     )
+    parser.add_argument(
+        "--scoped",
+        action="store_true",
+        help="every peer with a scope and a read list (common.SCOPED_PEER)",
+    )
     args = parser.parse_args()
     load = os.getloadavg()
     token = secrets.token_hex(8)
@@ -335,6 +352,7 @@ def main() -> int:
                     args.concurrency,
                     statements,
                     args.synchronous_commit,
+                    args.scoped,
                 )
             )
             total = args.users * count
@@ -353,6 +371,7 @@ def main() -> int:
     print(
         f"{args.users} users, concurrency {args.concurrency} per peer, home and peers: "
         f"{args.servers}, the worker's synchronous_commit {args.synchronous_commit}"
+        + (", peers with a scope and a read list" if args.scoped else "")
     )
     print(f"load average before: {' '.join(f'{x:.2f}' for x in load)}")
     print(

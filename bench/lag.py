@@ -17,6 +17,7 @@ the same user (a sync delivers home's state when it runs, so a newer write can c
 one's change). The comparison is the same stream of writes sent straight to home, before.
 
     python bench/lag.py [--rate 200] [--duration 30] [--peers 1] [--users 500] [--concurrency 4]
+                        [--servers memory] [--scoped]
 
 Uses the embedded PostgreSQL in a temporary directory unless BROKER_DATABASE_URL is set.
 """
@@ -60,7 +61,7 @@ from common import (
     percentile,
     processes,
 )
-from deliveries import scim_server
+from deliveries import SCOPED_PEER, scim_server
 from run import free_port
 
 PATCH_OP = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
@@ -248,7 +249,11 @@ async def run(args: argparse.Namespace, tmp: Path, home: str, token: str, peers:
         await domains.add("H", kind="home")
         for name in names:
             await domains.add(
-                name, scim_url=tap.url(name), credential_ref=f"env:{PEER_TOKEN_ENV}", push=True
+                name,
+                scim_url=tap.url(name),
+                credential_ref=f"env:{PEER_TOKEN_ENV}",
+                push=True,
+                **(SCOPED_PEER if args.scoped else {}),  # type: ignore[arg-type]
             )
         tools_token, _ = await TokenStore(pool).issue("H")
         async with broker_serve(
@@ -351,7 +356,8 @@ def report(args: argparse.Namespace, out: Outcome, tap: Tap) -> str:
         f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores "
         f"(load average {args.load:.1f} before the run), {args.rate:g} writes/s for {span:g}s, "
         f"{args.users} users, {peers} peer(s), concurrency {args.concurrency} per peer, "
-        f"home and peers: {args.servers}.",
+        f"home and peers: {args.servers}"
+        + (", peers with a scope and a read list." if args.scoped else "."),
         "",
         "| measure | writes | writes/s | p50 ms | p90 ms | p99 ms | max ms |",
         "|---|---|---|---|---|---|---|",
@@ -441,6 +447,11 @@ def main() -> int:
         choices=["scim2-server", "memory"],
         default="scim2-server",
         help="home and peers: scim2-server processes, or the fast in-memory bench/store.py",
+    )
+    parser.add_argument(
+        "--scoped",
+        action="store_true",
+        help="every peer with a scope and a read list (common.SCOPED_PEER)",
     )
     args = parser.parse_args()
     args.load = os.getloadavg()[0]  # other work on the machine, for the reader

@@ -81,6 +81,16 @@ def wait_for(url: str, headers: dict[str, str] | None = None, timeout: float = 1
     raise RuntimeError(f"{url} did not answer")
 
 
+SCOPED_DOMAIN = (
+    "--scope",
+    "userName pr",
+    "--read-attributes",
+    "userName,displayName,emails,groups",
+)
+"""``broker domain add`` options of the domain with a scope and a read list: every check of the
+request path in play."""
+
+
 def domain_auth(env: dict[str, str], name: str, *options: str) -> dict[str, str]:
     """A domain added to the broker (``broker domain add NAME OPTIONS``): the header of a token
     issued to it."""
@@ -267,14 +277,7 @@ def main() -> int:
         wait_for(f"http://127.0.0.1:{broker_port}/readyz")
         auth = domain_auth(env, "D1")
         # A domain with a scope and a read list: every check of the request path in play.
-        scoped_auth = domain_auth(
-            env,
-            "S",
-            "--scope",
-            "userName pr",
-            "--read-attributes",
-            "userName,displayName,emails,groups",
-        )
+        scoped_auth = domain_auth(env, "S", *SCOPED_DOMAIN)
         broker_base = f"http://127.0.0.1:{broker_port}/scim/v2"
         with urllib.request.urlopen(
             urllib.request.Request(f"{broker_base}/Users", headers=auth)

@@ -6,7 +6,8 @@ than the broker itself).
 It keeps users and groups per tenant (the path before ``/v2``: ``/v2`` alone is one tenant,
 ``/t1/v2`` another) and speaks as much SCIM as the benchmarks use: create (``userName`` unique),
 read, replace, PATCH with attribute paths (``replace``, ``add``, ``remove``; no value filters),
-delete, lists and ``.search`` with ``eq`` filters joined by ``or``, paged by ``startIndex`` and
+delete, lists and ``.search`` with ``eq`` and ``pr`` filters joined by ``or`` (two such joined
+by ``and`` in parentheses, as the broker asks for a peer with a scope), paged by ``startIndex`` and
 ``count`` (RFC 7644 section 3.4.2.4, in the order the resources were created), and the discovery
 endpoints, and SCIM Bulk (``POST /TENANT/v2/Bulk``, RFC 7644 section 3.7: each operation answered
 as its own request would be, in order, with its ``location``; no ``bulkId`` references between
@@ -35,6 +36,7 @@ ERROR = "urn:ietf:params:scim:api:messages:2.0:Error"
 LIST = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
 TYPES = {"Users": "User", "Groups": "Group"}
 EQ = re.compile(r'^\s*([\w.:]+)\s+eq\s+"((?:[^"\\]|\\.)*)"\s*$')
+PR = re.compile(r"^\s*([\w.:]+)\s+pr\s*$")
 
 
 def answer(body: Any, status: int = 200) -> web.Response:
@@ -66,10 +68,35 @@ def lookup(resource: dict[str, Any], path: str) -> list[Any]:
     return values
 
 
-def matches(resource: dict[str, Any], expression: str) -> bool:
-    """``a eq "x" or b eq "y"``, parentheses around the whole or its terms allowed."""
-    for term in re.split(r"\s+or\s+", expression.strip().strip("()")):
+def by_id(resources: dict[str, dict[str, Any]], expression: str) -> list[dict[str, Any]] | None:
+    """The resources a filter whose first part names IDs only (``id eq "x" or id eq "y"``,
+    perhaps ``and`` more) can match, found by key as a real home's index finds them; None for
+    any other filter (every resource is read)."""
+    first = re.split(r"\)\s+and\s+\(", expression.strip())[0]
+    ids = []
+    for term in re.split(r"\s+or\s+", first.strip().strip("()")):
         found = EQ.match(term.strip().strip("()"))
+        if found is None or found.group(1).lower() != "id":
+            return None
+        ids.append(orjson.loads(f'"{found.group(2)}"'))
+    return [resources[i] for i in dict.fromkeys(ids) if i in resources]
+
+
+def matches(resource: dict[str, Any], expression: str) -> bool:
+    """``a eq "x" or b eq "y"`` and ``a pr``, parentheses around the whole or its terms allowed,
+    and two such in parentheses joined by ``and`` (what the broker asks for a peer with a
+    scope: ``(id eq "x" or id eq "y") and (userName pr)``)."""
+    sides = re.split(r"\)\s+and\s+\(", expression.strip())
+    if len(sides) > 1:
+        return all(matches(resource, side) for side in sides)
+    for term in re.split(r"\s+or\s+", expression.strip().strip("()")):
+        term = term.strip().strip("()")
+        present = PR.match(term)
+        if present is not None:
+            if any(v not in (None, "", [], {}) for v in lookup(resource, present.group(1))):
+                return True
+            continue
+        found = EQ.match(term)
         if found is None:
             raise ValueError(f"unsupported filter term {term!r}")
         attribute, value = found.group(1), orjson.loads(f'"{found.group(2)}"')
@@ -222,7 +249,12 @@ class Store:
         start = max(1, int(query.get("startIndex") or 1))
         resources = self.resources(request)
         if wanted:
-            found = [r for r in resources.values() if matches(r, wanted)]
+            candidates = by_id(resources, wanted)
+            found = [
+                r
+                for r in (resources.values() if candidates is None else candidates)
+                if matches(r, wanted)
+            ]
             total, rest = len(found), iter(found)
         else:
             # No filter: a page without a list of every resource (a peer of 100,000 users is

@@ -12,6 +12,7 @@ shared with the home and wrk: ``ceiling = cores / (broker + home + wrk CPU per r
 measured with N processes) / (requests/s of the first)``, each round's own figures.
 
     python bench/workers.py [--compare 1 2] [--duration 5] [--connections 8] [--rounds 5]
+                            [--home plain|aiohttp] [--scoped]
 
 Needs wrk (Debian: apt-get install wrk) and the broker installed (pip install .).
 """
@@ -36,6 +37,7 @@ from pathlib import Path
 from run import (
     BROKER,
     HOMES,
+    SCOPED_DOMAIN,
     domain_auth,
     free_port,
     home_server,
@@ -74,9 +76,9 @@ def children_cpu() -> float:
 
 
 @contextmanager
-def broker(workers: str, home_url: str, work: Path) -> Iterator[Broker]:
-    """``broker serve --workers N`` on a free port with its own data directory, a domain and
-    its token."""
+def broker(workers: str, home_url: str, work: Path, *, scoped: bool) -> Iterator[Broker]:
+    """``broker serve --workers N`` on a free port with its own data directory, a domain (with
+    a scope and a read list if ``scoped``) and its token."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
     env.update(
@@ -90,7 +92,7 @@ def broker(workers: str, home_url: str, work: Path) -> Iterator[Broker]:
         [*BROKER, "serve", "--workers", workers], env=env, log=work / f"broker-{workers}.log"
     ) as proc:
         wait_for(f"http://127.0.0.1:{port}/readyz")
-        headers = domain_auth(env, "D1")
+        headers = domain_auth(env, "D1", *(SCOPED_DOMAIN if scoped else ()))
         url = f"http://127.0.0.1:{port}/scim/v2/Users"
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers)) as answer:
             json.loads(answer.read())  # the page answers before it is measured
@@ -125,6 +127,9 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=5, help="seconds per measurement")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--home", choices=HOMES, default="plain", help="the fast home's server")
+    parser.add_argument(
+        "--scoped", action="store_true", help="the page of a domain with a scope and a read list"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     if args.rounds < 1:
@@ -151,7 +156,9 @@ def main() -> int:
             process(home_server(args.home, home_port), log=work / "home.log")
         )
         wait_for(f"{home_url}/v2/Users")
-        brokers = [stack.enter_context(broker(n, home_url, work)) for n in args.compare]
+        brokers = [
+            stack.enter_context(broker(n, home_url, work, scoped=args.scoped)) for n in args.compare
+        ]
         for turn in range(args.rounds):
             for target in brokers[:: -1 if turn % 2 else 1]:
                 t = measure(target, home.pid, args)
@@ -173,7 +180,9 @@ def render(turns: dict[str, list[Turn]], args: argparse.Namespace, load: float) 
     cores = os.cpu_count() or 1
     lines = [
         f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cores} cores, load "
-        f"average {load:.2f} before, home: {args.home}, wrk -t1 -c{args.connections} -d{args.duration}s, "
+        f"average {load:.2f} before, home: {args.home}, "
+        f"{'a domain with a scope and a read list' if args.scoped else 'a plain domain'}, "
+        f"wrk -t1 -c{args.connections} -d{args.duration}s, "
         f"{args.rounds} rounds in turns (medians).",
         "",
         "| broker | page req/s | CPU us/req: broker | home | wrk | busiest process |",
