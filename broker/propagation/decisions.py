@@ -78,9 +78,12 @@ Bulk (2 toward one that does not): the deliveries waiting for its request slots 
 together, several a request. Twice as many under way made the outbox drain 23 to 27% faster
 toward five in-memory peers (issue 15), with the same ``concurrency`` requests in flight;
 twice as many taken along (``ride_room``) about 4% more."""
-BULK_ROOM_PAYLOAD = 64 * 1024
+BULK_ROOM_PAYLOAD = 1 << 20
 """The smallest Bulk payload (``maxPayloadSize``, bytes) for which a lane holds ``BULK_DEPTH``
-rounds: enough for many writes a request, so that what waits goes in few rounds."""
+rounds: 1 MiB (RFC 7643's example, scim2-server's own), room for two writes a request unless
+one is larger than 512 KiB. A write too large for the request goes alone; were the lane full of
+such writes while the peer took all of ``peer_timeout`` for each, a claim could outlive its
+lease: its row is claimed again, and applies nothing twice (every effect is idempotent)."""
 
 
 def claim_room(
