@@ -711,8 +711,10 @@ async def test_a_broker_killed_in_the_middle_of_merges_finishes_them_after_its_r
 
 class Withholding:
     """A front for a real peer that forwards every request, but withholds the peer's answers to
-    the next ``creates`` POSTs until ``release`` is set: the peer creates the resource and its
-    creator never learns the ID, as when a broker dies waiting for the answer."""
+    the POSTs carrying the next ``creates`` creates (a create alone, or a SCIM Bulk request of
+    several when they travel together) until ``release`` is set: the peer creates the resources
+    and their creator never learns the IDs, as when a broker dies waiting for the answer.
+    ``withheld`` counts the creates, not the requests."""
 
     def __init__(self, upstream: Home, creates: int) -> None:
         self.upstream = upstream.url
@@ -732,22 +734,35 @@ class Withholding:
         headers = {
             k: v for k, v in request.headers.items() if k in ("Authorization", "Content-Type")
         }
+        raw = await request.read()
         async with self._session.request(
             request.method,
             f"{self.upstream}/{request.match_info['tail']}",
             params=request.query,
-            data=await request.read() or None,
+            data=raw or None,
             headers=headers,
         ) as response:
             body = await response.read()
             status = response.status
             content_type = response.headers.get("Content-Type", "application/scim+json")
-        if request.method == "POST" and self.creates:
-            self.creates -= 1
-            self.withheld += 1
+        creates = self._creates(request.method, request.match_info["tail"], raw)
+        if creates and self.creates:
+            self.creates -= min(creates, self.creates)
+            self.withheld += creates
             await self.release.wait()
             return web.Response(status=502, text="answer withheld")
         return web.Response(status=status, body=body, headers={"Content-Type": content_type})
+
+    @staticmethod
+    def _creates(method: str, path: str, raw: bytes) -> int:
+        """How many creates a request carries: a POST of a resource is one; a Bulk request
+        carries its POST operations."""
+        if method != "POST":
+            return 0
+        if path.rstrip("/") != "Bulk":
+            return 1
+        operations = json.loads(raw).get("Operations", [])
+        return sum(1 for op in operations if op.get("method") == "POST")
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Withholding]:
