@@ -451,7 +451,7 @@ def main() -> int:
     parser.add_argument(
         "--scoped",
         action="store_true",
-        help="every peer with a scope and a read list (common.SCOPED_PEER)",
+        help="every peer with a scope and a read list (SCOPED_PEER in bench/deliveries.py)",
     )
     args = parser.parse_args()
     args.load = os.getloadavg()[0]  # other work on the machine, for the reader
